@@ -1,0 +1,517 @@
+"""Cross-reference and sanity checks that need the whole topology at once.
+
+They run on the entries that validated; names of entries that failed
+validation still count as defined, so one mistake is reported once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from jsonschema import SchemaError
+from jsonschema.validators import validator_for
+
+from flowcheck.topology._errors import dotted, suggest
+from flowcheck.topology._types import format_duration
+from flowcheck.topology._yaml import Document, Path
+from flowcheck.topology.model import (
+    CHANNEL_KINDS,
+    Broker,
+    Channel,
+    Correlate,
+    DeadLetterRule,
+    Exchange,
+    Flow,
+    Kafka,
+    Latency,
+    Queue,
+    RabbitMQ,
+    Redis,
+    Schema,
+    Service,
+    Step,
+    Stream,
+    Topic,
+)
+from flowcheck.topology.routing import routes
+
+RABBIT_REASONS = ("rejected", "expired", "maxlen", "delivery_limit")
+_KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+class Checker:
+    def __init__(
+        self,
+        doc: Document,
+        brokers: Mapping[str, Broker],
+        channels: Mapping[str, Channel],
+        services: Mapping[str, Service],
+        flows: Mapping[str, Flow],
+        names: Mapping[str, set[str]],
+    ) -> None:
+        self.doc = doc
+        self.brokers = brokers
+        self.channels = channels
+        self.services = services
+        self.flows = flows
+        self.names = names  # every name defined per section, valid or not
+
+    # ------------------------------------------------------------ helpers
+
+    def error(self, path: Path, message: str) -> None:
+        self.doc.problem(path, f"{dotted(path)}: {message}")
+
+    def warn(self, path: Path, message: str) -> None:
+        self.doc.problem(path, f"{dotted(path)}: {message}", warn=True)
+
+    def ref(self, path: Path, section: str, name: str) -> bool:
+        """Is ``name`` defined in ``section``? Report it if not."""
+        if name in self.names[section]:
+            return True
+        what = section.rstrip("s")
+        hint = suggest(name, self.names[section])
+        self.error(path, f"unknown {what} {name!r}{hint}")
+        return False
+
+    def channel(
+        self, path: Path, name: str, kinds: Iterable[str], broker: str | None = None
+    ) -> Channel | None:
+        """Resolve a channel reference that must be of one of ``kinds`` (on ``broker``)."""
+        if not self.ref(path, "channels", name):
+            return None
+        ch = self.channels.get(name)
+        if ch is None:
+            return None  # defined but invalid: already reported
+        kinds = tuple(kinds)
+        if ch.kind not in kinds:
+            self.error(
+                path, f"{name!r} is {_a(ch.kind)}, but {_a(' or '.join(kinds))} is needed here"
+            )
+            return None
+        if broker is not None and ch.broker != broker:
+            self.error(path, f"{name!r} is on broker {ch.broker!r}, not on {broker!r}")
+            return None
+        return ch
+
+    # ------------------------------------------------------------ sections
+
+    def run(self) -> None:
+        for name, broker in self.brokers.items():
+            self.check_broker(("brokers", name), broker)
+        for name, ch in self.channels.items():
+            self.check_channel(("channels", name), name, ch)
+        self.check_physical_names()
+        for name, svc in self.services.items():
+            self.check_service(("services", name), svc)
+        for name, flow in self.flows.items():
+            self.check_flow(("flows", name), flow)
+        used = {ch.broker for ch in self.channels.values()}
+        for name in self.brokers:
+            if name not in used:
+                self.warn(("brokers", name), "no channel uses this broker")
+
+    def check_broker(self, path: Path, broker: Broker) -> None:
+        if isinstance(broker, (RabbitMQ, Redis)):
+            url = broker.url.get_secret_value()
+            schemes = (
+                ("amqp", "amqps") if isinstance(broker, RabbitMQ) else ("redis", "rediss", "unix")
+            )
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018 - raises on a bad port
+            except ValueError:
+                self.error((*path, "url"), "is not a valid URL")
+                return
+            if parts.scheme not in schemes:
+                self.error(
+                    (*path, "url"),
+                    f"scheme {parts.scheme + '://' if parts.scheme else '(none)'} is not for "
+                    f"{broker.kind}; the URL starts with {' or '.join(s + '://' for s in schemes)}",
+                )
+            elif parts.scheme != "unix" and not parts.hostname:
+                self.error((*path, "url"), "has no host name")
+        if isinstance(broker, Kafka):
+            sec = broker.security
+            spath = (*path, "security")
+            if sec.protocol.startswith("SASL"):
+                if sec.sasl_mechanism is None:
+                    self.error(spath, f"protocol {sec.protocol} needs sasl_mechanism")
+                elif sec.sasl_mechanism != "OAUTHBEARER" and (
+                    sec.username is None or sec.password is None
+                ):
+                    self.error(
+                        spath, f"sasl_mechanism {sec.sasl_mechanism} needs username and password"
+                    )
+            elif sec.sasl_mechanism is not None:
+                self.error(
+                    (*spath, "sasl_mechanism"),
+                    f"is set but protocol is {sec.protocol}; use SASL_SSL or SASL_PLAINTEXT",
+                )
+            base = os.path.dirname(os.path.abspath(self.doc.file))
+            for key in ("ca_file", "cert_file", "key_file"):
+                value = getattr(sec, key)
+                if value is None:
+                    continue
+                if not sec.protocol.endswith("SSL"):
+                    self.error(
+                        (*spath, key), f"is set but protocol {sec.protocol} does not use TLS"
+                    )
+                elif not os.path.isfile(os.path.join(base, value)):
+                    self.error((*spath, key), f"no such file: {value}")
+
+    def check_channel(self, path: Path, name: str, ch: Channel) -> None:
+        if self.ref((*path, "broker"), "brokers", ch.broker):
+            broker = self.brokers.get(ch.broker)
+            want = CHANNEL_KINDS[ch.kind]
+            if broker is not None and broker.kind != want:
+                self.error(
+                    (*path, "kind"),
+                    f"{_a(ch.kind)} lives on a {want} broker, but broker {ch.broker!r} is "
+                    f"{broker.kind}",
+                )
+                return
+        if ch.payload_schema is not None:
+            self.check_schema((*path, "schema"), ch.payload_schema)
+        if isinstance(ch, Exchange) and ch.alternate is not None:
+            self.channel((*path, "alternate"), ch.alternate, ["exchange"], ch.broker)
+        elif isinstance(ch, Queue):
+            self.check_queue(path, ch)
+        elif isinstance(ch, Topic):
+            physical = ch.name or name
+            if not _KAFKA_TOPIC.match(physical) or physical in (".", ".."):
+                self.error(
+                    (*path, "name") if ch.name else path,
+                    f"{physical!r} is not a valid Kafka topic name (letters, digits, '.', '_', '-')",
+                )
+            self.check_chain(path, name, ch.retry, ch.dead_letter, "topic", ch.broker)
+        elif isinstance(ch, Stream):
+            self.check_chain(path, name, [], ch.dead_letter, "stream", ch.broker)
+            if ch.delivery_limit is not None and ch.dead_letter is None:
+                self.warn(
+                    (*path, "delivery_limit"),
+                    "no dead_letter stream is declared, so entries over the limit have nowhere to go",
+                )
+            for i, group in enumerate(ch.groups):
+                if ch.groups.index(group) != i:
+                    self.error((*path, "groups", i), f"group {group!r} is listed twice")
+
+    def check_chain(
+        self, path: Path, name: str, retry: list[str], dead: str | None, kind: str, broker: str
+    ) -> None:
+        for i, r in enumerate(retry):
+            if r == name:
+                self.error((*path, "retry", i), "a channel cannot be its own retry channel")
+            else:
+                self.channel((*path, "retry", i), r, [kind], broker)
+        if dead is not None:
+            if dead == name:
+                self.error(
+                    (*path, "dead_letter"), "a channel cannot be its own dead-letter channel"
+                )
+            else:
+                self.channel((*path, "dead_letter"), dead, [kind], broker)
+
+    def check_queue(self, path: Path, q: Queue) -> None:
+        for i, b in enumerate(q.bindings):
+            bpath = (*path, "bindings", i)
+            ex = self.channel((*bpath, "exchange"), b.exchange, ["exchange"], q.broker)
+            if isinstance(ex, Exchange):
+                if ex.type == "headers" and not b.arguments:
+                    self.error(
+                        bpath,
+                        f"exchange {b.exchange!r} is a headers exchange: give 'arguments' to match",
+                    )
+                elif ex.type == "fanout" and b.key:
+                    self.warn(
+                        (*bpath, "key"),
+                        f"exchange {b.exchange!r} is fanout and ignores routing keys",
+                    )
+                elif ex.type in ("direct", "topic") and not b.key:
+                    self.warn(
+                        bpath,
+                        "no key: only messages published with an empty routing key reach this queue",
+                    )
+        if q.delivery_limit is not None and q.type != "quorum":
+            self.error(
+                (*path, "delivery_limit"),
+                "needs type: quorum; classic queues do not count deliveries",
+            )
+        if q.overflow == "reject-publish-dlx" and q.dead_letter is None:
+            self.error((*path, "overflow"), "reject-publish-dlx needs a dead_letter route")
+        if q.dead_letter is not None:
+            dl = self.channel(
+                (*path, "dead_letter", "exchange"), q.dead_letter.exchange, ["exchange"], q.broker
+            )
+            if isinstance(dl, Exchange) and not self.bound_queues(
+                q.dead_letter.exchange, q.dead_letter.key
+            ):
+                self.warn(
+                    (*path, "dead_letter"),
+                    f"no queue bound to {q.dead_letter.exchange!r} receives these dead letters; "
+                    "they will be dropped",
+                )
+        elif q.type == "quorum" and q.delivery_limit is not None:
+            self.warn(
+                (*path, "delivery_limit"),
+                "messages over the delivery limit are dropped silently: add a dead_letter route",
+            )
+        for i, r in enumerate(q.retry):
+            rq = self.channel((*path, "retry", i), r, ["queue"], q.broker)
+            if isinstance(rq, Queue) and (rq.ttl is None or rq.dead_letter is None):
+                self.error(
+                    (*path, "retry", i),
+                    f"retry queue {r!r} needs ttl and dead_letter, or messages never come back",
+                )
+
+    def bound_queues(self, exchange: str, key: str | None) -> list[str]:
+        """Queues that a message sent to ``exchange`` with ``key`` may reach."""
+        ex = self.channels.get(exchange)
+        etype = ex.type if isinstance(ex, Exchange) else "headers"
+        return [
+            qname
+            for qname, q in self.channels.items()
+            if isinstance(q, Queue)
+            and any(b.exchange == exchange and routes(etype, b.key, key) for b in q.bindings)
+        ]
+
+    def check_physical_names(self) -> None:
+        seen: dict[tuple[str, str, str], str] = {}
+        for name, ch in self.channels.items():
+            space = "queue" if ch.kind == "queue" else ch.kind
+            key = (ch.broker, space, ch.name or name)
+            if key in seen:
+                self.error(
+                    ("channels", name),
+                    f"has the same name on broker {ch.broker!r} as channel {seen[key]!r}",
+                )
+            else:
+                seen[key] = name
+
+    def check_schema(self, path: Path, schema: Schema) -> None:
+        if schema.json_schema is not None:
+            try:
+                validator_for(schema.json_schema).check_schema(schema.json_schema)
+            except SchemaError as exc:
+                where = "/".join(str(p) for p in exc.path) or "(top)"
+                self.error((*path, "json"), f"not a valid JSON Schema at {where}: {exc.message}")
+        elif schema.model is not None:
+            module, _, attr = schema.model.replace(":", ".").rpartition(".")
+            base = os.path.dirname(os.path.abspath(self.doc.file))
+            sys.path[:0] = [base, os.getcwd()]
+            try:
+                obj = getattr(importlib.import_module(module), attr)
+            except Exception as exc:  # user code: anything may happen on import
+                self.error(
+                    (*path, "model"),
+                    f"cannot import {schema.model!r} ({type(exc).__name__}: {exc})",
+                )
+                return
+            finally:
+                del sys.path[:2]
+            if not hasattr(obj, "model_json_schema"):
+                self.error((*path, "model"), f"{schema.model!r} is not a pydantic model")
+
+    def check_service(self, path: Path, svc: Service) -> None:
+        for i, name in enumerate(svc.publishes):
+            self.channel((*path, "publishes", i), name, ["exchange", "queue", "topic", "stream"])
+        for i, c in enumerate(svc.consumes):
+            cpath = (*path, "consumes", i)
+            if c.channel in self.channels and self.channels[c.channel].kind == "exchange":
+                self.error(
+                    (*cpath, "channel"),
+                    f"{c.channel!r} is an exchange; consume from a queue bound to it",
+                )
+                continue
+            ch = self.channel((*cpath, "channel"), c.channel, ["queue", "topic", "stream"])
+            if isinstance(ch, Queue) and c.group is not None:
+                self.error(
+                    (*cpath, "group"), "RabbitMQ queues have no consumer groups; remove 'group'"
+                )
+            elif isinstance(ch, Stream):
+                if c.group is None:
+                    if ch.groups:
+                        self.warn(
+                            cpath,
+                            f"no group given; {c.channel!r} has groups {', '.join(ch.groups)}",
+                        )
+                elif c.group not in ch.groups:
+                    hint = suggest(c.group, ch.groups)
+                    self.error(
+                        (*cpath, "group"),
+                        f"stream {c.channel!r} declares no group {c.group!r}{hint}; add it to its 'groups'",
+                    )
+
+    # ------------------------------------------------------------ flows
+
+    def check_flow(self, path: Path, flow: Flow) -> None:
+        labels: dict[str, int] = {}
+        steps: list[tuple[Step, Channel | None]] = []
+        for i, step in enumerate(flow.steps):
+            spath = (*path, "steps", i)
+            ch = self.channel((*spath, "channel"), step.channel, CHANNEL_KINDS)
+            steps.append((step, ch))
+            label = step.name or step.channel
+            if label in labels:
+                self.error(spath, f"two steps are both called {label!r}; give one a 'name'")
+            labels[label] = i
+            self.check_step(spath, flow, step, ch)
+        self.check_latency((*path, "latency"), flow.latency, flow.deadline, "deadline")
+        if flow.retry is not None:
+            self.check_retry((*path, "retry"), flow.retry.backoff)
+        if flow.ordering == "per-partition-key" and not any(isinstance(c, Topic) for _, c in steps):
+            self.error((*path, "ordering"), "per-partition-key needs a Kafka topic among the steps")
+        for i, rule in enumerate(flow.dead_letters):
+            self.check_dead_letter((*path, "dead_letters", i), flow, rule, steps, labels)
+
+    def check_step(self, path: Path, flow: Flow, step: Step, ch: Channel | None) -> None:
+        if ch is not None:
+            rule = step.correlate or flow.correlate
+            self.check_correlate(path, step.channel, rule, ch, step.correlate is not None)
+            if step.match is not None:
+                if step.match.routing_key is not None and ch.kind not in ("exchange", "queue"):
+                    self.error(
+                        (*path, "match", "routing_key"), f"{step.channel!r} is not on RabbitMQ"
+                    )
+                if step.match.key is not None and not isinstance(ch, Topic):
+                    self.error((*path, "match", "key"), f"{step.channel!r} is not a Kafka topic")
+        if (
+            step.deadline is not None
+            and flow.deadline is not None
+            and step.deadline > flow.deadline
+        ):
+            self.error(
+                (*path, "deadline"),
+                f"{format_duration(step.deadline)} is longer than the flow's deadline "
+                f"{format_duration(flow.deadline)}; the chain would time out first",
+            )
+        self.check_latency((*path, "latency"), step.latency, step.deadline, "step deadline")
+        if step.retry is not None:
+            self.check_retry((*path, "retry"), step.retry.backoff)
+
+    def check_correlate(
+        self, path: Path, name: str, rule: Correlate, ch: Channel, own: bool
+    ) -> None:
+        where = (*path, "correlate") if own else path
+        if rule.kafka_key and not isinstance(ch, Topic):
+            self.error(
+                where,
+                f"correlation by kafka_key, but {ch.kind} {name!r} has no record key; "
+                "set 'correlate' on this step",
+            )
+        if rule.property is not None and ch.kind not in ("exchange", "queue"):
+            self.error(
+                where,
+                f"correlation by AMQP property {rule.property!r}, but this step is a {ch.kind}; "
+                "use a header or json rule, or set 'correlate' on this step",
+            )
+
+    def check_latency(
+        self, path: Path, lat: Latency | None, deadline: timedelta | None, what: str
+    ) -> None:
+        if lat is None:
+            return
+        previous: tuple[str, timedelta] | None = None
+        for key in ("p50", "p90", "p95", "p99", "max"):
+            value = getattr(lat, key)
+            if value is None:
+                continue
+            if previous is not None and value < previous[1]:
+                self.error(
+                    (*path, key),
+                    f"{format_duration(value)} is below {previous[0]} {format_duration(previous[1])}; "
+                    f"a {key} budget cannot be tighter than a lower percentile's",
+                )
+            previous = (key, value)
+            if deadline is not None and value > deadline:
+                self.warn(
+                    (*path, key),
+                    f"{format_duration(value)} is above the {what} {format_duration(deadline)}, "
+                    "which fails such chains first",
+                )
+
+    def check_retry(self, path: Path, backoff: Any) -> None:
+        if backoff is not None and backoff.max is not None and backoff.max < backoff.initial:
+            self.error(
+                (*path, "backoff", "max"),
+                f"{format_duration(backoff.max)} is below initial {format_duration(backoff.initial)}",
+            )
+
+    def check_dead_letter(
+        self,
+        path: Path,
+        flow: Flow,
+        rule: DeadLetterRule,
+        steps: list[tuple[Step, Channel | None]],
+        labels: dict[str, int],
+    ) -> None:
+        target = self.channel((*path, "channel"), rule.channel, CHANNEL_KINDS)
+        if target is None:
+            return
+        sources = steps
+        if rule.step is not None:
+            if rule.step not in labels:
+                hint = suggest(rule.step, labels)
+                self.error((*path, "step"), f"flow has no step {rule.step!r}{hint}")
+                return
+            sources = [steps[labels[rule.step]]]
+        routed = [
+            (s, c) for s, c in sources if c is not None and self.dead_letters_to(c, rule.channel)
+        ]
+        if not routed:
+            names = ", ".join(repr(s.name or s.channel) for s, _ in sources)
+            self.error(
+                (*path, "channel"),
+                f"no dead-letter route leads from {names} to {rule.channel!r}; "
+                "declare it with 'dead_letter' on the step's channel",
+            )
+            return
+        step, src = routed[0]
+        policy = step.retry or flow.retry
+        if rule.attempts is not None and policy is not None and rule.attempts > policy.max_attempts:
+            self.error(
+                (*path, "attempts"),
+                f"{rule.attempts} attempts expected, but the retry policy allows at most "
+                f"{policy.max_attempts}",
+            )
+        if isinstance(src, Queue) and rule.reason is not None:
+            rpath = (*path, "reason")
+            if rule.reason not in RABBIT_REASONS:
+                hint = suggest(rule.reason, RABBIT_REASONS)
+                self.error(
+                    rpath, f"RabbitMQ dead-letter reasons are {', '.join(RABBIT_REASONS)}{hint}"
+                )
+            elif rule.reason == "delivery_limit" and src.delivery_limit is None:
+                self.error(
+                    rpath,
+                    f"queue {step.channel!r} has no delivery_limit, so it never dead-letters for it",
+                )
+            elif rule.reason == "maxlen" and src.max_length is None:
+                self.error(rpath, f"queue {step.channel!r} has no max_length")
+            elif rule.reason == "expired" and src.ttl is None:
+                self.warn(
+                    rpath,
+                    f"queue {step.channel!r} has no ttl; only per-message expiry can cause this",
+                )
+
+    def dead_letters_to(self, src: Channel, target: str) -> bool:
+        if isinstance(src, Queue):
+            route = src.dead_letter
+            if route is None:
+                return False
+            return target == route.exchange or target in self.bound_queues(
+                route.exchange, route.key
+            )
+        if isinstance(src, (Topic, Stream)):
+            return src.dead_letter == target
+        return False
+
+
+def _a(kind: str) -> str:
+    return ("an " if kind[:1] in "aeiou" else "a ") + kind

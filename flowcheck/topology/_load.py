@@ -1,0 +1,132 @@
+"""Load and validate topology files, collecting every problem with its location."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from flowcheck.errors import Problem, TopologyError
+from flowcheck.topology import _yaml
+from flowcheck.topology._check import Checker
+from flowcheck.topology._errors import listing, report, suggest
+from flowcheck.topology.model import Broker, Channel, Flow, Name, Service, Topology
+
+SECTIONS: dict[str, Any] = {
+    "brokers": Broker,
+    "channels": Channel,
+    "services": Service,
+    "flows": Flow,
+}
+REQUIRED = ("brokers", "channels")
+_TOP = ("version", "name", *SECTIONS)
+_ADAPTERS = {section: TypeAdapter(tp) for section, tp in SECTIONS.items()}
+_NAME: TypeAdapter[str] = TypeAdapter(Name)
+
+
+def validate(doc: _yaml.Document) -> Topology | None:
+    """Validate parsed data; adds problems to ``doc`` and returns the topology if it is valid."""
+    data = doc.data
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        doc.problem(
+            (), "a topology is a mapping with the keys brokers, channels, services and flows"
+        )
+        return None
+    for key in data:
+        if key not in _TOP:
+            hint = suggest(key, _TOP) or f"; the top-level keys are {listing(_TOP)}"
+            doc.problem((key,), f"unknown top-level key {key!r}{hint}", key=True)
+    for key in REQUIRED:
+        if key not in data:
+            doc.problem((), f"missing required top-level key {key!r}")
+    if data.get("version", 1) != 1:
+        doc.problem(
+            ("version",),
+            f"version: {data['version']!r} is not supported; this flowcheck reads version 1",
+        )
+
+    valid: dict[str, dict[str, Any]] = {}
+    names: dict[str, set[str]] = {}
+    for section, adapter in _ADAPTERS.items():
+        raw = data.get(section)
+        valid[section] = {}
+        names[section] = set()
+        if raw is None:
+            if section in data and section in REQUIRED:
+                doc.problem((section,), f"{section}: is empty", key=True)
+            continue
+        if not isinstance(raw, dict):
+            doc.problem((section,), f"{section}: expected a mapping of name: definition")
+            continue
+        names[section] = set(raw)
+        for name, entry in raw.items():
+            try:
+                _NAME.validate_python(name)
+            except ValidationError:
+                doc.problem(
+                    (section, name),
+                    f"{section}.{name}: a name starts with a letter, digit or '_' and holds "
+                    "letters, digits and . _ : / @ -",
+                    key=True,
+                )
+            try:
+                valid[section][name] = adapter.validate_python(entry)
+            except ValidationError as exc:
+                report(doc, SECTIONS[section], (section, name), exc.errors())
+                partial = _salvage(adapter, entry, exc)
+                if partial is not None:
+                    valid[section][name] = partial
+    Checker(
+        doc, valid["brokers"], valid["channels"], valid["services"], valid["flows"], names
+    ).run()
+    if any(p.severity == "error" for p in doc.problems):
+        return None
+    return Topology.model_validate(data)
+
+
+def _salvage(adapter: TypeAdapter[Any], entry: Any, exc: ValidationError) -> Any:
+    """The entry without its broken keys, if that validates: so its references still get checked."""
+    if not isinstance(entry, dict):
+        return None
+    bad = {next((p for p in e["loc"] if p in entry), None) for e in exc.errors()}
+    if None in bad:
+        return None
+    try:
+        return adapter.validate_python({k: v for k, v in entry.items() if k not in bad})
+    except ValidationError:
+        return None
+
+
+def check_file(
+    path: str, env: Mapping[str, str] | None = None
+) -> tuple[Topology | None, list[Problem]]:
+    """Read and validate ``path``: the topology (None if invalid) and every problem, in file order.
+
+    Raises :class:`~flowcheck.errors.UsageError` if the file cannot be read.
+    """
+    doc = _yaml.read(path, env)
+    topology = validate(doc)
+    problems = sorted(doc.problems, key=lambda p: (p.line, p.column))
+    return topology, problems
+
+
+def loads(
+    text: str | bytes, file: str = "<string>", env: Mapping[str, str] | None = None
+) -> Topology:
+    """Validate topology text; raise :class:`TopologyError` with every problem if invalid."""
+    doc = _yaml.parse(text, file, env)
+    topology = validate(doc)
+    if topology is None:
+        raise TopologyError(sorted(doc.problems, key=lambda p: (p.line, p.column)))
+    return topology
+
+
+def load(path: str, env: Mapping[str, str] | None = None) -> Topology:
+    """Read and validate a topology file; raise :class:`TopologyError` if it is invalid."""
+    topology, problems = check_file(path, env)
+    if topology is None:
+        raise TopologyError(problems)
+    return topology

@@ -1,0 +1,286 @@
+"""Read a YAML file into plain data, remembering where every value came from.
+
+PyYAML's composer gives a node tree with marks; we build the data ourselves so
+that we can (a) keep a line and column for every key and value, (b) reject
+duplicate keys, (c) survive alias loops and alias bombs, and (d) expand
+``${VAR}`` from the environment while remembering which values did, so they
+are never echoed back.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from flowcheck.errors import Problem
+
+MAX_BYTES = 4 * 1024 * 1024  # a topology larger than this is a mistake, not a topology
+MAX_VALUES = 100_000  # values after alias expansion: stops "billion laughs" files
+
+Path = tuple[str | int, ...]
+
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_ENV = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\})")
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+@dataclass(frozen=True, slots=True)
+class Pos:
+    line: int  # 1-based
+    column: int  # 1-based
+
+
+@dataclass
+class Document:
+    """Plain data from one YAML file, with a position for every path in it."""
+
+    file: str
+    data: Any
+    values: dict[Path, Pos] = field(default_factory=dict)  # where each value starts
+    keys: dict[Path, Pos] = field(default_factory=dict)  # where each mapping key starts
+    secret: set[Path] = field(default_factory=set)  # values filled from the environment
+    problems: list[Problem] = field(default_factory=list)
+
+    def pos(self, path: Path, *, key: bool = False) -> Pos:
+        """Best position for ``path``: the deepest prefix of it that we know."""
+        for n in range(len(path), -1, -1):
+            p = path[:n]
+            if key and p in self.keys:
+                return self.keys[p]
+            if p in self.values:
+                return self.values[p]
+        return Pos(1, 1)
+
+    def problem(self, path: Path, message: str, *, key: bool = False, warn: bool = False) -> None:
+        at = self.pos(path, key=key)
+        severity = "warning" if warn else "error"
+        self.problems.append(Problem(self.file, at.line, at.column, message, severity))
+
+    def is_secret(self, path: Path) -> bool:
+        return any(path[:n] in self.secret for n in range(len(path) + 1))
+
+
+class _Fatal(Exception):
+    def __init__(self, line: int, column: int, message: str) -> None:
+        self.line, self.column, self.message = line, column, message
+
+
+def _mark(node: yaml.Node) -> Pos:
+    return Pos(node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+class _Builder:
+    def __init__(self, doc: Document, env: Mapping[str, str]) -> None:
+        self.doc = doc
+        self.env = env
+        self.count = 0
+        self.active: set[int] = set()  # ids of nodes being built: an alias loop revisits one
+        self.scalars = yaml.constructor.SafeConstructor()
+
+    def build(self, node: yaml.Node, path: Path) -> Any:
+        self.count += 1
+        if self.count > MAX_VALUES:
+            at = self.doc.pos(path[:1], key=True)
+            raise _Fatal(
+                at.line,
+                at.column,
+                f"the file expands to more than {MAX_VALUES} values through aliases "
+                "(an alias bomb?); write the values out or use fewer nested aliases",
+            )
+        self.doc.values.setdefault(path, _mark(node))
+        if isinstance(node, yaml.ScalarNode):
+            return self.scalar(node, path)
+        if id(node) in self.active:
+            at = _mark(node)
+            raise _Fatal(at.line, at.column, "this anchor contains an alias to itself (a loop)")
+        self.active.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+            assert isinstance(node, yaml.MappingNode)
+            return self.mapping(node, path)
+        finally:
+            self.active.discard(id(node))
+
+    def mapping(self, node: yaml.MappingNode, path: Path) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        seen: dict[str, Pos] = {}
+        merged: list[yaml.Node] = []
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE:
+                nodes = (
+                    value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                )
+                merged.extend(nodes)
+                continue
+            at = _mark(key_node)
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise _Fatal(
+                    at.line, at.column, "a key must be a plain name, not a list or mapping"
+                )
+            key = str(key_node.value)
+            if key in seen:
+                first = seen[key]
+                self.doc.problems.append(
+                    Problem(
+                        self.doc.file,
+                        at.line,
+                        at.column,
+                        f"duplicate key {key!r}: already set on line {first.line}; "
+                        "a YAML mapping keeps only one, so remove or rename one of them",
+                    )
+                )
+                continue
+            seen[key] = at
+            self.doc.keys[(*path, key)] = at
+            out[key] = self.build(value_node, (*path, key))
+        # Explicit keys win over merged ones ("<<: *defaults"), as YAML says.
+        for merge_node in merged:
+            if not isinstance(merge_node, yaml.MappingNode):
+                at = _mark(merge_node)
+                raise _Fatal(at.line, at.column, "'<<' merges mappings only")
+            for key, value in self.mapping(merge_node, path).items():
+                out.setdefault(key, value)
+        return out
+
+    def scalar(self, node: yaml.ScalarNode, path: Path) -> Any:
+        if node.tag == "tag:yaml.org,2002:str":
+            return self.interpolate(node, path)
+        if node.tag == "tag:yaml.org,2002:timestamp":
+            return str(node.value)  # dates have no meaning in a topology; keep the text
+        try:
+            return self.scalars.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:
+            at = _mark(node)
+            raise _Fatal(at.line, at.column, f"cannot read this value: {exc}") from None
+
+    def interpolate(self, node: yaml.ScalarNode, path: Path) -> str:
+        text = str(node.value)
+        if "$" not in text:
+            return text
+        used = False
+
+        def sub(m: re.Match[str]) -> str:
+            nonlocal used
+            if m.group(0) == "$$":
+                return "$"
+            name, default = m.group(1), m.group(2)
+            used = True
+            value = self.env.get(name)
+            if value is None or (value == "" and default is not None and ":-" in m.group(0)):
+                if default is not None:
+                    return default
+                self.doc.problem(
+                    path,
+                    f"environment variable {name} is not set; set it, or give a default "
+                    f"with ${{{name}:-default}}",
+                )
+                return ""
+            return value
+
+        result = _ENV.sub(sub, text)
+        if used:
+            self.doc.secret.add(path)
+        return result
+
+
+def _decode(raw: bytes, file: str) -> str:
+    if b"\x00" in raw:
+        raise _Fatal(1, 1, "this is a binary file, not YAML text")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise _Fatal(
+            line, column, f"this file is not UTF-8 text (byte 0x{raw[exc.start]:02x} here)"
+        ) from None
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> _Fatal:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    line, column = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+    problem = str(getattr(exc, "problem", None) or exc)
+    context = getattr(exc, "context", None)
+    offending = text[mark.index] if mark is not None and 0 <= mark.index < len(text) else ""
+    if offending == "\t" or "'\\t'" in problem:
+        message = "a tab character here; YAML indents with spaces only"
+    elif "found undefined alias" in problem:
+        message = f"{problem}: define the anchor (&name) before using it (*name)"
+    elif "expected a single document" in str(context or ""):
+        message = "this file holds more than one YAML document ('---'); a topology is one document"
+    elif "mapping values are not allowed" in problem:
+        message = "YAML syntax error: unexpected ':' here; check this line's indentation"
+    else:
+        message = f"YAML syntax error: {problem}" + (f" ({context})" if context else "")
+        started = getattr(exc, "context_mark", None)
+        if started is not None and mark is not None and started.line != mark.line:
+            message += f"; it started on line {started.line + 1}"
+    return _Fatal(line, column, message)
+
+
+def parse(text: str | bytes, file: str, env: Mapping[str, str] | None = None) -> Document:
+    """Parse YAML into a :class:`Document`. Never raises on bad input: see ``problems``."""
+    doc = Document(file=file, data=None)
+    try:
+        if isinstance(text, bytes):
+            if len(text) > MAX_BYTES:
+                raise _Fatal(1, 1, _too_big(len(text)))
+            text = _decode(text, file)
+        if not text.strip():
+            raise _Fatal(
+                1, 1, "this file is empty; a topology needs at least 'brokers' and 'channels'"
+            )
+        try:
+            node = yaml.compose(text, Loader=_Loader)
+        except yaml.YAMLError as exc:
+            raise _yaml_problem(exc, text) from None
+        except RecursionError:
+            raise _Fatal(1, 1, "the YAML is nested too deeply to read") from None
+        if node is None:
+            raise _Fatal(
+                1, 1, "this file holds only comments; a topology needs 'brokers' and 'channels'"
+            )
+        try:
+            doc.data = _Builder(doc, os.environ if env is None else env).build(node, ())
+        except RecursionError:
+            raise _Fatal(1, 1, "the YAML is nested too deeply to read") from None
+    except _Fatal as fatal:
+        doc.data = None
+        doc.problems.append(Problem(file, fatal.line, fatal.column, fatal.message))
+    return doc
+
+
+def _too_big(size: int) -> str:
+    return (
+        f"this file is {size / 1024 / 1024:.1f} MiB; topology files are at most "
+        f"{MAX_BYTES // 1024 // 1024} MiB (is it the right file?)"
+    )
+
+
+def read(path: str, env: Mapping[str, str] | None = None) -> Document:
+    """Read and parse a file; a missing or unreadable file is a UsageError."""
+    from flowcheck.errors import UsageError
+
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not a topology file") from None
+    except PermissionError:
+        raise UsageError(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(raw) > MAX_BYTES:
+        doc = Document(file=path, data=None)
+        size = os.path.getsize(path) if os.path.isfile(path) else len(raw)
+        doc.problems.append(Problem(path, 1, 1, _too_big(size)))
+        return doc
+    return parse(raw, path, env)

@@ -1,0 +1,351 @@
+"""The topology language: pydantic models that are both the YAML schema and the Python API.
+
+A topology names the **brokers**, the **channels** on them (RabbitMQ exchanges and
+queues, Kafka topics, Redis streams), the **services** that publish and consume,
+and the **flows**: the event chains the system is expected to carry.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+from flowcheck.topology._types import Duration, JsonPath, Ratio
+
+Name = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._:/@-]*$"),
+]
+Scalar = str | int | float | bool
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True)
+
+
+def _shorthand(field: str) -> Any:
+    """Let a plain string stand for a mapping with one key: ``billing`` -> ``{channel: billing}``."""
+
+    def expand(cls: type, value: Any) -> Any:
+        return {field: value} if isinstance(value, str) else value
+
+    return model_validator(mode="before")(classmethod(expand))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- brokers
+
+
+class RabbitMQ(Model):
+    """A RabbitMQ broker reached over AMQP 0-9-1."""
+
+    kind: Literal["rabbitmq"]
+    url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    vhost: str | None = Field(None, description="overrides the vhost in the URL")
+
+
+class KafkaSecurity(Model):
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+def _host_port(value: str) -> str:
+    host, _, port = value.rpartition(":")
+    if (
+        not host
+        or not port.isdigit()
+        or not 0 < int(port) < 65536
+        or any(c.isspace() for c in value)
+    ):
+        raise ValueError(f"{value!r} is not host:port, like 127.0.0.1:9092")
+    return value
+
+
+class Kafka(Model):
+    """A Kafka cluster (or any broker speaking the Kafka protocol)."""
+
+    kind: Literal["kafka"]
+    bootstrap: list[Annotated[str, AfterValidator(_host_port)]] = Field(
+        default_factory=lambda: ["127.0.0.1:9092"], min_length=1
+    )
+    security: KafkaSecurity = KafkaSecurity()
+    client_id: str = "flowcheck"
+
+    @field_validator("bootstrap", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
+class Redis(Model):
+    """A Redis server, for Streams."""
+
+    kind: Literal["redis"]
+    url: SecretStr = SecretStr("redis://127.0.0.1:6379")
+    db: Annotated[int, Field(ge=0)] | None = Field(None, description="overrides the db in the URL")
+
+
+Broker = Annotated[RabbitMQ | Kafka | Redis, Field(discriminator="kind")]
+BROKER_KINDS = ("rabbitmq", "kafka", "redis")
+
+# ---------------------------------------------------------------- channels
+
+
+class Schema(Model):
+    """A message schema: inline JSON Schema, or a pydantic model by import path."""
+
+    json_schema: dict[str, Any] | None = Field(None, alias="json")
+    model: (
+        Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*[:.][A-Za-z_]\w*$")] | None
+    ) = Field(None, description="import path of a pydantic model, like shop.events:OrderPlaced")
+
+    @model_validator(mode="after")
+    def _one(self) -> Schema:
+        if (self.json_schema is None) == (self.model is None):
+            raise ValueError("give exactly one of 'json' (inline JSON Schema) or 'model'")
+        return self
+
+
+class Binding(Model):
+    """A queue's binding to an exchange; ``key`` is the routing key or pattern."""
+
+    _expand = _shorthand("exchange")
+    exchange: str
+    key: str = ""
+    arguments: dict[str, Scalar] = Field(default_factory=dict)
+
+
+class DeadLetterRoute(Model):
+    """Where RabbitMQ republishes a queue's dead letters (x-dead-letter-exchange)."""
+
+    _expand = _shorthand("exchange")
+    exchange: str
+    key: str | None = Field(None, description="routing key for dead letters; default: the original")
+
+
+class _Channel(Model):
+    broker: str
+    name: str | None = Field(None, description="name on the broker; default: the channel's key")
+    payload_schema: Schema | None = Field(None, alias="schema")
+    description: str | None = None
+
+
+class Exchange(_Channel):
+    kind: Literal["exchange"]
+    type: Literal["direct", "topic", "fanout", "headers"] = "direct"
+    durable: bool = True
+    alternate: str | None = Field(None, description="alternate exchange for unroutable messages")
+
+
+class Queue(_Channel):
+    kind: Literal["queue"]
+    type: Literal["classic", "quorum"] = "classic"
+    durable: bool = True
+    bindings: list[Binding] = Field(default_factory=list)
+    delivery_limit: Annotated[int, Field(ge=1)] | None = None
+    ttl: Duration | None = None
+    max_length: Annotated[int, Field(ge=1)] | None = None
+    overflow: Literal["drop-head", "reject-publish", "reject-publish-dlx"] | None = None
+    dead_letter: DeadLetterRoute | None = None
+    retry: list[str] = Field(
+        default_factory=list, description="delay queues a retried message passes"
+    )
+    arguments: dict[str, Scalar] = Field(default_factory=dict, description="further x-arguments")
+
+
+class Topic(_Channel):
+    kind: Literal["topic"]
+    partitions: Annotated[int, Field(ge=1)] = 1
+    replication: Annotated[int, Field(ge=1)] | None = None
+    key: JsonPath | None = Field(None, description="payload field producers use as record key")
+    retry: list[str] = Field(default_factory=list, description="retry topics, in order")
+    dead_letter: str | None = None
+
+
+class Stream(_Channel):
+    kind: Literal["stream"]
+    groups: list[str] = Field(default_factory=list)
+    max_length: Annotated[int, Field(ge=1)] | None = None
+    delivery_limit: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="deliveries after which consumers move an entry to dead_letter"
+    )
+    dead_letter: str | None = None
+    payload_field: str = "payload"
+
+
+Channel = Annotated[Exchange | Queue | Topic | Stream, Field(discriminator="kind")]
+CHANNEL_KINDS = {"exchange": "rabbitmq", "queue": "rabbitmq", "topic": "kafka", "stream": "redis"}
+
+# ---------------------------------------------------------------- services
+
+
+class Consume(Model):
+    _expand = _shorthand("channel")
+    channel: str
+    group: str | None = Field(None, description="Kafka consumer group or Redis stream group")
+
+
+class Service(Model):
+    description: str | None = None
+    publishes: list[str] = Field(default_factory=list)
+    consumes: list[Consume] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------- flows
+
+AmqpProperty = Literal["message_id", "correlation_id", "app_id", "type", "user_id", "reply_to"]
+
+
+class Correlate(Model):
+    """How the messages of one chain are recognised: exactly one rule."""
+
+    traceparent: Literal[True] | None = Field(None, description="W3C trace id from 'traceparent'")
+    header: str | None = None
+    property: AmqpProperty | None = None
+    json_path: JsonPath | None = Field(None, alias="json")
+    kafka_key: Literal[True] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value.startswith("$"):
+                return {"json": value}
+            if value in ("traceparent", "kafka_key"):
+                return {value: True}
+            raise ValueError(
+                f"{value!r} is not a correlation rule; write traceparent, kafka_key, a payload "
+                "path like $.order_id, or a mapping like {header: x-order-id}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one(self) -> Correlate:
+        if len(self.model_fields_set) != 1:
+            raise ValueError("give exactly one of traceparent, header, property, json or kafka_key")
+        return self
+
+    def rule(self) -> str:
+        """The name of the rule in use: traceparent, header, property, json_path or kafka_key."""
+        return next(iter(self.model_fields_set))
+
+
+class Match(Model):
+    """Which messages a step (or dead-letter rule) is about; all conditions must hold."""
+
+    headers: dict[str, Scalar] = Field(default_factory=dict)
+    payload: dict[JsonPath, Any] = Field(default_factory=dict)
+    routing_key: str | None = Field(None, description="RabbitMQ routing key pattern (* and #)")
+    key: str | None = Field(None, description="Kafka record key")
+
+    @model_validator(mode="after")
+    def _some(self) -> Match:
+        if not self.model_fields_set:
+            raise ValueError("give at least one of headers, payload, routing_key or key")
+        return self
+
+
+class Backoff(Model):
+    """Wait between attempts: ``initial`` then times ``multiplier``, capped at ``max``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand(cls, value: Any) -> Any:
+        return {"initial": value} if isinstance(value, (str, int, float)) else value
+
+    initial: Duration
+    multiplier: Annotated[float, Field(ge=1)] = 1.0
+    max: Duration | None = None
+    jitter: Ratio = 0.0
+
+
+class RetryPolicy(Model):
+    max_attempts: Annotated[int, Field(ge=1)] = Field(
+        description="deliveries in all, the first one included"
+    )
+    backoff: Backoff | None = None
+
+
+class Latency(Model):
+    """Latency budgets; each is a ceiling for that percentile."""
+
+    p50: Duration | None = None
+    p90: Duration | None = None
+    p95: Duration | None = None
+    p99: Duration | None = None
+    max: Duration | None = None
+
+    @model_validator(mode="after")
+    def _some(self) -> Latency:
+        if not self.model_fields_set:
+            raise ValueError("give at least one of p50, p90, p95, p99 or max")
+        return self
+
+
+class Step(Model):
+    _expand = _shorthand("channel")
+    channel: str
+    name: str | None = Field(None, description="label in reports; default: the channel")
+    match: Match | None = None
+    count: Annotated[int, Field(ge=1)] = Field(1, description="messages per chain (fan-out)")
+    deadline: Duration | None = Field(None, description="since the previous step")
+    latency: Latency | None = Field(None, description="budget for the hop from the previous step")
+    correlate: Correlate | None = Field(None, description="overrides the flow's rule here")
+    retry: RetryPolicy | None = None
+
+
+class DeadLetterRule(Model):
+    """Messages matching ``when`` must end in ``channel``; no other message may."""
+
+    when: Match
+    channel: str
+    step: str | None = Field(None, description="the step whose consumer gives up on them")
+    reason: str | None = None
+    attempts: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="deliveries before dead-lettering, the first one included"
+    )
+
+
+class Flow(Model):
+    description: str | None = None
+    correlate: Correlate
+    steps: list[Step] = Field(min_length=1)
+    deadline: Duration | None = Field(None, description="end to end, first step to last")
+    ordering: Literal["none", "per-key", "per-partition-key"] = "none"
+    retry: RetryPolicy | None = None
+    dead_letters: list[DeadLetterRule] = Field(default_factory=list)
+    delivery: Literal["exactly-once", "at-least-once", "at-most-once"] = "exactly-once"
+    latency: Latency | None = Field(None, description="end-to-end budget")
+    success_rate: Ratio | None = Field(None, description="at least this share of chains complete")
+    error_rate: Ratio | None = Field(None, description="at most this share of chains fail")
+
+
+class Topology(Model):
+    """A whole topology file."""
+
+    version: Literal[1] = 1
+    name: str | None = None
+    brokers: dict[Name, Broker]
+    channels: dict[Name, Channel]
+    services: dict[Name, Service] = Field(default_factory=dict)
+    flows: dict[Name, Flow] = Field(default_factory=dict)
+
+    def channel_name(self, key: str) -> str:
+        """The channel's name on its broker."""
+        return self.channels[key].name or key
