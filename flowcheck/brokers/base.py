@@ -1,0 +1,150 @@
+"""The interface every broker adapter implements: apply, publish, tap.
+
+Adapters are the only code that imports a broker client. They translate the
+client's errors into :mod:`flowcheck.errors` and report what they see as
+:class:`~flowcheck.observations.Observation` records through a sink.
+"""
+
+from __future__ import annotations
+
+import abc
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, ClassVar
+
+import anyio
+
+from flowcheck.correlate import Correlator, Message
+from flowcheck.observations import (
+    Kind,
+    Observation,
+    as_text,
+    clean_headers,
+    now,
+    payload_fields,
+    trace_id_of,
+)
+from flowcheck.topology.model import Broker, Topology
+
+Sink = Callable[[Observation], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    """A channel on the broker that differs from the topology."""
+
+    channel: str
+    setting: str
+    want: Any
+    have: Any
+
+    def __str__(self) -> str:
+        return f"{self.channel}: {self.setting} is {self.have!r} on the broker, the topology says {self.want!r}"
+
+
+class Adapter(abc.ABC):
+    """One broker of a topology. Use as an async context manager (connects, closes)."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, name: str, topology: Topology, correlator: Correlator | None = None) -> None:
+        self.name = name
+        self.topology = topology
+        self.config: Broker = topology.brokers[name]
+        self.correlator = correlator or Correlator(topology)
+
+    def channels(self) -> list[str]:
+        """Keys of the topology's channels on this broker."""
+        return [k for k, ch in self.topology.channels.items() if ch.broker == self.name]
+
+    def physical(self, channel: str) -> str:
+        return self.topology.channel_name(channel)
+
+    @abc.abstractmethod
+    async def connect(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def apply(self, channels: Sequence[str] | None = None) -> list[Drift]:
+        """Declare ``channels`` (default: all of this broker's) idempotently; report drift."""
+
+    @abc.abstractmethod
+    async def publish(
+        self,
+        channel: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, Any] | None = None,
+        key: str | None = None,
+        routing_key: str | None = None,
+    ) -> Observation:
+        """Send one message; returns its PUBLISHED observation (or UNROUTABLE on RabbitMQ)."""
+
+    @abc.abstractmethod
+    async def tap(
+        self, channels: Sequence[str], sink: Sink, *, ready: anyio.Event | None = None
+    ) -> None:
+        """Observe ``channels`` passively until cancelled; set ``ready`` once watching."""
+
+    @abc.abstractmethod
+    async def delete(self, channels: Sequence[str]) -> None:
+        """Remove ``channels`` from the broker (tests and clean-up)."""
+
+    async def __aenter__(self) -> Adapter:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------ helpers for subclasses
+
+    def observe(
+        self,
+        kind: Kind,
+        channel: str,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, Any] | None = None,
+        properties: Mapping[str, Any] | None = None,
+        kafka_key: str | None = None,
+        **fields: Any,
+    ) -> Observation:
+        """Build an observation, computing identity and correlation keys from the message."""
+        mono, wall = now()
+        hdrs = dict(headers or {})
+        props = dict(properties or {})
+        extra: dict[str, Any] = {}
+        if body is not None:
+            extra = payload_fields(body)
+        fc_id = hdrs.get("x-flowcheck-id")
+        msg = Message(
+            headers=hdrs, payload=extra.get("payload"), properties=props, kafka_key=kafka_key
+        )
+        tp = hdrs.get("traceparent")
+        return Observation(
+            kind=kind,
+            broker=self.name,
+            channel=channel,
+            mono_ns=mono,
+            wall=wall,
+            fc_id=as_text(fc_id),
+            message_id=as_text(props.get("message_id")),
+            trace_id=trace_id_of(as_text(tp)),
+            keys=self.correlator.keys(channel, msg),
+            kafka_key=kafka_key,
+            headers=clean_headers(hdrs),
+            **extra,
+            **fields,
+        )
+
+
+def new_id() -> str:
+    """A fresh flowcheck message id."""
+    return uuid.uuid4().hex

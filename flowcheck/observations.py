@@ -1,0 +1,140 @@
+"""The one record every part of flowcheck speaks: what was seen, where, and when.
+
+Brokers produce observations, the tracer writes them to trace files, the
+checker reads them. An observation never holds a secret (headers are redacted)
+nor an unbounded payload (big ones are cut, keeping their size and hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flowcheck.redact import redact_headers
+
+# Header flowcheck adds to every message it publishes.
+ID_HEADER = "x-flowcheck-id"
+PAYLOAD_CAP = 16 * 1024  # bytes of payload kept in an observation
+
+
+class Kind(StrEnum):
+    PUBLISHED = "published"  # flowcheck published it (and the broker confirmed)
+    UNROUTABLE = "unroutable"  # the broker returned it: no queue matched
+    ROUTED = "routed"  # a tap saw it arrive on the channel
+    DELIVERED = "delivered"  # the broker handed it to a consumer
+    REDELIVERED = "redelivered"  # ... again (a retry)
+    DEAD_LETTERED = "dead_lettered"  # it arrived on a dead-letter channel
+    CONSUMED = "consumed"  # evidence that a consumer finished it (ack, commit, XACK)
+    PENDING = "pending"  # delivered but not acknowledged, as of this observation
+    GAP = "gap"  # the tap was not watching this channel from ``at`` until ``until_ns``
+    DRIFT = "drift"  # the broker's channel differs from the topology
+
+
+class Observation(BaseModel):
+    """One thing seen on one channel. Times: ``mono_ns`` is this process's monotonic
+    clock (latency), ``wall`` is Unix time (display), ``broker_ms`` is the broker's
+    own timestamp where it has one (Kafka CreateTime, Redis entry id)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Kind
+    broker: str
+    channel: str
+    mono_ns: int
+    wall: float
+    broker_ms: int | None = None
+    # identity
+    fc_id: str | None = None
+    message_id: str | None = None
+    trace_id: str | None = None
+    keys: dict[str, str] = Field(default_factory=dict, description="correlation key per flow")
+    # where on the broker
+    routing_key: str | None = None
+    kafka_key: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    entry_id: str | None = None
+    group: str | None = None
+    # what
+    headers: dict[str, Any] = Field(default_factory=dict)
+    payload: str | None = None
+    size: int = 0
+    sha256: str | None = Field(None, description="set when the payload was cut")
+    delivery_count: int | None = None
+    reason: str | None = Field(None, description="dead-letter reason, unroutable reply, gap cause")
+    origin: str | None = Field(None, description="for dead letters: the channel it died on")
+    until_ns: int | None = Field(None, description="for gaps: when watching resumed")
+
+
+def now() -> tuple[int, float]:
+    """(monotonic ns, wall seconds) read together."""
+    return time.monotonic_ns(), time.time()
+
+
+def payload_fields(body: bytes) -> dict[str, Any]:
+    """``payload``/``size``/``sha256`` for a message body, cut at PAYLOAD_CAP."""
+    size = len(body)
+    cut = body[:PAYLOAD_CAP]
+    text = cut.decode("utf-8", errors="replace")
+    out: dict[str, Any] = {"payload": text, "size": size}
+    if size > PAYLOAD_CAP:
+        out["sha256"] = hashlib.sha256(body).hexdigest()
+    return out
+
+
+def clean_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """Headers made JSON-safe (bytes decoded, nested values kept) with secrets masked."""
+    return redact_headers({str(k): _jsonable(v) for k, v in headers.items()})
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)  # datetimes, decimals: as text
+
+
+def as_text(value: Any) -> str | None:
+    """A header or property value as text (bytes decoded); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The trace id of a W3C traceparent (``00-<trace>-<span>-<flags>``), if well formed."""
+    if not traceparent:
+        return None
+    parts = traceparent.strip().split("-")
+    if len(parts) < 4 or len(parts[1]) != 32 or parts[1] == "0" * 32:
+        return None
+    try:
+        int(parts[1], 16)
+    except ValueError:
+        return None
+    return parts[1]
+
+
+def payload_json(text: str | None) -> Any:
+    """The payload parsed as JSON, or None when it is not JSON."""
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None

@@ -1,0 +1,171 @@
+"""Trace files: append-only JSON Lines, one header line then one observation a line.
+
+The writer flushes (and fsyncs) at least once a second, so a crash loses at
+most the last second. The reader keeps every intact line of a damaged file and
+says exactly which lines it could not read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import IO, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from flowcheck.errors import FlowcheckError
+from flowcheck.observations import Observation
+
+FORMAT = "flowcheck-trace"
+VERSION = 1
+FLUSH_EVERY = 1.0  # seconds
+
+CLOCKS = {
+    "mono_ns": "time.monotonic_ns() of the recording process; use for latency",
+    "wall": "time.time() of the recording host; for display only",
+    "broker_ms": "the broker's own clock in ms (Kafka CreateTime, Redis entry id); other hosts",
+}
+
+
+class TraceError(FlowcheckError):
+    """A trace file is missing, not a trace, or damaged."""
+
+
+class Header(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    format: Literal["flowcheck-trace"] = "flowcheck-trace"
+    version: int = VERSION
+    topology: str | None = None
+    topology_sha256: str | None = None
+    started: float  # wall clock
+    started_mono_ns: int
+    clocks: dict[str, str] = CLOCKS
+
+
+def topology_hash(path: str) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+class Writer:
+    """Append observations to a trace file; use as a context manager."""
+
+    def __init__(self, path: str, header: Header) -> None:
+        self.path = path
+        self.count = 0
+        self._fh: IO[str] = open(path, "x", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._fh.write(header.model_dump_json() + "\n")
+        self._last_flush = time.monotonic()
+        self.flush()
+
+    def write(self, obs: Observation) -> None:
+        self._fh.write(obs.model_dump_json(exclude_defaults=True) + "\n")
+        self.count += 1
+        if time.monotonic() - self._last_flush >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make everything written so far survive a crash of this process or host."""
+        if self._fh.closed:
+            return
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._last_flush = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last_flush >= FLUSH_EVERY
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self.flush()
+            self._fh.close()
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+@dataclass
+class Reader:
+    """Read a trace: ``header`` at once, observations by iterating.
+
+    Damaged lines are skipped and listed in ``problems`` (line number, why);
+    with ``strict=True`` iteration raises :class:`TraceError` after the last
+    intact observation has been yielded.
+    """
+
+    path: str
+    strict: bool = False
+    header: Header = field(init=False)
+    problems: list[tuple[int, str]] = field(default_factory=list, init=False)
+    count: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        try:
+            with open(self.path, "rb") as fh:
+                first = fh.readline()
+        except FileNotFoundError:
+            raise TraceError(f"{self.path}: no such trace file") from None
+        except OSError as exc:
+            raise TraceError(f"{self.path}: cannot read ({exc.strerror})") from None
+        try:
+            raw: Any = json.loads(first)
+            if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+                raise ValueError
+            self.header = Header.model_validate(raw)
+        except (ValueError, ValidationError):
+            raise TraceError(
+                f"{self.path}: not a flowcheck trace (its first line is not a trace header)"
+            ) from None
+        if self.header.version > VERSION:
+            raise TraceError(
+                f"{self.path}: trace format version {self.header.version} is newer than this "
+                f"flowcheck reads ({VERSION}); upgrade flowcheck"
+            )
+
+    def __iter__(self) -> Iterator[Observation]:
+        with open(self.path, "rb") as fh:
+            fh.readline()
+            number = 1
+            for line in fh:
+                number += 1
+                if not line.endswith(b"\n"):
+                    self.problems.append(
+                        (number, "the last line is cut off (recording interrupted?)")
+                    )
+                    break
+                try:
+                    obs = Observation.model_validate_json(line)
+                except ValidationError as exc:
+                    self.problems.append((number, _why(exc)))
+                    continue
+                self.count += 1
+                yield obs
+        if self.strict and self.problems:
+            raise TraceError(self.describe())
+
+    def describe(self) -> str:
+        lines = ", ".join(f"line {n}: {why}" for n, why in self.problems[:5])
+        more = f" and {len(self.problems) - 5} more" if len(self.problems) > 5 else ""
+        return (
+            f"{self.path}: {len(self.problems)} damaged line(s) skipped ({lines}{more}); "
+            f"{self.count} intact observations read"
+        )
+
+
+def _why(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    if err["type"] == "json_invalid":
+        return "not valid JSON"
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {err['msg']}" if where else err["msg"]

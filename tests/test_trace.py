@@ -1,0 +1,97 @@
+"""Trace files: round trip, damaged files keep their intact lines, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flowcheck.observations import PAYLOAD_CAP, Kind, Observation, clean_headers, payload_fields
+from flowcheck.trace import Header, Reader, TraceError, Writer
+
+
+def _obs(i: int, **fields: object) -> Observation:
+    return Observation(kind=Kind.ROUTED, broker="b", channel="c", mono_ns=i, wall=1.0 + i, **fields)  # type: ignore[arg-type]
+
+
+def _write(path: Path, n: int) -> None:
+    with Writer(str(path), Header(started=0.0, started_mono_ns=0, topology="t")) as w:
+        for i in range(n):
+            w.write(_obs(i, keys={"flow": f"k{i}"}))
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    _write(path, 3)
+    reader = Reader(str(path))
+    got = list(reader)
+    assert [o.keys for o in got] == [{"flow": "k0"}, {"flow": "k1"}, {"flow": "k2"}]
+    assert reader.header.topology == "t"
+    assert reader.problems == []
+
+
+def test_writer_refuses_to_overwrite(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    _write(path, 1)
+    with pytest.raises(FileExistsError):
+        _write(path, 1)
+
+
+def test_truncated_last_line_keeps_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    _write(path, 3)
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])  # cut inside the last observation
+    reader = Reader(str(path))
+    assert len(list(reader)) == 2
+    assert reader.problems == [(4, "the last line is cut off (recording interrupted?)")]
+
+
+def test_corrupt_middle_line_is_skipped_and_named(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    _write(path, 3)
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2] = b'{"kind": "routed", garbage\n'
+    path.write_bytes(b"".join(lines))
+    reader = Reader(str(path), strict=True)
+    seen: list[Observation] = []
+    with pytest.raises(TraceError, match=r"line 3: not valid JSON.*2 intact observations"):
+        seen.extend(reader)
+    assert [o.mono_ns for o in seen] == [0, 2]
+
+
+def test_not_a_trace(tmp_path: Path) -> None:
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"hello": 1}\n')
+    with pytest.raises(TraceError, match="not a flowcheck trace"):
+        Reader(str(path))
+    with pytest.raises(TraceError, match="no such trace file"):
+        Reader(str(tmp_path / "missing.jsonl"))
+
+
+def test_newer_format_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "x.jsonl"
+    path.write_text(
+        json.dumps({"format": "flowcheck-trace", "version": 99, "started": 0, "started_mono_ns": 0})
+        + "\n"
+    )
+    with pytest.raises(TraceError, match="upgrade flowcheck"):
+        Reader(str(path))
+
+
+def test_big_payload_is_cut_with_size_and_hash() -> None:
+    body = b"x" * (PAYLOAD_CAP * 3)
+    fields = payload_fields(body)
+    assert fields["size"] == len(body)
+    assert len(fields["payload"]) == PAYLOAD_CAP
+    assert len(fields["sha256"]) == 64
+    assert "sha256" not in payload_fields(b"small")
+
+
+def test_headers_are_json_safe_and_redacted() -> None:
+    got = clean_headers(
+        {"authorization": "Bearer abc", "x-death": [{"count": 1, "queue": b"q"}], "n": 1}
+    )
+    assert got == {"authorization": "***", "x-death": [{"count": 1, "queue": "q"}], "n": 1}
+    json.dumps(got)
