@@ -9,6 +9,7 @@ from typing import Any
 from flowcheck.observations import as_text, payload_json, trace_id_of
 from flowcheck.topology._types import path_segments
 from flowcheck.topology.model import Correlate, Queue, Stream, Topic, Topology
+from flowcheck.topology.routing import dead_letter_path
 
 
 def lookup(obj: Any, path: str) -> Any:
@@ -67,6 +68,8 @@ class Correlator:
                         self._add(r, fname, rule)
                 if isinstance(ch, (Topic, Stream)) and ch.dead_letter:
                     self._add(ch.dead_letter, fname, rule)
+                for target in dead_letter_path(topology, step.channel):
+                    self._add(target, fname, rule)
             for dl in flow.dead_letters:
                 self._add(dl.channel, fname, flow.correlate)
 

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from flowcheck.topology.model import Exchange, Queue
+
+if TYPE_CHECKING:
+    from flowcheck.topology.model import Topology
+
 
 def topic_matches(pattern: str, key: str) -> bool:
     """Does an AMQP topic binding ``pattern`` match routing ``key``?
@@ -37,3 +45,26 @@ def routes(exchange_type: str, binding_key: str, routing_key: str | None) -> boo
     if exchange_type == "topic":
         return topic_matches(binding_key, routing_key)
     return binding_key == routing_key
+
+
+def bound_queues(channels: Mapping[str, Any], exchange: str, routing_key: str | None) -> list[str]:
+    """Keys of the queues in ``channels`` that a message sent to ``exchange`` with
+    ``routing_key`` may reach (None: any key)."""
+    chans = channels
+    ex = chans.get(exchange)
+    etype = ex.type if isinstance(ex, Exchange) else "headers"
+    return [
+        name
+        for name, q in chans.items()
+        if isinstance(q, Queue)
+        and any(b.exchange == exchange and routes(etype, b.key, routing_key) for b in q.bindings)
+    ]
+
+
+def dead_letter_path(topology: Topology, queue: str) -> list[str]:
+    """The dead-letter exchange of ``queue`` and the queues its dead letters reach."""
+    q = topology.channels.get(queue)
+    if not isinstance(q, Queue) or q.dead_letter is None:
+        return []
+    dlx = q.dead_letter.exchange
+    return [dlx, *bound_queues(topology.channels, dlx, q.dead_letter.key)]

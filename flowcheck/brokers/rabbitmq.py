@@ -1,0 +1,487 @@
+"""RabbitMQ adapter (aio-pika): declare, publish with confirms, tap passively.
+
+Tapping never takes a message from the system's own consumers: every tapped
+queue gets a server-named, exclusive twin bound exactly like it, so the
+broker routes a copy to the twin; every exchange gets a twin bound to all its
+keys. The firehose (``rabbitmqctl trace_on``), when it is on, adds deliveries
+and redeliveries; when it is off its binding simply receives nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import anyio
+
+from flowcheck._deps import require
+from flowcheck.brokers.base import Adapter, Drift, Sink, new_id
+from flowcheck.errors import BrokerAuthError, BrokerError, BrokerUnreachable
+from flowcheck.observations import ID_HEADER, Kind, Observation, now
+from flowcheck.propagation import producer_span
+from flowcheck.redact import redact_url
+from flowcheck.topology.model import Exchange, Queue, RabbitMQ
+from flowcheck.topology.routing import bound_queues, dead_letter_path
+
+aio_pika = require("aio_pika")
+from aio_pika import exceptions as amqp_errors  # noqa: E402 - after the dependency check
+from aiormq import exceptions as aiormq_errors  # noqa: E402
+
+TRACE_EXCHANGE = "amq.rabbitmq.trace"
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)' for (?:queue|exchange) '(?P<name>[^']*)'.*?"
+    r"received (?:the value )?'?(?P<want>[^' ]*)'?.*?current is (?:the value )?'?(?P<have>[^' ]*)'?"
+)
+RECONNECT_MAX = 2.0  # seconds between reconnection attempts, at most
+
+
+def queue_arguments(q: Queue, physical: Mapping[str, str]) -> dict[str, Any]:
+    """The x-arguments that declare ``q`` as the topology describes it."""
+    args: dict[str, Any] = {}
+    if q.type == "quorum":
+        args["x-queue-type"] = "quorum"
+    if q.delivery_limit is not None:
+        args["x-delivery-limit"] = q.delivery_limit
+    if q.ttl is not None:
+        args["x-message-ttl"] = int(q.ttl.total_seconds() * 1000)
+    if q.max_length is not None:
+        args["x-max-length"] = q.max_length
+    if q.overflow is not None:
+        args["x-overflow"] = q.overflow
+    if q.dead_letter is not None:
+        args["x-dead-letter-exchange"] = physical.get(
+            q.dead_letter.exchange, q.dead_letter.exchange
+        )
+        if q.dead_letter.key is not None:
+            args["x-dead-letter-routing-key"] = q.dead_letter.key
+    args.update(q.arguments)
+    return args
+
+
+class RabbitMQAdapter(Adapter):
+    kind = "rabbitmq"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        cfg = self.config
+        assert isinstance(cfg, RabbitMQ)
+        self.url = cfg.url.get_secret_value()
+        self.vhost = cfg.vhost
+        self.connection: Any = None
+        self._publish_channel: Any = None
+        self._names = {k: self.physical(k) for k in self.channels()}
+        self._by_physical = {self._names[k]: k for k in self._names}
+        # Queues that some queue dead-letters into: messages with x-death there are dead letters.
+        self._dead_letter_queues = self._dead_letter_targets()
+
+    # ------------------------------------------------------------ connection
+
+    async def _open(self, purpose: str) -> Any:
+        kwargs: dict[str, Any] = {
+            "timeout": 10,
+            "client_properties": {"connection_name": f"flowcheck-{purpose}"},
+        }
+        if self.vhost is not None:
+            kwargs["virtualhost"] = self.vhost
+        try:
+            return await aio_pika.connect(self.url, **kwargs)
+        except amqp_errors.ProbableAuthenticationError as exc:
+            raise BrokerAuthError(
+                self.name, f"RabbitMQ at {redact_url(self.url)} refused the login ({exc})"
+            ) from None
+        except amqp_errors.AuthenticationError as exc:
+            raise BrokerAuthError(
+                self.name, f"RabbitMQ at {redact_url(self.url)} refused the login ({exc})"
+            ) from None
+        except (TimeoutError, OSError, amqp_errors.AMQPConnectionError) as exc:
+            reason = _reason(exc)
+            if "vhost" in reason or "NOT_ALLOWED" in reason or "ACCESS_REFUSED" in reason:
+                raise BrokerAuthError(
+                    self.name, f"RabbitMQ at {redact_url(self.url)}: {reason}"
+                ) from None
+            raise BrokerUnreachable(
+                self.name, f"cannot reach RabbitMQ at {redact_url(self.url)} ({reason})"
+            ) from None
+
+    async def connect(self) -> None:
+        self.connection = await self._open("client")
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+            self.connection = None
+            self._publish_channel = None
+
+    async def _channel(self) -> Any:
+        return await self.connection.channel(publisher_confirms=False)
+
+    # ------------------------------------------------------------ apply
+
+    async def apply(self, channels: Sequence[str] | None = None) -> list[Drift]:
+        keys = list(channels) if channels is not None else self.channels()
+        exchanges = [
+            (k, self.topology.channels[k])
+            for k in keys
+            if isinstance(self.topology.channels[k], Exchange)
+        ]
+        queues = [
+            (k, self.topology.channels[k])
+            for k in keys
+            if isinstance(self.topology.channels[k], Queue)
+        ]
+        drift: list[Drift] = []
+        ch = await self._channel()
+        try:
+            for key, ex in exchanges:
+                assert isinstance(ex, Exchange)
+                args = (
+                    {"alternate-exchange": self._names.get(ex.alternate, ex.alternate)}
+                    if ex.alternate
+                    else None
+                )
+                ch, d = await self._declare(
+                    ch,
+                    key,
+                    lambda c, ex=ex, key=key, args=args: c.declare_exchange(
+                        self._names[key], ex.type, durable=ex.durable, arguments=args
+                    ),
+                )
+                drift += d
+            for key, q in queues:
+                assert isinstance(q, Queue)
+                ch, d = await self._declare(
+                    ch,
+                    key,
+                    lambda c, q=q, key=key: c.declare_queue(
+                        self._names[key],
+                        durable=q.durable or q.type == "quorum",
+                        arguments=queue_arguments(q, self._names),
+                    ),
+                )
+                drift += d
+            for key, q in queues:
+                assert isinstance(q, Queue)
+                queue = await ch.get_queue(self._names[key], ensure=False)
+                for b in q.bindings:
+                    await queue.bind(
+                        self._names.get(b.exchange, b.exchange),
+                        routing_key=b.key,
+                        arguments=dict(b.arguments) or None,
+                    )
+        except aiormq_errors.ChannelAccessRefused as exc:
+            raise BrokerAuthError(self.name, f"permission denied: {_reason(exc)}") from None
+        except amqp_errors.AMQPError as exc:
+            raise BrokerError(self.name, f"declaring channels failed: {_reason(exc)}") from None
+        finally:
+            if not ch.is_closed:
+                await ch.close()
+        return drift
+
+    async def _declare(self, ch: Any, key: str, declare: Any) -> tuple[Any, list[Drift]]:
+        try:
+            await declare(ch)
+            return ch, []
+        except amqp_errors.ChannelPreconditionFailed as exc:
+            # The channel is closed by the broker after a failed declare: open another.
+            text = _reason(exc)
+            m = _INEQUIVALENT.search(text)
+            drift = (
+                Drift(key, m["arg"], m["want"], m["have"])
+                if m
+                else Drift(key, "declaration", "as declared", text)
+            )
+            return await self._channel(), [drift]
+
+    # ------------------------------------------------------------ publish
+
+    async def publish(
+        self,
+        channel: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, Any] | None = None,
+        key: str | None = None,
+        routing_key: str | None = None,
+    ) -> Observation:
+        ch_cfg = self.topology.channels[channel]
+        if self._publish_channel is None or self._publish_channel.is_closed:
+            self._publish_channel = await self.connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+        pch = self._publish_channel
+        fc_id = new_id()
+        hdrs: dict[str, Any] = {**(headers or {}), ID_HEADER: fc_id}
+        if isinstance(ch_cfg, Queue):
+            exchange = pch.default_exchange
+            rk = self._names[channel]
+            destination = ""
+        else:
+            exchange = await pch.get_exchange(self._names[channel], ensure=False)
+            rk = routing_key or ""
+            destination = self._names[channel]
+        with producer_span(
+            "rabbitmq",
+            destination or rk,
+            hdrs,
+            **{"messaging.message.id": fc_id, "messaging.rabbitmq.destination.routing_key": rk},
+        ):
+            message = aio_pika.Message(
+                body, headers=hdrs, message_id=fc_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            )
+            try:
+                await exchange.publish(message, routing_key=rk, mandatory=True, timeout=30)
+            except amqp_errors.DeliveryError as exc:
+                reply = getattr(getattr(exc, "message", None), "reply_text", None) or "NO_ROUTE"
+                return self.observe(
+                    Kind.UNROUTABLE,
+                    channel,
+                    body=body,
+                    headers=hdrs,
+                    properties={"message_id": fc_id},
+                    routing_key=rk,
+                    reason=str(reply),
+                )
+            except amqp_errors.ChannelNotFoundEntity:
+                self._publish_channel = None
+                raise BrokerError(
+                    self.name, f"exchange {destination!r} does not exist; run apply first"
+                ) from None
+            except amqp_errors.AMQPError as exc:
+                self._publish_channel = None
+                raise BrokerError(
+                    self.name, f"publish to {channel!r} failed: {_reason(exc)}"
+                ) from None
+        return self.observe(
+            Kind.PUBLISHED,
+            channel,
+            body=body,
+            headers=hdrs,
+            properties={"message_id": fc_id},
+            routing_key=rk,
+        )
+
+    # ------------------------------------------------------------ tap
+
+    def _dead_letter_targets(self) -> set[str]:
+        """Queues that some queue's dead letters reach."""
+        return {
+            q for key in self.topology.channels for q in dead_letter_path(self.topology, key)[1:]
+        }
+
+    def _tap_bindings(self, key: str) -> list[tuple[str, str, dict[str, Any] | None]]:
+        """(exchange, routing key, arguments) bindings for the twin of channel ``key``."""
+        ch = self.topology.channels[key]
+        if isinstance(ch, Queue):
+            return [
+                (self._names.get(b.exchange, b.exchange), b.key, dict(b.arguments) or None)
+                for b in ch.bindings
+            ]
+        assert isinstance(ch, Exchange)
+        name = self._names[key]
+        if ch.type == "topic":
+            return [(name, "#", None)]
+        if ch.type in ("fanout", "headers"):
+            return [(name, "", None)]
+        # direct: every key the topology routes through this exchange
+        keys = {
+            b.key
+            for q in self.topology.channels.values()
+            if isinstance(q, Queue)
+            for b in q.bindings
+            if b.exchange == key
+        }
+        keys |= {
+            q.dead_letter.key
+            for q in self.topology.channels.values()
+            if isinstance(q, Queue)
+            and q.dead_letter
+            and q.dead_letter.exchange == key
+            and q.dead_letter.key
+        }
+        return [(name, k, None) for k in sorted(keys)]
+
+    async def tap(
+        self, channels: Sequence[str], sink: Sink, *, ready: anyio.Event | None = None
+    ) -> None:
+        gap_since: int | None = None
+        gap_reason = ""
+        delay = 0.1
+        while True:
+            try:
+                conn = await self._open("tap")
+            except BrokerUnreachable as exc:
+                if gap_since is None:
+                    raise  # cannot start at all: that is the caller's problem
+                gap_reason = str(exc)
+                await anyio.sleep(delay)  # back off before the next attempt
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            delay = 0.1
+            closed = anyio.Event()
+            conn.close_callbacks.add(lambda *_, ev=closed: ev.set())
+            try:
+                await self._start_twins(conn, channels, sink)
+                if gap_since is not None:
+                    end, _ = now()
+                    for key in channels:
+                        sink(self._gap(key, gap_since, end, gap_reason))
+                    gap_since = None
+                if ready is not None:
+                    ready.set()
+                await closed.wait()
+                gap_reason = "connection to RabbitMQ lost"
+            except amqp_errors.AMQPError as exc:
+                gap_reason = f"tap failed: {_reason(exc)}"
+            finally:
+                with anyio.CancelScope(shield=True):
+                    if not conn.is_closed:
+                        await conn.close()
+            gap_since, _ = now()
+
+    def _gap(self, key: str, start: int, end: int, reason: str) -> Observation:
+        mono, wall = now()
+        return Observation(
+            kind=Kind.GAP,
+            broker=self.name,
+            channel=key,
+            mono_ns=start,
+            wall=wall - (mono - start) / 1e9,
+            until_ns=end,
+            reason=reason,
+        )
+
+    async def _start_twins(self, conn: Any, channels: Sequence[str], sink: Sink) -> None:
+        ch = await conn.channel(publisher_confirms=False)
+        await ch.set_qos(prefetch_count=1000)
+        for key in channels:
+            twin = await ch.declare_queue(exclusive=True, auto_delete=True)
+            for exchange, rk, args in self._tap_bindings(key):
+                await twin.bind(exchange, routing_key=rk, arguments=args)
+            await twin.consume(self._on_twin(key, sink), no_ack=True)
+        firehose = await ch.declare_queue(exclusive=True, auto_delete=True)
+        for key in channels:
+            kind = "deliver" if isinstance(self.topology.channels[key], Queue) else "publish"
+            await firehose.bind(TRACE_EXCHANGE, routing_key=f"{kind}.{self._names[key]}")
+        await firehose.consume(self._on_firehose(sink), no_ack=True)
+
+    def _on_twin(self, key: str, sink: Sink) -> Any:
+        dead_letter_queue = key in self._dead_letter_queues
+        exchange = isinstance(self.topology.channels[key], Exchange)
+
+        async def on_message(msg: Any) -> None:
+            headers = dict(msg.headers or {})
+            deaths = headers.get("x-death")
+            fields: dict[str, Any] = {"routing_key": msg.routing_key}
+            kind = Kind.ROUTED
+            # The twin itself makes every publish routable, so mandatory returns cannot
+            # fire while tapping: judge routability by the topology's own bindings.
+            if exchange and not bound_queues(self.topology.channels, key, msg.routing_key or ""):
+                kind = Kind.UNROUTABLE
+                fields["reason"] = "no queue of the topology is bound for this routing key"
+            if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
+                latest = deaths[0]
+                fields["delivery_count"] = _int(latest.get("count"))
+                if dead_letter_queue:
+                    kind = Kind.DEAD_LETTERED
+                    fields["reason"] = _str(latest.get("reason"))
+                    q = _str(latest.get("queue"))
+                    fields["origin"] = self._by_physical.get(q or "", q)
+                    count = headers.get("x-delivery-count")
+                    if count is not None:
+                        fields["delivery_count"] = _int(count)
+            sink(
+                self.observe(
+                    kind, key, body=msg.body, headers=headers, properties=_props(msg), **fields
+                )
+            )
+
+        return on_message
+
+    def _on_firehose(self, sink: Sink) -> Any:
+        async def on_message(msg: Any) -> None:
+            meta = dict(msg.headers or {})
+            rk = msg.routing_key or ""
+            event, _, name = rk.partition(".")
+            key = self._by_physical.get(name)
+            if key is None:
+                return
+            props = meta.get("properties") or {}
+            headers = dict(props.get("headers") or {}) if isinstance(props, Mapping) else {}
+            routing = meta.get("routing_keys") or []
+            fields: dict[str, Any] = {"routing_key": _str(routing[0]) if routing else None}
+            if event == "deliver":
+                redelivered = bool(meta.get("redelivered"))
+                count = headers.get("x-delivery-count")
+                kind = (
+                    Kind.REDELIVERED
+                    if redelivered or (count is not None and _int(count) > 0)
+                    else Kind.DELIVERED
+                )
+                # x-delivery-count counts earlier failed deliveries: this is delivery number count + 1.
+                fields["delivery_count"] = (_int(count) + 1) if count is not None else None
+            elif event == "publish" and meta.get("routed_queues") == []:
+                kind = Kind.UNROUTABLE
+                fields["reason"] = "NO_ROUTE"
+            else:
+                return  # publishes that were routed are already seen by the twins
+            mid = props.get("message_id") if isinstance(props, Mapping) else None
+            sink(
+                self.observe(
+                    kind,
+                    key,
+                    body=msg.body,
+                    headers=headers,
+                    properties={"message_id": mid},
+                    **fields,
+                )
+            )
+
+        return on_message
+
+    # ------------------------------------------------------------ delete
+
+    async def delete(self, channels: Sequence[str]) -> None:
+        ch = await self._channel()
+        try:
+            for key in channels:
+                cfg = self.topology.channels[key]
+                if isinstance(cfg, Queue):
+                    await ch.queue_delete(self._names[key])
+                else:
+                    await ch.exchange_delete(self._names[key])
+        finally:
+            if not ch.is_closed:
+                await ch.close()
+
+
+def _props(msg: Any) -> dict[str, Any]:
+    return {
+        "message_id": msg.message_id,
+        "correlation_id": msg.correlation_id,
+        "app_id": msg.app_id,
+        "type": msg.type,
+        "user_id": msg.user_id,
+        "reply_to": msg.reply_to,
+    }
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(a) for a in exc.args if a is not None) or type(exc).__name__
+    return text.replace("\n", " ")
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _str(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return None if value is None else str(value)
+
+
+ADAPTER = RabbitMQAdapter

@@ -1,0 +1,385 @@
+"""Redis Streams adapter (redis.asyncio): declare groups, XADD, tap without a group.
+
+The tap reads with plain ``XREAD`` (no group), so it takes nothing from the
+system's consumer groups, and polls each group's Pending Entries List for
+deliveries, redeliveries (delivery count above 1) and acknowledgements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import anyio
+
+from flowcheck._deps import require
+from flowcheck.brokers.base import Adapter, Drift, Sink, new_id
+from flowcheck.errors import BrokerAuthError, BrokerError, BrokerUnreachable
+from flowcheck.observations import ID_HEADER, Kind, Observation, now
+from flowcheck.propagation import producer_span
+from flowcheck.redact import redact_url
+from flowcheck.topology.model import Redis, Stream
+
+redis_asyncio = require("redis.asyncio")
+from redis import exceptions as redis_errors  # noqa: E402 - after the dependency check
+
+BLOCK_MS = 500  # XREAD block time: bounds how long a stop waits
+BATCH = 1000
+PEL_POLL = 0.1  # seconds between Pending Entries List polls
+RECONNECT_MAX = 2.0
+# Fields a dead-letter entry may carry to say why and after how many deliveries.
+REASON_FIELDS = ("reason", "error", "exception")
+COUNT_FIELDS = ("delivery_count", "deliveries", "attempts")
+
+
+def entry_ms(entry_id: str) -> int:
+    """The server's millisecond clock, from an entry id ``<ms>-<seq>``."""
+    return int(entry_id.split("-", 1)[0])
+
+
+def id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class RedisAdapter(Adapter):
+    kind = "redis"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        cfg = self.config
+        assert isinstance(cfg, Redis)
+        self.url = cfg.url.get_secret_value()
+        self.db = cfg.db
+        self.client: Any = None
+        self._names = {k: self.physical(k) for k in self.channels()}
+        # dead-letter stream -> the stream whose dead letters it holds
+        self._origin = {
+            ch.dead_letter: k
+            for k, ch in self.topology.channels.items()
+            if isinstance(ch, Stream) and ch.dead_letter
+        }
+
+    def _stream(self, key: str) -> Stream:
+        ch = self.topology.channels[key]
+        assert isinstance(ch, Stream)
+        return ch
+
+    # ------------------------------------------------------------ connection
+
+    def _client(self) -> Any:
+        kwargs: dict[str, Any] = {
+            "socket_connect_timeout": 5,
+            "socket_timeout": 10 + BLOCK_MS / 1000,
+        }
+        if self.db is not None:
+            kwargs["db"] = self.db
+        return redis_asyncio.from_url(self.url, **kwargs)
+
+    async def _open(self) -> Any:
+        client = self._client()
+        try:
+            await client.ping()
+        except BaseException as exc:
+            await client.aclose()
+            raise self._translate(exc) from None
+        return client
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        where = f"Redis at {redact_url(self.url)}"
+        if isinstance(exc, (redis_errors.AuthenticationError, redis_errors.AuthorizationError)):
+            return BrokerAuthError(self.name, f"{where} refused the login ({exc})")
+        if isinstance(exc, redis_errors.ResponseError) and any(
+            s in str(exc) for s in ("NOAUTH", "WRONGPASS", "NOPERM")
+        ):
+            return BrokerAuthError(self.name, f"{where}: {exc}")
+        if isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)):
+            return BrokerUnreachable(self.name, f"cannot reach {where} ({exc})")
+        if isinstance(exc, redis_errors.RedisError):
+            return BrokerError(self.name, f"{where}: {exc}")
+        return exc
+
+    async def connect(self) -> None:
+        self.client = await self._open()
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
+
+    # ------------------------------------------------------------ apply
+
+    async def apply(self, channels: Sequence[str] | None = None) -> list[Drift]:
+        keys = list(channels) if channels is not None else self.channels()
+        drift: list[Drift] = []
+        try:
+            for key in keys:
+                name = self._names[key]
+                kind = await self.client.type(name)
+                kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+                if kind not in ("none", "stream"):
+                    drift.append(Drift(key, "type", "stream", kind))
+                    continue
+                for group in self._stream(key).groups:
+                    try:
+                        await self.client.xgroup_create(name, group, id="$", mkstream=True)
+                    except redis_errors.ResponseError as exc:
+                        if "BUSYGROUP" not in str(exc):
+                            raise
+        except redis_errors.RedisError as exc:
+            raise self._translate(exc) from None
+        return drift
+
+    # ------------------------------------------------------------ publish
+
+    async def publish(
+        self,
+        channel: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, Any] | None = None,
+        key: str | None = None,
+        routing_key: str | None = None,
+    ) -> Observation:
+        stream = self._stream(channel)
+        fc_id = new_id()
+        hdrs: dict[str, Any] = {**(headers or {}), ID_HEADER: fc_id}
+        with producer_span("redis", self._names[channel], hdrs, **{"messaging.message.id": fc_id}):
+            fields = {**{k: str(v) for k, v in hdrs.items()}, stream.payload_field: body}
+            try:
+                raw = await self.client.xadd(self._names[channel], fields, maxlen=stream.max_length)
+            except redis_errors.RedisError as exc:
+                raise self._translate(exc) from None
+        entry_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+        return self.observe(
+            Kind.PUBLISHED,
+            channel,
+            body=body,
+            headers=hdrs,
+            entry_id=entry_id,
+            broker_ms=entry_ms(entry_id),
+        )
+
+    # ------------------------------------------------------------ tap
+
+    async def tap(
+        self, channels: Sequence[str], sink: Sink, *, ready: anyio.Event | None = None
+    ) -> None:
+        state = _TapState(channels={k: self._names[k] for k in channels})
+        started = False
+        delay = 0.1
+        gap_since: int | None = None
+        gap_reason = ""
+        while True:
+            try:
+                client = await self._open()
+            except BrokerUnreachable as exc:
+                if not started:
+                    raise
+                gap_reason = str(exc)
+                await anyio.sleep(delay)  # back off before reconnecting
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            delay = 0.1
+            try:
+                if not started:
+                    await state.start(client)
+                    started = True
+                if gap_since is not None:
+                    end, _ = now()
+                    for key in channels:
+                        sink(self._gap(key, gap_since, end, gap_reason))
+                    gap_since = None
+                if ready is not None:
+                    ready.set()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._read, client, state, sink)
+                    tg.start_soon(self._poll_pending, client, state, sink)
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+                gap_reason = f"connection to Redis lost ({exc})"
+            except BaseExceptionGroup as group:
+                lost = group.subgroup(
+                    (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+                )
+                if lost is None or group.subgroup(
+                    lambda e: (
+                        not isinstance(
+                            e,
+                            (
+                                redis_errors.ConnectionError,
+                                redis_errors.TimeoutError,
+                                OSError,
+                                BaseExceptionGroup,
+                            ),
+                        )
+                    )
+                ):
+                    raise
+                gap_reason = f"connection to Redis lost ({lost.exceptions[0]})"
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await client.aclose()
+            gap_since, _ = now()
+
+    def _gap(self, key: str, start: int, end: int, reason: str) -> Observation:
+        mono, wall = now()
+        return Observation(
+            kind=Kind.GAP,
+            broker=self.name,
+            channel=key,
+            mono_ns=start,
+            wall=wall - (mono - start) / 1e9,
+            until_ns=end,
+            reason=reason,
+        )
+
+    async def _read(self, client: Any, state: _TapState, sink: Sink) -> None:
+        by_name = {v: k for k, v in state.channels.items()}
+        while True:
+            reply = await client.xread(dict(state.last), count=BATCH, block=BLOCK_MS)
+            for raw_name, entries in reply or ():
+                name = raw_name.decode() if isinstance(raw_name, bytes) else raw_name
+                key = by_name[name]
+                for raw_id, fields in entries:
+                    entry_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+                    state.last[name] = entry_id
+                    obs = self._entry(key, entry_id, fields)
+                    sink(obs)
+                    state.identity[entry_id] = {
+                        "fc_id": obs.fc_id,
+                        "keys": obs.keys,
+                        "trace_id": obs.trace_id,
+                    }
+                    for group in self._stream(key).groups:
+                        state.unacked.setdefault((key, group), {})[entry_id] = 0
+
+    def _entry(self, key: str, entry_id: str, fields: Mapping[Any, Any]) -> Observation:
+        stream = self._stream(key)
+        decoded = {_s(k): v for k, v in fields.items()}
+        body = decoded.pop(stream.payload_field, b"")
+        body = body if isinstance(body, bytes) else str(body).encode()
+        headers = {k: _s(v) for k, v in decoded.items()}
+        extra: dict[str, Any] = {"entry_id": entry_id, "broker_ms": entry_ms(entry_id)}
+        kind = Kind.ROUTED
+        if key in self._origin:
+            kind = Kind.DEAD_LETTERED
+            extra["origin"] = self._origin[key]
+            extra["reason"] = next((headers[f] for f in REASON_FIELDS if f in headers), None)
+            count = next((headers[f] for f in COUNT_FIELDS if f in headers), None)
+            if count is not None and count.isdigit():
+                extra["delivery_count"] = int(count)
+        return self.observe(kind, key, body=body, headers=headers, **extra)
+
+    async def _poll_pending(self, client: Any, state: _TapState, sink: Sink) -> None:
+        groups = [(k, g) for k in state.channels for g in self._stream(k).groups]
+        if not groups:
+            return
+        while True:
+            for key, group in groups:
+                await self._poll_group(client, state, sink, key, group)
+            await anyio.sleep(PEL_POLL)  # polling interval of the PEL, not a wait for an event
+
+    async def _poll_group(
+        self, client: Any, state: _TapState, sink: Sink, key: str, group: str
+    ) -> None:
+        name = state.channels[key]
+        try:
+            infos = await client.xinfo_groups(name)
+        except redis_errors.ResponseError:
+            return  # the stream does not exist yet
+        info = next((i for i in infos if _s(i.get("name")) == group), None)
+        if info is None:
+            return
+        last_delivered = id_key(_s(info.get("last-delivered-id")) or "0-0")
+        pending: dict[str, tuple[int, str]] = {}
+        start = "-"
+        while True:
+            rows = await client.xpending_range(name, group, min=start, max="+", count=BATCH)
+            for row in rows:
+                eid = _s(row["message_id"])
+                pending[eid] = (int(row["times_delivered"]), _s(row["consumer"]))
+            if len(rows) < BATCH:
+                break
+            ms, seq = id_key(_s(rows[-1]["message_id"]))
+            start = f"{ms}-{seq + 1}"
+        seen = state.unacked.setdefault((key, group), {})
+        for eid, (count, consumer) in pending.items():
+            before = seen.get(eid, 0)
+            if count > before:
+                kind = Kind.DELIVERED if count == 1 else Kind.REDELIVERED
+                sink(
+                    self._evidence(
+                        state,
+                        kind,
+                        key,
+                        eid,
+                        group,
+                        delivery_count=count,
+                        reason=None if count == 1 else f"consumer {consumer}",
+                    )
+                )
+                seen[eid] = count
+        for eid in [e for e in seen if e not in pending and id_key(e) <= last_delivered]:
+            if seen[eid] == 0:  # delivered and acknowledged between two polls
+                sink(self._evidence(state, Kind.DELIVERED, key, eid, group, delivery_count=1))
+            sink(
+                self._evidence(
+                    state, Kind.CONSUMED, key, eid, group, delivery_count=max(seen[eid], 1)
+                )
+            )
+            del seen[eid]
+            if not any(eid in other for other in state.unacked.values()):
+                state.identity.pop(eid, None)
+
+    def _evidence(
+        self, state: _TapState, kind: Kind, key: str, eid: str, group: str, **fields: Any
+    ) -> Observation:
+        """A delivery or acknowledgement, carrying the identity its entry was read with."""
+        mono, wall = now()
+        return Observation(
+            kind=kind,
+            broker=self.name,
+            channel=key,
+            mono_ns=mono,
+            wall=wall,
+            entry_id=eid,
+            broker_ms=entry_ms(eid),
+            group=group,
+            **state.identity.get(eid, {}),
+            **fields,
+        )
+
+    # ------------------------------------------------------------ delete
+
+    async def delete(self, channels: Sequence[str]) -> None:
+        try:
+            await self.client.delete(*[self._names[k] for k in channels])
+        except redis_errors.RedisError as exc:
+            raise self._translate(exc) from None
+
+
+class _TapState:
+    """Where the tap is: last id read per stream, entries not yet acknowledged per group."""
+
+    def __init__(self, channels: dict[str, str]) -> None:
+        self.channels = channels  # key -> stream name
+        self.last: dict[str, str] = {}
+        # (channel, group) -> entry id -> deliveries seen so far (0: read, not yet seen pending)
+        self.unacked: dict[tuple[str, str], dict[str, int]] = {}
+        # entry id -> fc_id, keys, trace_id as read, for the evidence about it
+        self.identity: dict[str, dict[str, Any]] = {}
+
+    async def start(self, client: Any) -> None:
+        for name in self.channels.values():
+            try:
+                info = await client.xinfo_stream(name)
+                self.last[name] = _s(info["last-generated-id"])
+            except redis_errors.ResponseError:
+                self.last[name] = "0-0"  # no such stream yet: everything in it will be new
+
+
+def _s(value: Any) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+ADAPTER = RedisAdapter
