@@ -1,0 +1,442 @@
+"""Kafka adapter (aiokafka): create topics, publish keyed records, tap without a group.
+
+The tap is a consumer with no group, assigned every partition of each tapped
+topic and positioned at the end offsets read when the tap starts, so it
+neither joins nor disturbs the system's consumer groups. Committed offsets of
+the groups the topology names are polled as evidence of consumption.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import anyio
+
+from flowcheck._deps import require
+from flowcheck.brokers.base import Adapter, Drift, Sink, new_id
+from flowcheck.errors import BrokerAuthError, BrokerError, BrokerUnreachable
+from flowcheck.observations import ID_HEADER, Kind, Observation, now
+from flowcheck.propagation import producer_span
+from flowcheck.topology.model import Kafka, Topic
+
+aiokafka = require("aiokafka")
+from aiokafka import errors as kafka_errors  # noqa: E402 - after the dependency check
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
+from aiokafka.structs import TopicPartition  # noqa: E402
+
+CONNECT_TIMEOUT = 15.0
+POLL_MS = 500
+BATCH = 1000
+OFFSETS_POLL = 0.5  # seconds between committed-offset polls
+HEALTH_POLL = 1.0  # seconds between broker health checks (gap detection)
+# Spring retry headers hold big-endian binary integers.
+BINARY_INT_HEADERS = (
+    "retry_topic-attempts",
+    "retry_topic-backoff-timestamp",
+    "kafka_dlt-original-partition",
+    "kafka_dlt-original-offset",
+    "kafka_dlt-original-timestamp",
+)
+
+
+def decode_header(name: str, value: bytes | None) -> Any:
+    if value is None:
+        return None
+    if name in BINARY_INT_HEADERS and 1 <= len(value) <= 8 and not value.isdigit():
+        return int.from_bytes(value, "big", signed=True)
+    return value.decode("utf-8", errors="replace")
+
+
+class KafkaAdapter(Adapter):
+    kind = "kafka"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        cfg = self.config
+        assert isinstance(cfg, Kafka)
+        self.cfg = cfg
+        self.admin: Any = None
+        self.producer: Any = None
+        self._names = {k: self.physical(k) for k in self.channels()}
+        self._by_physical = {v: k for k, v in self._names.items()}
+        self._origin = {
+            ch.dead_letter: k
+            for k, ch in self.topology.channels.items()
+            if isinstance(ch, Topic) and ch.dead_letter
+        }
+
+    # ------------------------------------------------------------ connection
+
+    def _client_args(self) -> dict[str, Any]:
+        sec = self.cfg.security
+        args: dict[str, Any] = {
+            "bootstrap_servers": list(self.cfg.bootstrap),
+            "client_id": self.cfg.client_id,
+            "security_protocol": sec.protocol,
+        }
+        if sec.sasl_mechanism is not None:
+            args["sasl_mechanism"] = sec.sasl_mechanism
+            args["sasl_plain_username"] = sec.username
+            args["sasl_plain_password"] = sec.password.get_secret_value() if sec.password else None
+        if sec.protocol.endswith("SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            base = os.getcwd()
+            args["ssl_context"] = create_ssl_context(
+                cafile=_path(base, sec.ca_file),
+                certfile=_path(base, sec.cert_file),
+                keyfile=_path(base, sec.key_file),
+            )
+        return args
+
+    def _where(self) -> str:
+        return f"Kafka at {','.join(self.cfg.bootstrap)}"
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        if isinstance(
+            exc, (kafka_errors.AuthenticationFailedError, kafka_errors.SaslAuthenticationFailed)
+        ):
+            return BrokerAuthError(
+                self.name, f"{self._where()} refused the login ({type(exc).__name__})"
+            )
+        if isinstance(
+            exc,
+            (
+                kafka_errors.TopicAuthorizationFailedError,
+                kafka_errors.ClusterAuthorizationFailedError,
+                kafka_errors.GroupAuthorizationFailedError,
+            ),
+        ):
+            return BrokerAuthError(
+                self.name, f"{self._where()}: permission denied ({type(exc).__name__})"
+            )
+        if isinstance(exc, (kafka_errors.KafkaConnectionError, TimeoutError, OSError)):
+            return BrokerUnreachable(
+                self.name, f"cannot reach {self._where()} ({type(exc).__name__}: {exc})"
+            )
+        if isinstance(exc, kafka_errors.KafkaError):
+            return BrokerError(self.name, f"{self._where()}: {type(exc).__name__}: {exc}")
+        return exc
+
+    async def _start(self, client: Any) -> None:
+        try:
+            with anyio.fail_after(CONNECT_TIMEOUT):
+                await client.start()
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await client.close() if hasattr(client, "close") else await client.stop()
+            raise self._translate(exc) from None
+
+    async def connect(self) -> None:
+        self.admin = AIOKafkaAdminClient(
+            **self._client_args(), request_timeout_ms=int(CONNECT_TIMEOUT * 1000)
+        )
+        await self._start(self.admin)
+
+    async def close(self) -> None:
+        if self.producer is not None:
+            await self.producer.stop()
+            self.producer = None
+        if self.admin is not None:
+            await self.admin.close()
+            self.admin = None
+
+    # ------------------------------------------------------------ apply
+
+    async def _partitions(self, names: Sequence[str]) -> dict[str, int]:
+        """Partition count of each existing topic among ``names``."""
+        if not names:
+            return {}
+        existing = set(await self.admin.list_topics())
+        wanted = [n for n in names if n in existing]
+        if not wanted:
+            return {}
+        described = await self.admin.describe_topics(wanted)
+        return {d["topic"]: len(d["partitions"]) for d in described if not d.get("error_code")}
+
+    async def apply(self, channels: Sequence[str] | None = None) -> list[Drift]:
+        keys = list(channels) if channels is not None else self.channels()
+        topics = {k: self.topology.channels[k] for k in keys}
+        drift: list[Drift] = []
+        try:
+            have = await self._partitions([self._names[k] for k in keys])
+            new = []
+            for key, t in topics.items():
+                assert isinstance(t, Topic)
+                name = self._names[key]
+                if name in have:
+                    if have[name] != t.partitions:
+                        drift.append(Drift(key, "partitions", t.partitions, have[name]))
+                else:
+                    new.append(
+                        NewTopic(
+                            name, num_partitions=t.partitions, replication_factor=t.replication or 1
+                        )
+                    )
+            if new:
+                # Created meanwhile by someone else is fine.
+                with contextlib.suppress(kafka_errors.TopicAlreadyExistsError):
+                    await self.admin.create_topics(new)
+                await self._await_topics([n.name for n in new])
+        except kafka_errors.KafkaError as exc:
+            raise self._translate(exc) from None
+        return drift
+
+    async def _await_topics(self, names: list[str]) -> None:
+        """Wait until the new topics show up in metadata with all their partitions."""
+        with anyio.fail_after(CONNECT_TIMEOUT):
+            while set(await self._partitions(names)) != set(names):  # noqa: ASYNC110 - metadata has no event to wait on
+                await anyio.sleep(0.05)
+
+    # ------------------------------------------------------------ publish
+
+    async def publish(
+        self,
+        channel: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, Any] | None = None,
+        key: str | None = None,
+        routing_key: str | None = None,
+    ) -> Observation:
+        if self.producer is None:
+            producer = aiokafka.AIOKafkaProducer(**self._client_args(), acks="all", linger_ms=0)
+            await self._start(producer)
+            self.producer = producer
+        fc_id = new_id()
+        hdrs: dict[str, Any] = {**(headers or {}), ID_HEADER: fc_id}
+        topic = self._names[channel]
+        with producer_span(
+            "kafka",
+            topic,
+            hdrs,
+            **{"messaging.message.id": fc_id, "messaging.kafka.message.key": key},
+        ):
+            try:
+                meta = await self.producer.send_and_wait(
+                    topic,
+                    value=body,
+                    key=key.encode() if key is not None else None,
+                    headers=[(k, str(v).encode()) for k, v in hdrs.items()],
+                )
+            except kafka_errors.KafkaError as exc:
+                raise self._translate(exc) from None
+        return self.observe(
+            Kind.PUBLISHED,
+            channel,
+            body=body,
+            headers=hdrs,
+            kafka_key=key,
+            partition=meta.partition,
+            offset=meta.offset,
+            broker_ms=meta.timestamp if meta.timestamp >= 0 else None,
+        )
+
+    # ------------------------------------------------------------ tap
+
+    async def tap(
+        self, channels: Sequence[str], sink: Sink, *, ready: anyio.Event | None = None
+    ) -> None:
+        names = [self._names[k] for k in channels]
+        consumer = aiokafka.AIOKafkaConsumer(
+            **self._client_args(),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=BATCH,
+        )
+        await self._start(consumer)
+        try:
+            try:
+                parts = await self._partitions(names)
+                tps = [TopicPartition(n, p) for n, count in parts.items() for p in range(count)]
+                missing = sorted(set(names) - set(parts))
+                if missing:
+                    raise BrokerError(
+                        self.name,
+                        f"cannot tap topics that do not exist: {', '.join(missing)}; run apply first",
+                    )
+                consumer.assign(tps)
+                ends = await consumer.end_offsets(tps)
+                for tp in tps:
+                    consumer.seek(tp, ends[tp])
+            except kafka_errors.KafkaError as exc:
+                raise self._translate(exc) from None
+            state = _Evidence(self._groups(channels))
+            if ready is not None:
+                ready.set()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._poll_offsets, state, sink)
+                tg.start_soon(self._watch_health, channels, sink)
+                while True:
+                    batches = await consumer.getmany(timeout_ms=POLL_MS, max_records=BATCH)
+                    for tp, records in batches.items():
+                        key = self._by_physical[tp.topic]
+                        for rec in records:
+                            obs = self._record(key, rec)
+                            sink(obs)
+                            state.seen(key, rec.partition, rec.offset, obs)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await consumer.stop()
+
+    def _groups(self, channels: Sequence[str]) -> dict[str, list[str]]:
+        """Consumer groups the topology's services use, per tapped channel."""
+        out: dict[str, list[str]] = {}
+        for svc in self.topology.services.values():
+            for c in svc.consumes:
+                if (
+                    c.channel in channels
+                    and c.group
+                    and c.group not in out.setdefault(c.channel, [])
+                ):
+                    out[c.channel].append(c.group)
+        return out
+
+    def _record(self, key: str, rec: Any) -> Observation:
+        headers = {k: decode_header(k, v) for k, v in (rec.headers or ())}
+        fields: dict[str, Any] = {
+            "partition": rec.partition,
+            "offset": rec.offset,
+            "broker_ms": rec.timestamp
+            if rec.timestamp is not None and rec.timestamp >= 0
+            else None,
+        }
+        kind = Kind.ROUTED
+        if key in self._origin:
+            kind = Kind.DEAD_LETTERED
+            original = headers.get("kafka_dlt-original-topic")
+            fields["origin"] = (
+                self._by_physical.get(str(original), self._origin[key])
+                if original
+                else self._origin[key]
+            )
+            fields["reason"] = headers.get("kafka_dlt-exception-fqcn") or headers.get(
+                "kafka_dlt-exception-message"
+            )
+        attempts = headers.get("retry_topic-attempts")
+        if isinstance(attempts, int):
+            fields["delivery_count"] = attempts
+        rkey = rec.key.decode("utf-8", errors="replace") if rec.key is not None else None
+        return self.observe(
+            kind, key, body=rec.value or b"", headers=headers, kafka_key=rkey, **fields
+        )
+
+    async def _poll_offsets(self, state: _Evidence, sink: Sink) -> None:
+        """Turn the groups' committed offsets into CONSUMED evidence for the records seen.
+
+        A consumer that names the group but never subscribes reads its commits
+        (OffsetFetch) without joining it, so the group's own members are undisturbed.
+        """
+        readers: dict[str, Any] = {}
+        try:
+            for group in {g for groups in state.groups.values() for g in groups}:
+                reader = aiokafka.AIOKafkaConsumer(
+                    **self._client_args(), group_id=group, enable_auto_commit=False
+                )
+                await self._start(reader)
+                readers[group] = reader
+            while readers:
+                for (key, group, partition), pending in list(state.open.items()):
+                    if not pending:
+                        continue
+                    tp = TopicPartition(self._names[key], partition)
+                    try:
+                        offset = await readers[group].committed(tp)
+                    except kafka_errors.KafkaError:
+                        continue  # the group may not exist yet; try again next round
+                    if offset is None:
+                        continue
+                    for obs in state.committed(key, group, partition, offset):
+                        sink(
+                            obs.model_copy(
+                                update={"kind": Kind.CONSUMED, "group": group, **_stamp()}
+                            )
+                        )
+                await anyio.sleep(OFFSETS_POLL)  # polling interval, not a wait for an event
+        finally:
+            with anyio.CancelScope(shield=True):
+                for reader in readers.values():
+                    await reader.stop()
+
+    async def _watch_health(self, channels: Sequence[str], sink: Sink) -> None:
+        """Mark a gap while the cluster does not answer: what the tap sees then is late."""
+        down_since: int | None = None
+        reason = ""
+        while True:
+            try:
+                with anyio.fail_after(HEALTH_POLL * 2):
+                    await self.admin.list_topics()
+                if down_since is not None:
+                    end, _ = now()
+                    for key in channels:
+                        sink(self._gap(key, down_since, end, reason))
+                    down_since = None
+            except (kafka_errors.KafkaError, TimeoutError, OSError) as exc:
+                if down_since is None:
+                    down_since, _ = now()
+                    reason = f"Kafka did not answer ({type(exc).__name__})"
+            await anyio.sleep(HEALTH_POLL)  # polling interval, not a wait for an event
+
+    def _gap(self, key: str, start: int, end: int, reason: str) -> Observation:
+        mono, wall = now()
+        return Observation(
+            kind=Kind.GAP,
+            broker=self.name,
+            channel=key,
+            mono_ns=start,
+            wall=wall - (mono - start) / 1e9,
+            until_ns=end,
+            reason=reason,
+        )
+
+    # ------------------------------------------------------------ delete
+
+    async def delete(self, channels: Sequence[str]) -> None:
+        names = [self._names[k] for k in channels]
+        try:
+            existing = set(await self.admin.list_topics())
+            doomed = [n for n in names if n in existing]
+            if doomed:
+                await self.admin.delete_topics(doomed)
+        except kafka_errors.KafkaError as exc:
+            raise self._translate(exc) from None
+
+
+class _Evidence:
+    """Records the tap has seen, per partition, until a group's committed offset passes them."""
+
+    def __init__(self, groups: dict[str, list[str]]) -> None:
+        self.groups = groups
+        # (channel, group, partition) -> observations not yet committed, in offset order
+        self.open: dict[tuple[str, str, int], list[Observation]] = {}
+
+    def seen(self, key: str, partition: int, offset: int, obs: Observation) -> None:
+        for group in self.groups.get(key, ()):
+            self.open.setdefault((key, group, partition), []).append(obs)
+
+    def committed(self, key: str, group: str, partition: int, offset: int) -> list[Observation]:
+        """Observations whose offset is below ``offset`` (the next one the group will read)."""
+        pending = self.open.get((key, group, partition))
+        if not pending:
+            return []
+        n = 0
+        while n < len(pending) and (pending[n].offset or 0) < offset:
+            n += 1
+        done, self.open[(key, group, partition)] = pending[:n], pending[n:]
+        return done
+
+
+def _stamp() -> dict[str, Any]:
+    mono, wall = now()
+    return {"mono_ns": mono, "wall": wall}
+
+
+def _path(base: str, value: str | None) -> str | None:
+    return None if value is None else os.path.join(base, value)
+
+
+ADAPTER = KafkaAdapter
