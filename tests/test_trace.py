@@ -12,7 +12,7 @@ from flowcheck.trace import Header, Reader, TraceError, Writer
 
 
 def _obs(i: int, **fields: object) -> Observation:
-    return Observation(kind=Kind.ROUTED, broker="b", channel="c", mono_ns=i, wall=1.0 + i, **fields)  # type: ignore[arg-type]
+    return Observation(kind=Kind.ROUTED, broker="b", channel="c", mono_ns=i, wall=1.0 + i, **fields)
 
 
 def _write(path: Path, n: int) -> None:
