@@ -9,10 +9,17 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import click
 
 from flowcheck import __version__
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from flowcheck.observations import Observation
+    from flowcheck.timeline import Timeline
 from flowcheck.errors import FlowcheckError, Problem, UsageError
 from flowcheck.topology import Topology, check_file
 
@@ -107,3 +114,236 @@ def main(argv: Sequence[str] | None = None) -> None:
     except FlowcheckError as exc:
         click.echo(f"flowcheck: {exc}", err=True)
         sys.exit(EXIT_INFRA)
+
+
+# ---------------------------------------------------------------- tracing
+
+
+def _load_or_exit(path: str) -> Topology:
+    """Load a topology for a command that needs a valid one: problems -> exit 2."""
+    try:
+        topology, problems = check_file(path)
+    except UsageError as exc:
+        click.echo(f"flowcheck: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    if topology is None:
+        for p in problems:
+            click.echo(str(p), err=True)
+        click.echo(
+            f"flowcheck: {path} is not a valid topology (see `flowcheck validate`)", err=True
+        )
+        sys.exit(EXIT_USAGE)
+    return topology
+
+
+@cli.command()
+@click.argument("topology_file", metavar="TOPOLOGY")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Trace file to write (must not exist).",
+)
+@click.option(
+    "--duration",
+    "-d",
+    default=None,
+    help="Stop after this long (e.g. 30s, 5m); default: until Ctrl-C.",
+)
+@click.option(
+    "--apply", "do_apply", is_flag=True, help="Declare the topology's channels first (idempotent)."
+)
+def record(topology_file: str, out: str, duration: str | None, do_apply: bool) -> None:
+    """Tap every channel of TOPOLOGY and record what flows to a trace file.
+
+    Nothing is taken from the system's own consumers. Ctrl-C finishes the
+    file cleanly; it is flushed at least every second while recording.
+    """
+    import os
+
+    import anyio
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    from flowcheck.recorder import record as run_record
+    from flowcheck.topology._types import parse_duration
+
+    topology = _load_or_exit(topology_file)
+    seconds = None
+    if duration is not None:
+        try:
+            seconds = parse_duration(duration).total_seconds()
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--duration") from None
+    if os.path.exists(out):
+        click.echo(f"flowcheck: {out} already exists; trace files are never overwritten", err=True)
+        sys.exit(EXIT_USAGE)
+    console = Console(stderr=True)
+
+    def table(counts: dict[str, int]) -> Table:
+        t = Table(title=f"recording to {out}", title_justify="left")
+        t.add_column("channel")
+        t.add_column("broker")
+        t.add_column("observations", justify="right")
+        for name, ch in topology.channels.items():
+            t.add_row(name, ch.broker, str(counts.get(name, 0)))
+        return t
+
+    live = (
+        Live(table({}), console=console, auto_refresh=False, transient=False)
+        if console.is_terminal
+        else None
+    )
+
+    def tick(counts: dict[str, int]) -> None:
+        if live is not None:
+            live.update(table(counts), refresh=True)
+
+    def ready() -> None:
+        stops = f"after {duration}" if duration else "on Ctrl-C"
+        console.print(f"recording {len(topology.channels)} channels to {out}; stops {stops}")
+
+    async def main() -> dict[str, int]:
+        return dict(
+            await run_record(
+                topology,
+                out,
+                topology_path=topology_file,
+                duration=seconds,
+                apply=do_apply,
+                on_tick=tick,
+                on_ready=ready,
+            )
+        )
+
+    try:
+        if live is not None:
+            with live:
+                counts = anyio.run(main)
+        else:
+            counts = anyio.run(main)
+    except FlowcheckError as exc:
+        click.echo(f"flowcheck: {exc}", err=True)
+        sys.exit(EXIT_USAGE if isinstance(exc, UsageError) else EXIT_INFRA)
+    if live is None:
+        console.print(table(counts))
+    click.echo(f"{sum(counts.values())} observations written to {out}")
+
+
+@cli.command()
+@click.argument("trace_file", metavar="TRACE")
+@click.option("--flow", help="Only this flow.")
+@click.option("--key", help="Only this correlation key.")
+@click.option("--channel", help="Only observations on this channel.")
+@click.option("--since", help="Only after this long into the recording (e.g. 10s).")
+@click.option("--until", help="Only before this long into the recording (e.g. 1m).")
+@click.option("--limit", default=50, show_default=True, help="Print at most this many chains.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a timeline.")
+def inspect(
+    trace_file: str,
+    flow: str | None,
+    key: str | None,
+    channel: str | None,
+    since: str | None,
+    until: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Print a recorded trace as timelines grouped by correlation key.
+
+    Each line shows when an observation happened (ms into the recording,
+    monotonic clock), the time since the previous one, and retries and
+    dead letters.
+    """
+    from rich.console import Console
+
+    from flowcheck.timeline import Filter, build
+    from flowcheck.topology._types import parse_duration
+    from flowcheck.trace import Reader, TraceError
+
+    def ns(value: str | None, hint: str) -> int | None:
+        if value is None:
+            return None
+        try:
+            return int(parse_duration(value).total_seconds() * 1e9)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=hint) from None
+
+    filt = Filter(
+        flow=flow,
+        key=key,
+        channel=channel,
+        since_ns=ns(since, "--since"),
+        until_ns=ns(until, "--until"),
+    )
+    try:
+        reader = Reader(trace_file)
+        start = reader.header.started_mono_ns
+        chains, gaps = build(reader, start, filt)
+    except TraceError as exc:
+        click.echo(f"flowcheck: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "trace": trace_file,
+                    "topology": reader.header.topology,
+                    "damaged_lines": [{"line": n, "why": why} for n, why in reader.problems],
+                    "gaps": [g.model_dump(mode="json", exclude_defaults=True) for g in gaps],
+                    "chains": [c.as_dict(start) for c in chains[:limit]],
+                    "chains_total": len(chains),
+                },
+                indent=2,
+            )
+        )
+    else:
+        _print_timelines(Console(highlight=False, soft_wrap=True), chains[:limit], gaps, start)
+        if len(chains) > limit:
+            click.echo(f"... {len(chains) - limit} more chains (use --limit, --flow or --key)")
+    if reader.problems:
+        click.echo(f"flowcheck: warning: {reader.describe()}", err=True)
+
+
+def _print_timelines(
+    console: Console, chains: list[Timeline], gaps: list[Observation], start: int
+) -> None:
+    for g in gaps:
+        until = f"{(g.until_ns - start) / 1e6:.0f}ms" if g.until_ns else "the end"
+        console.print(
+            f"[yellow]gap[/] {g.broker}/{g.channel}: not watched from {(g.mono_ns - start) / 1e6:.0f}ms to {until} ({g.reason})"
+        )
+    for chain in chains:
+        title = f"[bold]{chain.flow or '-'}[/] key [bold]{chain.key}[/]"
+        extra = []
+        if chain.retries:
+            extra.append(f"{chain.retries} retries")
+        if chain.dead_letters:
+            extra.append("[red]dead-lettered[/]")
+        console.print(title + (f"  ({', '.join(extra)})" if extra else ""))
+        for o, hop in chain.hops():
+            at = (o.mono_ns - start) / 1e6
+            step = "" if hop is None else f"+{hop}ms"
+            detail = []
+            if o.delivery_count is not None:
+                detail.append(f"delivery {o.delivery_count}")
+            if o.group:
+                detail.append(f"group {o.group}")
+            if o.reason:
+                detail.append(o.reason)
+            if o.origin:
+                detail.append(f"from {o.origin}")
+            where = (
+                f"p{o.partition}@{o.offset}"
+                if o.partition is not None
+                else (o.entry_id or o.routing_key or "")
+            )
+            colour = {"dead_lettered": "red", "unroutable": "red", "redelivered": "yellow"}.get(
+                o.kind.value, ""
+            )
+            kind = f"[{colour}]{o.kind.value:<13}[/]" if colour else f"{o.kind.value:<13}"
+            console.print(
+                f"  {at:>10.1f}ms {step:>9}  {kind} {o.channel:<24} {where:<18} {'; '.join(detail)}"
+            )

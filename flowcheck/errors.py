@@ -77,3 +77,13 @@ class BrokerUnreachable(BrokerError):
 
 class BrokerAuthError(BrokerError):
     """The broker refused the credentials or the operation."""
+
+
+def leaf(error: BaseException) -> BaseException:
+    """The one real error inside (nested) exception groups, or ``error`` itself.
+
+    Task groups wrap a single failure in a group; users should see the failure.
+    """
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error

@@ -1,0 +1,221 @@
+"""`flowcheck record` and `flowcheck inspect` against the real brokers."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import aio_pika
+import anyio
+import pytest
+from click.testing import CliRunner
+
+from flowcheck.cli import cli
+from flowcheck.recorder import record
+from flowcheck.topology import loads
+from flowcheck.trace import Reader
+
+FLOWCHECK = [sys.executable, "-m", "flowcheck"]
+
+
+def _topology(prefix: str, rabbit: str, redis: str) -> str:
+    return f"""
+name: {prefix}
+brokers:
+  r: {{kind: rabbitmq, url: "{rabbit}"}}
+  rd: {{kind: redis, url: "{redis}"}}
+channels:
+  orders: {{broker: r, kind: exchange, type: topic, name: {prefix}.orders}}
+  billing:
+    broker: r
+    kind: queue
+    name: {prefix}.billing
+    bindings: [{{exchange: orders, key: order.*}}]
+  ship: {{broker: rd, kind: stream, name: {prefix}.ship}}
+flows:
+  order:
+    correlate: $.order_id
+    steps: [orders, billing, ship]
+"""
+
+
+@pytest.fixture
+def topology_file(tmp_path: Path, unique: str, rabbitmq_url: str, redis_url: str) -> Path:
+    path = tmp_path / "topology.yaml"
+    path.write_text(_topology(unique, rabbitmq_url, redis_url))
+    return path
+
+
+async def _cleanup(text: str) -> None:
+    from flowcheck.brokers import adapter
+
+    top = loads(text)
+    for name in ("r", "rd"):
+        async with adapter(name, top) as ad:
+            await ad.delete([k for k, ch in top.channels.items() if ch.broker == name])
+
+
+async def test_record_then_inspect(
+    tmp_path: Path, topology_file: Path, unique: str, rabbitmq_url: str
+) -> None:
+    text = topology_file.read_text()  # noqa: ASYNC240 - a small local file
+    top = loads(text)
+    out = tmp_path / "trace.jsonl"
+    stop = anyio.Event()
+    ready = anyio.Event()
+    enough = anyio.Event()
+    counts: Counter[str] = Counter()
+
+    def tick(seen: Counter[str]) -> None:
+        ready.set()
+        if seen["orders"] >= 3 and seen["billing"] >= 3:
+            enough.set()
+
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def run() -> None:
+                counts.update(
+                    await record(
+                        top,
+                        str(out),
+                        topology_path=str(topology_file),
+                        apply=True,
+                        on_tick=tick,
+                        stop=stop,
+                    )
+                )
+
+            tg.start_soon(run)
+            with anyio.fail_after(30):
+                await ready.wait()
+            conn = await aio_pika.connect(rabbitmq_url)
+            async with conn:
+                ch = await conn.channel()
+                ex = await ch.get_exchange(f"{unique}.orders")
+                for i in range(3):
+                    await ex.publish(
+                        aio_pika.Message(json.dumps({"order_id": f"o{i}"}).encode()),
+                        routing_key="order.placed",
+                    )
+            with anyio.fail_after(30):
+                await enough.wait()
+            stop.set()
+    finally:
+        await _cleanup(text)
+    assert counts["orders"] == 3
+    assert counts["billing"] == 3
+
+    reader = Reader(str(out))
+    assert reader.header.topology == unique
+    assert reader.header.topology_sha256 is not None
+    assert len(list(reader)) == 6
+    assert reader.problems == []
+
+    result = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert result.exit_code == 0, result.output
+    for i in range(3):
+        assert f"order key o{i}" in result.output
+    assert result.output.count("routed") == 6
+
+    result = CliRunner().invoke(cli, ["inspect", str(out), "--key", "o1", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["chains_total"] == 1
+    chain = data["chains"][0]
+    assert (chain["flow"], chain["key"]) == ("order", "o1")
+    # Both copies of one publish: the taps may see them in either order.
+    assert sorted(o["channel"] for o in chain["observations"]) == ["billing", "orders"]
+
+    result = CliRunner().invoke(cli, ["inspect", str(out), "--channel", "billing", "--json"])
+    assert {
+        o["channel"] for c in json.loads(result.output)["chains"] for o in c["observations"]
+    } == {"billing"}
+
+
+def test_record_stops_cleanly_on_ctrl_c(tmp_path: Path, topology_file: Path) -> None:
+    out = tmp_path / "trace.jsonl"
+    proc = subprocess.Popen(
+        [*FLOWCHECK, "record", str(topology_file), "--out", str(out), "--apply"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # The recorder says so on stderr once every tap is watching.
+        assert proc.stderr is not None
+        readable, _, _ = select.select([proc.stderr], [], [], 30)
+        assert readable, "recorder did not start within 30s"
+        assert "recording 3 channels" in proc.stderr.readline()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        anyio.run(_cleanup, topology_file.read_text())
+    assert proc.returncode == 0, stderr
+    assert "observations written" in stdout
+    assert "Traceback" not in stderr
+    assert Reader(str(out)).header.topology is not None
+
+
+def test_record_usage_errors(tmp_path: Path, topology_file: Path) -> None:
+    runner = CliRunner()
+    existing = tmp_path / "exists.jsonl"
+    existing.write_text("x")
+    result = runner.invoke(cli, ["record", str(topology_file), "--out", str(existing)])
+    assert result.exit_code == 2
+    assert "never overwritten" in result.output
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("brokers: {}\n")
+    result = runner.invoke(cli, ["record", str(broken), "--out", str(tmp_path / "t.jsonl")])
+    assert result.exit_code == 2
+    assert "not a valid topology" in result.output
+
+    result = runner.invoke(
+        cli,
+        ["record", str(topology_file), "--out", str(tmp_path / "t.jsonl"), "--duration", "soon"],
+    )
+    assert result.exit_code == 2
+    assert "not a duration" in result.output
+
+
+def test_record_unreachable_broker_exits_3(tmp_path: Path, unique: str) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(
+        f"""
+brokers: {{r: {{kind: rabbitmq, url: "amqp://guest:s3cret@127.0.0.1:1/"}}}}
+channels: {{q: {{broker: r, kind: queue, name: {unique}.q}}}}
+"""
+    )
+    result = CliRunner().invoke(cli, ["record", str(path), "--out", str(tmp_path / "t.jsonl")])
+    assert result.exit_code == 3, result.output
+    assert "cannot reach RabbitMQ" in result.output
+    assert "s3cret" not in result.output
+
+
+def test_inspect_damaged_and_foreign_files(tmp_path: Path) -> None:
+    runner = CliRunner()
+    foreign = tmp_path / "x.jsonl"
+    foreign.write_text('{"a": 1}\n')
+    result = runner.invoke(cli, ["inspect", str(foreign)])
+    assert result.exit_code == 2
+    assert "not a flowcheck trace" in result.output
+    result = runner.invoke(cli, ["inspect", str(tmp_path / "missing.jsonl")])
+    assert result.exit_code == 2
+    assert "no such trace file" in result.output
+
+
+def test_main_module_runs() -> None:
+    proc = subprocess.run(
+        [*FLOWCHECK, "--version"], capture_output=True, text=True, check=False, env={**os.environ}
+    )
+    assert proc.returncode == 0
+    assert "flowcheck" in proc.stdout
