@@ -16,7 +16,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from jsonschema import SchemaError
-from jsonschema.validators import validator_for
+from jsonschema.protocols import Validator
+from jsonschema.validators import Draft202012Validator, validator_for
 
 from flowcheck.topology._errors import dotted, suggest
 from flowcheck.topology._types import format_duration
@@ -44,6 +45,7 @@ from flowcheck.topology.routing import routes
 
 RABBIT_REASONS = ("rejected", "expired", "maxlen", "delivery_limit")
 _KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_JSON_TYPES = ("array", "boolean", "integer", "null", "number", "object", "string")
 
 
 class Checker:
@@ -65,8 +67,8 @@ class Checker:
 
     # ------------------------------------------------------------ helpers
 
-    def error(self, path: Path, message: str) -> None:
-        self.doc.problem(path, f"{dotted(path)}: {message}")
+    def error(self, path: Path, message: str, *, key: bool = False) -> None:
+        self.doc.problem(path, f"{dotted(path)}: {message}", key=key)
 
     def warn(self, path: Path, message: str) -> None:
         self.doc.problem(path, f"{dotted(path)}: {message}", warn=True)
@@ -76,7 +78,10 @@ class Checker:
         if name in self.names[section]:
             return True
         what = section.rstrip("s")
-        hint = suggest(name, self.names[section])
+        defined = self.names[section]
+        hint = suggest(name, defined) or f"; declare it under '{section}'" + (
+            f", or use one of {', '.join(sorted(defined))}" if 0 < len(defined) <= 10 else ""
+        )
         self.error(path, f"unknown {what} {name!r}{hint}")
         return False
 
@@ -113,21 +118,37 @@ class Checker:
         for name, flow in self.flows.items():
             self.check_flow(("flows", name), flow)
         used = {ch.broker for ch in self.channels.values()}
-        for name in self.brokers:
-            if name not in used:
-                self.warn(("brokers", name), "no channel uses this broker")
+        if (
+            self.names["channels"]
+            and len(self.channels) == len(self.names["channels"])
+            and used <= self.names["brokers"]
+        ):
+            # Only when every channel is valid: a broken one or a misspelt broker may be the user.
+            for name in self.brokers:
+                if name not in used:
+                    self.warn(("brokers", name), "no channel uses this broker")
 
     def check_broker(self, path: Path, broker: Broker) -> None:
-        if isinstance(broker, (RabbitMQ, Redis)):
+        if isinstance(broker, (RabbitMQ, Redis)) and (*path, "url") not in self.doc.unset:
             url = broker.url.get_secret_value()
             schemes = (
                 ("amqp", "amqps") if isinstance(broker, RabbitMQ) else ("redis", "rediss", "unix")
             )
+            # Never quote the URL or urllib's message: either may hold the password.
             try:
                 parts = urlsplit(url)
-                parts.port  # noqa: B018 - raises on a bad port
             except ValueError:
-                self.error((*path, "url"), "is not a valid URL")
+                self.error(
+                    (*path, "url"),
+                    f"is not a valid URL; write it like {schemes[0]}://user:password@host:port/",
+                )
+                return
+            try:
+                bad_port = parts.port == 0
+            except ValueError:  # not a number, or out of range
+                bad_port = True
+            if bad_port:
+                self.error((*path, "url"), "has a bad port; a port is a number from 1 to 65535")
                 return
             if parts.scheme not in schemes:
                 self.error(
@@ -171,10 +192,12 @@ class Checker:
             broker = self.brokers.get(ch.broker)
             want = CHANNEL_KINDS[ch.kind]
             if broker is not None and broker.kind != want:
+                fits = [k for k, b in CHANNEL_KINDS.items() if b == broker.kind]
                 self.error(
                     (*path, "kind"),
                     f"{_a(ch.kind)} lives on a {want} broker, but broker {ch.broker!r} is "
-                    f"{broker.kind}",
+                    f"{broker.kind}; on {broker.kind} use kind {' or '.join(fits)}, "
+                    f"or name a {want} broker",
                 )
                 return
         if ch.payload_schema is not None:
@@ -189,6 +212,7 @@ class Checker:
                 self.error(
                     (*path, "name") if ch.name else path,
                     f"{physical!r} is not a valid Kafka topic name (letters, digits, '.', '_', '-')",
+                    key=not ch.name,  # the name is the key
                 )
             self.check_chain(path, name, ch.retry, ch.dead_letter, "topic", ch.broker)
         elif isinstance(ch, Stream):
@@ -288,19 +312,41 @@ class Checker:
             key = (ch.broker, space, ch.name or name)
             if key in seen:
                 self.error(
-                    ("channels", name),
-                    f"has the same name on broker {ch.broker!r} as channel {seen[key]!r}",
+                    ("channels", name, "name") if ch.name else ("channels", name),
+                    f"{key[2]!r} is also the name of channel {seen[key]!r} on broker "
+                    f"{ch.broker!r}; give one of them another 'name'",
+                    key=not ch.name,
                 )
             else:
                 seen[key] = name
 
     def check_schema(self, path: Path, schema: Schema) -> None:
         if schema.json_schema is not None:
+            dialect = schema.json_schema.get("$schema")
+            cls: type[Validator] = Draft202012Validator
+            if isinstance(dialect, str):
+                cls = validator_for(schema.json_schema, default=Draft202012Validator)
+            meta = cls.META_SCHEMA.get("$id") or cls.META_SCHEMA.get("id", "")
+            if dialect is not None and str(dialect).rstrip("#") != meta.rstrip("#"):
+                self.error(
+                    (*path, "json", "$schema"),
+                    f"{dialect!r} is not a JSON Schema dialect; remove '$schema' or use "
+                    f"{Draft202012Validator.META_SCHEMA['$id']!r}",
+                )
+                return
             try:
-                validator_for(schema.json_schema).check_schema(schema.json_schema)
+                cls.check_schema(schema.json_schema)
             except SchemaError as exc:
-                where = "/".join(str(p) for p in exc.path) or "(top)"
-                self.error((*path, "json"), f"not a valid JSON Schema at {where}: {exc.message}")
+                at = (*path, "json", *exc.path)
+                if exc.path and exc.path[-1] == "type" and exc.validator == "anyOf":
+                    hint = suggest(str(exc.instance), _JSON_TYPES)
+                    self.error(
+                        at,
+                        f"{exc.instance!r} is not a JSON Schema type{hint}; "
+                        f"use one of {', '.join(_JSON_TYPES)}",
+                    )
+                else:
+                    self.error(at, f"not a valid JSON Schema: {exc.message}")
         elif schema.model is not None:
             module, _, attr = schema.model.replace(":", ".").rpartition(".")
             base = os.path.dirname(os.path.abspath(self.doc.file))
@@ -485,7 +531,9 @@ class Checker:
             if rule.reason not in RABBIT_REASONS:
                 hint = suggest(rule.reason, RABBIT_REASONS)
                 self.error(
-                    rpath, f"RabbitMQ dead-letter reasons are {', '.join(RABBIT_REASONS)}{hint}"
+                    rpath,
+                    f"{rule.reason!r} is not a RabbitMQ dead-letter reason{hint}; "
+                    f"use one of {', '.join(RABBIT_REASONS)}",
                 )
             elif rule.reason == "delivery_limit" and src.delivery_limit is None:
                 self.error(

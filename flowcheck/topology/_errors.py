@@ -11,13 +11,20 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import ErrorDetails
 
+from flowcheck.redact import MASK
 from flowcheck.topology._yaml import Document, Path
+
+
+def closest(word: str, choices: Iterable[str]) -> str | None:
+    """The choice closest to ``word``, if one is close enough to be a misspelling of it."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def suggest(word: str, choices: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` when one choice is close to ``word``, else ``""``."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    close = closest(word, choices)
+    return f" (did you mean {close!r}?)" if close is not None else ""
 
 
 def listing(choices: Iterable[str]) -> str:
@@ -41,6 +48,20 @@ def _keys(model: type[BaseModel]) -> dict[str, Any]:
 
 def model_at(root: Any, loc: Sequence[str | int]) -> type[BaseModel] | None:
     """The model whose keys are valid at the end of ``loc`` (pydantic's error location)."""
+    models = _models_at(root, loc)
+    return models[0] if len(models) == 1 else None
+
+
+def kinds_at(root: Any, loc: Sequence[str | int]) -> list[str]:
+    """The ``kind`` tags of the discriminated union at the end of ``loc``, in declared order."""
+    tags: list[str] = []
+    for model in _models_at(root, loc):
+        kind = model.model_fields.get("kind")
+        tags.extend(str(t) for t in (typing.get_args(kind.annotation) if kind else ()))
+    return tags
+
+
+def _models_at(root: Any, loc: Sequence[str | int]) -> list[type[BaseModel]]:
     candidates = _members(root)
     for step in loc:
         nxt: list[Any] = []
@@ -58,8 +79,7 @@ def model_at(root: Any, loc: Sequence[str | int]) -> type[BaseModel] | None:
             elif origin is dict and isinstance(step, str):
                 nxt.extend(_members(typing.get_args(tp)[1]))
         candidates = nxt or candidates
-    models = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-    return models[0] if len(models) == 1 else None
+    return [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
 
 
 def data_path(data: Any, loc: Sequence[str | int]) -> Path:
@@ -103,7 +123,7 @@ def dotted(path: Path) -> str:
     return out
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, list):
@@ -115,54 +135,87 @@ def _shown(value: Any) -> str:
 
 def report(doc: Document, root: Any, prefix: Path, errors: Sequence[ErrorDetails]) -> None:
     """Add one problem to ``doc`` per pydantic error, located in the file."""
+    # A misspelt required key fails twice, as unknown 'chanel' and as missing
+    # 'channel': remember the misspellings so the mistake is reported once.
+    misspelt: set[tuple[str | int, ...]] = set()
+    for err in errors:
+        if err["type"] == "extra_forbidden":
+            model = model_at(root, err["loc"][:-1])
+            close = closest(str(err["loc"][-1]), _keys(model) if model else ())
+            if close is not None:
+                misspelt.add((*err["loc"][:-1], close))
     for err in errors:
         loc = (*prefix, *err["loc"])
         path = data_path(doc.data, loc)
+        if any(path[:n] in doc.unset for n in range(len(path) + 1)):
+            continue  # an unset environment variable, reported where it is read
         kind = err["type"]
+        got = err.get("input")
         secret = doc.is_secret(path) or any(
             isinstance(p, str) and p in ("url", "password") for p in path
         )
-        value = "" if secret else f", got {_shown(err.get('input'))}"
+        value = "" if secret else f", got {shown(got)}"
         last = dotted(path) or "topology"
+        at, key = path, False
         if kind == "extra_forbidden":
             model = model_at(root, err["loc"][:-1])
             keys = _keys(model) if model else {}
             bad = str(loc[-1])
             hint = suggest(bad, keys) or (f"; valid keys here: {listing(keys)}" if keys else "")
             where = dotted(path[:-1]) or "topology"
-            doc.problem(path, f"{where}: unknown key {bad!r}{hint}", key=True)
+            message, key = f"{where}: unknown key {bad!r}{hint}", True
         elif kind == "missing":
+            if tuple(err["loc"]) in misspelt:
+                continue
             where = dotted(path[:-1]) or "topology"
-            doc.problem(path[:-1], f"{where}: missing required key {loc[-1]!r}", key=True)
-        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            at, key = path[:-1], True
+            message = f"{where}: missing required key {loc[-1]!r}"
+        elif kind == "union_tag_not_found":
+            tags = kinds_at(root, err["loc"])
+            near = [k for k in got if closest(str(k), ["kind"])] if isinstance(got, dict) else []
+            hint = f"; is {near[0]!r} meant to be 'kind'?" if near else ""
+            message, key = (
+                f"{last}: missing required key 'kind': one of {', '.join(tags)}{hint}",
+                True,
+            )
+        elif kind == "union_tag_invalid":
             ctx = err.get("ctx", {})
             tags = [t.strip(" '") for t in str(ctx.get("expected_tags", "")).split(",")]
-            if kind == "union_tag_not_found":
-                doc.problem(
-                    path, f"{last}: missing required key 'kind': one of {', '.join(tags)}", key=True
-                )
-            else:
-                tag = str(ctx.get("tag"))
-                hint = suggest(tag, tags)
-                doc.problem(
-                    (*path, "kind"),
-                    f"{last}.kind: {tag!r} is unknown{hint}; use one of {', '.join(tags)}",
-                )
+            tag = str(ctx.get("tag"))
+            at = (*path, "kind")
+            message = (
+                f"{last}.kind: {tag!r} is unknown{suggest(tag, tags)}; use one of {', '.join(tags)}"
+            )
         elif kind == "literal_error":
             expected = str(err.get("ctx", {}).get("expected", ""))
-            got = err.get("input")
             choices = [c.strip(" '") for c in expected.replace(" or ", ",").split(",")]
-            hint = suggest(str(got), choices) if isinstance(got, str) else ""
-            doc.problem(path, f"{last}: {_shown(got)} is not allowed{hint}; use one of {expected}")
+            hint = suggest(got, choices) if isinstance(got, str) and not secret else ""
+            what = "the value (not shown: it may be secret)" if secret else shown(got)
+            message = f"{last}: {what} is not allowed{hint}; use one of {expected}"
         elif kind in _TYPES:
-            doc.problem(path, f"{last}: expected {_TYPES[kind]}{value}")
+            message = f"{last}: expected {_TYPES[kind]}{value}"
         elif kind in ("value_error", "assertion_error"):
-            doc.problem(path, f"{last}: {err['msg'].removeprefix('Value error, ')}")
+            message = f"{last}: {err['msg'].removeprefix('Value error, ')}"
         elif kind == "string_pattern_mismatch":
-            doc.problem(
-                path,
-                f"{last}: {_shown(err.get('input')) if not secret else 'value'} "
-                f"does not have the expected form ({err.get('ctx', {}).get('pattern')})",
+            message = (
+                f"{last}: {shown(got) if not secret else 'value'} "
+                f"does not have the expected form ({err.get('ctx', {}).get('pattern')})"
             )
+        elif kind == "too_short":
+            least = err.get("ctx", {}).get("min_length", 1)
+            items = f"{least} item{'' if least == 1 else 's'}"
+            message = f"{last}: is empty; give at least {items}"
+            if got:
+                message = f"{last}: has {len(got)}; give at least {items}"
+        elif kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+            bound = next(iter(err.get("ctx", {}).values()), "")
+            rel = {"greater_than_equal": "at least", "less_than_equal": "at most"}
+            message = f"{last}: must be {rel.get(kind, kind.replace('_', ' '))} {bound}{value}"
         else:
-            doc.problem(path, f"{last}: {err['msg'][0].lower()}{err['msg'][1:]}{value}")
+            message = f"{last}: {err['msg'][0].lower()}{err['msg'][1:]}{value}"
+        if secret and isinstance(got, str) and got:
+            # Validators quote what they reject; a secret must not be among it.
+            message = message.replace(repr(got), repr(MASK))
+            if len(got) >= 4:
+                message = message.replace(got, MASK)
+        doc.problem(at, message, key=key)

@@ -10,7 +10,7 @@ from pydantic import TypeAdapter, ValidationError
 from flowcheck.errors import Problem, TopologyError
 from flowcheck.topology import _yaml
 from flowcheck.topology._check import Checker
-from flowcheck.topology._errors import listing, report, suggest
+from flowcheck.topology._errors import closest, listing, report, shown, suggest
 from flowcheck.topology.model import Broker, Channel, Flow, Name, Service, Topology
 
 SECTIONS: dict[str, Any] = {
@@ -35,17 +35,22 @@ def validate(doc: _yaml.Document) -> Topology | None:
             (), "a topology is a mapping with the keys brokers, channels, services and flows"
         )
         return None
+    misspelt: set[str | None] = set()
     for key in data:
         if key not in _TOP:
             hint = suggest(key, _TOP) or f"; the top-level keys are {listing(_TOP)}"
             doc.problem((key,), f"unknown top-level key {key!r}{hint}", key=True)
+            misspelt.add(closest(key, _TOP))
     for key in REQUIRED:
-        if key not in data:
+        if key not in data and key not in misspelt:  # a misspelt key is reported once
             doc.problem((), f"missing required top-level key {key!r}")
-    if data.get("version", 1) != 1:
+    if not isinstance(data.get("name"), (str, type(None))):
+        doc.problem(("name",), f"name: expected a string, got {shown(data['name'])}")
+    version = data.get("version", 1)
+    if type(version) is not int or version != 1:  # not True or 1.0 either
         doc.problem(
             ("version",),
-            f"version: {data['version']!r} is not supported; this flowcheck reads version 1",
+            f"version: {data['version']!r} is not supported; write version: 1",
         )
 
     valid: dict[str, dict[str, Any]] = {}
@@ -84,7 +89,11 @@ def validate(doc: _yaml.Document) -> Topology | None:
     ).run()
     if any(p.severity == "error" for p in doc.problems):
         return None
-    return Topology.model_validate(data)
+    try:
+        return Topology.model_validate(data)
+    except ValidationError as exc:  # the keys no section covers, like 'name'
+        report(doc, Topology, (), exc.errors())
+        return None
 
 
 def _salvage(adapter: TypeAdapter[Any], entry: Any, exc: ValidationError) -> Any:

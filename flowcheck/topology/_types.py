@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import timedelta
+from decimal import Decimal
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|µs|ms|s|m|h)\s*$")
-_UNITS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_MICROS = {"us": 1, "µs": 1, "ms": 10**3, "s": 10**6, "m": 60 * 10**6, "h": 3600 * 10**6}
+_MAX_MICROS = 10**15  # about 31 years: longer is a typo, and timedelta overflows soon after
 
 
 def parse_duration(value: Any) -> timedelta:
@@ -18,6 +21,8 @@ def parse_duration(value: Any) -> timedelta:
         return value
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError("a duration is written like 250ms, 2s or 1m")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("a duration is written like 250ms, 2s or 1m")
     if not isinstance(value, str):
         raise ValueError(f"a duration needs a unit: write {value}s or {value}ms, not {value}")
     m = _DURATION.match(value)
@@ -25,30 +30,41 @@ def parse_duration(value: Any) -> timedelta:
         raise ValueError(f"a duration needs a unit: write {value.strip()}s or {value.strip()}ms")
     if m is None:
         raise ValueError(f"{value!r} is not a duration; write it like 250ms, 2s, 1.5m or 1h")
-    seconds = float(m.group(1)) * _UNITS[m.group(2)]
-    if seconds <= 0:
+    # Decimal, not float: 1234567.000001s must be exactly that many microseconds.
+    micros = Decimal(m.group(1)) * _MICROS[m.group(2)]
+    if micros <= 0:
         raise ValueError("a duration must be longer than zero")
-    return timedelta(seconds=seconds)
+    if micros > _MAX_MICROS:
+        raise ValueError(f"{value.strip()} is too long to be a deadline or a budget")
+    duration = timedelta(microseconds=int(micros.to_integral_value()))
+    if not duration:
+        raise ValueError(f"{value.strip()} rounds to zero; the shortest duration is 1us")
+    return duration
 
 
 def format_duration(value: timedelta) -> str:
-    s = value.total_seconds()
-    if s >= 3600 and s % 3600 == 0:
-        return f"{s / 3600:g}h"
-    if s >= 60 and s % 60 == 0:
-        return f"{s / 60:g}m"
-    if s >= 1:
-        return f"{s:g}s"
-    return f"{s * 1000:g}ms"
+    """The shortest exact spelling: ``2h``, ``90s``, ``1.5s``, ``250ms``, ``0.01ms``."""
+    us = value // timedelta(microseconds=1)
+    for unit in ("h", "m"):
+        if us >= _MICROS[unit] and us % _MICROS[unit] == 0:
+            return f"{us // _MICROS[unit]}{unit}"
+    unit = "s" if abs(us) >= _MICROS["s"] else "ms"
+    whole, fraction = divmod(abs(us), _MICROS[unit])
+    digits = 6 if unit == "s" else 3
+    text = f"{whole}.{fraction:0{digits}d}".rstrip("0").rstrip(".")
+    return f"{'-' if us < 0 else ''}{text}{unit}"
 
 
+DURATION_SCHEMA = {
+    "type": "string",
+    "pattern": _DURATION.pattern,
+    "examples": ["250ms", "2s", "1m"],
+}
 Duration = Annotated[
     timedelta,
     BeforeValidator(parse_duration),
     PlainSerializer(format_duration, return_type=str),
-    WithJsonSchema(
-        {"type": "string", "pattern": _DURATION.pattern, "examples": ["250ms", "2s", "1m"]}
-    ),
+    WithJsonSchema(DURATION_SCHEMA),
 ]
 
 _PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
@@ -65,6 +81,8 @@ def parse_ratio(value: Any) -> float:
         ratio = float(m.group(1)) / 100
     elif isinstance(value, (int, float)):
         ratio = float(value)
+        if 1 < ratio <= 100:
+            raise ValueError(f"{value} is more than 1: write {value}% for a percentage")
     else:
         raise ValueError("write a percentage like 99% or a fraction like 0.99")
     if not 0.0 <= ratio <= 1.0:
@@ -108,8 +126,5 @@ def path_segments(path: str) -> list[str | int]:
     return out
 
 
-JsonPath = Annotated[
-    str,
-    BeforeValidator(check_path),
-    WithJsonSchema({"type": "string", "pattern": _PATH.pattern, "examples": ["$.order_id"]}),
-]
+JSON_PATH_SCHEMA = {"type": "string", "pattern": _PATH.pattern, "examples": ["$.order_id"]}
+JsonPath = Annotated[str, BeforeValidator(check_path), WithJsonSchema(JSON_PATH_SCHEMA)]

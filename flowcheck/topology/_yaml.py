@@ -21,6 +21,7 @@ from flowcheck.errors import Problem
 
 MAX_BYTES = 4 * 1024 * 1024  # a topology larger than this is a mistake, not a topology
 MAX_VALUES = 100_000  # values after alias expansion: stops "billion laughs" files
+MAX_DEPTH = 100  # nested mappings and lists; libyaml's composer overflows the C stack on deep ones
 
 Path = tuple[str | int, ...]
 
@@ -44,6 +45,7 @@ class Document:
     values: dict[Path, Pos] = field(default_factory=dict)  # where each value starts
     keys: dict[Path, Pos] = field(default_factory=dict)  # where each mapping key starts
     secret: set[Path] = field(default_factory=set)  # values filled from the environment
+    unset: set[Path] = field(default_factory=set)  # values naming an unset variable: reported
     problems: list[Problem] = field(default_factory=list)
 
     def pos(self, path: Path, *, key: bool = False) -> Pos:
@@ -96,8 +98,14 @@ class _Builder:
         if isinstance(node, yaml.ScalarNode):
             return self.scalar(node, path)
         if id(node) in self.active:
-            at = _mark(node)
-            raise _Fatal(at.line, at.column, "this anchor contains an alias to itself (a loop)")
+            anchor = _mark(node)
+            at = self.doc.keys.get(path, anchor)  # the alias's key; aliases keep no position
+            raise _Fatal(
+                at.line,
+                at.column,
+                f"this alias refers to the anchor on line {anchor.line} that contains it, "
+                "an endless loop; write the value out instead of the alias",
+            )
         self.active.add(id(node))
         try:
             if isinstance(node, yaml.SequenceNode):
@@ -155,9 +163,16 @@ class _Builder:
             return str(node.value)  # dates have no meaning in a topology; keep the text
         try:
             return self.scalars.construct_object(node, deep=True)
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError):
+            # An explicit tag the value does not fit (!!int abc) or that safe YAML
+            # does not know (!!python/object): PyYAML raises either kind.
             at = _mark(node)
-            raise _Fatal(at.line, at.column, f"cannot read this value: {exc}") from None
+            tag = "!!" + node.tag[18:] if node.tag.startswith("tag:yaml.org,2002:") else node.tag
+            text = str(node.value)
+            shown = repr(text if len(text) <= 40 else text[:40] + "...")
+            raise _Fatal(
+                at.line, at.column, f"cannot read {shown} as {tag}; remove the tag or fix the value"
+            ) from None
 
     def interpolate(self, node: yaml.ScalarNode, path: Path) -> str:
         text = str(node.value)
@@ -180,6 +195,7 @@ class _Builder:
                     f"environment variable {name} is not set; set it, or give a default "
                     f"with ${{{name}:-default}}",
                 )
+                self.doc.unset.add(path)
                 return ""
             return value
 
@@ -189,7 +205,28 @@ class _Builder:
         return result
 
 
+def _check_depth(text: str) -> None:
+    """Refuse deep nesting before composing: the C composer recurses and can crash on it."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):  # events come one at a time: no recursion
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                at = event.start_mark
+                line, column = (at.line + 1, at.column + 1) if at is not None else (1, 1)
+                raise _Fatal(
+                    line,
+                    column,
+                    f"the YAML is nested more than {MAX_DEPTH} levels deep here; "
+                    "a topology needs far fewer (is it the right file?)",
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
 def _decode(raw: bytes, file: str) -> str:
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise _Fatal(1, 1, "this file is UTF-16 text; save it as UTF-8")
     if b"\x00" in raw:
         raise _Fatal(1, 1, "this is a binary file, not YAML text")
     try:
@@ -211,7 +248,9 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> _Fatal:
     if offending == "\t" or "'\\t'" in problem:
         message = "a tab character here; YAML indents with spaces only"
     elif "found undefined alias" in problem:
-        message = f"{problem}: define the anchor (&name) before using it (*name)"
+        alias = re.match(r"\*([^\s,\[\]{}]+)", text[mark.index :]) if mark is not None else None
+        name = alias.group(1) if alias else "name"
+        message = f"undefined alias *{name}: define the anchor &{name} before using it"
     elif "expected a single document" in str(context or ""):
         message = "this file holds more than one YAML document ('---'); a topology is one document"
     elif "mapping values are not allowed" in problem:
@@ -237,6 +276,7 @@ def parse(text: str | bytes, file: str, env: Mapping[str, str] | None = None) ->
                 1, 1, "this file is empty; a topology needs at least 'brokers' and 'channels'"
             )
         try:
+            _check_depth(text)
             node = yaml.compose(text, Loader=_Loader)
         except yaml.YAMLError as exc:
             raise _yaml_problem(exc, text) from None
@@ -250,6 +290,13 @@ def parse(text: str | bytes, file: str, env: Mapping[str, str] | None = None) ->
             doc.data = _Builder(doc, os.environ if env is None else env).build(node, ())
         except RecursionError:
             raise _Fatal(1, 1, "the YAML is nested too deeply to read") from None
+        if doc.data is None:  # '---' alone, 'null', '~'
+            at = _mark(node)
+            raise _Fatal(
+                at.line,
+                at.column,
+                "this file holds an empty document; a topology needs 'brokers' and 'channels'",
+            )
     except _Fatal as fatal:
         doc.data = None
         doc.problems.append(Problem(file, fatal.line, fatal.column, fatal.message))
@@ -257,8 +304,9 @@ def parse(text: str | bytes, file: str, env: Mapping[str, str] | None = None) ->
 
 
 def _too_big(size: int) -> str:
+    mib = size / 1024 / 1024
     return (
-        f"this file is {size / 1024 / 1024:.1f} MiB; topology files are at most "
+        f"this file is {mib:.{1 if mib >= 10 else 2}f} MiB; topology files are at most "
         f"{MAX_BYTES // 1024 // 1024} MiB (is it the right file?)"
     )
 

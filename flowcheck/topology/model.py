@@ -7,20 +7,31 @@ and the **flows**: the event chains the system is expected to carry.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import re
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     SecretStr,
     StringConstraints,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
-from flowcheck.topology._types import Duration, JsonPath, Ratio
+from flowcheck.topology._types import (
+    DURATION_SCHEMA,
+    JSON_PATH_SCHEMA,
+    Duration,
+    JsonPath,
+    Ratio,
+)
 
 Name = Annotated[
     str,
@@ -31,6 +42,17 @@ Scalar = str | int | float | bool
 
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True)
+
+    # JSON Schemas of the shorter forms a model also accepts (``_shorthand`` and
+    # the like), so that editors using ``flowcheck schema`` accept them too.
+    _shorthands: ClassVar[tuple[dict[str, Any], ...]] = ()
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        schema = handler(core_schema)
+        return {"anyOf": [*cls._shorthands, schema]} if cls._shorthands else schema
 
 
 def _shorthand(field: str) -> Any:
@@ -65,6 +87,8 @@ class KafkaSecurity(Model):
 
 def _host_port(value: str) -> str:
     host, _, port = value.rpartition(":")
+    if host and port.isdigit() and not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} has port {port}; a port is a number from 1 to 65535")
     if (
         not host
         or not port.isdigit()
@@ -79,9 +103,17 @@ class Kafka(Model):
     """A Kafka cluster (or any broker speaking the Kafka protocol)."""
 
     kind: Literal["kafka"]
-    bootstrap: list[Annotated[str, AfterValidator(_host_port)]] = Field(
-        default_factory=lambda: ["127.0.0.1:9092"], min_length=1
-    )
+    bootstrap: Annotated[
+        list[Annotated[str, AfterValidator(_host_port)]],
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "description": "host:port, comma separated"},
+                    {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                ]
+            }
+        ),
+    ] = Field(default_factory=lambda: ["127.0.0.1:9092"], min_length=1)
     security: KafkaSecurity = KafkaSecurity()
     client_id: str = "flowcheck"
 
@@ -107,12 +139,28 @@ BROKER_KINDS = ("rabbitmq", "kafka", "redis")
 # ---------------------------------------------------------------- channels
 
 
+_IMPORT_PATH = r"^[A-Za-z_][\w.]*[:.][A-Za-z_]\w*$"
+
+
+def _import_path(value: str) -> str:
+    if not re.fullmatch(_IMPORT_PATH, value):
+        raise ValueError(
+            f"{value!r} is not an import path; write module:Class, like shop.events:OrderPlaced"
+        )
+    return value
+
+
 class Schema(Model):
     """A message schema: inline JSON Schema, or a pydantic model by import path."""
 
     json_schema: dict[str, Any] | None = Field(None, alias="json")
     model: (
-        Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*[:.][A-Za-z_]\w*$")] | None
+        Annotated[
+            str,
+            AfterValidator(_import_path),
+            WithJsonSchema({"type": "string", "pattern": _IMPORT_PATH}),
+        ]
+        | None
     ) = Field(None, description="import path of a pydantic model, like shop.events:OrderPlaced")
 
     @model_validator(mode="after")
@@ -126,6 +174,7 @@ class Binding(Model):
     """A queue's binding to an exchange; ``key`` is the routing key or pattern."""
 
     _expand = _shorthand("exchange")
+    _shorthands = ({"type": "string", "description": "the exchange, bound with no key"},)
     exchange: str
     key: str = ""
     arguments: dict[str, Scalar] = Field(default_factory=dict)
@@ -135,6 +184,7 @@ class DeadLetterRoute(Model):
     """Where RabbitMQ republishes a queue's dead letters (x-dead-letter-exchange)."""
 
     _expand = _shorthand("exchange")
+    _shorthands = ({"type": "string", "description": "the dead-letter exchange"},)
     exchange: str
     key: str | None = Field(None, description="routing key for dead letters; default: the original")
 
@@ -197,6 +247,7 @@ CHANNEL_KINDS = {"exchange": "rabbitmq", "queue": "rabbitmq", "topic": "kafka", 
 
 class Consume(Model):
     _expand = _shorthand("channel")
+    _shorthands = ({"type": "string", "description": "the channel"},)
     channel: str
     group: str | None = Field(None, description="Kafka consumer group or Redis stream group")
 
@@ -214,6 +265,8 @@ AmqpProperty = Literal["message_id", "correlation_id", "app_id", "type", "user_i
 
 class Correlate(Model):
     """How the messages of one chain are recognised: exactly one rule."""
+
+    _shorthands = ({"enum": ["traceparent", "kafka_key"]}, JSON_PATH_SCHEMA)
 
     traceparent: Literal[True] | None = Field(None, description="W3C trace id from 'traceparent'")
     header: str | None = None
@@ -264,6 +317,8 @@ class Match(Model):
 class Backoff(Model):
     """Wait between attempts: ``initial`` then times ``multiplier``, capped at ``max``."""
 
+    _shorthands = (DURATION_SCHEMA,)
+
     @model_validator(mode="before")
     @classmethod
     def _expand(cls, value: Any) -> Any:
@@ -300,6 +355,7 @@ class Latency(Model):
 
 class Step(Model):
     _expand = _shorthand("channel")
+    _shorthands = ({"type": "string", "description": "the channel"},)
     channel: str
     name: str | None = Field(None, description="label in reports; default: the channel")
     match: Match | None = None

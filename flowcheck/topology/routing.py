@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from flowcheck.topology.model import Exchange, Queue
@@ -20,6 +21,7 @@ def topic_matches(pattern: str, key: str) -> bool:
     pat = pattern.split(".")
     words = key.split(".")
 
+    @cache  # without it, patterns like '#.#.#.#.x' take exponential time
     def match(i: int, j: int) -> bool:
         while i < len(pat):
             if pat[i] == "#":
