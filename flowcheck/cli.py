@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a check failed (an invalid topology), 2 bad usage
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -52,11 +53,13 @@ def validate(files: Sequence[str], strict: bool, as_json: bool) -> None:
             click.echo(f"flowcheck: {exc}", err=True)
             unreadable = True
             continue
+        if strict:  # warnings count, and read, as errors
+            problems = [dataclasses.replace(p, severity="error") for p in problems]
         found.extend(problems)
-        if topology is not None:
+        if topology is not None and not any(p.severity == "error" for p in problems):
             summaries.append(f"{file}: valid ({_counts(topology)})")
-    errors = [p for p in found if p.severity == "error" or strict]
-    warnings = [p for p in found if p not in errors]
+    errors = [p for p in found if p.severity == "error"]
+    warnings = [p for p in found if p.severity == "warning"]
     if as_json:
         click.echo(json.dumps([{**_as_dict(p)} for p in found], indent=2))
     else:

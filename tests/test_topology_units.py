@@ -341,7 +341,8 @@ def test_unset_env_variable_is_a_problem() -> None:
         (
             2,
             28,
-            "environment variable NOPE is not set; set it, or give a default with ${NOPE:-default}",
+            "brokers.r.url: environment variable NOPE is not set; set it, or give a default "
+            "with ${NOPE:-default}",
         )
     ]
 

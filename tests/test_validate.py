@@ -319,12 +319,15 @@ def test_strict_turns_warnings_into_failure(tmp_path: Path) -> None:
 
     strict = run("validate", "--strict", str(path))
     assert_clean_exit(strict, 1)
-    assert warning in strict.stdout
+    # Under --strict the warning is an error, and reads as one.
+    assert warning.replace("warning: ", "") in strict.stdout
+    assert "warning:" not in strict.stdout
+    assert ": valid (" not in strict.stdout
     assert "1 error, 0 warnings" in strict.stdout
 
     as_json = run("validate", "--strict", "--json", str(path))
     assert_clean_exit(as_json, 1)
-    assert [p["severity"] for p in json.loads(as_json.stdout)] == ["warning"]
+    assert [p["severity"] for p in json.loads(as_json.stdout)] == ["error"]
 
 
 # ---------------------------------------------------------------- files that are not YAML text

@@ -19,9 +19,9 @@ from jsonschema import SchemaError
 from jsonschema.protocols import Validator
 from jsonschema.validators import Draft202012Validator, validator_for
 
-from flowcheck.topology._errors import dotted, suggest
+from flowcheck.topology._errors import suggest
 from flowcheck.topology._types import format_duration
-from flowcheck.topology._yaml import Document, Path
+from flowcheck.topology._yaml import Document, Path, dotted
 from flowcheck.topology.model import (
     CHANNEL_KINDS,
     Broker,
@@ -101,7 +101,8 @@ class Checker:
             )
             return None
         if broker is not None and ch.broker != broker:
-            self.error(path, f"{name!r} is on broker {ch.broker!r}, not on {broker!r}")
+            if broker in self.brokers:  # an unknown broker is reported once, where it is named
+                self.error(path, f"{name!r} is on broker {ch.broker!r}, not on {broker!r}")
             return None
         return ch
 
@@ -526,6 +527,13 @@ class Checker:
                 f"{rule.attempts} attempts expected, but the retry policy allows at most "
                 f"{policy.max_attempts}",
             )
+        limit = _dead_letter_delivery(src)
+        if rule.attempts is not None and limit is not None and rule.attempts != limit:
+            self.error(
+                (*path, "attempts"),
+                f"{rule.attempts} attempts expected, but {_limit_text(step.channel, src)} "
+                f"dead-letters on delivery {limit}",
+            )
         if isinstance(src, Queue) and rule.reason is not None:
             rpath = (*path, "reason")
             if rule.reason not in RABBIT_REASONS:
@@ -559,6 +567,23 @@ class Checker:
         if isinstance(src, (Topic, Stream)):
             return src.dead_letter == target
         return False
+
+
+def _dead_letter_delivery(ch: Channel) -> int | None:
+    """The delivery on which the broker (or the stream convention) dead-letters, if known.
+
+    A quorum queue's x-delivery-limit counts failed deliveries allowed, so it
+    dead-letters on delivery limit + 1; a stream's delivery_limit is the count itself.
+    """
+    if isinstance(ch, Queue) and ch.delivery_limit is not None:
+        return ch.delivery_limit + 1
+    if isinstance(ch, Stream) and ch.delivery_limit is not None:
+        return ch.delivery_limit
+    return None
+
+
+def _limit_text(name: str, ch: Channel) -> str:
+    return f"{ch.kind} {name!r} with delivery_limit {getattr(ch, 'delivery_limit', None)}"
 
 
 def _a(kind: str) -> str:

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from pydantic_core import ErrorDetails
 
 from flowcheck.redact import MASK
-from flowcheck.topology._yaml import Document, Path
+from flowcheck.topology._yaml import Document, Path, dotted
 
 
 def closest(word: str, choices: Iterable[str]) -> str | None:
@@ -113,14 +113,6 @@ _TYPES = {
     "model_attributes_type": "a mapping (key: value)",
     "list_type": "a list",
 }
-
-
-def dotted(path: Path) -> str:
-    """``("flows", "paid", "steps", 1)`` -> ``flows.paid.steps[1]``."""
-    out = ""
-    for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out
 
 
 def shown(value: Any) -> str:

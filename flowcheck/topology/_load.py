@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -97,16 +98,40 @@ def validate(doc: _yaml.Document) -> Topology | None:
 
 
 def _salvage(adapter: TypeAdapter[Any], entry: Any, exc: ValidationError) -> Any:
-    """The entry without its broken keys, if that validates: so its references still get checked."""
+    """The entry without its broken keys, if that validates: so the rest of it still
+    gets its cross-reference checks. Keys are removed as deep as possible (a bad
+    step deadline costs the deadline, not the flow); list items are never removed,
+    so the positions of the others stay right."""
     if not isinstance(entry, dict):
         return None
-    bad = {next((p for p in e["loc"] if p in entry), None) for e in exc.errors()}
-    if None in bad:
-        return None
-    try:
-        return adapter.validate_python({k: v for k, v in entry.items() if k not in bad})
-    except ValidationError:
-        return None
+    data = copy.deepcopy(entry)
+    for _ in range(10):
+        for err in exc.errors():
+            if not _drop(data, err["loc"]):
+                return None
+        try:
+            return adapter.validate_python(data)
+        except ValidationError as again:
+            exc = again
+    return None
+
+
+def _drop(data: dict[str, Any], loc: tuple[str | int, ...]) -> bool:
+    """Remove the deepest mapping key on ``loc`` that the data has; False if there is none."""
+    node: Any = data
+    holder: tuple[dict[str, Any], str] | None = None
+    for step in loc:
+        if isinstance(node, dict) and step in node:
+            holder = (node, str(step))
+            node = node[step]
+        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+            node = node[step]
+        # else: a union tag or type name in pydantic's location; not part of the data
+    if holder is None:
+        return False
+    mapping, key = holder
+    mapping.pop(key, None)
+    return True
 
 
 def check_file(

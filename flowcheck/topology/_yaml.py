@@ -67,6 +67,14 @@ class Document:
         return any(path[:n] in self.secret for n in range(len(path) + 1))
 
 
+def dotted(path: Path) -> str:
+    """``("flows", "paid", "steps", 1)`` -> ``flows.paid.steps[1]``."""
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
 class _Fatal(Exception):
     def __init__(self, line: int, column: int, message: str) -> None:
         self.line, self.column, self.message = line, column, message
@@ -192,7 +200,7 @@ class _Builder:
                     return default
                 self.doc.problem(
                     path,
-                    f"environment variable {name} is not set; set it, or give a default "
+                    f"{dotted(path)}: environment variable {name} is not set; set it, or give a default "
                     f"with ${{{name}:-default}}",
                 )
                 self.doc.unset.add(path)

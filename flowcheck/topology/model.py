@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
+from flowcheck import defaults
 from flowcheck.topology._types import (
     DURATION_SCHEMA,
     JSON_PATH_SCHEMA,
@@ -71,7 +72,7 @@ class RabbitMQ(Model):
     """A RabbitMQ broker reached over AMQP 0-9-1."""
 
     kind: Literal["rabbitmq"]
-    url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    url: SecretStr = SecretStr(defaults.RABBITMQ_URL)
     vhost: str | None = Field(None, description="overrides the vhost in the URL")
 
 
@@ -113,7 +114,7 @@ class Kafka(Model):
                 ]
             }
         ),
-    ] = Field(default_factory=lambda: ["127.0.0.1:9092"], min_length=1)
+    ] = Field(default_factory=lambda: [defaults.KAFKA_BOOTSTRAP], min_length=1)
     security: KafkaSecurity = KafkaSecurity()
     client_id: str = "flowcheck"
 
@@ -129,7 +130,7 @@ class Redis(Model):
     """A Redis server, for Streams."""
 
     kind: Literal["redis"]
-    url: SecretStr = SecretStr("redis://127.0.0.1:6379")
+    url: SecretStr = SecretStr(defaults.REDIS_URL)
     db: Annotated[int, Field(ge=0)] | None = Field(None, description="overrides the db in the URL")
 
 
