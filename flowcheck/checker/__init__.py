@@ -1,0 +1,28 @@
+"""The checker: turns observations into a verdict. Pure: it never touches a broker."""
+
+from flowcheck.checker._engine import Checker, check
+from flowcheck.checker.verdict import (
+    Cause,
+    Check,
+    Finding,
+    FindingKind,
+    FlowVerdict,
+    Latency,
+    Percentiles,
+    Seen,
+    Verdict,
+)
+
+__all__ = [
+    "Cause",
+    "Check",
+    "Checker",
+    "Finding",
+    "FindingKind",
+    "FlowVerdict",
+    "Latency",
+    "Percentiles",
+    "Seen",
+    "Verdict",
+    "check",
+]

@@ -1,0 +1,955 @@
+"""The checker: (topology, observations) -> verdict. Pure: no I/O, no broker client.
+
+It reads observations once, in recording order, and keeps state only for the
+chains still open: a chain is decided as soon as its deadline window has
+passed on the recording's own clock, then forgotten but for its counts and
+latencies (HdrHistogram) and a bounded list of findings.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+from flowcheck.checker._match import matches
+from flowcheck.checker._schema import SchemaCheck
+from flowcheck.checker.verdict import (
+    Cause,
+    Check,
+    Finding,
+    FindingKind,
+    FlowVerdict,
+    Latency,
+    Percentiles,
+    Seen,
+    Verdict,
+)
+from flowcheck.observations import Kind, Observation, payload_json
+from flowcheck.topology._types import format_duration
+from flowcheck.topology.model import (
+    DeadLetterRule,
+    Flow,
+    Queue,
+    RetryPolicy,
+    Stream,
+    Topic,
+    Topology,
+)
+from flowcheck.topology.routing import dead_letter_path
+
+DEFAULT_WINDOW = timedelta(seconds=60)  # how long a chain may take when the flow sets no deadline
+GRACE_NS = 2_000_000_000  # taps see one event at slightly different times: wait this much more
+BACKOFF_TOLERANCE_NS = 150_000_000  # taps poll some brokers (Redis PEL): allow this much early
+MAX_FINDINGS = 100  # per flow, kept in full; the rest are only counted
+MAX_TIMELINE = 40  # observations kept per chain for reports
+
+ARRIVALS = (Kind.PUBLISHED, Kind.ROUTED)
+CHAIN_KINDS = {
+    FindingKind.LOST,
+    FindingKind.DUPLICATED,
+    FindingKind.UNEXPECTED,
+    FindingKind.REORDERED,
+    FindingKind.LATE,
+    FindingKind.RETRIES,
+    FindingKind.BACKOFF,
+    FindingKind.DEAD_LETTER,
+}
+CHECKS = {
+    "chains": {FindingKind.LOST, FindingKind.THRESHOLD},
+    "delivery": {FindingKind.DUPLICATED, FindingKind.UNEXPECTED},
+    "ordering": {FindingKind.REORDERED},
+    "deadlines": {FindingKind.LATE},
+    "retries": {FindingKind.RETRIES, FindingKind.BACKOFF},
+    "dead letters": {FindingKind.DEAD_LETTER, FindingKind.CONFIG},
+    "latency": {FindingKind.LATENCY},
+    "schema": {FindingKind.SCHEMA},
+}
+
+
+def _ns(d: timedelta) -> int:
+    return int(d.total_seconds() * 1e9)
+
+
+def identity(obs: Observation) -> tuple[Any, ...]:
+    """What makes two observations the same message at one channel."""
+    if obs.fc_id is not None:
+        return ("fc", obs.fc_id)
+    if obs.offset is not None:
+        return ("kafka", obs.partition, obs.offset)
+    if obs.entry_id is not None:
+        return ("stream", obs.entry_id)
+    return ("obs", id(obs))  # a RabbitMQ copy without an id: each one is its own message
+
+
+@dataclass
+class _Chain:
+    key: str
+    first_ns: int
+    arrivals: list[dict[tuple[Any, ...], Observation]]  # per step: message -> first arrival
+    retry_arrivals: list[list[Observation]]  # per step: arrivals on its retry channels
+    deliveries: list[list[Observation]]  # per step: DELIVERED / REDELIVERED evidence
+    consumed: list[bool]
+    dead: list[Observation] = field(default_factory=list)
+    unroutable: Observation | None = None
+    sample: Observation | None = None
+    sample_first: bool = False
+    timeline: list[Observation] = field(default_factory=list)
+
+    def reached(self) -> int:
+        """Index of the last step with an arrival, -1 if none."""
+        return max((i for i, a in enumerate(self.arrivals) if a), default=-1)
+
+
+class _Hist:
+    """Latency samples of one hop: HdrHistogram in microseconds, non-positive ones counted."""
+
+    def __init__(self) -> None:
+        self.hist = HdrHistogram(1, 3_600_000_000, 3)
+        self.non_positive = 0
+
+    def add(self, ns: int) -> None:
+        if ns <= 0:
+            self.non_positive += 1
+        else:
+            self.hist.record_value(min(max(ns // 1000, 1), 3_600_000_000))
+
+    def stats(self) -> Percentiles:
+        n = self.hist.get_total_count()
+        if n == 0:
+            return Percentiles(count=0, non_positive=self.non_positive)
+
+        def ms(q: float) -> float:
+            return round(float(self.hist.get_value_at_percentile(q)) / 1000, 3)
+
+        return Percentiles(
+            count=n,
+            non_positive=self.non_positive,
+            p50_ms=ms(50),
+            p90_ms=ms(90),
+            p95_ms=ms(95),
+            p99_ms=ms(99),
+            max_ms=round(self.hist.get_max_value() / 1000, 3),
+        )
+
+
+class _FlowState:
+    def __init__(self, name: str, flow: Flow, topology: Topology, start_ns: int) -> None:
+        self.name = name
+        self.flow = flow
+        self.topology = topology
+        self.start_ns = start_ns
+        self.labels = [s.name or s.channel for s in flow.steps]
+        self.window_ns = _ns(flow.deadline or DEFAULT_WINDOW) + GRACE_NS
+        self.channel_steps: dict[str, list[int]] = {}
+        self.retry_of: dict[str, int] = {}
+        self.dead_channels: set[str] = {r.channel for r in flow.dead_letters}
+        for i, step in enumerate(flow.steps):
+            self.channel_steps.setdefault(step.channel, []).append(i)
+            ch = topology.channels.get(step.channel)
+            if isinstance(ch, (Queue, Topic)):
+                for r in ch.retry:
+                    self.retry_of.setdefault(r, i)
+            if isinstance(ch, (Topic, Stream)) and ch.dead_letter:
+                self.dead_channels.add(ch.dead_letter)
+            self.dead_channels.update(dead_letter_path(topology, step.channel))
+        self.chains: dict[str, _Chain] = {}
+        self.expiry: list[tuple[int, int, str]] = []
+        self.seq = itertools.count()
+        self.counts: Counter[str] = Counter()
+        self.findings: list[Finding] = []
+        self.totals: Counter[str] = Counter()
+        self.hops = [_Hist() for _ in flow.steps]  # hops[i]: step i-1 -> step i (0 unused)
+        self.e2e = _Hist()
+        # ordering: group -> [(step-0 ns, [position per step]), ...] of decided chains
+        self.order_groups: dict[str, list[tuple[int, str, list[tuple[Any, ...] | None]]]] = {}
+        self.gaps: list[Observation] = []
+
+    # ------------------------------------------------------------ feeding
+
+    def feed(self, obs: Observation, key: str) -> None:
+        chain = self.chains.get(key)
+        if chain is None:
+            n = len(self.flow.steps)
+            chain = _Chain(
+                key,
+                obs.mono_ns,
+                [{} for _ in range(n)],
+                [[] for _ in range(n)],
+                [[] for _ in range(n)],
+                [False] * n,
+            )
+            self.chains[key] = chain
+            heapq.heappush(self.expiry, (obs.mono_ns + self.window_ns, next(self.seq), key))
+        if len(chain.timeline) < MAX_TIMELINE:
+            chain.timeline.append(obs)
+        ch = obs.channel
+        if ch in self.dead_channels and obs.kind in (Kind.DEAD_LETTERED, Kind.ROUTED):
+            chain.dead.append(obs)
+            return
+        if ch in self.retry_of and obs.kind in ARRIVALS:
+            chain.retry_arrivals[self.retry_of[ch]].append(obs)
+            return
+        steps = self.channel_steps.get(ch)
+        if not steps:
+            return
+        if obs.kind == Kind.UNROUTABLE:
+            chain.unroutable = chain.unroutable or obs
+        elif obs.kind in ARRIVALS:
+            if (
+                obs.kind == Kind.ROUTED
+                and obs.delivery_count
+                and isinstance(self.topology.channels.get(ch), Queue)
+            ):
+                # Back on its queue after a dead-letter round trip (x-death): a retry.
+                chain.retry_arrivals[steps[0]].append(obs)
+                return
+            fitting = [i for i in steps if matches(self.flow.steps[i].match, obs)]
+            if not fitting:
+                return
+            ident = identity(obs)
+            if any(ident in chain.arrivals[i] for i in fitting):
+                return  # the same message seen again (published, then routed)
+            room = [i for i in fitting if len(chain.arrivals[i]) < self.flow.steps[i].count]
+            target = room[0] if room else fitting[-1]
+            chain.arrivals[target][ident] = obs
+            # Dead-letter rules look at the message as it entered the flow.
+            if chain.sample is None or (target == 0 and not chain.sample_first):
+                chain.sample = obs
+                chain.sample_first = target == 0
+        elif obs.kind in (Kind.DELIVERED, Kind.REDELIVERED):
+            for i in steps:
+                chain.deliveries[i].append(obs)
+        elif obs.kind == Kind.CONSUMED:
+            for i in steps:
+                chain.consumed[i] = True
+
+    def expire(self, now_ns: int) -> None:
+        while self.expiry and self.expiry[0][0] < now_ns:
+            _, _, key = heapq.heappop(self.expiry)
+            chain = self.chains.pop(key, None)
+            if chain is not None:
+                self.decide(chain, ended=False)
+
+    def finish(self, end_ns: int) -> None:
+        for chain in list(self.chains.values()):
+            ended = chain.first_ns + self.window_ns > end_ns
+            self.decide(chain, ended=ended)
+        self.chains.clear()
+
+    # ------------------------------------------------------------ deciding
+
+    def add(self, finding: Finding) -> None:
+        self.totals[finding.kind.value] += 1
+        if len(self.findings) < MAX_FINDINGS:
+            self.findings.append(finding)
+
+    def seen(self, obs: Observation) -> Seen:
+        return _seen(obs, self.start_ns)
+
+    def finding(
+        self,
+        kind: FindingKind,
+        chain: _Chain,
+        message: str,
+        *,
+        step: int | None = None,
+        seen: Iterable[Observation] = (),
+        **extra: Any,
+    ) -> Finding:
+        return Finding(
+            kind=kind,
+            flow=self.name,
+            key=chain.key,
+            step=None if step is None else self.labels[step],
+            message=message,
+            seen=[self.seen(o) for o in seen],
+            timeline=[self.seen(o) for o in chain.timeline],
+            **extra,
+        )
+
+    def gap_during(self, chain: _Chain) -> bool:
+        end = chain.first_ns + self.window_ns
+        chans = set(self.channel_steps) | self.dead_channels | set(self.retry_of)
+        return any(
+            g.channel in chans and g.mono_ns <= end and (g.until_ns or end) >= chain.first_ns
+            for g in self.gaps
+        )
+
+    def rule_for(self, chain: _Chain) -> DeadLetterRule | None:
+        if chain.sample is None:
+            return None
+        parsed = payload_json(chain.sample.payload)
+        return next(
+            (r for r in self.flow.dead_letters if matches(r.when, chain.sample, parsed)), None
+        )
+
+    def decide(self, chain: _Chain, *, ended: bool) -> None:
+        before = sum(self.totals[k.value] for k in CHAIN_KINDS)
+        rule = self.rule_for(chain)
+        complete = all(
+            len(a) >= s.count for a, s in zip(chain.arrivals, self.flow.steps, strict=True)
+        )
+        undecided = False
+        if rule is not None:
+            undecided = self.decide_poison(chain, rule, ended)
+        elif chain.dead:
+            d = chain.dead[0]
+            self.add(
+                self.finding(
+                    FindingKind.DEAD_LETTER,
+                    chain,
+                    f"healthy message dead-lettered to {d.channel!r}"
+                    + (f" ({d.reason})" if d.reason else ""),
+                    seen=chain.dead[:3],
+                    cause=Cause.DEAD_LETTERED,
+                )
+            )
+        elif complete:
+            self.check_deadlines(chain)
+        else:
+            undecided = self.decide_incomplete(chain, ended)
+        if not undecided:
+            self.check_duplicates(chain)
+            self.check_retries(chain, rule)
+            self.record_latency(chain)
+            self.record_order(chain)
+        failed = sum(self.totals[k.value] for k in CHAIN_KINDS) > before
+        self.counts["chains"] += 1
+        if undecided and not failed:
+            self.counts["unknown"] += 1
+        elif failed:
+            self.counts["failed"] += 1
+        else:
+            self.counts["succeeded"] += 1
+        if chain.dead:
+            self.counts["dead_lettered"] += 1
+
+    def decide_poison(self, chain: _Chain, rule: DeadLetterRule, ended: bool) -> bool:
+        there = [d for d in chain.dead if d.channel == rule.channel]
+        if there:
+            if rule.reason is not None and not any(d.reason == rule.reason for d in there):
+                self.add(
+                    self.finding(
+                        FindingKind.DEAD_LETTER,
+                        chain,
+                        f"dead-lettered to {rule.channel!r} with reason {there[0].reason!r}, expected {rule.reason!r}",
+                        seen=there[:1],
+                    )
+                )
+            return False
+        if chain.dead:
+            d = chain.dead[0]
+            self.add(
+                self.finding(
+                    FindingKind.DEAD_LETTER,
+                    chain,
+                    f"dead-lettered to {d.channel!r}, expected {rule.channel!r}",
+                    seen=[d],
+                )
+            )
+            return False
+        if ended or self.gap_during(chain):
+            return True
+        done = all(len(a) >= s.count for a, s in zip(chain.arrivals, self.flow.steps, strict=True))
+        what = "was processed as if healthy" if done else "was never dead-lettered"
+        self.add(
+            self.finding(
+                FindingKind.DEAD_LETTER,
+                chain,
+                f"message matching the dead-letter rule {what}; expected it in {rule.channel!r}",
+                step=self._step_index(rule.step),
+                next_step=rule.channel,
+            )
+        )
+        return False
+
+    def _step_index(self, label: str | None) -> int | None:
+        if label is None:
+            return None
+        return self.labels.index(label) if label in self.labels else None
+
+    def decide_incomplete(self, chain: _Chain, ended: bool) -> bool:
+        if ended or self.gap_during(chain):
+            return True
+        reached = chain.reached()
+        if not chain.arrivals[0]:
+            if chain.first_ns - self.start_ns < self.window_ns:
+                return True  # it may have started before the recording did
+            first = (
+                next(iter(chain.arrivals[reached].values())) if reached >= 0 else chain.timeline[0]
+            )
+            self.add(
+                self.finding(
+                    FindingKind.UNEXPECTED,
+                    chain,
+                    f"seen at {self.labels[max(reached, 0)]!r} but never at the first step {self.labels[0]!r}",
+                    step=max(reached, 0),
+                    seen=[first],
+                )
+            )
+            return False
+        nxt = reached + 1
+        while nxt < len(self.flow.steps) and len(chain.arrivals[nxt]) >= self.flow.steps[nxt].count:
+            nxt += 1  # a fan-out step may have some but not all of its messages
+        if nxt >= len(self.flow.steps):
+            nxt = next(
+                i
+                for i, (a, s) in enumerate(zip(chain.arrivals, self.flow.steps, strict=True))
+                if len(a) < s.count
+            )
+        last = chain.timeline[-1]
+        if chain.unroutable is not None:
+            cause, why = (
+                Cause.UNROUTABLE,
+                f"unroutable at {chain.unroutable.channel!r} ({chain.unroutable.reason or 'no route'})",
+            )
+            seen = [chain.unroutable]
+        elif (
+            reached >= 0
+            and chain.deliveries[reached]
+            and not chain.consumed[reached]
+            and self._acks_visible(reached)
+        ):
+            d = chain.deliveries[reached][-1]
+            cause, why = (
+                Cause.STUCK_PENDING,
+                f"stuck at {self.labels[reached]!r}: delivered {d.delivery_count or 1} time(s), never acknowledged",
+            )
+            seen = [d]
+        else:
+            deadline = format_duration(timedelta(seconds=(self.window_ns - GRACE_NS) / 1e9))
+            cause, why = (
+                Cause.TIMED_OUT,
+                f"timed out after {self.labels[reached]!r}: no {self.labels[nxt]!r} within {deadline}",
+            )
+            seen = [last]
+        self.add(
+            self.finding(
+                FindingKind.LOST,
+                chain,
+                why,
+                step=nxt,
+                seen=seen,
+                cause=cause,
+                next_step=self.labels[nxt],
+            )
+        )
+        return False
+
+    def _acks_visible(self, step: int) -> bool:
+        """Do taps see acknowledgements on this step's channel (Kafka commits, Redis XACK)?"""
+        return isinstance(
+            self.topology.channels.get(self.flow.steps[step].channel), (Topic, Stream)
+        )
+
+    def check_deadlines(self, chain: _Chain) -> None:
+        firsts = [min(o.mono_ns for o in a.values()) for a in chain.arrivals]
+        for i in range(1, len(firsts)):
+            limit = self.flow.steps[i].deadline
+            took = firsts[i] - firsts[i - 1]
+            if limit is not None and took > _ns(limit):
+                self.add(
+                    self.finding(
+                        FindingKind.LATE,
+                        chain,
+                        f"{self.labels[i]!r} came {took / 1e6:.0f}ms after {self.labels[i - 1]!r}; its deadline is {format_duration(limit)}",
+                        step=i,
+                        seen=[next(iter(chain.arrivals[i].values()))],
+                    )
+                )
+        if self.flow.deadline is not None:
+            last = max(o.mono_ns for o in chain.arrivals[-1].values())
+            took = last - firsts[0]
+            if took > _ns(self.flow.deadline):
+                self.add(
+                    self.finding(
+                        FindingKind.LATE,
+                        chain,
+                        f"chain took {took / 1e6:.0f}ms end to end; the flow's deadline is {format_duration(self.flow.deadline)}",
+                    )
+                )
+
+    def check_duplicates(self, chain: _Chain) -> None:
+        if self.flow.delivery == "at-least-once":
+            return
+        for i, (arrived, step) in enumerate(zip(chain.arrivals, self.flow.steps, strict=True)):
+            if len(arrived) > step.count:
+                extra = list(arrived.values())
+                self.add(
+                    self.finding(
+                        FindingKind.DUPLICATED,
+                        chain,
+                        f"{len(arrived)} messages at {self.labels[i]!r}, expected {step.count} ({self.flow.delivery})",
+                        step=i,
+                        seen=extra[:5],
+                    )
+                )
+
+    def attempts(self, chain: _Chain, i: int) -> int | None:
+        """Deliveries of step ``i``'s message, the first included; None if nothing tells."""
+        counts = [o.delivery_count for o in chain.deliveries[i] if o.delivery_count]
+        counts += [
+            o.delivery_count + 1
+            for o in chain.dead
+            if o.delivery_count
+            and o.kind == Kind.DEAD_LETTERED
+            and self._origin_step(o) == i
+            and self._counts_failures(o)
+        ]
+        counts += [
+            o.delivery_count
+            for o in chain.dead
+            if o.delivery_count
+            and o.kind == Kind.DEAD_LETTERED
+            and self._origin_step(o) == i
+            and not self._counts_failures(o)
+        ]
+        if chain.retry_arrivals[i]:
+            counts.append(1 + len(chain.retry_arrivals[i]))
+        if chain.deliveries[i] and not counts:
+            counts.append(1)
+        return max(counts) if counts else None
+
+    def _origin_step(self, obs: Observation) -> int | None:
+        steps = self.channel_steps.get(obs.origin or "")
+        return steps[0] if steps else None
+
+    def _counts_failures(self, obs: Observation) -> bool:
+        # RabbitMQ's x-delivery-count counts failed deliveries before the last one.
+        return isinstance(self.topology.channels.get(obs.origin or ""), Queue)
+
+    def delivery_times(self, chain: _Chain, i: int) -> list[int]:
+        by_count: dict[int, int] = {}
+        for o in chain.deliveries[i]:
+            if o.delivery_count:
+                by_count.setdefault(o.delivery_count, o.mono_ns)
+        times = [by_count[c] for c in sorted(by_count)]
+        if not times and chain.retry_arrivals[i] and chain.arrivals[i]:
+            first = min(o.mono_ns for o in chain.arrivals[i].values())
+            times = [first, *sorted(o.mono_ns for o in chain.retry_arrivals[i])]
+        return times
+
+    def check_retries(self, chain: _Chain, rule: DeadLetterRule | None) -> None:
+        for i, step in enumerate(self.flow.steps):
+            policy: RetryPolicy | None = step.retry or self.flow.retry
+            if policy is None:
+                continue
+            n = self.attempts(chain, i)
+            if n is None:
+                continue
+            expected_exact = (
+                rule is not None
+                and (rule.step is None or rule.step == self.labels[i])
+                and any(d.channel == rule.channel for d in chain.dead)
+            )
+            if n > policy.max_attempts:
+                self.add(
+                    self.finding(
+                        FindingKind.RETRIES,
+                        chain,
+                        f"{n} attempts at {self.labels[i]!r}; the retry policy allows {policy.max_attempts}",
+                        step=i,
+                        seen=chain.deliveries[i][-1:] or chain.retry_arrivals[i][-1:],
+                    )
+                )
+            elif (
+                expected_exact
+                and n < policy.max_attempts
+                and (rule is None or rule.step is not None or len(self.flow.steps) == 1)
+            ):
+                self.add(
+                    self.finding(
+                        FindingKind.RETRIES,
+                        chain,
+                        f"dead-lettered after {n} attempts at {self.labels[i]!r}; the retry policy gives {policy.max_attempts}",
+                        step=i,
+                        seen=chain.dead[:1],
+                    )
+                )
+            if (
+                rule is not None
+                and rule.attempts is not None
+                and expected_exact
+                and (rule.step is None or rule.step == self.labels[i])
+                and n != rule.attempts
+                and n <= policy.max_attempts
+            ):
+                self.add(
+                    self.finding(
+                        FindingKind.RETRIES,
+                        chain,
+                        f"dead-lettered after {n} attempts at {self.labels[i]!r}; expected {rule.attempts}",
+                        step=i,
+                        seen=chain.dead[:1],
+                    )
+                )
+            if policy.backoff is not None:
+                self.check_backoff(chain, i, policy)
+
+    def check_backoff(self, chain: _Chain, i: int, policy: RetryPolicy) -> None:
+        assert policy.backoff is not None
+        b = policy.backoff
+        times = self.delivery_times(chain, i)
+        wait = b.initial.total_seconds()
+        for n in range(1, len(times)):
+            least = wait * (1 - b.jitter) * 1e9 - BACKOFF_TOLERANCE_NS
+            took = times[n] - times[n - 1]
+            if took < least:
+                self.add(
+                    self.finding(
+                        FindingKind.BACKOFF,
+                        chain,
+                        f"attempt {n + 1} at {self.labels[i]!r} came {took / 1e6:.0f}ms after attempt {n}; the backoff asks for {wait * 1000:.0f}ms",
+                        step=i,
+                    )
+                )
+                return
+            wait *= b.multiplier
+            if b.max is not None:
+                wait = min(wait, b.max.total_seconds())
+
+    def record_latency(self, chain: _Chain) -> None:
+        firsts = [min((o.mono_ns for o in a.values()), default=None) for a in chain.arrivals]
+        for i in range(1, len(firsts)):
+            a, b = firsts[i - 1], firsts[i]
+            if a is not None and b is not None:
+                self.hops[i].add(b - a)
+        last = chain.arrivals[-1]
+        if firsts[0] is not None and len(last) >= self.flow.steps[-1].count and all(chain.arrivals):
+            self.e2e.add(max(o.mono_ns for o in last.values()) - firsts[0])
+
+    # ------------------------------------------------------------ ordering
+
+    def record_order(self, chain: _Chain) -> None:
+        if self.flow.ordering == "none" or not chain.arrivals[0]:
+            return
+        group = chain.key
+        if self.flow.ordering == "per-partition-key":
+            kk = next(
+                (o.kafka_key for a in chain.arrivals for o in a.values() if o.kafka_key), None
+            )
+            if kk is None:
+                return
+            group = kk
+        positions = [_position(a) for a in chain.arrivals]
+        start = min(o.mono_ns for o in chain.arrivals[0].values())
+        entries = self.order_groups.setdefault(group, [])
+        for other_start, other_key, other_pos in entries:
+            for i in range(1, len(positions)):
+                mine, theirs = positions[i], other_pos[i]
+                if mine is None or theirs is None or other_key == chain.key:
+                    continue
+                if (start > other_start) != (mine > theirs) and start != other_start:
+                    earlier, later = (
+                        (other_key, chain.key) if other_start < start else (chain.key, other_key)
+                    )
+                    self.add(
+                        self.finding(
+                            FindingKind.REORDERED,
+                            chain,
+                            f"{later!r} overtook {earlier!r} at {self.labels[i]!r} (ordering {self.flow.ordering}, group {group!r})",
+                            step=i,
+                            seen=list(chain.arrivals[i].values())[:1],
+                        )
+                    )
+                    break
+        self.check_within(chain)
+        entries.append((start, chain.key, positions))
+        horizon = start - 2 * self.window_ns
+        while entries and entries[0][0] < horizon:
+            entries.pop(0)
+
+    def check_within(self, chain: _Chain) -> None:
+        """Several messages of one chain at a step: they keep their first-step order (by trace id)."""
+        first = sorted(chain.arrivals[0].values(), key=_sort_key)
+        order = {o.trace_id: n for n, o in enumerate(first) if o.trace_id}
+        if len(order) < 2:
+            return
+        for i in range(1, len(chain.arrivals)):
+            seq = [
+                order[o.trace_id]
+                for o in sorted(chain.arrivals[i].values(), key=_sort_key)
+                if o.trace_id in order
+            ]
+            for a, b in itertools.pairwise(seq):
+                if b < a:
+                    self.add(
+                        self.finding(
+                            FindingKind.REORDERED,
+                            chain,
+                            f"messages of key {chain.key!r} reached {self.labels[i]!r} out of their first-step order",
+                            step=i,
+                            seen=list(chain.arrivals[i].values())[:2],
+                        )
+                    )
+                    return
+
+    # ------------------------------------------------------------ result
+
+    def verdict(self) -> FlowVerdict:
+        lat: list[Latency] = []
+        for i in range(1, len(self.flow.steps)):
+            budget = self.flow.steps[i].latency
+            lat.append(
+                self._latency(f"{self.labels[i - 1]} -> {self.labels[i]}", self.hops[i], budget)
+            )
+        lat.append(self._latency("end-to-end", self.e2e, self.flow.latency))
+        decided = self.counts["succeeded"] + self.counts["failed"]
+        rate = self.counts["succeeded"] / decided if decided else 1.0
+        need = self.flow.success_rate if self.flow.success_rate is not None else 1.0
+        rate_ok = rate >= need - 1e-12
+        if self.flow.error_rate is not None and decided:
+            errors = self.counts["failed"] / decided
+            if errors > self.flow.error_rate + 1e-12:
+                rate_ok = False
+                self.add(
+                    Finding(
+                        kind=FindingKind.THRESHOLD,
+                        flow=self.name,
+                        message=f"error rate {errors:.2%} is above {self.flow.error_rate:.2%}",
+                    )
+                )
+        if not rate_ok and self.flow.success_rate is not None and rate < need:
+            self.add(
+                Finding(
+                    kind=FindingKind.THRESHOLD,
+                    flow=self.name,
+                    message=f"success rate {rate:.2%} is below {need:.2%}",
+                )
+            )
+        checks = []
+        for name, kinds in CHECKS.items():
+            n = sum(self.totals[k.value] for k in kinds)
+            if name == "chains":
+                passed = rate_ok
+                msg = (
+                    f"{self.counts['succeeded']} of {decided} decided chains succeeded "
+                    f"({rate:.2%}, need {need:.2%}); {self.counts['unknown']} unknown"
+                    if decided
+                    else f"no chain decided ({self.counts['chains']} seen, {self.counts['unknown']} unknown)"
+                )
+            else:
+                # Chain failures are judged by the success threshold; the others by their count.
+                per_chain = sum(self.totals[k.value] for k in kinds & CHAIN_KINDS)
+                other = n - per_chain
+                passed = other == 0 and (per_chain == 0 or rate_ok)
+                msg = "no findings" if n == 0 else f"{n} finding(s)"
+            checks.append(Check(name=name, passed=passed, message=msg, findings=n))
+        return FlowVerdict(
+            flow=self.name,
+            passed=all(c.passed for c in checks),
+            chains=self.counts["chains"],
+            succeeded=self.counts["succeeded"],
+            failed=self.counts["failed"],
+            unknown=self.counts["unknown"],
+            dead_lettered=self.counts["dead_lettered"],
+            checks=checks,
+            latency=lat,
+            findings=sorted(
+                self.findings,
+                key=lambda f: (
+                    f.seen[0].at_ms if f.seen else (f.timeline[0].at_ms if f.timeline else 0.0)
+                ),
+            ),
+            findings_total=dict(self.totals),
+        )
+
+    def _latency(self, hop: str, hist: _Hist, budget: Any) -> Latency:
+        stats = hist.stats()
+        budgets: dict[str, float] = {}
+        passed = True
+        if budget is not None:
+            for p in ("p50", "p90", "p95", "p99", "max"):
+                limit = getattr(budget, p)
+                if limit is None:
+                    continue
+                budgets[p] = limit.total_seconds() * 1000
+                have = getattr(stats, f"{p}_ms")
+                if have is not None and have > budgets[p]:
+                    passed = False
+                    self.add(
+                        Finding(
+                            kind=FindingKind.LATENCY,
+                            flow=self.name,
+                            step=hop,
+                            message=f"{hop}: {p} is {have:.1f}ms, over its budget of {budgets[p]:.1f}ms ({stats.count} samples, clock mono_ns)",
+                        )
+                    )
+        return Latency(hop=hop, stats=stats, budget_ms=budgets, passed=passed)
+
+
+def _position(arrived: Mapping[tuple[Any, ...], Observation]) -> tuple[Any, ...] | None:
+    if not arrived:
+        return None
+    o = min(arrived.values(), key=_sort_key)
+    return _sort_key(o)
+
+
+def _sort_key(o: Observation) -> tuple[Any, ...]:
+    # Within a Kafka partition the offset is the true order; elsewhere, arrival time.
+    return (0, o.offset, 0) if o.offset is not None else (1, o.mono_ns, 0)
+
+
+def _seen(obs: Observation, start_ns: int) -> Seen:
+    return Seen(
+        kind=obs.kind.value,
+        channel=obs.channel,
+        at_ms=round((obs.mono_ns - start_ns) / 1e6, 3),
+        fc_id=obs.fc_id,
+        message_id=obs.message_id,
+        trace_id=obs.trace_id,
+        partition=obs.partition,
+        offset=obs.offset,
+        entry_id=obs.entry_id,
+        delivery_count=obs.delivery_count,
+        reason=obs.reason,
+    )
+
+
+class Checker:
+    """Feed observations in recording order, then :meth:`finish` for the verdict."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        *,
+        start_ns: int | None = None,
+        expected: Mapping[str, Iterable[str]] | None = None,
+    ) -> None:
+        self.topology = topology
+        self.start_ns = start_ns
+        self.expected = {f: set(keys) for f, keys in (expected or {}).items()}
+        self.flows: dict[str, _FlowState] = {}
+        self.by_channel: dict[str, list[_FlowState]] = {}
+        self.gaps: list[Observation] = []
+        self.count = 0
+        self.now = 0
+        self.schema = SchemaCheck(topology)
+        self.other: list[Finding] = []
+        self._ready = False
+
+    def _init(self, start_ns: int) -> None:
+        self._ready = True
+        self.start_ns = start_ns
+        for name, flow in self.topology.flows.items():
+            state = _FlowState(name, flow, self.topology, start_ns)
+            self.flows[name] = state
+            for ch in set(state.channel_steps) | state.dead_channels | set(state.retry_of):
+                self.by_channel.setdefault(ch, []).append(state)
+        self._config_findings()
+
+    def _config_findings(self) -> None:
+        for state in self.flows.values():
+            for i, step in enumerate(state.flow.steps):
+                ch = self.topology.channels.get(step.channel)
+                silent = (
+                    isinstance(ch, Queue)
+                    and ch.delivery_limit is not None
+                    and ch.dead_letter is None
+                ) or (
+                    isinstance(ch, Stream)
+                    and ch.delivery_limit is not None
+                    and ch.dead_letter is None
+                )
+                if silent:
+                    state.add(
+                        Finding(
+                            kind=FindingKind.CONFIG,
+                            flow=state.name,
+                            step=state.labels[i],
+                            message=f"{step.channel!r} has a delivery limit but no dead-letter route: messages over the limit are lost silently",
+                        )
+                    )
+
+    def feed(self, obs: Observation) -> None:
+        if not self._ready:
+            self._init(obs.mono_ns if self.start_ns is None else self.start_ns)
+        self.count += 1
+        if obs.mono_ns > self.now:
+            self.now = obs.mono_ns
+            for state in self.flows.values():
+                state.expire(self.now)
+        if obs.kind == Kind.GAP:
+            self.gaps.append(obs)
+            for state in self.flows.values():
+                state.gaps.append(obs)
+            return
+        if obs.kind in ARRIVALS:
+            problem = self.schema.check(obs)
+            if problem is not None:
+                states = self.by_channel.get(obs.channel) or []
+                finding = Finding(
+                    kind=FindingKind.SCHEMA,
+                    flow=states[0].name if states else None,
+                    key=next(iter(obs.keys.values()), None),
+                    step=obs.channel,
+                    message=problem,
+                    seen=[_seen(obs, self.start_ns or 0)],
+                )
+                if states:
+                    states[0].add(finding)
+                elif len(self.other) < MAX_FINDINGS:
+                    self.other.append(finding)
+        for state in self.by_channel.get(obs.channel, ()):
+            key = obs.keys.get(state.name)
+            if key is not None:
+                state.feed(obs, key)
+                waiting = self.expected.get(state.name)
+                if waiting:
+                    waiting.discard(key)
+
+    def finish(self, end_ns: int | None = None) -> Verdict:
+        if not self._ready:
+            self._init(self.start_ns or 0)
+        end = max(end_ns or 0, self.now)
+        for name, keys in self.expected.items():
+            state = self.flows.get(name)
+            if state is None:
+                continue
+            for key in sorted(keys):  # what is left was never seen at all
+                state.counts["chains"] += 1
+                state.counts["failed"] += 1
+                state.add(
+                    Finding(
+                        kind=FindingKind.LOST,
+                        flow=name,
+                        key=key,
+                        step=state.labels[0],
+                        cause=Cause.NEVER_PUBLISHED,
+                        next_step=state.labels[0],
+                        message=f"never seen at {state.labels[0]!r}: not published",
+                    )
+                )
+        for state in self.flows.values():
+            state.finish(end)
+        flows = [s.verdict() for s in self.flows.values()]
+        return Verdict(
+            passed=all(f.passed for f in flows) and not self.other,
+            observations=self.count,
+            topology=self.topology.name,
+            gaps=[_seen(g, self.start_ns or 0) for g in self.gaps],
+            flows=flows,
+            findings=self.other,
+        )
+
+
+def check(
+    topology: Topology,
+    observations: Iterable[Observation],
+    *,
+    start_ns: int | None = None,
+    end_ns: int | None = None,
+    expected: Mapping[str, Iterable[str]] | None = None,
+) -> Verdict:
+    """Check a whole history at once."""
+    checker = Checker(topology, start_ns=start_ns, expected=expected)
+    for obs in observations:
+        checker.feed(obs)
+    return checker.finish(end_ns)

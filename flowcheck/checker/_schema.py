@@ -1,0 +1,65 @@
+"""Payloads against their channel's schema (inline JSON Schema or a pydantic model)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from typing import Any
+
+from jsonschema.validators import validator_for
+from pydantic import TypeAdapter, ValidationError
+
+from flowcheck.observations import Observation
+from flowcheck.topology.model import Topology
+
+
+class SchemaCheck:
+    """Validators are built once per channel, on first use."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self.validators: dict[str, Any] = {}
+
+    def _validator(self, channel: str) -> Any:
+        if channel in self.validators:
+            return self.validators[channel]
+        ch = self.topology.channels.get(channel)
+        schema = ch.payload_schema if ch is not None else None
+        v: Any = None
+        if schema is not None and schema.json_schema is not None:
+            cls = validator_for(schema.json_schema)
+            v = ("json", cls(schema.json_schema))
+        elif schema is not None and schema.model is not None:
+            module, _, attr = schema.model.replace(":", ".").rpartition(".")
+            try:
+                v = ("model", TypeAdapter(getattr(importlib.import_module(module), attr)))
+            except (ImportError, AttributeError):
+                v = ("missing", schema.model)
+        self.validators[channel] = v
+        return v
+
+    def check(self, obs: Observation) -> str | None:
+        """A problem with the payload of ``obs``, or None (also when it cannot be judged)."""
+        v = self._validator(obs.channel)
+        if v is None or obs.sha256 is not None or obs.payload is None:
+            return None  # no schema, or only a cut payload was kept
+        kind, impl = v
+        if kind == "missing":
+            return f"schema model {impl!r} cannot be imported here"
+        try:
+            doc = json.loads(obs.payload)
+        except ValueError:
+            return f"payload on {obs.channel!r} is not JSON"
+        if kind == "json":
+            error = next(iter(sorted(impl.iter_errors(doc), key=lambda e: list(e.path))), None)
+            if error is None:
+                return None
+            where = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.path)
+            return f"payload on {obs.channel!r} breaks its schema at {where}: {error.message}"
+        try:
+            impl.validate_python(doc)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+            return f"payload on {obs.channel!r} breaks its schema at {where}: {err['msg']}"
+        return None

@@ -1,0 +1,132 @@
+"""The verdict: what the checker concluded, per flow. Stable and documented (docs/verdict.md).
+
+Reporters read a :class:`Verdict` and nothing else.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+VERDICT_VERSION = 1
+
+
+class FindingKind(StrEnum):
+    LOST = "lost"  # an expected step never came (see ``cause``)
+    DUPLICATED = "duplicated"  # more messages at a step than the flow allows
+    UNEXPECTED = "unexpected"  # a chain seen mid-way that never started
+    REORDERED = "reordered"  # two messages of one ordering key swapped
+    LATE = "late"  # a step or the chain came after its deadline
+    RETRIES = "retries"  # too many or too few attempts
+    BACKOFF = "backoff"  # attempts closer together than the backoff allows
+    DEAD_LETTER = "dead_letter"  # missing, wrong place, wrong reason, or a healthy one
+    SCHEMA = "schema"  # a payload that breaks its channel's schema
+    LATENCY = "latency"  # a percentile over its budget
+    THRESHOLD = "threshold"  # success or error rate outside its bound
+    CONFIG = "config"  # the topology itself loses messages silently
+
+
+class Cause(StrEnum):
+    NEVER_PUBLISHED = "never_published"
+    UNROUTABLE = "unroutable"
+    STUCK_PENDING = "stuck_pending"
+    DEAD_LETTERED = "dead_lettered"
+    TIMED_OUT = "timed_out"
+
+
+class Seen(BaseModel):
+    """A short reference to one observation, for reports."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: str
+    channel: str
+    at_ms: float = Field(description="ms since the recording started (monotonic clock)")
+    fc_id: str | None = None
+    message_id: str | None = None
+    trace_id: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    entry_id: str | None = None
+    delivery_count: int | None = None
+    reason: str | None = None
+
+
+class Finding(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    kind: FindingKind
+    flow: str | None
+    key: str | None = None
+    step: str | None = None
+    message: str
+    cause: Cause | None = None
+    next_step: str | None = Field(None, description="for lost chains: the step that never came")
+    seen: list[Seen] = Field(default_factory=list, description="the observations it is about")
+    timeline: list[Seen] = Field(default_factory=list, description="the chain, for broken ones")
+
+
+class Percentiles(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    count: int
+    non_positive: int = Field(
+        0, description="samples <= 0 (clock skew or same-instant copies), not in the percentiles"
+    )
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    max_ms: float | None = None
+
+
+class Latency(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    hop: str = Field(description="'a -> b' for a hop, 'end-to-end' for the chain")
+    clock: str = "mono_ns"
+    stats: Percentiles
+    budget_ms: dict[str, float] = Field(default_factory=dict)
+    passed: bool = True
+
+
+class Check(BaseModel):
+    """One named check of one flow: a JUnit test case."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    passed: bool
+    message: str
+    findings: int = 0
+
+
+class FlowVerdict(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    flow: str
+    passed: bool
+    chains: int
+    succeeded: int
+    failed: int
+    unknown: int = Field(description="chains a tap gap or the end of the recording left undecided")
+    dead_lettered: int
+    checks: list[Check]
+    latency: list[Latency]
+    findings: list[Finding]
+    findings_total: dict[str, int] = Field(
+        default_factory=dict, description="per kind, including those cut from the list"
+    )
+
+
+class Verdict(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    version: int = VERDICT_VERSION
+    passed: bool
+    observations: int
+    topology: str | None = None
+    gaps: list[Seen] = Field(default_factory=list)
+    flows: list[FlowVerdict]
+    findings: list[Finding] = Field(default_factory=list, description="findings of no single flow")

@@ -1,0 +1,269 @@
+"""The checker on hand-written histories: each defect found once, clean ones pass."""
+
+from __future__ import annotations
+
+import pytest
+from history import MS, START, History
+
+from flowcheck.checker import Cause, FindingKind, Verdict, check
+from flowcheck.observations import Kind, Observation
+from flowcheck.topology import Topology, loads
+
+TOPOLOGY = """
+brokers: {r: {kind: rabbitmq}, k: {kind: kafka}}
+channels:
+  orders: {broker: r, kind: exchange, type: topic}
+  billing:
+    broker: r
+    kind: queue
+    type: quorum
+    bindings: [{exchange: orders, key: "#"}]
+    delivery_limit: 2
+    dead_letter: {exchange: dlx, key: b}
+  dlx: {broker: r, kind: exchange, type: direct}
+  dlq: {broker: r, kind: queue, bindings: [{exchange: dlx, key: b}]}
+  pay: {broker: k, kind: topic}
+flows:
+  f:
+    correlate: $.id
+    steps: [orders, billing, {channel: pay, latency: {p99: 50ms}}]
+    deadline: 1s
+    retry: {max_attempts: 3}
+    dead_letters:
+      - {when: {payload: {$.poison: true}}, channel: dlq, reason: delivery_limit, attempts: 3}
+"""
+
+
+@pytest.fixture(scope="module")
+def topology() -> Topology:
+    return loads(TOPOLOGY)
+
+
+def healthy(h: History, key: str, at: float, offset: int) -> None:
+    h.at(at).routed("orders", key)
+    h.routed("billing", key)
+    h.at(at + 20).routed("pay", key, partition=0, offset=offset)
+
+
+def poison(
+    h: History,
+    key: str,
+    at: float,
+    deliveries: int = 3,
+    reason: str = "delivery_limit",
+    to: str = "dlq",
+) -> None:
+    body = {"id": key, "poison": True}
+    h.at(at).routed("orders", key, body)
+    h.routed("billing", key, body)
+    for n in range(1, deliveries + 1):
+        h.add(
+            Kind.DELIVERED if n == 1 else Kind.REDELIVERED, "billing", key, body, delivery_count=n
+        )
+    if to:
+        h.add(
+            Kind.DEAD_LETTERED,
+            to,
+            key,
+            body,
+            reason=reason,
+            origin="billing",
+            delivery_count=deliveries - 1,
+        )
+
+
+def run(topology: Topology, h: History, end_ms: float = 60_000) -> Verdict:
+    return check(topology, h.sorted(), start_ns=START - 1000 * MS, end_ns=START + int(end_ms * MS))
+
+
+def kinds(v: Verdict) -> list[tuple[str, str | None]]:
+    return [(f.kind.value, f.key) for f in v.flows[0].findings]
+
+
+def test_clean_history_passes(topology: Topology) -> None:
+    h = History()
+    for i in range(10):
+        healthy(h, f"k{i}", i * 10, i)
+    poison(h, "p1", 200)
+    v = run(topology, h)
+    assert kinds(v) == []
+    assert v.passed
+    f = v.flows[0]
+    assert (f.chains, f.succeeded, f.failed, f.unknown, f.dead_lettered) == (11, 11, 0, 0, 1)
+    e2e = f.latency[-1]
+    assert e2e.hop == "end-to-end"
+    assert e2e.stats.count == 10
+
+
+def test_loss_is_found_with_where_it_stopped(topology: Topology) -> None:
+    h = History()
+    healthy(h, "k1", 0, 0)
+    h.at(10).routed("orders", "k2")
+    h.routed("billing", "k2")
+    v = run(topology, h)
+    assert kinds(v) == [("lost", "k2")]
+    lost = v.flows[0].findings[0]
+    assert lost.cause == Cause.TIMED_OUT
+    assert lost.next_step == "pay"
+    assert "after 'billing'" in lost.message
+    assert [s.channel for s in lost.timeline] == ["orders", "billing"]
+    assert not v.passed
+
+
+def test_unroutable_is_the_cause(topology: Topology) -> None:
+    h = History()
+    h.at(0).add(Kind.UNROUTABLE, "orders", "k1", reason="NO_ROUTE")
+    h.routed("orders", "k1")
+    v = run(topology, h)
+    assert v.flows[0].findings[0].cause == Cause.UNROUTABLE
+
+
+def test_duplicate_and_at_least_once(topology: Topology) -> None:
+    h = History()
+    healthy(h, "k1", 0, 0)
+    h.at(21).routed("pay", "k1", partition=0, offset=1)
+    assert kinds(run(topology, h)) == [("duplicated", "k1")]
+    relaxed = loads(TOPOLOGY.replace("deadline: 1s", "deadline: 1s\n    delivery: at-least-once"))
+    assert kinds(run(relaxed, h)) == []
+
+
+def test_same_message_seen_twice_is_not_a_duplicate(topology: Topology) -> None:
+    h = History()
+    h.at(0).add(Kind.PUBLISHED, "orders", "k1", fc_id="a")
+    h.routed("orders", "k1", fc_id="a")
+    h.routed("billing", "k1")
+    h.add(Kind.PUBLISHED, "pay", "k1", partition=0, offset=7)
+    h.routed("pay", "k1", partition=0, offset=7)
+    assert kinds(run(topology, h)) == []
+
+
+def test_late_step_and_chain(topology: Topology) -> None:
+    h = History()
+    h.at(0).routed("orders", "k1")
+    h.routed("billing", "k1")
+    h.at(1500).routed("pay", "k1", partition=0, offset=0)
+    v = run(topology, h)
+    assert ("late", "k1") in kinds(v)
+
+
+def test_poison_checks(topology: Topology) -> None:
+    h = History()
+    poison(h, "p1", 0, deliveries=5)
+    poison(h, "p2", 100, reason="rejected")
+    poison(h, "p3", 200, to="")
+    poison(h, "p4", 300, deliveries=2)
+    found = kinds(run(topology, h))
+    assert ("retries", "p1") in found
+    assert ("dead_letter", "p2") in found
+    assert ("dead_letter", "p3") in found
+    assert ("retries", "p4") in found
+
+
+def test_healthy_message_must_not_be_dead_lettered(topology: Topology) -> None:
+    h = History()
+    h.at(0).routed("orders", "k1")
+    h.routed("billing", "k1")
+    h.add(Kind.DEAD_LETTERED, "dlq", "k1", reason="rejected", origin="billing")
+    v = run(topology, h)
+    assert kinds(v) == [("dead_letter", "k1")]
+    assert v.flows[0].findings[0].cause == Cause.DEAD_LETTERED
+
+
+def test_gap_and_end_make_chains_unknown_not_lost(topology: Topology) -> None:
+    h = History()
+    h.at(0).routed("orders", "k1")
+    gap = Observation(
+        kind=Kind.GAP,
+        broker="b",
+        channel="pay",
+        mono_ns=START + 5 * MS,
+        wall=0,
+        until_ns=START + 900 * MS,
+        reason="down",
+    )
+    h.items.append(gap)
+    h.at(59_990).routed("orders", "k2")  # still within its deadline when the recording ends
+    v = run(topology, h, end_ms=60_000)
+    f = v.flows[0]
+    assert kinds(v) == []
+    assert (f.unknown, f.failed) == (2, 0)
+
+
+def test_latency_budget(topology: Topology) -> None:
+    h = History()
+    for i in range(5):
+        h.at(i * 10).routed("orders", f"k{i}")
+        h.routed("billing", f"k{i}")
+        h.at(i * 10 + 80).routed("pay", f"k{i}", partition=0, offset=i)
+    v = run(topology, h)
+    assert ("latency", None) in kinds(v)
+    hop = next(lat for lat in v.flows[0].latency if lat.hop == "billing -> pay")
+    assert not hop.passed
+    assert hop.stats.p99_ms is not None
+    assert hop.stats.p99_ms > 50
+
+
+def test_success_rate_tolerates_what_it_declares() -> None:
+    top = loads(TOPOLOGY.replace("deadline: 1s", "deadline: 1s\n    success_rate: 90%"))
+    h = History()
+    for i in range(10):
+        healthy(h, f"k{i}", i * 10, i)
+    h.at(500).routed("orders", "lost")
+    h.routed("billing", "lost")
+    v = run(top, h)
+    assert ("lost", "lost") in kinds(v)
+    assert v.flows[0].checks[0].passed  # 10 of 11 is above 90%
+    assert v.passed
+
+
+def test_never_published_needs_an_expectation(topology: Topology) -> None:
+    h = History()
+    healthy(h, "k1", 0, 0)
+    v = check(
+        topology, h.sorted(), start_ns=0, end_ns=START + 60_000 * MS, expected={"f": ["k1", "k9"]}
+    )
+    assert [(f.kind, f.key, f.cause) for f in v.flows[0].findings] == [
+        (FindingKind.LOST, "k9", Cause.NEVER_PUBLISHED)
+    ]
+
+
+def test_silent_loss_configuration_is_flagged() -> None:
+    top = loads(
+        TOPOLOGY.replace(
+            "    delivery_limit: 2\n    dead_letter: {exchange: dlx, key: b}\n",
+            "    delivery_limit: 2\n",
+        ).replace(
+            "    dead_letters:\n      - {when: {payload: {$.poison: true}}, channel: dlq, reason: delivery_limit, attempts: 3}\n",
+            "",
+        )
+    )
+    v = check(top, [])
+    assert [f.kind for f in v.flows[0].findings] == [FindingKind.CONFIG]
+    assert not v.passed
+
+
+def test_reorder_per_partition_key() -> None:
+    top = loads(TOPOLOGY.replace("deadline: 1s", "deadline: 1s\n    ordering: per-partition-key"))
+    h = History()
+    h.at(0).routed("orders", "a")
+    h.routed("billing", "a")
+    h.at(1).routed("orders", "b")
+    h.routed("billing", "b")
+    h.at(20).routed("pay", "b", partition=0, offset=0, kafka_key="cust")
+    h.at(21).routed("pay", "a", partition=0, offset=1, kafka_key="cust")
+    assert ("reordered", "b") in kinds(run(top, h)) or ("reordered", "a") in kinds(run(top, h))
+
+
+def test_schema_violation_names_the_path() -> None:
+    top = loads(
+        TOPOLOGY.replace(
+            "  pay: {broker: k, kind: topic}",
+            "  pay: {broker: k, kind: topic, schema: {json: {type: object, required: [amount]}}}",
+        )
+    )
+    h = History()
+    healthy(h, "k1", 0, 0)
+    v = run(top, h)
+    schema = [f for f in v.flows[0].findings if f.kind == FindingKind.SCHEMA]
+    assert len(schema) == 1
+    assert "'amount' is a required property" in schema[0].message
