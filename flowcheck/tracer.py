@@ -29,17 +29,20 @@ class Memory:
 
     def __call__(self, obs: Observation) -> None:
         self.items.append(obs)
-        self._changed.set()
+        # Wake every waiter, then give later waiters a fresh event to wait on.
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
 
     async def wait_for(
         self, predicate: Callable[[list[Observation]], bool], within: float
     ) -> list[Observation]:
         """Return as soon as ``predicate(items)`` holds; raise TimeoutError after ``within`` s."""
         with anyio.fail_after(within):
-            while not predicate(self.items):
-                self._changed = anyio.Event()
-                await self._changed.wait()
-        return self.items
+            while True:
+                changed = self._changed  # taken before the check: no change can be missed
+                if predicate(self.items):
+                    return self.items
+                await changed.wait()
 
 
 class Tracer:

@@ -124,9 +124,10 @@ class Adapter(abc.ABC):
         if body is not None:
             extra = payload_fields(body)
         fc_id = hdrs.get("x-flowcheck-id")
-        msg = Message(
-            headers=hdrs, payload=extra.get("payload"), properties=props, kafka_key=kafka_key
-        )
+        # Correlation rules read the whole body: a payload path must still resolve
+        # when the observation keeps only the first PAYLOAD_CAP bytes.
+        full = body.decode("utf-8", errors="replace") if body is not None else None
+        msg = Message(headers=hdrs, payload=full, properties=props, kafka_key=kafka_key)
         tp = hdrs.get("traceparent")
         return Observation(
             kind=kind,

@@ -25,6 +25,7 @@ from flowcheck.topology.model import Kafka, Topic
 aiokafka = require("aiokafka")
 from aiokafka import errors as kafka_errors  # noqa: E402 - after the dependency check
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
+from aiokafka.conn import create_conn  # noqa: E402
 from aiokafka.structs import TopicPartition  # noqa: E402
 
 CONNECT_TIMEOUT = 15.0
@@ -39,6 +40,16 @@ BINARY_INT_HEADERS = (
     "kafka_dlt-original-partition",
     "kafka_dlt-original-offset",
     "kafka_dlt-original-timestamp",
+)
+
+
+# Errors that mean the broker would not take flowcheck's login.
+_LOGIN_ERRORS = (
+    kafka_errors.AuthenticationFailedError,
+    kafka_errors.AuthenticationMethodNotSupported,
+    kafka_errors.SaslAuthenticationFailed,
+    kafka_errors.UnsupportedSaslMechanismError,  # the listener does not offer this mechanism
+    kafka_errors.IllegalSaslStateError,  # e.g. SASL sent to a PLAINTEXT listener
 )
 
 
@@ -96,9 +107,7 @@ class KafkaAdapter(Adapter):
         return f"Kafka at {','.join(self.cfg.bootstrap)}"
 
     def _translate(self, exc: BaseException) -> BaseException:
-        if isinstance(
-            exc, (kafka_errors.AuthenticationFailedError, kafka_errors.SaslAuthenticationFailed)
-        ):
+        if isinstance(exc, _LOGIN_ERRORS):
             return BrokerAuthError(
                 self.name, f"{self._where()} refused the login ({type(exc).__name__})"
             )
@@ -128,7 +137,44 @@ class KafkaAdapter(Adapter):
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await client.close() if hasattr(client, "close") else await client.stop()
-            raise self._translate(exc) from None
+            cause = exc
+            if (
+                isinstance(exc, kafka_errors.KafkaConnectionError)
+                and self.cfg.security.sasl_mechanism is not None
+            ):
+                cause = await self._login_failure() or exc
+            raise self._translate(cause) from None
+
+    async def _login_failure(self) -> BaseException | None:
+        """The login error behind a failed bootstrap, if that was the cause.
+
+        aiokafka only logs why each bootstrap address failed and then reports
+        "Unable to bootstrap", so a refused login would look like an unreachable
+        broker: connect to each address once more, alone, to find out.
+        """
+        args = self._client_args()
+        for address in self.cfg.bootstrap:
+            host, _, port = address.rpartition(":")
+            try:
+                with anyio.fail_after(CONNECT_TIMEOUT):
+                    conn = await create_conn(
+                        host,
+                        int(port),
+                        client_id=args["client_id"],
+                        request_timeout_ms=int(CONNECT_TIMEOUT * 1000),
+                        ssl_context=args.get("ssl_context"),
+                        security_protocol=args["security_protocol"],
+                        sasl_mechanism=args.get("sasl_mechanism"),
+                        sasl_plain_username=args.get("sasl_plain_username"),
+                        sasl_plain_password=args.get("sasl_plain_password"),
+                    )
+            except _LOGIN_ERRORS as exc:
+                refused: BaseException = exc
+                return refused
+            except (kafka_errors.KafkaError, TimeoutError, OSError, ValueError):
+                continue
+            conn.close()
+        return None
 
     async def connect(self) -> None:
         self.admin = AIOKafkaAdminClient(
@@ -397,6 +443,11 @@ class KafkaAdapter(Adapter):
 
     async def delete(self, channels: Sequence[str]) -> None:
         names = [self._names[k] for k in channels]
+        if self.producer is not None:
+            # Its metadata refreshes name the topics it sent to, and a broker that
+            # auto-creates topics would bring them back; the next publish starts another.
+            producer, self.producer = self.producer, None
+            await producer.stop()
         try:
             existing = set(await self.admin.list_topics())
             doomed = [n for n in names if n in existing]

@@ -70,6 +70,8 @@ class RabbitMQAdapter(Adapter):
         self.vhost = cfg.vhost
         self.connection: Any = None
         self._publish_channel: Any = None
+        # Names this adapter's connections apart from every other flowcheck's on the broker.
+        self.instance = new_id()[:12]
         self._names = {k: self.physical(k) for k in self.channels()}
         self._by_physical = {self._names[k]: k for k in self._names}
         # Queues that some queue dead-letters into: messages with x-death there are dead letters.
@@ -77,10 +79,15 @@ class RabbitMQAdapter(Adapter):
 
     # ------------------------------------------------------------ connection
 
+    def connection_name(self, purpose: str) -> str:
+        """The ``connection_name`` client property of this adapter's ``purpose`` connections
+        ("client", "tap"), as ``rabbitmqctl list_connections client_properties`` shows it."""
+        return f"flowcheck-{purpose}-{self.instance}"
+
     async def _open(self, purpose: str) -> Any:
         kwargs: dict[str, Any] = {
             "timeout": 10,
-            "client_properties": {"connection_name": f"flowcheck-{purpose}"},
+            "client_properties": {"connection_name": self.connection_name(purpose)},
         }
         if self.vhost is not None:
             kwargs["virtualhost"] = self.vhost
@@ -418,8 +425,13 @@ class RabbitMQAdapter(Adapter):
                     if redelivered or (count is not None and _int(count) > 0)
                     else Kind.DELIVERED
                 )
-                # x-delivery-count counts earlier failed deliveries: this is delivery number count + 1.
-                fields["delivery_count"] = (_int(count) + 1) if count is not None else None
+                # x-delivery-count counts earlier failed deliveries: this is delivery number
+                # count + 1. Without it, a first delivery is number 1; a classic queue's
+                # redelivery does not say which number it is.
+                if count is not None:
+                    fields["delivery_count"] = _int(count) + 1
+                elif kind is Kind.DELIVERED:
+                    fields["delivery_count"] = 1
             elif event == "publish" and meta.get("routed_queues") == []:
                 kind = Kind.UNROUTABLE
                 fields["reason"] = "NO_ROUTE"

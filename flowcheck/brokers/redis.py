@@ -52,6 +52,8 @@ class RedisAdapter(Adapter):
         self.url = cfg.url.get_secret_value()
         self.db = cfg.db
         self.client: Any = None
+        # Names this adapter's connections apart from every other flowcheck's (CLIENT LIST).
+        self.instance = new_id()[:12]
         self._names = {k: self.physical(k) for k in self.channels()}
         # dead-letter stream -> the stream whose dead letters it holds
         self._origin = {
@@ -67,17 +69,22 @@ class RedisAdapter(Adapter):
 
     # ------------------------------------------------------------ connection
 
-    def _client(self) -> Any:
+    def connection_name(self, purpose: str) -> str:
+        """The CLIENT SETNAME of this adapter's ``purpose`` connections ("client", "tap")."""
+        return f"flowcheck-{purpose}-{self.instance}"
+
+    def _client(self, purpose: str) -> Any:
         kwargs: dict[str, Any] = {
             "socket_connect_timeout": 5,
             "socket_timeout": 10 + BLOCK_MS / 1000,
+            "client_name": self.connection_name(purpose),
         }
         if self.db is not None:
             kwargs["db"] = self.db
         return redis_asyncio.from_url(self.url, **kwargs)
 
-    async def _open(self) -> Any:
-        client = self._client()
+    async def _open(self, purpose: str) -> Any:
+        client = self._client(purpose)
         try:
             await client.ping()
         except BaseException as exc:
@@ -100,7 +107,7 @@ class RedisAdapter(Adapter):
         return exc
 
     async def connect(self) -> None:
-        self.client = await self._open()
+        self.client = await self._open("client")
 
     async def close(self) -> None:
         if self.client is not None:
@@ -172,7 +179,7 @@ class RedisAdapter(Adapter):
         gap_reason = ""
         while True:
             try:
-                client = await self._open()
+                client = await self._open("tap")
             except BrokerUnreachable as exc:
                 if not started:
                     raise
@@ -251,7 +258,7 @@ class RedisAdapter(Adapter):
                         "trace_id": obs.trace_id,
                     }
                     for group in self._stream(key).groups:
-                        state.unacked.setdefault((key, group), {})[entry_id] = 0
+                        state.unacked.setdefault((key, group), {}).setdefault(entry_id, 0)
 
     def _entry(self, key: str, entry_id: str, fields: Mapping[Any, Any]) -> Observation:
         stream = self._stream(key)
@@ -303,7 +310,12 @@ class RedisAdapter(Adapter):
             ms, seq = id_key(_s(rows[-1]["message_id"]))
             start = f"{ms}-{seq + 1}"
         seen = state.unacked.setdefault((key, group), {})
+        read_up_to = id_key(state.last.get(name, "0-0"))
         for eid, (count, consumer) in pending.items():
+            if id_key(eid) > read_up_to:
+                # Not read by the tap yet: wait for it, so the evidence carries the
+                # entry's identity (fc_id, keys) and is reported once.
+                continue
             before = seen.get(eid, 0)
             if count > before:
                 kind = Kind.DELIVERED if count == 1 else Kind.REDELIVERED

@@ -1,0 +1,179 @@
+"""What every adapter must do, one test body for all three brokers (see ``Kit`` in conftest)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import traceback
+from collections import Counter
+
+import pytest
+
+from flowcheck.brokers import Adapter
+from flowcheck.brokers import adapter as make_adapter
+from flowcheck.errors import BrokerAuthError, BrokerError, BrokerUnreachable
+from flowcheck.observations import PAYLOAD_CAP, Kind, Observation, trace_id_of
+from flowcheck.redact import MASK
+from flowcheck.tracer import Memory, Tracer
+
+from .conftest import FLOW, SECRET, Kit, ids, of, order
+
+N = 20
+
+
+async def test_apply_is_idempotent(kit: Kit, adapter: Adapter) -> None:
+    assert await adapter.apply() == []
+    assert await adapter.apply() == []
+
+
+async def test_publish_returns_a_published_observation(kit: Kit, adapter: Adapter) -> None:
+    await adapter.apply()
+    body = order(1)
+
+    obs = await adapter.publish(
+        kit.publish_to, body, headers={"x-tenant": "acme"}, routing_key=kit.routing_key
+    )
+
+    assert obs.kind is Kind.PUBLISHED
+    assert (obs.broker, obs.channel) == (kit.broker, kit.publish_to)
+    assert obs.fc_id is not None
+    assert re.fullmatch(r"[0-9a-f]{32}", obs.fc_id)
+    assert obs.headers["x-flowcheck-id"] == obs.fc_id
+    assert obs.headers["x-tenant"] == "acme"
+    # A W3C traceparent was injected, and the observation carries its trace id.
+    traceparent = obs.headers["traceparent"]
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-0[01]", traceparent)
+    assert obs.trace_id is not None
+    assert obs.trace_id == trace_id_of(traceparent)
+    assert obs.keys == {FLOW: "o-1"}
+    assert (obs.payload, obs.size, obs.sha256) == (body.decode(), len(body), None)
+
+    second = await adapter.publish(kit.publish_to, order(2), routing_key=kit.routing_key)
+    assert second.fc_id != obs.fc_id
+    assert second.trace_id != obs.trace_id
+    assert second.keys == {FLOW: "o-2"}
+
+
+async def test_tap_sees_every_message_exactly_once(kit: Kit, adapter: Adapter) -> None:
+    await adapter.apply()
+    memory = Memory()
+    async with Tracer(kit.topology, [memory]) as tracer:
+        published = [
+            await tracer.publish(kit.publish_to, order(i), routing_key=kit.routing_key)
+            for i in range(N)
+        ]
+        sent = {o.fc_id for o in published}
+        assert len(sent) == N
+
+        def seen_everywhere(items: list[Observation]) -> bool:
+            return all(sent <= set(ids(items, Kind.ROUTED, ch)) for ch in kit.seen_on)
+
+        await memory.wait_for(seen_everywhere, kit.within)
+
+    by_id = {o.fc_id: o for o in published}
+    for channel in kit.seen_on:
+        routed = of(memory.items, Kind.ROUTED, channel)
+        assert Counter(o.fc_id for o in routed) == Counter(sent), channel
+        for o in routed:
+            # The tapped copy carries the identity the publish gave it.
+            assert o.fc_id is not None
+            mine = by_id[o.fc_id]
+            assert (o.trace_id, o.keys, o.payload) == (mine.trace_id, mine.keys, mine.payload)
+    assert ids(memory.items, Kind.PUBLISHED) == [o.fc_id for o in published]
+
+
+async def test_tap_does_not_take_messages_from_the_system(kit: Kit, adapter: Adapter) -> None:
+    await adapter.apply()
+    memory = Memory()
+    async with Tracer(kit.topology, [memory]) as tracer:
+        sent = [
+            _id(await tracer.publish(kit.publish_to, order(i), routing_key=kit.routing_key))
+            for i in range(N)
+        ]
+        await memory.wait_for(
+            lambda items: set(sent) <= set(ids(items, Kind.ROUTED, kit.publish_to)), kit.within
+        )
+
+        received = await kit.consume(N)
+
+        assert len(received) == N
+        assert sorted(received) == sorted(sent)
+        tapped = ids(memory.items, Kind.ROUTED, kit.publish_to)
+        assert len(tapped) == N
+        assert sorted(tapped) == sorted(sent)
+
+
+async def test_big_payload_is_cut_keeping_size_and_hash(kit: Kit, adapter: Adapter) -> None:
+    await adapter.apply()
+    body = order("big", blob="x" * (20 * 1024))
+    assert len(body) > PAYLOAD_CAP
+    memory = Memory()
+    async with Tracer(kit.topology, [memory]) as tracer:
+        published = await tracer.publish(kit.publish_to, body, routing_key=kit.routing_key)
+        await memory.wait_for(
+            lambda items: published.fc_id in ids(items, Kind.ROUTED, kit.publish_to), kit.within
+        )
+    [routed] = of(memory.items, Kind.ROUTED, kit.publish_to)
+    for obs in (published, routed):
+        assert obs.size == len(body)
+        assert obs.sha256 == hashlib.sha256(body).hexdigest()
+        assert obs.payload == body[:PAYLOAD_CAP].decode()
+        # The correlation key is read from the whole body, not the cut one.
+        assert obs.keys == {FLOW: "o-big"}
+
+
+async def test_secret_headers_are_redacted(kit: Kit, adapter: Adapter) -> None:
+    await adapter.apply()
+    headers = {"authorization": f"Bearer {SECRET}", "x-api-key": SECRET, "x-tenant": "acme"}
+    memory = Memory()
+    async with Tracer(kit.topology, [memory]) as tracer:
+        published = await tracer.publish(
+            kit.publish_to, order(1), headers=headers, routing_key=kit.routing_key
+        )
+        await memory.wait_for(
+            lambda items: published.fc_id in ids(items, Kind.ROUTED, kit.publish_to), kit.within
+        )
+    [routed] = of(memory.items, Kind.ROUTED, kit.publish_to)
+    for obs in (published, routed):
+        assert obs.headers["authorization"] == MASK
+        assert obs.headers["x-api-key"] == MASK
+        assert obs.headers["x-tenant"] == "acme"
+    for obs in memory.items:
+        assert SECRET not in obs.model_dump_json()
+
+
+def _assert_names_broker_not_secret(kit: Kit, exc: BrokerError) -> None:
+    message = str(exc)
+    assert exc.broker == kit.broker
+    assert message.startswith(f"{kit.broker}: ")
+    assert kit.label in message
+    assert SECRET not in message
+    assert SECRET not in "".join(traceback.format_exception(exc))
+
+
+async def test_wrong_password_is_an_auth_error(kit: Kit) -> None:
+    ad = make_adapter(kit.broker, kit.with_login(SECRET, None))
+    with pytest.raises(BrokerAuthError) as info:
+        await ad.connect()
+    _assert_names_broker_not_secret(kit, info.value)
+    await ad.close()
+
+
+async def test_closed_port_is_unreachable(kit: Kit, closed_port: int) -> None:
+    ad = make_adapter(kit.broker, kit.with_login(SECRET, closed_port))
+    with pytest.raises(BrokerUnreachable) as info:
+        await ad.connect()
+    _assert_names_broker_not_secret(kit, info.value)
+    assert f"127.0.0.1:{closed_port}" in str(info.value)
+    await ad.close()
+
+
+def test_kits_name_every_channel_with_the_unique_prefix(kit: Kit) -> None:
+    # The isolation of every other test here rests on this.
+    for key in kit.topology.channels:
+        assert kit.topology.channel_name(key).startswith(kit.prefix)
+
+
+def _id(obs: Observation) -> str:
+    assert obs.fc_id is not None
+    return obs.fc_id

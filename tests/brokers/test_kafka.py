@@ -1,0 +1,185 @@
+"""Kafka adapter: Spring-style retry and dead-letter topics, group commits, drift, tap start.
+
+Kept few: a group consumer needs about 5 s to join on the local Kafka-compatible broker.
+"""
+
+from __future__ import annotations
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from harness import KafkaScope
+
+from flowcheck.observations import Kind, Observation
+from flowcheck.tracer import Memory, Tracer
+
+from .conftest import FLOW, KAFKA_WITHIN, cleaned, ids, load, of, order
+
+TOPICS_YAML = """
+brokers:
+  kafka: {{kind: kafka, bootstrap: "{bootstrap}"}}
+channels:
+  payments:
+    broker: kafka
+    kind: topic
+    name: "{p}.payments"
+    partitions: {partitions}
+    retry: [payments-retry]
+    dead_letter: payments-dlt
+  payments-retry: {{broker: kafka, kind: topic, name: "{p}.payments-retry-0"}}
+  payments-dlt: {{broker: kafka, kind: topic, name: "{p}.payments-dlt"}}
+services:
+  billing: {{consumes: [{{channel: payments, group: "{p}.billing"}}]}}
+flows:
+  orders:
+    correlate: $.order_id
+    steps: [payments]
+"""
+
+
+def topology_yaml(bootstrap: str, prefix: str, partitions: int = 1) -> str:
+    return TOPICS_YAML.format(bootstrap=bootstrap, p=prefix, partitions=partitions)
+
+
+def big_endian(n: int, size: int = 4) -> bytes:
+    return n.to_bytes(size, "big", signed=True)
+
+
+async def test_spring_dead_letter_and_retry_records(
+    kafka_bootstrap: str, kafka: KafkaScope, unique: str
+) -> None:
+    topology = load(topology_yaml(kafka_bootstrap, unique))
+    async with cleaned(topology, "kafka") as ad:
+        await ad.apply()
+        producer = await kafka.producer()
+        memory = Memory()
+        async with Tracer(topology, [memory]) as tracer:
+            sent = await tracer.publish("payments", order(1))
+            assert sent.offset is not None
+            # What Spring's @RetryableTopic and DeadLetterPublishingRecoverer write: the
+            # original record's headers plus their own, integers as big-endian binary.
+            original = [
+                (k, str(sent.headers[k]).encode()) for k in ("x-flowcheck-id", "traceparent")
+            ]
+            await producer.send_and_wait(
+                f"{unique}.payments-retry-0",
+                order(1),
+                headers=[
+                    *original,
+                    ("retry_topic-attempts", big_endian(2)),
+                    ("retry_topic-backoff-timestamp", big_endian(1_700_000_000_000, 8)),
+                ],
+            )
+            await producer.send_and_wait(
+                f"{unique}.payments-dlt",
+                order(1),
+                headers=[
+                    *original,
+                    ("kafka_dlt-original-topic", f"{unique}.payments".encode()),
+                    ("kafka_dlt-original-partition", big_endian(0)),
+                    ("kafka_dlt-original-offset", big_endian(sent.offset, 8)),
+                    ("kafka_dlt-exception-fqcn", b"com.example.PaymentDeclinedException"),
+                    ("kafka_dlt-exception-message", b"card declined"),
+                    ("retry_topic-attempts", big_endian(3)),
+                ],
+            )
+            await memory.wait_for(
+                lambda items: (
+                    sent.fc_id in ids(items, Kind.DEAD_LETTERED, "payments-dlt")
+                    and sent.fc_id in ids(items, Kind.ROUTED, "payments-retry")
+                ),
+                KAFKA_WITHIN,
+            )
+
+    [retried] = of(memory.items, Kind.ROUTED, "payments-retry")
+    assert retried.delivery_count == 2
+    assert retried.keys == {FLOW: "o-1"}
+    [dead] = of(memory.items, Kind.DEAD_LETTERED)
+    assert (dead.channel, dead.origin, dead.reason) == (
+        "payments-dlt",
+        "payments",
+        "com.example.PaymentDeclinedException",
+    )
+    assert dead.delivery_count == 3
+    assert (dead.fc_id, dead.trace_id, dead.keys) == (sent.fc_id, sent.trace_id, {FLOW: "o-1"})
+    assert dead.headers["kafka_dlt-original-offset"] == sent.offset
+
+
+async def test_group_commits_are_consumed_evidence_for_exactly_the_committed_records(
+    kafka_bootstrap: str, kafka: KafkaScope, unique: str
+) -> None:
+    topology = load(topology_yaml(kafka_bootstrap, unique))
+    async with cleaned(topology, "kafka") as ad:
+        await ad.apply()
+        memory = Memory()
+        async with Tracer(topology, [memory]) as tracer:
+            sent = [await tracer.publish("payments", order(i)) for i in range(5)]
+            offsets = [o.offset for o in sent if o.offset is not None]
+            assert offsets == sorted(offsets)
+            assert len(offsets) == 5
+
+            consumer: AIOKafkaConsumer = await kafka.consumer(
+                f"{unique}.payments",
+                group_id=f"{unique}.billing",
+                auto_offset_reset="earliest",
+                enable_auto_commit=False,
+            )
+            got = 0
+            while got < 5:
+                batches = await consumer.getmany(timeout_ms=int(KAFKA_WITHIN * 1000))
+                assert batches, "the group consumer received nothing"
+                got += sum(len(records) for records in batches.values())
+            tp = TopicPartition(f"{unique}.payments", 0)
+
+            def consumed(items: list[Observation]) -> list[str]:
+                return ids(items, Kind.CONSUMED, "payments")
+
+            # The committed offset is the next record to read: 3 records are done ...
+            await consumer.commit({tp: offsets[2] + 1})
+            await memory.wait_for(lambda items: len(consumed(items)) >= 3, KAFKA_WITHIN)
+            assert consumed(memory.items) == [o.fc_id for o in sent[:3]]
+            # ... then a fourth.
+            await consumer.commit({tp: offsets[3] + 1})
+            await memory.wait_for(lambda items: len(consumed(items)) >= 4, KAFKA_WITHIN)
+            assert consumed(memory.items) == [o.fc_id for o in sent[:4]]
+
+    for obs in of(memory.items, Kind.CONSUMED):
+        assert obs.group == f"{unique}.billing"
+        assert obs.keys == {FLOW: f"o-{[o.fc_id for o in sent].index(obs.fc_id)}"}
+
+
+async def test_topic_with_other_partition_count_drifts(
+    kafka_bootstrap: str, kafka: KafkaScope, unique: str
+) -> None:
+    await kafka.create_topic(f"{unique}.payments", partitions=1)
+    topology = load(topology_yaml(kafka_bootstrap, unique, partitions=3))
+    async with cleaned(topology, "kafka") as ad:
+        drift = await ad.apply(["payments"])
+        assert [(d.channel, d.setting, d.want, d.have) for d in drift] == [
+            ("payments", "partitions", 3, 1)
+        ]
+        assert "partitions" in str(drift[0])
+
+
+async def test_tap_starts_at_the_end_offsets(
+    kafka_bootstrap: str, kafka: KafkaScope, unique: str
+) -> None:
+    topology = load(topology_yaml(kafka_bootstrap, unique, partitions=2))
+    topic = f"{unique}.payments"
+    async with cleaned(topology, "kafka") as ad:
+        await ad.apply()
+        producer = await kafka.producer()
+        for partition in (0, 1, 0, 1):
+            await producer.send_and_wait(topic, order("early"), partition=partition)
+        memory = Memory()
+        async with Tracer(topology, [memory], channels=["payments"]):
+            late = []
+            for partition in (0, 1):
+                meta = await producer.send_and_wait(topic, order("late"), partition=partition)
+                late.append((meta.partition, meta.offset))
+            await memory.wait_for(
+                lambda items: len(of(items, Kind.ROUTED, "payments")) >= 2, KAFKA_WITHIN
+            )
+
+    routed = of(memory.items, Kind.ROUTED, "payments")
+    # Per partition the early records come first: had the tap read them, they would be here.
+    assert sorted((o.partition, o.offset) for o in routed) == sorted(late) == [(0, 2), (1, 2)]
+    assert all(o.keys == {FLOW: "o-late"} for o in routed)

@@ -1,0 +1,238 @@
+"""RabbitMQ adapter: dead letters, firehose deliveries, unroutable publishes, drift, gaps.
+
+Needs ``rabbitmqctl`` for the broker under test (the firehose and killing connections).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import aio_pika
+import anyio
+import pytest
+import pytest_asyncio
+from aio_pika.abc import AbstractIncomingMessage
+from harness import AmqpScope
+
+from flowcheck.brokers.rabbitmq import RabbitMQAdapter
+from flowcheck.observations import Kind, Observation
+from flowcheck.tracer import Memory, Tracer
+
+from .conftest import FLOW, WITHIN, cleaned, ids, load, of, order, rabbitmq_kit
+
+DEAD_LETTER_YAML = """
+brokers:
+  rabbit: {{kind: rabbitmq, url: "${{FC_URL}}"}}
+channels:
+  jobs: {{broker: rabbit, kind: exchange, type: direct, name: "{p}.jobs", durable: false}}
+  work:
+    broker: rabbit
+    kind: queue
+    type: quorum
+    name: "{p}.work"
+    delivery_limit: 1
+    bindings: [{{exchange: jobs, key: job}}]
+    dead_letter: {{exchange: dead}}
+  dead: {{broker: rabbit, kind: exchange, type: fanout, name: "{p}.dead", durable: false}}
+  dlq: {{broker: rabbit, kind: queue, name: "{p}.dlq", durable: false, bindings: [dead]}}
+services:
+  worker: {{consumes: [work]}}
+flows:
+  orders:
+    correlate: $.order_id
+    steps: [jobs, work]
+"""
+
+
+async def rabbitmqctl(*args: str) -> str:
+    """Run ``rabbitmqctl`` on the local node; its standard output."""
+    result = await anyio.run_process(["rabbitmqctl", "-q", *args])
+    return result.stdout.decode()
+
+
+async def close_connections_named(name: str) -> int:
+    """Close, from the broker side, every connection whose connection_name is ``name``."""
+    listing = await rabbitmqctl(
+        "list_connections", "pid", "client_properties", "--no-table-headers"
+    )
+    # One line per connection: <pid> TAB [{"product","aiormq"},{"connection_name","<name>"},...]
+    marker = f'{{"connection_name","{name}"}}'
+    doomed = [
+        pid
+        for pid, _, properties in (line.partition("\t") for line in listing.splitlines())
+        if marker in properties
+    ]
+    for pid in doomed:
+        await rabbitmqctl("close_connection", pid, "flowcheck test: simulated network loss")
+    return len(doomed)
+
+
+@pytest_asyncio.fixture
+async def firehose(rabbitmq_url: str) -> AsyncIterator[None]:
+    """RabbitMQ's firehose (``trace_on``) for the default vhost, for this test only."""
+    await rabbitmqctl("trace_on")
+    try:
+        yield
+    finally:
+        await rabbitmqctl("trace_off")
+
+
+@pytest.mark.usefixtures("firehose")
+async def test_delivery_limit_dead_letters_after_redeliveries(
+    rabbitmq_url: str, unique: str
+) -> None:
+    topology = load(DEAD_LETTER_YAML.format(p=unique), FC_URL=rabbitmq_url)
+    # What the system's consumer was handed: (redelivered, x-delivery-count) per delivery.
+    deliveries: list[tuple[bool | None, object]] = []
+
+    async def refuse(message: AbstractIncomingMessage) -> None:
+        deliveries.append((message.redelivered, (message.headers or {}).get("x-delivery-count")))
+        await message.nack(requeue=True)
+
+    async with cleaned(topology, "rabbit") as ad:
+        assert await ad.apply() == []
+        memory = Memory()
+        async with Tracer(topology, [memory]) as tracer:
+            sent = await tracer.publish("jobs", order(1), routing_key="job")
+            connection = await aio_pika.connect(rabbitmq_url)
+            try:
+                channel = await connection.channel()
+                await channel.set_qos(prefetch_count=1)
+                queue = await channel.get_queue(f"{unique}.work", ensure=False)
+                await queue.consume(refuse)
+
+                def settled(items: list[Observation]) -> bool:
+                    firehose = [
+                        o
+                        for o in items
+                        if o.channel == "work" and o.kind in (Kind.DELIVERED, Kind.REDELIVERED)
+                    ]
+                    return (
+                        sent.fc_id in ids(items, Kind.DEAD_LETTERED, "dlq")
+                        and len(firehose) >= len(deliveries) >= 2
+                    )
+
+                await memory.wait_for(settled, WITHIN)
+            finally:
+                await connection.close()
+
+    # delivery_limit 1: the first delivery and one redelivery, then the broker dead-letters.
+    assert deliveries == [(False, None), (True, 1)]
+    [dead] = of(memory.items, Kind.DEAD_LETTERED)
+    assert (dead.channel, dead.fc_id, dead.reason, dead.origin) == (
+        "dlq",
+        sent.fc_id,
+        "delivery_limit",
+        "work",
+    )
+    assert dead.keys == {FLOW: "o-1"}
+    assert dead.trace_id == sent.trace_id
+    # The firehose saw both deliveries on the work queue, numbered.
+    on_work = [o for o in memory.items if o.channel == "work" and o.kind is not Kind.ROUTED]
+    assert [(o.kind, o.delivery_count, o.fc_id) for o in on_work] == [
+        (Kind.DELIVERED, 1, sent.fc_id),
+        (Kind.REDELIVERED, 2, sent.fc_id),
+    ]
+    assert all(o.keys == {FLOW: "o-1"} for o in on_work)
+
+
+async def test_unroutable_publish_is_observed(rabbitmq_url: str, unique: str) -> None:
+    kit = rabbitmq_kit(rabbitmq_url, unique)  # topic exchange "events"; "inbox" binds order.#
+    async with cleaned(kit.topology, "rabbit") as ad:
+        await ad.apply()
+
+        # No tap: the broker returns the mandatory publish.
+        returned = await ad.publish("events", order(1), routing_key="invoice.paid")
+        assert returned.kind is Kind.UNROUTABLE
+        assert (returned.channel, returned.routing_key, returned.reason) == (
+            "events",
+            "invoice.paid",
+            "NO_ROUTE",
+        )
+        assert returned.fc_id is not None
+        assert returned.keys == {FLOW: "o-1"}
+
+        # With a tap, whose own binding makes every publish routable: judged by the topology.
+        memory = Memory()
+        async with Tracer(kit.topology, [memory]) as tracer:
+            lost = await tracer.publish("events", order(2), routing_key="invoice.paid")
+            kept = await tracer.publish("events", order(3), routing_key="order.placed")
+            await memory.wait_for(
+                lambda items: (
+                    lost.fc_id in ids(items, Kind.UNROUTABLE, "events")
+                    and kept.fc_id in ids(items, Kind.ROUTED, "inbox")
+                ),
+                WITHIN,
+            )
+
+    [unroutable] = of(memory.items, Kind.UNROUTABLE)
+    assert (unroutable.fc_id, unroutable.routing_key) == (lost.fc_id, "invoice.paid")
+    assert unroutable.keys == {FLOW: "o-2"}
+    assert unroutable.reason
+    # The inbox (whose tap copy follows publish order) never got the lost one.
+    assert ids(memory.items, Kind.ROUTED, "inbox") == [kept.fc_id]
+    assert ids(memory.items, Kind.ROUTED, "events") == [kept.fc_id]
+
+
+async def test_queue_declared_classic_by_hand_drifts_from_quorum(
+    amqp: AmqpScope, rabbitmq_url: str, unique: str
+) -> None:
+    await amqp.declare_queue(f"{unique}.work", durable=True)
+    topology = load(
+        f"""
+brokers:
+  rabbit: {{kind: rabbitmq, url: "${{FC_URL}}"}}
+channels:
+  work: {{broker: rabbit, kind: queue, type: quorum, name: "{unique}.work"}}
+""",
+        FC_URL=rabbitmq_url,
+    )
+    async with cleaned(topology, "rabbit") as ad:
+        drift = await ad.apply()
+        assert [(d.channel, d.setting, d.want) for d in drift] == [
+            ("work", "x-queue-type", "quorum")
+        ]
+        assert "x-queue-type" in str(drift[0])
+        assert drift[0].have != "quorum"
+        # Reported again, not "fixed": flowcheck never deletes a queue to redeclare it.
+        assert [d.setting for d in await ad.apply()] == ["x-queue-type"]
+
+
+async def test_tap_reports_gap_and_resumes_after_losing_its_connection(
+    rabbitmq_url: str, unique: str
+) -> None:
+    kit = rabbitmq_kit(rabbitmq_url, unique)
+    async with cleaned(kit.topology, "rabbit") as ad:
+        await ad.apply()
+        memory = Memory()
+        async with Tracer(kit.topology, [memory]) as tracer:
+            tap = tracer.adapters["rabbit"]
+            assert isinstance(tap, RabbitMQAdapter)
+
+            def tapped(fc_id: str | None) -> Callable[[list[Observation]], bool]:
+                return lambda items: all(
+                    fc_id in ids(items, Kind.ROUTED, ch) for ch in ("events", "inbox")
+                )
+
+            before = await tracer.publish("events", order(1), routing_key="order.placed")
+            await memory.wait_for(tapped(before.fc_id), WITHIN)
+
+            assert await close_connections_named(tap.connection_name("tap")) == 1
+            await memory.wait_for(
+                lambda items: {o.channel for o in of(items, Kind.GAP)} == {"events", "inbox"},
+                WITHIN,
+            )
+
+            after = await tracer.publish("events", order(2), routing_key="order.placed")
+            await memory.wait_for(tapped(after.fc_id), WITHIN)
+
+    gaps = of(memory.items, Kind.GAP)
+    assert sorted(g.channel for g in gaps) == ["events", "inbox"]
+    first_seen = max(o.mono_ns for o in of(memory.items, Kind.ROUTED) if o.fc_id == before.fc_id)
+    resumed = min(o.mono_ns for o in of(memory.items, Kind.ROUTED) if o.fc_id == after.fc_id)
+    for gap in gaps:
+        assert gap.until_ns is not None
+        assert first_seen < gap.mono_ns <= gap.until_ns < resumed
+        assert gap.reason
+    for channel in ("events", "inbox"):
+        assert ids(memory.items, Kind.ROUTED, channel) == [before.fc_id, after.fc_id]

@@ -1,0 +1,199 @@
+"""Redis Streams adapter: group deliveries from the PEL, dead-letter streams, gaps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from flowcheck.brokers.redis import RedisAdapter
+from flowcheck.observations import Kind, Observation
+from flowcheck.tracer import Memory, Tracer
+
+from .conftest import FLOW, WITHIN, cleaned, ids, load, of, order, read_group, redis_kit
+
+DEAD_LETTER_YAML = """
+brokers:
+  redis: {{kind: redis, url: "${{FC_URL}}"}}
+channels:
+  events:
+    broker: redis
+    kind: stream
+    name: "{p}.events"
+    groups: [billing]
+    delivery_limit: 3
+    dead_letter: dead
+  dead: {{broker: redis, kind: stream, name: "{p}.dead"}}
+services:
+  billing: {{consumes: [{{channel: events, group: billing}}]}}
+flows:
+  orders:
+    correlate: $.order_id
+    steps: [events]
+"""
+
+
+def evidence(
+    items: list[Observation], fc_id: str | None
+) -> list[tuple[Kind, int | None, str | None]]:
+    """(kind, delivery count, group) of the group evidence about one message, in order."""
+    return [
+        (o.kind, o.delivery_count, o.group)
+        for o in items
+        if o.fc_id == fc_id and o.kind in (Kind.DELIVERED, Kind.REDELIVERED, Kind.CONSUMED)
+    ]
+
+
+@pytest.mark.parametrize("claim", ["xclaim", "xautoclaim"])
+async def test_claimed_entry_is_redelivered_then_consumed(
+    redis_url: str, redis: Redis, unique: str, claim: str
+) -> None:
+    kit = redis_kit(redis_url, unique)
+    stream = f"{unique}.events"
+    async with cleaned(kit.topology, "redis") as ad:
+        await ad.apply()
+        memory = Memory()
+        async with Tracer(kit.topology, [memory]) as tracer:
+            sent = await tracer.publish("events", order(1))
+            await memory.wait_for(lambda items: sent.fc_id in ids(items, Kind.ROUTED), WITHIN)
+
+            # worker-1 reads it and never acknowledges it.
+            [(entry_id, fields)] = await read_group(redis, stream, "billing", "worker-1", count=1)
+            assert fields["x-flowcheck-id"] == sent.fc_id
+            await memory.wait_for(lambda items: len(evidence(items, sent.fc_id)) == 1, WITHIN)
+
+            # worker-2 takes the stuck entry over: the broker counts a second delivery.
+            claimed: Any
+            if claim == "xclaim":
+                claimed = await redis.xclaim(stream, "billing", "worker-2", 0, [entry_id])
+            else:
+                _, claimed, _ = await redis.xautoclaim(stream, "billing", "worker-2", 0, "0-0")
+            assert [e[0].decode() for e in claimed] == [entry_id]
+            await memory.wait_for(lambda items: len(evidence(items, sent.fc_id)) == 2, WITHIN)
+
+            assert await redis.xack(stream, "billing", entry_id) == 1
+            await memory.wait_for(lambda items: len(evidence(items, sent.fc_id)) == 3, WITHIN)
+
+    assert evidence(memory.items, sent.fc_id) == [
+        (Kind.DELIVERED, 1, "billing"),
+        (Kind.REDELIVERED, 2, "billing"),
+        (Kind.CONSUMED, 2, "billing"),
+    ]
+    for obs in memory.items:
+        if obs.fc_id == sent.fc_id and obs.kind is not Kind.PUBLISHED:
+            assert (obs.channel, obs.entry_id) == ("events", entry_id)
+            assert obs.keys == {FLOW: "o-1"}
+            assert obs.trace_id == sent.trace_id
+    [redelivered] = of(memory.items, Kind.REDELIVERED)
+    assert redelivered.reason is not None
+    assert "worker-2" in redelivered.reason
+
+
+async def test_entry_moved_to_dead_letter_stream_is_dead_lettered(
+    redis_url: str, redis: Redis, unique: str
+) -> None:
+    topology = load(DEAD_LETTER_YAML.format(p=unique), FC_URL=redis_url)
+    stream, dead = f"{unique}.events", f"{unique}.dead"
+    async with cleaned(topology, "redis") as ad:
+        await ad.apply()
+        memory = Memory()
+        async with Tracer(topology, [memory]) as tracer:
+            sent = await tracer.publish("events", order(7))
+            await memory.wait_for(lambda items: sent.fc_id in ids(items, Kind.ROUTED), WITHIN)
+
+            # The consumer gives up, as the usual pattern does: XADD to the dead-letter
+            # stream with the entry's fields and why, then XACK the original.
+            [(entry_id, fields)] = await read_group(redis, stream, "billing", "worker-1", count=1)
+            moved: dict[Any, Any] = {**fields, "reason": "PaymentDeclined", "delivery_count": "3"}
+            await redis.xadd(dead, moved)
+            await redis.xack(stream, "billing", entry_id)
+            await memory.wait_for(
+                lambda items: (
+                    sent.fc_id in ids(items, Kind.DEAD_LETTERED, "dead")
+                    and sent.fc_id in ids(items, Kind.CONSUMED, "events")
+                ),
+                WITHIN,
+            )
+
+    [dead_letter] = of(memory.items, Kind.DEAD_LETTERED)
+    assert (dead_letter.channel, dead_letter.origin, dead_letter.reason) == (
+        "dead",
+        "events",
+        "PaymentDeclined",
+    )
+    assert dead_letter.delivery_count == 3
+    assert dead_letter.keys == {FLOW: "o-7"}
+    assert dead_letter.trace_id == sent.trace_id
+    assert dead_letter.payload == order(7).decode()
+
+
+async def test_tap_reports_gap_and_loses_nothing_written_during_it(
+    redis_url: str, redis: Redis, unique: str
+) -> None:
+    kit = redis_kit(redis_url, unique)
+    stream = f"{unique}.events"
+    async with cleaned(kit.topology, "redis") as ad:
+        await ad.apply()
+        memory = Memory()
+        async with Tracer(kit.topology, [memory]) as tracer:
+            tap = tracer.adapters["redis"]
+            assert isinstance(tap, RedisAdapter)
+            before = await tracer.publish("events", order(1))
+            await memory.wait_for(lambda items: before.fc_id in ids(items, Kind.ROUTED), WITHIN)
+
+            # Kill the tap's connections and write entries in one transaction: the
+            # entries land while the tap has no connection at all. A consumer of the
+            # group reads the first of them at once, so the PEL has it before the tap
+            # has read it.
+            victims = [
+                client["id"]
+                for client in await redis.client_list()
+                if client["name"] == tap.connection_name("tap")
+            ]
+            assert victims
+            async with redis.pipeline(transaction=True) as pipe:
+                for victim in victims:
+                    pipe.client_kill_filter(_id=victim)
+                for n in range(5):
+                    pipe.xadd(stream, {"payload": order(f"gap-{n}")})
+                pipe.xreadgroup("billing", "worker-1", {stream: ">"}, count=2)
+                replies = await pipe.execute()
+            assert replies[: len(victims)] == [1] * len(victims)
+            during = [r.decode() for r in replies[len(victims) : len(victims) + 5]]
+
+            def caught_up(items: list[Observation]) -> bool:
+                return (
+                    bool(of(items, Kind.GAP))
+                    and set(during) <= {o.entry_id for o in of(items, Kind.ROUTED)}
+                    and during[0] in {o.entry_id for o in of(items, Kind.DELIVERED)}
+                )
+
+            await memory.wait_for(caught_up, WITHIN)
+            after = await tracer.publish("events", order(2))
+            await memory.wait_for(lambda items: after.fc_id in ids(items, Kind.ROUTED), WITHIN)
+
+    [gap] = of(memory.items, Kind.GAP)
+    assert gap.channel == "events"
+    assert gap.until_ns is not None
+    assert gap.reason
+    routed = of(memory.items, Kind.ROUTED)
+    [first] = [o for o in routed if o.fc_id == before.fc_id]
+    assert first.mono_ns < gap.mono_ns <= gap.until_ns
+    # Every entry exactly once, in stream order; those written in the gap seen after it.
+    assert [o.entry_id for o in routed] == [before.entry_id, *during, after.entry_id]
+    for obs in routed:
+        if obs.entry_id in during:
+            assert obs.mono_ns > gap.until_ns
+            assert obs.keys == {FLOW: f"o-gap-{during.index(obs.entry_id)}"}
+    # The group's deliveries (the entry from before and the first written in the gap):
+    # each once, with the entry's identity.
+    delivered = of(memory.items, Kind.DELIVERED)
+    assert sorted((o.entry_id, o.group, o.delivery_count) for o in delivered) == [
+        (before.entry_id, "billing", 1),
+        (during[0], "billing", 1),
+    ]
+    assert {o.entry_id: o.keys for o in delivered} == {
+        before.entry_id: {FLOW: "o-1"},
+        during[0]: {FLOW: "o-gap-0"},
+    }
