@@ -19,7 +19,9 @@ from flowcheck import __version__
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from flowcheck.checker import Verdict
     from flowcheck.observations import Observation
+    from flowcheck.runner import Outcome
     from flowcheck.timeline import Timeline
 from flowcheck.errors import FlowcheckError, Problem, UsageError
 from flowcheck.topology import Topology, check_file
@@ -350,3 +352,125 @@ def _print_timelines(
             console.print(
                 f"  {at:>10.1f}ms {step:>9}  {kind} {o.channel:<24} {where:<18} {'; '.join(detail)}"
             )
+
+
+# ---------------------------------------------------------------- checking
+
+
+def _report(verdict: Verdict, report_dir: str | None, trace: str | None = None) -> None:
+    """Print the verdict and write the report files; then exit 0 (passed) or 1."""
+    from rich.console import Console
+
+    from flowcheck.reporting import terminal, write_reports
+
+    terminal.render(verdict, Console(highlight=False, soft_wrap=True))
+    if report_dir is not None:
+        paths = write_reports(verdict, report_dir)
+        click.echo("reports: " + ", ".join(str(p) for p in paths.values()))
+    if trace is not None:
+        click.echo(f"trace: {trace} (flowcheck inspect {trace})")
+    sys.exit(EXIT_OK if verdict.passed else EXIT_FAILED)
+
+
+@cli.command()
+@click.argument("topology_file", metavar="TOPOLOGY")
+@click.argument("trace_file", metavar="TRACE")
+@click.option(
+    "--report-dir", default=None, help="Write verdict.json, junit.xml and summary.md here."
+)
+def check(topology_file: str, trace_file: str, report_dir: str | None) -> None:
+    """Check a recorded TRACE against TOPOLOGY's flows, offline.
+
+    Exits 0 when every flow passes, 1 when a check fails, 2 for a bad
+    topology or trace file.
+    """
+    from flowcheck.checker import Checker
+    from flowcheck.trace import Reader, TraceError, topology_hash
+
+    topology = _load_or_exit(topology_file)
+    try:
+        reader = Reader(trace_file)
+        if reader.header.topology_sha256 not in (None, topology_hash(topology_file)):
+            click.echo(
+                f"flowcheck: warning: {trace_file} was recorded with a different version of {topology_file}",
+                err=True,
+            )
+        checker = Checker(topology, start_ns=reader.header.started_mono_ns)
+        for obs in reader:
+            checker.feed(obs)
+    except TraceError as exc:
+        click.echo(f"flowcheck: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    if reader.problems:
+        click.echo(f"flowcheck: warning: {reader.describe()}", err=True)
+    _report(checker.finish(), report_dir)
+
+
+@cli.command()
+@click.argument("topology_file", metavar="TOPOLOGY")
+@click.option(
+    "--scenario",
+    "scenario_file",
+    default=None,
+    help="Messages to publish (YAML); default: one per flow.",
+)
+@click.option(
+    "--report-dir",
+    default="flowcheck-reports",
+    show_default=True,
+    help="Where the trace and reports go.",
+)
+@click.option("--no-apply", is_flag=True, help="Do not declare the topology's channels first.")
+def run(topology_file: str, scenario_file: str | None, report_dir: str, no_apply: bool) -> None:
+    """Apply TOPOLOGY, tap it, publish a scenario, wait for every chain, check, report.
+
+    Exit codes: 0 every flow passed, 1 a check failed, 2 bad usage or an
+    invalid topology or scenario, 3 a broker could not be reached or refused.
+    """
+    import anyio
+    from rich.console import Console
+
+    from flowcheck import scenario as scenarios
+    from flowcheck.errors import TopologyError
+    from flowcheck.runner import run as run_scenario
+
+    topology = _load_or_exit(topology_file)
+    if scenario_file is None:
+        scenario = scenarios.Scenario(send=[scenarios.Send(flow=name) for name in topology.flows])
+    else:
+        try:
+            scenario = scenarios.load(scenario_file, topology)
+        except UsageError as exc:
+            click.echo(f"flowcheck: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
+        except TopologyError as exc:
+            for p in exc.problems:
+                click.echo(str(p), err=True)
+            click.echo(f"flowcheck: {scenario_file} is not a valid scenario", err=True)
+            sys.exit(EXIT_USAGE)
+    if not topology.flows:
+        click.echo(f"flowcheck: {topology_file} declares no flows: nothing to run", err=True)
+        sys.exit(EXIT_USAGE)
+    console = Console(stderr=True, highlight=False)
+
+    async def main() -> Outcome:
+        return await run_scenario(
+            topology,
+            scenario,
+            report_dir,
+            topology_path=topology_file,
+            apply=not no_apply,
+            progress=lambda line: console.print(f"flowcheck: {line}"),
+        )
+
+    try:
+        outcome = anyio.run(main)
+    except UsageError as exc:
+        click.echo(f"flowcheck: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except FlowcheckError as exc:
+        click.echo(f"flowcheck: {exc}", err=True)
+        sys.exit(EXIT_INFRA)
+    for d in outcome.drift:
+        click.echo(f"flowcheck: warning: drift: {d}", err=True)
+    _report(outcome.verdict, report_dir, outcome.trace)

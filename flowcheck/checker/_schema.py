@@ -19,6 +19,7 @@ class SchemaCheck:
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
         self.validators: dict[str, Any] = {}
+        self.channels = {k for k, ch in topology.channels.items() if ch.payload_schema is not None}
 
     def _validator(self, channel: str) -> Any:
         if channel in self.validators:

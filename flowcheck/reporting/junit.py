@@ -1,0 +1,175 @@
+"""The verdict as JUnit XML, for CI test-report views (GitHub, GitLab, Jenkins, Azure).
+
+Layout::
+
+    <testsuites name="flowcheck" tests failures errors skipped time>
+      <testsuite name=FLOW ...>               one per flow
+        <properties/>                         chains, succeeded, failed, unknown, dead_lettered
+        <testcase name=CHECK classname="flowcheck.FLOW">   one per check
+          <failure message type>findings</failure>        when the check failed
+        <testcase name="latency HOP" ...>     one per hop with a budget
+        <system-out>                          the flow's counts, in words
+      <testsuite name="flowcheck">            only with findings outside flows or tap gaps
+
+The verdict holds no durations, so every ``time`` is 0.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+
+from flowcheck.checker.verdict import Check, Finding, FlowVerdict, Latency, Verdict
+from flowcheck.reporting._common import (
+    finding_line,
+    findings_of,
+    flow_counts,
+    latency_problem,
+    ms,
+    plural,
+    timeline_line,
+)
+
+MAX_FINDINGS = 20  # listed per failed check; the rest are counted
+MAX_MESSAGE = 500  # characters of a failure's message attribute: CI views show it on one line
+
+# XML 1.0 cannot carry these at all, even escaped; keys and broker reasons may hold them.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def clean(text: str) -> str:
+    """``text`` with the characters XML 1.0 forbids shown as ``\\xNN``."""
+    return _NOT_XML.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def to_element(verdict: Verdict, *, max_findings: int = MAX_FINDINGS) -> ET.Element:
+    """The ``<testsuites>`` element."""
+    root = ET.Element("testsuites", name="flowcheck")
+    if verdict.topology:
+        root.set("name", clean(f"flowcheck {verdict.topology}"))
+    for flow in verdict.flows:
+        root.append(_flow_suite(flow, max_findings))
+    if verdict.findings or verdict.gaps:
+        root.append(_outside_suite(verdict, max_findings))
+    suites = root.findall("testsuite")
+    root.set("tests", str(sum(int(s.get("tests", "0")) for s in suites)))
+    root.set("failures", str(sum(int(s.get("failures", "0")) for s in suites)))
+    root.set("errors", "0")
+    root.set("skipped", "0")
+    root.set("time", "0")
+    return root
+
+
+def dumps(verdict: Verdict, *, max_findings: int = MAX_FINDINGS) -> str:
+    """The JUnit XML document, UTF-8 declared, indented, ending in a newline."""
+    root = to_element(verdict, max_findings=max_findings)
+    ET.indent(root)
+    body = ET.tostring(root, encoding="unicode")
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + body + "\n"
+
+
+# ---------------------------------------------------------------- suites
+
+
+def _suite(name: str, cases: list[ET.Element], out: str, props: dict[str, int]) -> ET.Element:
+    suite = ET.Element(
+        "testsuite",
+        name=clean(name),
+        tests=str(len(cases)),
+        failures=str(sum(1 for c in cases if c.find("failure") is not None)),
+        errors="0",
+        skipped="0",
+        time="0",
+    )
+    if props:  # before the test cases: the JUnit schema fixes the order
+        properties = ET.SubElement(suite, "properties")
+        for key, value in props.items():
+            ET.SubElement(properties, "property", name=key, value=str(value))
+    suite.extend(cases)
+    if out:
+        ET.SubElement(suite, "system-out").text = clean(out)
+    return suite
+
+
+def _flow_suite(flow: FlowVerdict, max_findings: int) -> ET.Element:
+    classname = f"flowcheck.{flow.flow}"
+    cases = [_check_case(flow, c, classname, max_findings) for c in flow.checks]
+    cases += [_latency_case(lat, classname) for lat in flow.latency if lat.budget_ms]
+    props = {
+        "chains": flow.chains,
+        "succeeded": flow.succeeded,
+        "failed": flow.failed,
+        "unknown": flow.unknown,
+        "dead_lettered": flow.dead_lettered,
+    }
+    return _suite(flow.flow, cases, f"{flow.flow}: {flow_counts(flow)}\n", props)
+
+
+def _outside_suite(verdict: Verdict, max_findings: int) -> ET.Element:
+    """Findings of no single flow (they fail the verdict) and tap gaps (they do not)."""
+    case = _case("outside flows", "flowcheck")
+    if verdict.findings:
+        first = verdict.findings[0]
+        _fail(
+            case,
+            _message(plural(len(verdict.findings), "finding") + " outside any flow", first),
+            "flowcheck." + first.kind.value,
+            _listing(verdict.findings, len(verdict.findings), max_findings),
+        )
+    out = "".join(
+        f"tap gap on {g.channel} from {ms(g.at_ms)}ms: {g.reason or 'no reason given'}\n"
+        for g in verdict.gaps
+    )
+    return _suite("flowcheck", [case], out, {})
+
+
+# ---------------------------------------------------------------- cases
+
+
+def _case(name: str, classname: str) -> ET.Element:
+    return ET.Element("testcase", name=clean(name), classname=clean(classname), time="0")
+
+
+def _fail(case: ET.Element, message: str, kind: str, text: str) -> None:
+    failure = ET.SubElement(case, "failure", message=clean(message), type=clean(kind))
+    failure.text = clean(text)
+
+
+def _check_case(flow: FlowVerdict, check: Check, classname: str, limit: int) -> ET.Element:
+    case = _case(check.name, classname)
+    if check.passed:
+        return case
+    found = findings_of(flow, check)
+    kinds = sorted({f.kind.value for f in found})
+    _fail(
+        case,
+        _message(check.message, found[0] if found else None),
+        "flowcheck." + ("+".join(kinds) or check.name.replace(" ", "_")),
+        check.message + "\n" + _listing(found, max(check.findings, len(found)), limit),
+    )
+    return case
+
+
+def _latency_case(lat: Latency, classname: str) -> ET.Element:
+    case = _case(f"latency {lat.hop}", classname)
+    if not lat.passed:
+        problem = latency_problem(lat)
+        _fail(case, problem, "flowcheck.latency", problem + "\n")
+    return case
+
+
+def _message(head: str, first: Finding | None) -> str:
+    """The one-line message: the check's own, then the first finding, so it names one."""
+    text = head if first is None else f"{head}; first: {finding_line(first)}"
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
+
+def _listing(found: list[Finding], total: int, limit: int) -> str:
+    lines: list[str] = []
+    for f in found[:limit]:
+        lines.append(finding_line(f))
+        if f.timeline:
+            lines.append("  seen: " + timeline_line(f.timeline))
+    if total > min(len(found), limit):
+        lines.append(f"... {total - min(len(found), limit)} more not listed ({total} in all)")
+    return "".join(line + "\n" for line in lines)

@@ -1,0 +1,128 @@
+"""``flowcheck run``: apply the topology, tap it, publish a scenario, wait, check.
+
+Waiting is on events: the run ends as soon as every chain it started has
+reached its last step or its expected dead letter, or when its deadline has
+passed on the clock; never after a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import anyio
+
+from flowcheck.checker import Checker, Verdict
+from flowcheck.checker._engine import DEFAULT_WINDOW, GRACE_NS
+from flowcheck.errors import leaf
+from flowcheck.observations import Kind, Observation, now
+from flowcheck.recorder import apply_all
+from flowcheck.scenario import Scenario, messages
+from flowcheck.topology.model import Topology
+from flowcheck.trace import Header, Writer
+from flowcheck.tracer import Tracer
+
+TICK = 0.25  # seconds: how often time is advanced while nothing is observed
+
+
+@dataclass
+class Outcome:
+    verdict: Verdict
+    trace: str
+    published: int
+    drift: list[str]
+
+
+async def run(
+    topology: Topology,
+    scenario: Scenario,
+    out_dir: str,
+    *,
+    topology_path: str | None = None,
+    apply: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> Outcome:
+    try:
+        return await _run(
+            topology, scenario, out_dir, topology_path, apply, progress or (lambda _: None)
+        )
+    except BaseExceptionGroup as group:
+        raise leaf(group) from None
+
+
+async def _run(
+    topology: Topology,
+    scenario: Scenario,
+    out_dir: str,
+    topology_path: str | None,
+    apply: bool,
+    say: Callable[[str], None],
+) -> Outcome:
+    run_id = uuid.uuid4().hex[:8]
+    plan = list(messages(scenario, topology, run_id))
+    # Keys known before publishing (all rules but traceparent): a missing one was never published.
+    expected: dict[str, set[str]] = {}
+    for m in plan:
+        if not topology.flows[m.flow].correlate.traceparent:
+            expected.setdefault(m.flow, set()).add(m.key)
+    drift = [str(d) for d in await apply_all(topology)] if apply else []
+    os.makedirs(out_dir, exist_ok=True)
+    trace = os.path.join(out_dir, f"trace-{run_id}.jsonl")
+    mono, wall = now()
+    header = Header(topology=topology.name, started=wall, started_mono_ns=mono, run=run_id)
+    checker = Checker(topology, start_ns=mono, expected=expected)
+    changed = anyio.Event()
+
+    def observe(obs: Observation) -> None:
+        nonlocal changed
+        checker.feed(obs)
+        changed.set()
+
+    waiting: list[tuple[str, str]] = []
+    with Writer(trace, header) as writer:
+        async with Tracer(topology, [writer.write, observe]) as tracer:
+            say(f"taps ready; publishing {len(plan)} messages (run {run_id})")
+            for m in plan:
+                if m.delay:
+                    await anyio.sleep(m.delay)  # the scenario's rate: a schedule, not a wait
+                obs = await tracer.publish(
+                    m.channel, m.body, headers=m.headers, key=m.kafka_key, routing_key=m.routing_key
+                )
+                key = obs.keys.get(m.flow, m.key)
+                waiting.append((m.flow, key))
+                if obs.kind == Kind.UNROUTABLE:
+                    say(f"unroutable: {m.flow} {key} ({obs.reason})")
+            window = max(
+                (f.deadline or DEFAULT_WINDOW for f in topology.flows.values()),
+                default=DEFAULT_WINDOW,
+            )
+            limit = scenario.timeout or window + timedelta(seconds=GRACE_NS / 1e9)
+            say(f"published; waiting up to {limit.total_seconds():g}s for {len(waiting)} chains")
+            with anyio.move_on_after(limit.total_seconds()):
+                while True:
+                    waiting = [(f, k) for f, k in waiting if not checker.settled(f, k)]
+                    if not waiting:
+                        break
+                    changed = anyio.Event()
+                    with anyio.move_on_after(TICK):
+                        await changed.wait()
+                    checker.advance(now()[0])
+                    if writer.due():
+                        writer.flush()
+            end, _ = now()
+    # Past every window, nothing is undecided for lack of time; a shorter scenario
+    # timeout leaves the chains still inside theirs unknown, not lost.
+    cut_short = scenario.timeout is not None and scenario.timeout < window
+    verdict = checker.finish(end_ns=end if cut_short else end + window_ns(topology))
+    return Outcome(verdict=verdict, trace=trace, published=len(plan), drift=drift)
+
+
+def window_ns(topology: Topology) -> int:
+    """Past every flow's window: at the end of a run nothing is left undecided for lack of time."""
+    longest = max(
+        (f.deadline or DEFAULT_WINDOW for f in topology.flows.values()), default=DEFAULT_WINDOW
+    )
+    return int(longest.total_seconds() * 1e9) + GRACE_NS

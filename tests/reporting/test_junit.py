@@ -1,0 +1,115 @@
+"""JUnit XML: parsed back as a CI tool would, counts and failure messages checked."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import scenarios
+
+from flowcheck.checker import Verdict
+from flowcheck.reporting import junit
+
+
+def parse(verdict: Verdict, **options: int) -> ET.Element:
+    text = junit.dumps(verdict, **options)
+    assert text.startswith('<?xml version="1.0" encoding="UTF-8"?>\n')
+    return ET.fromstring(text.encode("utf-8"))
+
+
+def suite(root: ET.Element, name: str) -> ET.Element:
+    found = root.find(f"testsuite[@name='{name}']")
+    assert found is not None, f"no testsuite {name!r}"
+    return found
+
+
+def case(s: ET.Element, name: str) -> ET.Element:
+    found = next((c for c in s.iter("testcase") if c.get("name") == name), None)
+    assert found is not None, f"no testcase {name!r}"
+    return found
+
+
+def failure(c: ET.Element) -> ET.Element:
+    found = c.find("failure")
+    assert found is not None, f"testcase {c.get('name')!r} did not fail"
+    return found
+
+
+def test_counts_add_up() -> None:
+    for verdict in (scenarios.failing(), scenarios.passing()):
+        root = parse(verdict)
+        assert root.tag == "testsuites"
+        cases = list(root.iter("testcase"))
+        failed = [c for c in cases if c.find("failure") is not None]
+        assert root.get("tests") == str(len(cases))
+        assert root.get("failures") == str(len(failed))
+        for s in root.iter("testsuite"):
+            assert s.get("tests") == str(len(s.findall("testcase")))
+            assert s.get("failures") == str(len(s.findall("testcase/failure")))
+            assert s.get("errors") == "0"
+
+
+def test_one_suite_per_flow_one_case_per_check_and_budget() -> None:
+    verdict = scenarios.failing()
+    root = parse(verdict)
+    assert [s.get("name") for s in root.iter("testsuite")] == ["checkout", "audit", "flowcheck"]
+    checkout = suite(root, "checkout")
+    names = [c.get("name") for c in checkout.iter("testcase")]
+    assert names == [c.name for c in verdict.flows[0].checks] + ["latency billing -> pay"]
+    assert {c.get("classname") for c in checkout.iter("testcase")} == {"flowcheck.checkout"}
+    failed = [c.get("name") for c in checkout.iter("testcase") if c.find("failure") is not None]
+    assert failed == ["chains", "retries", "dead letters", "latency", "latency billing -> pay"]
+    assert checkout.get("failures") == "5"
+    props = {p.get("name"): p.get("value") for p in checkout.iter("property")}
+    assert props == {
+        "chains": "9",
+        "succeeded": "5",
+        "failed": "4",
+        "unknown": "0",
+        "dead_lettered": "2",
+    }
+
+
+def test_failures_name_their_findings() -> None:
+    checkout = suite(parse(scenarios.failing()), "checkout")
+    chains = failure(case(checkout, "chains"))
+    message = chains.get("message", "")
+    assert message.startswith("5 of 9 decided chains succeeded")
+    assert "lost k-lost: timed out after 'billing': no 'pay' within 1s" in message
+    assert chains.get("type") == "flowcheck.lost"
+    body = chains.text or ""
+    assert "lost k-unroutable: unroutable at 'orders' (NO_ROUTE)" in body
+    assert "seen: routed orders @1100.0ms -> routed billing @1100.1ms" in body
+    retries = failure(case(checkout, "retries"))
+    assert "5 attempts at 'billing'" in retries.get("message", "")
+    budget = failure(case(checkout, "latency billing -> pay"))
+    assert budget.get("message", "").startswith("billing -> pay: p99 ")
+    assert "over its budget of 50ms (5 samples, clock mono_ns)" in budget.get("message", "")
+
+
+def test_passing_verdict_has_no_failures() -> None:
+    root = parse(scenarios.passing())
+    assert root.get("failures") == "0"
+    assert root.find(".//failure") is None
+    assert root.find("testsuite[@name='flowcheck']") is None  # nothing outside the flows
+
+
+def test_findings_outside_flows_and_gaps() -> None:
+    outside = suite(parse(scenarios.failing()), "flowcheck")
+    f = failure(case(outside, "outside flows"))
+    assert "schema s1: payload on 'stray' breaks its schema" in f.get("message", "")
+    out = outside.findtext("system-out") or ""
+    assert "tap gap on audit.log from 31000ms: consumer rebalance" in out
+
+
+def test_listed_findings_are_bounded() -> None:
+    verdict = scenarios.lost(f"k{i:02d}" for i in range(30))
+    body = failure(case(suite(parse(verdict, max_findings=20), "checkout"), "chains")).text or ""
+    assert "lost k19:" in body
+    assert "lost k20:" not in body
+    assert "... 10 more not listed (30 in all)" in body
+
+
+def test_characters_xml_cannot_hold_are_escaped() -> None:
+    verdict = scenarios.lost(["bad\x00key\x1b[31m"])
+    f = failure(case(suite(parse(verdict), "checkout"), "chains"))
+    assert "lost bad\\x00key\\x1b[31m:" in f.get("message", "")
