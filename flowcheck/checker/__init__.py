@@ -2,6 +2,8 @@
 
 from flowcheck.checker._engine import Checker, check
 from flowcheck.checker.verdict import (
+    CHAIN_KINDS,
+    CHECKS,
     Cause,
     Check,
     Finding,
@@ -14,6 +16,8 @@ from flowcheck.checker.verdict import (
 )
 
 __all__ = [
+    "CHAIN_KINDS",
+    "CHECKS",
     "Cause",
     "Check",
     "Checker",

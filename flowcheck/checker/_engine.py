@@ -21,6 +21,8 @@ from hdrh.histogram import HdrHistogram
 from flowcheck.checker._match import matches
 from flowcheck.checker._schema import SchemaCheck
 from flowcheck.checker.verdict import (
+    CHAIN_KINDS,
+    CHECKS,
     Cause,
     Check,
     Finding,
@@ -55,26 +57,6 @@ _PUBLISHED, _ROUTED, _UNROUTABLE = Kind.PUBLISHED, Kind.ROUTED, Kind.UNROUTABLE
 _DELIVERED, _REDELIVERED, _CONSUMED = Kind.DELIVERED, Kind.REDELIVERED, Kind.CONSUMED
 _DEAD_LETTERED, _GAP = Kind.DEAD_LETTERED, Kind.GAP
 ARRIVALS = (_PUBLISHED, _ROUTED)
-CHAIN_KINDS = {
-    FindingKind.LOST,
-    FindingKind.DUPLICATED,
-    FindingKind.UNEXPECTED,
-    FindingKind.REORDERED,
-    FindingKind.LATE,
-    FindingKind.RETRIES,
-    FindingKind.BACKOFF,
-    FindingKind.DEAD_LETTER,
-}
-CHECKS = {
-    "chains": {FindingKind.LOST, FindingKind.THRESHOLD},
-    "delivery": {FindingKind.DUPLICATED, FindingKind.UNEXPECTED},
-    "ordering": {FindingKind.REORDERED},
-    "deadlines": {FindingKind.LATE},
-    "retries": {FindingKind.RETRIES, FindingKind.BACKOFF},
-    "dead letters": {FindingKind.DEAD_LETTER, FindingKind.CONFIG},
-    "latency": {FindingKind.LATENCY},
-    "schema": {FindingKind.SCHEMA},
-}
 
 
 def _ns(d: timedelta) -> int:
@@ -857,6 +839,11 @@ def _seen(obs: Observation, start_ns: int) -> Seen:
         entry_id=obs.entry_id,
         delivery_count=obs.delivery_count,
         reason=obs.reason,
+        broker=obs.broker,
+        routing_key=obs.routing_key,
+        group=obs.group,
+        origin=obs.origin,
+        until_ms=None if obs.until_ns is None else round((obs.until_ns - start_ns) / 1e6, 3),
     )
 
 

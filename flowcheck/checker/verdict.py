@@ -27,6 +27,32 @@ class FindingKind(StrEnum):
     CONFIG = "config"  # the topology itself loses messages silently
 
 
+# Findings that make the chain they are about a failed one (judged by the success threshold).
+CHAIN_KINDS = {
+    FindingKind.LOST,
+    FindingKind.DUPLICATED,
+    FindingKind.UNEXPECTED,
+    FindingKind.REORDERED,
+    FindingKind.LATE,
+    FindingKind.RETRIES,
+    FindingKind.BACKOFF,
+    FindingKind.DEAD_LETTER,
+}
+
+
+# The checks of every flow (JUnit test cases), and the finding kinds each one judges.
+CHECKS = {
+    "chains": {FindingKind.LOST, FindingKind.THRESHOLD},
+    "delivery": {FindingKind.DUPLICATED, FindingKind.UNEXPECTED},
+    "ordering": {FindingKind.REORDERED},
+    "deadlines": {FindingKind.LATE},
+    "retries": {FindingKind.RETRIES, FindingKind.BACKOFF},
+    "dead letters": {FindingKind.DEAD_LETTER, FindingKind.CONFIG},
+    "latency": {FindingKind.LATENCY},
+    "schema": {FindingKind.SCHEMA},
+}
+
+
 class Cause(StrEnum):
     NEVER_PUBLISHED = "never_published"
     UNROUTABLE = "unroutable"
@@ -51,6 +77,11 @@ class Seen(BaseModel):
     entry_id: str | None = None
     delivery_count: int | None = None
     reason: str | None = None
+    broker: str | None = None
+    routing_key: str | None = None
+    group: str | None = None
+    origin: str | None = Field(None, description="for dead letters: the channel it died on")
+    until_ms: float | None = Field(None, description="for tap gaps: when watching resumed")
 
 
 class Finding(BaseModel):

@@ -7,8 +7,16 @@ from dataclasses import dataclass, field
 
 # The verdict names each check but not the finding kinds it judges; that mapping
 # lives only in the engine, so it is read from there rather than copied.
-from flowcheck.checker._engine import CHAIN_KINDS, CHECKS
-from flowcheck.checker.verdict import Check, Finding, FindingKind, FlowVerdict, Latency, Seen
+from flowcheck.checker.verdict import (
+    CHAIN_KINDS,
+    CHECKS,
+    Check,
+    Finding,
+    FindingKind,
+    FlowVerdict,
+    Latency,
+    Seen,
+)
 
 CHECK_KINDS: Mapping[str, frozenset[FindingKind]] = {
     name: frozenset(kinds) for name, kinds in CHECKS.items()

@@ -252,7 +252,8 @@ def _gaps(gaps: list[Seen]) -> Table:
     grid.add_column(no_wrap=True)
     grid.add_column()
     for g in gaps[:MAX_OTHER]:
-        grid.add_row(Text(g.channel), Text(f"from {ms(g.at_ms)}ms"), Text(g.reason or ""))
+        until = f"to {ms(g.until_ms)}ms" if g.until_ms is not None else "to the end"
+        grid.add_row(Text(g.channel), Text(f"from {ms(g.at_ms)}ms {until}"), Text(g.reason or ""))
     if len(gaps) > MAX_OTHER:
         grid.add_row(Text(f"... {len(gaps) - MAX_OTHER} more", "dim"), "", "")
     return grid

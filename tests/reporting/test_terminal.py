@@ -106,7 +106,7 @@ def test_passing_flows_take_one_line_each() -> None:
 
 def test_gaps_and_findings_outside_flows() -> None:
     out = text(scenarios.failing())
-    assert "audit.log  from 31000ms  consumer rebalance" in out
+    assert "audit.log  from 31000ms to 32000ms  consumer rebalance" in out
     outside = block(out, "Findings outside any flow", "FAIL checkout")
     assert "schema  key s1: payload on 'stray' breaks its schema" in outside
 
