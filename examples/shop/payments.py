@@ -16,7 +16,7 @@ import traceback
 from contextlib import AsyncExitStack
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
@@ -81,8 +81,6 @@ class PaymentsWorker:
             stack.push_async_callback(self._producer.stop)
             await self._producer.start()
             consumer = AIOKafkaConsumer(
-                names.payments,
-                names.payments_retry,
                 bootstrap_servers=brokers.kafka_bootstrap,
                 group_id=names.payments_group,
                 enable_auto_commit=False,  # commit only what has been handled
@@ -90,7 +88,9 @@ class PaymentsWorker:
             )
             stack.push_async_callback(consumer.stop)
             await consumer.start()
-            self.ready.set()
+            # Ready once the group has given us partitions, not when the client started:
+            # until then nothing would be consumed (a group join takes seconds).
+            consumer.subscribe([names.payments, names.payments_retry], listener=_Ready(self.ready))
             await self._consume(consumer, redis)
 
     async def _consume(self, consumer: Any, redis: Redis) -> None:
@@ -198,3 +198,17 @@ class PaymentsWorker:
         await self._producer.send_and_wait(
             self.settings.names.payments_dlt, record.value, key=record.key, headers=headers
         )
+
+
+class _Ready(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Sets ``ready`` when the group first assigns partitions to this consumer."""
+
+    def __init__(self, ready: asyncio.Event) -> None:
+        self.ready = ready
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        return None
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        if assigned:
+            self.ready.set()

@@ -388,15 +388,18 @@ class RabbitMQAdapter(Adapter):
                 fields["reason"] = "no queue of the topology is bound for this routing key"
             if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
                 latest = deaths[0]
-                fields["delivery_count"] = _int(latest.get("count"))
+                # delivery_count is the number of the delivery an observation stands for.
+                # x-death's count counts deaths, not deliveries: back on a work queue after
+                # a dead-letter round trip, this is arrival number count + 1.
+                fields["delivery_count"] = _int(latest.get("count")) + 1
                 if dead_letter_queue:
                     kind = Kind.DEAD_LETTERED
                     fields["reason"] = _str(latest.get("reason"))
                     q = _str(latest.get("queue"))
                     fields["origin"] = self._by_physical.get(q or "", q)
+                    # Failed deliveries before the death, if the broker says; else unknown.
                     count = headers.get("x-delivery-count")
-                    if count is not None:
-                        fields["delivery_count"] = _int(count)
+                    fields["delivery_count"] = _int(count) if count is not None else None
             sink(
                 self.observe(
                     kind, key, body=msg.body, headers=headers, properties=_props(msg), **fields

@@ -404,10 +404,12 @@ class _FlowState:
         return self.labels.index(label) if label in self.labels else None
 
     def decide_incomplete(self, chain: _Chain, ended: bool) -> bool:
-        if ended or self.gap_during(chain):
-            return True
         reached = chain.reached()
-        if not chain.arrivals[0]:
+        dropped = chain.unroutable is not None and reached <= 0
+        # The broker drops an unroutable message at once: no need to wait for a deadline.
+        if (ended or self.gap_during(chain)) and not dropped:
+            return True
+        if not chain.arrivals[0] and not dropped:
             if chain.first_ns - self.start_ns < self.window_ns:
                 return True  # it may have started before the recording did
             first = (
@@ -424,6 +426,10 @@ class _FlowState:
             )
             return False
         nxt = reached + 1
+        if reached < 0 and chain.unroutable is not None:
+            # Published to the step's channel but routed nowhere: the next step never came.
+            at = self.channel_steps.get(chain.unroutable.channel, [0])[0]
+            nxt = min(at + 1, len(self.flow.steps) - 1)
         while nxt < len(self.flow.steps) and len(chain.arrivals[nxt]) >= self.flow.steps[nxt].count:
             nxt += 1  # a fan-out step may have some but not all of its messages
         if nxt >= len(self.flow.steps):
@@ -523,23 +529,17 @@ class _FlowState:
                 )
 
     def attempts(self, chain: _Chain, i: int) -> int | None:
-        """Deliveries of step ``i``'s message, the first included; None if nothing tells."""
+        """Deliveries of step ``i``'s message, the first included; None if nothing tells.
+
+        Observations carry the number of the delivery they saw (adapters turn
+        x-delivery-count, PEL counts and retry headers into that); arrivals on a
+        step's retry channels count one attempt each.
+        """
         counts = [o.delivery_count for o in chain.deliveries[i] if o.delivery_count]
-        counts += [
-            o.delivery_count + 1
-            for o in chain.dead
-            if o.delivery_count
-            and o.kind == Kind.DEAD_LETTERED
-            and self._origin_step(o) == i
-            and self._counts_failures(o)
-        ]
         counts += [
             o.delivery_count
             for o in chain.dead
-            if o.delivery_count
-            and o.kind == Kind.DEAD_LETTERED
-            and self._origin_step(o) == i
-            and not self._counts_failures(o)
+            if o.delivery_count and o.kind is _DEAD_LETTERED and self._origin_step(o) == i
         ]
         if chain.retry_arrivals[i]:
             counts.append(1 + len(chain.retry_arrivals[i]))
@@ -548,23 +548,23 @@ class _FlowState:
         return max(counts) if counts else None
 
     def _origin_step(self, obs: Observation) -> int | None:
-        steps = self.channel_steps.get(obs.origin or "")
-        return steps[0] if steps else None
-
-    def _counts_failures(self, obs: Observation) -> bool:
-        # RabbitMQ's x-delivery-count counts failed deliveries before the last one.
-        return isinstance(self.topology.channels.get(obs.origin or ""), Queue)
+        """The step a dead letter came from: its channel, or one of that step's retry channels."""
+        origin = obs.origin or ""
+        steps = self.channel_steps.get(origin)
+        return steps[0] if steps else self.retry_of.get(origin)
 
     def delivery_times(self, chain: _Chain, i: int) -> list[int]:
+        """When each delivery of step ``i`` was seen, in delivery order.
+
+        Only delivery evidence counts: a record on a Kafka retry topic is written
+        at once and consumed after its backoff, so its arrival says nothing of
+        when the attempt was made.
+        """
         by_count: dict[int, int] = {}
         for o in chain.deliveries[i]:
             if o.delivery_count:
                 by_count.setdefault(o.delivery_count, o.mono_ns)
-        times = [by_count[c] for c in sorted(by_count)]
-        if not times and chain.retry_arrivals[i] and chain.arrivals[i]:
-            first = min(o.mono_ns for o in chain.arrivals[i].values())
-            times = [first, *sorted(o.mono_ns for o in chain.retry_arrivals[i])]
-        return times
+        return [by_count[c] for c in sorted(by_count)]
 
     def check_retries(self, chain: _Chain, rule: DeadLetterRule | None) -> None:
         for i, step in enumerate(self.flow.steps):
@@ -964,10 +964,12 @@ class Checker:
         chain = state.chains.get(key)
         if chain is None:
             return key in state.decided
-        if all(len(a) >= n for a, n in zip(chain.arrivals, state.need, strict=True)):
-            return True
+        if chain.unroutable is not None and chain.reached() <= 0:
+            return True  # the broker dropped it: nothing more will come
         rule = state.rule_for(chain)
-        return rule is not None and any(d.channel == rule.channel for d in chain.dead)
+        if rule is not None:  # a poison chain ends in its dead letter, wherever it got to
+            return any(d.channel == rule.channel for d in chain.dead)
+        return all(len(a) >= n for a, n in zip(chain.arrivals, state.need, strict=True))
 
     def finish(self, end_ns: int | None = None) -> Verdict:
         if not self._ready:
