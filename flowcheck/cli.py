@@ -363,7 +363,10 @@ def _report(verdict: Verdict, report_dir: str | None, trace: str | None = None) 
 
     from flowcheck.reporting import terminal, write_reports
 
-    terminal.render(verdict, Console(highlight=False, soft_wrap=True))
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=120)  # logs and CI: room for the tables
+    terminal.render(verdict, console)
     if report_dir is not None:
         paths = write_reports(verdict, report_dir)
         click.echo("reports: " + ", ".join(str(p) for p in paths.values()))

@@ -293,6 +293,7 @@ class KafkaAdapter(Adapter):
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=BATCH,
+            fetch_max_wait_ms=20,  # observe soon after a write: tap latency is measured latency
         )
         await self._start(consumer)
         try:
