@@ -24,7 +24,10 @@ def lookup(obj: Any, path: str) -> Any:
     return obj
 
 
-@dataclass(frozen=True, slots=True)
+_UNPARSED: Any = object()
+
+
+@dataclass(slots=True)
 class Message:
     """What a rule may look at. ``properties`` are AMQP properties (message_id, ...)."""
 
@@ -32,6 +35,13 @@ class Message:
     payload: str | None
     properties: Mapping[str, Any]
     kafka_key: str | None = None
+    _doc: Any = _UNPARSED
+
+    def document(self) -> Any:
+        """The payload parsed as JSON (None if it is not JSON), parsed at most once."""
+        if self._doc is _UNPARSED:
+            self._doc = payload_json(self.payload)
+        return self._doc
 
 
 def key_of(rule: Correlate, msg: Message) -> str | None:
@@ -44,7 +54,7 @@ def key_of(rule: Correlate, msg: Message) -> str | None:
     elif rule.property is not None:
         value = msg.properties.get(rule.property)
     elif rule.json_path is not None:
-        value = lookup(payload_json(msg.payload), rule.json_path)
+        value = lookup(msg.document(), rule.json_path)
     else:
         value = msg.kafka_key
     if value is None or isinstance(value, (dict, list)):

@@ -80,12 +80,13 @@ def now() -> tuple[int, float]:
 def payload_fields(body: bytes) -> dict[str, Any]:
     """``payload``/``size``/``sha256`` for a message body, cut at PAYLOAD_CAP."""
     size = len(body)
-    cut = body[:PAYLOAD_CAP]
-    text = cut.decode("utf-8", errors="replace")
-    out: dict[str, Any] = {"payload": text, "size": size}
-    if size > PAYLOAD_CAP:
-        out["sha256"] = hashlib.sha256(body).hexdigest()
-    return out
+    if size <= PAYLOAD_CAP:
+        return {"payload": body.decode("utf-8", errors="replace"), "size": size}
+    return {
+        "payload": body[:PAYLOAD_CAP].decode("utf-8", errors="replace"),
+        "size": size,
+        "sha256": hashlib.sha256(body).hexdigest(),
+    }
 
 
 def clean_headers(headers: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from urllib.parse import urlsplit, urlunsplit
@@ -31,6 +32,7 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+@functools.lru_cache(maxsize=4096)  # header names repeat on every message
 def is_secret_name(name: str) -> bool:
     return bool(SECRET_NAME.search(name))
 

@@ -185,7 +185,7 @@ def test_parse_ratio_refuses(value: Any, message: str) -> None:
     ],
 )
 def test_path_segments(path: str, segments: list[str | int]) -> None:
-    assert path_segments(path) == segments
+    assert list(path_segments(path)) == segments
 
 
 # ---------------------------------------------------------------- RabbitMQ routing

@@ -126,7 +126,9 @@ class Adapter(abc.ABC):
         fc_id = hdrs.get("x-flowcheck-id")
         # Correlation rules read the whole body: a payload path must still resolve
         # when the observation keeps only the first PAYLOAD_CAP bytes.
-        full = body.decode("utf-8", errors="replace") if body is not None else None
+        full = extra.get("payload") if "sha256" not in extra else None
+        if full is None and body is not None:
+            full = body.decode("utf-8", errors="replace")
         msg = Message(headers=hdrs, payload=full, properties=props, kafka_key=kafka_key)
         tp = hdrs.get("traceparent")
         return Observation(

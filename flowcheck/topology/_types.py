@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from datetime import timedelta
@@ -118,12 +119,12 @@ def check_path(value: Any) -> str:
     return value
 
 
-def path_segments(path: str) -> list[str | int]:
-    """``$.items[0].sku`` -> ``["items", 0, "sku"]``."""
-    out: list[str | int] = []
-    for name, index, quoted in _SEGMENTS.findall(path):
-        out.append(int(index) if index else (name or quoted))
-    return out
+@functools.lru_cache(maxsize=1024)  # a topology has few paths; taps look them up per message
+def path_segments(path: str) -> tuple[str | int, ...]:
+    """``$.items[0].sku`` -> ``("items", 0, "sku")``."""
+    return tuple(
+        int(index) if index else (name or quoted) for name, index, quoted in _SEGMENTS.findall(path)
+    )
 
 
 JSON_PATH_SCHEMA = {"type": "string", "pattern": _PATH.pattern, "examples": ["$.order_id"]}
