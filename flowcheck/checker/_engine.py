@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -184,6 +184,7 @@ class _FlowState:
         self.e2e = _Hist()
         # ordering: group -> [(step-0 ns, [position per step]), ...] of decided chains
         self.order_groups: dict[str, list[tuple[int, str, list[tuple[Any, ...] | None]]]] = {}
+        self.order_log: deque[tuple[int, str]] = deque()  # (start, group) in decision order
         self.gaps: list[Observation] = []
 
     # ------------------------------------------------------------ feeding
@@ -657,16 +658,14 @@ class _FlowState:
     # ------------------------------------------------------------ ordering
 
     def record_order(self, chain: _Chain) -> None:
-        if self.flow.ordering == "none" or not chain.arrivals[0]:
+        if not chain.arrivals[0]:
             return
-        group = chain.key
-        if self.flow.ordering == "per-partition-key":
-            kk = next(
-                (o.kafka_key for a in chain.arrivals for o in a.values() if o.kafka_key), None
-            )
-            if kk is None:
-                return
-            group = kk
+        self.check_within(chain)
+        if self.flow.ordering != "per-partition-key":
+            return  # per-key: each chain is its own key, ordered within itself
+        group = next((o.kafka_key for a in chain.arrivals for o in a.values() if o.kafka_key), None)
+        if group is None:
+            return
         positions = [_position(a) for a in chain.arrivals]
         start = min(o.mono_ns for o in chain.arrivals[0].values())
         entries = self.order_groups.setdefault(group, [])
@@ -683,17 +682,24 @@ class _FlowState:
                         self.finding(
                             FindingKind.REORDERED,
                             chain,
-                            f"{later!r} overtook {earlier!r} at {self.labels[i]!r} (ordering {self.flow.ordering}, group {group!r})",
+                            f"{later!r} overtook {earlier!r} at {self.labels[i]!r} "
+                            f"(ordering {self.flow.ordering}, group {group!r})",
                             step=i,
                             seen=list(chain.arrivals[i].values())[:1],
                         )
                     )
                     break
-        self.check_within(chain)
         entries.append((start, chain.key, positions))
+        self.order_log.append((start, group))
+        # Forget chains that started two windows ago: nothing can overtake them any more.
         horizon = start - 2 * self.window_ns
-        while entries and entries[0][0] < horizon:
-            entries.pop(0)
+        while self.order_log and self.order_log[0][0] < horizon:
+            old_start, old_group = self.order_log.popleft()
+            kept = self.order_groups.get(old_group)
+            if kept:
+                kept[:] = [e for e in kept if e[0] > old_start]
+                if not kept:
+                    del self.order_groups[old_group]
 
     def check_within(self, chain: _Chain) -> None:
         """Several messages of one chain at a step: they keep their first-step order (by trace id)."""

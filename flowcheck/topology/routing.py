@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,7 @@ if TYPE_CHECKING:
     from flowcheck.topology.model import Topology
 
 
+@functools.lru_cache(maxsize=8192)  # taps and the checker ask the same few pairs again and again
 def topic_matches(pattern: str, key: str) -> bool:
     """Does an AMQP topic binding ``pattern`` match routing ``key``?
 

@@ -1,0 +1,1278 @@
+"""Checker throughput and peak memory on generated recordings, beside a naive
+baseline and the bare cost of reading the file.
+
+Recordings are generated once (and cached) from the shop's happy path: an order
+on a RabbitMQ exchange, its billing queue, a Kafka topic and a Redis stream,
+correlated by ``$.order_id``, with the observations the taps produce
+(PUBLISHED / ROUTED / DELIVERED / CONSUMED). Chains start at a steady rate, so
+the number of open chains stays about the same however long the recording is;
+a small share of them are lost, duplicated or late, and a few orders break the
+billing queue's schema, so the checker has findings to produce.
+
+For each size, every measurement runs in a fresh process (its peak RSS is its
+own) and is repeated ``--rounds`` times (the naive baseline ``--naive-rounds``;
+``--budget`` minutes may cut rounds past the first); the tables give medians:
+
+    read       iterate flowcheck.trace.Reader over the file: the bare cost of parsing it
+    naive      what one writes first: every observation in a list, grouped by key in
+               dicts, everything sorted, percentiles by sorting all latencies
+    flowcheck  `flowcheck check` end to end when the command exists, else the Python API
+               (Reader -> Checker.feed -> finish -> verdict JSON)
+
+    .venv/bin/python benchmarks/checker.py [--sizes 100000,1000000,4000000] [--rounds 3]
+        [--naive-rounds 1] [--budget 15] [--workdir DIR] [--chain-rate 250]
+        [--modes read,naive,flowcheck] [--flowcheck auto|cli|api]
+        [--cli-args "check {topology} {trace} --format json"]
+    .venv/bin/python benchmarks/checker.py --profile 1000000   # cProfile of the checker
+
+Seconds are the work inside the child process (after imports); "process s" is
+the whole child from spawn to exit, interpreter start included. The last line
+is JSON with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import heapq
+import io
+import itertools
+import json
+import math
+import os
+import platform
+import pstats
+import random
+import re
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FLOW = "order-to-shipment"
+GEN_VERSION = 1  # bump when the generated files change: cached files are then regenerated
+DEFAULT_SIZES = (100_000, 1_000_000, 4_000_000)
+PROBE_SIZE = 2_000  # observations in the recording `flowcheck check` is tried on first
+DEFAULT_CHAIN_RATE = 250.0  # chains started per second of recording
+WINDOW_S = 12.0  # the flow's deadline (10s) + the checker's grace (2s): how long a chain stays open
+MODES = ("read", "naive", "flowcheck")
+MS = 1_000_000  # ns
+MONO0 = 7_200_000_000_000  # the recording's monotonic clock at its start (2 hours of uptime)
+WALL0 = 1_750_000_000.0  # and the wall clock then
+
+# The shop's channels (topologies/shop.yaml) with its happy-path flow only.
+TOPOLOGY = """\
+# Written by benchmarks/checker.py: the shop's channels with its happy-path flow.
+version: 1
+name: shop-bench
+
+brokers:
+  rabbit: {kind: rabbitmq, url: "amqp://guest:guest@127.0.0.1:5672/"}
+  kafka: {kind: kafka, bootstrap: "127.0.0.1:9092"}
+  redis: {kind: redis, url: "redis://127.0.0.1:6379/0"}
+
+channels:
+  shop.orders: {broker: rabbit, kind: exchange, type: topic}
+  billing.orders:
+    broker: rabbit
+    kind: queue
+    type: quorum
+    bindings:
+      - {exchange: shop.orders, key: order.placed}
+    delivery_limit: 3
+    dead_letter: {exchange: shop.dlx, key: billing.orders}
+    schema:
+      json:
+        type: object
+        required: [order_id, amount]
+        properties:
+          order_id: {type: string}
+          amount: {type: number}
+  shop.dlx: {broker: rabbit, kind: exchange, type: direct}
+  billing.orders.dlq:
+    broker: rabbit
+    kind: queue
+    bindings:
+      - {exchange: shop.dlx, key: billing.orders}
+  payments:
+    broker: kafka
+    kind: topic
+    partitions: 3
+    key: $.order_id
+    retry: [payments-retry]
+    dead_letter: payments-dlt
+  payments-retry: {broker: kafka, kind: topic, partitions: 3}
+  payments-dlt: {broker: kafka, kind: topic}
+  shipments:
+    broker: redis
+    kind: stream
+    groups: [shipping]
+    delivery_limit: 3
+    dead_letter: shipments-dead
+  shipments-dead: {broker: redis, kind: stream}
+
+services:
+  checkout:
+    publishes: [shop.orders]
+  billing:
+    consumes: [billing.orders]
+    publishes: [payments]
+  payments-worker:
+    consumes: [{channel: payments, group: payments-worker}]
+    publishes: [shipments]
+  shipping:
+    consumes: [{channel: shipments, group: shipping}]
+
+flows:
+  order-to-shipment:
+    correlate: $.order_id
+    steps:
+      - channel: shop.orders
+        match: {routing_key: order.placed}
+      - channel: billing.orders
+        latency: {p99: 200ms}
+      - channel: payments
+        latency: {p99: 500ms}
+      - channel: shipments
+        deadline: 5s
+    deadline: 10s
+    ordering: per-key
+    delivery: exactly-once
+    latency: {p50: 500ms, p95: 2s, p99: 4s, max: 8s}
+    success_rate: 99%
+    error_rate: 1%
+"""
+
+# Share of chains with each defect (one defect a chain at most), and the rest.
+LOST_AT_BILLING = 0.002  # billed never: no payments record
+LOST_AT_PAYMENTS = 0.002  # paid, never shipped
+DUPLICATED = 0.002  # the payment published twice (a producer retry): exactly-once broken
+LATE = 0.002  # shipped 5.2-7s after the payment: the step's 5s deadline missed
+SCHEMA_BROKEN = 0.001  # the order has no amount: a schema finding, the chain itself succeeds
+PUBLISHED_BY_FLOWCHECK = 0.1  # orders flowcheck published itself (PUBLISHED + fc_id)
+
+# ------------------------------------------------------------------ generator
+
+# Event tags, in the order a chain produces them.
+PUB, EX, Q, QDEL, PAY, PAYC, PAY2, PAY2C, SHIP, SHIPD, SHIPC = range(11)
+
+
+@dataclass
+class _Order:
+    """One chain as the generator knows it: the JSON fragments its observations share
+    (encoded once), and broker positions, filled in when its records are written."""
+
+    partition: int
+    rabbit: str  # from fc_id (or message_id) to the end of a RabbitMQ observation
+    pay_head: str  # trace_id .. partition, up to the offset
+    pay_tail: str  # headers, payload, size
+    ship_head: str  # trace_id, keys, up to the entry id
+    ship_tail: str  # headers, payload, size
+    offsets: list[int] = field(default_factory=list)
+    pay_ms: list[int] = field(default_factory=list)
+    entry_id: str = ""
+    ship_ms: int = 0
+
+
+@dataclass
+class Recording:
+    trace: Path
+    topology: Path
+    meta: dict[str, Any]
+
+
+class _Positions:
+    """Kafka offsets per partition and Redis entry ids, handed out in recording order."""
+
+    def __init__(self) -> None:
+        self.offsets = [0, 0, 0]
+        self.last_ms = 0
+        self.seq = 0
+
+    def offset(self, partition: int) -> int:
+        n = self.offsets[partition]
+        self.offsets[partition] = n + 1
+        return n
+
+    def entry_id(self, ms: int) -> str:
+        if ms <= self.last_ms:
+            self.seq += 1
+            ms = self.last_ms
+        else:
+            self.last_ms, self.seq = ms, 0
+        return f"{ms}-{self.seq}"
+
+
+def _line(tag: int, ns: int, o: _Order, pos: _Positions) -> str:
+    """The JSON line of one observation, as Writer writes it: fields in model order,
+    defaults left out. Built from pre-encoded fragments: json.dumps per line is slow."""
+    wall = round(WALL0 + (ns - MONO0) / 1e9, 6)
+    head = f'"mono_ns":{ns},"wall":{wall!r}'
+    if tag <= QDEL:  # RabbitMQ: the exchange and queue twins, the firehose delivery
+        kind = "published" if tag == PUB else "delivered" if tag == QDEL else "routed"
+        channel = "shop.orders" if tag in (PUB, EX) else "billing.orders"
+        end = ',"delivery_count":1}' if tag == QDEL else "}"
+        return f'{{"kind":"{kind}","broker":"rabbit","channel":"{channel}",{head},{o.rabbit}{end}'
+    if tag <= PAY2C:  # Kafka: the record, then the group's commit past it
+        if tag in (PAY, PAY2):
+            o.offsets.append(pos.offset(o.partition))
+            o.pay_ms.append(int(wall * 1000))
+        n = 0 if tag in (PAY, PAYC) else 1
+        kind, group = (
+            ("routed", "") if tag in (PAY, PAY2) else ("consumed", '"group":"payments-worker",')
+        )
+        return (
+            f'{{"kind":"{kind}","broker":"kafka","channel":"payments",{head},'
+            f'"broker_ms":{o.pay_ms[n]},{o.pay_head}{o.offsets[n]},{group}{o.pay_tail}'
+        )
+    if tag == SHIP:  # Redis: the entry, then the group's PEL evidence
+        o.ship_ms = int(wall * 1000)
+        o.entry_id = pos.entry_id(o.ship_ms)
+        return (
+            f'{{"kind":"routed","broker":"redis","channel":"shipments",{head},'
+            f'"broker_ms":{o.ship_ms},{o.ship_head}{o.entry_id}",{o.ship_tail}'
+        )
+    kind = "delivered" if tag == SHIPD else "consumed"
+    return (
+        f'{{"kind":"{kind}","broker":"redis","channel":"shipments",{head},'
+        f'"broker_ms":{o.ship_ms},{o.ship_head}{o.entry_id}","group":"shipping","delivery_count":1}}'
+    )
+
+
+_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _iso(ns: int) -> str:
+    t = WALL0 + (ns - MONO0) / 1e9
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
+def _chain(
+    i: int, t0: int, rng: random.Random, defects: Counter[str]
+) -> tuple[_Order, list[tuple[int, int]]]:
+    """One order's chain starting at ``t0``: its state and its (time, tag) events."""
+    oid = f"ord-{i:08d}-{rng.getrandbits(24):06x}"
+    trace = f"{rng.getrandbits(128):032x}"
+
+    def tp() -> str:
+        return f"00-{trace}-{rng.getrandbits(64):016x}-01"
+
+    published = rng.random() < PUBLISHED_BY_FLOWCHECK
+    fc_id = f"{rng.getrandbits(128):032x}" if published else None
+    address = {
+        "name": f"Customer {i % 9973}",
+        "street": f"{1 + i % 180} Market Street",
+        "city": rng.choice(("Berlin", "Lyon", "Porto", "Turin", "Utrecht")),
+        "zip": f"{rng.randrange(10000, 99999)}",
+    }
+    amount = round(rng.uniform(5, 400), 2)
+    order: dict[str, Any] = {
+        "order_id": oid,
+        "revision": 1,
+        "customer": f"cust-{rng.randrange(100_000):05d}",
+        "amount": amount,
+        "currency": "EUR",
+        "card": "4242424242424242",
+        "address": address,
+        "poison": False,
+        "placed_at": _iso(t0),
+    }
+    if rng.random() < SCHEMA_BROKEN:
+        del order["amount"]
+        defects["schema"] += 1
+    order_headers = {"order_id": oid, "traceparent": tp()}
+    if fc_id is not None:
+        order_headers["x-flowcheck-id"] = fc_id
+    order_body = json.dumps(order)
+    pay_body = json.dumps(
+        {
+            "order_id": oid,
+            "amount": amount,
+            "currency": "EUR",
+            "status": "approved",
+            "card_last4": "4242",
+            "charged_at": _iso(t0 + 20 * MS),
+        }
+    )
+    ship_body = json.dumps(
+        {"order_id": oid, "address": address, "carrier": "dhl", "created_at": _iso(t0 + 80 * MS)}
+    )
+    message_id = fc_id or f"{rng.getrandbits(128):032x}"
+    keys = _json({FLOW: oid})
+    partition = zlib.crc32(oid.encode()) % 3
+    o = _Order(
+        partition=partition,
+        rabbit=(f'"fc_id":"{fc_id}",' if fc_id else "")
+        + f'"message_id":"{message_id}","trace_id":"{trace}","keys":{keys},'
+        + f'"routing_key":"order.placed","headers":{_json(order_headers)},'
+        + f'"payload":{_json(order_body)},"size":{len(order_body)}',
+        pay_head=f'"trace_id":"{trace}","keys":{keys},"kafka_key":{_json(oid)},'
+        + f'"partition":{partition},"offset":',
+        pay_tail=f'"headers":{_json({"order_id": oid, "traceparent": tp()})},'
+        + f'"payload":{_json(pay_body)},"size":{len(pay_body)}}}',
+        ship_head=f'"trace_id":"{trace}","keys":{keys},"entry_id":"',
+        ship_tail=f'"headers":{_json({"order_id": oid, "traceparent": tp()})},'
+        + f'"payload":{_json(ship_body)},"size":{len(ship_body)}}}',
+    )
+    ev: list[tuple[int, int]] = []
+    t = t0
+    if published:
+        ev.append((t, PUB))
+        t += rng.randint(200_000, 600_000)
+    ev.append((t, EX))
+    t += rng.randint(50_000, 1_000_000)
+    ev.append((t, Q))
+    ev.append((t + rng.randint(MS // 2, 5 * MS), QDEL))
+    u = rng.random()
+    if u < LOST_AT_BILLING:
+        defects["lost"] += 1
+        return o, ev
+    u -= LOST_AT_BILLING
+    t += int(min(rng.lognormvariate(math.log(15 * MS), 0.6), 3000 * MS))
+    ev.append((t, PAY))
+    ev.append((t + rng.randint(100 * MS, 1100 * MS), PAYC))
+    if u < DUPLICATED:
+        defects["duplicated"] += 1
+        t2 = t + rng.randint(5 * MS, 50 * MS)
+        ev.append((t2, PAY2))
+        ev.append((t2 + rng.randint(100 * MS, 1100 * MS), PAY2C))
+    u -= DUPLICATED
+    if u < LOST_AT_PAYMENTS:
+        defects["lost"] += 1
+        return o, ev
+    u -= LOST_AT_PAYMENTS
+    if u < LATE:
+        defects["late"] += 1
+        t += rng.randint(5200 * MS, 7000 * MS)
+    else:
+        t += int(min(rng.lognormvariate(math.log(40 * MS), 0.7), 3000 * MS))
+    ev.append((t, SHIP))
+    t += rng.randint(50 * MS, 600 * MS)
+    ev.append((t, SHIPD))
+    ev.append((t + rng.randint(10_000, 200_000), SHIPC))
+    return o, ev
+
+
+def generate(workdir: Path, n: int, chain_rate: float, seed: int = 1) -> Recording:
+    """A recording of exactly ``n`` observations (cached in ``workdir``) and its topology."""
+    from flowcheck.trace import Header, topology_hash
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    topo = workdir / "shop-bench.yaml"
+    if not topo.exists() or topo.read_text() != TOPOLOGY:
+        topo.write_text(TOPOLOGY)
+    stem = f"shop-{n}-r{chain_rate:g}-s{seed}-v{GEN_VERSION}"
+    trace = workdir / f"{stem}.trace.jsonl"
+    meta_path = workdir / f"{stem}.meta.json"
+    if trace.exists() and meta_path.exists():
+        return Recording(trace, topo, json.loads(meta_path.read_text()))
+    print(f"generating {n:,} observations -> {trace}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    rng = random.Random(seed)
+    defects: Counter[str] = Counter()
+    pos = _Positions()
+    header = Header(
+        topology=str(topo),
+        topology_sha256=topology_hash(str(topo)),
+        started=WALL0,
+        started_mono_ns=MONO0,
+    )
+    heap: list[tuple[int, int, int, _Order]] = []
+    seq = itertools.count()
+    written = scheduled = chains = 0
+    t = MONO0 + 1_000 * MS
+    tmp = trace.with_suffix(".partial")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(header.model_dump_json() + "\n")
+        out: list[str] = []
+        while scheduled < n:
+            while heap and heap[0][0] < t:  # every later chain starts at t or after
+                ns, _, tag, o = heapq.heappop(heap)
+                out.append(_line(tag, ns, o, pos))
+                written += 1
+            if len(out) >= 10_000:
+                fh.write("\n".join(out) + "\n")
+                out.clear()
+            o, events = _chain(chains, t, rng, defects)
+            chains += 1
+            for ns, tag in events:
+                heapq.heappush(heap, (ns, next(seq), tag, o))
+            scheduled += len(events)
+            t += max(1, int(rng.expovariate(chain_rate) * 1e9))
+        # The recording stops after the n-th observation: the last chains are cut short.
+        while heap and written < n:
+            ns, _, tag, o = heapq.heappop(heap)
+            out.append(_line(tag, ns, o, pos))
+            written += 1
+        if out:
+            fh.write("\n".join(out) + "\n")
+    _validate_sample(tmp, 2_000)
+    meta = {
+        "observations": n,
+        "chains": chains,
+        "chain_rate": chain_rate,
+        "open_chains": min(round(chain_rate * WINDOW_S), chains),
+        "recorded_s": round((t - MONO0) / 1e9, 1),
+        "bytes": tmp.stat().st_size,
+        "defects_injected": dict(sorted(defects.items())),
+        "generator_version": GEN_VERSION,
+        "seed": seed,
+        "generate_s": round(time.perf_counter() - started, 1),
+    }
+    tmp.replace(trace)
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return Recording(trace, topo, meta)
+
+
+def _validate_sample(path: Path, lines: int) -> None:
+    """The header and the first lines read back through flowcheck's own Reader."""
+    from flowcheck.trace import Reader
+
+    reader = Reader(str(path))
+    for _ in itertools.islice(reader, lines):
+        pass
+    if reader.problems:
+        raise SystemExit(f"generated trace is not valid: {reader.describe()}")
+
+
+# ------------------------------------------------------------------ the naive baseline
+
+
+def naive_check(topology_path: str, trace_path: str) -> tuple[int, dict[str, Any]]:
+    """What one writes first: everything in memory, grouped by key, sorted, percentiles by sort.
+
+    It knows the parts of the checker's rules this recording exercises (arrivals per
+    step, step match, duplicates, deadlines, the open window at the end, schemas);
+    no retries, dead letters, gaps or ordering.
+    """
+    from jsonschema.validators import validator_for
+
+    from flowcheck.correlate import lookup
+    from flowcheck.observations import Kind, Observation, payload_json
+    from flowcheck.topology import Match, load
+    from flowcheck.topology.routing import topic_matches
+    from flowcheck.trace import Reader
+
+    topology = load(topology_path)
+    reader = Reader(trace_path)
+    observations = list(reader)
+    observations.sort(key=lambda o: o.mono_ns)
+    start_ns = reader.header.started_mono_ns
+    end_ns = observations[-1].mono_ns if observations else start_ns
+    arrival = (Kind.ROUTED, Kind.PUBLISHED)
+
+    validators: dict[str, Any] = {}
+    for name, ch in topology.channels.items():
+        schema = ch.payload_schema
+        if schema is not None and schema.json_schema is not None:
+            validators[name] = validator_for(schema.json_schema)(schema.json_schema)
+    schema_problems = 0
+    for o in observations:
+        v = validators.get(o.channel)
+        if v is None or o.kind not in arrival or o.payload is None or o.sha256 is not None:
+            continue
+        try:
+            doc = json.loads(o.payload)
+        except ValueError:
+            schema_problems += 1
+            continue
+        if not v.is_valid(doc):
+            schema_problems += 1
+
+    def fits(m: Match | None, o: Observation) -> bool:
+        if m is None:
+            return True
+        if any(o.headers.get(h) != want for h, want in m.headers.items()):
+            return False
+        if m.payload:
+            doc = payload_json(o.payload)
+            if any(lookup(doc, p) != want for p, want in m.payload.items()):
+                return False
+        if m.routing_key is not None and not topic_matches(m.routing_key, o.routing_key or ""):
+            return False
+        return m.key is None or o.kafka_key == m.key
+
+    def identity(o: Observation) -> tuple[Any, ...]:
+        if o.fc_id is not None:
+            return ("fc", o.fc_id)
+        if o.offset is not None:
+            return ("kafka", o.partition, o.offset)
+        if o.entry_id is not None:
+            return ("stream", o.entry_id)
+        return ("obs", id(o))
+
+    result: dict[str, Any] = {}
+    for fname, flow in topology.flows.items():
+        steps = flow.steps
+        window = (flow.deadline.total_seconds() if flow.deadline else 60.0) * 1e9 + 2e9
+        by_key: dict[str, list[Observation]] = {}
+        for o in observations:
+            key = o.keys.get(fname)
+            if key is not None:
+                by_key.setdefault(key, []).append(o)
+        c: Counter[str] = Counter()
+        samples: list[list[int]] = [[] for _ in steps]  # [0]: end to end, [i]: hop i-1 -> i
+        for chain in by_key.values():
+            chain.sort(key=lambda o: o.mono_ns)
+            arrivals: list[dict[tuple[Any, ...], Observation]] = [{} for _ in steps]
+            for o in chain:
+                if o.kind not in arrival:
+                    continue
+                fitting = [
+                    i for i, s in enumerate(steps) if s.channel == o.channel and fits(s.match, o)
+                ]
+                ident = identity(o)
+                if not fitting or any(ident in arrivals[i] for i in fitting):
+                    continue
+                room = [i for i in fitting if len(arrivals[i]) < steps[i].count]
+                arrivals[room[0] if room else fitting[-1]][ident] = o
+            first_ns = chain[0].mono_ns
+            firsts = [min(o.mono_ns for o in got.values()) if got else None for got in arrivals]
+            complete = all(len(got) >= st.count for got, st in zip(arrivals, steps, strict=True))
+            failures = 0
+            if complete:
+                for i in range(1, len(steps)):
+                    limit, before, after = steps[i].deadline, firsts[i - 1], firsts[i]
+                    if (
+                        limit is not None
+                        and before is not None
+                        and after is not None
+                        and after - before > limit.total_seconds() * 1e9
+                    ):
+                        c["late"] += 1
+                        failures += 1
+                last = max(o.mono_ns for o in arrivals[-1].values())
+                if (
+                    flow.deadline is not None
+                    and firsts[0] is not None
+                    and last - firsts[0] > flow.deadline.total_seconds() * 1e9
+                ):
+                    c["late"] += 1
+                    failures += 1
+            elif first_ns + window > end_ns or (not arrivals[0] and first_ns - start_ns < window):
+                c["chains"] += 1
+                c["unknown"] += 1
+                continue
+            else:
+                c["lost" if arrivals[0] else "unexpected"] += 1
+                failures += 1
+            if flow.delivery != "at-least-once":
+                for got, st in zip(arrivals, steps, strict=True):
+                    if len(got) > st.count:
+                        c["duplicated"] += 1
+                        failures += 1
+            for i in range(1, len(steps)):
+                before, after = firsts[i - 1], firsts[i]
+                if before is not None and after is not None:
+                    samples[i].append(after - before)
+            if complete and firsts[0] is not None:
+                samples[0].append(max(o.mono_ns for o in arrivals[-1].values()) - firsts[0])
+            c["chains"] += 1
+            c["failed" if failures else "succeeded"] += 1
+        # Percentiles the first way that comes to mind: sort every sample.
+        positive = [sorted(x for x in hop if x > 0) for hop in samples]
+        result[fname] = {
+            "chains": c["chains"],
+            "succeeded": c["succeeded"],
+            "failed": c["failed"],
+            "unknown": c["unknown"],
+            "lost": c["lost"],
+            "duplicated": c["duplicated"],
+            "late": c["late"],
+            "schema": schema_problems,
+            "latency_samples": [len(hop) for hop in positive[1:]] + [len(positive[0])],
+            "e2e_ms": _percentiles(positive[0]),
+            "hops_ms": [_percentiles(hop) for hop in positive[1:]],
+        }
+    return len(observations), result
+
+
+def _percentiles(xs: list[int]) -> dict[str, float | None]:
+    """Nearest-rank percentiles in ms of sorted nanosecond samples."""
+
+    def at(q: float) -> float | None:
+        if not xs:
+            return None
+        return round(xs[max(0, math.ceil(q / 100 * len(xs)) - 1)] / 1e6, 3)
+
+    return {"p50": at(50), "p99": at(99), "max": at(100)}
+
+
+def _counts(verdict: dict[str, Any]) -> dict[str, Any] | None:
+    """The figures the sanity check compares, from flowcheck's verdict as JSON."""
+    fv = next((f for f in verdict.get("flows", ()) if f.get("flow") == FLOW), None)
+    if fv is None:
+        return None
+    totals = fv.get("findings_total", {})
+    lat = fv.get("latency", [])
+    e2e: dict[str, Any] = next((x["stats"] for x in lat if x.get("hop") == "end-to-end"), {})
+    return {
+        "chains": fv["chains"],
+        "succeeded": fv["succeeded"],
+        "failed": fv["failed"],
+        "unknown": fv["unknown"],
+        "lost": totals.get("lost", 0),
+        "duplicated": totals.get("duplicated", 0),
+        "late": totals.get("late", 0),
+        "schema": totals.get("schema", 0),
+        "latency_samples": [x["stats"]["count"] for x in lat],
+        "e2e_ms": {"p50": e2e.get("p50_ms"), "p99": e2e.get("p99_ms"), "max": e2e.get("max_ms")},
+    }
+
+
+def _find_verdict(doc: Any) -> dict[str, Any] | None:
+    """The verdict inside whatever JSON the CLI prints (the verdict itself, or wrapped)."""
+    if isinstance(doc, dict):
+        if isinstance(doc.get("flows"), list):
+            return doc
+        for v in doc.values():
+            found = _find_verdict(v)
+            if found is not None:
+                return found
+    elif isinstance(doc, list):
+        for v in doc:
+            found = _find_verdict(v)
+            if found is not None:
+                return found
+    return None
+
+
+# ------------------------------------------------------------------ child processes
+
+
+def _maxrss_mib() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def child(mode: str, topology: str, trace: str, result: str, cli_argv: list[str]) -> None:
+    """Run one measurement in this (fresh) process and write its figures to ``result``."""
+    # The same imports for every mode, before the clock starts.
+    import flowcheck.checker
+    import flowcheck.cli
+    import flowcheck.topology
+    import flowcheck.trace
+
+    out: dict[str, Any] = {"mode": mode}
+    rss_before = _maxrss_mib()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    if mode == "read":
+        reader = flowcheck.trace.Reader(trace)
+        n = 0
+        for _ in reader:
+            n += 1
+        out |= {"observations": n, "problems": len(reader.problems)}
+    elif mode == "naive":
+        n, flows = naive_check(topology, trace)
+        out |= {"observations": n, "counts": flows.get(FLOW)}
+    elif mode in ("api", "profile"):
+        profiler = cProfile.Profile() if mode == "profile" else None
+        if profiler is not None:
+            profiler.enable()
+        topo = flowcheck.topology.load(topology)
+        reader = flowcheck.trace.Reader(trace)
+        checker = flowcheck.checker.Checker(topo, start_ns=reader.header.started_mono_ns)
+        for obs in reader:
+            checker.feed(obs)
+        verdict = checker.finish()
+        text = verdict.model_dump_json()
+        if profiler is not None:
+            profiler.disable()
+            buf = io.StringIO()
+            stats = pstats.Stats(profiler, stream=buf)
+            stats.sort_stats("tottime").print_stats(30)
+            stats.sort_stats("cumulative").print_stats(30)
+            out["profile"] = buf.getvalue()
+        out |= {"observations": verdict.observations, "counts": _counts(json.loads(text))}
+    elif mode == "cli":
+        # The console entry point, in this process: stdout (the verdict) goes to a file.
+        target = result + ".stdout"
+        sys.stdout.flush()
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        saved = os.dup(1)
+        os.dup2(fd, 1)
+        os.close(fd)
+        code: int | str | None = 0
+        try:
+            flowcheck.cli.main(cli_argv)
+        except SystemExit as exc:
+            code = exc.code
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+        text = Path(target).read_text(encoding="utf-8", errors="replace")
+        verdict_doc: dict[str, Any] | None = None
+        with contextlib.suppress(ValueError):
+            verdict_doc = _find_verdict(json.loads(text))
+        written = Path(result).parent / "reports" / "verdict.json"  # --report-dir {reports}
+        if verdict_doc is None and written.exists():
+            with contextlib.suppress(ValueError):
+                verdict_doc = _find_verdict(json.loads(written.read_text(encoding="utf-8")))
+        out |= {
+            "exit_code": code,
+            "observations": verdict_doc.get("observations") if verdict_doc else None,
+            "counts": _counts(verdict_doc) if verdict_doc else None,
+            "output_head": text[:300] if verdict_doc is None else None,
+        }
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    out["work_s"] = time.perf_counter() - wall0
+    out["cpu_s"] = time.process_time() - cpu0
+    out["maxrss_mib"] = _maxrss_mib()
+    out["rss_after_imports_mib"] = rss_before
+    Path(result).write_text(json.dumps(out))
+
+
+class ChildFailed(Exception):
+    """A measurement's process failed; the message says how."""
+
+
+@dataclass
+class Run:
+    """One measurement: the child's own figures and the process as the parent saw it."""
+
+    mode: str
+    observations: int
+    work_s: float
+    cpu_s: float
+    maxrss_mib: float
+    process_s: float
+    process_cpu_s: float
+    extra: dict[str, Any]
+
+
+def spawn(mode: str, rec: Recording, template: list[str]) -> Run:
+    """Run ``mode`` in a fresh interpreter; wait4 gives its own CPU time and peak RSS."""
+    with tempfile.TemporaryDirectory(prefix="fc-bench-") as tmp:
+        result = os.path.join(tmp, "result.json")
+        reports = os.path.join(tmp, "reports")
+        cli_argv = [
+            a.format(topology=rec.topology, trace=rec.trace, reports=reports) for a in template
+        ]
+        errors = os.path.join(tmp, "stderr.txt")
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            mode,
+            "--topology",
+            str(rec.topology),
+            "--trace",
+            str(rec.trace),
+            "--result",
+            result,
+            "--cli-argv",
+            json.dumps(cli_argv),
+        ]
+        with open(errors, "wb") as err:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+            _, status, usage = os.wait4(proc.pid, 0)
+            process_s = time.perf_counter() - t0
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0 or not os.path.exists(result):
+            tail = Path(errors).read_text(errors="replace")[-3000:]
+            raise ChildFailed(f"{mode} on {rec.trace} failed (exit {proc.returncode}):\n{tail}")
+        out: dict[str, Any] = json.loads(Path(result).read_text())
+    if mode == "cli" and out.get("exit_code") not in (0, 1, None):
+        raise ChildFailed(
+            f"`flowcheck {shlex.join(cli_argv)}` exited {out['exit_code']}: {out.get('output_head')}"
+        )
+    return Run(
+        mode=mode,
+        observations=int(out.get("observations") or rec.meta["observations"]),
+        work_s=float(out.pop("work_s")),
+        cpu_s=float(out.pop("cpu_s")),
+        maxrss_mib=float(out.pop("maxrss_mib")),
+        process_s=process_s,
+        process_cpu_s=usage.ru_utime + usage.ru_stime,
+        extra=out,
+    )
+
+
+# ------------------------------------------------------------------ the flowcheck command
+
+
+def cli_help() -> str | None:
+    """``flowcheck check --help``, or None when there is no such command."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "flowcheck", "check", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def cli_template(help_text: str) -> list[str]:
+    """Arguments for `flowcheck check` from its help: positionals in order, JSON output."""
+    usage = re.search(r"Usage:.*?check\s+(.*)", help_text)
+    positionals = re.findall(r"\b[A-Z][A-Z_]+\b", usage.group(1)) if usage else []
+    positionals = [p for p in positionals if p != "OPTIONS"]
+    args = ["check"]
+    if len(positionals) >= 2 or not positionals:
+        first_trace = bool(positionals) and "TRACE" in positionals[0]
+        args += ["{trace}", "{topology}"] if first_trace else ["{topology}", "{trace}"]
+    elif "TRACE" in positionals[0] and "--topology" in help_text:
+        args += ["--topology", "{topology}", "{trace}"]
+    else:
+        args += ["{topology}", "{trace}"]
+    if "--format" in help_text:
+        args += ["--format", "json"]
+    elif "--json" in help_text:
+        args += ["--json"]
+    elif "--report-dir" in help_text:
+        args += ["--report-dir", "{reports}"]  # the verdict is read from reports/verdict.json
+    return args
+
+
+# ------------------------------------------------------------------ reporting
+
+
+def median_run(runs: list[Run]) -> dict[str, Any]:
+    def med(f: Callable[[Run], float]) -> float:
+        return statistics.median(f(r) for r in runs)
+
+    n = runs[0].observations
+    work = med(lambda r: r.work_s)
+    cpu = med(lambda r: r.cpu_s)
+    return {
+        "observations": n,
+        "seconds": round(work, 3),
+        "obs_per_s": round(n / work) if work > 0 else None,
+        "cpu_s": round(cpu, 3),
+        "obs_per_cpu_s": round(n / cpu) if cpu > 0 else None,
+        "peak_rss_mib": round(med(lambda r: r.maxrss_mib), 1),
+        "process_s": round(med(lambda r: r.process_s), 3),
+        "process_cpu_s": round(med(lambda r: r.process_cpu_s), 3),
+        "rounds": [
+            {"seconds": round(r.work_s, 3), "peak_rss_mib": round(r.maxrss_mib, 1)} for r in runs
+        ],
+    }
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+    }
+    with contextlib.suppress(OSError):
+        cpu = Path("/proc/cpuinfo").read_text()
+        m = re.search(r"model name\s*:\s*(.*)", cpu)
+        if m:
+            info["cpu"] = m.group(1).strip()
+    with contextlib.suppress(OSError, AttributeError):
+        info["load_avg"] = [round(x, 2) for x in os.getloadavg()]
+    mem = _meminfo()
+    if mem:
+        info["mem_total_gib"] = round(mem.get("MemTotal", 0) / 2**20, 1)
+        info["mem_available_gib"] = round(mem.get("MemAvailable", 0) / 2**20, 1)
+    return info
+
+
+def _meminfo() -> dict[str, int]:
+    """/proc/meminfo in KiB (empty where there is none)."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                out[name] = int(parts[0])
+    return out
+
+
+def compare(naive: dict[str, Any] | None, fc: dict[str, Any] | None) -> dict[str, Any]:
+    """Naive and flowcheck counts side by side; ``ok`` when every count agrees."""
+    if naive is None or fc is None:
+        return {
+            "ok": None,
+            "why": "counts missing from " + ("naive" if naive is None else "flowcheck"),
+        }
+    keys = ("chains", "succeeded", "failed", "unknown", "lost", "duplicated", "late", "schema")
+    diff = {
+        k: (naive.get(k), fc.get(k))
+        for k in (*keys, "latency_samples")
+        if naive.get(k) != fc.get(k)
+    }
+    return {"ok": not diff, "differences": diff}
+
+
+def fmt_n(n: float) -> str:
+    return f"{n:,.0f}"
+
+
+def print_size(size: dict[str, Any], via: str) -> None:
+    meta = size["recording"]
+    print()
+    print(
+        f"== {fmt_n(size['observations'])} observations: {fmt_n(meta['chains'])} chains, "
+        f"~{fmt_n(min(meta['open_chains'], meta['chains']))} open at a time, {meta['bytes'] / 2**20:,.1f} MiB file, "
+        f"defects injected {meta['defects_injected']}; medians of {size['rounds_run']} round(s)"
+    )
+    print(f"{'':<16}{'seconds':>10}{'obs/s':>12}{'cpu s':>9}{'peak RSS MiB':>14}{'process s':>11}")
+    for mode, r in size["results"].items():
+        label = f"{mode} ({via})" if mode == "flowcheck" else mode
+        if r is None:
+            print(f"{label:<16}{'skipped':>10}  {size.get('skipped', {}).get(mode, '')}")
+            continue
+        print(
+            f"{label:<16}{r['seconds']:>10.2f}{fmt_n(r['obs_per_s'] or 0):>12}{r['cpu_s']:>9.2f}"
+            f"{r['peak_rss_mib']:>14.1f}{r['process_s']:>11.2f}"
+        )
+    waited = [
+        f"{mode} {r['cpu_s'] / r['seconds']:.2f}"
+        for mode, r in size["results"].items()
+        if r and r["seconds"] > 0 and r["cpu_s"] / r["seconds"] < 0.9
+    ]
+    if waited:
+        print(
+            f"note: cpu s / seconds is low ({', '.join(waited)}): the process waited for a "
+            "core, the machine was busy; these seconds are not the code's own"
+        )
+    ratios = size["ratios"]
+    if ratios.get("flowcheck_over_read") is not None:
+        print(
+            f"flowcheck / read time: {ratios['flowcheck_over_read']:.2f}x (target <= 2x); "
+            f"flowcheck / naive time: {ratios.get('flowcheck_over_naive') or float('nan'):.2f}x; "
+            f"flowcheck {fmt_n(ratios['flowcheck_obs_per_s'])} obs/s (target >= 100,000)"
+        )
+    sanity = size.get("sanity")
+    if sanity is not None:
+        if sanity["ok"]:
+            fc = size["counts"]["flowcheck"]
+            print(
+                "sanity: naive and flowcheck agree: "
+                + ", ".join(
+                    f"{k} {fc[k]:,}"
+                    for k in (
+                        "chains",
+                        "succeeded",
+                        "failed",
+                        "unknown",
+                        "lost",
+                        "duplicated",
+                        "late",
+                        "schema",
+                    )
+                )
+            )
+        elif sanity["ok"] is None:
+            print(f"sanity: not compared ({sanity['why']})")
+        else:
+            print(f"sanity: MISMATCH naive vs flowcheck: {sanity['differences']}")
+        naive, fc = size["counts"].get("naive"), size["counts"].get("flowcheck")
+        if naive and fc:
+            print(
+                f"end-to-end latency ms: naive (exact) {naive['e2e_ms']}, flowcheck (HdrHistogram) {fc['e2e_ms']}"
+            )
+
+
+def growth(sizes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for a, b in itertools.pairwise(sizes):
+        for mode in MODES:
+            ra, rb = a["results"].get(mode), b["results"].get(mode)
+            if not ra or not rb:
+                continue
+            obs_x = b["observations"] / a["observations"]
+            time_x = rb["seconds"] / ra["seconds"]
+            cpu_x = rb["cpu_s"] / ra["cpu_s"]
+            rows.append(
+                {
+                    "mode": mode,
+                    "from": a["observations"],
+                    "to": b["observations"],
+                    "observations_x": round(obs_x, 2),
+                    "time_x": round(time_x, 2),
+                    # 1.0: time grows exactly with the observations; 2.0: quadratic.
+                    "exponent": round(math.log(time_x) / math.log(obs_x), 3),
+                    "time_per_10x_obs": round(time_x ** (1 / math.log10(obs_x)), 2),
+                    "cpu_x": round(cpu_x, 2),
+                    "cpu_exponent": round(math.log(cpu_x) / math.log(obs_x), 3),
+                    "memory_x": round(rb["peak_rss_mib"] / ra["peak_rss_mib"], 2),
+                }
+            )
+    return rows
+
+
+def print_growth(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    print()
+    print("== growth (1.00 exponent: linear time; memory x1.00: flat memory)")
+    print(
+        f"{'mode':<11}{'observations':>24}{'time x':>9}{'x per 10x obs':>15}{'exponent':>10}"
+        f"{'cpu exp.':>10}{'memory x':>10}"
+    )
+    for r in rows:
+        span = f"{fmt_n(r['from'])} -> {fmt_n(r['to'])}"
+        print(
+            f"{r['mode']:<11}{span:>24}{r['time_x']:>9.2f}{r['time_per_10x_obs']:>15.2f}"
+            f"{r['exponent']:>10.3f}{r['cpu_exponent']:>10.3f}{r['memory_x']:>10.2f}"
+        )
+
+
+# ------------------------------------------------------------------ main
+
+
+def parse_sizes(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower().replace("_", "")
+        mult = 1
+        if part.endswith("k"):
+            part, mult = part[:-1], 1_000
+        elif part.endswith("m"):
+            part, mult = part[:-1], 1_000_000
+        out.append(int(float(part) * mult))
+    return out
+
+
+def choose_flowcheck(
+    how: str, template: str | None, workdir: Path, chain_rate: float
+) -> tuple[str, list[str], str | None]:
+    """("cli", argument template, None) when `flowcheck check` is used, else ("api", [], why).
+
+    The command is tried once on a small recording first: while it is being written it
+    may exist and still fail, and then (with ``auto``) the API is measured instead.
+    """
+    if how == "api" and not template:
+        return "api", [], "--flowcheck api"
+    if template:
+        args = shlex.split(template)
+    else:
+        help_text = cli_help()
+        if help_text is None:
+            if how == "cli":
+                raise SystemExit("`flowcheck check` does not exist here; use --flowcheck api")
+            return "api", [], "`flowcheck check` does not exist"
+        args = cli_template(help_text)
+    try:
+        run = spawn("cli", generate(workdir, PROBE_SIZE, chain_rate), args)
+    except ChildFailed as exc:
+        if how == "cli" or template:
+            raise SystemExit(f"`flowcheck check` failed on a small recording: {exc}") from None
+        last = str(exc).strip().splitlines()[-1:]
+        return "api", [], f"`flowcheck check` fails here ({' '.join(last)})"
+    if run.extra.get("counts") is None:
+        print(
+            "warning: no verdict JSON from `flowcheck check`: no sanity check against the naive "
+            "baseline (see --cli-args)",
+            file=sys.stderr,
+        )
+    return "cli", args, None
+
+
+def bench(args: argparse.Namespace) -> None:
+    workdir = Path(args.workdir or os.path.join(tempfile.gettempdir(), "flowcheck-bench"))
+    sizes = parse_sizes(args.sizes)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise SystemExit(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
+    via, template, why_api = choose_flowcheck(
+        args.flowcheck, args.cli_args, workdir, args.chain_rate
+    )
+    info = machine()
+    print(
+        f"machine: {info['platform']}, {info['cores']} cores"
+        + (f" ({info['cpu']})" if info.get("cpu") else "")
+        + f", Python {info['python']}; load average {info.get('load_avg')}; "
+        f"{info.get('mem_available_gib')} of {info.get('mem_total_gib')} GiB available"
+    )
+    if via == "cli":
+        print(f"flowcheck: the CLI, `flowcheck {' '.join(template)}` (in a fresh process)")
+    else:
+        print(
+            "flowcheck: the Python API (Reader -> Checker.feed -> finish -> verdict JSON), "
+            f"because {why_api}"
+        )
+    print(
+        f"rounds: {args.rounds}, naive {args.naive_rounds} (medians); workdir: {workdir}",
+        flush=True,
+    )
+
+    recordings = [generate(workdir, n, args.chain_rate) for n in sizes]
+    # The budget counts from here (generating recordings is a one-time cost). Every size
+    # gets one round; a further round runs only if it and one round of each larger size,
+    # extrapolated from this size, still fit.
+    deadline = time.monotonic() + args.budget * 60 if args.budget > 0 else math.inf
+    out_sizes: list[dict[str, Any]] = []
+    rss_per_obs: float | None = None  # the naive baseline's, to skip sizes it cannot hold
+    for index, rec in enumerate(recordings):
+        n = rec.meta["observations"]
+        later = sum(r.meta["observations"] for r in recordings[index + 1 :]) / n
+        first_round = 0.0  # seconds the first round of this size took, all modes
+        next_round = 0.0  # ... and what a further round takes (the naive baseline only once)
+        rounds_run = 0
+        runs: dict[str, list[Run]] = {m: [] for m in modes}
+        skipped: dict[str, str] = {}
+        if "naive" in modes and rss_per_obs is not None:
+            need = rss_per_obs * n * 1.15
+            avail = _meminfo().get("MemAvailable", 0) / 2**10
+            if avail and need > 0.8 * avail:
+                skipped["naive"] = f"needs ~{need / 1024:.1f} GiB, {avail / 1024:.1f} GiB available"
+        for round_ in range(max(args.rounds, args.naive_rounds)):
+            if round_ > 0 and time.monotonic() + next_round + first_round * later > deadline:
+                print(
+                    f"  {fmt_n(n)}: {round_} round(s) only, to stay within --budget "
+                    f"{args.budget:g} min",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                break
+            spent = 0.0
+            next_round = 0.0
+            for mode in modes:  # interleaved, so drifting machine load hits every mode alike
+                wanted = args.naive_rounds if mode == "naive" else args.rounds
+                if mode in skipped or round_ >= wanted:
+                    continue
+                child_mode = via if mode == "flowcheck" else mode
+                run = spawn(child_mode, rec, template)
+                runs[mode].append(run)
+                spent += run.process_s
+                if round_ + 1 < wanted:
+                    next_round += run.process_s
+                print(
+                    f"  {fmt_n(n)} {mode}: {run.work_s:.2f}s, {run.maxrss_mib:.0f} MiB",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if mode == "read" and run.extra.get("problems"):
+                    raise SystemExit(f"{rec.trace}: Reader found damaged lines: {run.extra}")
+            rounds_run += 1
+            if round_ == 0:
+                first_round = spent
+        if runs.get("naive"):
+            rss_per_obs = max(r.maxrss_mib for r in runs["naive"]) / n
+        results: dict[str, Any] = {m: (median_run(runs[m]) if runs[m] else None) for m in modes}
+        counts = {m: runs[m][0].extra.get("counts") for m in ("naive", "flowcheck") if runs.get(m)}
+        ratios: dict[str, Any] = {}
+        fc, rd, nv = results.get("flowcheck"), results.get("read"), results.get("naive")
+        if fc:
+            ratios["flowcheck_obs_per_s"] = fc["obs_per_s"]
+            ratios["flowcheck_obs_per_s_process"] = round(n / fc["process_s"])
+            if rd:
+                ratios["flowcheck_over_read"] = round(fc["seconds"] / rd["seconds"], 3)
+            if nv:
+                ratios["flowcheck_over_naive"] = round(fc["seconds"] / nv["seconds"], 3)
+        size: dict[str, Any] = {
+            "observations": n,
+            "recording": {k: v for k, v in rec.meta.items() if k != "observations"},
+            "trace": str(rec.trace),
+            "results": results,
+            "ratios": ratios,
+            "counts": counts,
+            "skipped": skipped,
+            "rounds_run": rounds_run,
+        }
+        if "naive" in counts and "flowcheck" in counts:
+            size["sanity"] = compare(counts["naive"], counts["flowcheck"])
+        out_sizes.append(size)
+        print_size(size, via)
+    rows = growth(out_sizes)
+    print_growth(rows)
+    print()
+    print(
+        json.dumps(
+            {
+                "benchmark": "checker",
+                "machine": info,
+                "flowcheck_via": via,
+                "cli_args": template or None,
+                "api_because": why_api,
+                "rounds": args.rounds,
+                "naive_rounds": args.naive_rounds,
+                "chain_rate": args.chain_rate,
+                "sizes": out_sizes,
+                "growth": rows,
+            }
+        )
+    )
+
+
+def profile(args: argparse.Namespace) -> None:
+    workdir = Path(args.workdir or os.path.join(tempfile.gettempdir(), "flowcheck-bench"))
+    rec = generate(workdir, parse_sizes(args.profile)[0], args.chain_rate)
+    run = spawn("profile", rec, [])
+    print(
+        f"flowcheck API under cProfile on {fmt_n(run.observations)} observations: "
+        f"{run.work_s:.2f}s (profiling slows it down), {run.maxrss_mib:.0f} MiB"
+    )
+    print(run.extra["profile"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sizes",
+        default=",".join(str(n) for n in DEFAULT_SIZES),
+        help="observations per recording, comma-separated (100k, 1m also work)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="repetitions per size and mode")
+    parser.add_argument(
+        "--naive-rounds",
+        type=int,
+        default=1,
+        help="repetitions of the naive baseline (slow and big: once keeps the run short)",
+    )
+    parser.add_argument("--workdir", help="where generated recordings are cached")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=15,
+        help="minutes (after generating recordings); rounds past the first are dropped "
+        "when they would not fit; 0: no limit",
+    )
+    parser.add_argument(
+        "--chain-rate",
+        type=float,
+        default=DEFAULT_CHAIN_RATE,
+        help=f"chains started per recorded second (open chains ~ rate x {WINDOW_S:g}s)",
+    )
+    parser.add_argument("--modes", default=",".join(MODES), help="which of read,naive,flowcheck")
+    parser.add_argument(
+        "--flowcheck",
+        choices=("auto", "cli", "api"),
+        default="auto",
+        help="auto: `flowcheck check` if it exists, else the Python API",
+    )
+    parser.add_argument(
+        "--cli-args",
+        help='arguments for the flowcheck command, e.g. "check {topology} {trace} --format json"',
+    )
+    parser.add_argument("--profile", metavar="SIZE", help="cProfile the checker on one size")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--topology", help=argparse.SUPPRESS)
+    parser.add_argument("--trace", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--cli-argv", default="[]", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.topology, args.trace, args.result, json.loads(args.cli_argv))
+    elif args.profile:
+        profile(args)
+    else:
+        bench(args)
+
+
+if __name__ == "__main__":
+    main()

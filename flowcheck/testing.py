@@ -1,0 +1,1302 @@
+"""Assertions on event flows, for integration tests: the API behind the pytest plugin.
+
+A :class:`Flowcheck` watches a topology's channels on the real brokers while a
+test runs. The test publishes (or lets its own code publish), then asserts::
+
+    async with Flowcheck(topology, prefix="t-1.") as fc:
+        await fc.publish("orders", {"order_id": "o-1"}, routing_key="order.placed")
+        await fc.chain("order-billed", "o-1").completes(within="2s")
+        await fc.never_published("billing.dlq", key="o-1", within="500ms")
+        await fc.check("order-billed")           # nothing lost, duplicated, late, ...
+        assert fc.latency("order-billed").p99 < "250ms"
+
+Every assertion waits for the observations it needs and returns as soon as it
+has them; none sleeps. Only :meth:`Flowcheck.never_published` waits its whole
+window, because there the deadline itself is the event. A failed assertion
+raises :class:`FlowAssertionError` (an :class:`AssertionError`) whose message
+draws the chain's timeline, where it stopped and what was expected next.
+
+With the pytest plugin (``flowcheck.pytest_plugin``) tests get a started
+:class:`Flowcheck` from the ``flowcheck`` fixture; see docs/pytest.md.
+
+Taps run in a task of their own, so a :class:`Flowcheck` may be started in one
+task and stopped in another (pytest-asyncio runs fixture setup and teardown
+that way). The broker clients are asyncio libraries: run it on asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NoReturn
+
+import anyio
+from pydantic import SecretStr
+
+from flowcheck.brokers import Drift, adapter
+from flowcheck.checker import (
+    CHAIN_KINDS,
+    Checker,
+    Finding,
+    FindingKind,
+    FlowVerdict,
+    Verdict,
+    check,
+)
+from flowcheck.checker.verdict import Cause, Seen
+from flowcheck.correlate import Correlator
+from flowcheck.errors import FlowcheckError, leaf
+from flowcheck.observations import Kind, Observation, now
+from flowcheck.reporting._common import ms as fmt_ms
+from flowcheck.topology._types import format_duration, parse_duration
+from flowcheck.topology.model import (
+    Exchange,
+    Kafka,
+    RabbitMQ,
+    Redis,
+    Stream,
+    Topic,
+    Topology,
+)
+from flowcheck.topology.routing import dead_letter_path
+from flowcheck.trace import Header, Writer
+from flowcheck.tracer import Tracer
+
+__all__ = [
+    "DEFAULT_DEADLINE",
+    "Chain",
+    "FlowAssertionError",
+    "Flowcheck",
+    "HopLatency",
+    "Took",
+    "isolated",
+    "with_brokers",
+]
+
+DEFAULT_DEADLINE = timedelta(seconds=10)
+# Observations drawn in a failure message; a longer timeline is drawn as its two ends.
+TIMELINE_HEAD, TIMELINE_TAIL = 24, 8
+# Chains are decided this long after the longest flow window when an assertion gives up.
+_FAR = timedelta(days=1)
+_ARRIVALS = (Kind.PUBLISHED, Kind.ROUTED)
+_DELIVERIES = (Kind.DELIVERED, Kind.REDELIVERED)
+_SENT = (Kind.PUBLISHED, Kind.ROUTED, Kind.UNROUTABLE, Kind.DEAD_LETTERED)
+
+Within = str | float | timedelta
+
+
+# ---------------------------------------------------------------- topology helpers
+
+
+def isolated(topology: Topology, prefix: str) -> Topology:
+    """``topology`` with ``prefix`` in front of every broker-side name and consumer group.
+
+    Channel keys (what flows, reports and this API use) stay as they are; only
+    the ``name`` each channel has on its broker changes. RabbitMQ's own
+    ``amq.*`` exchanges keep their names. Stream groups and the groups of the
+    services' ``consumes`` get the prefix too.
+    """
+    if not prefix:
+        return topology
+    channels: dict[str, Any] = {}
+    for key, ch in topology.channels.items():
+        name = ch.name or key
+        update: dict[str, Any] = {}
+        if not (isinstance(ch, Exchange) and name.startswith("amq.")):
+            update["name"] = prefix + name
+        if isinstance(ch, Stream) and ch.groups:
+            update["groups"] = [prefix + g for g in ch.groups]
+        channels[key] = ch.model_copy(update=update)
+    services = {
+        key: svc.model_copy(
+            update={
+                "consumes": [
+                    c.model_copy(update={"group": prefix + c.group}) if c.group else c
+                    for c in svc.consumes
+                ]
+            }
+        )
+        for key, svc in topology.services.items()
+    }
+    return topology.model_copy(update={"channels": channels, "services": services})
+
+
+def with_brokers(
+    topology: Topology,
+    *,
+    rabbitmq_url: str | None = None,
+    kafka_bootstrap: str | None = None,
+    redis_url: str | None = None,
+) -> Topology:
+    """``topology`` with every broker of a kind pointed at the given address (None: as is)."""
+    brokers: dict[str, Any] = {}
+    for name, b in topology.brokers.items():
+        if isinstance(b, RabbitMQ) and rabbitmq_url:
+            b = b.model_copy(update={"url": SecretStr(rabbitmq_url)})
+        elif isinstance(b, Kafka) and kafka_bootstrap:
+            parts = [p.strip() for p in kafka_bootstrap.split(",") if p.strip()]
+            b = b.model_copy(update={"bootstrap": parts})
+        elif isinstance(b, Redis) and redis_url:
+            b = b.model_copy(update={"url": SecretStr(redis_url)})
+        brokers[name] = b
+    return topology.model_copy(update={"brokers": brokers})
+
+
+def flow_channels(topology: Topology, flows: Iterable[str]) -> set[str]:
+    """Every channel the taps must watch to follow ``flows``: steps, retries, dead letters."""
+    wanted = set(flows)
+    return {
+        ch
+        for ch, entries in Correlator(topology).rules.items()
+        if any(f in wanted for f, _ in entries)
+    }
+
+
+def seconds(value: Within) -> float:
+    """A wait: ``"2s"``, ``"250ms"``, a number of seconds, or a timedelta."""
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, bool):
+        raise TypeError(f"within={value!r}: write a duration like '2s' or a number of seconds")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"within={value!r}: a wait cannot be negative")
+        return float(value)
+    return parse_duration(value).total_seconds()
+
+
+def _spell(value: float) -> str:
+    return format_duration(timedelta(seconds=value)) if value > 0 else "0s"
+
+
+# ---------------------------------------------------------------- results
+
+
+class Took(timedelta):
+    """A latency. Compares with durations as topologies write them (``"200ms"``),
+    with numbers of seconds and with timedeltas: ``assert lat.p99 < "200ms"``."""
+
+    @classmethod
+    def of_ms(cls, value: float) -> Took:
+        return cls(microseconds=round(value * 1000))
+
+    @staticmethod
+    def _other(other: object) -> timedelta | None:
+        if isinstance(other, timedelta):
+            return other
+        if isinstance(other, str):
+            return parse_duration(other)
+        if isinstance(other, (int, float)) and not isinstance(other, bool):
+            return timedelta(seconds=other)
+        return None
+
+    def __lt__(self, other: object) -> bool:
+        o = self._other(other)
+        if o is None:
+            return NotImplemented
+        return timedelta.__lt__(self, o)
+
+    def __le__(self, other: object) -> bool:
+        o = self._other(other)
+        if o is None:
+            return NotImplemented
+        return timedelta.__le__(self, o)
+
+    def __gt__(self, other: object) -> bool:
+        o = self._other(other)
+        if o is None:
+            return NotImplemented
+        return timedelta.__gt__(self, o)
+
+    def __ge__(self, other: object) -> bool:
+        o = self._other(other)
+        if o is None:
+            return NotImplemented
+        return timedelta.__ge__(self, o)
+
+    def __eq__(self, other: object) -> bool:
+        o = self._other(other)
+        if o is None:
+            return NotImplemented
+        return timedelta.__eq__(self, o)
+
+    __hash__ = timedelta.__hash__
+
+    @property
+    def ms(self) -> float:
+        return self / timedelta(milliseconds=1)
+
+    def __repr__(self) -> str:
+        return f"{fmt_ms(self.ms)}ms"
+
+    __str__ = __repr__
+
+
+class FlowAssertionError(AssertionError):
+    """An event-flow assertion failed. The message is the report; the rest is for code."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        flow: str | None = None,
+        key: str | None = None,
+        findings: Sequence[Finding] = (),
+        observations: Sequence[Observation] = (),
+        trace: Path | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.flow = flow
+        self.key = key
+        self.findings = list(findings)
+        self.observations = list(observations)
+        self.trace = trace
+
+
+@dataclass(frozen=True)
+class HopLatency:
+    """Latency of one hop (or ``end-to-end``) of one flow, over the chains decided so far."""
+
+    flow: str
+    hop: str
+    count: int
+    budget: dict[str, Took] = field(default_factory=dict)
+    values: dict[str, Took | None] = field(default_factory=dict)
+
+    def _get(self, percentile: str) -> Took:
+        __tracebackhide__ = True
+        value = self.values.get(percentile)
+        if value is None:
+            raise FlowAssertionError(
+                f"{self.flow}: no latency samples for {self.hop!r} yet: no chain has completed "
+                "that hop (wait for one first, e.g. await flowcheck.chain(...).completes())",
+                flow=self.flow,
+            )
+        return value
+
+    @property
+    def p50(self) -> Took:
+        return self._get("p50")
+
+    @property
+    def p90(self) -> Took:
+        return self._get("p90")
+
+    @property
+    def p95(self) -> Took:
+        return self._get("p95")
+
+    @property
+    def p99(self) -> Took:
+        return self._get("p99")
+
+    @property
+    def max(self) -> Took:
+        return self._get("max")
+
+    def __repr__(self) -> str:
+        return f"<latency of {self.flow} {self.hop}: {self.count} sample(s)>"
+
+    def __str__(self) -> str:
+        have = ", ".join(f"{p} {v!r}" for p, v in self.values.items() if v is not None)
+        budget = ", ".join(f"{p} {v!r}" for p, v in self.budget.items())
+        return (
+            f"{self.flow} {self.hop}: {self.count} sample(s)"
+            + (f", {have}" if have else "")
+            + (f" (budget {budget})" if budget else "")
+        )
+
+
+# ---------------------------------------------------------------- the session
+
+
+class Flowcheck:
+    """Watch a topology's channels while a test runs, and assert on what flows through them.
+
+    ``prefix`` isolates the test: every broker-side name and consumer group gets
+    it (see :func:`isolated`), the channels are declared before the taps start
+    and deleted when the session stops. ``flows`` limits the taps to the
+    channels of those flows (and the brokers contacted to theirs). ``trace``
+    is a file to record every observation to (JSON Lines, for
+    ``flowcheck inspect``). ``deadline`` is how long assertions wait by default.
+
+    Use ``async with Flowcheck(...) as fc`` or :meth:`start` / :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        *,
+        prefix: str = "",
+        flows: Sequence[str] | None = None,
+        apply: bool = True,
+        trace: str | os.PathLike[str] | None = None,
+        deadline: Within = DEFAULT_DEADLINE,
+        name: str | None = None,
+    ) -> None:
+        unknown = [f for f in flows or () if f not in topology.flows]
+        if unknown:
+            raise FlowcheckError(
+                f"unknown flow(s) {', '.join(map(repr, unknown))}; the topology has "
+                f"{', '.join(map(repr, topology.flows)) or 'no flows'}"
+            )
+        self.source = topology
+        self.topology = isolated(topology, prefix)
+        self.prefix = prefix
+        self.flows: list[str] = list(flows) if flows is not None else list(topology.flows)
+        self.name_of_test = name
+        self.deadline = seconds(deadline)
+        self.trace: Path | None = Path(trace) if trace is not None else None
+        self.drift: list[Drift] = []
+        watched = (
+            flow_channels(self.topology, self.flows)
+            if flows is not None
+            else set(self.topology.channels)
+        )
+        self.channels: list[str] = sorted(watched)
+        self.brokers: list[str] = sorted({self.topology.channels[c].broker for c in watched})
+        self._apply = apply
+        self._cleanup = bool(prefix)
+        self._items: list[Observation] = []
+        self._keys: dict[str, dict[str, None]] = {f: {} for f in self.topology.flows}
+        self._published: dict[str, set[str]] = {}
+        self._start_ns = 0
+        self._checker: Checker | None = None
+        self._writer: Writer | None = None
+        self._tracer: Tracer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._error: BaseException | None = None
+        self._running = False
+        self._changed = anyio.Event()
+        self._ready = anyio.Event()
+        self._stop = anyio.Event()
+        self._seq = 0
+        self.assertions: list[tuple[str, str | None, bool]] = []  # (what, flow, passed)
+        self.failures: list[FlowAssertionError] = []
+
+    def __repr__(self) -> str:
+        isolated = f", prefix {self.prefix!r}" if self.prefix else ""
+        return (
+            f"<Flowcheck topology {self.topology.name or '(unnamed)'!r}{isolated}, "
+            f"{len(self.channels)} channels watched, {len(self._items)} observations>"
+        )
+
+    # ------------------------------------------------------------ life cycle
+
+    async def __aenter__(self) -> Flowcheck:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Declare the channels (when applying), connect, and return once every tap watches."""
+        if self._task is not None:
+            raise RuntimeError("this Flowcheck has already been started")
+        self._changed, self._ready, self._stop = anyio.Event(), anyio.Event(), anyio.Event()
+        self._start_ns, wall = now()
+        # Expectations (empty) for every flow make the checker remember decided chains.
+        checker = Checker(
+            self.topology, start_ns=self._start_ns, expected={f: set() for f in self.topology.flows}
+        )
+        checker.advance(self._start_ns)  # ready to answer settled() before the first observation
+        self._checker = checker
+        if self.trace is not None:
+            self.trace.parent.mkdir(parents=True, exist_ok=True)
+            header = Header(
+                topology=self.topology.name,
+                started=wall,
+                started_mono_ns=self._start_ns,
+                test=self.name_of_test,
+                prefix=self.prefix or None,
+            )
+            self._writer = Writer(str(self.trace), header)
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._serve(), name=f"flowcheck taps {self.prefix}")
+        await self._ready.wait()
+        if self._error is not None:
+            error = self._error
+            await self._end_task()
+            self._close_trace(keep=False)
+            raise error
+
+    async def _serve(self) -> None:
+        try:
+            if self._apply:
+                await self._declare()
+            async with Tracer(self.topology, [self._observe], channels=self.channels) as tracer:
+                self._tracer = tracer
+                self._running = True
+                self._ready.set()
+                await self._stop.wait()
+        except Exception as exc:  # kept and raised where it is useful: start, waits, stop
+            self._error = leaf(exc)
+        finally:
+            self._running = False
+            self._tracer = None
+            self._ready.set()
+            self._wake()
+
+    async def _declare(self) -> None:
+        mono, wall = now()
+        for name in self.brokers:
+            mine = [k for k, ch in self.topology.channels.items() if ch.broker == name]
+            async with adapter(name, self.topology) as ad:
+                drift = await ad.apply(mine)
+            self.drift += drift
+            for d in drift:
+                if self._writer is not None:
+                    self._writer.write(
+                        Observation(
+                            kind=Kind.DRIFT,
+                            broker=name,
+                            channel=d.channel,
+                            mono_ns=mono,
+                            wall=wall,
+                            reason=str(d),
+                        )
+                    )
+
+    async def _end_task(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stop.set()
+        await task
+
+    async def stop(self, *, keep_trace: bool = True) -> None:
+        """Stop the taps, delete an isolated test's channels, close the trace.
+
+        ``keep_trace=False`` deletes the trace file (the plugin does so for
+        tests that passed). Raises the taps' error if they failed mid-way.
+        """
+        if self._task is None:
+            return
+        await self._end_task()
+        failed = self._error
+        try:
+            if self._cleanup and self._apply:
+                await self._delete()
+        finally:
+            self._close_trace(keep=keep_trace)
+        if failed is not None:
+            raise FlowcheckError(f"the taps stopped during the test: {failed}") from failed
+
+    async def _delete(self) -> None:
+        for name in self.brokers:
+            mine = [k for k, ch in self.topology.channels.items() if ch.broker == name]
+            async with adapter(name, self.topology) as ad:
+                await ad.delete(mine)
+
+    def _close_trace(self, *, keep: bool) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            if not keep and self.trace is not None:
+                self.trace.unlink(missing_ok=True)
+
+    def flush_trace(self) -> None:
+        """Make the trace file complete so far (for a failed test, before its report)."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    # ------------------------------------------------------------ observations
+
+    def _observe(self, obs: Observation) -> None:
+        self._items.append(obs)
+        if self._writer is not None:
+            self._writer.write(obs)
+        if self._checker is not None:
+            self._checker.feed(obs)
+        for flow, key in obs.keys.items():
+            keys = self._keys.get(flow)
+            if keys is not None:
+                keys.setdefault(key, None)
+        self._wake()
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    @property
+    def observations(self) -> list[Observation]:
+        """Everything the taps saw so far (and every publish), in the order seen."""
+        return list(self._items)
+
+    @property
+    def started_ns(self) -> int:
+        """The monotonic clock when the session started: ``at ms`` in timelines counts from it."""
+        return self._start_ns
+
+    def _alive(self) -> None:
+        __tracebackhide__ = True
+        if self._task is None and not self._items and self._checker is None:
+            raise RuntimeError("this Flowcheck is not started: use 'async with' or start()")
+        if self._error is not None:
+            raise FlowcheckError(f"the taps stopped: {self._error}") from self._error
+
+    async def wait_for(
+        self, predicate: Callable[[list[Observation]], bool], within: Within | None = None
+    ) -> bool:
+        """Wait until ``predicate(observations)`` holds (True) or ``within`` passes (False).
+
+        Evaluated at once and after every new observation: the building block of
+        every assertion here, for conditions they do not cover.
+        """
+        return await self._wait(lambda: predicate(self._items), self._limit(within))
+
+    async def _wait(self, done: Callable[[], bool], limit: float) -> bool:
+        __tracebackhide__ = True
+        with anyio.move_on_after(limit):
+            while True:
+                changed = self._changed  # taken before the check: no change can be missed
+                self._alive()
+                if done():
+                    return True
+                await changed.wait()
+        self._alive()
+        return done()
+
+    def _limit(self, within: Within | None) -> float:
+        return self.deadline if within is None else seconds(within)
+
+    # ------------------------------------------------------------ names and publishing
+
+    def name(self, channel: str) -> str:
+        """The broker-side name of ``channel`` (a channel key of the topology) in this test."""
+        if channel not in self.topology.channels:
+            raise KeyError(
+                f"no channel {channel!r} in the topology; it has {sorted(self.topology.channels)}"
+            )
+        return self.topology.channel_name(channel)
+
+    def group(self, group: str) -> str:
+        """The broker-side name of a consumer group the topology names, in this test."""
+        return self.prefix + group
+
+    def address(self, broker: str) -> str:
+        """How to reach ``broker`` (a broker key): the URL, or the Kafka bootstrap servers."""
+        b = self.topology.brokers[broker]
+        if isinstance(b, Kafka):
+            return ",".join(b.bootstrap)
+        return b.url.get_secret_value()
+
+    def key(self, label: str = "key") -> str:
+        """A correlation key no other test uses: ``label`` plus a random part and a counter."""
+        self._seq += 1
+        return f"{label}-{secrets.token_hex(4)}-{self._seq}"
+
+    async def publish(
+        self,
+        channel: str,
+        payload: bytes | str | Mapping[str, Any] | Sequence[Any],
+        *,
+        headers: Mapping[str, str] | None = None,
+        key: str | None = None,
+        routing_key: str | None = None,
+    ) -> Observation:
+        """Publish to ``channel`` (a channel key) through its broker.
+
+        ``payload``: bytes, text, or anything JSON can encode. ``key`` is the
+        Kafka record key, ``routing_key`` the RabbitMQ routing key. Returns the
+        PUBLISHED observation (UNROUTABLE if RabbitMQ returned it); its
+        ``keys`` are the correlation keys per flow.
+        """
+        self._alive()
+        if channel not in self.topology.channels:
+            raise KeyError(
+                f"no channel {channel!r} in the topology; it has {sorted(self.topology.channels)}"
+            )
+        tracer = self._tracer
+        broker = self.topology.channels[channel].broker
+        if tracer is None or broker not in tracer.adapters:
+            raise FlowcheckError(
+                f"cannot publish to {channel!r}: its broker {broker!r} is not connected in this "
+                f"test (it watches the flows {', '.join(self.flows)})"
+            )
+        if isinstance(payload, bytes):
+            body = payload
+        elif isinstance(payload, str):
+            body = payload.encode()
+        else:
+            body = json.dumps(payload).encode()
+        obs = await tracer.publish(
+            channel, body, headers=dict(headers or {}), key=key, routing_key=routing_key
+        )
+        for flow, k in obs.keys.items():
+            self._published.setdefault(flow, set()).add(k)
+        return obs
+
+    # ------------------------------------------------------------ judging
+
+    def _flow(self, flow: str) -> None:
+        if flow not in self.topology.flows:
+            raise FlowcheckError(
+                f"unknown flow {flow!r}; the topology has {', '.join(map(repr, self.topology.flows))}"
+            )
+
+    def _judge(
+        self,
+        items: Sequence[Observation],
+        *,
+        settle: bool,
+        expected: Mapping[str, Iterable[str]] | None = None,
+    ) -> Verdict:
+        """The checker's verdict on ``items``; ``settle`` decides every chain still open."""
+        end, _ = now()
+        if settle:
+            end += int(_FAR.total_seconds() * 1e9)
+        return check(self.topology, items, start_ns=self._start_ns, end_ns=end, expected=expected)
+
+    def verdict(self) -> Verdict:
+        """The verdict on everything seen so far; chains still inside their deadline are
+        *unknown*, not lost. Asserts nothing: see :meth:`check`."""
+        return self._judge(self._items, settle=False)
+
+    def seen_keys(self, flow: str) -> list[str]:
+        """The correlation keys of ``flow`` seen so far, in the order first seen."""
+        return list(self._keys.get(flow, ()))
+
+    def chain_observations(self, flow: str, key: str) -> list[Observation]:
+        """What was seen of the chain ``key`` of ``flow`` (and tap gaps), in order."""
+        return [o for o in self._items if o.keys.get(flow) == key]
+
+    def chain(self, flow: str, key: str) -> Chain:
+        """Assertions about one chain: the messages of ``flow`` with correlation key ``key``."""
+        self._flow(flow)
+        return Chain(self, flow, key)
+
+    async def never_published(
+        self,
+        channel: str,
+        *,
+        within: Within,
+        key: str | None = None,
+        flow: str | None = None,
+    ) -> None:
+        """Assert that nothing (with correlation ``key``, of ``flow`` if given) reaches
+        ``channel`` during ``within``. Fails as soon as something does; passes only
+        when the whole window has gone by, so keep ``within`` short."""
+        __tracebackhide__ = True
+        if channel not in self.topology.channels:
+            raise KeyError(
+                f"no channel {channel!r} in the topology; it has {sorted(self.topology.channels)}"
+            )
+        if channel not in self.channels:
+            raise FlowcheckError(
+                f"{channel!r} is not watched in this test (it watches the channels of "
+                f"{', '.join(self.flows)}); widen the marker's flows= to see it"
+            )
+        if flow is not None:
+            self._flow(flow)
+
+        def hits() -> list[Observation]:
+            return [
+                o
+                for o in self._items
+                if o.channel == channel
+                and o.kind in _SENT
+                and (
+                    key is None
+                    or (o.keys.get(flow) == key if flow is not None else key in o.keys.values())
+                )
+            ]
+
+        limit = self._limit(within)
+        await self._wait(lambda: bool(hits()), limit)
+        found = hits()
+        what = f"key {key!r}" if key is not None else "any message"
+        self._record("never_published", flow, not found)
+        if not found:
+            return
+        first = found[0]
+        shown_flow = flow or next(iter(first.keys), None)
+        timeline = (
+            self.chain_observations(shown_flow, first.keys[shown_flow])
+            if shown_flow is not None and shown_flow in first.keys
+            else found
+        )
+        lines = [
+            f"{what} reached {channel!r}, which it must never reach "
+            f"({len(found)} time(s); the first at {self._at(first):.1f}ms)",
+            "",
+            *_indent(self._draw(timeline, evidence=[first])),
+        ]
+        self._fail(lines, flow=shown_flow, key=key, observations=timeline)
+
+    async def check(self, *flows: str, within: Within | None = None) -> Verdict:
+        """Assert that the flows (default: all this test watches) hold everything the
+        topology expects of them: no chain lost, duplicated, reordered, late,
+        retried or dead-lettered against the rules, latency within budget.
+
+        Waits until every chain seen (and every key published) has reached its
+        end, at most ``within``; chains still open then count as lost. A flow
+        named here must have seen at least one chain.
+        """
+        __tracebackhide__ = True
+        for f in flows:
+            self._flow(f)
+        names = list(flows) or self.flows
+        checker = self._checker
+        assert checker is not None
+
+        def pending() -> list[tuple[str, str]]:
+            out = []
+            for f in names:
+                keys = set(self._keys.get(f, ())) | self._published.get(f, set())
+                out += [(f, k) for k in keys if not checker.settled(f, k)]
+            return out
+
+        limit = self._limit(within)
+        await self._wait(lambda: not pending(), limit)
+        open_chains = pending()
+        verdict = self._judge(self._items, settle=True)
+        mine = [fv for fv in verdict.flows if fv.flow in names]
+        failing = [
+            fv for fv in mine if not fv.passed or any(f.kind in CHAIN_KINDS for f in fv.findings)
+        ]
+        empty = [f for f in flows if not any(fv.flow == f and fv.chains for fv in mine)]
+        passed = not failing and not empty
+        for f in names:
+            self._record("check", f, passed)
+        if passed:
+            return verdict
+        lines: list[str] = []
+        if failing:
+            what = ", ".join(f"{fv.flow} ({_counts(fv)})" for fv in failing)
+            lines.append(f"flow check failed: {what}")
+        for f in empty:
+            lines.append(
+                f"flow {f!r}: no chain was seen (nothing published or routed to its steps)"
+            )
+        if open_chains:
+            lines.append(
+                f"gave up after {_spell(limit)} with {len(open_chains)} chain(s) still open; "
+                "they count as lost"
+            )
+        for fv in failing:
+            lines += ["", *self._draw_flow(fv)]
+        findings = [f for fv in failing for f in fv.findings]
+        self._fail(lines, flow=names[0] if len(names) == 1 else None, findings=findings)
+
+    def latency(self, flow: str, hop: str = "end-to-end") -> HopLatency:
+        """Latency of ``hop`` of ``flow`` over the chains decided so far.
+
+        ``hop`` is ``"end-to-end"``, a hop as reports name it (``"a -> b"``), or
+        a step: the hop into that step. Values are :class:`Took`, comparable with
+        ``"200ms"``; reading one with no samples fails with an explanation.
+        """
+        self._flow(flow)
+        fv = next(f for f in self.verdict().flows if f.flow == flow)
+        hops = {lat.hop: lat for lat in fv.latency}
+        lat = hops.get(hop) or next((v for h, v in hops.items() if h.endswith(f" -> {hop}")), None)
+        if lat is None:
+            raise KeyError(f"{flow} has no hop {hop!r}; its hops are {', '.join(map(repr, hops))}")
+        s = lat.stats
+        raw = {"p50": s.p50_ms, "p90": s.p90_ms, "p95": s.p95_ms, "p99": s.p99_ms, "max": s.max_ms}
+        values = {p: (Took.of_ms(v) if v is not None and s.count else None) for p, v in raw.items()}
+        budget = {p: Took.of_ms(v) for p, v in lat.budget_ms.items()}
+        return HopLatency(flow=flow, hop=lat.hop, count=s.count, budget=budget, values=values)
+
+    def timeline(self, flow: str, key: str) -> str:
+        """The chain drawn as failure messages draw it, for a print while debugging."""
+        return "\n".join(self._draw(self.chain_observations(flow, key)))
+
+    # ------------------------------------------------------------ reporting
+
+    def _record(self, what: str, flow: str | None, passed: bool) -> None:
+        self.assertions.append((what, flow, passed))
+
+    def _fail(
+        self,
+        lines: list[str],
+        *,
+        flow: str | None = None,
+        key: str | None = None,
+        findings: Sequence[Finding] = (),
+        observations: Sequence[Observation] = (),
+    ) -> NoReturn:
+        __tracebackhide__ = True
+        if self.trace is not None:
+            inspect = f"flowcheck inspect {self.trace}"
+            if flow is not None:
+                inspect += f" --flow {flow}"
+            if key is not None:
+                inspect += f" --key {key}"
+            lines = [*lines, "", f"trace: {self.trace}", f"  {inspect}"]
+        error = FlowAssertionError(
+            "\n".join(lines),
+            flow=flow,
+            key=key,
+            findings=findings,
+            observations=observations,
+            trace=self.trace,
+        )
+        self.failures.append(error)
+        raise error
+
+    def _at(self, obs: Observation) -> float:
+        return (obs.mono_ns - self._start_ns) / 1e6
+
+    def _draw(
+        self,
+        items: Sequence[Observation],
+        *,
+        evidence: Sequence[Observation | Seen] = (),
+        tail: Sequence[tuple[str, str, str]] = (),
+    ) -> list[str]:
+        """A timeline as text: ``>`` marks the observations a finding is about,
+        ``x`` the step that never came."""
+        marked = {
+            (
+                e.kind if isinstance(e, Seen) else e.kind.value,
+                e.channel,
+                round(e.at_ms if isinstance(e, Seen) else self._at(e), 1),
+            )
+            for e in evidence
+        }
+        rows: list[tuple[str, ...]] = [("", "at ms", "+ms", "kind", "channel", "where", "detail")]
+        if not items:
+            rows.append(("", "", "", "(nothing seen)", "", "", ""))
+        drawn: list[Observation | int] = list(items)
+        if len(items) > TIMELINE_HEAD + TIMELINE_TAIL:
+            cut = len(items) - TIMELINE_HEAD - TIMELINE_TAIL
+            drawn = [*items[:TIMELINE_HEAD], cut, *items[-TIMELINE_TAIL:]]
+        prev: float | None = None
+        for o in drawn:
+            if isinstance(o, int):
+                rows.append(("", "", "", f"... {o} more", "", "", ""))
+                prev = None
+                continue
+            at = self._at(o)
+            mark = ">" if (o.kind.value, o.channel, round(at, 1)) in marked else ""
+            rows.append(
+                (
+                    mark,
+                    f"{at:.1f}",
+                    "" if prev is None else fmt_ms(at - prev),
+                    o.kind.value,
+                    o.channel,
+                    _where(o),
+                    _detail(o),
+                )
+            )
+            prev = at
+        for kind, channel, detail in tail:
+            rows.append(("x", "", "", kind, channel, "", detail))
+        return _table(rows, right={1, 2})
+
+    def _draw_flow(self, fv: FlowVerdict) -> list[str]:
+        out = [f"{fv.flow}: {_counts(fv)}"]
+        failed = [c for c in fv.checks if not c.passed]
+        for c in failed:
+            out.append(f"  failed check {c.name}: {c.message}")
+        by_chain: dict[str, list[Finding]] = {}
+        others: list[Finding] = []
+        for f in fv.findings:
+            if f.kind in CHAIN_KINDS and f.key is not None:
+                by_chain.setdefault(f.key, []).append(f)
+            else:
+                others.append(f)
+        for key, found in list(by_chain.items())[:10]:
+            out.append("")
+            out.append(f"  key {key}:")
+            for f in found:
+                out.append(f"    {f.kind.value}: {f.message}")
+            items = self.chain_observations(fv.flow, key)
+            tail = [
+                ("expected", f.next_step, "never came" + (f", {f.cause.value}" if f.cause else ""))
+                for f in found
+                if f.next_step is not None
+            ]
+            out += _indent(
+                self._draw(items, evidence=[s for f in found for s in f.seen], tail=tail), 4
+            )
+        if len(by_chain) > 10:
+            out.append(f"  ... {len(by_chain) - 10} more broken chains")
+        for f in others[:10]:
+            out.append(f"  {f.kind.value}: {f.message}")
+        return out
+
+
+def _counts(fv: FlowVerdict) -> str:
+    parts = [f"{fv.chains} chain(s)", f"{fv.succeeded} succeeded", f"{fv.failed} failed"]
+    if fv.unknown:
+        parts.append(f"{fv.unknown} unknown")
+    if fv.dead_lettered:
+        parts.append(f"{fv.dead_lettered} dead-lettered")
+    return ", ".join(parts)
+
+
+def _where(o: Observation) -> str:
+    if o.partition is not None or o.offset is not None:
+        return f"p{o.partition if o.partition is not None else '?'}@{o.offset}"
+    if o.entry_id is not None:
+        return o.entry_id
+    return o.routing_key or ""
+
+
+def _detail(o: Observation) -> str:
+    parts: list[str] = []
+    if o.delivery_count is not None:
+        parts.append(f"delivery {o.delivery_count}")
+    if o.group:
+        parts.append(f"group {o.group}")
+    if o.reason:
+        parts.append(o.reason)
+    if o.origin:
+        parts.append(f"from {o.origin}")
+    return "; ".join(parts)
+
+
+def _table(rows: Sequence[tuple[str, ...]], right: set[int]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for r in rows:
+        cells = [
+            (c.rjust(widths[i]) if i in right else c.ljust(widths[i])) for i, c in enumerate(r)
+        ]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def _indent(lines: Iterable[str], n: int = 2) -> list[str]:
+    return [(" " * n + line) if line else "" for line in lines]
+
+
+# ---------------------------------------------------------------- one chain
+
+
+class Chain:
+    """Assertions about one chain; get one from :meth:`Flowcheck.chain`."""
+
+    def __init__(self, fc: Flowcheck, flow: str, key: str) -> None:
+        self.fc = fc
+        self.flow = flow
+        self.key = key
+        f = fc.topology.flows[flow]
+        self.labels = [s.name or s.channel for s in f.steps]
+        self.dead_channels = _dead_channels(fc.topology, flow)
+
+    @property
+    def observations(self) -> list[Observation]:
+        return self.fc.chain_observations(self.flow, self.key)
+
+    def __repr__(self) -> str:
+        return f"<chain {self.flow} {self.key!r}>"
+
+    def _dead(self) -> list[Observation]:
+        return [
+            o
+            for o in self.observations
+            if o.kind is Kind.DEAD_LETTERED
+            or (o.channel in self.dead_channels and o.kind is Kind.ROUTED)
+        ]
+
+    def _verdict(self) -> tuple[FlowVerdict, list[Finding]]:
+        fc = self.fc
+        items = [o for o in fc._items if o.keys.get(self.flow) == self.key or o.kind is Kind.GAP]
+        seen = any(o.kind is not Kind.GAP for o in items)
+        expected = None if seen else {self.flow: [self.key]}
+        verdict = fc._judge(items, settle=True, expected=expected)
+        fv = next(f for f in verdict.flows if f.flow == self.flow)
+        return fv, [f for f in fv.findings if f.key == self.key and f.kind in CHAIN_KINDS]
+
+    def _arrivals_at(self, step: int) -> list[Observation]:
+        if step < 0:
+            return []
+        channel = self.fc.topology.flows[self.flow].steps[step].channel
+        return [o for o in self.observations if o.channel == channel and o.kind in _ARRIVALS]
+
+    def _reached(self) -> int:
+        """Index of the last step the chain arrived at, -1 if none."""
+        steps = self.fc.topology.flows[self.flow].steps
+        seen = {o.channel for o in self.observations if o.kind in _ARRIVALS}
+        return max((i for i, s in enumerate(steps) if s.channel in seen), default=-1)
+
+    async def completes(self, within: Within | None = None) -> list[Observation]:
+        """Assert that the chain reaches every step of its flow, as the topology expects
+        (no duplicate, nothing late, not dead-lettered), within ``within``.
+
+        Returns as soon as the last step is seen; returns the chain's observations.
+        """
+        __tracebackhide__ = True
+        fc = self.fc
+        checker = fc._checker
+        assert checker is not None
+        limit = fc._limit(within)
+        settled = await fc._wait(lambda: checker.settled(self.flow, self.key), limit)
+        _, findings = self._verdict()
+        dead = self._dead()
+        if settled and not findings and not dead:
+            fc._record("completes", self.flow, True)
+            return self.observations
+        fc._record("completes", self.flow, False)
+        lines = self._headline_completes(limit, settled, findings, dead)
+        self._fail(lines, findings)
+
+    def _headline_completes(
+        self, limit: float, settled: bool, findings: list[Finding], dead: list[Observation]
+    ) -> list[str]:
+        who = f"{self.flow} {self.key!r}"
+        items = self.observations
+        if not any(o.kind is not Kind.GAP for o in items):
+            seen = list(self.fc._keys.get(self.flow, {}))
+            others = (
+                f"; keys seen for {self.flow}: {', '.join(seen[:8])}"
+                + (" ..." if len(seen) > 8 else "")
+                if seen
+                else f"; nothing at all was seen for {self.flow}"
+            )
+            return [
+                f"{who} did not complete within {_spell(limit)}: nothing with this key was "
+                f"seen on any channel of the flow{others}"
+            ]
+        reached = self._reached()
+        n = len(self.labels)
+        stopped = (
+            f"it stopped after {self.labels[reached]!r} (step {reached + 1} of {n})"
+            if reached >= 0
+            else f"it never reached the first step {self.labels[0]!r}"
+        )
+        lost = [f for f in findings if f.kind is FindingKind.LOST]
+        nxt = next((f.next_step for f in lost if f.next_step), None)
+        if nxt is None and reached + 1 < n:
+            nxt = self.labels[reached + 1]
+        if dead:
+            d = dead[-1]
+            head = f"{who} was dead-lettered to {d.channel!r} instead of completing"
+            why = [f"{stopped}; dead letter" + (f": {_detail(d)}" if _detail(d) else "")]
+        elif lost or not settled:
+            cause = next((f.cause for f in lost if f.cause is not None), None)
+            if cause is Cause.UNROUTABLE or cause is Cause.STUCK_PENDING:
+                head = f"{who} did not complete: {lost[0].message}"
+            else:
+                head = f"{who} did not complete within {_spell(limit)}"
+            why = [f"{stopped}; expected next: {nxt!r}, which never came" if nxt else stopped]
+        else:
+            head = f"{who} completed, but not as the topology expects"
+            why = []
+        for f in findings:
+            if f.kind is FindingKind.LOST and f.cause in (Cause.TIMED_OUT, None):
+                continue  # said above, in this wait's own terms
+            why.append(f"{f.kind.value}: {f.message}")
+        tail = []
+        if nxt is not None and not dead and (lost or not settled):
+            said = next((f.cause.value for f in lost if f.cause is not None), "")
+            tail.append(("expected", nxt, "never came" + (f" ({said})" if said else "")))
+        # Marked: what the findings are about, and where the chain stopped.
+        evidence: list[Observation | Seen] = [
+            s
+            for f in findings
+            if not (f.kind is FindingKind.LOST and f.cause in (Cause.TIMED_OUT, None))
+            for s in f.seen
+        ]
+        evidence += dead[-1:] or self._arrivals_at(reached)[-1:]
+        return [
+            head,
+            *_indent(why),
+            "",
+            *_indent(self.fc._draw(items, evidence=evidence, tail=tail)),
+        ]
+
+    async def reaches(self, step: str, within: Within | None = None) -> Observation:
+        """Assert that the chain arrives at ``step`` (a step label or channel) within
+        ``within``; returns the first arrival there."""
+        __tracebackhide__ = True
+        steps = self.fc.topology.flows[self.flow].steps
+        match = [s for s in steps if (s.name or s.channel) == step] or [
+            s for s in steps if s.channel == step
+        ]
+        if not match:
+            raise KeyError(f"{self.flow} has no step {step!r}; its steps are {self.labels}")
+        channel = match[0].channel
+
+        def arrived() -> Observation | None:
+            return next(
+                (o for o in self.observations if o.channel == channel and o.kind in _ARRIVALS),
+                None,
+            )
+
+        limit = self.fc._limit(within)
+        await self.fc._wait(lambda: arrived() is not None, limit)
+        found = arrived()
+        self.fc._record("reaches", self.flow, found is not None)
+        if found is not None:
+            return found
+        reached = self._reached()
+        where = (
+            f"it got as far as {self.labels[reached]!r}"
+            if reached >= 0
+            else "it never reached the flow's first step"
+        )
+        lines = [
+            f"{self.flow} {self.key!r} did not reach {step!r} within {_spell(limit)}; {where}",
+            "",
+            *_indent(self.fc._draw(self.observations, tail=[("expected", step, "never came")])),
+        ]
+        self._fail(lines, [])
+
+    async def dead_lettered(
+        self,
+        channel: str | None = None,
+        *,
+        reason: str | None = None,
+        attempts: int | None = None,
+        within: Within | None = None,
+    ) -> Observation:
+        """Assert that the chain ends in a dead letter: on ``channel`` (default: any
+        dead-letter channel of the flow), with ``reason`` (contained in the one
+        the broker gives), after exactly ``attempts`` deliveries (the first
+        included). Returns the dead letter's observation.
+        """
+        __tracebackhide__ = True
+        fc = self.fc
+        if channel is not None and channel not in fc.topology.channels:
+            raise KeyError(
+                f"no channel {channel!r} in the topology; it has {sorted(fc.topology.channels)}"
+            )
+
+        def candidates() -> list[Observation]:
+            return [d for d in self._dead() if channel is None or d.channel == channel]
+
+        def good(d: Observation) -> bool:
+            return reason is None or (d.reason is not None and reason in d.reason)
+
+        def satisfied() -> bool:
+            found = [d for d in candidates() if good(d)]
+            if not found:
+                return False
+            return attempts is None or self.attempts(found[-1]) == attempts
+
+        def hopeless() -> bool:
+            found = [d for d in candidates() if good(d)]
+            n = self.attempts(found[-1]) if found else None
+            return attempts is not None and n is not None and n > attempts
+
+        limit = fc._limit(within)
+        await fc._wait(lambda: satisfied() or hopeless(), limit)
+        found = candidates()
+        if satisfied():
+            fc._record("dead_lettered", self.flow, True)
+            return [d for d in found if good(d)][-1]
+        fc._record("dead_lettered", self.flow, False)
+        where = f"to {channel!r}" if channel is not None else ""
+        want = ", ".join(
+            p
+            for p in (
+                f"reason containing {reason!r}" if reason is not None else "",
+                f"after {attempts} attempt(s)" if attempts is not None else "",
+            )
+            if p
+        )
+        head = f"{self.flow} {self.key!r} was not dead-lettered {where}".rstrip() + (
+            f" {want}" if want else ""
+        )
+        why: list[str] = []
+        if not found:
+            other = self._dead()
+            if other:
+                why.append(
+                    "its dead letters went to " + ", ".join(sorted({d.channel for d in other}))
+                )
+            else:
+                reached = self._reached()
+                why.append(
+                    f"no dead letter within {_spell(limit)}"
+                    + (f"; it got as far as {self.labels[reached]!r}" if reached >= 0 else "")
+                )
+        else:
+            d = found[-1]
+            if not good(d):
+                why.append(f"the dead letter's reason is {d.reason!r}")
+            n = self.attempts(d)
+            if attempts is not None and n != attempts:
+                why.append(
+                    f"it took {n} attempt(s)"
+                    if n is not None
+                    else "its attempts are unknown: no delivery was seen (RabbitMQ shows "
+                    "deliveries only with the firehose on: rabbitmqctl trace_on)"
+                )
+        _, findings = self._verdict()
+        for f in findings:
+            why.append(f"{f.kind.value}: {f.message}")
+        lines = [
+            head,
+            *_indent(why),
+            "",
+            *_indent(fc._draw(self.observations, evidence=found[-1:])),
+        ]
+        self._fail(lines, findings)
+
+    def attempts(self, dead: Observation | None = None) -> int | None:
+        """Deliveries of the chain's message, the first included; None if nothing tells.
+
+        Counted as the checker counts them: the delivery numbers the taps saw
+        (x-delivery-count, Redis PEL counts, retry headers), one per arrival on a
+        retry channel. With ``dead``, only the step it died on counts.
+        """
+        topo = self.fc.topology
+        origin = dead.origin if dead is not None else None
+        steps = [s.channel for s in topo.flows[self.flow].steps]
+        if origin is not None and origin not in steps:
+            owner = next(
+                (s for s in steps if origin in getattr(topo.channels.get(s), "retry", [])), None
+            )
+            origin = owner or origin
+        counted = [origin] if origin is not None else steps
+        retries = {s: list(getattr(topo.channels.get(s), "retry", []) or []) for s in counted}
+        counts: list[int] = []
+        for o in self.observations:
+            if o.kind in _DELIVERIES and o.channel in counted and o.delivery_count:
+                counts.append(o.delivery_count)
+        if dead is not None and dead.delivery_count:
+            counts.append(dead.delivery_count)
+        for rs in retries.values():
+            n = sum(1 for o in self.observations if o.channel in rs and o.kind in _ARRIVALS)
+            if n:
+                counts.append(1 + n)
+        if not counts and any(
+            o.kind in _DELIVERIES and o.channel in counted for o in self.observations
+        ):
+            counts.append(1)
+        return max(counts) if counts else None
+
+    def _fail(self, lines: list[str], findings: Sequence[Finding]) -> NoReturn:
+        __tracebackhide__ = True
+        self.fc._fail(
+            lines, flow=self.flow, key=self.key, findings=findings, observations=self.observations
+        )
+
+
+def _dead_channels(topology: Topology, flow: str) -> set[str]:
+    """Channels where a message of ``flow`` is a dead letter (as the checker sees them)."""
+    f = topology.flows[flow]
+    out = {r.channel for r in f.dead_letters}
+    for step in f.steps:
+        ch = topology.channels.get(step.channel)
+        if isinstance(ch, (Topic, Stream)) and ch.dead_letter:
+            out.add(ch.dead_letter)
+        out.update(dead_letter_path(topology, step.channel))
+    return out
+
+
+def unique_prefix(test_name: str, worker: str | None = None, max_len: int = 32) -> str:
+    """A per-test name prefix: the test's name squeezed into ``[a-z0-9-]``, the xdist
+    worker, a random part, then a dot: valid in every broker's names."""
+    base = "".join(c if c.isalnum() and c.isascii() else "-" for c in test_name.lower())
+    while "--" in base:
+        base = base.replace("--", "-")
+    base = base.strip("-")[:max_len].strip("-") or "test"
+    parts = [base, worker or "", secrets.token_hex(4)]
+    return "-".join(p for p in parts if p) + "."
