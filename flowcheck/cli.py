@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from flowcheck.observations import Observation
     from flowcheck.runner import Outcome
     from flowcheck.timeline import Timeline
-from flowcheck.errors import FlowcheckError, Problem, UsageError
+from flowcheck.errors import FlowcheckError, MissingDependency, Problem, UsageError
 from flowcheck.topology import Topology, check_file
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INFRA = 0, 1, 2, 3
@@ -231,7 +231,7 @@ def record(topology_file: str, out: str, duration: str | None, do_apply: bool) -
             counts = anyio.run(main)
     except FlowcheckError as exc:
         click.echo(f"flowcheck: {exc}", err=True)
-        sys.exit(EXIT_USAGE if isinstance(exc, UsageError) else EXIT_INFRA)
+        sys.exit(EXIT_USAGE if isinstance(exc, (UsageError, MissingDependency)) else EXIT_INFRA)
     if live is None:
         console.print(table(counts))
     click.echo(f"{sum(counts.values())} observations written to {out}")
@@ -468,7 +468,7 @@ def run(topology_file: str, scenario_file: str | None, report_dir: str, no_apply
 
     try:
         outcome = anyio.run(main)
-    except UsageError as exc:
+    except (UsageError, MissingDependency) as exc:
         click.echo(f"flowcheck: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     except FlowcheckError as exc:
