@@ -20,16 +20,18 @@ from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import pytest
 
 from flowcheck import __version__, defaults
 from flowcheck.errors import BrokerError, FlowcheckError, TopologyError
 from flowcheck.redact import redact_url
-from flowcheck.testing import DEFAULT_DEADLINE, Flowcheck, unique_prefix, with_brokers
 from flowcheck.topology import Topology, load
 from flowcheck.topology._types import format_duration, parse_duration
+
+if TYPE_CHECKING:  # imported when a test uses the fixture: pytest starts faster without it
+    from flowcheck.testing import Flowcheck
 
 try:  # pytest-asyncio is optional: anyio's plugin alone is enough
     import pytest_asyncio
@@ -53,6 +55,8 @@ class Option:
         return "--flowcheck-" + self.name.replace("_", "-")
 
 
+# The same as flowcheck.testing.DEFAULT_DEADLINE (a test keeps them equal).
+DEFAULT_DEADLINE = timedelta(seconds=10)
 OPTIONS = {
     o.name: o
     for o in (
@@ -140,8 +144,8 @@ class State:
 
 
 STATE = pytest.StashKey[State]()
-PLAN = pytest.StashKey[Flowcheck]()  # built by the fixture, started by its async half
-STARTED = pytest.StashKey[Flowcheck]()
+PLAN = pytest.StashKey["Flowcheck"]()  # built by the fixture, started by its async half
+STARTED = pytest.StashKey["Flowcheck"]()
 FAILED = pytest.StashKey[bool]()
 SUMMARY = pytest.StashKey[dict[str, Any]]()
 PROBLEM = pytest.StashKey[str]()
@@ -245,16 +249,22 @@ def flowcheck(request: pytest.FixtureRequest, flowcheck_topology: Any) -> Flowch
     or auto mode) or by anyio's plugin (``@pytest.mark.anyio``).
     """
     state = request.config.stash[STATE]
+    # Problems are reported outside the except blocks: no chained traceback is printed.
+    problem: FlowcheckError | None = None
     try:
         plan = _plan(request, state, flowcheck_topology)
     except FlowcheckError as exc:
-        _problem(request, exc, None)
+        problem = exc
+    if problem is not None:
+        _problem(request, problem, None)
     request.node.stash[PLAN] = plan
     driver = _driver(request)
     try:
         fc: Flowcheck = request.getfixturevalue(driver)
     except FlowcheckError as exc:
-        _problem(request, exc, plan)
+        problem = exc
+    if problem is not None:
+        _problem(request, problem, plan)
     return fc
 
 
@@ -354,6 +364,8 @@ def _load(state: State, path: Path) -> Topology:
 
 
 def _plan(request: pytest.FixtureRequest, state: State, fixture_value: Any) -> Flowcheck:
+    from flowcheck.testing import Flowcheck, unique_prefix, with_brokers
+
     item = request.node
     settings = state.settings
     mark = _marker(item)
@@ -414,7 +426,11 @@ def _problem(request: pytest.FixtureRequest, exc: FlowcheckError, fc: Flowcheck 
         state.problems[message] = request.node.nodeid
         pytest.fail(message, pytrace=False)
     where = f" in {first}" if first else ""
-    pytest.skip(f"{message.splitlines()[0]} (reported once, as the error{where})")
+    pytest.skip(f"{headline(message)} (reported once, as the error{where})")
+
+
+def headline(message: str) -> str:
+    return message.splitlines()[0].rstrip(":")
 
 
 def _claim(request: pytest.FixtureRequest, message: str) -> bool:
@@ -435,8 +451,9 @@ def _claim(request: pytest.FixtureRequest, message: str) -> bool:
 def explain(exc: FlowcheckError, fc: Flowcheck | None, settings: Settings) -> str:
     """A setup problem, said once, with what to do about it."""
     if isinstance(exc, TopologyError):
-        return "flowcheck: the topology is invalid:\n" + "\n".join(
-            f"  {p}" for p in exc.problems if p.severity == "error"
+        errors = [p for p in exc.problems if p.severity == "error"]
+        return f"flowcheck: the topology is invalid ({len(errors)} problem(s)):\n" + "\n".join(
+            f"  {p}" for p in errors
         )
     if isinstance(exc, BrokerError) and fc is not None and exc.broker in fc.topology.brokers:
         b = fc.topology.brokers[exc.broker]
@@ -566,7 +583,7 @@ def summary_lines(results: list[tuple[str, dict[str, Any]]]) -> list[str]:
         for message, outcomes in by_message.items():
             errors = sum(outcomes)
             out.append(
-                f"  {message.splitlines()[0]} ({errors} error(s), "
+                f"  {headline(message)} ({errors} error(s), "
                 f"{len(outcomes) - errors} test(s) skipped)"
             )
     return out

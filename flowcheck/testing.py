@@ -27,6 +27,7 @@ that way). The broker clients are asyncio libraries: run it on asyncio.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -83,7 +84,7 @@ __all__ = [
 DEFAULT_DEADLINE = timedelta(seconds=10)
 # Observations drawn in a failure message; a longer timeline is drawn as its two ends.
 TIMELINE_HEAD, TIMELINE_TAIL = 24, 8
-# Chains are decided this long after the longest flow window when an assertion gives up.
+# An end far past every deadline: an assertion that judges "now" decides every chain still open.
 _FAR = timedelta(days=1)
 _ARRIVALS = (Kind.PUBLISHED, Kind.ROUTED)
 _DELIVERIES = (Kind.DELIVERED, Kind.REDELIVERED)
@@ -269,15 +270,21 @@ class HopLatency:
     count: int
     budget: dict[str, Took] = field(default_factory=dict)
     values: dict[str, Took | None] = field(default_factory=dict)
+    left_out: int = 0  # samples <= 0: copies of one message seen at the same instant
 
     def _get(self, percentile: str) -> Took:
         __tracebackhide__ = True
         value = self.values.get(percentile)
         if value is None:
+            why = (
+                f"its {self.left_out} sample(s) were <= 0 and left out (the taps saw both ends "
+                "at the same instant, as for an exchange and its queue)"
+                if self.left_out
+                else "no chain has completed that hop (wait for one first, e.g. await "
+                "flowcheck.chain(...).completes())"
+            )
             raise FlowAssertionError(
-                f"{self.flow}: no latency samples for {self.hop!r} yet: no chain has completed "
-                "that hop (wait for one first, e.g. await flowcheck.chain(...).completes())",
-                flow=self.flow,
+                f"{self.flow}: no latency samples for {self.hop!r} yet: {why}", flow=self.flow
             )
         return value
 
@@ -351,7 +358,7 @@ class Flowcheck:
         self.topology = isolated(topology, prefix)
         self.prefix = prefix
         self.flows: list[str] = list(flows) if flows is not None else list(topology.flows)
-        self.name_of_test = name
+        self.test_name = name
         self.deadline = seconds(deadline)
         self.trace: Path | None = Path(trace) if trace is not None else None
         self.drift: list[Drift] = []
@@ -365,15 +372,16 @@ class Flowcheck:
         self._apply = apply
         self._cleanup = bool(prefix)
         self._items: list[Observation] = []
+        # Indexes, so that waits cost per new observation, not per observation so far.
         self._keys: dict[str, dict[str, None]] = {f: {} for f in self.topology.flows}
-        self._published: dict[str, set[str]] = {}
+        self._by_chain: dict[tuple[str, str], list[Observation]] = {}
+        self._by_channel: dict[str, list[Observation]] = {}
         self._start_ns = 0
         self._checker: Checker | None = None
         self._writer: Writer | None = None
         self._tracer: Tracer | None = None
         self._task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
-        self._running = False
         self._changed = anyio.Event()
         self._ready = anyio.Event()
         self._stop = anyio.Event()
@@ -382,9 +390,9 @@ class Flowcheck:
         self.failures: list[FlowAssertionError] = []
 
     def __repr__(self) -> str:
-        isolated = f", prefix {self.prefix!r}" if self.prefix else ""
+        own = f", prefix {self.prefix!r}" if self.prefix else ""
         return (
-            f"<Flowcheck topology {self.topology.name or '(unnamed)'!r}{isolated}, "
+            f"<Flowcheck topology {self.topology.name or '(unnamed)'!r}{own}, "
             f"{len(self.channels)} channels watched, {len(self._items)} observations>"
         )
 
@@ -417,7 +425,7 @@ class Flowcheck:
                 topology=self.topology.name,
                 started=wall,
                 started_mono_ns=self._start_ns,
-                test=self.name_of_test,
+                test=self.test_name,
                 prefix=self.prefix or None,
             )
             self._writer = Writer(str(self.trace), header)
@@ -428,6 +436,10 @@ class Flowcheck:
             error = self._error
             await self._end_task()
             self._close_trace(keep=False)
+            if self._cleanup and self._apply:
+                # Whatever was declared before the failure: an isolated test leaves nothing.
+                with contextlib.suppress(FlowcheckError, OSError):
+                    await self._delete()
             raise error
 
     async def _serve(self) -> None:
@@ -436,13 +448,11 @@ class Flowcheck:
                 await self._declare()
             async with Tracer(self.topology, [self._observe], channels=self.channels) as tracer:
                 self._tracer = tracer
-                self._running = True
                 self._ready.set()
                 await self._stop.wait()
         except Exception as exc:  # kept and raised where it is useful: start, waits, stop
             self._error = leaf(exc)
         finally:
-            self._running = False
             self._tracer = None
             self._ready.set()
             self._wake()
@@ -518,10 +528,12 @@ class Flowcheck:
             self._writer.write(obs)
         if self._checker is not None:
             self._checker.feed(obs)
+        self._by_channel.setdefault(obs.channel, []).append(obs)
         for flow, key in obs.keys.items():
             keys = self._keys.get(flow)
             if keys is not None:
                 keys.setdefault(key, None)
+            self._by_chain.setdefault((flow, key), []).append(obs)
         self._wake()
 
     def _wake(self) -> None:
@@ -630,12 +642,9 @@ class Flowcheck:
             body = payload.encode()
         else:
             body = json.dumps(payload).encode()
-        obs = await tracer.publish(
+        return await tracer.publish(
             channel, body, headers=dict(headers or {}), key=key, routing_key=routing_key
         )
-        for flow, k in obs.keys.items():
-            self._published.setdefault(flow, set()).add(k)
-        return obs
 
     # ------------------------------------------------------------ judging
 
@@ -668,8 +677,8 @@ class Flowcheck:
         return list(self._keys.get(flow, ()))
 
     def chain_observations(self, flow: str, key: str) -> list[Observation]:
-        """What was seen of the chain ``key`` of ``flow`` (and tap gaps), in order."""
-        return [o for o in self._items if o.keys.get(flow) == key]
+        """What was seen of the chain ``key`` of ``flow``, in the order seen."""
+        return list(self._by_chain.get((flow, key), ()))
 
     def chain(self, flow: str, key: str) -> Chain:
         """Assertions about one chain: the messages of ``flow`` with correlation key ``key``."""
@@ -703,7 +712,7 @@ class Flowcheck:
         def hits() -> list[Observation]:
             return [
                 o
-                for o in self._items
+                for o in self._by_channel.get(channel, ())
                 if o.channel == channel
                 and o.kind in _SENT
                 and (
@@ -716,7 +725,10 @@ class Flowcheck:
         await self._wait(lambda: bool(hits()), limit)
         found = hits()
         what = f"key {key!r}" if key is not None else "any message"
-        self._record("never_published", flow, not found)
+        owner = flow or next(
+            (f for f in self.flows if channel in flow_channels(self.topology, [f])), None
+        )
+        self._record("never_published", owner, not found)
         if not found:
             return
         first = found[0]
@@ -750,16 +762,21 @@ class Flowcheck:
         checker = self._checker
         assert checker is not None
 
-        def pending() -> list[tuple[str, str]]:
-            out = []
+        # Every chain seen (publishes are observations too) until it has reached its end.
+        open_chains: set[tuple[str, str]] = set()
+        known = dict.fromkeys(names, 0)
+
+        def settled() -> bool:
             for f in names:
-                keys = set(self._keys.get(f, ())) | self._published.get(f, set())
-                out += [(f, k) for k in keys if not checker.settled(f, k)]
-            return out
+                keys = self._keys.get(f, {})
+                if len(keys) > known[f]:
+                    open_chains.update((f, k) for k in list(keys)[known[f] :])
+                    known[f] = len(keys)
+            open_chains.difference_update([c for c in open_chains if checker.settled(*c)])
+            return not open_chains
 
         limit = self._limit(within)
-        await self._wait(lambda: not pending(), limit)
-        open_chains = pending()
+        await self._wait(settled, limit)
         verdict = self._judge(self._items, settle=True)
         mine = [fv for fv in verdict.flows if fv.flow in names]
         failing = [
@@ -806,7 +823,14 @@ class Flowcheck:
         raw = {"p50": s.p50_ms, "p90": s.p90_ms, "p95": s.p95_ms, "p99": s.p99_ms, "max": s.max_ms}
         values = {p: (Took.of_ms(v) if v is not None and s.count else None) for p, v in raw.items()}
         budget = {p: Took.of_ms(v) for p, v in lat.budget_ms.items()}
-        return HopLatency(flow=flow, hop=lat.hop, count=s.count, budget=budget, values=values)
+        return HopLatency(
+            flow=flow,
+            hop=lat.hop,
+            count=s.count,
+            budget=budget,
+            values=values,
+            left_out=s.non_positive,
+        )
 
     def timeline(self, flow: str, key: str) -> str:
         """The chain drawn as failure messages draw it, for a print while debugging."""
@@ -1074,7 +1098,7 @@ class Chain:
         if nxt is None and reached + 1 < n:
             nxt = self.labels[reached + 1]
         if dead:
-            d = dead[-1]
+            d = _final(dead)
             head = f"{who} was dead-lettered to {d.channel!r} instead of completing"
             why = [f"{stopped}; dead letter" + (f": {_detail(d)}" if _detail(d) else "")]
         elif lost or not settled:
@@ -1102,7 +1126,7 @@ class Chain:
             if not (f.kind is FindingKind.LOST and f.cause in (Cause.TIMED_OUT, None))
             for s in f.seen
         ]
-        evidence += dead[-1:] or self._arrivals_at(reached)[-1:]
+        evidence += [_final(dead)] if dead else self._arrivals_at(reached)[-1:]
         return [
             head,
             *_indent(why),
@@ -1177,11 +1201,11 @@ class Chain:
             found = [d for d in candidates() if good(d)]
             if not found:
                 return False
-            return attempts is None or self.attempts(found[-1]) == attempts
+            return attempts is None or self.attempts(_final(found)) == attempts
 
         def hopeless() -> bool:
             found = [d for d in candidates() if good(d)]
-            n = self.attempts(found[-1]) if found else None
+            n = self.attempts(_final(found)) if found else None
             return attempts is not None and n is not None and n > attempts
 
         limit = fc._limit(within)
@@ -1189,13 +1213,13 @@ class Chain:
         found = candidates()
         if satisfied():
             fc._record("dead_lettered", self.flow, True)
-            return [d for d in found if good(d)][-1]
+            return _final([d for d in found if good(d)])
         fc._record("dead_lettered", self.flow, False)
         where = f"to {channel!r}" if channel is not None else ""
         want = ", ".join(
             p
             for p in (
-                f"reason containing {reason!r}" if reason is not None else "",
+                f"with reason containing {reason!r}" if reason is not None else "",
                 f"after {attempts} attempt(s)" if attempts is not None else "",
             )
             if p
@@ -1217,7 +1241,7 @@ class Chain:
                     + (f"; it got as far as {self.labels[reached]!r}" if reached >= 0 else "")
                 )
         else:
-            d = found[-1]
+            d = _final(found)
             if not good(d):
                 why.append(f"the dead letter's reason is {d.reason!r}")
             n = self.attempts(d)
@@ -1235,7 +1259,7 @@ class Chain:
             head,
             *_indent(why),
             "",
-            *_indent(fc._draw(self.observations, evidence=found[-1:])),
+            *_indent(fc._draw(self.observations, evidence=[_final(found)] if found else [])),
         ]
         self._fail(lines, findings)
 
@@ -1277,6 +1301,12 @@ class Chain:
         self.fc._fail(
             lines, flow=self.flow, key=self.key, findings=findings, observations=self.observations
         )
+
+
+def _final(dead: Sequence[Observation]) -> Observation:
+    """The dead letter to talk about: the last one on a dead-letter queue, topic or stream
+    (it carries the reason), else the last one seen (a dead-letter exchange)."""
+    return next((d for d in reversed(dead) if d.kind is Kind.DEAD_LETTERED), dead[-1])
 
 
 def _dead_channels(topology: Topology, flow: str) -> set[str]:

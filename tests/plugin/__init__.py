@@ -1,0 +1,1 @@
+"""Tests of the pytest plugin: small test projects run with pytester against the real brokers."""
