@@ -28,3 +28,12 @@ def _outer_test_modules_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
     session's top-level test modules of the same names while they do (put back after)."""
     for name in [n for n in sys.modules if n.startswith("test_")]:
         monkeypatch.delitem(sys.modules, name)
+
+
+@pytest.fixture(autouse=True)
+def _inner_runs_not_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inner projects print as on a developer's machine: under CI (``$CI``,
+    ``$BUILD_NUMBER``) pytest stops truncating its summary, which repeats the lines
+    the tests count."""
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("BUILD_NUMBER", raising=False)
