@@ -105,6 +105,19 @@ class Adapter(abc.ABC):
 
     # ------------------------------------------------------------ helpers for subclasses
 
+    def gap(self, channel: str, start: int, end: int, reason: str) -> Observation:
+        """A GAP: the tap did not watch ``channel`` from ``start`` to ``end`` (monotonic ns)."""
+        mono, wall = now()
+        return Observation(
+            kind=Kind.GAP,
+            broker=self.name,
+            channel=channel,
+            mono_ns=start,
+            wall=wall - (mono - start) / 1e9,
+            until_ns=end,
+            reason=reason,
+        )
+
     def observe(
         self,
         kind: Kind,

@@ -420,25 +420,13 @@ class KafkaAdapter(Adapter):
                 if down_since is not None:
                     end, _ = now()
                     for key in channels:
-                        sink(self._gap(key, down_since, end, reason))
+                        sink(self.gap(key, down_since, end, reason))
                     down_since = None
             except (kafka_errors.KafkaError, TimeoutError, OSError) as exc:
                 if down_since is None:
                     down_since, _ = now()
                     reason = f"Kafka did not answer ({type(exc).__name__})"
             await anyio.sleep(HEALTH_POLL)  # polling interval, not a wait for an event
-
-    def _gap(self, key: str, start: int, end: int, reason: str) -> Observation:
-        mono, wall = now()
-        return Observation(
-            kind=Kind.GAP,
-            broker=self.name,
-            channel=key,
-            mono_ns=start,
-            wall=wall - (mono - start) / 1e9,
-            until_ns=end,
-            reason=reason,
-        )
 
     # ------------------------------------------------------------ delete
 

@@ -332,7 +332,7 @@ class RabbitMQAdapter(Adapter):
                 if gap_since is not None:
                     end, _ = now()
                     for key in channels:
-                        sink(self._gap(key, gap_since, end, gap_reason))
+                        sink(self.gap(key, gap_since, end, gap_reason))
                     gap_since = None
                 if ready is not None:
                     ready.set()
@@ -345,18 +345,6 @@ class RabbitMQAdapter(Adapter):
                     if not conn.is_closed:
                         await conn.close()
             gap_since, _ = now()
-
-    def _gap(self, key: str, start: int, end: int, reason: str) -> Observation:
-        mono, wall = now()
-        return Observation(
-            kind=Kind.GAP,
-            broker=self.name,
-            channel=key,
-            mono_ns=start,
-            wall=wall - (mono - start) / 1e9,
-            until_ns=end,
-            reason=reason,
-        )
 
     async def _start_twins(self, conn: Any, channels: Sequence[str], sink: Sink) -> None:
         ch = await conn.channel(publisher_confirms=False)

@@ -195,7 +195,7 @@ class RedisAdapter(Adapter):
                 if gap_since is not None:
                     end, _ = now()
                     for key in channels:
-                        sink(self._gap(key, gap_since, end, gap_reason))
+                        sink(self.gap(key, gap_since, end, gap_reason))
                     gap_since = None
                 if ready is not None:
                     ready.set()
@@ -227,18 +227,6 @@ class RedisAdapter(Adapter):
                 with anyio.CancelScope(shield=True):
                     await client.aclose()
             gap_since, _ = now()
-
-    def _gap(self, key: str, start: int, end: int, reason: str) -> Observation:
-        mono, wall = now()
-        return Observation(
-            kind=Kind.GAP,
-            broker=self.name,
-            channel=key,
-            mono_ns=start,
-            wall=wall - (mono - start) / 1e9,
-            until_ns=end,
-            reason=reason,
-        )
 
     async def _read(self, client: Any, state: _TapState, sink: Sink) -> None:
         by_name = {v: k for k, v in state.channels.items()}
