@@ -54,6 +54,15 @@ class Adapter(abc.ABC):
         self.topology = topology
         self.config: Broker = topology.brokers[name]
         self.correlator = correlator or Correlator(topology)
+        # Broker-side name of each of this broker's channels.
+        self._names = {k: self.physical(k) for k in self.channels()}
+        # Tells this adapter's connections apart from every other flowcheck's on the broker.
+        self.instance = new_id()[:12]
+
+    def connection_name(self, purpose: str) -> str:
+        """The name this adapter's ``purpose`` connections ("client", "tap") carry on the
+        broker: RabbitMQ's connection_name property, Redis's CLIENT SETNAME."""
+        return f"flowcheck-{purpose}-{self.instance}"
 
     def channels(self) -> list[str]:
         """Keys of the topology's channels on this broker."""

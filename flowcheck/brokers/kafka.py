@@ -71,7 +71,6 @@ class KafkaAdapter(Adapter):
         self.cfg = cfg
         self.admin: Any = None
         self.producer: Any = None
-        self._names = {k: self.physical(k) for k in self.channels()}
         self._by_physical = {v: k for k, v in self._names.items()}
         self._origin = {
             ch.dead_letter: k

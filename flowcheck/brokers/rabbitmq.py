@@ -70,19 +70,11 @@ class RabbitMQAdapter(Adapter):
         self.vhost = cfg.vhost
         self.connection: Any = None
         self._publish_channel: Any = None
-        # Names this adapter's connections apart from every other flowcheck's on the broker.
-        self.instance = new_id()[:12]
-        self._names = {k: self.physical(k) for k in self.channels()}
         self._by_physical = {self._names[k]: k for k in self._names}
         # Queues that some queue dead-letters into: messages with x-death there are dead letters.
         self._dead_letter_queues = self._dead_letter_targets()
 
     # ------------------------------------------------------------ connection
-
-    def connection_name(self, purpose: str) -> str:
-        """The ``connection_name`` client property of this adapter's ``purpose`` connections
-        ("client", "tap"), as ``rabbitmqctl list_connections client_properties`` shows it."""
-        return f"flowcheck-{purpose}-{self.instance}"
 
     async def _open(self, purpose: str) -> Any:
         kwargs: dict[str, Any] = {

@@ -52,9 +52,6 @@ class RedisAdapter(Adapter):
         self.url = cfg.url.get_secret_value()
         self.db = cfg.db
         self.client: Any = None
-        # Names this adapter's connections apart from every other flowcheck's (CLIENT LIST).
-        self.instance = new_id()[:12]
-        self._names = {k: self.physical(k) for k in self.channels()}
         # dead-letter stream -> the stream whose dead letters it holds
         self._origin = {
             ch.dead_letter: k
@@ -68,10 +65,6 @@ class RedisAdapter(Adapter):
         return ch
 
     # ------------------------------------------------------------ connection
-
-    def connection_name(self, purpose: str) -> str:
-        """The CLIENT SETNAME of this adapter's ``purpose`` connections ("client", "tap")."""
-        return f"flowcheck-{purpose}-{self.instance}"
 
     def _client(self, purpose: str) -> Any:
         kwargs: dict[str, Any] = {
