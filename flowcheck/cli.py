@@ -297,7 +297,7 @@ def inspect(
                     "trace": trace_file,
                     "topology": reader.header.topology,
                     "damaged_lines": [{"line": n, "why": why} for n, why in reader.problems],
-                    "gaps": [g.model_dump(mode="json", exclude_defaults=True) for g in gaps],
+                    "gaps": [g.as_dict() for g in gaps],
                     "chains": [c.as_dict(start) for c in chains[:limit]],
                     "chains_total": len(chains),
                 },

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+import msgspec
 
 from flowcheck.redact import redact_headers
 
@@ -36,12 +36,16 @@ class Kind(StrEnum):
     DRIFT = "drift"  # the broker's channel differs from the topology
 
 
-class Observation(BaseModel):
+class Observation(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
+):
     """One thing seen on one channel. Times: ``mono_ns`` is this process's monotonic
     clock (latency), ``wall`` is Unix time (display), ``broker_ms`` is the broker's
-    own timestamp where it has one (Kafka CreateTime, Redis entry id)."""
+    own timestamp where it has one (Kafka CreateTime, Redis entry id).
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    A msgspec struct, not a pydantic model: millions pass through the tracer and
+    the checker, and a struct is built, encoded and decoded several times faster.
+    """
 
     kind: Kind
     broker: str
@@ -53,7 +57,7 @@ class Observation(BaseModel):
     fc_id: str | None = None
     message_id: str | None = None
     trace_id: str | None = None
-    keys: dict[str, str] = Field(default_factory=dict, description="correlation key per flow")
+    keys: dict[str, str] = {}  # correlation key per flow
     # where on the broker
     routing_key: str | None = None
     kafka_key: str | None = None
@@ -62,14 +66,27 @@ class Observation(BaseModel):
     entry_id: str | None = None
     group: str | None = None
     # what
-    headers: dict[str, Any] = Field(default_factory=dict)
+    headers: dict[str, Any] = {}
     payload: str | None = None
     size: int = 0
-    sha256: str | None = Field(None, description="set when the payload was cut")
-    delivery_count: int | None = None
-    reason: str | None = Field(None, description="dead-letter reason, unroutable reply, gap cause")
-    origin: str | None = Field(None, description="for dead letters: the channel it died on")
-    until_ns: int | None = Field(None, description="for gaps: when watching resumed")
+    sha256: str | None = None  # set when the payload was cut
+    delivery_count: int | None = None  # the number of the delivery seen (1 = first)
+    reason: str | None = None  # dead-letter reason, unroutable reply, gap cause
+    origin: str | None = None  # for dead letters: the channel it died on
+    until_ns: int | None = None  # for gaps: when watching resumed
+
+    def replace(self, **changes: Any) -> Observation:
+        """A copy with some fields changed."""
+        return msgspec.structs.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready fields, defaults left out (as in a trace file)."""
+        out: dict[str, Any] = msgspec.to_builtins(self)
+        return out
+
+
+encode = msgspec.json.Encoder().encode  # one observation -> one trace line (without newline)
+decode = msgspec.json.Decoder(Observation).decode  # and back; raises msgspec.DecodeError
 
 
 def now() -> tuple[int, float]:

@@ -46,7 +46,7 @@ class Timeline:
                 {
                     "at_ms": (o.mono_ns - start_ns) / 1e6,
                     "since_previous_ms": hop,
-                    **o.model_dump(mode="json", exclude_defaults=True),
+                    **o.as_dict(),
                 }
                 for o, hop in self.hops()
             ],

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import IO, Any, Literal
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from flowcheck.errors import FlowcheckError
-from flowcheck.observations import Observation
+from flowcheck.observations import Observation, decode, encode
 
 FORMAT = "flowcheck-trace"
 VERSION = 1
@@ -59,13 +60,13 @@ class Writer:
     def __init__(self, path: str, header: Header) -> None:
         self.path = path
         self.count = 0
-        self._fh: IO[str] = open(path, "x", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self._fh.write(header.model_dump_json() + "\n")
+        self._fh: IO[bytes] = open(path, "xb")  # noqa: SIM115 - closed in close()
+        self._fh.write(header.model_dump_json().encode() + b"\n")
         self._last_flush = time.monotonic()
         self.flush()
 
     def write(self, obs: Observation) -> None:
-        self._fh.write(obs.model_dump_json(exclude_defaults=True) + "\n")
+        self._fh.write(encode(obs) + b"\n")
         self.count += 1
         if time.monotonic() - self._last_flush >= FLUSH_EVERY:
             self.flush()
@@ -145,8 +146,8 @@ class Reader:
                     )
                     break
                 try:
-                    obs = _parse(line)
-                except ValidationError as exc:
+                    obs = decode(line)
+                except msgspec.DecodeError as exc:
                     self.problems.append((number, _why(exc)))
                     continue
                 self.count += 1
@@ -163,13 +164,12 @@ class Reader:
         )
 
 
-# The validator itself: model_validate_json adds a Python call per line.
-_parse = Observation.__pydantic_validator__.validate_json
-
-
-def _why(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    if err["type"] == "json_invalid":
+def _why(exc: msgspec.DecodeError) -> str:
+    if not isinstance(exc, msgspec.ValidationError):
         return "not valid JSON"
-    where = ".".join(str(p) for p in err["loc"])
-    return f"{where}: {err['msg']}" if where else err["msg"]
+    # "Expected `int`, got `str` - at `$.mono_ns`" -> "mono_ns: expected `int`, got `str`"
+    text = str(exc)
+    what, _, where = text.partition(" - at `$")
+    what = what[:1].lower() + what[1:]
+    where = where.rstrip("`").lstrip(".")
+    return f"{where}: {what}" if where else what

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,7 +12,7 @@ from flowcheck.observations import PAYLOAD_CAP, Kind, Observation, clean_headers
 from flowcheck.trace import Header, Reader, TraceError, Writer
 
 
-def _obs(i: int, **fields: object) -> Observation:
+def _obs(i: int, **fields: Any) -> Observation:
     return Observation(kind=Kind.ROUTED, broker="b", channel="c", mono_ns=i, wall=1.0 + i, **fields)
 
 
@@ -59,6 +60,21 @@ def test_corrupt_middle_line_is_skipped_and_named(tmp_path: Path) -> None:
     with pytest.raises(TraceError, match=r"line 3: not valid JSON.*2 intact observations"):
         seen.extend(reader)
     assert [o.mono_ns for o in seen] == [0, 2]
+
+
+def test_line_of_the_wrong_shape_names_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    _write(path, 3)
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b'"mono_ns":1,', b'"mono_ns":"soon",')
+    lines[3] = lines[3].replace(b'"kind":"routed"', b'"kind":"teleported"')
+    path.write_bytes(b"".join(lines))
+    reader = Reader(str(path))
+    assert [o.mono_ns for o in reader] == [0]
+    assert reader.problems == [
+        (3, "mono_ns: expected `int`, got `str`"),
+        (4, "kind: invalid enum value 'teleported'"),
+    ]
 
 
 def test_not_a_trace(tmp_path: Path) -> None:

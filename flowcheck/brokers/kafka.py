@@ -397,11 +397,7 @@ class KafkaAdapter(Adapter):
                     if offset is None:
                         continue
                     for obs in state.committed(key, group, partition, offset):
-                        sink(
-                            obs.model_copy(
-                                update={"kind": Kind.CONSUMED, "group": group, **_stamp()}
-                            )
-                        )
+                        sink(obs.replace(kind=Kind.CONSUMED, group=group, **_stamp()))
                 await anyio.sleep(OFFSETS_POLL)  # polling interval, not a wait for an event
         finally:
             with anyio.CancelScope(shield=True):

@@ -776,8 +776,8 @@ def test_a_poison_message_dead_lettered_too_soon_is_one_finding() -> None:
 )
 def test_two_records_with_a_copied_flowcheck_id_are_a_duplicate() -> None:
     chain = _shop_chain("k1", until="payments")
-    first = chain[-1].model_copy(update={"fc_id": "f1"})
-    second = first.model_copy(update={"offset": 1, "mono_ns": first.mono_ns + MS})
+    first = chain[-1].replace(fc_id="f1")
+    second = first.replace(offset=1, mono_ns=first.mono_ns + MS)
     v = _check(SHOP, [*chain[:-1], first, second, *_shop_chain("k1")[-2:]])
     found = only(v, "k1", FindingKind.DUPLICATED)
     assert [s.offset for s in found.seen] == [0, 1]
@@ -896,7 +896,7 @@ def test_a_poison_message_stuck_at_the_last_step_was_never_dead_lettered() -> No
 )
 def test_a_poison_message_late_at_a_step_is_late() -> None:
     chain = _shop_chain("k1", fail="payments", until="payments")
-    late = chain[-1].model_copy(update={"mono_ns": chain[-1].mono_ns + 3_000 * MS})
+    late = chain[-1].replace(mono_ns=chain[-1].mono_ns + 3_000 * MS)
     dlt = _at(
         Kind.DEAD_LETTERED,
         "payments-dlt",
