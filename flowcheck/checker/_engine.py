@@ -51,6 +51,7 @@ GRACE_NS = 2_000_000_000  # taps see one event at slightly different times: wait
 BACKOFF_TOLERANCE_NS = 150_000_000  # taps poll some brokers (Redis PEL): allow this much early
 MAX_FINDINGS = 100  # per flow, kept in full; the rest are only counted
 MAX_TIMELINE = 40  # observations kept per chain for reports
+SCHEMA_MEMORY = 65_536  # messages remembered so that one message's copies are checked once
 
 # Plain names for the kinds: enum attribute lookups cost a descriptor call each.
 _PUBLISHED, _ROUTED, _UNROUTABLE = Kind.PUBLISHED, Kind.ROUTED, Kind.UNROUTABLE
@@ -64,14 +65,33 @@ def _ns(d: timedelta) -> int:
 
 
 def identity(obs: Observation) -> tuple[Any, ...]:
-    """What makes two observations the same message at one channel."""
-    if obs.fc_id is not None:
-        return ("fc", obs.fc_id)
+    """What makes two observations the same message at one channel.
+
+    The broker's position first: a consumer that republishes a message it already
+    processed copies its x-flowcheck-id, but the copy gets a new offset or entry id.
+    """
     if obs.offset is not None:
         return ("kafka", obs.partition, obs.offset)
     if obs.entry_id is not None:
         return ("stream", obs.entry_id)
+    if obs.fc_id is not None:
+        return ("fc", obs.fc_id)
     return ("obs", id(obs))  # a RabbitMQ copy without an id: each one is its own message
+
+
+def _known(
+    arrived: Mapping[tuple[Any, ...], Observation], ident: tuple[Any, ...], obs: Observation
+) -> bool:
+    """Has this message already arrived? Copies of one message with and without a broker
+    position (flowcheck's publish and a tap without one) are the same message."""
+    if ident in arrived:
+        return True
+    fc = obs.fc_id
+    if fc is None or not arrived:
+        return False
+    if ident[0] == "fc":
+        return any(o.fc_id == fc for o in arrived.values())
+    return ("fc", fc) in arrived
 
 
 @dataclass
@@ -155,17 +175,33 @@ class _FlowState:
         self.labels = [s.name or s.channel for s in flow.steps]
         self.window_ns = _ns(flow.deadline or DEFAULT_WINDOW) + GRACE_NS
         self.channel_steps: dict[str, list[int]] = {}
+        # Channels a step's retries pass through: its declared retry channels, and the
+        # dead-letter exchange of a queue whose dead letters all go to those (the
+        # RabbitMQ delay-queue pattern: reject -> DLX -> retry queue with TTL -> back).
         self.retry_of: dict[str, int] = {}
+        self.retry_declared: set[str] = set()
+        self.retry_visible: list[bool] = []  # does the step declare retry channels?
         self.dead_channels: set[str] = {r.channel for r in flow.dead_letters}
         for i, step in enumerate(flow.steps):
             self.channel_steps.setdefault(step.channel, []).append(i)
             ch = topology.channels.get(step.channel)
-            if isinstance(ch, (Queue, Topic)):
-                for r in ch.retry:
-                    self.retry_of.setdefault(r, i)
+            declared = list(ch.retry) if isinstance(ch, (Queue, Topic)) else []
+            self.retry_visible.append(bool(declared))
+            for r in declared:
+                self.retry_of.setdefault(r, i)
+                self.retry_declared.add(r)
             if isinstance(ch, (Topic, Stream)) and ch.dead_letter:
                 self.dead_channels.add(ch.dead_letter)
-            self.dead_channels.update(dead_letter_path(topology, step.channel))
+            path = dead_letter_path(topology, step.channel)
+            if path:
+                dlx, reached = path[0], path[1:]
+                if reached and all(q in declared for q in reached):
+                    self.retry_of.setdefault(dlx, i)
+                else:
+                    self.dead_channels.add(dlx)
+                    self.dead_channels.update(q for q in reached if q not in declared)
+        self.dead_channels -= set(self.retry_of)
+        self.watched = set(self.channel_steps) | self.dead_channels | set(self.retry_of)
         self.match = [s.match for s in flow.steps]
         self.need = [s.count for s in flow.steps]
         self.queues = {k for k, ch in topology.channels.items() if isinstance(ch, Queue)}
@@ -207,11 +243,13 @@ class _FlowState:
             chain.timeline.append(obs)
         ch = obs.channel
         kind = obs.kind
+        if ch in self.retry_of and (
+            kind is _ROUTED or kind is _PUBLISHED or kind is _DEAD_LETTERED
+        ):
+            chain.retry_arrivals[self.retry_of[ch]].append(obs)
+            return
         if ch in self.dead_channels and (kind is _DEAD_LETTERED or kind is _ROUTED):
             chain.dead.append(obs)
-            return
-        if ch in self.retry_of and (kind is _ROUTED or kind is _PUBLISHED):
-            chain.retry_arrivals[self.retry_of[ch]].append(obs)
             return
         steps = self.channel_steps.get(ch)
         if not steps:
@@ -226,13 +264,13 @@ class _FlowState:
             ident = identity(obs)
             if len(steps) == 1 and self.match[steps[0]] is None:  # the common case, kept fast
                 target = steps[0]
-                if ident in chain.arrivals[target]:
+                if _known(chain.arrivals[target], ident, obs):
                     return  # the same message seen again (published, then routed)
             else:
                 fitting = [i for i in steps if matches(self.match[i], obs)]
                 if not fitting:
                     return
-                if any(ident in chain.arrivals[i] for i in fitting):
+                if any(_known(chain.arrivals[i], ident, obs) for i in fitting):
                     return
                 room = [i for i in fitting if len(chain.arrivals[i]) < self.need[i]]
                 target = room[0] if room else fitting[-1]
@@ -299,22 +337,41 @@ class _FlowState:
         )
 
     def gap_during(self, chain: _Chain) -> bool:
+        """Was a tap blind on this flow's channels while the chain could have been moving?
+
+        A chain first seen past its first step may have started up to a window
+        earlier, hidden by a gap that had ended before anything else was seen.
+        """
+        if not self.gaps:
+            return False
         end = chain.first_ns + self.window_ns
-        chans = set(self.channel_steps) | self.dead_channels | set(self.retry_of)
+        start = chain.first_ns if chain.arrivals[0] else chain.first_ns - self.window_ns
+        chans = self.watched
         return any(
-            g.channel in chans and g.mono_ns <= end and (g.until_ns or end) >= chain.first_ns
+            g.channel in chans and g.mono_ns <= end and (g.until_ns or end) >= start
             for g in self.gaps
         )
 
     def rule_for(self, chain: _Chain) -> DeadLetterRule | None:
-        if chain.sample is None or not self.flow.dead_letters:
+        if not self.flow.dead_letters:
             return None
-        parsed = payload_json(chain.sample.payload)
-        return next(
-            (r for r in self.flow.dead_letters if matches(r.when, chain.sample, parsed)), None
-        )
+        # The message as it entered the flow; a dead letter if its arrivals went unseen.
+        sample = chain.sample or (chain.dead[0] if chain.dead else None)
+        if sample is None:
+            return None
+        parsed = payload_json(sample.payload)
+        return next((r for r in self.flow.dead_letters if matches(r.when, sample, parsed)), None)
 
     def decide(self, chain: _Chain, *, ended: bool) -> None:
+        if (
+            chain.sample is None
+            and not chain.dead
+            and chain.unroutable is None
+            and not any(chain.retry_arrivals)
+        ):
+            # Deliveries or acks alone (a late ack of a chain decided before): no message
+            # of this chain was seen arriving anywhere, so there is nothing to judge.
+            return
         before = self.chain_failures
         rule = self.rule_for(chain)
         arrivals = chain.arrivals
@@ -325,6 +382,8 @@ class _FlowState:
         undecided = False
         if rule is not None:
             undecided = self.decide_poison(chain, rule, ended)
+            if not undecided:
+                self.check_deadlines(chain, firsts)
         elif chain.dead:
             d = chain.dead[0]
             self.add(
@@ -386,8 +445,22 @@ class _FlowState:
             return False
         if ended or self.gap_during(chain):
             return True
-        done = all(len(a) >= s.count for a, s in zip(chain.arrivals, self.flow.steps, strict=True))
-        what = "was processed as if healthy" if done else "was never dead-lettered"
+        # Processed as if healthy: at its first attempt it moved on past the rule's step
+        # (every step, for a rule without one) or was acknowledged there; retried and
+        # then dropped or passed on is "never dead-lettered".
+        n = len(self.flow.steps)
+        at = self._step_index(rule.step)
+        where = range(n) if at is None else [at]
+        retried = any(
+            chain.retry_arrivals[j] or any((o.delivery_count or 1) > 1 for o in chain.deliveries[j])
+            for j in where
+        )
+        if at is None:
+            passed = all(len(a) >= c for a, c in zip(chain.arrivals, self.need, strict=True))
+        else:
+            passed = chain.consumed[at] or any(chain.arrivals[j] for j in range(at + 1, n))
+        healthy = passed and not retried
+        what = "was processed as if healthy" if healthy else "was never dead-lettered"
         self.add(
             self.finding(
                 FindingKind.DEAD_LETTER,
@@ -536,14 +609,20 @@ class _FlowState:
         x-delivery-count, PEL counts and retry headers into that); arrivals on a
         step's retry channels count one attempt each.
         """
+        if self.gap_during(chain):
+            return None  # a tap was blind for part of it: attempts may have gone unseen
         counts = [o.delivery_count for o in chain.deliveries[i] if o.delivery_count]
-        counts += [
-            o.delivery_count
-            for o in chain.dead
-            if o.delivery_count and o.kind is _DEAD_LETTERED and self._origin_step(o) == i
-        ]
-        if chain.retry_arrivals[i]:
-            counts.append(1 + len(chain.retry_arrivals[i]))
+        retried = chain.retry_arrivals[i]
+        counts += [o.delivery_count for o in retried if o.delivery_count]
+        for o in chain.dead:
+            if o.kind is _DEAD_LETTERED and self._origin_step(o) == i:
+                if o.delivery_count:
+                    counts.append(o.delivery_count)
+                elif self.retry_visible[i]:
+                    counts.append(1)  # every retry would have shown on a retry channel
+        on_retry_channels = sum(1 for o in retried if o.channel in self.retry_declared)
+        if on_retry_channels:
+            counts.append(1 + on_retry_channels)
         if chain.deliveries[i] and not counts:
             counts.append(1)
         return max(counts) if counts else None
@@ -593,6 +672,7 @@ class _FlowState:
             elif (
                 expected_exact
                 and n < policy.max_attempts
+                and (rule is None or rule.attempts is None)
                 and (rule is None or rule.step is not None or len(self.flow.steps) == 1)
             ):
                 self.add(
@@ -604,13 +684,12 @@ class _FlowState:
                         seen=chain.dead[:1],
                     )
                 )
-            if (
+            elif (
                 rule is not None
                 and rule.attempts is not None
                 and expected_exact
                 and (rule.step is None or rule.step == self.labels[i])
                 and n != rule.attempts
-                and n <= policy.max_attempts
             ):
                 self.add(
                     self.finding(
@@ -872,6 +951,7 @@ class Checker:
         self.count = 0
         self.now = 0
         self.schema = SchemaCheck(topology)
+        self.schema_seen: dict[tuple[Any, ...], None] = {}
         self.other: list[Finding] = []
         self._ready = False
         self.next_expiry = 0  # no flow has a chain to decide before this time
@@ -923,7 +1003,11 @@ class Checker:
             for state in self.flows.values():
                 state.gaps.append(obs)
             return
-        if obs.channel in self.schema.channels and (obs.kind is _ROUTED or obs.kind is _PUBLISHED):
+        if (
+            obs.channel in self.schema.channels
+            and (obs.kind is _ROUTED or obs.kind is _PUBLISHED)
+            and self._first_copy(obs)
+        ):
             problem = self.schema.check(obs)
             if problem is not None:
                 states = self.by_channel.get(obs.channel) or []
@@ -950,6 +1034,20 @@ class Checker:
                 waiting = self.expected.get(state.name)
                 if waiting:
                     waiting.discard(key)
+
+    def _first_copy(self, obs: Observation) -> bool:
+        """Is this the first copy of its message on its channel (flowcheck's publish and a
+        tap's arrival are two)? Remembers the last SCHEMA_MEMORY messages only."""
+        ident = (obs.channel, obs.fc_id) if obs.fc_id is not None else (obs.channel, identity(obs))
+        if ident[1][0] == "obs":
+            return True
+        seen = self.schema_seen
+        if ident in seen:
+            return False
+        seen[ident] = None
+        if len(seen) > SCHEMA_MEMORY:
+            del seen[next(iter(seen))]
+        return True
 
     def advance(self, now_ns: int) -> None:
         """Let time pass without an observation: decide chains whose window is over."""

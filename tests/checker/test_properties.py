@@ -10,8 +10,8 @@ retries and poison messages.
 Each defect property takes a clean history, injects exactly one defect into one
 chain and checks the verdict holds exactly the expected finding for that chain,
 naming the step and the injected observation (fc_id / offset / entry_id) where
-the checker records one. At the end, strict xfail tests hold minimal histories
-of the checker bugs these properties found.
+the checker records one. At the end, minimal histories of the checker bugs these
+properties once found keep them fixed.
 
 FLOWCHECK_PROPERTY_EXAMPLES=200 runs each defect property deeper (default 20).
 """
@@ -267,7 +267,8 @@ def test_a_chain_after_the_flows_deadline_is_late(data: st.DataObject) -> None:
     sc = data.draw(scenarios(shape))
     p = draw_chain(data, sc)
     # Every hop just over 2s, within its 2.5s deadline; the last consumer quick, so that
-    # its acknowledgement still falls in the chain's window (see the xfail test on that).
+    # its acknowledgement still falls in the chain's window (a later one is ignored:
+    # test_a_late_acknowledgement_is_not_an_unexpected_chain).
     steps = list(p.steps)
     steps[-1] = dataclasses.replace(steps[-1], attempts=1)
     for j in range(1, len(shape.steps)):
@@ -382,12 +383,13 @@ def test_a_poison_message_dead_lettered_too_soon(name: str, data: st.DataObject)
     assert {(f.kind, f.key, f.step) for f in found} == {
         (FindingKind.RETRIES, p.key, label(shape, r))
     }, describe(v)
+    # One finding: the rule's own count where it gives one, else the policy's.
     expected = (
-        f"dead-lettered after {k} attempts at {label(shape, r)!r}; the retry policy gives {m}"
-        if rule.step_named
-        else f"dead-lettered after {k} attempts at {label(shape, r)!r}; expected {rule.attempts}"
+        f"dead-lettered after {k} attempts at {label(shape, r)!r}; expected {rule.attempts}"
+        if rule.attempts is not None
+        else f"dead-lettered after {k} attempts at {label(shape, r)!r}; the retry policy gives {m}"
     )
-    assert expected in [f.message for f in found]
+    assert [f.message for f in found] == [expected]
     dead = dead_obs(h, p)
     for f in found:
         assert f.seen
@@ -452,14 +454,9 @@ def test_a_poison_message_never_dead_lettered(name: str, data: st.DataObject) ->
         h = render(replace(sc, p.index, no_dead=True))
         what = "was never dead-lettered"
     found = only(run(h), p.key, FindingKind.DEAD_LETTER)
-    if not as_healthy and p.poison == len(shape.steps) - 1:
-        # Retried at the flow's last step: the checker words it by arrivals (see the
-        # xfail test below); the kind, step and place are what matter here.
-        assert found.message.endswith(f"; expected it in {rule.channel!r}")
-    else:
-        assert found.message == (
-            f"message matching the dead-letter rule {what}; expected it in {rule.channel!r}"
-        )
+    assert found.message == (
+        f"message matching the dead-letter rule {what}; expected it in {rule.channel!r}"
+    )
     assert found.step == (label(shape, p.poison) if rule.step_named else None)
     assert found.next_step == rule.channel
 
@@ -508,8 +505,8 @@ def test_a_payload_breaking_its_schema(data: st.DataObject) -> None:
         if o.channel == channel and o.kind in (Kind.PUBLISHED, Kind.ROUTED)
     ]
     # One message, maybe seen twice (flowcheck's PUBLISHED and the tap's ROUTED): at least
-    # one finding, at most one per copy (one in all: the xfail test further down).
-    assert 1 <= len(found) <= len(copies)
+    # one finding for the message.
+    assert len(found) == 1
     seen_is(found[0], copies[0])
     for f in found:
         assert f.flow == shape.flow
@@ -601,18 +598,11 @@ def test_a_tap_gap_makes_broken_chains_unknown_never_lost(name: str, data: st.Da
         }
         dead = [o for o in rendered if o.kind is Kind.DEAD_LETTERED or o.channel in DEAD]
         dead_kept = [o for o in dead if id(o) not in hidden]
-        attempts_hidden = any(
-            id(o) in hidden and o.delivery_count is not None for o in rendered if o not in dead
-        )
         if q.poison is not None:
-            # Known engine bugs, each with its own xfail test below: a gap that hides
-            # attempts (or every arrival) of a dead-lettered poison message.
-            assume(not (dead_kept and (attempts_hidden or not kept_steps)))
+            # Dead-lettered where it should be: decided, even if the gap hid some of its
+            # attempts (then they are not judged) or every arrival.
             unknown += bool(dead) and not dead_kept
         elif kept_steps != steps or q.index == p.index:
-            # Known engine bug (xfail below): the first step hidden, the chain first seen
-            # only after the gap.
-            assume(0 in kept_steps or still[0].mono_ns <= g1)
             unknown += 1
     v = check(shape.topology, feed, start_ns=h.start_ns, end_ns=h.end_ns)
     assert describe(v) == []
@@ -658,7 +648,7 @@ def test_the_end_of_the_recording_leaves_open_chains_unknown(
 # ---------------------------------------------------------------- engine bugs found by the properties
 #
 # Minimal histories of what the properties above found; each test says what the checker
-# should do. They fail today (strict xfail): remove the mark once the checker is fixed.
+# should do.
 
 T0 = 10_000.0  # ms after the recording's start: well past one window
 
@@ -719,12 +709,6 @@ def _check(shape: Shape, observations: list[Observation]) -> Verdict:
     return check(shape.topology, observations, start_ns=START_NS, end_ns=START_NS + 600_000 * MS)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: a Kafka record dead-lettered at its first attempt (a DLT record with "
-    "neither retry records nor a retry_topic-attempts header) gives attempts() None, so no "
-    "RETRIES finding: a missing retry goes unnoticed on Kafka without retry topics",
-)
 def test_a_kafka_record_dead_lettered_at_its_first_attempt_is_too_soon() -> None:
     chain = _shop_chain("k1", fail="payments", until="payments")
     dlt = _at(
@@ -746,12 +730,6 @@ def test_a_kafka_record_dead_lettered_at_its_first_attempt_is_too_soon() -> None
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="questionable: one poison message dead-lettered too soon gives two RETRIES findings "
-    "when its rule sets attempts (the policy's 'gives 3' and the rule's 'expected 3'); "
-    "one mistake should be one finding",
-)
 def test_a_poison_message_dead_lettered_too_soon_is_one_finding() -> None:
     chain = _shop_chain("k1", fail="billing", until="billing")
     dlq = _at(
@@ -768,12 +746,6 @@ def test_a_poison_message_dead_lettered_too_soon_is_one_finding() -> None:
     only(_check(SHOP, [*chain, dlq]), "k1", FindingKind.RETRIES)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: identity() prefers fc_id over the Kafka offset (and Redis entry id), "
-    "so two records at one step that carry the same copied x-flowcheck-id header count as "
-    "one message: a consumer that processed a message twice goes unnoticed",
-)
 def test_two_records_with_a_copied_flowcheck_id_are_a_duplicate() -> None:
     chain = _shop_chain("k1", until="payments")
     first = chain[-1].replace(fc_id="f1")
@@ -783,13 +755,6 @@ def test_two_records_with_a_copied_flowcheck_id_are_a_duplicate() -> None:
     assert [s.offset for s in found.seen] == [0, 1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: evidence of a decided chain that comes after its window (here the "
-    "last consumer's XACK, 9s after a 20ms chain) opens a new chain with no arrival, "
-    "reported UNEXPECTED with the message \"seen at 'orders' but never at the first step "
-    "'orders'\"; deliveries and acks alone should not make a chain",
-)
 def test_a_late_acknowledgement_is_not_an_unexpected_chain() -> None:
     ack = _at(
         Kind.CONSUMED,
@@ -805,12 +770,6 @@ def test_a_late_acknowledgement_is_not_an_unexpected_chain() -> None:
     assert describe(v) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: gap_during() only looks at [first seen, first seen + window]; a chain "
-    "whose first step fell in a tap gap that ended before its next observation is reported "
-    "UNEXPECTED instead of unknown",
-)
 def test_a_gap_that_hid_the_first_step_leaves_the_chain_unknown() -> None:
     gap = Observation(
         kind=Kind.GAP,
@@ -826,11 +785,6 @@ def test_a_gap_that_hid_the_first_step_leaves_the_chain_unknown() -> None:
     assert v_counts(v) == (1, 0, 0, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: attempts() ignores tap gaps; a retry record hidden by a gap on the "
-    "retry topic makes a correctly retried poison message 'dead-lettered after 2 attempts'",
-)
 def test_a_gap_that_hid_a_retry_is_not_a_retries_finding() -> None:
     poison = {"id": "k1", "customer": "c1", "amount": 5, "currency": "EUR", "fail": "payments"}
     gap = Observation(
@@ -869,12 +823,6 @@ def test_a_gap_that_hid_a_retry_is_not_a_retries_finding() -> None:
     assert describe(v) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="questionable: a poison message retried max_attempts times at the flow's last step "
-    "and never dead-lettered (no XACK either) is worded 'was processed as if healthy', "
-    "because every step has an arrival; it was never dead-lettered",
-)
 def test_a_poison_message_stuck_at_the_last_step_was_never_dead_lettered() -> None:
     chain = _shop_chain("k1", fail="shipping")
     body = json.loads(chain[-1].payload or "{}")
@@ -889,11 +837,6 @@ def test_a_poison_message_stuck_at_the_last_step_was_never_dead_lettered() -> No
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="questionable: deadlines are not checked for chains that match a dead-letter rule; "
-    "a poison message that reached 'payments' 3s after 'billing' (deadline 2.5s) is not LATE",
-)
 def test_a_poison_message_late_at_a_step_is_late() -> None:
     chain = _shop_chain("k1", fail="payments", until="payments")
     late = chain[-1].replace(mono_ns=chain[-1].mono_ns + 3_000 * MS)
@@ -915,11 +858,6 @@ def test_a_poison_message_late_at_a_step_is_late() -> None:
     assert [(f.key, f.step) for f in late_findings] == [("k1", "payments")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="questionable: a message seen twice (flowcheck's PUBLISHED and the tap's ROUTED, "
-    "one fc_id) with a payload that breaks the schema gives two SCHEMA findings",
-)
 def test_one_broken_message_is_one_schema_finding() -> None:
     bad = {"id": "k1", "customer": "c1", "amount": -5}
     published = _at(Kind.PUBLISHED, "orders", "k1", 0, payload=bad, fc_id="f1")
@@ -955,13 +893,6 @@ flows:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: with the documented RabbitMQ retry-queue pattern (docs/topology.md, "
-    "queue 'retry'), the delay queue and its exchange are on the work queue's dead-letter "
-    "path, and dead_channels is checked before retry_of: one retry is reported as "
-    "\"healthy message dead-lettered to 'retry'\" and never counted as an attempt",
-)
 def test_the_rabbitmq_retry_queue_pattern_is_a_retry() -> None:
     topology = loads(RETRY_QUEUE_YAML)
 
