@@ -148,11 +148,23 @@ def trace_id_of(traceparent: str | None) -> str | None:
     return parts[1]
 
 
+def parse_json(text: str | bytes) -> Any:
+    """JSON text parsed as :func:`json.loads` would (msgspec first: several times faster;
+    the standard library for what msgspec refuses, such as NaN). Raises ValueError."""
+    try:
+        return _json_decode(text)
+    except msgspec.DecodeError:
+        return json.loads(text)
+
+
+_json_decode = msgspec.json.decode
+
+
 def payload_json(text: str | None) -> Any:
     """The payload parsed as JSON, or None when it is not JSON."""
     if not text:
         return None
     try:
-        return json.loads(text)
+        return parse_json(text)
     except ValueError:
         return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -52,6 +52,10 @@ BACKOFF_TOLERANCE_NS = 150_000_000  # taps poll some brokers (Redis PEL): allow 
 MAX_FINDINGS = 100  # per flow, kept in full; the rest are only counted
 MAX_TIMELINE = 40  # observations kept per chain for reports
 SCHEMA_MEMORY = 65_536  # messages remembered so that one message's copies are checked once
+
+# What a channel is to a flow: the step whose retries it carries, whether it is a
+# dead-letter channel, the steps it is the channel of.
+_Route = tuple[int | None, bool, list[int] | None]
 
 # Plain names for the kinds: enum attribute lookups cost a descriptor call each.
 _PUBLISHED, _ROUTED, _UNROUTABLE = Kind.PUBLISHED, Kind.ROUTED, Kind.UNROUTABLE
@@ -202,9 +206,19 @@ class _FlowState:
                     self.dead_channels.update(q for q in reached if q not in declared)
         self.dead_channels -= set(self.retry_of)
         self.watched = set(self.channel_steps) | self.dead_channels | set(self.retry_of)
+        # One lookup per observation: what its channel is to this flow (the step whose
+        # retries it carries, a dead-letter channel, the steps it is the channel of).
+        self.route: dict[str, _Route] = {
+            ch: (self.retry_of.get(ch), ch in self.dead_channels, self.channel_steps.get(ch))
+            for ch in self.watched
+        }
+        self.n = len(flow.steps)
+        self.rules_read_payload = any(r.when.payload for r in flow.dead_letters)
+        self.deadline_ns = [None if s.deadline is None else _ns(s.deadline) for s in flow.steps]
+        self.flow_deadline_ns = None if flow.deadline is None else _ns(flow.deadline)
         self.match = [s.match for s in flow.steps]
         self.need = [s.count for s in flow.steps]
-        self.queues = {k for k, ch in topology.channels.items() if isinstance(ch, Queue)}
+        self.is_queue = [isinstance(topology.channels.get(s.channel), Queue) for s in flow.steps]
         self.policies = [s.retry or flow.retry for s in flow.steps]
         self.has_policy = any(p is not None for p in self.policies)
         self.chain_failures = 0  # findings that fail a chain, so far
@@ -225,10 +239,13 @@ class _FlowState:
 
     # ------------------------------------------------------------ feeding
 
-    def feed(self, obs: Observation, key: str) -> None:
+    def feed(self, obs: Observation, key: str, route: _Route) -> bool:
+        """Take one observation of chain ``key`` on a channel this flow watches (``route``
+        says how); True if it opened the chain."""
         chain = self.chains.get(key)
+        opened = chain is None
         if chain is None:
-            n = len(self.flow.steps)
+            n = self.n
             chain = _Chain(
                 key,
                 obs.mono_ns,
@@ -239,39 +256,38 @@ class _FlowState:
             )
             self.chains[key] = chain
             heapq.heappush(self.expiry, (obs.mono_ns + self.window_ns, next(self.seq), key))
-        if len(chain.timeline) < MAX_TIMELINE:
-            chain.timeline.append(obs)
-        ch = obs.channel
+        timeline = chain.timeline
+        if len(timeline) < MAX_TIMELINE:
+            timeline.append(obs)
         kind = obs.kind
-        if ch in self.retry_of and (
-            kind is _ROUTED or kind is _PUBLISHED or kind is _DEAD_LETTERED
-        ):
-            chain.retry_arrivals[self.retry_of[ch]].append(obs)
-            return
-        if ch in self.dead_channels and (kind is _DEAD_LETTERED or kind is _ROUTED):
+        retry, dead, steps = route
+        if retry is not None and (kind is _ROUTED or kind is _PUBLISHED or kind is _DEAD_LETTERED):
+            chain.retry_arrivals[retry].append(obs)
+            return opened
+        if dead and (kind is _DEAD_LETTERED or kind is _ROUTED):
             chain.dead.append(obs)
-            return
-        steps = self.channel_steps.get(ch)
-        if not steps:
-            return
-        if kind is _UNROUTABLE:
-            chain.unroutable = chain.unroutable or obs
-        elif kind is _ROUTED or kind is _PUBLISHED:
-            if kind is _ROUTED and obs.delivery_count and ch in self.queues:
+            return opened
+        if steps is None:
+            return opened
+        if kind is _ROUTED or kind is _PUBLISHED:
+            first = steps[0]
+            if kind is _ROUTED and obs.delivery_count and self.is_queue[first]:
                 # Back on its queue after a dead-letter round trip (x-death): a retry.
-                chain.retry_arrivals[steps[0]].append(obs)
-                return
+                chain.retry_arrivals[first].append(obs)
+                return opened
             ident = identity(obs)
-            if len(steps) == 1 and self.match[steps[0]] is None:  # the common case, kept fast
-                target = steps[0]
-                if _known(chain.arrivals[target], ident, obs):
-                    return  # the same message seen again (published, then routed)
+            if len(steps) == 1:  # the common case, kept lean
+                if self.match[first] is not None and not matches(self.match[first], obs):
+                    return opened
+                if _known(chain.arrivals[first], ident, obs):
+                    return opened  # the same message seen again (published, then routed)
+                target = first
             else:
                 fitting = [i for i in steps if matches(self.match[i], obs)]
                 if not fitting:
-                    return
+                    return opened
                 if any(_known(chain.arrivals[i], ident, obs) for i in fitting):
-                    return
+                    return opened
                 room = [i for i in fitting if len(chain.arrivals[i]) < self.need[i]]
                 target = room[0] if room else fitting[-1]
             chain.arrivals[target][ident] = obs
@@ -285,6 +301,9 @@ class _FlowState:
         elif kind is _CONSUMED:
             for i in steps:
                 chain.consumed[i] = True
+        elif kind is _UNROUTABLE:
+            chain.unroutable = chain.unroutable or obs
+        return opened
 
     def expire(self, now_ns: int) -> int:
         """Decide the chains whose window has passed; returns when the next one is due."""
@@ -359,7 +378,7 @@ class _FlowState:
         sample = chain.sample or (chain.dead[0] if chain.dead else None)
         if sample is None:
             return None
-        parsed = payload_json(sample.payload)
+        parsed = payload_json(sample.payload) if self.rules_read_payload else None
         return next((r for r in self.flow.dead_letters if matches(r.when, sample, parsed)), None)
 
     def decide(self, chain: _Chain, *, ended: bool) -> None:
@@ -374,11 +393,17 @@ class _FlowState:
             return
         before = self.chain_failures
         rule = self.rule_for(chain)
-        arrivals = chain.arrivals
-        need = self.need
-        complete = all(len(arrivals[i]) >= need[i] for i in range(len(need)))
         # First arrival time per step (None where nothing came): deadlines and latency.
-        firsts = [min(o.mono_ns for o in a.values()) if a else None for a in arrivals]
+        firsts: list[int | None] = []
+        complete = True
+        for a, need in zip(chain.arrivals, self.need, strict=True):
+            if a:
+                firsts.append(min([o.mono_ns for o in a.values()]))
+                if len(a) < need:
+                    complete = False
+            else:
+                firsts.append(None)
+                complete = False
         undecided = False
         if rule is not None:
             undecided = self.decide_poison(chain, rule, ended)
@@ -558,26 +583,27 @@ class _FlowState:
         )
 
     def check_deadlines(self, chain: _Chain, firsts: list[int | None]) -> None:
+        deadlines = self.deadline_ns
         for i in range(1, len(firsts)):
-            limit = self.flow.steps[i].deadline
+            limit = deadlines[i]
             a, b = firsts[i - 1], firsts[i]
-            if limit is None or a is None or b is None:
+            if limit is None or a is None or b is None or b - a <= limit:
                 continue
-            took = b - a
-            if took > _ns(limit):
-                self.add(
-                    self.finding(
-                        FindingKind.LATE,
-                        chain,
-                        f"{self.labels[i]!r} came {took / 1e6:.0f}ms after {self.labels[i - 1]!r}; its deadline is {format_duration(limit)}",
-                        step=i,
-                        seen=[next(iter(chain.arrivals[i].values()))],
-                    )
+            self.add(
+                self.finding(
+                    FindingKind.LATE,
+                    chain,
+                    f"{self.labels[i]!r} came {(b - a) / 1e6:.0f}ms after {self.labels[i - 1]!r}; "
+                    f"its deadline is {format_duration(self.flow.steps[i].deadline or timedelta())}",
+                    step=i,
+                    seen=[next(iter(chain.arrivals[i].values()))],
                 )
-        if self.flow.deadline is not None and firsts[0] is not None and chain.arrivals[-1]:
-            last = max(o.mono_ns for o in chain.arrivals[-1].values())
-            took = last - firsts[0]
-            if took > _ns(self.flow.deadline):
+            )
+        limit = self.flow_deadline_ns
+        if limit is not None and firsts[0] is not None and chain.arrivals[-1]:
+            took = max([o.mono_ns for o in chain.arrivals[-1].values()]) - firsts[0]
+            if took > limit:
+                assert self.flow.deadline is not None
                 self.add(
                     self.finding(
                         FindingKind.LATE,
@@ -590,7 +616,7 @@ class _FlowState:
         if self.flow.delivery == "at-least-once":
             return
         for i, (arrived, step) in enumerate(zip(chain.arrivals, self.flow.steps, strict=True)):
-            if len(arrived) > step.count:
+            if len(arrived) > self.need[i]:
                 extra = list(arrived.values())
                 self.add(
                     self.finding(
@@ -739,7 +765,8 @@ class _FlowState:
     def record_order(self, chain: _Chain) -> None:
         if not chain.arrivals[0]:
             return
-        self.check_within(chain)
+        if len(chain.arrivals[0]) > 1:  # one message at the first step has nothing to overtake
+            self.check_within(chain)
         if self.flow.ordering != "per-partition-key":
             return  # per-key: each chain is its own key, ordered within itself
         group = next((o.kafka_key for a in chain.arrivals for o in a.values() if o.kafka_key), None)
@@ -946,12 +973,13 @@ class Checker:
         self.start_ns = start_ns
         self.expected = {f: set(keys) for f, keys in (expected or {}).items()}
         self.flows: dict[str, _FlowState] = {}
-        self.by_channel: dict[str, list[_FlowState]] = {}
+        self.states: list[_FlowState] = []
+        self.by_channel: dict[str, list[tuple[_FlowState, _Route]]] = {}
         self.gaps: list[Observation] = []
         self.count = 0
         self.now = 0
         self.schema = SchemaCheck(topology)
-        self.schema_seen: dict[tuple[Any, ...], None] = {}
+        self.schema_seen: OrderedDict[tuple[Any, ...], None] = OrderedDict()
         self.other: list[Finding] = []
         self._ready = False
         self.next_expiry = 0  # no flow has a chain to decide before this time
@@ -963,8 +991,9 @@ class Checker:
             state = _FlowState(name, flow, self.topology, start_ns)
             state.track_decided = name in self.expected
             self.flows[name] = state
+            self.states.append(state)
             for ch in set(state.channel_steps) | state.dead_channels | set(state.retry_of):
-                self.by_channel.setdefault(ch, []).append(state)
+                self.by_channel.setdefault(ch, []).append((state, state.route[ch]))
         self._config_findings()
 
     def _config_findings(self) -> None:
@@ -994,46 +1023,59 @@ class Checker:
         if not self._ready:
             self._init(obs.mono_ns if self.start_ns is None else self.start_ns)
         self.count += 1
-        if obs.mono_ns > self.now:
-            self.now = obs.mono_ns
-            if self.now > self.next_expiry:
-                self.next_expiry = min(state.expire(self.now) for state in self.flows.values())
-        if obs.kind is _GAP:
+        at = obs.mono_ns
+        if at > self.now:
+            self.now = at
+            if at > self.next_expiry:
+                self.next_expiry = min([state.expire(at) for state in self.states], default=at)
+        kind = obs.kind
+        if kind is _GAP:
             self.gaps.append(obs)
-            for state in self.flows.values():
+            for state in self.states:
                 state.gaps.append(obs)
             return
+        channel = obs.channel
         if (
-            obs.channel in self.schema.channels
-            and (obs.kind is _ROUTED or obs.kind is _PUBLISHED)
+            (kind is _ROUTED or kind is _PUBLISHED)
+            and channel in self.schema.channels
             and self._first_copy(obs)
         ):
-            problem = self.schema.check(obs)
-            if problem is not None:
-                states = self.by_channel.get(obs.channel) or []
-                finding = Finding(
-                    kind=FindingKind.SCHEMA,
-                    flow=states[0].name if states else None,
-                    key=next(iter(obs.keys.values()), None),
-                    step=obs.channel,
-                    message=problem,
-                    seen=[_seen(obs, self.start_ns or 0)],
-                )
-                if states:
-                    states[0].add(finding)
-                elif len(self.other) < MAX_FINDINGS:
-                    self.other.append(finding)
-        for state in self.by_channel.get(obs.channel, ()):
-            key = obs.keys.get(state.name)
-            if key is not None:
-                state.feed(obs, key)
+            self._check_schema(obs)
+        watching = self.by_channel.get(channel)
+        if watching is None:
+            return
+        keys = obs.keys
+        for state, route in watching:
+            key = keys.get(state.name)
+            if key is None:
+                continue
+            if state.feed(obs, key, route):
                 # A new chain may be due before what was due so far.
-                due = obs.mono_ns + state.window_ns
+                due = at + state.window_ns
                 if due < self.next_expiry:
                     self.next_expiry = due
+            if self.expected:
                 waiting = self.expected.get(state.name)
                 if waiting:
                     waiting.discard(key)
+
+    def _check_schema(self, obs: Observation) -> None:
+        problem = self.schema.check(obs)
+        if problem is None:
+            return
+        states = [state for state, _ in self.by_channel.get(obs.channel, ())]
+        finding = Finding(
+            kind=FindingKind.SCHEMA,
+            flow=states[0].name if states else None,
+            key=next(iter(obs.keys.values()), None),
+            step=obs.channel,
+            message=problem,
+            seen=[_seen(obs, self.start_ns or 0)],
+        )
+        if states:
+            states[0].add(finding)
+        elif len(self.other) < MAX_FINDINGS:
+            self.other.append(finding)
 
     def _first_copy(self, obs: Observation) -> bool:
         """Is this the first copy of its message on its channel (flowcheck's publish and a
@@ -1046,7 +1088,7 @@ class Checker:
             return False
         seen[ident] = None
         if len(seen) > SCHEMA_MEMORY:
-            del seen[next(iter(seen))]
+            seen.popitem(last=False)  # O(1), unlike deleting a plain dict's first key
         return True
 
     def advance(self, now_ns: int) -> None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import importlib
-import json
 from typing import Any
 
 import fastjsonschema
 from jsonschema.validators import validator_for
 from pydantic import TypeAdapter, ValidationError
 
-from flowcheck.observations import Observation
+from flowcheck.observations import Observation, parse_json
 from flowcheck.topology.model import Topology
 
 
@@ -62,7 +61,7 @@ class SchemaCheck:
         if kind == "missing":
             return f"schema model {impl!r} cannot be imported here"
         try:
-            doc = json.loads(obs.payload)
+            doc = parse_json(obs.payload)
         except ValueError:
             return f"payload on {obs.channel!r} is not JSON"
         if kind == "json":
