@@ -111,3 +111,22 @@ def test_headers_are_json_safe_and_redacted() -> None:
     )
     assert got == {"authorization": "***", "x-death": [{"count": 1, "queue": "q"}], "n": 1}
     json.dumps(got)
+
+
+def test_every_damaged_line_is_named_and_the_rest_kept(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    _write(path, 40)
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[17] = b"\n"  # blank
+    lines[25] = b'{"kind": "routed", garbage\n'
+    lines[33] = lines[33].replace(b'"channel":"c"', b'"channel":7')
+    path.write_bytes(b"".join(lines))
+    reader = Reader(str(path))
+    got = [o.mono_ns for o in reader]
+    assert got == [i for i in range(40) if i + 1 not in (17, 25, 33)]
+    assert reader.problems == [
+        (18, "not valid JSON"),
+        (26, "not valid JSON"),
+        (34, "channel: expected `str`, got `int`"),
+    ]
+    assert reader.count == 37
