@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     GetJsonSchemaHandler,
@@ -39,6 +40,16 @@ Name = Annotated[
     StringConstraints(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._:/@-]*$"),
 ]
 Scalar = str | int | float | bool
+
+
+def _not_bool(value: Any) -> Any:
+    # YAML reads yes/no/true/false as booleans, which pydantic would take as 1 and 0.
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number, got a yes/no value")
+    return value
+
+
+Whole = Annotated[int, BeforeValidator(_not_bool)]
 
 
 class Model(BaseModel):
@@ -131,7 +142,9 @@ class Redis(Model):
 
     kind: Literal["redis"]
     url: SecretStr = SecretStr(defaults.REDIS_URL)
-    db: Annotated[int, Field(ge=0)] | None = Field(None, description="overrides the db in the URL")
+    db: Annotated[Whole, Field(ge=0)] | None = Field(
+        None, description="overrides the db in the URL"
+    )
 
 
 Broker = Annotated[RabbitMQ | Kafka | Redis, Field(discriminator="kind")]
@@ -209,9 +222,9 @@ class Queue(_Channel):
     type: Literal["classic", "quorum"] = "classic"
     durable: bool = True
     bindings: list[Binding] = Field(default_factory=list)
-    delivery_limit: Annotated[int, Field(ge=1)] | None = None
+    delivery_limit: Annotated[Whole, Field(ge=1)] | None = None
     ttl: Duration | None = None
-    max_length: Annotated[int, Field(ge=1)] | None = None
+    max_length: Annotated[Whole, Field(ge=1)] | None = None
     overflow: Literal["drop-head", "reject-publish", "reject-publish-dlx"] | None = None
     dead_letter: DeadLetterRoute | None = None
     retry: list[str] = Field(
@@ -222,8 +235,8 @@ class Queue(_Channel):
 
 class Topic(_Channel):
     kind: Literal["topic"]
-    partitions: Annotated[int, Field(ge=1)] = 1
-    replication: Annotated[int, Field(ge=1)] | None = None
+    partitions: Annotated[Whole, Field(ge=1)] = 1
+    replication: Annotated[Whole, Field(ge=1)] | None = None
     key: JsonPath | None = Field(None, description="payload field producers use as record key")
     retry: list[str] = Field(default_factory=list, description="retry topics, in order")
     dead_letter: str | None = None
@@ -232,8 +245,8 @@ class Topic(_Channel):
 class Stream(_Channel):
     kind: Literal["stream"]
     groups: list[str] = Field(default_factory=list)
-    max_length: Annotated[int, Field(ge=1)] | None = None
-    delivery_limit: Annotated[int, Field(ge=1)] | None = Field(
+    max_length: Annotated[Whole, Field(ge=1)] | None = None
+    delivery_limit: Annotated[Whole, Field(ge=1)] | None = Field(
         None, description="deliveries after which consumers move an entry to dead_letter"
     )
     dead_letter: str | None = None
@@ -332,7 +345,7 @@ class Backoff(Model):
 
 
 class RetryPolicy(Model):
-    max_attempts: Annotated[int, Field(ge=1)] = Field(
+    max_attempts: Annotated[Whole, Field(ge=1)] = Field(
         description="deliveries in all, the first one included"
     )
     backoff: Backoff | None = None
@@ -360,7 +373,7 @@ class Step(Model):
     channel: str
     name: str | None = Field(None, description="label in reports; default: the channel")
     match: Match | None = None
-    count: Annotated[int, Field(ge=1)] = Field(1, description="messages per chain (fan-out)")
+    count: Annotated[Whole, Field(ge=1)] = Field(1, description="messages per chain (fan-out)")
     deadline: Duration | None = Field(None, description="since the previous step")
     latency: Latency | None = Field(None, description="budget for the hop from the previous step")
     correlate: Correlate | None = Field(None, description="overrides the flow's rule here")
@@ -374,7 +387,7 @@ class DeadLetterRule(Model):
     channel: str
     step: str | None = Field(None, description="the step whose consumer gives up on them")
     reason: str | None = None
-    attempts: Annotated[int, Field(ge=1)] | None = Field(
+    attempts: Annotated[Whole, Field(ge=1)] | None = Field(
         None, description="deliveries before dead-lettering, the first one included"
     )
 
