@@ -8,6 +8,9 @@ Modes, alternated round by round so machine drift hits all alike:
              adds deliveries and redeliveries to what the tap sees
 
 Throughput = orders / (time from the first order placed to the last shipped).
+Besides, the CPU time each process spent while the orders ran: the shop (this
+process), the recorder, and the brokers when they run on this host (Linux
+/proc): where the cost of tapping goes, whatever else the machine runs.
 
     PYTHONPATH=. .venv/bin/python benchmarks/system_throughput.py [--orders 2000] [--rounds 5]
 """
@@ -16,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import math
+import os
 import platform
 import signal
 import statistics
@@ -27,6 +33,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +62,43 @@ async def firehose(on: bool) -> AsyncIterator[None]:
         )
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process so far (Linux /proc; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return math.nan
+
+
+# Broker processes on this host whose CPU time is worth showing, by command name
+# prefix (the bundled Kafka-compatible broker's binary name carries its version).
+BROKER_PROCESSES = {"beam.smp": "rabbitmq", "tansu": "kafka", "redis-server": "redis"}
+
+
+def local_brokers() -> dict[str, int]:
+    """Local broker processes (name -> pid), found in /proc; none where there is no /proc."""
+    found: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError), open(f"/proc/{entry}/comm") as fh:
+                    comm = fh.read().strip()
+                    for prefix, name in BROKER_PROCESSES.items():
+                        if comm.startswith(prefix):
+                            found[name] = int(entry)
+    return found
+
+
+@dataclass
+class Recording:
+    trace: Path
+    pid: int
+
+
 @asynccontextmanager
-async def recording(topology: str, workdir: Path) -> AsyncIterator[Path]:
+async def recording(topology: str, workdir: Path) -> AsyncIterator[Recording]:
     """`flowcheck record` in its own process, ready when it says so; stopped with SIGINT."""
     path = workdir / f"topology-{uuid.uuid4().hex[:6]}.yaml"
     path.write_text(topology)
@@ -77,46 +119,71 @@ async def recording(topology: str, workdir: Path) -> AsyncIterator[Path]:
     if b"recording" not in line:
         raise RuntimeError(f"flowcheck record did not start: {line!r}")
     try:
-        yield trace
+        yield Recording(trace, proc.pid)
     finally:
         proc.send_signal(signal.SIGINT)
         await asyncio.wait_for(proc.wait(), 60)
 
 
-async def one_round(mode: str, orders: int, brokers: Brokers, workdir: Path) -> tuple[float, int]:
+@dataclass
+class Round:
+    rate: float  # orders/s
+    observations: int
+    cpu: dict[str, float]  # process -> CPU seconds while the orders ran
+
+
+async def one_round(mode: str, orders: int, brokers: Brokers, workdir: Path) -> Round:
     prefix = f"bench-{uuid.uuid4().hex[:6]}."
     async with Shop(Settings(brokers=brokers, prefix=prefix), remove=True) as shop:
         async with AsyncExitStack() as stack:
-            trace = None
+            rec = None
             if mode != "bare":
                 await stack.enter_async_context(firehose(mode == "firehose"))
-                trace = await stack.enter_async_context(
+                rec = await stack.enter_async_context(
                     recording(topology_yaml(prefix, brokers), workdir)
                 )
+            pids = {"shop": os.getpid(), **local_brokers()}
+            if rec is not None:
+                pids["recorder"] = rec.pid
+            cpu = {k: cpu_seconds(pid) for k, pid in pids.items()}
             start = time.perf_counter()
             await shop.place_orders(orders)
             await shop.wait_for(lambda s: s.total(Event.SHIPPED) >= orders, within=900)
             took = time.perf_counter() - start
-        seen = sum(1 for _ in Reader(str(trace))) if trace is not None else 0
-    return orders / took, seen
+            cpu = {k: cpu_seconds(pid) - cpu[k] for k, pid in pids.items()}
+        seen = sum(1 for _ in Reader(str(rec.trace))) if rec is not None else 0
+    return Round(orders / took, seen, cpu)
 
 
 async def main(args: argparse.Namespace, brokers: Brokers, workdir: Path) -> dict[str, Any]:
-    rates: dict[str, list[float]] = {m: [] for m in MODES}
-    observed: dict[str, list[int]] = {m: [] for m in MODES}
+    rounds: dict[str, list[Round]] = {m: [] for m in MODES}
     for _ in range(args.rounds):
         for mode in MODES:
-            rate, seen = await one_round(mode, args.orders, brokers, workdir)
-            rates[mode].append(rate)
-            observed[mode].append(seen)
-    med = {m: statistics.median(v) for m, v in rates.items()}
+            rounds[mode].append(await one_round(mode, args.orders, brokers, workdir))
+    med = {m: statistics.median(r.rate for r in v) for m, v in rounds.items()}
+    # CPU milliseconds per order, per process: where the cost of tapping goes.
+    cpu_ms: dict[str, dict[str, float]] = {}
+    for m, v in rounds.items():
+        procs = sorted({p for r in v for p in r.cpu})
+        cpu_ms[m] = {
+            p: round(statistics.median(r.cpu.get(p, math.nan) for r in v) / args.orders * 1e3, 3)
+            for p in procs
+        }
     return {
         "orders": args.orders,
         "rounds": args.rounds,
         "orders_per_s": {m: round(v, 1) for m, v in med.items()},
         "ratio_vs_bare": {m: round(med[m] / med["bare"], 3) for m in MODES},
-        "observations": {m: statistics.median(v) for m, v in observed.items()},
-        "all": {m: [round(x, 1) for x in v] for m, v in rates.items()},
+        "observations": {
+            m: statistics.median(r.observations for r in v) for m, v in rounds.items()
+        },
+        "recorder_cpu_us_per_observation": {
+            m: round(statistics.median(r.cpu["recorder"] / r.observations * 1e6 for r in v), 1)
+            for m, v in rounds.items()
+            if m != "bare"
+        },
+        "cpu_ms_per_order": cpu_ms,
+        "all": {m: [round(r.rate, 1) for r in v] for m, v in rounds.items()},
     }
 
 
@@ -144,12 +211,24 @@ if __name__ == "__main__":
     finally:
         if local is not None:
             local.stop()
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
-        f"machine: {platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}; orders={args.orders}, rounds={args.rounds}"
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"orders={args.orders}, rounds={args.rounds}; load average {load}"
     )
-    print(f"{'mode':<10} {'orders/s':>9} {'vs bare':>8} {'observations':>13}")
+    cpu = result["recorder_cpu_us_per_observation"]
+    print(
+        f"{'mode':<10} {'orders/s':>9} {'vs bare':>8} {'observations':>13} {'rec. CPU us/obs':>16}"
+    )
     for m in MODES:
         print(
-            f"{m:<10} {result['orders_per_s'][m]:>9} {result['ratio_vs_bare'][m]:>8} {result['observations'][m]:>13}"
+            f"{m:<10} {result['orders_per_s'][m]:>9} {result['ratio_vs_bare'][m]:>8} "
+            f"{result['observations'][m]:>13} {cpu.get(m, '-'):>16}"
         )
+    procs = sorted({p for v in result["cpu_ms_per_order"].values() for p in v})
+    print("CPU ms per order while the orders ran:")
+    print(f"{'mode':<10} " + " ".join(f"{p:>9}" for p in procs))
+    for m in MODES:
+        row = result["cpu_ms_per_order"][m]
+        print(f"{m:<10} " + " ".join(f"{row.get(p, '-'):>9}" for p in procs))
     print(json.dumps(result))

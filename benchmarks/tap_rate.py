@@ -1,12 +1,21 @@
 """Tap observe rate vs the raw client's consume rate, side by side in one run.
 
-For each broker and round: a separate process publishes N messages as fast as
-it can; in this process either the raw client consumes them (RabbitMQ: the
+For each broker and round, a separate process publishes N messages as fast as
+it can, and in this process either the raw client consumes them (RabbitMQ: the
 real queue; Kafka: a group-less consumer; Redis: XREAD) or flowcheck's tap
-observes them. Rate = N / (last received - first received). Medians over the
-rounds, and the ratio tap / raw.
+observes them. Two modes:
 
-    .venv/bin/python benchmarks/tap_rate.py [--n 20000] [--rounds 5] [--brokers rabbitmq,kafka,redis]
+  backlog  consume capacity: the consumer is attached and ready, but this
+           process's event loop is held until the publisher has finished, so
+           both sides then drain the same backlog as fast as they can
+  live     the publisher runs while the consumer reads; a rate near the
+           publish rate means the consumer keeps up
+
+Rate = (N - 1) / (last received - first received). Raw and tap rounds
+alternate; medians over the rounds, and the ratio tap / raw.
+
+    .venv/bin/python benchmarks/tap_rate.py [--n 20000] [--rounds 5] [--modes backlog,live]
+        [--brokers rabbitmq,kafka,redis]
 
 Brokers come from FLOWCHECK_RABBITMQ_URL / FLOWCHECK_KAFKA_BOOTSTRAP /
 FLOWCHECK_REDIS_URL; without a Kafka bootstrap the bundled local broker is used.
@@ -18,6 +27,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import platform
 import statistics
 import time
@@ -32,6 +42,12 @@ from flowcheck.brokers import adapter
 from flowcheck.devkafka import LocalKafka
 from flowcheck.topology import Topology, loads
 from flowcheck.tracer import Tracer
+
+# The tap does what it does for users: a flow correlates by a payload path, so
+# every observation parses its payload.
+FLOW = """
+flows: {f: {correlate: $.order_id, steps: [{channel: q}]}}
+"""
 
 
 def topology(broker: str, name: str, urls: dict[str, str]) -> Topology:
@@ -52,12 +68,12 @@ channels: {{q: {{broker: b, kind: topic, name: {name}.q, partitions: 1}}}}
 brokers: {{b: {{kind: redis, url: "{urls["redis"]}"}}}}
 channels: {{q: {{broker: b, kind: stream, name: {name}.q}}}}
 """
-    return loads(text)
+    return loads(text + FLOW)
 
 
 # ------------------------------------------------------------------ publisher process
 
-BODY = json.dumps({"order_id": "x" * 8, "amount": 12.5, "items": list(range(10))}).encode()
+BODY = json.dumps({"order_id": "o-12345678", "amount": 12.5, "items": list(range(10))}).encode()
 
 
 def publish_process(broker: str, target: str, n: int, urls: dict[str, str]) -> None:
@@ -106,6 +122,8 @@ async def _publish(broker: str, target: str, n: int, urls: dict[str, str]) -> No
 
 # ------------------------------------------------------------------ consumers
 
+BATCH = 1000  # records per fetch / XREAD / prefetch, on both sides, as the tap reads
+
 
 class Clock:
     def __init__(self, n: int) -> None:
@@ -137,7 +155,7 @@ async def raw_consumer(
         conn = await aio_pika.connect(urls["rabbitmq"])
         async with conn:
             ch = await conn.channel()
-            await ch.set_qos(prefetch_count=1000)
+            await ch.set_qos(prefetch_count=BATCH)  # as the tap; no_ack ignores it anyway
             queue = await ch.get_queue(physical)
 
             async def on_message(msg: Any) -> None:
@@ -151,8 +169,14 @@ async def raw_consumer(
         import aiokafka
         from aiokafka.structs import TopicPartition
 
+        # The tap's batch size and fetch wait (the default 500 ms wait would make the
+        # raw side slower in live mode, not the tap faster).
         consumer = aiokafka.AIOKafkaConsumer(
-            bootstrap_servers=urls["kafka"], group_id=None, enable_auto_commit=False
+            bootstrap_servers=urls["kafka"],
+            group_id=None,
+            enable_auto_commit=False,
+            max_poll_records=BATCH,
+            fetch_max_wait_ms=20,
         )
         await consumer.start()
         try:
@@ -162,7 +186,7 @@ async def raw_consumer(
             consumer.seek(tp, end)
             ready.set()
             while not clock.done.is_set():
-                batches = await consumer.getmany(timeout_ms=200, max_records=1000)
+                batches = await consumer.getmany(timeout_ms=200, max_records=BATCH)
                 for records in batches.values():
                     for _ in records:
                         clock.hit()
@@ -173,10 +197,16 @@ async def raw_consumer(
 
         client = redis.from_url(urls["redis"])
         try:
-            last: Any = "$"
+            # From the stream's last id, as the tap starts: "$" would skip whatever
+            # arrives between one XREAD and the next.
+            last: Any
+            try:
+                last = (await client.xinfo_stream(physical))["last-generated-id"]
+            except redis.ResponseError:
+                last = "0-0"  # no stream yet: everything in it will be new
             ready.set()
             while not clock.done.is_set():
-                reply: Any = await client.xread({physical: last}, count=1000, block=200)
+                reply: Any = await client.xread({physical: last}, count=BATCH, block=200)
                 for _, entries in reply or ():
                     for entry_id, _fields in entries:
                         last = entry_id
@@ -195,7 +225,7 @@ async def tap_consumer(top: Topology, clock: Clock, ready: asyncio.Event) -> Non
         await clock.done.wait()
 
 
-async def one_round(broker: str, mode: str, n: int, urls: dict[str, str]) -> float:
+async def one_round(broker: str, side: str, mode: str, n: int, urls: dict[str, str]) -> float:
     name = f"bench-{uuid.uuid4().hex[:8]}"
     top = topology(broker, name, urls)
     async with adapter("b", top) as ad:
@@ -205,7 +235,7 @@ async def one_round(broker: str, mode: str, n: int, urls: dict[str, str]) -> flo
             ready = asyncio.Event()
             physical = top.channel_name("q")
             runner: Callable[[], Awaitable[None]]
-            if mode == "raw":
+            if side == "raw":
                 runner = lambda: raw_consumer(broker, physical, urls, clock, ready)  # noqa: E731
             else:
                 runner = lambda: tap_consumer(top, clock, ready)  # noqa: E731
@@ -217,6 +247,10 @@ async def one_round(broker: str, mode: str, n: int, urls: dict[str, str]) -> flo
             )
             proc.start()
             try:
+                if mode == "backlog":
+                    # Hold the event loop on purpose: the consumer stays attached but idle
+                    # until every message is on the broker.
+                    proc.join(120)
                 await asyncio.wait_for(clock.done.wait(), 300)
             finally:
                 await asyncio.to_thread(proc.join, 60)
@@ -229,24 +263,26 @@ async def one_round(broker: str, mode: str, n: int, urls: dict[str, str]) -> flo
 
 async def main(args: argparse.Namespace, urls: dict[str, str]) -> list[dict[str, Any]]:
     rows = []
-    for broker in args.brokers.split(","):
-        raw: list[float] = []
-        tap: list[float] = []
-        for _ in range(args.rounds):
-            # Alternate so drift in machine load hits both sides alike.
-            raw.append(await one_round(broker, "raw", args.n, urls))
-            tap.append(await one_round(broker, "tap", args.n, urls))
-        r, t = statistics.median(raw), statistics.median(tap)
-        rows.append(
-            {
-                "broker": broker,
-                "raw_msgs_per_s": round(r),
-                "tap_msgs_per_s": round(t),
-                "ratio": round(t / r, 3),
-                "raw_all": [round(x) for x in raw],
-                "tap_all": [round(x) for x in tap],
-            }
-        )
+    for mode in args.modes.split(","):
+        for broker in args.brokers.split(","):
+            raw: list[float] = []
+            tap: list[float] = []
+            for _ in range(args.rounds):
+                # Alternate so drift in machine load hits both sides alike.
+                raw.append(await one_round(broker, "raw", mode, args.n, urls))
+                tap.append(await one_round(broker, "tap", mode, args.n, urls))
+            r, t = statistics.median(raw), statistics.median(tap)
+            rows.append(
+                {
+                    "mode": mode,
+                    "broker": broker,
+                    "raw_msgs_per_s": round(r),
+                    "tap_msgs_per_s": round(t),
+                    "ratio": round(t / r, 3),
+                    "raw_all": [round(x) for x in raw],
+                    "tap_all": [round(x) for x in tap],
+                }
+            )
     return rows
 
 
@@ -257,6 +293,7 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--brokers", default="rabbitmq,kafka,redis")
+    parser.add_argument("--modes", default="backlog,live")
     args = parser.parse_args()
     urls = {
         "rabbitmq": defaults.rabbitmq_url(),
@@ -270,15 +307,18 @@ if __name__ == "__main__":
         urls["kafka"] = local.bootstrap
     try:
         rows = anyio.run(main, args, urls)
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     finally:
         if local is not None:
             local.stop()
     print(
-        f"machine: {platform.machine()}, {mp.cpu_count()} cores, Python {platform.python_version()}; N={args.n}, rounds={args.rounds}"
+        f"machine: {platform.machine()}, {mp.cpu_count()} cores, Python {platform.python_version()}; "
+        f"N={args.n}, rounds={args.rounds}; load average {load}"
     )
-    print(f"{'broker':<10} {'raw msg/s':>10} {'tap msg/s':>10} {'tap/raw':>8}")
+    print(f"{'mode':<8} {'broker':<10} {'raw msg/s':>10} {'tap msg/s':>10} {'tap/raw':>8}")
     for row in rows:
         print(
-            f"{row['broker']:<10} {row['raw_msgs_per_s']:>10} {row['tap_msgs_per_s']:>10} {row['ratio']:>8}"
+            f"{row['mode']:<8} {row['broker']:<10} {row['raw_msgs_per_s']:>10} "
+            f"{row['tap_msgs_per_s']:>10} {row['ratio']:>8}"
         )
     print(json.dumps(rows))

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from flowcheck.redact import redact_headers
+from flowcheck.redact import MASK, is_secret_name
 
 # Header flowcheck adds to every message it publishes.
 ID_HEADER = "x-flowcheck-id"
@@ -102,21 +102,42 @@ def now() -> tuple[int, float]:
     return time.monotonic_ns(), time.time()
 
 
-def payload_fields(body: bytes) -> dict[str, Any]:
-    """``payload``/``size``/``sha256`` for a message body, cut at PAYLOAD_CAP."""
+def cut_payload(body: bytes) -> tuple[str, int, str | None]:
+    """(payload, size, sha256) of a message body: the text cut at PAYLOAD_CAP, and the
+    hash of the whole only when it was cut."""
     size = len(body)
     if size <= PAYLOAD_CAP:
-        return {"payload": body.decode("utf-8", errors="replace"), "size": size}
-    return {
-        "payload": body[:PAYLOAD_CAP].decode("utf-8", errors="replace"),
-        "size": size,
-        "sha256": hashlib.sha256(body).hexdigest(),
-    }
+        return body.decode("utf-8", errors="replace"), size, None
+    return (
+        body[:PAYLOAD_CAP].decode("utf-8", errors="replace"),
+        size,
+        hashlib.sha256(body).hexdigest(),
+    )
+
+
+def payload_fields(body: bytes) -> dict[str, Any]:
+    """``payload``/``size``/``sha256`` for a message body, cut at PAYLOAD_CAP."""
+    payload, size, digest = cut_payload(body)
+    fields: dict[str, Any] = {"payload": payload, "size": size}
+    if digest is not None:
+        fields["sha256"] = digest
+    return fields
+
+
+_PLAIN = frozenset({str, int, float, bool, type(None)})  # JSON-safe as they are
 
 
 def clean_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
     """Headers made JSON-safe (bytes decoded, nested values kept) with secrets masked."""
-    return redact_headers({str(k): _jsonable(v) for k, v in headers.items()})
+    out: dict[str, Any] = {}
+    # One pass, plain values as they are: this runs for every message a tap sees.
+    for k, v in headers.items():
+        name = k if type(k) is str else str(k)
+        if is_secret_name(name):
+            out[name] = MASK
+        else:
+            out[name] = v if type(v) in _PLAIN else _jsonable(v)
+    return out
 
 
 def _jsonable(value: Any) -> Any:
@@ -133,6 +154,8 @@ def _jsonable(value: Any) -> Any:
 
 def as_text(value: Any) -> str | None:
     """A header or property value as text (bytes decoded); None stays None."""
+    if type(value) is str:  # the usual case, first
+        return value
     if value is None:
         return None
     if isinstance(value, (bytes, bytearray)):

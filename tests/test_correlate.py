@@ -39,6 +39,22 @@ def test_key_of(rule: dict[str, object], msg: Message, key: str | None) -> None:
     assert key_of(Correlate.model_validate(rule), msg) == key
 
 
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        (b'{"order": {"id": 42}}', "42"),
+        (b'{"order": {"id": "o-\xff"}}', "o-\ufffd"),  # bad UTF-8: replaced, as in the text
+        (b'{"order": {"id": 1}, "x": NaN}', "1"),  # what json.loads accepts still counts
+        (b"not json", None),
+        (b"", None),
+    ],
+)
+def test_payload_path_reads_the_raw_body(body: bytes, key: str | None) -> None:
+    # The cut payload text is not what a rule reads: the whole body is.
+    msg = _msg(payload=body[:3].decode("utf-8", "replace"), body=body)
+    assert key_of(Correlate.model_validate({"json": "$.order.id"}), msg) == key
+
+
 def test_lookup_out_of_range_and_wrong_shape() -> None:
     assert lookup({"a": [1]}, "$.a[3]") is None
     assert lookup({"a": {"0": 1}}, "$.a[0]") is None

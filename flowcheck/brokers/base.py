@@ -18,12 +18,13 @@ import anyio
 
 from flowcheck.correlate import Correlator, Message
 from flowcheck.observations import (
+    ID_HEADER,
     Kind,
     Observation,
     as_text,
     clean_headers,
+    cut_payload,
     now,
-    payload_fields,
     trace_id_of,
 )
 from flowcheck.topology.model import Broker, Topology
@@ -138,20 +139,25 @@ class Adapter(abc.ABC):
         kafka_key: str | None = None,
         **fields: Any,
     ) -> Observation:
-        """Build an observation, computing identity and correlation keys from the message."""
+        """Build an observation, computing identity and correlation keys from the message.
+
+        Taps call this for every message they see: it copies and parses nothing it
+        does not need.
+        """
         mono, wall = now()
-        hdrs = dict(headers or {})
-        props = dict(properties or {})
-        extra: dict[str, Any] = {}
+        hdrs: Mapping[str, Any] = headers if headers is not None else {}
+        props: Mapping[str, Any] = properties if properties is not None else {}
+        payload: str | None = None
+        digest: str | None = None
+        size = 0
         if body is not None:
-            extra = payload_fields(body)
-        fc_id = hdrs.get("x-flowcheck-id")
-        # Correlation rules read the whole body: a payload path must still resolve
-        # when the observation keeps only the first PAYLOAD_CAP bytes.
-        full = extra.get("payload") if "sha256" not in extra else None
-        if full is None and body is not None:
-            full = body.decode("utf-8", errors="replace")
-        msg = Message(headers=hdrs, payload=full, properties=props, kafka_key=kafka_key)
+            payload, size, digest = cut_payload(body)
+        keys: dict[str, str] = {}
+        if channel in self.correlator.rules:
+            # Rules read the whole body: a payload path must still resolve when the
+            # observation keeps only the first PAYLOAD_CAP bytes.
+            msg = Message(hdrs, payload, props, kafka_key, body)
+            keys = self.correlator.keys(channel, msg)
         tp = hdrs.get("traceparent")
         return Observation(
             kind=kind,
@@ -159,13 +165,15 @@ class Adapter(abc.ABC):
             channel=channel,
             mono_ns=mono,
             wall=wall,
-            fc_id=as_text(fc_id),
+            fc_id=as_text(hdrs.get(ID_HEADER)),
             message_id=as_text(props.get("message_id")),
-            trace_id=trace_id_of(as_text(tp)),
-            keys=self.correlator.keys(channel, msg),
+            trace_id=None if tp is None else trace_id_of(as_text(tp)),
+            keys=keys,
             kafka_key=kafka_key,
             headers=clean_headers(hdrs),
-            **extra,
+            payload=payload,
+            size=size,
+            sha256=digest,
             **fields,
         )
 

@@ -34,12 +34,14 @@ BATCH = 1000
 OFFSETS_POLL = 0.5  # seconds between committed-offset polls
 HEALTH_POLL = 1.0  # seconds between broker health checks (gap detection)
 # Spring retry headers hold big-endian binary integers.
-BINARY_INT_HEADERS = (
-    "retry_topic-attempts",
-    "retry_topic-backoff-timestamp",
-    "kafka_dlt-original-partition",
-    "kafka_dlt-original-offset",
-    "kafka_dlt-original-timestamp",
+BINARY_INT_HEADERS = frozenset(
+    {
+        "retry_topic-attempts",
+        "retry_topic-backoff-timestamp",
+        "kafka_dlt-original-partition",
+        "kafka_dlt-original-offset",
+        "kafka_dlt-original-timestamp",
+    }
 )
 
 
@@ -343,14 +345,8 @@ class KafkaAdapter(Adapter):
         return out
 
     def _record(self, key: str, rec: Any) -> Observation:
-        headers = {k: decode_header(k, v) for k, v in (rec.headers or ())}
-        fields: dict[str, Any] = {
-            "partition": rec.partition,
-            "offset": rec.offset,
-            "broker_ms": rec.timestamp
-            if rec.timestamp is not None and rec.timestamp >= 0
-            else None,
-        }
+        headers = {k: decode_header(k, v) for k, v in rec.headers} if rec.headers else {}
+        fields: dict[str, Any] = {}
         kind = Kind.ROUTED
         if key in self._origin:
             kind = Kind.DEAD_LETTERED
@@ -367,8 +363,17 @@ class KafkaAdapter(Adapter):
         if isinstance(attempts, int):
             fields["delivery_count"] = attempts
         rkey = rec.key.decode("utf-8", errors="replace") if rec.key is not None else None
+        ts = rec.timestamp
         return self.observe(
-            kind, key, body=rec.value or b"", headers=headers, kafka_key=rkey, **fields
+            kind,
+            key,
+            body=rec.value or b"",
+            headers=headers,
+            kafka_key=rkey,
+            partition=rec.partition,
+            offset=rec.offset,
+            broker_ms=ts if ts is not None and ts >= 0 else None,
+            **fields,
         )
 
     async def _poll_offsets(self, state: _Evidence, sink: Sink) -> None:

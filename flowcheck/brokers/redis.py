@@ -226,28 +226,42 @@ class RedisAdapter(Adapter):
         while True:
             reply = await client.xread(dict(state.last), count=BATCH, block=BLOCK_MS)
             for raw_name, entries in reply or ():
-                name = raw_name.decode() if isinstance(raw_name, bytes) else raw_name
+                if not entries:
+                    continue
+                name = _s(raw_name)
                 key = by_name[name]
+                stream = self._stream(key)
+                groups = stream.groups
                 for raw_id, fields in entries:
-                    entry_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
-                    state.last[name] = entry_id
-                    obs = self._entry(key, entry_id, fields)
+                    entry_id = _s(raw_id)
+                    obs = self._entry(key, entry_id, fields, stream.payload_field)
                     sink(obs)
-                    state.identity[entry_id] = {
-                        "fc_id": obs.fc_id,
-                        "keys": obs.keys,
-                        "trace_id": obs.trace_id,
-                    }
-                    for group in self._stream(key).groups:
-                        state.unacked.setdefault((key, group), {}).setdefault(entry_id, 0)
+                    if groups:
+                        # Kept only for the groups' evidence about the entry, which
+                        # drops it once every group has acknowledged it.
+                        state.identity[entry_id] = {
+                            "fc_id": obs.fc_id,
+                            "keys": obs.keys,
+                            "trace_id": obs.trace_id,
+                        }
+                        for group in groups:
+                            state.unacked.setdefault((key, group), {}).setdefault(entry_id, 0)
+                # Once a batch: the PEL poll never runs in the middle of one.
+                state.last[name] = entry_id
 
-    def _entry(self, key: str, entry_id: str, fields: Mapping[Any, Any]) -> Observation:
-        stream = self._stream(key)
-        decoded = {_s(k): v for k, v in fields.items()}
-        body = decoded.pop(stream.payload_field, b"")
+    def _entry(
+        self, key: str, entry_id: str, fields: Mapping[Any, Any], payload_field: str
+    ) -> Observation:
+        body: Any = b""
+        headers: dict[str, str] = {}
+        for k, v in fields.items():
+            name = _s(k)
+            if name == payload_field:
+                body = v
+            else:
+                headers[name] = _s(v)
         body = body if isinstance(body, bytes) else str(body).encode()
-        headers = {k: _s(v) for k, v in decoded.items()}
-        extra: dict[str, Any] = {"entry_id": entry_id, "broker_ms": entry_ms(entry_id)}
+        extra: dict[str, Any] = {}
         kind = Kind.ROUTED
         if key in self._origin:
             kind = Kind.DEAD_LETTERED
@@ -256,7 +270,15 @@ class RedisAdapter(Adapter):
             count = next((headers[f] for f in COUNT_FIELDS if f in headers), None)
             if count is not None and count.isdigit():
                 extra["delivery_count"] = int(count)
-        return self.observe(kind, key, body=body, headers=headers, **extra)
+        return self.observe(
+            kind,
+            key,
+            body=body,
+            headers=headers,
+            entry_id=entry_id,
+            broker_ms=entry_ms(entry_id),
+            **extra,
+        )
 
     async def _poll_pending(self, client: Any, state: _TapState, sink: Sink) -> None:
         groups = [(k, g) for k in state.channels for g in self._stream(k).groups]
@@ -372,7 +394,9 @@ class _TapState:
 
 
 def _s(value: Any) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+    if type(value) is bytes:  # what the client returns, unless it was told to decode
+        return value.decode("utf-8", errors="replace")
+    return value if type(value) is str else str(value)
 
 
 ADAPTER = RedisAdapter
