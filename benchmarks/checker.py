@@ -1264,7 +1264,9 @@ def main() -> None:
         default=DEFAULT_CHAIN_RATE,
         help=f"chains started per recorded second (open chains ~ rate x {WINDOW_S:g}s)",
     )
-    parser.add_argument("--modes", default=",".join(MODES), help="which of parse,read,naive,flowcheck")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help="which of parse,read,naive,flowcheck"
+    )
     parser.add_argument(
         "--flowcheck",
         choices=("auto", "cli", "api"),
