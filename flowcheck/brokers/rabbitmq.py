@@ -3,7 +3,7 @@
 Tapping never takes a message from the system's own consumers: every tapped
 queue gets a server-named, exclusive twin bound exactly like it, so the
 broker routes a copy to the twin; every exchange gets a twin bound to all its
-keys. The firehose (``rabbitmqctl trace_on``), when it is on, adds deliveries
+keys (only to the topology's, if it has an alternate exchange). The firehose (``rabbitmqctl trace_on``), when it is on, adds deliveries
 and redeliveries; when it is off its binding simply receives nothing.
 """
 
@@ -280,27 +280,34 @@ class RabbitMQAdapter(Adapter):
             ]
         assert isinstance(ch, Exchange)
         name = self._names[key]
-        if ch.type == "topic":
-            return [(name, "#", None)]
-        if ch.type in ("fanout", "headers"):
-            return [(name, "", None)]
-        # direct: every key the topology routes through this exchange
-        keys = {
-            b.key
+        routes = [
+            (b.key, dict(b.arguments) or None)
             for q in self.topology.channels.values()
             if isinstance(q, Queue)
             for b in q.bindings
             if b.exchange == key
-        }
-        keys |= {
-            q.dead_letter.key
+        ]
+        routes += [
+            (q.dead_letter.key, None)
             for q in self.topology.channels.values()
             if isinstance(q, Queue)
             and q.dead_letter
             and q.dead_letter.exchange == key
             and q.dead_letter.key
-        }
-        return [(name, k, None) for k in sorted(keys)]
+        ]
+        if ch.alternate is not None:
+            # A twin bound to everything would make every publish routable, and the
+            # broker would never hand one to the alternate exchange: bind it only where
+            # the topology routes, and let the alternate exchange's own tap see the rest.
+            return sorted({(name, k, a) for k, a in routes if a is None}) + [
+                (name, k, a) for k, a in routes if a is not None
+            ]
+        if ch.type == "topic":
+            return [(name, "#", None)]
+        if ch.type in ("fanout", "headers"):
+            return [(name, "", None)]
+        # direct: every key the topology routes through this exchange
+        return [(name, k, None) for k in sorted({k for k, _ in routes})]
 
     async def tap(
         self, channels: Sequence[str], sink: Sink, *, ready: anyio.Event | None = None

@@ -5,6 +5,7 @@ Needs ``rabbitmqctl`` for the broker under test (the firehose and killing connec
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 
 import aio_pika
@@ -172,6 +173,75 @@ async def test_unroutable_publish_is_observed(rabbitmq_url: str, unique: str) ->
     # The inbox (whose tap copy follows publish order) never got the lost one.
     assert ids(memory.items, Kind.ROUTED, "inbox") == [kept.fc_id]
     assert ids(memory.items, Kind.ROUTED, "events") == [kept.fc_id]
+
+
+ALTERNATE_YAML = """
+brokers:
+  rabbit: {{kind: rabbitmq, url: "${{FC_URL}}"}}
+channels:
+  events:
+    {{broker: rabbit, kind: exchange, type: topic, name: "{p}.events", durable: false,
+     alternate: strays}}
+  strays: {{broker: rabbit, kind: exchange, type: fanout, name: "{p}.strays", durable: false}}
+  inbox:
+    broker: rabbit
+    kind: queue
+    name: "{p}.inbox"
+    durable: false
+    bindings: [{{exchange: events, key: "order.#"}}]
+  unrouted:
+    broker: rabbit
+    kind: queue
+    name: "{p}.unrouted"
+    durable: false
+    bindings: [{{exchange: strays, key: ""}}]
+flows:
+  orders:
+    correlate: $.order_id
+    steps: [events, inbox]
+"""
+
+
+async def test_a_tap_leaves_strays_to_the_alternate_exchange(
+    rabbitmq_url: str, unique: str
+) -> None:
+    topology = load(ALTERNATE_YAML.format(p=unique), FC_URL=rabbitmq_url)
+
+    def order_ids(items: list[Observation], channel: str) -> list[str]:
+        return [json.loads(o.payload or "{}")["order_id"] for o in of(items, Kind.ROUTED, channel)]
+
+    async with cleaned(topology, "rabbit") as ad:
+        assert await ad.apply() == []
+        memory = Memory()
+        async with Tracer(topology, [memory]):
+            # The system publishes a message no queue binds, then one the inbox takes.
+            connection = await aio_pika.connect(rabbitmq_url)
+            try:
+                channel = await connection.channel()
+                events = await channel.get_exchange(f"{unique}.events", ensure=False)
+                await events.publish(aio_pika.Message(order(1)), routing_key="invoice.paid")
+                await events.publish(aio_pika.Message(order(2)), routing_key="order.placed")
+                # The broker still hands the stray to the alternate exchange, as untapped.
+                queue = await channel.get_queue(f"{unique}.unrouted", ensure=False)
+                with anyio.fail_after(WITHIN):
+                    async with queue.iterator() as messages:
+                        async for message in messages:
+                            async with message.process():
+                                stray = json.loads(message.body)["order_id"]
+                            break
+            finally:
+                await connection.close()
+            await memory.wait_for(
+                lambda items: (
+                    "o-1" in order_ids(items, "unrouted") and "o-2" in order_ids(items, "inbox")
+                ),
+                WITHIN,
+            )
+
+    assert stray == "o-1"
+    assert order_ids(memory.items, "strays") == ["o-1"]
+    assert order_ids(memory.items, "events") == ["o-2"]  # the twin is bound where queues are
+    assert of(memory.items, Kind.UNROUTABLE) == []
 
 
 async def test_queue_declared_classic_by_hand_drifts_from_quorum(
