@@ -143,8 +143,8 @@ def clean_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value).decode("utf-8", errors="replace")
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, Mapping):  # an AMQP table inside a header: its secrets too
+        return {str(k): MASK if is_secret_name(str(k)) else _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if value is None or isinstance(value, (str, int, float, bool)):

@@ -107,9 +107,19 @@ def test_big_payload_is_cut_with_size_and_hash() -> None:
 
 def test_headers_are_json_safe_and_redacted() -> None:
     got = clean_headers(
-        {"authorization": "Bearer abc", "x-death": [{"count": 1, "queue": b"q"}], "n": 1}
+        {
+            "authorization": "Bearer abc",
+            "x-death": [{"count": 1, "queue": b"q"}],
+            "n": 1,
+            "x-origin": {"host": "billing", "db": {"user": "app", "password": "hunter2"}},
+        }
     )
-    assert got == {"authorization": "***", "x-death": [{"count": 1, "queue": "q"}], "n": 1}
+    assert got == {
+        "authorization": "***",
+        "x-death": [{"count": 1, "queue": "q"}],
+        "n": 1,
+        "x-origin": {"host": "billing", "db": {"user": "app", "password": "***"}},
+    }
     json.dumps(got)
 
 
