@@ -61,7 +61,6 @@ _Route = tuple[int | None, bool, list[int] | None]
 _PUBLISHED, _ROUTED, _UNROUTABLE = Kind.PUBLISHED, Kind.ROUTED, Kind.UNROUTABLE
 _DELIVERED, _REDELIVERED, _CONSUMED = Kind.DELIVERED, Kind.REDELIVERED, Kind.CONSUMED
 _DEAD_LETTERED, _GAP = Kind.DEAD_LETTERED, Kind.GAP
-ARRIVALS = (_PUBLISHED, _ROUTED)
 
 
 def _ns(d: timedelta) -> int:
@@ -473,7 +472,7 @@ class _FlowState:
         # Processed as if healthy: at its first attempt it moved on past the rule's step
         # (every step, for a rule without one) or was acknowledged there; retried and
         # then dropped or passed on is "never dead-lettered".
-        n = len(self.flow.steps)
+        n = self.n
         at = self._step_index(rule.step)
         where = range(n) if at is None else [at]
         retried = any(
@@ -992,7 +991,7 @@ class Checker:
             state.track_decided = name in self.expected
             self.flows[name] = state
             self.states.append(state)
-            for ch in set(state.channel_steps) | state.dead_channels | set(state.retry_of):
+            for ch in state.watched:
                 self.by_channel.setdefault(ch, []).append((state, state.route[ch]))
         self._config_findings()
 
@@ -1080,9 +1079,11 @@ class Checker:
     def _first_copy(self, obs: Observation) -> bool:
         """Is this the first copy of its message on its channel (flowcheck's publish and a
         tap's arrival are two)? Remembers the last SCHEMA_MEMORY messages only."""
-        ident = (obs.channel, obs.fc_id) if obs.fc_id is not None else (obs.channel, identity(obs))
-        if ident[1][0] == "obs":
-            return True
+        # By flowcheck id first: flowcheck's publish may lack the position the tap's copy has.
+        who = ("fc", obs.fc_id) if obs.fc_id is not None else identity(obs)
+        if who[0] == "obs":
+            return True  # nothing tells two copies apart: check each
+        ident = (obs.channel, *who)
         seen = self.schema_seen
         if ident in seen:
             return False
@@ -1097,9 +1098,7 @@ class Checker:
             self._init(self.start_ns if self.start_ns is not None else now_ns)
         if now_ns > self.now:
             self.now = now_ns
-            self.next_expiry = min(
-                (state.expire(now_ns) for state in self.flows.values()), default=now_ns
-            )
+            self.next_expiry = min([state.expire(now_ns) for state in self.states], default=now_ns)
 
     def settled(self, flow: str, key: str) -> bool:
         """Has this chain reached its end: every step, or the dead letter it should be?
