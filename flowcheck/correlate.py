@@ -51,18 +51,25 @@ class Message:
     def document(self) -> Any:
         """The payload parsed as JSON (None if it is not JSON), parsed at most once."""
         if self._doc is _UNPARSED:
-            if self.body is None:
-                self._doc = payload_json(self.payload)
-            else:
-                try:
-                    self._doc = _json(self.body)
-                except (msgspec.DecodeError, ValueError):
-                    # Bad UTF-8, NaN, a BOM: json.loads on the text decides, as it always did.
-                    self._doc = payload_json(self.body.decode("utf-8", errors="replace"))
+            self._doc = _document(self.body, self.payload)
         return self._doc
 
 
+def _document(body: bytes | None, payload: str | None) -> Any:
+    if body is None:
+        return payload_json(payload)
+    try:
+        return _json(body)
+    except (msgspec.DecodeError, ValueError):
+        # Bad UTF-8, NaN, a BOM: json.loads on the text decides, as it always did.
+        return payload_json(body.decode("utf-8", errors="replace"))
+
+
 Getter = Callable[[Message], Any]
+# (headers, payload, properties, kafka key, body) -> correlation key per flow
+KeyFn = Callable[
+    [Mapping[str, Any], str | None, Mapping[str, Any], str | None, bytes | None], dict[str, str]
+]
 
 
 def getter(rule: Correlate) -> Getter:
@@ -114,6 +121,8 @@ class Correlator:
             for dl in flow.dead_letters:
                 self._add(dl.channel, fname, flow.correlate)
 
+        self.key_fns = {ch: self._compile(ch) for ch in self.rules}
+
     def _add(self, channel: str, flow: str, rule: Correlate) -> None:
         entries = self.rules.setdefault(channel, [])
         if all(f != flow for f, _ in entries):
@@ -127,3 +136,33 @@ class Correlator:
             if key is not None:
                 out[flow] = key
         return out
+
+    def _compile(self, channel: str) -> KeyFn:
+        """The channel's key function, as taps call it for every message."""
+        (flow, rule), *more = self.rules[channel]
+        if not more and rule.json_path is not None:
+            # The common case, without building a Message: one flow, one payload path.
+            segments = path_segments(rule.json_path)
+
+            def one(
+                headers: Mapping[str, Any],
+                payload: str | None,
+                properties: Mapping[str, Any],
+                kafka_key: str | None,
+                body: bytes | None,
+            ) -> dict[str, str]:
+                key = _key(_walk(_document(body, payload), segments))
+                return {} if key is None else {flow: key}
+
+            return one
+
+        def many(
+            headers: Mapping[str, Any],
+            payload: str | None,
+            properties: Mapping[str, Any],
+            kafka_key: str | None,
+            body: bytes | None,
+        ) -> dict[str, str]:
+            return self.keys(channel, Message(headers, payload, properties, kafka_key, body))
+
+        return many

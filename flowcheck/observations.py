@@ -39,7 +39,6 @@ class Kind(StrEnum):
 class Observation(
     msgspec.Struct,
     frozen=True,
-    kw_only=True,
     omit_defaults=True,
     forbid_unknown_fields=True,
     gc=False,

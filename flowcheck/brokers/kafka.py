@@ -321,10 +321,13 @@ class KafkaAdapter(Adapter):
                 tg.start_soon(self._watch_health, channels, sink)
                 while True:
                     batches = await consumer.getmany(timeout_ms=POLL_MS, max_records=BATCH)
+                    # One time for the batch: its records arrived together, and a
+                    # clock read per record would only add the time spent on the others.
+                    at = now()
                     for tp, records in batches.items():
                         key = self._by_physical[tp.topic]
                         for rec in records:
-                            obs = self._record(key, rec)
+                            obs = self._record(key, rec, at)
                             sink(obs)
                             state.seen(key, rec.partition, rec.offset, obs)
         finally:
@@ -344,36 +347,36 @@ class KafkaAdapter(Adapter):
                     out[c.channel].append(c.group)
         return out
 
-    def _record(self, key: str, rec: Any) -> Observation:
+    def _record(self, key: str, rec: Any, at: tuple[int, float] | None = None) -> Observation:
         headers = {k: decode_header(k, v) for k, v in rec.headers} if rec.headers else {}
-        fields: dict[str, Any] = {}
         kind = Kind.ROUTED
+        origin = reason = None
         if key in self._origin:
             kind = Kind.DEAD_LETTERED
             original = headers.get("kafka_dlt-original-topic")
-            fields["origin"] = (
+            origin = (
                 self._by_physical.get(str(original), self._origin[key])
                 if original
                 else self._origin[key]
             )
-            fields["reason"] = headers.get("kafka_dlt-exception-fqcn") or headers.get(
+            reason = headers.get("kafka_dlt-exception-fqcn") or headers.get(
                 "kafka_dlt-exception-message"
             )
         attempts = headers.get("retry_topic-attempts")
-        if isinstance(attempts, int):
-            fields["delivery_count"] = attempts
-        rkey = rec.key.decode("utf-8", errors="replace") if rec.key is not None else None
         ts = rec.timestamp
         return self.observe(
             kind,
             key,
             body=rec.value or b"",
             headers=headers,
-            kafka_key=rkey,
+            kafka_key=None if rec.key is None else rec.key.decode("utf-8", errors="replace"),
+            at=at,
             partition=rec.partition,
             offset=rec.offset,
             broker_ms=ts if ts is not None and ts >= 0 else None,
-            **fields,
+            delivery_count=attempts if isinstance(attempts, int) else None,
+            origin=origin,
+            reason=reason,
         )
 
     async def _poll_offsets(self, state: _Evidence, sink: Sink) -> None:

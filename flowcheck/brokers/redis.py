@@ -232,9 +232,10 @@ class RedisAdapter(Adapter):
                 key = by_name[name]
                 stream = self._stream(key)
                 groups = stream.groups
+                at = now()  # one time per reply: its entries arrived together
                 for raw_id, fields in entries:
                     entry_id = _s(raw_id)
-                    obs = self._entry(key, entry_id, fields, stream.payload_field)
+                    obs = self._entry(key, entry_id, fields, stream.payload_field, at)
                     sink(obs)
                     if groups:
                         # Kept only for the groups' evidence about the entry, which
@@ -250,7 +251,12 @@ class RedisAdapter(Adapter):
                 state.last[name] = entry_id
 
     def _entry(
-        self, key: str, entry_id: str, fields: Mapping[Any, Any], payload_field: str
+        self,
+        key: str,
+        entry_id: str,
+        fields: Mapping[Any, Any],
+        payload_field: str,
+        at: tuple[int, float] | None = None,
     ) -> Observation:
         body: Any = b""
         headers: dict[str, str] = {}
@@ -261,23 +267,27 @@ class RedisAdapter(Adapter):
             else:
                 headers[name] = _s(v)
         body = body if isinstance(body, bytes) else str(body).encode()
-        extra: dict[str, Any] = {}
         kind = Kind.ROUTED
+        origin = reason = None
+        count: int | None = None
         if key in self._origin:
             kind = Kind.DEAD_LETTERED
-            extra["origin"] = self._origin[key]
-            extra["reason"] = next((headers[f] for f in REASON_FIELDS if f in headers), None)
-            count = next((headers[f] for f in COUNT_FIELDS if f in headers), None)
-            if count is not None and count.isdigit():
-                extra["delivery_count"] = int(count)
+            origin = self._origin[key]
+            reason = next((headers[f] for f in REASON_FIELDS if f in headers), None)
+            text = next((headers[f] for f in COUNT_FIELDS if f in headers), None)
+            if text is not None and text.isdigit():
+                count = int(text)
         return self.observe(
             kind,
             key,
             body=body,
             headers=headers,
+            at=at,
             entry_id=entry_id,
             broker_ms=entry_ms(entry_id),
-            **extra,
+            delivery_count=count,
+            origin=origin,
+            reason=reason,
         )
 
     async def _poll_pending(self, client: Any, state: _TapState, sink: Sink) -> None:
