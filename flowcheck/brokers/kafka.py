@@ -326,10 +326,12 @@ class KafkaAdapter(Adapter):
                     at = now()
                     for tp, records in batches.items():
                         key = self._by_physical[tp.topic]
+                        watched = key in state.groups  # some group's commits to watch
                         for rec in records:
                             obs = self._record(key, rec, at)
                             sink(obs)
-                            state.seen(key, rec.partition, rec.offset, obs)
+                            if watched:
+                                state.seen(key, rec.partition, obs)
         finally:
             with anyio.CancelScope(shield=True):
                 await consumer.stop()
@@ -348,7 +350,17 @@ class KafkaAdapter(Adapter):
         return out
 
     def _record(self, key: str, rec: Any, at: tuple[int, float] | None = None) -> Observation:
-        headers = {k: decode_header(k, v) for k, v in rec.headers} if rec.headers else {}
+        headers = (
+            {
+                # Text unless a known binary header: one call per header is most of the cost.
+                k: v.decode("utf-8", errors="replace")
+                if v is not None and k not in BINARY_INT_HEADERS
+                else decode_header(k, v)
+                for k, v in rec.headers
+            }
+            if rec.headers
+            else {}
+        )
         kind = Kind.ROUTED
         origin = reason = None
         if key in self._origin:
@@ -457,8 +469,8 @@ class _Evidence:
         # (channel, group, partition) -> observations not yet committed, in offset order
         self.open: dict[tuple[str, str, int], list[Observation]] = {}
 
-    def seen(self, key: str, partition: int, offset: int, obs: Observation) -> None:
-        for group in self.groups.get(key, ()):
+    def seen(self, key: str, partition: int, obs: Observation) -> None:
+        for group in self.groups[key]:
             self.open.setdefault((key, group, partition), []).append(obs)
 
     def committed(self, key: str, group: str, partition: int, offset: int) -> list[Observation]:
