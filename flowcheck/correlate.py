@@ -195,13 +195,6 @@ class Correlator:
 
             return one
 
-        def many(
-            headers: Mapping[str, Any],
-            payload: str | None,
-            properties: Mapping[str, Any],
-            kafka_key: str | None,
-            body: bytes | None,
-        ) -> dict[str, str]:
-            return self.keys(channel, Message(headers, payload, properties, kafka_key, body))
-
-        return many
+        return lambda headers, payload, properties, kafka_key, body: self.keys(
+            channel, Message(headers, payload, properties, kafka_key, body)
+        )
