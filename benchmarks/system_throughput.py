@@ -78,17 +78,26 @@ BROKER_PROCESSES = {"beam.smp": "rabbitmq", "tansu": "kafka", "redis-server": "r
 
 
 def local_brokers() -> dict[str, int]:
-    """Local broker processes (name -> pid), found in /proc; none where there is no /proc."""
-    found: dict[str, int] = {}
+    """Local broker processes (name -> pid), found in /proc; none where there is no /proc.
+
+    Of several matches the longest running: `rabbitmqctl` (which the firehose mode
+    runs) is a short-lived beam.smp too."""
+    found: dict[str, tuple[int, int]] = {}  # name -> (start time, pid)
     with contextlib.suppress(OSError):
         for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                with contextlib.suppress(OSError), open(f"/proc/{entry}/comm") as fh:
+            if not entry.isdigit():
+                continue
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry}/comm") as fh:
                     comm = fh.read().strip()
-                    for prefix, name in BROKER_PROCESSES.items():
-                        if comm.startswith(prefix):
-                            found[name] = int(entry)
-    return found
+                name = next((n for p, n in BROKER_PROCESSES.items() if comm.startswith(p)), None)
+                if name is None:
+                    continue
+                with open(f"/proc/{entry}/stat") as fh:
+                    started = int(fh.read().rpartition(")")[2].split()[19])
+                if name not in found or started < found[name][0]:
+                    found[name] = (started, int(entry))
+    return {name: pid for name, (_, pid) in found.items()}
 
 
 @dataclass
