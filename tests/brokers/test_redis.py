@@ -197,3 +197,22 @@ async def test_tap_reports_gap_and_loses_nothing_written_during_it(
         before.entry_id: {FLOW: "o-1"},
         during[0]: {FLOW: "o-gap-0"},
     }
+
+
+async def test_a_url_asking_for_resp3_is_tapped_all_the_same(redis_url: str, unique: str) -> None:
+    # RESP3 changes the shape of XREAD's and XINFO's replies; flowcheck reads RESP2.
+    url = redis_url + ("&" if "?" in redis_url else "?") + "protocol=3"
+    kit = redis_kit(url, unique)
+    system = redis_kit(redis_url, unique)  # the system's consumer reads as before
+    async with cleaned(kit.topology, "redis") as ad:
+        await ad.apply()
+        memory = Memory()
+        async with Tracer(kit.topology, [memory]) as tracer:
+            sent = await tracer.publish("events", order(1))
+            assert await system.consume(1) == [sent.fc_id]
+            await memory.wait_for(
+                lambda items: (Kind.CONSUMED, 1, "billing") in evidence(items, sent.fc_id),
+                WITHIN,
+            )
+    [routed] = [o for o in of(memory.items, Kind.ROUTED) if o.fc_id == sent.fc_id]
+    assert routed.keys == {FLOW: "o-1"}
