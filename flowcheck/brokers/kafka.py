@@ -352,7 +352,7 @@ class KafkaAdapter(Adapter):
     def _record(self, key: str, rec: Any, at: tuple[int, float] | None = None) -> Observation:
         headers = (
             {
-                # Text unless a known binary header: one call per header is most of the cost.
+                # Decoded inline: a call per header cost more than the decoding.
                 k: v.decode("utf-8", errors="replace")
                 if v is not None and k not in BINARY_INT_HEADERS
                 else decode_header(k, v)

@@ -379,30 +379,39 @@ class RabbitMQAdapter(Adapter):
             headers: Mapping[str, Any] = props.headers or {}
             deaths = headers.get("x-death")
             rk = msg.routing_key
-            fields: dict[str, Any] = {"routing_key": rk}
             kind = Kind.ROUTED
+            reason = origin = None
+            number: int | None = None
             # The twin itself makes every publish routable, so mandatory returns cannot
             # fire while tapping: judge routability by the topology's own bindings.
             if exchange and not routable(rk or ""):
                 kind = Kind.UNROUTABLE
-                fields["reason"] = "no queue of the topology is bound for this routing key"
+                reason = "no queue of the topology is bound for this routing key"
             if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
                 latest = deaths[0]
                 # delivery_count is the number of the delivery an observation stands for.
                 # x-death's count counts deaths, not deliveries: back on a work queue after
                 # a dead-letter round trip, this is arrival number count + 1.
-                fields["delivery_count"] = _int(latest.get("count")) + 1
+                number = _int(latest.get("count")) + 1
                 if dead_letter_queue:
                     kind = Kind.DEAD_LETTERED
-                    fields["reason"] = _str(latest.get("reason"))
+                    reason = _str(latest.get("reason"))
                     q = _str(latest.get("queue"))
-                    fields["origin"] = self._by_physical.get(q or "", q)
+                    origin = self._by_physical.get(q or "", q)
                     # Failed deliveries before the death, if the broker says; else unknown.
                     count = headers.get("x-delivery-count")
-                    fields["delivery_count"] = _int(count) if count is not None else None
+                    number = _int(count) if count is not None else None
             sink(
                 self.observe(
-                    kind, key, body=msg.body, headers=headers, properties=_props(props), **fields
+                    kind,
+                    key,
+                    body=msg.body,
+                    headers=headers,
+                    properties=_props(props),
+                    routing_key=rk,
+                    delivery_count=number,
+                    reason=reason,
+                    origin=origin,
                 )
             )
 
@@ -419,7 +428,8 @@ class RabbitMQAdapter(Adapter):
             props = meta.get("properties") or {}
             headers = dict(props.get("headers") or {}) if isinstance(props, Mapping) else {}
             routing = meta.get("routing_keys") or []
-            fields: dict[str, Any] = {"routing_key": _str(routing[0]) if routing else None}
+            number: int | None = None
+            reason = None
             if event == "deliver":
                 redelivered = bool(meta.get("redelivered"))
                 count = headers.get("x-delivery-count")
@@ -432,12 +442,12 @@ class RabbitMQAdapter(Adapter):
                 # count + 1. Without it, a first delivery is number 1; a classic queue's
                 # redelivery does not say which number it is.
                 if count is not None:
-                    fields["delivery_count"] = _int(count) + 1
+                    number = _int(count) + 1
                 elif kind is Kind.DELIVERED:
-                    fields["delivery_count"] = 1
+                    number = 1
             elif event == "publish" and meta.get("routed_queues") == []:
                 kind = Kind.UNROUTABLE
-                fields["reason"] = "NO_ROUTE"
+                reason = "NO_ROUTE"
             else:
                 return  # publishes that were routed are already seen by the twins
             mid = props.get("message_id") if isinstance(props, Mapping) else None
@@ -448,7 +458,9 @@ class RabbitMQAdapter(Adapter):
                     body=msg.body,
                     headers=headers,
                     properties={"message_id": mid},
-                    **fields,
+                    routing_key=_str(routing[0]) if routing else None,
+                    delivery_count=number,
+                    reason=reason,
                 )
             )
 
