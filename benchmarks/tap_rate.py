@@ -195,7 +195,7 @@ async def raw_consumer(
     else:
         import redis.asyncio as redis
 
-        client = redis.from_url(urls["redis"])
+        client = redis.from_url(urls["redis"], protocol=2)  # RESP2, as the tap reads
         try:
             # From the stream's last id, as the tap starts: "$" would skip whatever
             # arrives between one XREAD and the next.
