@@ -33,13 +33,17 @@ REASON_FIELDS = ("reason", "error", "exception")
 COUNT_FIELDS = ("delivery_count", "deliveries", "attempts")
 
 
-def resp2(url: str) -> str:
-    """``url`` without a ``protocol`` query option (redis-py lets the URL's win)."""
+# URL options that would change the replies flowcheck reads: it sets them itself.
+REPLY_OPTIONS = frozenset({"protocol", "decode_responses", "encoding", "encoding_errors"})
+
+
+def own_options(url: str) -> str:
+    """``url`` without REPLY_OPTIONS in its query (redis-py lets the URL's win)."""
     base, _, query = url.partition("?")
     pairs = parse_qsl(query, keep_blank_values=True)
-    if all(k != "protocol" for k, _ in pairs):
+    if all(k not in REPLY_OPTIONS for k, _ in pairs):
         return url
-    kept = [(k, v) for k, v in pairs if k != "protocol"]
+    kept = [(k, v) for k, v in pairs if k not in REPLY_OPTIONS]
     return f"{base}?{urlencode(kept)}" if kept else base
 
 
@@ -85,10 +89,13 @@ class RedisAdapter(Adapter):
         }
         if self.db is not None:
             kwargs["db"] = self.db
-        # RESP2 whatever the URL asks for: the replies are read in its shapes (RESP3
-        # turns XREAD's into a map), every Redis-compatible server speaks it, and
-        # redis-py parses stream entries ~6% faster in it.
-        return redis_asyncio.from_url(resp2(self.url), protocol=2, **kwargs)
+        # Replies as flowcheck reads them, whatever the URL asks for: RESP2 (RESP3
+        # turns XREAD's reply into a map; every Redis-compatible server speaks RESP2,
+        # and redis-py parses stream entries ~6% faster in it) and bytes (decoded
+        # replies fail on a body that is not UTF-8, which the tap must still see).
+        return redis_asyncio.from_url(
+            own_options(self.url), protocol=2, decode_responses=False, **kwargs
+        )
 
     async def _open(self, purpose: str) -> Any:
         client = self._client(purpose)

@@ -199,20 +199,29 @@ async def test_tap_reports_gap_and_loses_nothing_written_during_it(
     }
 
 
-async def test_a_url_asking_for_resp3_is_tapped_all_the_same(redis_url: str, unique: str) -> None:
-    # RESP3 changes the shape of XREAD's and XINFO's replies; flowcheck reads RESP2.
-    url = redis_url + ("&" if "?" in redis_url else "?") + "protocol=3"
+@pytest.mark.parametrize("option", ["protocol=3", "decode_responses=True"])
+async def test_reply_options_in_the_url_do_not_change_what_the_tap_reads(
+    redis_url: str, unique: str, option: str
+) -> None:
+    # RESP3 changes the shape of XREAD's reply; decoded replies fail on a body that is
+    # not UTF-8. flowcheck sets both itself.
+    url = redis_url + ("&" if "?" in redis_url else "?") + option
     kit = redis_kit(url, unique)
     system = redis_kit(redis_url, unique)  # the system's consumer reads as before
+    odd_body = b"\xff\xfe not UTF-8"
     async with cleaned(kit.topology, "redis") as ad:
         await ad.apply()
         memory = Memory()
         async with Tracer(kit.topology, [memory]) as tracer:
             sent = await tracer.publish("events", order(1))
+            odd = await tracer.publish("events", odd_body)
             assert await system.consume(1) == [sent.fc_id]
             await memory.wait_for(
-                lambda items: (Kind.CONSUMED, 1, "billing") in evidence(items, sent.fc_id),
+                lambda items: (Kind.CONSUMED, 1, "billing") in evidence(items, sent.fc_id)
+                and odd.fc_id in ids(items, Kind.ROUTED),
                 WITHIN,
             )
     [routed] = [o for o in of(memory.items, Kind.ROUTED) if o.fc_id == sent.fc_id]
     assert routed.keys == {FLOW: "o-1"}
+    [seen] = [o for o in of(memory.items, Kind.ROUTED) if o.fc_id == odd.fc_id]
+    assert seen.size == len(odd_body)
