@@ -128,7 +128,12 @@ class KafkaAdapter(Adapter):
                 self.name, f"cannot reach {self._where()} ({type(exc).__name__}: {exc})"
             )
         if isinstance(exc, kafka_errors.KafkaError):
-            return BrokerError(self.name, f"{self._where()}: {type(exc).__name__}: {exc}")
+            text, kind = str(exc), type(exc).__name__
+            # aiokafka's own text often starts with the class name already.
+            return BrokerError(
+                self.name,
+                f"{self._where()}: {text if text.startswith(kind) else f'{kind}: {text}'}",
+            )
         return exc
 
     async def _start(self, client: Any) -> None:
@@ -320,7 +325,10 @@ class KafkaAdapter(Adapter):
                 tg.start_soon(self._poll_offsets, state, sink)
                 tg.start_soon(self._watch_health, channels, sink)
                 while True:
-                    batches = await consumer.getmany(timeout_ms=POLL_MS, max_records=BATCH)
+                    try:
+                        batches = await consumer.getmany(timeout_ms=POLL_MS, max_records=BATCH)
+                    except kafka_errors.KafkaError as exc:  # e.g. a codec not installed
+                        raise self._translate(exc) from None
                     # One time for the batch: its records arrived together, and a
                     # clock read per record would only add the time spent on the others.
                     at = now()

@@ -5,9 +5,15 @@ Kept few: a group consumer needs about 5 s to join on the local Kafka-compatible
 
 from __future__ import annotations
 
+import sys
+
+import aiokafka.codec
+import anyio
+import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from harness import KafkaScope
 
+from flowcheck.errors import BrokerError, leaf
 from flowcheck.observations import Kind, Observation
 from flowcheck.tracer import Memory, Tracer
 
@@ -183,3 +189,66 @@ async def test_tap_starts_at_the_end_offsets(
     # Per partition the early records come first: had the tap read them, they would be here.
     assert sorted((o.partition, o.offset) for o in routed) == sorted(late) == [(0, 2), (1, 2)]
     assert all(o.keys == {FLOW: "o-late"} for o in routed)
+
+
+@pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
+async def test_compressed_records_are_tapped(
+    kafka_bootstrap: str, kafka: KafkaScope, unique: str, codec: str
+) -> None:
+    # Producers outside Python often compress their batches; the tap reads every codec
+    # Kafka allows.
+    topology = load(topology_yaml(kafka_bootstrap, unique))
+    async with cleaned(topology, "kafka") as ad:
+        await ad.apply()
+        producer = await kafka.producer(compression_type=codec)
+        memory = Memory()
+        async with Tracer(topology, [memory]):
+            bodies = [order(i) for i in range(3)]
+            for body in bodies:
+                await producer.send(f"{unique}.payments", body)
+            await producer.flush()
+            await memory.wait_for(lambda items: len(of(items, Kind.ROUTED)) == 3, KAFKA_WITHIN)
+    routed = of(memory.items, Kind.ROUTED)
+    assert [o.payload for o in routed] == [b.decode() for b in bodies]
+    assert [o.keys for o in routed] == [{FLOW: f"o-{i}"} for i in range(3)]
+
+
+PRODUCE_LZ4 = """
+import asyncio, sys
+from aiokafka import AIOKafkaProducer
+
+async def main():
+    producer = AIOKafkaProducer(bootstrap_servers=sys.argv[1], compression_type="lz4")
+    await producer.start()
+    try:
+        await producer.send_and_wait(sys.argv[2], b'{"order_id": "o-1"}')
+    finally:
+        await producer.stop()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_codec_the_tap_cannot_read_is_a_clear_error(
+    kafka_bootstrap: str, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topology = load(topology_yaml(kafka_bootstrap, unique))
+    async with cleaned(topology, "kafka") as ad:
+        await ad.apply()
+        # As if lz4 were not installed here; the record comes from another process.
+        monkeypatch.setattr(aiokafka.codec, "has_lz4", lambda: False)
+
+        async def tap_until_it_fails() -> None:
+            async with Tracer(topology, [Memory()]):
+                await anyio.run_process(
+                    [sys.executable, "-c", PRODUCE_LZ4, kafka_bootstrap, f"{unique}.payments"]
+                )
+                await anyio.sleep_forever()
+
+        with pytest.raises(BaseExceptionGroup) as caught:
+            await tap_until_it_fails()
+    error = leaf(caught.value)  # as `flowcheck record` reports it
+    assert isinstance(error, BrokerError)
+    assert str(error).endswith(
+        "UnsupportedCodecError: Libraries for lz4 compression codec not found"
+    )
