@@ -217,8 +217,10 @@ async def test_reply_options_in_the_url_do_not_change_what_the_tap_reads(
             odd = await tracer.publish("events", odd_body)
             assert await system.consume(1) == [sent.fc_id]
             await memory.wait_for(
-                lambda items: (Kind.CONSUMED, 1, "billing") in evidence(items, sent.fc_id)
-                and odd.fc_id in ids(items, Kind.ROUTED),
+                lambda items: (
+                    (Kind.CONSUMED, 1, "billing") in evidence(items, sent.fc_id)
+                    and odd.fc_id in ids(items, Kind.ROUTED)
+                ),
                 WITHIN,
             )
     [routed] = [o for o in of(memory.items, Kind.ROUTED) if o.fc_id == sent.fc_id]
