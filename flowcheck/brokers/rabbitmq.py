@@ -13,6 +13,7 @@ import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import anyio
 
@@ -95,6 +96,18 @@ class RabbitMQAdapter(Adapter):
             raise BrokerAuthError(
                 self.name, f"RabbitMQ at {redact_url(self.url)} refused the login ({exc})"
             ) from None
+        except amqp_errors.InvalidFrameError as exc:
+            # aiormq reports RabbitMQ closing the connection instead of opening the
+            # virtual host as an unexpected frame, without the broker's reason.
+            if "Connection.Close" not in str(exc):
+                raise BrokerError(
+                    self.name, f"RabbitMQ at {redact_url(self.url)}: {_reason(exc)}"
+                ) from None
+            raise BrokerAuthError(
+                self.name,
+                f"RabbitMQ at {redact_url(self.url)} would not open virtual host "
+                f"{self._vhost_name()!r}: it does not exist, or this user may not use it",
+            ) from None
         except (TimeoutError, OSError, amqp_errors.AMQPConnectionError) as exc:
             reason = _reason(exc)
             if "vhost" in reason or "NOT_ALLOWED" in reason or "ACCESS_REFUSED" in reason:
@@ -104,6 +117,11 @@ class RabbitMQAdapter(Adapter):
             raise BrokerUnreachable(
                 self.name, f"cannot reach RabbitMQ at {redact_url(self.url)} ({reason})"
             ) from None
+
+    def _vhost_name(self) -> str:
+        if self.vhost is not None:
+            return self.vhost
+        return unquote(urlsplit(self.url).path[1:]) or "/"  # as aio-pika reads the URL
 
     async def connect(self) -> None:
         self.connection = await self._open("client")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import anyio
@@ -16,6 +17,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from harness import AmqpScope
 
 from flowcheck.brokers.rabbitmq import RabbitMQAdapter
+from flowcheck.errors import BrokerAuthError
 from flowcheck.observations import Kind, Observation
 from flowcheck.tracer import Memory, Tracer
 
@@ -306,3 +308,22 @@ async def test_tap_reports_gap_and_resumes_after_losing_its_connection(
         assert gap.reason
     for channel in ("events", "inbox"):
         assert ids(memory.items, Kind.ROUTED, channel) == [before.fc_id, after.fc_id]
+
+
+async def test_a_virtual_host_that_does_not_exist_is_a_clear_error(
+    rabbitmq_url: str, unique: str
+) -> None:
+    parts = urlsplit(rabbitmq_url)
+    url = urlunsplit(parts._replace(path=f"/{unique}"))
+    topology = load(
+        'brokers: {b: {kind: rabbitmq, url: "${FC_URL}"}}\n'
+        "channels: {q: {broker: b, kind: queue, name: q}}\n",
+        FC_URL=url,
+    )
+    with pytest.raises(BrokerAuthError) as caught:
+        async with RabbitMQAdapter("b", topology):
+            pass
+    message = str(caught.value)
+    assert f"would not open virtual host '{unique}'" in message
+    if parts.password:
+        assert f":{parts.password}@" not in message  # the user name may be the same word
