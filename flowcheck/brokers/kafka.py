@@ -124,16 +124,9 @@ class KafkaAdapter(Adapter):
                 self.name, f"{self._where()}: permission denied ({type(exc).__name__})"
             )
         if isinstance(exc, (kafka_errors.KafkaConnectionError, TimeoutError, OSError)):
-            return BrokerUnreachable(
-                self.name, f"cannot reach {self._where()} ({type(exc).__name__}: {exc})"
-            )
+            return BrokerUnreachable(self.name, f"cannot reach {self._where()} ({_named(exc)})")
         if isinstance(exc, kafka_errors.KafkaError):
-            text, kind = str(exc), type(exc).__name__
-            # aiokafka's own text often starts with the class name already.
-            return BrokerError(
-                self.name,
-                f"{self._where()}: {text if text.startswith(kind) else f'{kind}: {text}'}",
-            )
+            return BrokerError(self.name, f"{self._where()}: {_named(exc)}")
         return exc
 
     async def _start(self, client: Any) -> None:
@@ -491,6 +484,12 @@ class _Evidence:
             n += 1
         done, self.open[(key, group, partition)] = pending[:n], pending[n:]
         return done
+
+
+def _named(exc: BaseException) -> str:
+    """``Class: text``; aiokafka's own text often starts with the class name already."""
+    text, kind = str(exc), type(exc).__name__
+    return text if text.startswith(kind) else f"{kind}: {text}"
 
 
 def _stamp() -> dict[str, Any]:

@@ -93,9 +93,12 @@ class RedisAdapter(Adapter):
         # turns XREAD's reply into a map; every Redis-compatible server speaks RESP2,
         # and redis-py parses stream entries ~6% faster in it) and bytes (decoded
         # replies fail on a body that is not UTF-8, which the tap must still see).
-        return redis_asyncio.from_url(
-            own_options(self.url), protocol=2, decode_responses=False, **kwargs
-        )
+        try:
+            return redis_asyncio.from_url(
+                own_options(self.url), protocol=2, decode_responses=False, **kwargs
+            )
+        except ValueError as exc:  # an option of the URL redis-py cannot read
+            raise BrokerError(self.name, f"Redis URL {redact_url(self.url)}: {exc}") from None
 
     async def _open(self, purpose: str) -> Any:
         client = self._client(purpose)

@@ -8,6 +8,7 @@ import pytest
 from redis.asyncio import Redis
 
 from flowcheck.brokers.redis import RedisAdapter
+from flowcheck.errors import BrokerError
 from flowcheck.observations import Kind, Observation
 from flowcheck.tracer import Memory, Tracer
 
@@ -227,3 +228,11 @@ async def test_reply_options_in_the_url_do_not_change_what_the_tap_reads(
     assert routed.keys == {FLOW: "o-1"}
     [seen] = [o for o in of(memory.items, Kind.ROUTED) if o.fc_id == odd.fc_id]
     assert seen.size == len(odd_body)
+
+
+async def test_a_url_option_redis_cannot_read_is_a_clear_error(redis_url: str, unique: str) -> None:
+    url = redis_url + ("&" if "?" in redis_url else "?") + "socket_timeout=soon"
+    kit = redis_kit(url, unique)
+    with pytest.raises(BrokerError, match="Invalid value for 'socket_timeout'"):
+        async with RedisAdapter(kit.broker, kit.topology):
+            pass
