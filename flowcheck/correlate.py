@@ -80,7 +80,7 @@ def reader(segments: tuple[str | int, ...]) -> Callable[[bytes], Any] | None:
         inner = spec if depth == 0 else spec | None
         spec = msgspec.defstruct(f"_At{depth}", [("v", inner, None)], rename={"v": name})
     decode = msgspec.json.Decoder(spec).decode
-    depth = len(segments)
+    levels = len(names)
 
     def read(body: bytes) -> Any:
         try:
@@ -89,7 +89,7 @@ def reader(segments: tuple[str | int, ...]) -> Callable[[bytes], Any] | None:
             return None  # JSON, but something on the path is not an object
         except msgspec.DecodeError:
             return _UNPARSED
-        for _ in range(depth):
+        for _ in range(levels):
             if obj is None:
                 return None
             obj = obj.v

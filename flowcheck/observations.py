@@ -114,15 +114,6 @@ def cut_payload(body: bytes) -> tuple[str, int, str | None]:
     )
 
 
-def payload_fields(body: bytes) -> dict[str, Any]:
-    """``payload``/``size``/``sha256`` for a message body, cut at PAYLOAD_CAP."""
-    payload, size, digest = cut_payload(body)
-    fields: dict[str, Any] = {"payload": payload, "size": size}
-    if digest is not None:
-        fields["sha256"] = digest
-    return fields
-
-
 _PLAIN = frozenset({str, int, float, bool, type(None)})  # JSON-safe as they are
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from flowcheck.observations import PAYLOAD_CAP, Kind, Observation, clean_headers, payload_fields
+from flowcheck.observations import PAYLOAD_CAP, Kind, Observation, clean_headers, cut_payload
 from flowcheck.trace import Header, Reader, TraceError, Writer
 
 
@@ -98,11 +98,12 @@ def test_newer_format_is_refused(tmp_path: Path) -> None:
 
 def test_big_payload_is_cut_with_size_and_hash() -> None:
     body = b"x" * (PAYLOAD_CAP * 3)
-    fields = payload_fields(body)
-    assert fields["size"] == len(body)
-    assert len(fields["payload"]) == PAYLOAD_CAP
-    assert len(fields["sha256"]) == 64
-    assert "sha256" not in payload_fields(b"small")
+    payload, size, digest = cut_payload(body)
+    assert size == len(body)
+    assert len(payload) == PAYLOAD_CAP
+    assert digest is not None
+    assert len(digest) == 64
+    assert cut_payload(b"small")[2] is None
 
 
 def test_headers_are_json_safe_and_redacted() -> None:

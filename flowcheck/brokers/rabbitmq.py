@@ -3,8 +3,9 @@
 Tapping never takes a message from the system's own consumers: every tapped
 queue gets a server-named, exclusive twin bound exactly like it, so the
 broker routes a copy to the twin; every exchange gets a twin bound to all its
-keys (only to the topology's, if it has an alternate exchange). The firehose (``rabbitmqctl trace_on``), when it is on, adds deliveries
-and redeliveries; when it is off its binding simply receives nothing.
+keys (only to the topology's, if it has an alternate exchange). The firehose
+(``rabbitmqctl trace_on``), when it is on, adds deliveries and redeliveries;
+when it is off its binding simply receives nothing.
 """
 
 from __future__ import annotations

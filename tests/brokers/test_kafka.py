@@ -243,7 +243,8 @@ async def test_a_codec_the_tap_cannot_read_is_a_clear_error(
                 await anyio.run_process(
                     [sys.executable, "-c", PRODUCE_LZ4, kafka_bootstrap, f"{unique}.payments"]
                 )
-                await anyio.sleep_forever()
+                with anyio.fail_after(KAFKA_WITHIN):  # a deadline, should the tap not fail
+                    await anyio.sleep_forever()
 
         with pytest.raises(BaseExceptionGroup) as caught:
             await tap_until_it_fails()
