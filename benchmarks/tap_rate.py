@@ -33,6 +33,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -41,6 +42,7 @@ from flowcheck import defaults
 from flowcheck.brokers import adapter
 from flowcheck.devkafka import LocalKafka
 from flowcheck.topology import Topology, loads
+from flowcheck.topology.model import Kafka
 from flowcheck.tracer import Tracer
 
 # The tap does what it does for users: a flow correlates by a payload path, so
@@ -169,14 +171,14 @@ async def raw_consumer(
         import aiokafka
         from aiokafka.structs import TopicPartition
 
-        # The tap's batch size and fetch wait (the default 500 ms wait would make the
-        # raw side slower in live mode, not the tap faster).
+        # The tap's batch size and its default fetch wait, so both sides read alike.
+        wait = Kafka.model_fields["tap_fetch_wait"].default
         consumer = aiokafka.AIOKafkaConsumer(
             bootstrap_servers=urls["kafka"],
             group_id=None,
             enable_auto_commit=False,
             max_poll_records=BATCH,
-            fetch_max_wait_ms=20,
+            fetch_max_wait_ms=wait // timedelta(milliseconds=1),
         )
         await consumer.start()
         try:

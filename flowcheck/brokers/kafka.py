@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -286,14 +287,7 @@ class KafkaAdapter(Adapter):
         self, channels: Sequence[str], sink: Sink, *, ready: anyio.Event | None = None
     ) -> None:
         names = [self._names[k] for k in channels]
-        consumer = aiokafka.AIOKafkaConsumer(
-            **self._client_args(),
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=BATCH,
-            fetch_max_wait_ms=20,  # observe soon after a write: tap latency is measured latency
-        )
+        consumer = aiokafka.AIOKafkaConsumer(**self._tap_args())
         await self._start(consumer)
         try:
             try:
@@ -336,6 +330,20 @@ class KafkaAdapter(Adapter):
         finally:
             with anyio.CancelScope(shield=True):
                 await consumer.stop()
+
+    def _tap_args(self) -> dict[str, Any]:
+        """The tap's consumer: group-less, so it takes no record from any group."""
+        return dict(
+            self._client_args(),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=BATCH,
+            # Kafka answers a fetch as soon as a record arrives, so this wait only sets how
+            # often an idle tap asks; a broker that answers only near the deadline (the
+            # bundled test broker) delays observations by up to this much.
+            fetch_max_wait_ms=self.cfg.tap_fetch_wait // timedelta(milliseconds=1),
+        )
 
     def _groups(self, channels: Sequence[str]) -> dict[str, list[str]]:
         """Consumer groups the topology's services use, per tapped channel."""

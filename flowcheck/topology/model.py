@@ -8,6 +8,7 @@ and the **flows**: the event chains the system is expected to carry.
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -128,6 +129,17 @@ class Kafka(Model):
     ] = Field(default_factory=lambda: [defaults.KAFKA_BOOTSTRAP], min_length=1)
     security: KafkaSecurity = KafkaSecurity()
     client_id: str = "flowcheck"
+    tap_fetch_wait: Duration = Field(
+        timedelta(milliseconds=100),
+        description="how long a tap's fetch waits on the broker when it has no new record",
+    )
+
+    @field_validator("tap_fetch_wait")
+    @classmethod
+    def _fetch_wait(cls, value: timedelta) -> timedelta:
+        if not timedelta(milliseconds=1) <= value <= timedelta(seconds=10):
+            raise ValueError("tap_fetch_wait is from 1ms to 10s")
+        return value
 
     @field_validator("bootstrap", mode="before")
     @classmethod

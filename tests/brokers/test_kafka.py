@@ -13,6 +13,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from harness import KafkaScope
 
+from flowcheck.brokers.kafka import KafkaAdapter
 from flowcheck.errors import BrokerError, leaf
 from flowcheck.observations import Kind, Observation
 from flowcheck.tracer import Memory, Tracer
@@ -163,6 +164,13 @@ async def test_topic_with_other_partition_count_drifts(
             ("payments", "partitions", 3, 1)
         ]
         assert "partitions" in str(drift[0])
+
+
+def test_tap_fetch_wait_is_the_topologys() -> None:
+    text = topology_yaml("127.0.0.1:9092", "t")
+    assert KafkaAdapter("kafka", load(text))._tap_args()["fetch_max_wait_ms"] == 100
+    text = text.replace("bootstrap:", "tap_fetch_wait: 2.5s, bootstrap:")
+    assert KafkaAdapter("kafka", load(text))._tap_args()["fetch_max_wait_ms"] == 2500
 
 
 async def test_tap_starts_at_the_end_offsets(
