@@ -66,6 +66,7 @@ class RedisAdapter(Adapter):
         assert isinstance(cfg, Redis)
         self.url = cfg.url.get_secret_value()
         self.db = cfg.db
+        self.read_interval = cfg.tap_read_interval.total_seconds()
         self.client: Any = None
         # dead-letter stream -> the stream whose dead letters it holds
         self._origin = {
@@ -247,32 +248,52 @@ class RedisAdapter(Adapter):
 
     async def _read(self, client: Any, state: _TapState, sink: Sink) -> None:
         by_name = {v: k for k, v in state.channels.items()}
-        while True:
-            reply = await client.xread(dict(state.last), count=BATCH, block=BLOCK_MS)
-            for raw_name, entries in reply or ():
-                if not entries:
-                    continue
-                name = _s(raw_name)
-                key = by_name[name]
-                stream = self._stream(key)
-                groups = stream.groups
-                at = now()  # one time per reply: its entries arrived together
-                for raw_id, fields in entries:
-                    entry_id = _s(raw_id)
-                    obs = self._entry(key, entry_id, fields, stream.payload_field, at)
-                    sink(obs)
-                    if groups:
-                        # Kept only for the groups' evidence about the entry, which
-                        # drops it once every group has acknowledged it.
-                        state.identity[entry_id] = {
-                            "fc_id": obs.fc_id,
-                            "keys": obs.keys,
-                            "trace_id": obs.trace_id,
-                        }
-                        for group in groups:
-                            state.unacked.setdefault((key, group), {}).setdefault(entry_id, 0)
-                # Once a batch: the PEL poll never runs in the middle of one.
-                state.last[name] = entry_id
+        # A connection of its own, used directly: the client would hand each command
+        # a pooled connection, and the pool silently replaces one the server closed
+        # while it was idle, which would hide from the tap that it was cut off.
+        pool = client.connection_pool
+        conn = await pool.get_connection()
+        try:
+            while True:
+                started = anyio.current_time()
+                names = list(state.last)
+                await conn.send_command(
+                    "XREAD", "COUNT", BATCH, "BLOCK", BLOCK_MS, "STREAMS", *names,
+                    *(state.last[n] for n in names),
+                )  # fmt: skip
+                reply = await conn.read_response()
+                most = 0  # the most entries one stream gave: BATCH means more are waiting
+                for raw_name, entries in reply or ():
+                    most = max(most, len(entries))
+                    if not entries:
+                        continue
+                    name = _s(raw_name)
+                    key = by_name[name]
+                    stream = self._stream(key)
+                    groups = stream.groups
+                    at = now()  # one time per reply: its entries arrived together
+                    for raw_id, flat in entries:
+                        entry_id = _s(raw_id)
+                        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+                        obs = self._entry(key, entry_id, fields, stream.payload_field, at)
+                        sink(obs)
+                        if groups:
+                            # Kept only for the groups' evidence about the entry, which
+                            # drops it once every group has acknowledged it.
+                            state.identity[entry_id] = {
+                                "fc_id": obs.fc_id,
+                                "keys": obs.keys,
+                                "trace_id": obs.trace_id,
+                            }
+                            for group in groups:
+                                state.unacked.setdefault((key, group), {}).setdefault(entry_id, 0)
+                    # Once a batch: the PEL poll never runs in the middle of one.
+                    state.last[name] = entry_id
+                if 0 < most < BATCH:
+                    await anyio.sleep(pause(started, anyio.current_time(), self.read_interval))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await pool.release(conn)
 
     def _entry(
         self,
@@ -425,6 +446,18 @@ class _TapState:
                 self.last[name] = _s(info["last-generated-id"])
             except redis_errors.ResponseError:
                 self.last[name] = "0-0"  # no such stream yet: everything in it will be new
+
+
+def pause(started: float, now: float, interval: float) -> float:
+    """Seconds to wait before the next read, so that reads start ``interval`` apart.
+
+    While entries keep coming, each read would bring one or two, and a read costs
+    the tap far more than an entry: waiting gathers them. A read that blocked
+    until its entry came started long ago, so a sparse entry is never held back;
+    after a full batch the caller reads again at once, so the rate is not capped.
+    The price: an entry may be observed up to ``interval`` late.
+    """
+    return max(0.0, started + interval - now)
 
 
 def _s(value: Any) -> str:

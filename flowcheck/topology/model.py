@@ -157,6 +157,17 @@ class Redis(Model):
     db: Annotated[Whole, Field(ge=0)] | None = Field(
         None, description="overrides the db in the URL"
     )
+    tap_read_interval: Duration = Field(
+        timedelta(milliseconds=10),
+        description="least time between two of a tap's reads while entries keep coming",
+    )
+
+    @field_validator("tap_read_interval")
+    @classmethod
+    def _read_interval(cls, value: timedelta) -> timedelta:
+        if not timedelta(milliseconds=1) <= value <= timedelta(seconds=1):
+            raise ValueError("tap_read_interval is from 1ms to 1s")
+        return value
 
 
 Broker = Annotated[RabbitMQ | Kafka | Redis, Field(discriminator="kind")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import pytest
 from redis.asyncio import Redis
 
@@ -12,7 +13,18 @@ from flowcheck.errors import BrokerError
 from flowcheck.observations import Kind, Observation
 from flowcheck.tracer import Memory, Tracer
 
-from .conftest import FLOW, WITHIN, cleaned, ids, load, of, order, read_group, redis_kit
+from .conftest import (
+    FLOW,
+    REDIS_YAML,
+    WITHIN,
+    cleaned,
+    ids,
+    load,
+    of,
+    order,
+    read_group,
+    redis_kit,
+)
 
 DEAD_LETTER_YAML = """
 brokers:
@@ -236,3 +248,69 @@ async def test_a_url_option_redis_cannot_read_is_a_clear_error(redis_url: str, u
     with pytest.raises(BrokerError, match="Invalid value for 'socket_timeout'"):
         async with RedisAdapter(kit.broker, kit.topology):
             pass
+
+
+class _Done(Exception):
+    pass
+
+
+class _Scripted:
+    """A connection that answers XREAD from a script, then stops the tap."""
+
+    def __init__(self, stream: bytes, batches: list[int]) -> None:
+        self.replies: list[Any] = [
+            [[stream, [[f"1-{i}".encode(), [b"payload", b"{}"]] for i in range(n)]]] if n else None
+            for n in batches
+        ]
+        self.connection_pool = self
+        self.released = False
+
+    async def get_connection(self) -> _Scripted:
+        return self
+
+    async def release(self, conn: _Scripted) -> None:
+        self.released = True
+
+    async def send_command(self, *args: Any) -> None:
+        assert args[0] == "XREAD"
+
+    async def read_response(self) -> Any:
+        if not self.replies:
+            raise _Done
+        return self.replies.pop(0)
+
+
+async def test_the_tap_waits_between_reads_only_after_a_batch_that_was_not_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flowcheck.brokers import redis as module
+
+    text = REDIS_YAML.format(p="t").replace(
+        "kind: redis,", "kind: redis, tap_read_interval: 250ms,"
+    )
+    adapter = RedisAdapter("redis", load(text, FC_URL="redis://127.0.0.1:6379"))
+    state = module._TapState({"events": "t.events"})
+    state.last["t.events"] = "0-0"
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(anyio, "sleep", sleep)  # the tap's pause, and nothing else here
+    seen: list[Observation] = []
+    conn = _Scripted(b"t.events", [module.BATCH, 3, 0, module.BATCH, 1])
+    with pytest.raises(_Done):
+        await adapter._read(conn, state, seen.append)
+    assert len(seen) == 2 * module.BATCH + 4
+    assert conn.released
+    # One wait after each short batch (3, then 1), of at most the interval; none after
+    # a full batch (the rate is not capped) or an empty reply (the read blocked).
+    assert len(waits) == 2
+    assert all(0 < w <= 0.25 for w in waits)
+
+
+def test_pause_holds_back_only_reads_that_come_sooner_than_the_interval() -> None:
+    from flowcheck.brokers.redis import pause
+
+    assert pause(started=10.0, now=10.004, interval=0.01) == pytest.approx(0.006)
+    assert pause(started=10.0, now=12.0, interval=0.01) == 0.0  # the read blocked: no wait
