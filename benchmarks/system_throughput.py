@@ -6,6 +6,8 @@ Modes, alternated round by round so machine drift hits all alike:
              runs for users (RabbitMQ: twin queues; firehose off)
   firehose   the same with RabbitMQ's firehose on (rabbitmqctl trace_on), which
              adds deliveries and redeliveries to what the tap sees
+  against    with --against DIR: taps as in "taps", recorded by the flowcheck
+             of another checkout (DIR), to compare two versions in one run
 
 Throughput = orders / (time from the first order placed to the last shipped).
 Besides, the CPU time each process spent while the orders ran: the shop (this
@@ -13,6 +15,7 @@ process), the recorder, and the brokers when they run on this host (Linux
 /proc): where the cost of tapping goes, whatever else the machine runs.
 
     PYTHONPATH=. .venv/bin/python benchmarks/system_throughput.py [--orders 2000] [--rounds 5]
+        [--against DIR]
 """
 
 from __future__ import annotations
@@ -107,8 +110,17 @@ class Recording:
 
 
 @asynccontextmanager
-async def recording(topology: str, workdir: Path) -> AsyncIterator[Recording]:
-    """`flowcheck record` in its own process, ready when it says so; stopped with SIGINT."""
+async def recording(
+    topology: str, workdir: Path, checkout: str | None = None
+) -> AsyncIterator[Recording]:
+    """`flowcheck record` in its own process, ready when it says so; stopped with SIGINT.
+
+    ``checkout``: the directory whose flowcheck records (default: the one imported here).
+    """
+    env, cwd = dict(os.environ), None
+    if checkout is not None:
+        # `python -m` looks in its working directory first, then PYTHONPATH.
+        env["PYTHONPATH"] = cwd = checkout
     path = workdir / f"topology-{uuid.uuid4().hex[:6]}.yaml"
     path.write_text(topology)
     trace = path.with_suffix(".jsonl")
@@ -122,6 +134,8 @@ async def recording(topology: str, workdir: Path) -> AsyncIterator[Recording]:
         str(trace),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=cwd,
     )
     assert proc.stderr is not None
     line = await asyncio.wait_for(proc.stderr.readline(), 60)
@@ -141,7 +155,9 @@ class Round:
     cpu: dict[str, float]  # process -> CPU seconds while the orders ran
 
 
-async def one_round(mode: str, orders: int, brokers: Brokers, workdir: Path) -> Round:
+async def one_round(
+    mode: str, orders: int, brokers: Brokers, workdir: Path, against: str | None
+) -> Round:
     prefix = f"bench-{uuid.uuid4().hex[:6]}."
     async with Shop(Settings(brokers=brokers, prefix=prefix), remove=True) as shop:
         async with AsyncExitStack() as stack:
@@ -149,7 +165,11 @@ async def one_round(mode: str, orders: int, brokers: Brokers, workdir: Path) -> 
             if mode != "bare":
                 await stack.enter_async_context(firehose(mode == "firehose"))
                 rec = await stack.enter_async_context(
-                    recording(topology_yaml(prefix, brokers), workdir)
+                    recording(
+                        topology_yaml(prefix, brokers),
+                        workdir,
+                        against if mode == "against" else None,
+                    )
                 )
             pids = {"shop": os.getpid(), **local_brokers()}
             if rec is not None:
@@ -165,10 +185,11 @@ async def one_round(mode: str, orders: int, brokers: Brokers, workdir: Path) -> 
 
 
 async def main(args: argparse.Namespace, brokers: Brokers, workdir: Path) -> dict[str, Any]:
-    rounds: dict[str, list[Round]] = {m: [] for m in MODES}
+    modes = (*MODES, "against") if args.against else MODES
+    rounds: dict[str, list[Round]] = {m: [] for m in modes}
     for _ in range(args.rounds):
-        for mode in MODES:
-            rounds[mode].append(await one_round(mode, args.orders, brokers, workdir))
+        for mode in modes:
+            rounds[mode].append(await one_round(mode, args.orders, brokers, workdir, args.against))
     med = {m: statistics.median(r.rate for r in v) for m, v in rounds.items()}
     # CPU milliseconds per order, per process: where the cost of tapping goes.
     cpu_ms: dict[str, dict[str, float]] = {}
@@ -182,7 +203,7 @@ async def main(args: argparse.Namespace, brokers: Brokers, workdir: Path) -> dic
         "orders": args.orders,
         "rounds": args.rounds,
         "orders_per_s": {m: round(v, 1) for m, v in med.items()},
-        "ratio_vs_bare": {m: round(med[m] / med["bare"], 3) for m in MODES},
+        "ratio_vs_bare": {m: round(med[m] / med["bare"], 3) for m in modes},
         "observations": {
             m: statistics.median(r.observations for r in v) for m, v in rounds.items()
         },
@@ -202,7 +223,12 @@ if __name__ == "__main__":
     )
     parser.add_argument("--orders", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--against", metavar="DIR", help="also record with the flowcheck of this checkout"
+    )
     args = parser.parse_args()
+    if args.against:
+        args.against = str(Path(args.against).resolve())
     local = None
     bootstrap = defaults.kafka_bootstrap()
     if bootstrap is None:
@@ -229,7 +255,8 @@ if __name__ == "__main__":
     print(
         f"{'mode':<10} {'orders/s':>9} {'vs bare':>8} {'observations':>13} {'rec. CPU us/obs':>16}"
     )
-    for m in MODES:
+    modes = list(result["orders_per_s"])
+    for m in modes:
         print(
             f"{m:<10} {result['orders_per_s'][m]:>9} {result['ratio_vs_bare'][m]:>8} "
             f"{result['observations'][m]:>13} {cpu.get(m, '-'):>16}"
@@ -237,7 +264,7 @@ if __name__ == "__main__":
     procs = sorted({p for v in result["cpu_ms_per_order"].values() for p in v})
     print("CPU ms per order while the orders ran:")
     print(f"{'mode':<10} " + " ".join(f"{p:>9}" for p in procs))
-    for m in MODES:
+    for m in modes:
         row = result["cpu_ms_per_order"][m]
         print(f"{m:<10} " + " ".join(f"{row.get(p, '-'):>9}" for p in procs))
     print(json.dumps(result))
