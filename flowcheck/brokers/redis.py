@@ -7,6 +7,7 @@ deliveries, redeliveries (delivery count above 1) and acknowledgements.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -255,7 +256,7 @@ class RedisAdapter(Adapter):
         conn = await pool.get_connection()
         try:
             while True:
-                started = anyio.current_time()
+                started = time.monotonic()  # the clock anyio.sleep uses, at a tenth the cost
                 names = list(state.last)
                 await conn.send_command(
                     "XREAD", "COUNT", BATCH, "BLOCK", BLOCK_MS, "STREAMS", *names,
@@ -290,7 +291,7 @@ class RedisAdapter(Adapter):
                     # Once a batch: the PEL poll never runs in the middle of one.
                     state.last[name] = entry_id
                 if 0 < most < BATCH:
-                    await anyio.sleep(pause(started, anyio.current_time(), self.read_interval))
+                    await anyio.sleep(pause(started, time.monotonic(), self.read_interval))
         finally:
             with anyio.CancelScope(shield=True):
                 await pool.release(conn)
