@@ -435,6 +435,20 @@ def test_schema_is_valid_json_schema() -> None:
     Draft202012Validator.check_schema(schema)
 
 
+def test_schema_defaults_are_written_as_a_topology_would_write_them() -> None:
+    schema = json.loads(run("schema").stdout)
+    checked = 0
+    for model in schema["$defs"].values():
+        for name, prop in model.get("properties", {}).items():
+            if prop.get("default") is None:
+                continue
+            sub = {"$defs": schema["$defs"], **{k: v for k, v in prop.items() if k != "default"}}
+            errors = list(Draft202012Validator(sub).iter_errors(prop["default"]))
+            assert not errors, f"{name}: default {prop['default']!r}: {errors[0].message}"
+            checked += 1
+    assert checked >= 10
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_shipped_topologies_match_the_schema(path: Path) -> None:
     schema = json.loads(run("schema").stdout)

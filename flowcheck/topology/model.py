@@ -34,6 +34,7 @@ from flowcheck.topology._types import (
     Duration,
     JsonPath,
     Ratio,
+    parse_duration,
 )
 
 Name = Annotated[
@@ -75,6 +76,18 @@ def _shorthand(field: str) -> Any:
         return {field: value} if isinstance(value, str) else value
 
     return model_validator(mode="before")(classmethod(expand))  # type: ignore[arg-type]
+
+
+def _span(low: str, high: str) -> AfterValidator:
+    """A duration from ``low`` to ``high``, both included."""
+    lo, hi = parse_duration(low), parse_duration(high)
+
+    def check(value: timedelta) -> timedelta:
+        if not lo <= value <= hi:
+            raise ValueError(f"must be from {low} to {high}")
+        return value
+
+    return AfterValidator(check)
 
 
 # ---------------------------------------------------------------- brokers
@@ -129,17 +142,11 @@ class Kafka(Model):
     ] = Field(default_factory=lambda: [defaults.KAFKA_BOOTSTRAP], min_length=1)
     security: KafkaSecurity = KafkaSecurity()
     client_id: str = "flowcheck"
-    tap_fetch_wait: Duration = Field(
+    tap_fetch_wait: Annotated[Duration, _span("1ms", "10s")] = Field(
         timedelta(milliseconds=100),
         description="how long a tap's fetch waits on the broker when it has no new record",
+        json_schema_extra={"default": "100ms"},  # as written in YAML, not ISO 8601
     )
-
-    @field_validator("tap_fetch_wait")
-    @classmethod
-    def _fetch_wait(cls, value: timedelta) -> timedelta:
-        if not timedelta(milliseconds=1) <= value <= timedelta(seconds=10):
-            raise ValueError("tap_fetch_wait is from 1ms to 10s")
-        return value
 
     @field_validator("bootstrap", mode="before")
     @classmethod
@@ -157,17 +164,11 @@ class Redis(Model):
     db: Annotated[Whole, Field(ge=0)] | None = Field(
         None, description="overrides the db in the URL"
     )
-    tap_read_interval: Duration = Field(
+    tap_read_interval: Annotated[Duration, _span("1ms", "1s")] = Field(
         timedelta(milliseconds=10),
         description="least time between two of a tap's reads while entries keep coming",
+        json_schema_extra={"default": "10ms"},
     )
-
-    @field_validator("tap_read_interval")
-    @classmethod
-    def _read_interval(cls, value: timedelta) -> timedelta:
-        if not timedelta(milliseconds=1) <= value <= timedelta(seconds=1):
-            raise ValueError("tap_read_interval is from 1ms to 1s")
-        return value
 
 
 Broker = Annotated[RabbitMQ | Kafka | Redis, Field(discriminator="kind")]
