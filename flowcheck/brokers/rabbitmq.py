@@ -334,6 +334,7 @@ class RabbitMQAdapter(Adapter):
         gap_since: int | None = None
         gap_reason = ""
         delay = 0.1
+        started = False
         while True:
             try:
                 conn = await self._open("tap")
@@ -354,10 +355,17 @@ class RabbitMQAdapter(Adapter):
                     for key in channels:
                         sink(self.gap(key, gap_since, end, gap_reason))
                     gap_since = None
+                started = True
                 if ready is not None:
                     ready.set()
                 await closed.wait()
                 gap_reason = "connection to RabbitMQ lost"
+            except amqp_errors.ChannelNotFoundEntity as exc:
+                if not started:  # e.g. an exchange never declared: retrying cannot help
+                    raise BrokerError(
+                        self.name, f"cannot tap: {_reason(exc)}; run apply first"
+                    ) from None
+                gap_reason = f"tap failed: {_reason(exc)}"
             except amqp_errors.AMQPError as exc:
                 gap_reason = f"tap failed: {_reason(exc)}"
             finally:

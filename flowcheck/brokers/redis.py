@@ -210,6 +210,8 @@ class RedisAdapter(Adapter):
             try:
                 if not started:
                     await state.start(client)
+                    if state.wrong:
+                        raise BrokerError(self.name, _not_streams(state.wrong))
                     started = True
                 if gap_since is not None:
                     end, _ = now()
@@ -262,7 +264,10 @@ class RedisAdapter(Adapter):
                     "XREAD", "COUNT", BATCH, "BLOCK", BLOCK_MS, "STREAMS", *names,
                     *(state.last[n] for n in names),
                 )  # fmt: skip
-                reply = await conn.read_response()
+                try:
+                    reply = await conn.read_response()
+                except redis_errors.ResponseError as exc:  # e.g. a key replaced by a string
+                    raise self._translate(exc) from None
                 most = 0  # the most entries one stream gave: BATCH means more are waiting
                 for raw_name, entries in reply or ():
                     most = max(most, len(entries))
@@ -439,14 +444,24 @@ class _TapState:
         self.unacked: dict[tuple[str, str], dict[str, int]] = {}
         # entry id -> fc_id, keys, trace_id as read, for the evidence about it
         self.identity: dict[str, dict[str, Any]] = {}
+        # stream name -> the type its key holds instead, as found at the start
+        self.wrong: dict[str, str] = {}
 
     async def start(self, client: Any) -> None:
         for name in self.channels.values():
-            try:
+            kind = _s(await client.type(name))
+            if kind == "none":
+                self.last[name] = "0-0"  # no such stream yet: everything in it will be new
+            elif kind != "stream":
+                self.wrong[name] = kind
+            else:
                 info = await client.xinfo_stream(name)
                 self.last[name] = _s(info["last-generated-id"])
-            except redis_errors.ResponseError:
-                self.last[name] = "0-0"  # no such stream yet: everything in it will be new
+
+
+def _not_streams(wrong: Mapping[str, str]) -> str:
+    keys = ", ".join(f"{name!r} holds a {kind}" for name, kind in sorted(wrong.items()))
+    return f"cannot tap keys that are not streams: {keys}"
 
 
 def pause(started: float, now: float, interval: float) -> float:

@@ -28,8 +28,10 @@ from redis.asyncio import Redis
 import flowcheck
 from flowcheck.brokers import Adapter
 from flowcheck.brokers import adapter as make_adapter
+from flowcheck.errors import leaf
 from flowcheck.observations import ID_HEADER, Kind, Observation
 from flowcheck.topology import Topology
+from flowcheck.tracer import Tracer
 
 WITHIN = 10.0  # seconds to wait for one event on RabbitMQ or Redis; it takes milliseconds
 KAFKA_WITHIN = 30.0  # Kafka: a group consumer needs ~5 s to join on the local broker
@@ -323,3 +325,15 @@ def closed_port() -> Iterator[int]:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         yield sock.getsockname()[1]
+
+
+async def tap_raising(
+    topology: Topology, then: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """Tap until ``then`` returns (or, without it, stop at once); raise what the tap raised."""
+    try:
+        async with Tracer(topology, []):
+            if then is not None:
+                await then()
+    except BaseExceptionGroup as group:
+        raise leaf(group) from None

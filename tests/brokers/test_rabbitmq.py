@@ -17,11 +17,21 @@ from aio_pika.abc import AbstractIncomingMessage
 from harness import AmqpScope
 
 from flowcheck.brokers.rabbitmq import RabbitMQAdapter
-from flowcheck.errors import BrokerAuthError
+from flowcheck.errors import BrokerAuthError, BrokerError
 from flowcheck.observations import Kind, Observation
 from flowcheck.tracer import Memory, Tracer
 
-from .conftest import FLOW, WITHIN, cleaned, ids, load, of, order, rabbitmq_kit
+from .conftest import (
+    FLOW,
+    WITHIN,
+    cleaned,
+    ids,
+    load,
+    of,
+    order,
+    rabbitmq_kit,
+    tap_raising,
+)
 
 DEAD_LETTER_YAML = """
 brokers:
@@ -327,3 +337,11 @@ async def test_a_virtual_host_that_does_not_exist_is_a_clear_error(
     assert f"would not open virtual host '{unique}'" in message
     if parts.password:
         assert f":{parts.password}@" not in message  # the user name may be the same word
+
+
+async def test_tapping_an_exchange_never_declared_is_a_clear_error(
+    rabbitmq_url: str, unique: str
+) -> None:
+    kit = rabbitmq_kit(rabbitmq_url, unique)  # not applied: nothing of it exists
+    with pytest.raises(BrokerError, match=rf"no exchange '{unique}.events'.*run apply first"):
+        await tap_raising(kit.topology)

@@ -24,6 +24,7 @@ from .conftest import (
     order,
     read_group,
     redis_kit,
+    tap_raising,
 )
 
 DEAD_LETTER_YAML = """
@@ -248,6 +249,38 @@ async def test_a_url_option_redis_cannot_read_is_a_clear_error(redis_url: str, u
     with pytest.raises(BrokerError, match="Invalid value for 'socket_timeout'"):
         async with RedisAdapter(kit.broker, kit.topology):
             pass
+
+
+async def test_a_key_that_is_not_a_stream_is_a_clear_error(
+    redis_url: str, redis: Redis, unique: str
+) -> None:
+    kit = redis_kit(redis_url, unique)
+    await redis.set(f"{unique}.events", "not a stream")
+    try:
+        with pytest.raises(BrokerError, match=rf"'{unique}.events' holds a string"):
+            await tap_raising(kit.topology)
+    finally:
+        await redis.delete(f"{unique}.events")
+
+
+async def test_a_stream_replaced_by_another_type_while_tapped_is_a_clear_error(
+    redis_url: str, redis: Redis, unique: str
+) -> None:
+    kit = redis_kit(redis_url, unique)
+    stream = f"{unique}.events"
+
+    async def replace_and_wait() -> None:
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.delete(stream)
+            pipe.set(stream, "not a stream")
+            await pipe.execute()
+        await anyio.Event().wait()  # until the tap fails
+
+    try:
+        with pytest.raises(BrokerError, match="WRONGTYPE"), anyio.fail_after(WITHIN):
+            await tap_raising(kit.topology, replace_and_wait)
+    finally:
+        await redis.delete(stream)
 
 
 class _Done(Exception):
