@@ -360,13 +360,12 @@ class RabbitMQAdapter(Adapter):
                     ready.set()
                 await closed.wait()
                 gap_reason = "connection to RabbitMQ lost"
-            except amqp_errors.ChannelNotFoundEntity as exc:
-                if not started:  # e.g. an exchange never declared: retrying cannot help
+            except amqp_errors.AMQPError as exc:
+                if not started and isinstance(exc, amqp_errors.ChannelNotFoundEntity):
+                    # e.g. an exchange never declared: retrying cannot help
                     raise BrokerError(
                         self.name, f"cannot tap: {_reason(exc)}; run apply first"
                     ) from None
-                gap_reason = f"tap failed: {_reason(exc)}"
-            except amqp_errors.AMQPError as exc:
                 gap_reason = f"tap failed: {_reason(exc)}"
             finally:
                 with anyio.CancelScope(shield=True):

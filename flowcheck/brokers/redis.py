@@ -209,9 +209,8 @@ class RedisAdapter(Adapter):
             delay = 0.1
             try:
                 if not started:
-                    await state.start(client)
-                    if state.wrong:
-                        raise BrokerError(self.name, _not_streams(state.wrong))
+                    if wrong := await state.start(client):
+                        raise BrokerError(self.name, _not_streams(wrong))
                     started = True
                 if gap_since is not None:
                     end, _ = now()
@@ -444,19 +443,20 @@ class _TapState:
         self.unacked: dict[tuple[str, str], dict[str, int]] = {}
         # entry id -> fc_id, keys, trace_id as read, for the evidence about it
         self.identity: dict[str, dict[str, Any]] = {}
-        # stream name -> the type its key holds instead, as found at the start
-        self.wrong: dict[str, str] = {}
 
-    async def start(self, client: Any) -> None:
+    async def start(self, client: Any) -> dict[str, str]:
+        """Read each stream's last id; return the keys that hold another type (name -> type)."""
+        wrong: dict[str, str] = {}
         for name in self.channels.values():
             kind = _s(await client.type(name))
             if kind == "none":
                 self.last[name] = "0-0"  # no such stream yet: everything in it will be new
             elif kind != "stream":
-                self.wrong[name] = kind
+                wrong[name] = kind
             else:
                 info = await client.xinfo_stream(name)
                 self.last[name] = _s(info["last-generated-id"])
+        return wrong
 
 
 def _not_streams(wrong: Mapping[str, str]) -> str:
