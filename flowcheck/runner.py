@@ -22,7 +22,7 @@ from flowcheck.observations import Kind, Observation, now
 from flowcheck.recorder import apply_all
 from flowcheck.scenario import Scenario, messages
 from flowcheck.topology.model import Topology
-from flowcheck.trace import Header, Writer
+from flowcheck.trace import Header, Writer, topology_hash
 from flowcheck.tracer import Tracer
 
 TICK = 0.25  # seconds: how often time is advanced while nothing is observed
@@ -72,7 +72,13 @@ async def _run(
     os.makedirs(out_dir, exist_ok=True)
     trace = os.path.join(out_dir, f"trace-{run_id}.jsonl")
     mono, wall = now()
-    header = Header(topology=topology.name, started=wall, started_mono_ns=mono, run=run_id)
+    header = Header(
+        topology=topology.name,
+        topology_sha256=topology_hash(topology_path) if topology_path else None,
+        started=wall,
+        started_mono_ns=mono,
+        run=run_id,
+    )
     checker = Checker(topology, start_ns=mono, expected=expected)
     changed = anyio.Event()
 

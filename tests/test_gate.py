@@ -22,6 +22,7 @@ from flowcheck.recorder import record
 from flowcheck.runner import Outcome, run
 from flowcheck.scenario import Scenario
 from flowcheck.topology import Topology, loads
+from flowcheck.trace import Reader, topology_hash
 
 WORKERS = [Service.BILLING, Service.PAYMENTS, Service.SHIPPING]
 ORDER = (
@@ -179,6 +180,11 @@ async def test_cli_exit_codes(env: Env) -> None:
     assert dropped.returncode == 1, dropped.stdout.decode()
     assert b"lost: timed out after 'billing.orders'" in dropped.stdout
     assert (env.out / "junit.xml").exists()
+    # The trace names the topology file it was recorded with, so `check` can warn of edits.
+    traces = sorted(env.out.glob("trace-*.jsonl"))
+    assert len(traces) == 2
+    for trace in traces:
+        assert Reader(str(trace)).header.topology_sha256 == topology_hash(str(env.path))
 
 
 async def test_mis_route_through_record_and_check(env: Env) -> None:
