@@ -218,6 +218,7 @@ class _FlowState:
         self.match = [s.match for s in flow.steps]
         self.need = [s.count for s in flow.steps]
         self.is_queue = [isinstance(topology.channels.get(s.channel), Queue) for s in flow.steps]
+        self.late = [topology.tap_late(s.channel) for s in flow.steps]
         self.policies = [s.retry or flow.retry for s in flow.steps]
         self.has_policy = any(p is not None for p in self.policies)
         self.chain_failures = 0  # findings that fail a chain, so far
@@ -837,10 +838,11 @@ class _FlowState:
         lat: list[Latency] = []
         for i in range(1, len(self.flow.steps)):
             budget = self.flow.steps[i].latency
-            lat.append(
-                self._latency(f"{self.labels[i - 1]} -> {self.labels[i]}", self.hops[i], budget)
-            )
-        lat.append(self._latency("end-to-end", self.e2e, self.flow.latency))
+            hop = f"{self.labels[i - 1]} -> {self.labels[i]}"
+            lat.append(self._latency(hop, self.hops[i], budget, self.late[i - 1], self.late[i]))
+        lat.append(
+            self._latency("end-to-end", self.e2e, self.flow.latency, self.late[0], self.late[-1])
+        )
         decided = self.counts["succeeded"] + self.counts["failed"]
         rate = self.counts["succeeded"] / decided if decided else 1.0
         need = self.flow.success_rate if self.flow.success_rate is not None else 1.0
@@ -901,10 +903,16 @@ class _FlowState:
             findings_total=dict(self.totals),
         )
 
-    def _latency(self, hop: str, hist: _Hist, budget: Any) -> Latency:
+    def _latency(
+        self, hop: str, hist: _Hist, budget: Any, *ends: tuple[timedelta, str] | None
+    ) -> Latency:
         stats = hist.stats()
         budgets: dict[str, float] = {}
         passed = True
+        # A sample is off by the last step's tap lateness less the first's: at most the larger.
+        late = max((e for e in ends if e is not None), default=None, key=lambda e: e[0])
+        late_ms = late[0].total_seconds() * 1000 if late else 0.0
+        tail = f"; a tap may see a step up to {late_ms:g}ms late, {late[1]}" if late else ""
         if budget is not None:
             for p in ("p50", "p90", "p95", "p99", "max"):
                 limit = getattr(budget, p)
@@ -919,10 +927,17 @@ class _FlowState:
                             kind=FindingKind.LATENCY,
                             flow=self.name,
                             step=hop,
-                            message=f"{hop}: {p} is {have:.1f}ms, over its budget of {budgets[p]:.1f}ms ({stats.count} samples, clock mono_ns)",
+                            message=f"{hop}: {p} is {have:.1f}ms, over its budget of {budgets[p]:.1f}ms ({stats.count} samples, clock mono_ns{tail})",
                         )
                     )
-        return Latency(hop=hop, stats=stats, budget_ms=budgets, passed=passed)
+        return Latency(
+            hop=hop,
+            stats=stats,
+            budget_ms=budgets,
+            passed=passed,
+            tap_late_ms=late_ms,
+            tap_late_why=late[1] if late else None,
+        )
 
 
 def _position(arrived: Mapping[tuple[Any, ...], Observation]) -> tuple[Any, ...] | None:

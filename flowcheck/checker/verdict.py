@@ -120,6 +120,14 @@ class Latency(BaseModel):
     stats: Percentiles
     budget_ms: dict[str, float] = Field(default_factory=dict)
     passed: bool = True
+    tap_late_ms: float = Field(
+        0.0,
+        description="how late a tap may see this hop's first or last step (its broker's tap "
+        "settings): each sample may be off by up to this much",
+    )
+    tap_late_why: str | None = Field(
+        None, description="the setting behind tap_late_ms, like \"broker 'kafka': tap_fetch_wait\""
+    )
 
 
 class Check(BaseModel):

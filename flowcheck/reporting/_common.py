@@ -112,7 +112,19 @@ def latency_problem(lat: Latency) -> str:
     over = over_budget(lat)
     parts = [f"{p} {ms(stat(lat, p))}ms over its budget of {lat.budget_ms[p]:g}ms" for p in over]
     what = "; ".join(parts) or "over its budget"
-    return f"{lat.hop}: {what} ({lat.stats.count} samples, clock {lat.clock})"
+    late = f"; a tap may see a step up to {lat.tap_late_ms:g}ms late" if lat.tap_late_ms else ""
+    return f"{lat.hop}: {what} ({lat.stats.count} samples, clock {lat.clock}{late})"
+
+
+def late_note(lat: Latency) -> str | None:
+    """Why the samples of a hop with a budget may be off: its taps' lateness; None if exact."""
+    if not (lat.tap_late_ms and lat.budget_ms):
+        return None
+    why = f" ({lat.tap_late_why})" if lat.tap_late_why else ""
+    return (
+        f"{lat.hop}: samples may be off by up to {lat.tap_late_ms:g}ms, "
+        f"as a tap may see a step that late{why}"
+    )
 
 
 def seen_detail(s: Seen) -> str:

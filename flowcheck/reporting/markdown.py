@@ -14,6 +14,7 @@ from flowcheck.reporting._common import (
     PERCENTILES,
     budget_text,
     findings_of,
+    late_note,
     listed_total,
     ms,
     over_budget,
@@ -169,6 +170,8 @@ def _latency_table(flows: list[FlowVerdict]) -> list[str]:
                     f"{plural(lat.stats.non_positive, 'sample')} ≤ 0 ms left out of the "
                     "percentiles (clock skew, or copies seen at the same instant)"
                 )
+            if note := late_note(lat):
+                notes.append(f"- {escape(flow.flow)}, {escape(note)}")
     out += ["", "Times in ms."]
     if notes:
         out += ["", *notes]

@@ -21,6 +21,7 @@ from flowcheck.reporting._common import (
     budget_text,
     finding_text,
     flow_counts,
+    late_note,
     listed_total,
     ms,
     other_findings,
@@ -304,6 +305,8 @@ def _latency(console: Console, heading: str, latency: list[Latency]) -> None:
                     "yellow",
                 )
             )
+        if late := late_note(lat):
+            notes.append(Text(late, "dim"))
     console.print(Padding(table, (0, 0, 0, 2), expand=False))
     for note in notes:
         console.print(Padding(note, (0, 0, 0, 2), expand=False))

@@ -440,6 +440,21 @@ class Topology(Model):
     services: dict[Name, Service] = Field(default_factory=dict)
     flows: dict[Name, Flow] = Field(default_factory=dict)
 
+    def tap_late(self, channel: str) -> tuple[timedelta, str] | None:
+        """How late a tap may see a message on ``channel``, and the setting that makes it so;
+        None where the broker pushes each message to the tap as it arrives (RabbitMQ)."""
+        ch = self.channels.get(channel)
+        if ch is None:
+            return None
+        broker = self.brokers.get(ch.broker)
+        if isinstance(broker, Kafka):
+            # A broker that holds a fetch until its wait ends (the bundled one does) hands
+            # a record over that late; Kafka answers as soon as one arrives.
+            return broker.tap_fetch_wait, f"broker {ch.broker!r}: tap_fetch_wait"
+        if isinstance(broker, Redis):
+            return broker.tap_read_interval, f"broker {ch.broker!r}: tap_read_interval"
+        return None
+
     def channel_name(self, key: str) -> str:
         """The channel's name on its broker."""
         return self.channels[key].name or key

@@ -201,6 +201,42 @@ def test_latency_budget(topology: Topology) -> None:
     assert not hop.passed
     assert hop.stats.p99_ms is not None
     assert hop.stats.p99_ms > 50
+    # RabbitMQ pushes to its taps; a Kafka tap may see a record up to its fetch wait late.
+    late = {lat.hop: (lat.tap_late_ms, lat.tap_late_why) for lat in v.flows[0].latency}
+    assert late == {
+        "orders -> billing": (0.0, None),
+        "billing -> pay": (100.0, "broker 'k': tap_fetch_wait"),
+        "end-to-end": (100.0, "broker 'k': tap_fetch_wait"),
+    }
+    (finding,) = [f for f in v.flows[0].findings if f.kind is FindingKind.LATENCY]
+    assert finding.message.endswith(
+        "(5 samples, clock mono_ns; a tap may see a step up to 100ms late, "
+        "broker 'k': tap_fetch_wait)"
+    )
+
+
+def test_latency_tells_how_late_the_taps_may_be() -> None:
+    text = TOPOLOGY.replace("k: {kind: kafka}", "k: {kind: kafka, tap_fetch_wait: 5ms}")
+    text = text.replace("brokers: {", "brokers: {s: {kind: redis, tap_read_interval: 20ms}, ")
+    text = text.replace(
+        "  pay: {broker: k, kind: topic}",
+        "  pay: {broker: k, kind: topic}\n  out: {broker: s, kind: stream}",
+    )
+    text = text.replace("latency: {p99: 50ms}}]", "latency: {p99: 50ms}}, out]")
+    topology = loads(text)
+    h = History()
+    h.at(0).routed("orders", "k0")
+    h.routed("billing", "k0")
+    h.at(20).routed("pay", "k0", partition=0, offset=0)
+    h.at(30).routed("out", "k0")
+    v = run(topology, h)
+    late = {lat.hop: (lat.tap_late_ms, lat.tap_late_why) for lat in v.flows[0].latency}
+    assert late == {
+        "orders -> billing": (0.0, None),
+        "billing -> pay": (5.0, "broker 'k': tap_fetch_wait"),
+        "pay -> out": (20.0, "broker 's': tap_read_interval"),  # the larger of the two ends
+        "end-to-end": (20.0, "broker 's': tap_read_interval"),
+    }
 
 
 def test_success_rate_tolerates_what_it_declares() -> None:

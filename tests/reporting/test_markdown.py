@@ -84,6 +84,15 @@ def test_non_positive_samples_are_noted() -> None:
     assert "checkout, orders -> billing: 3 samples ≤ 0 ms left out" in md
 
 
+def test_a_budget_on_a_late_tap_is_noted() -> None:
+    md = markdown.dumps(scenarios.failing())
+    assert (
+        "- checkout, billing -> pay: samples may be off by up to 100ms, as a tap may see "
+        "a step that late (broker 'k': tap\\_fetch\\_wait)"
+    ) in md
+    assert "orders -> billing: samples may be off" not in md  # RabbitMQ pushes: exact
+
+
 def test_untrusted_text_cannot_break_a_table_or_become_markup() -> None:
     assert markdown.escape("a|b") == "a\\|b"
     assert markdown.escape("<script>x</script>") == "&lt;script>x&lt;/script>"

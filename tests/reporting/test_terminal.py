@@ -132,6 +132,14 @@ def test_non_positive_samples_are_noted() -> None:
     assert "orders -> billing: 3 samples <= 0 left out" in out
 
 
+def test_a_budget_on_a_late_tap_is_noted() -> None:
+    out = " ".join(text(scenarios.failing()).split())
+    assert (
+        "billing -> pay: samples may be off by up to 100ms, as a tap may see a step that "
+        "late (broker 'k': tap_fetch_wait)"
+    ) in out
+
+
 def test_fits_80_columns_without_colour() -> None:
     for verdict in (scenarios.failing(), scenarios.passing()):
         file = io.StringIO()
