@@ -9,6 +9,8 @@ the groups the topology names are polled as evidence of consumption.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
@@ -62,6 +64,35 @@ def decode_header(name: str, value: bytes | None) -> Any:
     if name in BINARY_INT_HEADERS and 1 <= len(value) <= 8 and not value.isdigit():
         return int.from_bytes(value, "big", signed=True)
     return value.decode("utf-8", errors="replace")
+
+
+class _Held:
+    """aiokafka's log records from one client start, kept until it is known how it went."""
+
+    def __init__(self) -> None:
+        self.records: list[logging.LogRecord] = []
+        self.active = True
+
+
+_holding: contextvars.ContextVar[_Held | None] = contextvars.ContextVar("_holding", default=None)
+
+
+class _Hold(logging.Filter):
+    # aiokafka logs why each bootstrap address failed, then raises "Unable to bootstrap":
+    # a failed start becomes one error that carries those reasons, not loose log lines.
+    # Tasks the start creates inherit the context, hence the flag, not the variable alone.
+    def filter(self, record: logging.LogRecord) -> bool:
+        held = _holding.get()
+        if held is None or not held.active:
+            return True
+        held.records.append(record)
+        return False
+
+
+# A logger's filters do not see its children's records: filter each of aiokafka's.
+for _name, _logger in list(logging.Logger.manager.loggerDict.items()):
+    if _name.startswith("aiokafka") and isinstance(_logger, logging.Logger):
+        _logger.addFilter(_Hold())
 
 
 class KafkaAdapter(Adapter):
@@ -131,10 +162,13 @@ class KafkaAdapter(Adapter):
         return exc
 
     async def _start(self, client: Any) -> None:
+        held = _Held()
+        token = _holding.set(held)
         try:
             with anyio.fail_after(CONNECT_TIMEOUT):
                 await client.start()
         except BaseException as exc:
+            held.active = False
             with anyio.CancelScope(shield=True):
                 await client.close() if hasattr(client, "close") else await client.stop()
             cause = exc
@@ -143,7 +177,17 @@ class KafkaAdapter(Adapter):
                 and self.cfg.security.sasl_mechanism is not None
             ):
                 cause = await self._login_failure() or exc
-            raise self._translate(cause) from None
+            error = self._translate(cause)
+            if isinstance(error, BrokerUnreachable) and held.records:
+                reasons = "; ".join(dict.fromkeys(r.getMessage() for r in held.records))
+                error = BrokerUnreachable(self.name, f"cannot reach {self._where()}: {reasons}")
+            raise error from None
+        else:
+            held.active = False
+            for record in held.records:  # a start that got through: its warnings still count
+                logging.getLogger(record.name).handle(record)
+        finally:
+            _holding.reset(token)
 
     async def _login_failure(self) -> BaseException | None:
         """The login error behind a failed bootstrap, if that was the cause.

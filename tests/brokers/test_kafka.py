@@ -5,6 +5,7 @@ Kept few: a group consumer needs about 5 s to join on the local Kafka-compatible
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import aiokafka.codec
@@ -14,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from harness import KafkaScope
 
 from flowcheck.brokers.kafka import KafkaAdapter
-from flowcheck.errors import BrokerError
+from flowcheck.errors import BrokerError, BrokerUnreachable
 from flowcheck.observations import Kind, Observation
 from flowcheck.tracer import Memory, Tracer
 
@@ -164,6 +165,33 @@ async def test_topic_with_other_partition_count_drifts(
             ("payments", "partitions", 3, 1)
         ]
         assert "partitions" in str(drift[0])
+
+
+async def test_unreachable_is_one_error_with_aiokafkas_reasons(
+    closed_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    ad = KafkaAdapter("kafka", load(topology_yaml(f"127.0.0.1:{closed_port}", "t")))
+    with caplog.at_level(logging.DEBUG, "aiokafka"), pytest.raises(BrokerUnreachable) as info:
+        await ad.connect()
+    await ad.close()
+    assert str(info.value).startswith(f"kafka: cannot reach Kafka at 127.0.0.1:{closed_port}: ")
+    assert f'Unable connect to "127.0.0.1:{closed_port}"' in str(info.value)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # no loose lines
+
+
+async def test_a_start_that_got_through_still_logs_its_warnings(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # aiokafka shuffles the bootstrap addresses, so a real dead one is not always tried:
+    # a client whose start logs as aiokafka's does when one of several addresses is down.
+    class Client:
+        async def start(self) -> None:
+            logging.getLogger("aiokafka.client").error('Unable connect to "k1:9092": refused')
+
+    ad = KafkaAdapter("kafka", load(topology_yaml("k1:9092,k2:9092", "t")))
+    with caplog.at_level(logging.WARNING, "aiokafka"):
+        await ad._start(Client())
+    assert [r.getMessage() for r in caplog.records] == ['Unable connect to "k1:9092": refused']
 
 
 def test_tap_fetch_wait_is_the_topologys() -> None:
