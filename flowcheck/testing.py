@@ -53,7 +53,7 @@ from flowcheck.checker import (
 )
 from flowcheck.checker.verdict import Cause, Seen
 from flowcheck.correlate import Correlator
-from flowcheck.errors import FlowcheckError, leaf
+from flowcheck.errors import FlowcheckError, UsageError, leaf
 from flowcheck.observations import Kind, Observation, now
 from flowcheck.reporting._common import ms as fmt_ms
 from flowcheck.topology._types import format_duration, parse_duration
@@ -165,12 +165,22 @@ def seconds(value: Within) -> float:
     if isinstance(value, timedelta):
         return value.total_seconds()
     if isinstance(value, bool):
-        raise TypeError(f"within={value!r}: write a duration like '2s' or a number of seconds")
+        raise TypeError("write a duration like '2s' or a number of seconds")
     if isinstance(value, (int, float)):
         if value < 0:
-            raise ValueError(f"within={value!r}: a wait cannot be negative")
+            raise ValueError("a wait cannot be negative")
         return float(value)
     return parse_duration(value).total_seconds()
+
+
+def _seconds_of(value: Within, what: str) -> float:
+    """:func:`seconds`, failing with a :class:`UsageError` that names the argument."""
+    __tracebackhide__ = True
+    try:
+        return seconds(value)
+    except (TypeError, ValueError) as exc:
+        # A typo in a test: say it in the test's terms, not as a trace through the parser.
+        raise UsageError(f"{what}={value!r}: {exc}") from None
 
 
 def _spell(value: float) -> str:
@@ -290,22 +300,27 @@ class HopLatency:
 
     @property
     def p50(self) -> Took:
+        __tracebackhide__ = True
         return self._get("p50")
 
     @property
     def p90(self) -> Took:
+        __tracebackhide__ = True
         return self._get("p90")
 
     @property
     def p95(self) -> Took:
+        __tracebackhide__ = True
         return self._get("p95")
 
     @property
     def p99(self) -> Took:
+        __tracebackhide__ = True
         return self._get("p99")
 
     @property
     def max(self) -> Took:
+        __tracebackhide__ = True
         return self._get("max")
 
     def __repr__(self) -> str:
@@ -359,7 +374,7 @@ class Flowcheck:
         self.prefix = prefix
         self.flows: list[str] = list(flows) if flows is not None else list(topology.flows)
         self.test_name = name
-        self.deadline = seconds(deadline)
+        self.deadline = _seconds_of(deadline, "deadline")
         self.trace: Path | None = Path(trace) if trace is not None else None
         self.drift: list[Drift] = []
         watched = (
@@ -580,12 +595,14 @@ class Flowcheck:
         return done()
 
     def _limit(self, within: Within | None) -> float:
-        return self.deadline if within is None else seconds(within)
+        __tracebackhide__ = True
+        return self.deadline if within is None else _seconds_of(within, "within")
 
     # ------------------------------------------------------------ names and publishing
 
     def name(self, channel: str) -> str:
         """The broker-side name of ``channel`` (a channel key of the topology) in this test."""
+        __tracebackhide__ = True
         if channel not in self.topology.channels:
             raise KeyError(
                 f"no channel {channel!r} in the topology; it has {sorted(self.topology.channels)}"
@@ -598,6 +615,11 @@ class Flowcheck:
 
     def address(self, broker: str) -> str:
         """How to reach ``broker`` (a broker key): the URL, or the Kafka bootstrap servers."""
+        __tracebackhide__ = True
+        if broker not in self.topology.brokers:
+            raise KeyError(
+                f"no broker {broker!r} in the topology; it has {sorted(self.topology.brokers)}"
+            )
         b = self.topology.brokers[broker]
         if isinstance(b, Kafka):
             return ",".join(b.bootstrap)
@@ -624,6 +646,7 @@ class Flowcheck:
         PUBLISHED observation (UNROUTABLE if RabbitMQ returned it); its
         ``keys`` are the correlation keys per flow.
         """
+        __tracebackhide__ = True
         self._alive()
         if channel not in self.topology.channels:
             raise KeyError(
@@ -649,6 +672,7 @@ class Flowcheck:
     # ------------------------------------------------------------ judging
 
     def _flow(self, flow: str) -> None:
+        __tracebackhide__ = True
         if flow not in self.topology.flows:
             raise FlowcheckError(
                 f"unknown flow {flow!r}; the topology has {', '.join(map(repr, self.topology.flows))}"
@@ -682,6 +706,7 @@ class Flowcheck:
 
     def chain(self, flow: str, key: str) -> Chain:
         """Assertions about one chain: the messages of ``flow`` with correlation key ``key``."""
+        __tracebackhide__ = True
         self._flow(flow)
         return Chain(self, flow, key)
 
@@ -813,6 +838,7 @@ class Flowcheck:
         a step: the hop into that step. Values are :class:`Took`, comparable with
         ``"200ms"``; reading one with no samples fails with an explanation.
         """
+        __tracebackhide__ = True
         self._flow(flow)
         fv = next(f for f in self.verdict().flows if f.flow == flow)
         hops = {lat.hop: lat for lat in fv.latency}

@@ -478,3 +478,46 @@ def test_schema_rejects_what_validate_rejects(snippet: str, where: str) -> None:
         "/".join(map(str, e.absolute_path)) for e in Draft202012Validator(schema).iter_errors(data)
     }
     assert where in paths
+
+
+# ---------------------------------------------------------------- docs/validate.md
+
+
+def _fenced(text: str, opening: str) -> list[str]:
+    """The bodies of the fenced blocks of ``text`` that open with ``opening``."""
+    return re.findall(rf"^{re.escape(opening)}\n(.*?)^```$", text, flags=re.M | re.S)
+
+
+def test_the_sessions_in_validate_md_are_what_the_command_prints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guide's example, run: its file with mistakes, then the same file fixed as the
+    guide says (warn.yaml), then with the binding's key (fixed.yaml)."""
+    doc = (ROOT / "docs" / "validate.md").read_text(encoding="utf-8")
+    (mistakes,) = _fenced(doc, "```yaml invalid")
+    warn = (
+        mistakes.replace("billng", "billing")
+        .replace("dedline", "deadline")
+        .replace("success_rate: 99\n", "success_rate: 99%\n")
+    )
+    fixed = warn.replace("bindings: [orders]", "bindings: [{exchange: orders, key: order.placed}]")
+    for name, text in {"orders.yaml": mistakes, "warn.yaml": warn, "fixed.yaml": fixed}.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RABBIT_PASSWORD", raising=False)
+    sessions = [s for s in _fenced(doc, "```console") if "flowcheck validate" in s]
+    ran, last, exit_code = 0, "", -1
+    for session in sessions:
+        # "$ command" lines, each followed by what it prints.
+        for step in re.split(r"^\$ ", session, flags=re.M)[1:]:
+            command, *printed = step.splitlines()
+            if command.startswith("export "):
+                monkeypatch.setenv("RABBIT_PASSWORD", "secret")
+            elif command == "echo $?":
+                assert printed == [str(exit_code)], f"after $ {last}"
+            elif command.startswith("flowcheck validate ") and "[" not in command:
+                result = CliRunner().invoke(cli, command.split()[1:])
+                assert result.stdout.splitlines() == printed, f"$ {command}"
+                last, exit_code = command, result.exit_code
+                ran += 1
+    assert ran >= 5

@@ -213,6 +213,13 @@ class _Builder:
         return result
 
 
+def _too_deep() -> str:
+    return (
+        f"the YAML is nested more than {MAX_DEPTH} levels deep here; "
+        "a topology needs far fewer (is it the right file?)"
+    )
+
+
 def _check_depth(text: str) -> None:
     """Refuse deep nesting before composing: the C composer recurses and can crash on it."""
     depth = 0
@@ -222,12 +229,7 @@ def _check_depth(text: str) -> None:
             if depth > MAX_DEPTH:
                 at = event.start_mark
                 line, column = (at.line + 1, at.column + 1) if at is not None else (1, 1)
-                raise _Fatal(
-                    line,
-                    column,
-                    f"the YAML is nested more than {MAX_DEPTH} levels deep here; "
-                    "a topology needs far fewer (is it the right file?)",
-                )
+                raise _Fatal(line, column, _too_deep())
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
 
@@ -261,6 +263,9 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> _Fatal:
         message = f"undefined alias *{name}: define the anchor &{name} before using it"
     elif "expected a single document" in str(context or ""):
         message = "this file holds more than one YAML document ('---'); a topology is one document"
+    elif "maximum nesting depth" in problem:
+        # Newer libyaml scans ahead and stops deep flow nesting before _check_depth sees it.
+        message = _too_deep()
     elif "mapping values are not allowed" in problem:
         message = "YAML syntax error: unexpected ':' here; check this line's indentation"
     else:

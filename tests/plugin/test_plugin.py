@@ -353,6 +353,71 @@ def test_marker_and_topology_fixture(pytester: pytest.Pytester, broker_flags: li
     )
 
 
+def test_a_mistake_in_a_test_reads_as_one(
+    pytester: pytest.Pytester, broker_flags: list[str]
+) -> None:
+    """A name the topology lacks, or a duration that is not one, fails on the test's own
+    line with what to write instead: no trace through flowcheck's code."""
+    project.make(
+        pytester,
+        test_mistakes="""
+            import pytest
+
+            from flowcheck.testing import Flowcheck
+
+            pytestmark = pytest.mark.asyncio
+
+
+            async def test_unknown_flow(flowcheck: Flowcheck) -> None:
+                await flowcheck.chain("order-shipped", "o-1").completes(within="1s")
+
+
+            async def test_unknown_broker(flowcheck: Flowcheck) -> None:
+                flowcheck.address("kafka")
+
+
+            async def test_unknown_channel(flowcheck: Flowcheck) -> None:
+                await flowcheck.publish("refunds", {"order_id": "o-1"})
+
+
+            async def test_not_a_duration(flowcheck: Flowcheck) -> None:
+                await flowcheck.chain("order-billed", "o-1").completes(within="2 seconds")
+
+
+            async def test_no_samples(flowcheck: Flowcheck) -> None:
+                assert flowcheck.latency("order-billed").p99 < "1s"
+
+
+            @pytest.mark.flowcheck(deadline="soon")
+            async def test_marker_deadline(flowcheck: Flowcheck) -> None:
+                pass
+        """,
+    )
+    result = pytester.runpytest(*broker_flags)
+    result.assert_outcomes(failed=5, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "E * unknown flow 'order-shipped'; the topology has 'order-billed', 'job-done'",
+            "test_mistakes.py:9: FlowcheckError",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        ["E *no broker 'kafka' in the topology; it has [[]'rabbit', 'redis'[]]*"]
+    )
+    result.stdout.fnmatch_lines(["E *no channel 'refunds' in the topology*"])
+    result.stdout.fnmatch_lines(
+        ["E * within='2 seconds': '2 seconds' is not a duration; write it like 250ms*"]
+    )
+    result.stdout.fnmatch_lines(["E * no latency samples for 'end-to-end' yet*"])
+    result.stdout.fnmatch_lines(
+        ["flowcheck: deadline='soon': 'soon' is not a duration; write it like 250ms*"]
+    )
+    shown = result.stdout.str()
+    assert "flowcheck/testing.py" not in shown
+    assert "flowcheck/topology/" not in shown
+    assert "flowcheck/pytest_plugin.py" not in shown
+
+
 def test_topology_built_in_a_fixture(pytester: pytest.Pytester, broker_flags: list[str]) -> None:
     project.make(
         pytester,
