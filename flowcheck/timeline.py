@@ -21,7 +21,19 @@ class Timeline:
 
     @property
     def retries(self) -> int:
-        return sum(1 for o in self.items if o.kind == Kind.REDELIVERED)
+        """Deliveries after the first, by the broker's count where it keeps one: a tap that
+        polls (the Redis pending list) can miss a delivery in between; the count cannot."""
+        most: dict[tuple[Any, ...], int] = {}
+        uncounted = 0
+        for o in self.items:
+            if o.kind is not Kind.DELIVERED and o.kind is not Kind.REDELIVERED:
+                continue
+            if o.delivery_count:
+                one = (o.channel, o.fc_id, o.message_id, o.entry_id, o.partition, o.offset)
+                most[one] = max(most.get(one, 0), o.delivery_count)
+            elif o.kind is Kind.REDELIVERED:
+                uncounted += 1
+        return sum(n - 1 for n in most.values()) + uncounted
 
     @property
     def dead_letters(self) -> list[Observation]:
