@@ -60,6 +60,9 @@ class Adapter(abc.ABC):
         self._names = {k: self.physical(k) for k in self.channels()}
         # Tells this adapter's connections apart from every other flowcheck's on the broker.
         self.instance = new_id()[:12]
+        # While the tap cannot watch: since when (monotonic ns) and why. Gaps come from it.
+        self.down: tuple[int, str] | None = None
+        self._down_changed: anyio.Event | None = None
 
     def connection_name(self, purpose: str) -> str:
         """The name this adapter's ``purpose`` connections ("client", "tap") carry on the
@@ -116,8 +119,41 @@ class Adapter(abc.ABC):
 
     # ------------------------------------------------------------ helpers for subclasses
 
-    def gap(self, channel: str, start: int, end: int, reason: str) -> Observation:
-        """A GAP: the tap did not watch ``channel`` from ``start`` to ``end`` (monotonic ns)."""
+    async def down_changed(self) -> None:
+        """Return when :attr:`down` next changes."""
+        if self._down_changed is None:
+            self._down_changed = anyio.Event()
+        await self._down_changed.wait()
+
+    def _set_down(self, value: tuple[int, str] | None) -> None:
+        self.down = value
+        changed, self._down_changed = self._down_changed, None
+        if changed is not None:
+            changed.set()
+
+    def went_down(self, reason: str) -> None:
+        """The tap stopped watching; while it stays down, the newest reason replaces the last."""
+        self._set_down((self.down[0] if self.down else now()[0], reason))
+
+    def came_back(self, channels: Sequence[str], sink: Sink) -> None:
+        """The tap watches again: record the gap on each of ``channels``."""
+        if self.down is not None:
+            (since, reason), (end, _) = self.down, now()
+            for key in channels:
+                sink(self.gap(key, since, end, reason))
+            self._set_down(None)
+
+    def stopped_down(self, channels: Sequence[str], sink: Sink) -> None:
+        """The tap ends while down: its gap runs to the end of the recording."""
+        if self.down is not None:
+            since, reason = self.down
+            for key in channels:
+                sink(self.gap(key, since, None, reason))
+            self._set_down(None)
+
+    def gap(self, channel: str, start: int, end: int | None, reason: str) -> Observation:
+        """A GAP: the tap did not watch ``channel`` from ``start`` to ``end`` (monotonic ns;
+        None: to the end of the recording)."""
         mono, wall = now()
         return Observation(
             kind=Kind.GAP,

@@ -479,22 +479,18 @@ class KafkaAdapter(Adapter):
 
     async def _watch_health(self, channels: Sequence[str], sink: Sink) -> None:
         """Mark a gap while the cluster does not answer: what the tap sees then is late."""
-        down_since: int | None = None
-        reason = ""
-        while True:
-            try:
-                with anyio.fail_after(HEALTH_POLL * 2):
-                    await self.admin.list_topics()
-                if down_since is not None:
-                    end, _ = now()
-                    for key in channels:
-                        sink(self.gap(key, down_since, end, reason))
-                    down_since = None
-            except (kafka_errors.KafkaError, TimeoutError, OSError) as exc:
-                if down_since is None:
-                    down_since, _ = now()
-                    reason = f"Kafka did not answer ({type(exc).__name__})"
-            await anyio.sleep(HEALTH_POLL)  # polling interval, not a wait for an event
+        try:
+            while True:
+                try:
+                    with anyio.fail_after(HEALTH_POLL * 2):
+                        await self.admin.list_topics()
+                    self.came_back(channels, sink)
+                except (kafka_errors.KafkaError, TimeoutError, OSError) as exc:
+                    if self.down is None:
+                        self.went_down(f"Kafka did not answer ({type(exc).__name__})")
+                await anyio.sleep(HEALTH_POLL)  # polling interval, not a wait for an event
+        finally:
+            self.stopped_down(channels, sink)
 
     # ------------------------------------------------------------ delete
 

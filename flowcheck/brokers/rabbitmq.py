@@ -21,7 +21,7 @@ import anyio
 from flowcheck._deps import require
 from flowcheck.brokers.base import Adapter, Drift, Sink, new_id
 from flowcheck.errors import BrokerAuthError, BrokerError, BrokerUnreachable
-from flowcheck.observations import ID_HEADER, Kind, Observation, now
+from flowcheck.observations import ID_HEADER, Kind, Observation
 from flowcheck.propagation import producer_span
 from flowcheck.redact import redact_url
 from flowcheck.topology.model import Exchange, Queue, RabbitMQ
@@ -331,47 +331,44 @@ class RabbitMQAdapter(Adapter):
     async def tap(
         self, channels: Sequence[str], sink: Sink, *, ready: anyio.Event | None = None
     ) -> None:
-        gap_since: int | None = None
-        gap_reason = ""
         delay = 0.1
         started = False
-        while True:
-            try:
-                conn = await self._open("tap")
-            except BrokerUnreachable as exc:
-                if gap_since is None:
-                    raise  # cannot start at all: that is the caller's problem
-                gap_reason = str(exc)
-                await anyio.sleep(delay)  # back off before the next attempt
-                delay = min(delay * 2, RECONNECT_MAX)
-                continue
-            delay = 0.1
-            closed = anyio.Event()
-            conn.close_callbacks.add(lambda *_, ev=closed: ev.set())
-            try:
-                await self._start_twins(conn, channels, sink)
-                if gap_since is not None:
-                    end, _ = now()
-                    for key in channels:
-                        sink(self.gap(key, gap_since, end, gap_reason))
-                    gap_since = None
-                started = True
-                if ready is not None:
-                    ready.set()
-                await closed.wait()
-                gap_reason = "connection to RabbitMQ lost"
-            except amqp_errors.AMQPError as exc:
-                if not started and isinstance(exc, amqp_errors.ChannelNotFoundEntity):
-                    # e.g. an exchange never declared: retrying cannot help
-                    raise BrokerError(
-                        self.name, f"cannot tap: {_reason(exc)}; run apply first"
-                    ) from None
-                gap_reason = f"tap failed: {_reason(exc)}"
-            finally:
-                with anyio.CancelScope(shield=True):
-                    if not conn.is_closed:
-                        await conn.close()
-            gap_since, _ = now()
+        try:
+            while True:
+                try:
+                    conn = await self._open("tap")
+                except BrokerUnreachable as exc:
+                    if self.down is None:
+                        raise  # cannot start at all: that is the caller's problem
+                    self.went_down(str(exc))
+                    await anyio.sleep(delay)  # back off before the next attempt
+                    delay = min(delay * 2, RECONNECT_MAX)
+                    continue
+                delay = 0.1
+                closed = anyio.Event()
+                conn.close_callbacks.add(lambda *_, ev=closed: ev.set())
+                try:
+                    await self._start_twins(conn, channels, sink)
+                    self.came_back(channels, sink)
+                    started = True
+                    if ready is not None:
+                        ready.set()
+                    await closed.wait()
+                    reason = "connection to RabbitMQ lost"
+                except amqp_errors.AMQPError as exc:
+                    if not started and isinstance(exc, amqp_errors.ChannelNotFoundEntity):
+                        # e.g. an exchange never declared: retrying cannot help
+                        raise BrokerError(
+                            self.name, f"cannot tap: {_reason(exc)}; run apply first"
+                        ) from None
+                    reason = f"tap failed: {_reason(exc)}"
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        if not conn.is_closed:
+                            await conn.close()
+                self.went_down(reason)
+        finally:
+            self.stopped_down(channels, sink)
 
     async def _start_twins(self, conn: Any, channels: Sequence[str], sink: Sink) -> None:
         ch = await conn.channel(publisher_confirms=False)

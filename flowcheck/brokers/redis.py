@@ -29,6 +29,7 @@ BLOCK_MS = 500  # XREAD block time: bounds how long a stop waits
 BATCH = 1000
 PEL_POLL = 0.1  # seconds between Pending Entries List polls
 RECONNECT_MAX = 2.0
+_LOST = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)  # the tap reconnects
 # Fields a dead-letter entry may carry to say why and after how many deliveries.
 REASON_FIELDS = ("reason", "error", "exception")
 COUNT_FIELDS = ("delivery_count", "deliveries", "attempts")
@@ -194,59 +195,45 @@ class RedisAdapter(Adapter):
         state = _TapState(channels={k: self._names[k] for k in channels})
         started = False
         delay = 0.1
-        gap_since: int | None = None
-        gap_reason = ""
-        while True:
-            try:
-                client = await self._open("tap")
-            except BrokerUnreachable as exc:
-                if not started:
-                    raise
-                gap_reason = str(exc)
-                await anyio.sleep(delay)  # back off before reconnecting
-                delay = min(delay * 2, RECONNECT_MAX)
-                continue
-            delay = 0.1
-            try:
-                if not started:
-                    if wrong := await state.start(client):
-                        raise BrokerError(self.name, _not_streams(wrong))
-                    started = True
-                if gap_since is not None:
-                    end, _ = now()
-                    for key in channels:
-                        sink(self.gap(key, gap_since, end, gap_reason))
-                    gap_since = None
-                if ready is not None:
-                    ready.set()
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._read, client, state, sink)
-                    tg.start_soon(self._poll_pending, client, state, sink)
-            except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-                gap_reason = f"connection to Redis lost ({exc})"
-            except BaseExceptionGroup as group:
-                lost = group.subgroup(
-                    (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
-                )
-                if lost is None or group.subgroup(
-                    lambda e: (
-                        not isinstance(
-                            e,
-                            (
-                                redis_errors.ConnectionError,
-                                redis_errors.TimeoutError,
-                                OSError,
-                                BaseExceptionGroup,
-                            ),
-                        )
-                    )
-                ):
-                    raise
-                gap_reason = f"connection to Redis lost ({lost.exceptions[0]})"
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await client.aclose()
-            gap_since, _ = now()
+        try:
+            while True:
+                try:
+                    client = await self._open("tap")
+                except BrokerUnreachable as exc:
+                    if not started:
+                        raise
+                    self.went_down(str(exc))
+                    await anyio.sleep(delay)  # back off before reconnecting
+                    delay = min(delay * 2, RECONNECT_MAX)
+                    continue
+                delay = 0.1
+                reason = "the tap stopped reading"
+                try:
+                    if not started:
+                        if wrong := await state.start(client):
+                            raise BrokerError(self.name, _not_streams(wrong))
+                        started = True
+                    self.came_back(channels, sink)
+                    if ready is not None:
+                        ready.set()
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._read, client, state, sink)
+                        tg.start_soon(self._poll_pending, client, state, sink)
+                except _LOST as exc:
+                    reason = f"connection to Redis lost ({exc})"
+                except BaseExceptionGroup as group:
+                    lost = group.subgroup(_LOST)
+                    if lost is None or group.subgroup(
+                        lambda e: not isinstance(e, (*_LOST, BaseExceptionGroup))
+                    ):
+                        raise
+                    reason = f"connection to Redis lost ({lost.exceptions[0]})"
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await client.aclose()
+                self.went_down(reason)
+        finally:
+            self.stopped_down(channels, sink)
 
     async def _read(self, client: Any, state: _TapState, sink: Sink) -> None:
         by_name = {v: k for k, v in state.channels.items()}

@@ -10,16 +10,18 @@ topology's channels afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import anyio
+import anyio.abc
 import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaConsumer
@@ -28,6 +30,7 @@ from redis.asyncio import Redis
 import flowcheck
 from flowcheck.brokers import Adapter
 from flowcheck.brokers import adapter as make_adapter
+from flowcheck.devkafka import LocalKafka
 from flowcheck.errors import leaf
 from flowcheck.observations import ID_HEADER, Kind, Observation
 from flowcheck.topology import Topology
@@ -39,6 +42,8 @@ SECRET = "s3cr3t-Pa55w0rd-never-shown"
 FLOW = "orders"  # every kit's flow correlates by $.order_id
 
 Consume = Callable[[int], Awaitable[list[str]]]
+# The kit's topology reaching a broker the test can take down: (topology, take it down).
+Outage = Callable[[], AbstractAsyncContextManager[tuple[Topology, Callable[[], Awaitable[None]]]]]
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class Kit:
     consume: Consume  # consume N messages as the system would: their fc_ids, in order
     with_login: Callable[[str, int | None], Topology]  # (password, port or None) -> topology
     within: float
+    outage: Outage
 
 
 def order(n: int | str, **extra: object) -> bytes:
@@ -126,6 +132,11 @@ def rabbitmq_kit(url: str, prefix: str) -> Kit:
         where = f"127.0.0.1:{port}" if port else _host_port(url, 5672)
         return load(text, FC_URL=f"amqp://guest:{password}@{where}/")
 
+    @asynccontextmanager
+    async def outage() -> AsyncIterator[tuple[Topology, Callable[[], Awaitable[None]]]]:
+        async with forwarder(url, 5672) as (local, cut):
+            yield load(text, FC_URL=local), cut
+
     return Kit(
         "rabbitmq",
         "RabbitMQ",
@@ -139,6 +150,7 @@ def rabbitmq_kit(url: str, prefix: str) -> Kit:
         consume=consume,
         with_login=with_login,
         within=WITHIN,
+        outage=outage,
     )
 
 
@@ -194,6 +206,19 @@ def kafka_kit(bootstrap: str, prefix: str) -> Kit:
             KAFKA_YAML.format(p=prefix, bootstrap=where, security=security), FC_PASSWORD=password
         )
 
+    @asynccontextmanager
+    async def outage() -> AsyncIterator[tuple[Topology, Callable[[], Awaitable[None]]]]:
+        # Clients reach Kafka at the address it advertises, not through a forwarder:
+        # a broker of the test's own, stopped.
+        local = await anyio.to_thread.run_sync(LocalKafka().start)
+        try:
+            ours = load(KAFKA_YAML.format(p=prefix, bootstrap=local.bootstrap, security=""))
+            async with make_adapter("kafka", ours) as ad:  # gone with the broker: no clean-up
+                await ad.apply()
+            yield ours, lambda: anyio.to_thread.run_sync(local.stop)
+        finally:
+            await anyio.to_thread.run_sync(local.stop)
+
     return Kit(
         "kafka",
         "Kafka",
@@ -207,6 +232,7 @@ def kafka_kit(bootstrap: str, prefix: str) -> Kit:
         consume=consume,
         with_login=with_login,
         within=KAFKA_WITHIN,
+        outage=outage,
     )
 
 
@@ -251,6 +277,11 @@ def redis_kit(url: str, prefix: str) -> Kit:
         where = f"127.0.0.1:{port}" if port else _host_port(url, 6379)
         return load(text, FC_URL=f"redis://flowcheck-nobody:{password}@{where}/0")
 
+    @asynccontextmanager
+    async def outage() -> AsyncIterator[tuple[Topology, Callable[[], Awaitable[None]]]]:
+        async with forwarder(url, 6379) as (local, cut):
+            yield load(text, FC_URL=local), cut
+
     return Kit(
         "redis",
         "Redis",
@@ -264,6 +295,7 @@ def redis_kit(url: str, prefix: str) -> Kit:
         consume=consume,
         with_login=with_login,
         within=WITHIN,
+        outage=outage,
     )
 
 
@@ -277,6 +309,55 @@ async def read_group(
         for entry_id, fields in entries:
             out.append((entry_id.decode(), {k.decode(): v.decode() for k, v in fields.items()}))
     return out
+
+
+@asynccontextmanager
+async def forwarder(
+    url: str, default_port: int
+) -> AsyncIterator[tuple[str, Callable[[], Awaitable[None]]]]:
+    """``url`` reached through a local TCP forwarder: (the URL through it, cut).
+
+    Cutting drops every forwarded connection and stops listening, so the
+    broker looks down: reconnecting is refused until the test ends.
+    """
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or default_port
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    local_port = listener.extra(anyio.abc.SocketAttribute.local_port)
+
+    async def pipe(client: anyio.abc.SocketStream) -> None:
+        async with client, await anyio.connect_tcp(host, port) as upstream:
+
+            async def copy(a: anyio.abc.SocketStream, b: anyio.abc.SocketStream) -> None:
+                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                    async for chunk in a:
+                        await b.send(chunk)
+                await b.send_eof()
+
+            async with anyio.create_task_group() as both:
+                both.start_soon(copy, client, upstream)
+                both.start_soon(copy, upstream, client)
+
+    # Its own scope: cancelling the task group itself would cancel the test's body too.
+    scope, closed = anyio.CancelScope(), anyio.Event()
+
+    async def serve() -> None:
+        try:
+            with scope:
+                async with listener:
+                    await listener.serve(pipe)
+        finally:
+            closed.set()
+
+    async def cut() -> None:
+        scope.cancel()  # closes the listener and every connection through it
+        await closed.wait()
+
+    login = f"{parts.username}:{parts.password}@" if parts.password else ""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(serve)
+        yield urlunsplit(parts._replace(netloc=f"{login}127.0.0.1:{local_port}")), cut
+        await cut()
 
 
 def _host_port(url: str, default_port: int) -> str:

@@ -7,6 +7,7 @@ import re
 import traceback
 from collections import Counter
 
+import anyio
 import pytest
 
 from flowcheck.brokers import Adapter
@@ -177,3 +178,24 @@ def test_kits_name_every_channel_with_the_unique_prefix(kit: Kit) -> None:
 def _id(obs: Observation) -> str:
     assert obs.fc_id is not None
     return obs.fc_id
+
+
+async def test_a_tap_that_ends_while_its_broker_is_down_records_the_gap(
+    kit: Kit, adapter: Adapter
+) -> None:
+    """Stopping while the broker is down: the gap runs to the end; nothing is claimed seen."""
+    await adapter.apply()  # reached directly; the taps reach it through what the test cuts
+    memory = Memory()
+    async with kit.outage() as (topology, take_down), Tracer(topology, [memory]) as tracer:
+        ad = tracer.adapters[kit.broker]
+        assert ad.down is None
+        await take_down()
+        with anyio.fail_after(kit.within):
+            while ad.down is None:
+                await ad.down_changed()
+        since, reason = ad.down
+    gaps = of(memory.items, Kind.GAP)
+    assert sorted(g.channel for g in gaps) == sorted(ad.channels())
+    for gap in gaps:
+        assert (gap.mono_ns, gap.until_ns, gap.reason) == (since, None, reason)
+        assert reason
