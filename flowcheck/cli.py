@@ -184,8 +184,12 @@ def record(topology_file: str, out: str, duration: str | None, do_apply: bool) -
             seconds = parse_duration(duration).total_seconds()
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--duration") from None
-    if os.path.exists(out):
+    if os.path.lexists(out):
         click.echo(f"flowcheck: {out} already exists; trace files are never overwritten", err=True)
+        sys.exit(EXIT_USAGE)
+    parent = os.path.dirname(out) or "."
+    if not os.path.isdir(parent):  # say so before connecting (and applying), not after
+        click.echo(f"flowcheck: cannot create {out}: no directory {parent}", err=True)
         sys.exit(EXIT_USAGE)
     console = Console(stderr=True)
 

@@ -19,7 +19,7 @@ from typing import IO, Any, Literal
 import msgspec
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from flowcheck.errors import FlowcheckError
+from flowcheck.errors import FlowcheckError, UsageError
 from flowcheck.observations import Observation, decode, encode
 
 FORMAT = "flowcheck-trace"
@@ -60,7 +60,12 @@ class Writer:
     def __init__(self, path: str, header: Header) -> None:
         self.path = path
         self.count = 0
-        self._fh: IO[bytes] = open(path, "xb")  # noqa: SIM115 - closed in close()
+        try:
+            self._fh: IO[bytes] = open(path, "xb")  # noqa: SIM115 - closed in close()
+        except FileExistsError:  # a dangling symlink too: never written through
+            raise UsageError(f"{path} already exists; trace files are never overwritten") from None
+        except OSError as exc:
+            raise UsageError(f"cannot create the trace file {path}: {exc.strerror}") from None
         self._fh.write(header.model_dump_json().encode() + b"\n")
         self._last_flush = time.monotonic()
         self.flush()

@@ -187,6 +187,21 @@ def test_record_usage_errors(tmp_path: Path, topology_file: Path) -> None:
     assert "not a duration" in result.output
 
 
+def test_record_out_that_cannot_be_created(tmp_path: Path, topology_file: Path) -> None:
+    runner = CliRunner()
+    missing = tmp_path / "missing" / "t.jsonl"
+    result = runner.invoke(cli, ["record", str(topology_file), "--out", str(missing)])
+    assert result.exit_code == 2, result.output
+    assert f"cannot create {missing}: no directory {missing.parent}" in result.output
+
+    dangling = tmp_path / "dangling.jsonl"
+    dangling.symlink_to(tmp_path / "elsewhere.jsonl")
+    result = runner.invoke(cli, ["record", str(topology_file), "--out", str(dangling)])
+    assert result.exit_code == 2, result.output
+    assert "never overwritten" in result.output
+    assert not (tmp_path / "elsewhere.jsonl").exists()
+
+
 def test_record_unreachable_broker_exits_3(tmp_path: Path, unique: str) -> None:
     path = tmp_path / "t.yaml"
     path.write_text(
