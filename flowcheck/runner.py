@@ -17,7 +17,7 @@ import anyio
 
 from flowcheck.checker import Checker, Verdict
 from flowcheck.checker._engine import DEFAULT_WINDOW, GRACE_NS
-from flowcheck.errors import leaf
+from flowcheck.errors import UsageError, leaf
 from flowcheck.observations import Kind, Observation, now
 from flowcheck.recorder import apply_all
 from flowcheck.scenario import Scenario, messages
@@ -68,8 +68,11 @@ async def _run(
     for m in plan:
         if not topology.flows[m.flow].correlate.traceparent:
             expected.setdefault(m.flow, set()).add(m.key)
+    try:  # before declaring anything on the brokers
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the report directory {out_dir}: {exc.strerror}") from None
     drift = [str(d) for d in await apply_all(topology)] if apply else []
-    os.makedirs(out_dir, exist_ok=True)
     trace = os.path.join(out_dir, f"trace-{run_id}.jsonl")
     mono, wall = now()
     header = Header(

@@ -234,3 +234,11 @@ def test_main_module_runs() -> None:
     )
     assert proc.returncode == 0
     assert "flowcheck" in proc.stdout
+
+
+def test_run_report_dir_that_cannot_be_created(tmp_path: Path, topology_file: Path) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("a file, not a directory")
+    result = CliRunner().invoke(cli, ["run", str(topology_file), "--report-dir", str(taken)])
+    assert result.exit_code == 2, result.output
+    assert f"cannot create the report directory {taken}: File exists" in result.output
