@@ -238,6 +238,9 @@ def record(topology_file: str, out: str, duration: str | None, do_apply: bool) -
     except FlowcheckError as exc:
         click.echo(f"flowcheck: {exc}", err=True)
         sys.exit(EXIT_USAGE if isinstance(exc, (UsageError, MissingDependency)) else EXIT_INFRA)
+    if not os.path.exists(out):
+        click.echo("stopped before the taps were watching; nothing recorded, no trace written")
+        return
     if live is None:
         console.print(table(counts))
     click.echo(f"{sum(counts.values())} observations written to {out}")

@@ -6,6 +6,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -210,10 +211,47 @@ brokers: {{r: {{kind: rabbitmq, url: "amqp://guest:s3cret@127.0.0.1:1/"}}}}
 channels: {{q: {{broker: r, kind: queue, name: {unique}.q}}}}
 """
     )
-    result = CliRunner().invoke(cli, ["record", str(path), "--out", str(tmp_path / "t.jsonl")])
+    out = tmp_path / "t.jsonl"
+    result = CliRunner().invoke(cli, ["record", str(path), "--out", str(out)])
     assert result.exit_code == 3, result.output
     assert "cannot reach RabbitMQ" in result.output
     assert "s3cret" not in result.output
+    # Nothing was recorded: no header-only file to refuse the retry with "already exists".
+    assert not out.exists()
+
+
+def test_record_ctrl_c_while_connecting_stops_at_once(tmp_path: Path, unique: str) -> None:
+    # A broker that accepts the connection and never answers: connecting hangs.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        path = tmp_path / "t.yaml"
+        path.write_text(
+            f"""
+brokers: {{r: {{kind: rabbitmq, url: "amqp://guest:guest@127.0.0.1:{port}/"}}}}
+channels: {{q: {{broker: r, kind: queue, name: {unique}.q}}}}
+"""
+        )
+        out = tmp_path / "t.jsonl"
+        proc = subprocess.Popen(
+            [*FLOWCHECK, "record", str(path), "--out", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            silent.settimeout(30)
+            conn, _ = silent.accept()  # the recorder is connecting now
+            with conn:
+                proc.send_signal(signal.SIGINT)
+                stdout, stderr = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    # Not "cannot reach RabbitMQ" after the client's own connect timeout.
+    assert proc.returncode == 0, stderr
+    assert "nothing recorded" in stdout
+    assert "Traceback" not in stderr
+    assert not out.exists()
 
 
 def test_inspect_damaged_and_foreign_files(tmp_path: Path) -> None:
