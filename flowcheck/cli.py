@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from flowcheck.observations import Observation
     from flowcheck.runner import Outcome
     from flowcheck.timeline import Timeline
-from flowcheck.errors import FlowcheckError, MissingDependency, Problem, UsageError
+from flowcheck.errors import FlowcheckError, MissingDependency, Problem, UsageError, leaf
 from flowcheck.topology import Topology, check_file
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INFRA = 0, 1, 2, 3
@@ -456,13 +456,18 @@ def run(topology_file: str, scenario_file: str | None, report_dir: str, no_apply
     """Apply TOPOLOGY, tap it, publish a scenario, wait for every chain, check, report.
 
     Exit codes: 0 every flow passed, 1 a check failed, 2 bad usage or an
-    invalid topology or scenario, 3 a broker could not be reached or refused.
+    invalid topology or scenario, 3 a broker could not be reached or refused,
+    130 or 143 interrupted by Ctrl-C or SIGTERM (no verdict; the trace is kept).
     """
+    import os
+    import signal
+
     import anyio
     from rich.console import Console
 
     from flowcheck import scenario as scenarios
     from flowcheck.errors import TopologyError
+    from flowcheck.runner import new_run_id
     from flowcheck.runner import run as run_scenario
 
     topology = _load_or_exit(topology_file)
@@ -484,15 +489,37 @@ def run(topology_file: str, scenario_file: str | None, report_dir: str, no_apply
         sys.exit(EXIT_USAGE)
     console = Console(stderr=True, highlight=False)
 
-    async def main() -> Outcome:
-        return await run_scenario(
-            topology,
-            scenario,
-            report_dir,
-            topology_path=topology_file,
-            apply=not no_apply,
-            progress=lambda line: console.print(f"flowcheck: {line}"),
-        )
+    run_id = new_run_id()
+    trace = os.path.join(report_dir, f"trace-{run_id}.jsonl")
+    caught: list[int] = []
+
+    async def main() -> Outcome | None:
+        # Ctrl-C or SIGTERM ends the run early; the trace is closed whole, as record does.
+        try:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async with anyio.create_task_group() as tg:
+
+                    async def interrupt() -> None:
+                        async for signum in signals:
+                            caught.append(signum)
+                            tg.cancel_scope.cancel()
+                            return
+
+                    tg.start_soon(interrupt)
+                    outcome = await run_scenario(
+                        topology,
+                        scenario,
+                        report_dir,
+                        topology_path=topology_file,
+                        apply=not no_apply,
+                        progress=lambda line: console.print(f"flowcheck: {line}"),
+                        run_id=run_id,
+                    )
+                    tg.cancel_scope.cancel()
+                    return outcome
+        except BaseExceptionGroup as group:
+            raise leaf(group) from None
+        return None
 
     try:
         outcome = anyio.run(main)
@@ -502,6 +529,16 @@ def run(topology_file: str, scenario_file: str | None, report_dir: str, no_apply
     except FlowcheckError as exc:
         click.echo(f"flowcheck: {exc}", err=True)
         sys.exit(EXIT_INFRA)
+    if outcome is None:
+        # Undecided chains are not lost ones: no verdict, but the trace can be checked.
+        name = signal.Signals(caught[0]).name if caught else "a signal"
+        left = (
+            f"the trace so far: {trace} (flowcheck check {topology_file} {trace})"
+            if os.path.exists(trace)
+            else "nothing was published"
+        )
+        click.echo(f"flowcheck: interrupted by {name}: no verdict, no reports; {left}", err=True)
+        sys.exit(128 + (caught[0] if caught else signal.SIGINT))
     for d in outcome.drift:
         click.echo(f"flowcheck: warning: drift: {d}", err=True)
     _report(outcome.verdict, report_dir, outcome.trace)

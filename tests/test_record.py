@@ -280,3 +280,41 @@ def test_run_report_dir_that_cannot_be_created(tmp_path: Path, topology_file: Pa
     result = CliRunner().invoke(cli, ["run", str(topology_file), "--report-dir", str(taken)])
     assert result.exit_code == 2, result.output
     assert f"cannot create the report directory {taken}: File exists" in result.output
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_run_interrupted_gives_no_verdict_and_keeps_the_trace(
+    tmp_path: Path, topology_file: Path, signum: signal.Signals
+) -> None:
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text("send: [{flow: order, routing_key: order.placed}]\n")  # 'ship' never comes
+    reports = tmp_path / "reports"
+    args = ["run", str(topology_file), "--scenario", str(scenario), "--report-dir", str(reports)]
+    proc = subprocess.Popen(
+        [*FLOWCHECK, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        while not any("published; waiting" in line for line in lines):
+            readable, _, _ = select.select([proc.stderr], [], [], 30)
+            assert readable, f"run did not publish within 30s: {lines}"
+            lines.append(proc.stderr.readline())
+            assert lines[-1], f"run ended early: {lines}"
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=30)  # not the flow's 1m window
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        anyio.run(_cleanup, topology_file.read_text())
+    assert proc.returncode == 128 + signum, stdout + stderr
+    assert f"interrupted by {signum.name}: no verdict" in stderr
+    assert "Traceback" not in stderr
+    assert not (reports / "verdict.json").exists()  # undecided chains are not reported lost
+    (trace,) = reports.glob("trace-*.jsonl")
+    reader = Reader(str(trace))
+    assert [o.kind.value for o in reader if o.channel == "orders"].count("published") == 1
+    assert reader.problems == []
