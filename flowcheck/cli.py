@@ -420,6 +420,13 @@ def check(topology_file: str, trace_file: str, report_dir: str | None) -> None:
     topology = _load_or_exit(topology_file)
     try:
         reader = Reader(trace_file)
+        recorded = reader.header.topology
+        if None not in (recorded, topology.name) and recorded != topology.name:
+            # Its channels are not this topology's: every flow would pass, having seen nothing.
+            raise TraceError(
+                f"{trace_file} was recorded from topology {recorded!r}, "
+                f"not {topology_file} ({topology.name!r})"
+            )
         if reader.header.topology_sha256 not in (None, topology_hash(topology_file)):
             click.echo(
                 f"flowcheck: warning: {trace_file} was recorded with a different version of {topology_file}",

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from flowcheck.cli import cli
 from flowcheck.recorder import record
 from flowcheck.topology import loads
-from flowcheck.trace import Reader
+from flowcheck.trace import Header, Reader, Writer, topology_hash
 
 FLOWCHECK = [sys.executable, "-m", "flowcheck"]
 
@@ -318,3 +318,42 @@ def test_run_interrupted_gives_no_verdict_and_keeps_the_trace(
     reader = Reader(str(trace))
     assert [o.kind.value for o in reader if o.channel == "orders"].count("published") == 1
     assert reader.problems == []
+
+
+def test_check_refuses_a_trace_of_another_topology(tmp_path: Path) -> None:
+    def topology(name: str) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(
+            f"""
+name: {name}
+brokers: {{r: {{kind: rabbitmq}}}}
+channels: {{q: {{broker: r, kind: queue}}}}
+flows: {{f: {{correlate: $.id, steps: [q]}}}}
+"""
+        )
+        return path
+
+    recorded = topology("recorded")
+    trace = tmp_path / "t.jsonl"
+    header = Header(
+        topology="recorded",
+        topology_sha256=topology_hash(str(recorded)),
+        started=0.0,
+        started_mono_ns=0,
+    )
+    with Writer(str(trace), header):
+        pass
+    runner = CliRunner()
+    result = runner.invoke(cli, ["check", str(recorded), str(trace)])
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.output
+
+    recorded.write_text(recorded.read_text() + "# edited\n")
+    result = runner.invoke(cli, ["check", str(recorded), str(trace)])
+    assert result.exit_code == 0, result.output
+    assert "recorded with a different version of" in result.output
+
+    result = runner.invoke(cli, ["check", str(topology("other")), str(trace)])
+    assert result.exit_code == 2, result.output
+    assert "was recorded from topology 'recorded', not" in result.output
+    assert "PASS" not in result.output
