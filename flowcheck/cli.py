@@ -253,7 +253,13 @@ def record(topology_file: str, out: str, duration: str | None, do_apply: bool) -
 @click.option("--channel", help="Only observations on this channel.")
 @click.option("--since", help="Only after this long into the recording (e.g. 10s).")
 @click.option("--until", help="Only before this long into the recording (e.g. 1m).")
-@click.option("--limit", default=50, show_default=True, help="Print at most this many chains.")
+@click.option(
+    "--limit",
+    default=50,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Print at most this many chains.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a timeline.")
 def inspect(
     trace_file: str,
@@ -292,6 +298,11 @@ def inspect(
         since_ns=ns(since, "--since"),
         until_ns=ns(until, "--until"),
     )
+    if filt.since_ns is not None and filt.until_ns is not None and filt.since_ns > filt.until_ns:
+        raise click.BadParameter(
+            f"--since {since} is after --until {until}: no observation can match",
+            param_hint="--since/--until",
+        )
     try:
         reader = Reader(trace_file)
         start = reader.header.started_mono_ns

@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from flowcheck.cli import cli
+from flowcheck.observations import Kind, Observation
 from flowcheck.recorder import record
 from flowcheck.topology import loads
 from flowcheck.trace import Header, Reader, Writer, topology_hash
@@ -357,3 +358,33 @@ flows: {{f: {{correlate: $.id, steps: [q]}}}}
     assert result.exit_code == 2, result.output
     assert "was recorded from topology 'recorded', not" in result.output
     assert "PASS" not in result.output
+
+
+def test_inspect_refuses_filters_that_drop_chains_silently(tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    with Writer(str(trace), Header(started=0.0, started_mono_ns=0, topology="t")) as writer:
+        for i in range(3):
+            writer.write(
+                Observation(
+                    kind=Kind.ROUTED,
+                    broker="r",
+                    channel="q",
+                    mono_ns=(i + 1) * 1_000_000_000,
+                    wall=1.0,
+                    keys={"f": f"k{i}"},
+                )
+            )
+    runner = CliRunner()
+    result = runner.invoke(cli, ["inspect", str(trace), "--limit", "-1"])
+    assert result.exit_code == 2, result.output  # it printed all chains but the last
+    assert "--limit" in result.output
+
+    result = runner.invoke(cli, ["inspect", str(trace), "--since", "3s", "--until", "1s"])
+    assert result.exit_code == 2, result.output
+    assert "--since 3s is after --until 1s" in result.output
+
+    result = runner.invoke(cli, ["inspect", str(trace), "--since", "2s", "--until", "2s"])
+    assert result.exit_code == 0, result.output
+    assert "f key k1" in result.output
+    assert "k0" not in result.output
+    assert "k2" not in result.output
