@@ -388,3 +388,26 @@ def test_inspect_refuses_filters_that_drop_chains_silently(tmp_path: Path) -> No
     assert "f key k1" in result.output
     assert "k0" not in result.output
     assert "k2" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "is a directory, not a scenario file"),
+        ("", "this file is empty; a scenario needs at least 'send'"),
+        ("# nothing yet\n", "this file holds only comments; a scenario needs 'send'"),
+        ("---\n", "this file holds an empty document; a scenario needs 'send'"),
+    ],
+)
+def test_run_names_a_bad_scenario_as_a_scenario(
+    tmp_path: Path, topology_file: Path, content: str | None, expected: str
+) -> None:
+    scenario = tmp_path / "scenario.yaml"
+    if content is None:
+        scenario.mkdir()
+    else:
+        scenario.write_text(content)
+    result = CliRunner().invoke(cli, ["run", str(topology_file), "--scenario", str(scenario)])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+    assert "topology" not in result.output
