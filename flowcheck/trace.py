@@ -25,6 +25,7 @@ from flowcheck.observations import Observation, decode, encode
 FORMAT = "flowcheck-trace"
 VERSION = 1
 FLUSH_EVERY = 1.0  # seconds
+MAX_HEADER = 1024 * 1024  # bytes; a real header is under 1 KiB
 
 CLOCKS = {
     "mono_ns": "time.monotonic_ns() of the recording process; use for latency",
@@ -119,7 +120,7 @@ class Reader:
     def __post_init__(self) -> None:
         try:
             with open(self.path, "rb") as fh:
-                first = fh.readline()
+                first = fh.readline(MAX_HEADER)  # a big file without newlines is not read whole
         except FileNotFoundError:
             raise TraceError(f"{self.path}: no such trace file") from None
         except OSError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +153,16 @@ def test_every_damaged_line_is_named_and_the_rest_kept(tmp_path: Path) -> None:
         (34, "channel: expected `str`, got `int`"),
     ]
     assert reader.count == 37
+
+
+def test_a_big_file_without_newlines_is_not_read_whole(tmp_path: Path) -> None:
+    path = tmp_path / "dump.bin"
+    path.write_bytes(b"x" * (32 * 1024 * 1024))
+    tracemalloc.start()
+    try:
+        with pytest.raises(TraceError, match="not a flowcheck trace"):
+            Reader(str(path))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024  # the header's limit, not the file's size
