@@ -411,3 +411,19 @@ def test_run_names_a_bad_scenario_as_a_scenario(
     assert result.exit_code == 2, result.output
     assert expected in result.output
     assert "topology" not in result.output
+
+
+def test_record_unreachable_redis_hides_a_password_in_the_query(
+    tmp_path: Path, unique: str
+) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(
+        f"""
+brokers: {{rd: {{kind: redis, url: "redis://127.0.0.1:1/0?password=s3cret"}}}}
+channels: {{s: {{broker: rd, kind: stream, name: {unique}.s}}}}
+"""
+    )
+    result = CliRunner().invoke(cli, ["record", str(path), "--out", str(tmp_path / "t.jsonl")])
+    assert result.exit_code == 3, result.output
+    assert "cannot reach Redis at redis://127.0.0.1:1/0?password=***" in result.output
+    assert "s3cret" not in result.output
