@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from flowcheck.observations import Observation
     from flowcheck.runner import Outcome
     from flowcheck.timeline import Timeline
-from flowcheck.errors import FlowcheckError, MissingDependency, Problem, UsageError
+from flowcheck.errors import FlowcheckError, MissingDependency, Problem, UsageError, leaf
 from flowcheck.topology import Topology, check_file
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INFRA = 0, 1, 2, 3
@@ -184,8 +184,12 @@ def record(topology_file: str, out: str, duration: str | None, do_apply: bool) -
             seconds = parse_duration(duration).total_seconds()
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--duration") from None
-    if os.path.exists(out):
+    if os.path.lexists(out):
         click.echo(f"flowcheck: {out} already exists; trace files are never overwritten", err=True)
+        sys.exit(EXIT_USAGE)
+    parent = os.path.dirname(out) or "."
+    if not os.path.isdir(parent):  # say so before connecting (and applying), not after
+        click.echo(f"flowcheck: cannot create {out}: no directory {parent}", err=True)
         sys.exit(EXIT_USAGE)
     console = Console(stderr=True)
 
@@ -234,6 +238,9 @@ def record(topology_file: str, out: str, duration: str | None, do_apply: bool) -
     except FlowcheckError as exc:
         click.echo(f"flowcheck: {exc}", err=True)
         sys.exit(EXIT_USAGE if isinstance(exc, (UsageError, MissingDependency)) else EXIT_INFRA)
+    if not os.path.exists(out):
+        click.echo("stopped before the taps were watching; nothing recorded, no trace written")
+        return
     if live is None:
         console.print(table(counts))
     click.echo(f"{sum(counts.values())} observations written to {out}")
@@ -246,7 +253,13 @@ def record(topology_file: str, out: str, duration: str | None, do_apply: bool) -
 @click.option("--channel", help="Only observations on this channel.")
 @click.option("--since", help="Only after this long into the recording (e.g. 10s).")
 @click.option("--until", help="Only before this long into the recording (e.g. 1m).")
-@click.option("--limit", default=50, show_default=True, help="Print at most this many chains.")
+@click.option(
+    "--limit",
+    default=50,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Print at most this many chains.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a timeline.")
 def inspect(
     trace_file: str,
@@ -285,6 +298,11 @@ def inspect(
         since_ns=ns(since, "--since"),
         until_ns=ns(until, "--until"),
     )
+    if filt.since_ns is not None and filt.until_ns is not None and filt.since_ns > filt.until_ns:
+        raise click.BadParameter(
+            f"--since {since} is after --until {until}: no observation can match",
+            param_hint="--since/--until",
+        )
     try:
         reader = Reader(trace_file)
         start = reader.header.started_mono_ns
@@ -413,6 +431,13 @@ def check(topology_file: str, trace_file: str, report_dir: str | None) -> None:
     topology = _load_or_exit(topology_file)
     try:
         reader = Reader(trace_file)
+        recorded = reader.header.topology
+        if None not in (recorded, topology.name) and recorded != topology.name:
+            # Its channels are not this topology's: every flow would pass, having seen nothing.
+            raise TraceError(
+                f"{trace_file} was recorded from topology {recorded!r}, "
+                f"not {topology_file} ({topology.name!r})"
+            )
         if reader.header.topology_sha256 not in (None, topology_hash(topology_file)):
             click.echo(
                 f"flowcheck: warning: {trace_file} was recorded with a different version of {topology_file}",
@@ -449,13 +474,18 @@ def run(topology_file: str, scenario_file: str | None, report_dir: str, no_apply
     """Apply TOPOLOGY, tap it, publish a scenario, wait for every chain, check, report.
 
     Exit codes: 0 every flow passed, 1 a check failed, 2 bad usage or an
-    invalid topology or scenario, 3 a broker could not be reached or refused.
+    invalid topology or scenario, 3 a broker could not be reached or refused,
+    130 or 143 interrupted by Ctrl-C or SIGTERM (no verdict; the trace is kept).
     """
+    import os
+    import signal
+
     import anyio
     from rich.console import Console
 
     from flowcheck import scenario as scenarios
     from flowcheck.errors import TopologyError
+    from flowcheck.runner import new_run_id
     from flowcheck.runner import run as run_scenario
 
     topology = _load_or_exit(topology_file)
@@ -477,15 +507,37 @@ def run(topology_file: str, scenario_file: str | None, report_dir: str, no_apply
         sys.exit(EXIT_USAGE)
     console = Console(stderr=True, highlight=False)
 
-    async def main() -> Outcome:
-        return await run_scenario(
-            topology,
-            scenario,
-            report_dir,
-            topology_path=topology_file,
-            apply=not no_apply,
-            progress=lambda line: console.print(f"flowcheck: {line}"),
-        )
+    run_id = new_run_id()
+    trace = os.path.join(report_dir, f"trace-{run_id}.jsonl")
+    caught: list[int] = []
+
+    async def main() -> Outcome | None:
+        # Ctrl-C or SIGTERM ends the run early; the trace is closed whole, as record does.
+        try:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async with anyio.create_task_group() as tg:
+
+                    async def interrupt() -> None:
+                        async for signum in signals:
+                            caught.append(signum)
+                            tg.cancel_scope.cancel()
+                            return
+
+                    tg.start_soon(interrupt)
+                    outcome = await run_scenario(
+                        topology,
+                        scenario,
+                        report_dir,
+                        topology_path=topology_file,
+                        apply=not no_apply,
+                        progress=lambda line: console.print(f"flowcheck: {line}"),
+                        run_id=run_id,
+                    )
+                    tg.cancel_scope.cancel()
+                    return outcome
+        except BaseExceptionGroup as group:
+            raise leaf(group) from None
+        return None
 
     try:
         outcome = anyio.run(main)
@@ -495,6 +547,16 @@ def run(topology_file: str, scenario_file: str | None, report_dir: str, no_apply
     except FlowcheckError as exc:
         click.echo(f"flowcheck: {exc}", err=True)
         sys.exit(EXIT_INFRA)
+    if outcome is None:
+        # Undecided chains are not lost ones: no verdict, but the trace can be checked.
+        name = signal.Signals(caught[0]).name if caught else "a signal"
+        left = (
+            f"the trace so far: {trace} (flowcheck check {topology_file} {trace})"
+            if os.path.exists(trace)
+            else "nothing was published"
+        )
+        click.echo(f"flowcheck: interrupted by {name}: no verdict, no reports; {left}", err=True)
+        sys.exit(128 + (caught[0] if caught else signal.SIGINT))
     for d in outcome.drift:
         click.echo(f"flowcheck: warning: drift: {d}", err=True)
     _report(outcome.verdict, report_dir, outcome.trace)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections import Counter
@@ -48,16 +49,30 @@ async def record(
 
     ``on_ready`` is called once every tap is watching. Returns the number of
     observations per channel. The trace file is complete and flushed when this
-    returns, whatever stopped it.
+    returns, whatever stopped it. A stop before every tap is watching abandons
+    connecting; then, as after an error that early, no trace file is left.
     """
     stop = stop or anyio.Event()
+    connected = anyio.Event()
+    counts: Counter[str] = Counter()
     try:
         async with anyio.create_task_group() as signals:
-            # Catch Ctrl-C from the very start, so even a stop while connecting is clean.
+            # Catch Ctrl-C from the very start: before the taps watch, it abandons connecting.
             await signals.start(_signals, stop)
-            counts = await _record(
-                topology, out, topology_path, duration, apply, on_tick, on_ready, stop
-            )
+            with anyio.CancelScope() as connecting:
+                signals.start_soon(_abandon, stop, connected, connecting)
+                await _record(
+                    topology,
+                    out,
+                    topology_path,
+                    duration,
+                    apply,
+                    on_tick,
+                    on_ready,
+                    stop,
+                    connected,
+                    counts,
+                )
             signals.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise leaf(group) from None
@@ -73,7 +88,9 @@ async def _record(
     on_tick: Callable[[Counter[str]], None] | None,
     on_ready: Callable[[], None] | None,
     stop: anyio.Event,
-) -> Counter[str]:
+    connected: anyio.Event,
+    counts: Counter[str],
+) -> None:
     drift = await apply_all(topology) if apply else []
     mono, wall = now()
     header = Header(
@@ -82,33 +99,46 @@ async def _record(
         started=wall,
         started_mono_ns=mono,
     )
-    with Writer(out, header) as writer:
-        for d in drift:
-            writer.write(
-                Observation(
-                    kind=Kind.DRIFT,
-                    broker=topology.channels[d.channel].broker,
-                    channel=d.channel,
-                    mono_ns=mono,
-                    wall=wall,
-                    reason=str(d),
+    writer = Writer(out, header)
+    try:
+        with writer:
+            for d in drift:
+                writer.write(
+                    Observation(
+                        kind=Kind.DRIFT,
+                        broker=topology.channels[d.channel].broker,
+                        channel=d.channel,
+                        mono_ns=mono,
+                        wall=wall,
+                        reason=str(d),
+                    )
                 )
-            )
-        tracer = Tracer(topology, [writer.write])
-        async with tracer:
-            if on_ready is not None:
-                on_ready()
-            deadline = None if duration is None else time.monotonic() + duration
-            while not stop.is_set():
-                with anyio.move_on_after(TICK):
-                    await stop.wait()
-                if writer.due():
-                    writer.flush()
-                if on_tick is not None:
-                    on_tick(tracer.counts)
-                if deadline is not None and time.monotonic() >= deadline:
-                    stop.set()
-        return tracer.counts
+            tracer = Tracer(topology, [writer.write, lambda o: counts.update((o.channel,))])
+            async with tracer:
+                connected.set()
+                if on_ready is not None:
+                    on_ready()
+                deadline = None if duration is None else time.monotonic() + duration
+                while not stop.is_set():
+                    with anyio.move_on_after(TICK):
+                        await stop.wait()
+                    if writer.due():
+                        writer.flush()
+                    if on_tick is not None:
+                        on_tick(counts)
+                    if deadline is not None and time.monotonic() >= deadline:
+                        stop.set()
+    except BaseException:
+        # A recording that never began leaves no file: a header alone would block the retry.
+        if not connected.is_set() and writer.count == 0:
+            os.remove(out)
+        raise
+
+
+async def _abandon(stop: anyio.Event, connected: anyio.Event, scope: anyio.CancelScope) -> None:
+    await stop.wait()
+    if not connected.is_set():
+        scope.cancel()
 
 
 async def _signals(

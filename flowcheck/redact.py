@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 MASK = "***"
 
@@ -14,13 +14,17 @@ SECRET_NAME = re.compile(r"pass|secret|token|auth|credential|api[-_]?key|cookie|
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***``; user and host stay readable."""
+    """Return ``url`` with any password (also in its query) replaced by ``***``.
+
+    User and host stay readable.
+    """
     try:
         parts = urlsplit(url)
     except ValueError:
         return MASK
+    query = _redact_query(parts.query)
     if parts.password is None:
-        return url
+        return url if query == parts.query else urlunsplit(parts._replace(query=query))
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
@@ -29,7 +33,16 @@ def redact_url(url: str) -> str:
     except ValueError:
         port = None
     netloc = f"{parts.username or ''}:{MASK}@{host}" + (f":{port}" if port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _redact_query(query: str) -> str:
+    """Mask credential-like parameters: redis-py reads ``?password=`` as the password."""
+    pairs = []
+    for pair in query.split("&") if query else []:
+        name, eq, _ = pair.partition("=")
+        pairs.append(f"{name}={MASK}" if eq and is_secret_name(unquote_plus(name)) else pair)
+    return "&".join(pairs)
 
 
 @functools.lru_cache(maxsize=4096)  # header names repeat on every message

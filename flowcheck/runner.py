@@ -17,7 +17,7 @@ import anyio
 
 from flowcheck.checker import Checker, Verdict
 from flowcheck.checker._engine import DEFAULT_WINDOW, GRACE_NS
-from flowcheck.errors import leaf
+from flowcheck.errors import UsageError, leaf
 from flowcheck.observations import Kind, Observation, now
 from flowcheck.recorder import apply_all
 from flowcheck.scenario import Scenario, messages
@@ -44,10 +44,18 @@ async def run(
     topology_path: str | None = None,
     apply: bool = True,
     progress: Callable[[str], None] | None = None,
+    run_id: str | None = None,
 ) -> Outcome:
+    """The trace goes to ``out_dir``/trace-``run_id``.jsonl (``run_id`` default: random)."""
     try:
         return await _run(
-            topology, scenario, out_dir, topology_path, apply, progress or (lambda _: None)
+            topology,
+            scenario,
+            out_dir,
+            topology_path,
+            apply,
+            progress or (lambda _: None),
+            run_id or new_run_id(),
         )
     except BaseExceptionGroup as group:
         raise leaf(group) from None
@@ -60,16 +68,19 @@ async def _run(
     topology_path: str | None,
     apply: bool,
     say: Callable[[str], None],
+    run_id: str,
 ) -> Outcome:
-    run_id = uuid.uuid4().hex[:8]
     plan = list(messages(scenario, topology, run_id))
     # Keys known before publishing (all rules but traceparent): a missing one was never published.
     expected: dict[str, set[str]] = {}
     for m in plan:
         if not topology.flows[m.flow].correlate.traceparent:
             expected.setdefault(m.flow, set()).add(m.key)
+    try:  # before declaring anything on the brokers
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the report directory {out_dir}: {exc.strerror}") from None
     drift = [str(d) for d in await apply_all(topology)] if apply else []
-    os.makedirs(out_dir, exist_ok=True)
     trace = os.path.join(out_dir, f"trace-{run_id}.jsonl")
     mono, wall = now()
     header = Header(
@@ -124,6 +135,10 @@ async def _run(
     cut_short = scenario.timeout is not None and scenario.timeout < window
     verdict = checker.finish(end_ns=end if cut_short else end + window_ns(topology))
     return Outcome(verdict=verdict, trace=trace, published=len(plan), drift=drift)
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:8]
 
 
 def window_ns(topology: Topology) -> int:

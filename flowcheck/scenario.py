@@ -70,7 +70,7 @@ class Message:
 
 def load(path: str, topology: Topology) -> Scenario:
     """Read and check a scenario file against ``topology``; TopologyError lists every problem."""
-    doc = _yaml.read(path)
+    doc = _yaml.read(path, what="scenario")
     scenario = None
     if doc.data is not None:
         try:

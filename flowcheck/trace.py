@@ -19,12 +19,13 @@ from typing import IO, Any, Literal
 import msgspec
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from flowcheck.errors import FlowcheckError
+from flowcheck.errors import FlowcheckError, UsageError
 from flowcheck.observations import Observation, decode, encode
 
 FORMAT = "flowcheck-trace"
 VERSION = 1
 FLUSH_EVERY = 1.0  # seconds
+MAX_HEADER = 1024 * 1024  # bytes; a real header is under 1 KiB
 
 CLOCKS = {
     "mono_ns": "time.monotonic_ns() of the recording process; use for latency",
@@ -60,7 +61,12 @@ class Writer:
     def __init__(self, path: str, header: Header) -> None:
         self.path = path
         self.count = 0
-        self._fh: IO[bytes] = open(path, "xb")  # noqa: SIM115 - closed in close()
+        try:
+            self._fh: IO[bytes] = open(path, "xb")  # noqa: SIM115 - closed in close()
+        except FileExistsError:  # a dangling symlink too: never written through
+            raise UsageError(f"{path} already exists; trace files are never overwritten") from None
+        except OSError as exc:
+            raise UsageError(f"cannot create the trace file {path}: {exc.strerror}") from None
         self._fh.write(header.model_dump_json().encode() + b"\n")
         self._last_flush = time.monotonic()
         self.flush()
@@ -114,7 +120,7 @@ class Reader:
     def __post_init__(self) -> None:
         try:
             with open(self.path, "rb") as fh:
-                first = fh.readline()
+                first = fh.readline(MAX_HEADER)  # a big file without newlines is not read whole
         except FileNotFoundError:
             raise TraceError(f"{self.path}: no such trace file") from None
         except OSError as exc:

@@ -6,6 +6,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -17,9 +18,10 @@ import pytest
 from click.testing import CliRunner
 
 from flowcheck.cli import cli
+from flowcheck.observations import Kind, Observation
 from flowcheck.recorder import record
 from flowcheck.topology import loads
-from flowcheck.trace import Reader
+from flowcheck.trace import Header, Reader, Writer, topology_hash
 
 FLOWCHECK = [sys.executable, "-m", "flowcheck"]
 
@@ -187,6 +189,21 @@ def test_record_usage_errors(tmp_path: Path, topology_file: Path) -> None:
     assert "not a duration" in result.output
 
 
+def test_record_out_that_cannot_be_created(tmp_path: Path, topology_file: Path) -> None:
+    runner = CliRunner()
+    missing = tmp_path / "missing" / "t.jsonl"
+    result = runner.invoke(cli, ["record", str(topology_file), "--out", str(missing)])
+    assert result.exit_code == 2, result.output
+    assert f"cannot create {missing}: no directory {missing.parent}" in result.output
+
+    dangling = tmp_path / "dangling.jsonl"
+    dangling.symlink_to(tmp_path / "elsewhere.jsonl")
+    result = runner.invoke(cli, ["record", str(topology_file), "--out", str(dangling)])
+    assert result.exit_code == 2, result.output
+    assert "never overwritten" in result.output
+    assert not (tmp_path / "elsewhere.jsonl").exists()
+
+
 def test_record_unreachable_broker_exits_3(tmp_path: Path, unique: str) -> None:
     path = tmp_path / "t.yaml"
     path.write_text(
@@ -195,10 +212,47 @@ brokers: {{r: {{kind: rabbitmq, url: "amqp://guest:s3cret@127.0.0.1:1/"}}}}
 channels: {{q: {{broker: r, kind: queue, name: {unique}.q}}}}
 """
     )
-    result = CliRunner().invoke(cli, ["record", str(path), "--out", str(tmp_path / "t.jsonl")])
+    out = tmp_path / "t.jsonl"
+    result = CliRunner().invoke(cli, ["record", str(path), "--out", str(out)])
     assert result.exit_code == 3, result.output
     assert "cannot reach RabbitMQ" in result.output
     assert "s3cret" not in result.output
+    # Nothing was recorded: no header-only file to refuse the retry with "already exists".
+    assert not out.exists()
+
+
+def test_record_ctrl_c_while_connecting_stops_at_once(tmp_path: Path, unique: str) -> None:
+    # A broker that accepts the connection and never answers: connecting hangs.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        path = tmp_path / "t.yaml"
+        path.write_text(
+            f"""
+brokers: {{r: {{kind: rabbitmq, url: "amqp://guest:guest@127.0.0.1:{port}/"}}}}
+channels: {{q: {{broker: r, kind: queue, name: {unique}.q}}}}
+"""
+        )
+        out = tmp_path / "t.jsonl"
+        proc = subprocess.Popen(
+            [*FLOWCHECK, "record", str(path), "--out", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            silent.settimeout(30)
+            conn, _ = silent.accept()  # the recorder is connecting now
+            with conn:
+                proc.send_signal(signal.SIGINT)
+                stdout, stderr = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    # Not "cannot reach RabbitMQ" after the client's own connect timeout.
+    assert proc.returncode == 0, stderr
+    assert "nothing recorded" in stdout
+    assert "Traceback" not in stderr
+    assert not out.exists()
 
 
 def test_inspect_damaged_and_foreign_files(tmp_path: Path) -> None:
@@ -219,3 +273,157 @@ def test_main_module_runs() -> None:
     )
     assert proc.returncode == 0
     assert "flowcheck" in proc.stdout
+
+
+def test_run_report_dir_that_cannot_be_created(tmp_path: Path, topology_file: Path) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("a file, not a directory")
+    result = CliRunner().invoke(cli, ["run", str(topology_file), "--report-dir", str(taken)])
+    assert result.exit_code == 2, result.output
+    assert f"cannot create the report directory {taken}: File exists" in result.output
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_run_interrupted_gives_no_verdict_and_keeps_the_trace(
+    tmp_path: Path, topology_file: Path, signum: signal.Signals
+) -> None:
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text("send: [{flow: order, routing_key: order.placed}]\n")  # 'ship' never comes
+    reports = tmp_path / "reports"
+    args = ["run", str(topology_file), "--scenario", str(scenario), "--report-dir", str(reports)]
+    proc = subprocess.Popen(
+        [*FLOWCHECK, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        while not any("published; waiting" in line for line in lines):
+            readable, _, _ = select.select([proc.stderr], [], [], 30)
+            assert readable, f"run did not publish within 30s: {lines}"
+            lines.append(proc.stderr.readline())
+            assert lines[-1], f"run ended early: {lines}"
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=30)  # not the flow's 1m window
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        anyio.run(_cleanup, topology_file.read_text())
+    assert proc.returncode == 128 + signum, stdout + stderr
+    assert f"interrupted by {signum.name}: no verdict" in stderr
+    assert "Traceback" not in stderr
+    assert not (reports / "verdict.json").exists()  # undecided chains are not reported lost
+    (trace,) = reports.glob("trace-*.jsonl")
+    reader = Reader(str(trace))
+    assert [o.kind.value for o in reader if o.channel == "orders"].count("published") == 1
+    assert reader.problems == []
+
+
+def test_check_refuses_a_trace_of_another_topology(tmp_path: Path) -> None:
+    def topology(name: str) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(
+            f"""
+name: {name}
+brokers: {{r: {{kind: rabbitmq}}}}
+channels: {{q: {{broker: r, kind: queue}}}}
+flows: {{f: {{correlate: $.id, steps: [q]}}}}
+"""
+        )
+        return path
+
+    recorded = topology("recorded")
+    trace = tmp_path / "t.jsonl"
+    header = Header(
+        topology="recorded",
+        topology_sha256=topology_hash(str(recorded)),
+        started=0.0,
+        started_mono_ns=0,
+    )
+    with Writer(str(trace), header):
+        pass
+    runner = CliRunner()
+    result = runner.invoke(cli, ["check", str(recorded), str(trace)])
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.output
+
+    recorded.write_text(recorded.read_text() + "# edited\n")
+    result = runner.invoke(cli, ["check", str(recorded), str(trace)])
+    assert result.exit_code == 0, result.output
+    assert "recorded with a different version of" in result.output
+
+    result = runner.invoke(cli, ["check", str(topology("other")), str(trace)])
+    assert result.exit_code == 2, result.output
+    assert "was recorded from topology 'recorded', not" in result.output
+    assert "PASS" not in result.output
+
+
+def test_inspect_refuses_filters_that_drop_chains_silently(tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    with Writer(str(trace), Header(started=0.0, started_mono_ns=0, topology="t")) as writer:
+        for i in range(3):
+            writer.write(
+                Observation(
+                    kind=Kind.ROUTED,
+                    broker="r",
+                    channel="q",
+                    mono_ns=(i + 1) * 1_000_000_000,
+                    wall=1.0,
+                    keys={"f": f"k{i}"},
+                )
+            )
+    runner = CliRunner()
+    result = runner.invoke(cli, ["inspect", str(trace), "--limit", "-1"])
+    assert result.exit_code == 2, result.output  # it printed all chains but the last
+    assert "--limit" in result.output
+
+    result = runner.invoke(cli, ["inspect", str(trace), "--since", "3s", "--until", "1s"])
+    assert result.exit_code == 2, result.output
+    assert "--since 3s is after --until 1s" in result.output
+
+    result = runner.invoke(cli, ["inspect", str(trace), "--since", "2s", "--until", "2s"])
+    assert result.exit_code == 0, result.output
+    assert "f key k1" in result.output
+    assert "k0" not in result.output
+    assert "k2" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "is a directory, not a scenario file"),
+        ("", "this file is empty; a scenario needs at least 'send'"),
+        ("# nothing yet\n", "this file holds only comments; a scenario needs 'send'"),
+        ("---\n", "this file holds an empty document; a scenario needs 'send'"),
+    ],
+)
+def test_run_names_a_bad_scenario_as_a_scenario(
+    tmp_path: Path, topology_file: Path, content: str | None, expected: str
+) -> None:
+    scenario = tmp_path / "scenario.yaml"
+    if content is None:
+        scenario.mkdir()
+    else:
+        scenario.write_text(content)
+    result = CliRunner().invoke(cli, ["run", str(topology_file), "--scenario", str(scenario)])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+    assert "topology" not in result.output
+
+
+def test_record_unreachable_redis_hides_a_password_in_the_query(
+    tmp_path: Path, unique: str
+) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(
+        f"""
+brokers: {{rd: {{kind: redis, url: "redis://127.0.0.1:1/0?password=s3cret"}}}}
+channels: {{s: {{broker: rd, kind: stream, name: {unique}.s}}}}
+"""
+    )
+    result = CliRunner().invoke(cli, ["record", str(path), "--out", str(tmp_path / "t.jsonl")])
+    assert result.exit_code == 3, result.output
+    assert "cannot reach Redis at redis://127.0.0.1:1/0?password=***" in result.output
+    assert "s3cret" not in result.output

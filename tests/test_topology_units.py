@@ -588,6 +588,12 @@ def test_damaged_shop_gives_problems_not_exceptions(data: st.DataObject) -> None
         ("amqp://u:p%40ss@h/?x=1#f", f"amqp://u:{MASK}@h/?x=1#f"),
         ("amqp://u:pw@h:badport/", f"amqp://u:{MASK}@h/"),
         ("http://[::1", MASK),
+        ("redis://h:6379/0?password=pw", f"redis://h:6379/0?password={MASK}"),
+        (
+            "redis://u:pw@h/0?socket_timeout=5&Password=pw2&db=1",
+            f"redis://u:{MASK}@h/0?socket_timeout=5&Password={MASK}&db=1",
+        ),
+        ("amqp://h/?heartbeat=5&x-api%5Fkey=k", f"amqp://h/?heartbeat=5&x-api%5Fkey={MASK}"),
     ],
 )
 def test_redact_url(url: str, expected: str) -> None:

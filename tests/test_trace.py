@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from flowcheck.errors import UsageError
 from flowcheck.observations import PAYLOAD_CAP, Kind, Observation, clean_headers, cut_payload
 from flowcheck.trace import Header, Reader, TraceError, Writer
 
@@ -35,8 +37,18 @@ def test_round_trip(tmp_path: Path) -> None:
 def test_writer_refuses_to_overwrite(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
     _write(path, 1)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(UsageError, match="never overwritten"):
         _write(path, 1)
+    dangling = tmp_path / "dangling.jsonl"
+    dangling.symlink_to(tmp_path / "nowhere.jsonl")
+    with pytest.raises(UsageError, match="never overwritten"):
+        _write(dangling, 1)
+    assert not (tmp_path / "nowhere.jsonl").exists()
+
+
+def test_writer_names_a_trace_it_cannot_create(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"cannot create the trace file .*: No such file"):
+        _write(tmp_path / "missing" / "t.jsonl", 1)
 
 
 def test_truncated_last_line_keeps_the_rest(tmp_path: Path) -> None:
@@ -141,3 +153,16 @@ def test_every_damaged_line_is_named_and_the_rest_kept(tmp_path: Path) -> None:
         (34, "channel: expected `str`, got `int`"),
     ]
     assert reader.count == 37
+
+
+def test_a_big_file_without_newlines_is_not_read_whole(tmp_path: Path) -> None:
+    path = tmp_path / "dump.bin"
+    path.write_bytes(b"x" * (32 * 1024 * 1024))
+    tracemalloc.start()
+    try:
+        with pytest.raises(TraceError, match="not a flowcheck trace"):
+            Reader(str(path))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024  # the header's limit, not the file's size

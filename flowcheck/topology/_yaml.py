@@ -21,6 +21,7 @@ from flowcheck.errors import Problem
 
 MAX_BYTES = 4 * 1024 * 1024  # a topology larger than this is a mistake, not a topology
 MAX_VALUES = 100_000  # values after alias expansion: stops "billion laughs" files
+NEEDS = {"topology": "'brokers' and 'channels'", "scenario": "'send'"}  # for empty files
 MAX_DEPTH = 100  # nested mappings and lists; libyaml's composer overflows the C stack on deep ones
 
 Path = tuple[str | int, ...]
@@ -276,18 +277,25 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> _Fatal:
     return _Fatal(line, column, message)
 
 
-def parse(text: str | bytes, file: str, env: Mapping[str, str] | None = None) -> Document:
-    """Parse YAML into a :class:`Document`. Never raises on bad input: see ``problems``."""
+def parse(
+    text: str | bytes,
+    file: str,
+    env: Mapping[str, str] | None = None,
+    what: str = "topology",
+) -> Document:
+    """Parse YAML into a :class:`Document`. Never raises on bad input: see ``problems``.
+
+    ``what`` names the kind of file in messages: "topology" or "scenario".
+    """
     doc = Document(file=file, data=None)
+    needs = NEEDS[what]
     try:
         if isinstance(text, bytes):
             if len(text) > MAX_BYTES:
-                raise _Fatal(1, 1, _too_big(len(text)))
+                raise _Fatal(1, 1, _too_big(len(text), what))
             text = _decode(text, file)
         if not text.strip():
-            raise _Fatal(
-                1, 1, "this file is empty; a topology needs at least 'brokers' and 'channels'"
-            )
+            raise _Fatal(1, 1, f"this file is empty; a {what} needs at least {needs}")
         try:
             _check_depth(text)
             node = yaml.compose(text, Loader=_Loader)
@@ -296,9 +304,7 @@ def parse(text: str | bytes, file: str, env: Mapping[str, str] | None = None) ->
         except RecursionError:
             raise _Fatal(1, 1, "the YAML is nested too deeply to read") from None
         if node is None:
-            raise _Fatal(
-                1, 1, "this file holds only comments; a topology needs 'brokers' and 'channels'"
-            )
+            raise _Fatal(1, 1, f"this file holds only comments; a {what} needs {needs}")
         try:
             doc.data = _Builder(doc, os.environ if env is None else env).build(node, ())
         except RecursionError:
@@ -308,7 +314,7 @@ def parse(text: str | bytes, file: str, env: Mapping[str, str] | None = None) ->
             raise _Fatal(
                 at.line,
                 at.column,
-                "this file holds an empty document; a topology needs 'brokers' and 'channels'",
+                f"this file holds an empty document; a {what} needs {needs}",
             )
     except _Fatal as fatal:
         doc.data = None
@@ -316,16 +322,16 @@ def parse(text: str | bytes, file: str, env: Mapping[str, str] | None = None) ->
     return doc
 
 
-def _too_big(size: int) -> str:
+def _too_big(size: int, what: str) -> str:
     mib = size / 1024 / 1024
     return (
-        f"this file is {mib:.{1 if mib >= 10 else 2}f} MiB; topology files are at most "
+        f"this file is {mib:.{1 if mib >= 10 else 2}f} MiB; {what} files are at most "
         f"{MAX_BYTES // 1024 // 1024} MiB (is it the right file?)"
     )
 
 
-def read(path: str, env: Mapping[str, str] | None = None) -> Document:
-    """Read and parse a file; a missing or unreadable file is a UsageError."""
+def read(path: str, env: Mapping[str, str] | None = None, what: str = "topology") -> Document:
+    """Read and parse a ``what`` file; a missing or unreadable file is a UsageError."""
     from flowcheck.errors import UsageError
 
     try:
@@ -334,7 +340,7 @@ def read(path: str, env: Mapping[str, str] | None = None) -> Document:
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a topology file") from None
+        raise UsageError(f"{path}: is a directory, not a {what} file") from None
     except PermissionError:
         raise UsageError(f"{path}: permission denied") from None
     except OSError as exc:
@@ -342,6 +348,6 @@ def read(path: str, env: Mapping[str, str] | None = None) -> Document:
     if len(raw) > MAX_BYTES:
         doc = Document(file=path, data=None)
         size = os.path.getsize(path) if os.path.isfile(path) else len(raw)
-        doc.problems.append(Problem(path, 1, 1, _too_big(size)))
+        doc.problems.append(Problem(path, 1, 1, _too_big(size, what)))
         return doc
-    return parse(raw, path, env)
+    return parse(raw, path, env, what)
