@@ -10,7 +10,9 @@ import contextlib
 import dataclasses
 import gc
 import json
+import logging
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -26,15 +28,39 @@ if TYPE_CHECKING:
     from flowcheck.runner import Outcome
     from flowcheck.timeline import Timeline
 from flowcheck.errors import FlowcheckError, MissingDependency, Problem, UsageError, leaf
+from flowcheck.redact import redact_text
 from flowcheck.topology import Topology, check_file
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INFRA = 0, 1, 2, 3
+
+
+REPEAT_S = 60.0  # a client library's warning is shown again after this long at the soonest
+
+
+class _Echo(logging.Handler):
+    """The broker clients' warnings, one line each and no traceback, on stderr as it is
+    now (a live table redirects it), and each at most once a minute: a broker that is
+    down makes them repeat every second, and flowcheck says itself what is down."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.last: dict[tuple[str, object], float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        key, at = (record.name, record.msg), time.monotonic()
+        if at - self.last.get(key, -REPEAT_S) < REPEAT_S:
+            return
+        self.last[key] = at
+        click.echo(f"flowcheck: {record.name}: {redact_text(record.getMessage())}", err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="flowcheck")
 def cli() -> None:
     """Verify that events really flow through RabbitMQ, Kafka and Redis Streams."""
+    root = logging.getLogger()
+    if not root.handlers:  # leave a configuration someone else made alone
+        root.addHandler(_Echo())
 
 
 @cli.command()
@@ -168,10 +194,12 @@ def record(topology_file: str, out: str, duration: str | None, do_apply: bool) -
     file cleanly; it is flushed at least every second while recording.
     """
     import os
+    import time
 
     import anyio
     from rich.console import Console
     from rich.live import Live
+    from rich.markup import escape
     from rich.table import Table
 
     from flowcheck.recorder import record as run_record
@@ -193,13 +221,19 @@ def record(topology_file: str, out: str, duration: str | None, do_apply: bool) -
         sys.exit(EXIT_USAGE)
     console = Console(stderr=True)
 
+    seen: dict[str, int] = {}
+    down: dict[str, tuple[int, str]] = {}
+
     def table(counts: dict[str, int]) -> Table:
         t = Table(title=f"recording to {out}", title_justify="left")
         t.add_column("channel")
         t.add_column("broker")
         t.add_column("observations", justify="right")
+        t.add_column("tap")
         for name, ch in topology.channels.items():
-            t.add_row(name, ch.broker, str(counts.get(name, 0)))
+            state = down.get(ch.broker)
+            tap = "[red]down: gap[/red]" if state else "watching"
+            t.add_row(name, ch.broker, str(counts.get(name, 0)), tap)
         return t
 
     live = (
@@ -209,8 +243,21 @@ def record(topology_file: str, out: str, duration: str | None, do_apply: bool) -
     )
 
     def tick(counts: dict[str, int]) -> None:
+        seen.update(counts)
+
+    def status(now_down: dict[str, tuple[int, str]]) -> None:
+        # Say when a tap goes down and comes back, above the table (and in a CI log).
+        for broker, (_, why) in now_down.items():
+            if broker not in down:
+                console.print(f"[red]{broker}: tap down, recording a gap: {escape(why)}[/red]")
+        for broker, (since, _) in down.items():
+            if broker not in now_down:
+                gone = (time.monotonic_ns() - since) / 1e9
+                console.print(f"{broker}: tap watching again after {gone:.1f}s")
+        down.clear()
+        down.update(now_down)
         if live is not None:
-            live.update(table(counts), refresh=True)
+            live.update(table(seen), refresh=True)
 
     def ready() -> None:
         stops = f"after {duration}" if duration else "on Ctrl-C"
@@ -226,6 +273,7 @@ def record(topology_file: str, out: str, duration: str | None, do_apply: bool) -
                 apply=do_apply,
                 on_tick=tick,
                 on_ready=ready,
+                on_down=status,
             )
         )
 
@@ -243,7 +291,7 @@ def record(topology_file: str, out: str, duration: str | None, do_apply: bool) -
         return
     if live is None:
         console.print(table(counts))
-    click.echo(f"{sum(counts.values())} observations written to {out}")
+    click.echo(f"{_plural(sum(counts.values()), 'observation')} written to {out}")
 
 
 @cli.command()

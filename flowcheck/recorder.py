@@ -43,11 +43,13 @@ async def record(
     apply: bool = False,
     on_tick: Callable[[Counter[str]], None] | None = None,
     on_ready: Callable[[], None] | None = None,
+    on_down: Callable[[dict[str, tuple[int, str]]], None] | None = None,
     stop: anyio.Event | None = None,
 ) -> Counter[str]:
     """Record until ``duration`` seconds pass, ``stop`` is set, or SIGINT/SIGTERM arrives.
 
-    ``on_ready`` is called once every tap is watching. Returns the number of
+    ``on_ready`` is called once every tap is watching; ``on_tick`` with the counts
+    and ``on_down`` with the brokers whose taps cannot watch (since, why) every tick. Returns the number of
     observations per channel. The trace file is complete and flushed when this
     returns, whatever stopped it. A stop before every tap is watching abandons
     connecting; then, as after an error that early, no trace file is left.
@@ -69,6 +71,7 @@ async def record(
                     apply,
                     on_tick,
                     on_ready,
+                    on_down,
                     stop,
                     connected,
                     counts,
@@ -87,6 +90,7 @@ async def _record(
     apply: bool,
     on_tick: Callable[[Counter[str]], None] | None,
     on_ready: Callable[[], None] | None,
+    on_down: Callable[[dict[str, tuple[int, str]]], None] | None,
     stop: anyio.Event,
     connected: anyio.Event,
     counts: Counter[str],
@@ -113,7 +117,7 @@ async def _record(
                         reason=str(d),
                     )
                 )
-            tracer = Tracer(topology, [writer.write, lambda o: counts.update((o.channel,))])
+            tracer = Tracer(topology, [writer.write], counts=counts)
             async with tracer:
                 connected.set()
                 if on_ready is not None:
@@ -126,6 +130,8 @@ async def _record(
                         writer.flush()
                     if on_tick is not None:
                         on_tick(counts)
+                    if on_down is not None:
+                        on_down({n: ad.down for n, ad in tracer.adapters.items() if ad.down})
                     if deadline is not None and time.monotonic() >= deadline:
                         stop.set()
     except BaseException:

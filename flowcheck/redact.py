@@ -36,6 +36,15 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_text(text: str) -> str:
+    """``text`` (a client library's log line, say) with the password of every URL in it
+    masked."""
+    return _URL.sub(lambda m: redact_url(m.group()), text)
+
+
 def _redact_query(query: str) -> str:
     """Mask credential-like parameters: redis-py reads ``?password=`` as the password."""
     pairs = []

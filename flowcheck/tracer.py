@@ -58,10 +58,11 @@ class Tracer:
         sinks: Sequence[Sink] = (),
         *,
         channels: Sequence[str] | None = None,
+        counts: Counter[str] | None = None,
     ) -> None:
         self.topology = topology
         self.sinks = list(sinks)
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter() if counts is None else counts  # per channel
         self.correlator = Correlator(topology)
         wanted = set(channels) if channels is not None else set(topology.channels)
         self.adapters: dict[str, Adapter] = {}

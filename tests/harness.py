@@ -5,19 +5,25 @@
 - unique_prefix: a per-test name prefix, so tests never share queues, topics or keys.
 - AmqpScope / KafkaScope / delete_keys: clients that remember what a test
   created and remove it afterwards.
+- forwarder: a broker reached through a local TCP forwarder that a test can cut,
+  so that the broker looks down to whatever connects through it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
+import anyio
+import anyio.abc
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -279,3 +285,52 @@ async def delete_keys(client: Redis, prefix: str) -> int:
         return 0
     deleted: int = await client.unlink(*keys)
     return deleted
+
+
+@asynccontextmanager
+async def forwarder(
+    url: str, default_port: int
+) -> AsyncIterator[tuple[str, Callable[[], Awaitable[None]]]]:
+    """``url`` reached through a local TCP forwarder: (the URL through it, cut).
+
+    Cutting drops every forwarded connection and stops listening, so the
+    broker looks down: reconnecting is refused until the test ends.
+    """
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or default_port
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    local_port = listener.extra(anyio.abc.SocketAttribute.local_port)
+
+    async def pipe(client: anyio.abc.SocketStream) -> None:
+        async with client, await anyio.connect_tcp(host, port) as upstream:
+
+            async def copy(a: anyio.abc.SocketStream, b: anyio.abc.SocketStream) -> None:
+                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                    async for chunk in a:
+                        await b.send(chunk)
+                await b.send_eof()
+
+            async with anyio.create_task_group() as both:
+                both.start_soon(copy, client, upstream)
+                both.start_soon(copy, upstream, client)
+
+    # Its own scope: cancelling the task group itself would cancel the test's body too.
+    scope, closed = anyio.CancelScope(), anyio.Event()
+
+    async def serve() -> None:
+        try:
+            with scope:
+                async with listener:
+                    await listener.serve(pipe)
+        finally:
+            closed.set()
+
+    async def cut() -> None:
+        scope.cancel()  # closes the listener and every connection through it
+        await closed.wait()
+
+    login = f"{parts.username}:{parts.password}@" if parts.password else ""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(serve)
+        yield urlunsplit(parts._replace(netloc=f"{login}127.0.0.1:{local_port}")), cut
+        await cut()

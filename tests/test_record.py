@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import signal
@@ -15,9 +16,12 @@ from pathlib import Path
 import aio_pika
 import anyio
 import pytest
+from anyio.streams.text import TextReceiveStream
 from click.testing import CliRunner
+from harness import forwarder
+from redis.asyncio import Redis
 
-from flowcheck.cli import cli
+from flowcheck.cli import _Echo, cli
 from flowcheck.observations import Kind, Observation
 from flowcheck.recorder import record
 from flowcheck.topology import loads
@@ -427,3 +431,63 @@ channels: {{s: {{broker: rd, kind: stream, name: {unique}.s}}}}
     assert result.exit_code == 3, result.output
     assert "cannot reach Redis at redis://127.0.0.1:1/0?password=***" in result.output
     assert "s3cret" not in result.output
+
+
+async def test_record_says_when_a_tap_goes_down_and_records_the_gap(
+    tmp_path: Path, unique: str, redis_url: str, redis: Redis
+) -> None:
+    out = tmp_path / "trace.jsonl"
+    path = tmp_path / "topology.yaml"
+    async with forwarder(redis_url, 6379) as (through, cut):
+        path.write_text(
+            f'brokers: {{rd: {{kind: redis, url: "{through}"}}}}\n'
+            f"channels: {{ship: {{broker: rd, kind: stream, name: {unique}.ship}}}}\n"
+        )
+        cmd = [*FLOWCHECK, "record", str(path), "--out", str(out), "--apply"]
+        async with await anyio.open_process(cmd) as proc:
+            assert proc.stderr is not None
+            said: list[str] = []
+
+            async def wait_for(text: str) -> None:
+                with anyio.fail_after(30):
+                    async for line in TextReceiveStream(proc.stderr):  # type: ignore[arg-type]
+                        said.extend(line.splitlines())
+                        if text in line:
+                            return
+
+            await wait_for("recording 1 channels")
+            await cut()
+            await wait_for("rd: tap down, recording a gap: ")
+            proc.send_signal(signal.SIGINT)
+            with anyio.fail_after(30):
+                rc = await proc.wait()
+            assert proc.stderr is not None
+            async for rest in TextReceiveStream(proc.stderr):
+                said.extend(rest.splitlines())
+    assert rc == 0, "\n".join(said)
+    assert "Traceback" not in "\n".join(said)
+    # The client library's own lines (reconnects every few tenths) are said once each.
+    library = [line for line in said if line.startswith("flowcheck: redis")]
+    assert len(library) == len(set(library))
+    [gap] = [o for o in Reader(str(out)) if o.kind is Kind.GAP]
+    assert (gap.channel, gap.until_ns) == ("ship", None)
+    assert gap.reason is not None
+    assert gap.reason.startswith("rd: cannot reach Redis at redis://127.0.0.1:")  # why it lasted
+
+
+def test_client_library_warnings_are_one_masked_line_once_a_minute(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    echo = _Echo()
+    log = logging.getLogger("aiormq.connection")
+
+    def lost(url: str) -> logging.LogRecord:
+        return log.makeRecord(log.name, logging.WARNING, __file__, 1, "lost %s", (url,), None)
+
+    for _ in range(3):  # a broker that stays down: the same line every reconnect
+        echo.handle(lost("amqp://guest:pw@h/"))
+    echo.handle(log.makeRecord(log.name, logging.WARNING, __file__, 1, "other", (), None))
+    assert capsys.readouterr().err.splitlines() == [
+        "flowcheck: aiormq.connection: lost amqp://guest:***@h/",
+        "flowcheck: aiormq.connection: other",
+    ]

@@ -10,14 +10,13 @@ topology's channels afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aio_pika
 import anyio
@@ -25,6 +24,7 @@ import anyio.abc
 import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaConsumer
+from harness import forwarder
 from redis.asyncio import Redis
 
 import flowcheck
@@ -309,55 +309,6 @@ async def read_group(
         for entry_id, fields in entries:
             out.append((entry_id.decode(), {k.decode(): v.decode() for k, v in fields.items()}))
     return out
-
-
-@asynccontextmanager
-async def forwarder(
-    url: str, default_port: int
-) -> AsyncIterator[tuple[str, Callable[[], Awaitable[None]]]]:
-    """``url`` reached through a local TCP forwarder: (the URL through it, cut).
-
-    Cutting drops every forwarded connection and stops listening, so the
-    broker looks down: reconnecting is refused until the test ends.
-    """
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or default_port
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-    local_port = listener.extra(anyio.abc.SocketAttribute.local_port)
-
-    async def pipe(client: anyio.abc.SocketStream) -> None:
-        async with client, await anyio.connect_tcp(host, port) as upstream:
-
-            async def copy(a: anyio.abc.SocketStream, b: anyio.abc.SocketStream) -> None:
-                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
-                    async for chunk in a:
-                        await b.send(chunk)
-                await b.send_eof()
-
-            async with anyio.create_task_group() as both:
-                both.start_soon(copy, client, upstream)
-                both.start_soon(copy, upstream, client)
-
-    # Its own scope: cancelling the task group itself would cancel the test's body too.
-    scope, closed = anyio.CancelScope(), anyio.Event()
-
-    async def serve() -> None:
-        try:
-            with scope:
-                async with listener:
-                    await listener.serve(pipe)
-        finally:
-            closed.set()
-
-    async def cut() -> None:
-        scope.cancel()  # closes the listener and every connection through it
-        await closed.wait()
-
-    login = f"{parts.username}:{parts.password}@" if parts.password else ""
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(serve)
-        yield urlunsplit(parts._replace(netloc=f"{login}127.0.0.1:{local_port}")), cut
-        await cut()
 
 
 def _host_port(url: str, default_port: int) -> str:
