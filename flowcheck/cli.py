@@ -1,7 +1,7 @@
 """The ``flowcheck`` command. Thin: parse arguments, call the library, choose an exit code.
 
 Exit codes: 0 success, 1 a check failed (an invalid topology), 2 bad usage
-(missing or unreadable file, unknown option).
+(missing or unreadable file, unknown option), 3 a broker failed, 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ if TYPE_CHECKING:
     from flowcheck.checker import Verdict
     from flowcheck.observations import Observation
     from flowcheck.runner import Outcome
-    from flowcheck.timeline import Timeline
+    from flowcheck.timeline import Census, Timeline
 from flowcheck.errors import FlowcheckError, MissingDependency, Problem, UsageError, leaf
 from flowcheck.redact import redact_text
 from flowcheck.topology import Topology, check_file
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INFRA = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 REPEAT_S = 60.0  # a client library's warning is shown again after this long at the soonest
@@ -140,13 +141,22 @@ def _as_dict(p: Problem) -> dict[str, object]:
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: flowcheck's own errors become one line and an exit code."""
     try:
-        cli.main(args=argv, prog_name="flowcheck", standalone_mode=True)
+        # Not click's standalone mode: it reports Ctrl-C as "Aborted!" with exit 1, which
+        # here means "a check failed".
+        rv = cli.main(args=argv, prog_name="flowcheck", standalone_mode=False)
+    except click.exceptions.Abort:  # Ctrl-C, or end of input at a prompt
+        click.echo("flowcheck: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
     except UsageError as exc:
         click.echo(f"flowcheck: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     except FlowcheckError as exc:
         click.echo(f"flowcheck: {exc}", err=True)
         sys.exit(EXIT_INFRA)
+    sys.exit(rv if isinstance(rv, int) else EXIT_OK)  # an int: click's own exit (--help: 0)
 
 
 # ---------------------------------------------------------------- tracing
@@ -327,7 +337,7 @@ def inspect(
     """
     from rich.console import Console
 
-    from flowcheck.timeline import Filter, build
+    from flowcheck.timeline import Census, Filter, build
     from flowcheck.topology._types import parse_duration
     from flowcheck.trace import Reader, TraceError
 
@@ -354,10 +364,13 @@ def inspect(
     try:
         reader = Reader(trace_file)
         start = reader.header.started_mono_ns
-        chains, gaps = build(reader, start, filt)
+        census = Census()
+        chains, gaps = build(reader, start, filt, census)
     except TraceError as exc:
         click.echo(f"flowcheck: {exc}", err=True)
         sys.exit(EXIT_USAGE)
+    if not chains:
+        click.echo(f"flowcheck: {_nothing_matches(flow, channel, census)}", err=True)
     if as_json:
         click.echo(
             json.dumps(
@@ -378,6 +391,21 @@ def inspect(
             click.echo(f"... {len(chains) - limit} more chains (use --limit, --flow or --key)")
     if reader.problems:
         click.echo(f"flowcheck: warning: {reader.describe()}", err=True)
+
+
+def _nothing_matches(flow: str | None, channel: str | None, census: Census) -> str:
+    """Why inspect printed no chain: a flow or channel the trace never saw, or the filters."""
+    if flow is not None and flow not in census.flows:
+        return f"no chain: the trace has no flow {flow!r}; it has {_names(census.flows)}"
+    if channel is not None and channel not in census.channels:
+        return f"no chain: the trace has no channel {channel!r}; it has {_names(census.channels)}"
+    if not census.channels:
+        return "no chain: the trace holds no observation"
+    return "no chain matches these filters"
+
+
+def _names(names: set[str]) -> str:
+    return ", ".join(map(repr, sorted(names))) if names else "none"
 
 
 def _print_timelines(

@@ -82,17 +82,32 @@ class Filter:
         return self.channel is None or o.channel == self.channel
 
 
+@dataclass
+class Census:
+    """The flows and channels a trace holds, whatever the filter: a filter that matches
+    nothing can then be told apart from a typo."""
+
+    flows: set[str] = field(default_factory=set)
+    channels: set[str] = field(default_factory=set)
+
+
 def build(
-    observations: Iterable[Observation], start_ns: int, filt: Filter | None = None
+    observations: Iterable[Observation],
+    start_ns: int,
+    filt: Filter | None = None,
+    census: Census | None = None,
 ) -> tuple[list[Timeline], list[Observation]]:
     """Timelines by (flow, key), in order of first appearance; and the tap gaps."""
     filt = filt or Filter()
+    census = census or Census()
     chains: dict[tuple[str, str], Timeline] = {}
     gaps: list[Observation] = []
     for o in observations:
         if o.kind == Kind.GAP:
             gaps.append(o)
             continue
+        census.channels.add(o.channel)
+        census.flows.update(o.keys)
         if not filt.wants(o, start_ns):
             continue
         keys = o.keys.items() if o.keys else [("", NO_KEY)]

@@ -394,6 +394,27 @@ def test_inspect_refuses_filters_that_drop_chains_silently(tmp_path: Path) -> No
     assert "k2" not in result.output
 
 
+def test_inspect_says_why_nothing_matched(tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    with Writer(str(trace), Header(started=0.0, started_mono_ns=0, topology="t")) as writer:
+        writer.write(
+            Observation(
+                kind=Kind.ROUTED, broker="r", channel="q", mono_ns=1, wall=1.0, keys={"f": "k0"}
+            )
+        )
+    runner = CliRunner()
+    for args, why in [
+        (["--flow", "order"], "no chain: the trace has no flow 'order'; it has 'f'"),
+        (["--channel", "billing"], "no chain: the trace has no channel 'billing'; it has 'q'"),
+        (["--key", "k9"], "no chain matches these filters"),
+    ]:
+        result = runner.invoke(cli, ["inspect", str(trace), *args])
+        assert result.exit_code == 0, result.output
+        assert result.output == f"flowcheck: no chain: {why}\n".replace(
+            "no chain: no chain", "no chain"
+        )
+
+
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
@@ -491,3 +512,26 @@ def test_client_library_warnings_are_one_masked_line_once_a_minute(
         "flowcheck: aiormq.connection: lost amqp://guest:***@h/",
         "flowcheck: aiormq.connection: other",
     ]
+
+
+def test_ctrl_c_is_exit_130_not_a_failed_check(tmp_path: Path) -> None:
+    fifo = tmp_path / "trace.jsonl"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [*FLOWCHECK, "inspect", str(fifo)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # Opening the writing end returns once inspect has opened the file: it now waits
+        # for a header that never comes, with its Ctrl-C handling in place.
+        with open(fifo, "w"):
+            proc.send_signal(signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip() == "flowcheck: interrupted"  # below the ^C the terminal echoed
+    assert stdout == ""
