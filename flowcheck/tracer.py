@@ -16,8 +16,11 @@ import anyio
 from flowcheck.brokers import Adapter, adapter
 from flowcheck.brokers.base import Sink
 from flowcheck.correlate import Correlator
+from flowcheck.errors import BrokerError
 from flowcheck.observations import Observation
 from flowcheck.topology.model import Topology
+
+READY_WITHIN = 30.0  # seconds for a tap to start watching, its connecting included
 
 
 class Memory:
@@ -87,12 +90,16 @@ class Tracer:
             tg = await stack.enter_async_context(anyio.create_task_group())
             self._cancel = tg.cancel_scope
             stack.callback(tg.cancel_scope.cancel)  # runs before the task group exits
-            for ad in self.adapters.values():
+            for name, ad in self.adapters.items():
                 ready = anyio.Event()
                 mine = [c for c in ad.channels() if c in self._wanted]
                 tg.start_soon(self._run_tap, ad, mine, ready)
-                with anyio.fail_after(30):
+                with anyio.move_on_after(READY_WITHIN):
                     await ready.wait()
+                if not ready.is_set():
+                    raise BrokerError(
+                        name, f"the tap did not start watching within {READY_WITHIN:g}s"
+                    )
         except BaseException:
             await stack.__aexit__(None, None, None)
             raise

@@ -10,6 +10,7 @@ from collections import Counter
 import anyio
 import pytest
 
+import flowcheck.tracer as tracer_module
 from flowcheck.brokers import Adapter
 from flowcheck.brokers import adapter as make_adapter
 from flowcheck.errors import BrokerAuthError, BrokerError, BrokerUnreachable
@@ -199,3 +200,14 @@ async def test_a_tap_that_ends_while_its_broker_is_down_records_the_gap(
     for gap in gaps:
         assert (gap.mono_ns, gap.until_ns, gap.reason) == (since, None, reason)
         assert reason
+
+
+async def test_a_tap_too_slow_to_start_is_a_broker_error(
+    kit: Kit, adapter: Adapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await adapter.apply()
+    monkeypatch.setattr(tracer_module, "READY_WITHIN", 0.0)
+    with pytest.raises(BrokerError) as info:
+        async with Tracer(kit.topology, []):
+            pass
+    assert str(info.value) == f"{kit.broker}: the tap did not start watching within 0s"
