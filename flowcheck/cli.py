@@ -197,7 +197,16 @@ def _load_or_exit(path: str) -> Topology:
 @click.option(
     "--apply", "do_apply", is_flag=True, help="Declare the topology's channels first (idempotent)."
 )
-def record(topology_file: str, out: str, duration: str | None, do_apply: bool) -> None:
+@click.option(
+    "--broker",
+    "brokers",
+    multiple=True,
+    metavar="NAME",
+    help="Tap only the channels of this broker (repeatable); default: every broker.",
+)
+def record(
+    topology_file: str, out: str, duration: str | None, do_apply: bool, brokers: Sequence[str]
+) -> None:
     """Tap every channel of TOPOLOGY and record what flows to a trace file.
 
     Nothing is taken from the system's own consumers. Ctrl-C finishes the
@@ -216,6 +225,12 @@ def record(topology_file: str, out: str, duration: str | None, do_apply: bool) -
     from flowcheck.topology._types import parse_duration
 
     topology = _load_or_exit(topology_file)
+    if unknown := [b for b in brokers if b not in topology.brokers]:
+        raise click.BadParameter(
+            f"no broker {unknown[0]!r} in {topology_file}; it has {_names(set(topology.brokers))}",
+            param_hint="--broker",
+        )
+    tapped = [k for k, ch in topology.channels.items() if not brokers or ch.broker in brokers]
     seconds = None
     if duration is not None:
         try:
@@ -240,7 +255,8 @@ def record(topology_file: str, out: str, duration: str | None, do_apply: bool) -
         t.add_column("broker")
         t.add_column("observations", justify="right")
         t.add_column("tap")
-        for name, ch in topology.channels.items():
+        for name in tapped:
+            ch = topology.channels[name]
             state = down.get(ch.broker)
             tap = "[red]down: gap[/red]" if state else "watching"
             t.add_row(name, ch.broker, str(counts.get(name, 0)), tap)
@@ -271,7 +287,7 @@ def record(topology_file: str, out: str, duration: str | None, do_apply: bool) -
 
     def ready() -> None:
         stops = f"after {duration}" if duration else "on Ctrl-C"
-        console.print(f"recording {len(topology.channels)} channels to {out}; stops {stops}")
+        console.print(f"recording {_plural(len(tapped), 'channel')} to {out}; stops {stops}")
 
     async def main() -> dict[str, int]:
         return dict(
@@ -284,6 +300,7 @@ def record(topology_file: str, out: str, duration: str | None, do_apply: bool) -
                 on_tick=tick,
                 on_ready=ready,
                 on_down=status,
+                channels=tapped,
             )
         )
 

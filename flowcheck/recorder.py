@@ -6,7 +6,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import anyio
 from anyio import TASK_STATUS_IGNORED
@@ -23,14 +23,17 @@ from flowcheck.tracer import Tracer
 TICK = 0.25  # seconds between live-count refreshes and idle flushes
 
 
-async def apply_all(topology: Topology) -> list[Drift]:
-    """Declare every channel of the topology on its broker; return the drift found."""
+async def apply_all(topology: Topology, channels: Sequence[str] | None = None) -> list[Drift]:
+    """Declare the topology's channels (default: every one) on their brokers; return the
+    drift found."""
+    wanted = set(topology.channels if channels is None else channels)
     drift: list[Drift] = []
     for name in topology.brokers:
-        if not any(ch.broker == name for ch in topology.channels.values()):
+        mine = [k for k, ch in topology.channels.items() if ch.broker == name and k in wanted]
+        if not mine:
             continue
         async with adapter(name, topology) as ad:
-            drift += await ad.apply()
+            drift += await ad.apply(mine)
     return drift
 
 
@@ -45,10 +48,12 @@ async def record(
     on_ready: Callable[[], None] | None = None,
     on_down: Callable[[dict[str, tuple[int, str]]], None] | None = None,
     stop: anyio.Event | None = None,
+    channels: Sequence[str] | None = None,
 ) -> Counter[str]:
     """Record until ``duration`` seconds pass, ``stop`` is set, or SIGINT/SIGTERM arrives.
 
-    ``on_ready`` is called once every tap is watching; ``on_tick`` with the counts
+    ``channels`` limits the taps (and ``apply``) to those channels. ``on_ready`` is
+    called once every tap is watching; ``on_tick`` with the counts
     and ``on_down`` with the brokers whose taps cannot watch (since, why) every tick. Returns the number of
     observations per channel. The trace file is complete and flushed when this
     returns, whatever stopped it. A stop before every tap is watching abandons
@@ -73,6 +78,7 @@ async def record(
                     on_ready,
                     on_down,
                     stop,
+                    channels,
                     connected,
                     counts,
                 )
@@ -92,10 +98,11 @@ async def _record(
     on_ready: Callable[[], None] | None,
     on_down: Callable[[dict[str, tuple[int, str]]], None] | None,
     stop: anyio.Event,
+    channels: Sequence[str] | None,
     connected: anyio.Event,
     counts: Counter[str],
 ) -> None:
-    drift = await apply_all(topology) if apply else []
+    drift = await apply_all(topology, channels) if apply else []
     mono, wall = now()
     header = Header(
         topology=topology.name,
@@ -117,7 +124,7 @@ async def _record(
                         reason=str(d),
                     )
                 )
-            tracer = Tracer(topology, [writer.write], counts=counts)
+            tracer = Tracer(topology, [writer.write], channels=channels, counts=counts)
             async with tracer:
                 connected.set()
                 if on_ready is not None:

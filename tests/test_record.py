@@ -476,7 +476,7 @@ async def test_record_says_when_a_tap_goes_down_and_records_the_gap(
                         if text in line:
                             return
 
-            await wait_for("recording 1 channels")
+            await wait_for("recording 1 channel")
             await cut()
             await wait_for("rd: tap down, recording a gap: ")
             proc.send_signal(signal.SIGINT)
@@ -535,3 +535,32 @@ def test_ctrl_c_is_exit_130_not_a_failed_check(tmp_path: Path) -> None:
     assert proc.returncode == 130, stderr
     assert stderr.strip() == "flowcheck: interrupted"  # below the ^C the terminal echoed
     assert stdout == ""
+
+
+def test_record_taps_only_the_brokers_named(tmp_path: Path, unique: str, redis_url: str) -> None:
+    # RabbitMQ is unreachable here: only a recording that leaves it alone can succeed.
+    path = tmp_path / "topology.yaml"
+    path.write_text(_topology(unique, "amqp://guest:guest@127.0.0.1:1/", redis_url))
+    out = tmp_path / "trace.jsonl"
+    runner = CliRunner()
+    args = ["record", str(path), "--out", str(out), "--duration", "100ms", "--apply"]
+    try:
+        result = runner.invoke(cli, [*args, "--broker", "rd"])
+    finally:
+        anyio.run(_delete_stream, redis_url, f"{unique}.ship")
+    assert result.exit_code == 0, result.output
+    assert "recording 1 channel" in result.output
+    assert Reader(str(out)).header.topology == unique
+
+    result = runner.invoke(cli, [*args, "--broker", "nosuch"])
+    assert result.exit_code == 2, result.output
+    assert "no broker 'nosuch' in" in result.output
+    assert "it has 'r', 'rd'" in result.output
+
+
+async def _delete_stream(url: str, key: str) -> None:
+    client = Redis.from_url(url)
+    try:
+        await client.delete(key)
+    finally:
+        await client.aclose()
