@@ -8,6 +8,8 @@ Modes, alternated round by round so machine drift hits all alike:
              adds deliveries and redeliveries to what the tap sees
   against    with --against DIR: taps as in "taps", recorded by the flowcheck
              of another checkout (DIR), to compare two versions in one run
+  taps:NAME  taps on broker NAME's channels only (rabbit, kafka, redis), to see
+             which broker's tap costs what; chosen with --modes
 
 Throughput = orders / (time from the first order placed to the last shipped).
 Besides, the CPU time each process spent while the orders ran: the shop (this
@@ -15,7 +17,7 @@ process), the recorder, and the brokers when they run on this host (Linux
 /proc): where the cost of tapping goes, whatever else the machine runs.
 
     PYTHONPATH=. .venv/bin/python benchmarks/system_throughput.py [--orders 2000] [--rounds 5]
-        [--against DIR]
+        [--against DIR] [--modes bare,taps,taps:rabbitmq,...]
 """
 
 from __future__ import annotations
@@ -111,11 +113,12 @@ class Recording:
 
 @asynccontextmanager
 async def recording(
-    topology: str, workdir: Path, checkout: str | None = None
+    topology: str, workdir: Path, checkout: str | None = None, broker: str | None = None
 ) -> AsyncIterator[Recording]:
     """`flowcheck record` in its own process, ready when it says so; stopped with SIGINT.
 
-    ``checkout``: the directory whose flowcheck records (default: the one imported here).
+    ``checkout``: the directory whose flowcheck records (default: the one imported here);
+    ``broker``: tap only that broker's channels.
     """
     env, cwd = dict(os.environ), None
     if checkout is not None:
@@ -132,6 +135,7 @@ async def recording(
         str(path),
         "--out",
         str(trace),
+        *(["--broker", broker] if broker else []),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         env=env,
@@ -169,6 +173,7 @@ async def one_round(
                         topology_yaml(prefix, brokers),
                         workdir,
                         against if mode == "against" else None,
+                        mode.partition(":")[2] or None,
                     )
                 )
             pids = {"shop": os.getpid(), **local_brokers()}
@@ -185,7 +190,11 @@ async def one_round(
 
 
 async def main(args: argparse.Namespace, brokers: Brokers, workdir: Path) -> dict[str, Any]:
-    modes = (*MODES, "against") if args.against else MODES
+    modes = tuple(args.modes.split(",")) if args.modes else MODES
+    if args.against:
+        modes = (*modes, "against")
+    if "bare" not in modes:
+        modes = ("bare", *modes)  # every ratio is against it
     rounds: dict[str, list[Round]] = {m: [] for m in modes}
     for _ in range(args.rounds):
         for mode in modes:
@@ -225,6 +234,9 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
         "--against", metavar="DIR", help="also record with the flowcheck of this checkout"
+    )
+    parser.add_argument(
+        "--modes", help="comma-separated modes to run (default: bare,taps,firehose)"
     )
     args = parser.parse_args()
     if args.against:
