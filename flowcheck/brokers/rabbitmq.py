@@ -370,6 +370,32 @@ class RabbitMQAdapter(Adapter):
         finally:
             self.stopped_down(channels, sink)
 
+    def _seen_through_exchanges(self, channels: Sequence[str]) -> set[str]:
+        """The queues among ``channels`` whose copies the twins of their exchanges see.
+
+        A twin of an exchange receives every message the topology routes through it,
+        so a queue bound only to tapped topic, direct or fanout exchanges needs no twin
+        of its own: which queues a message reached follows from its routing key, as
+        the broker decides it. That halves what the broker delivers to the tap, and one
+        delivery costs the tap far more than one observation. Headers bindings match on
+        headers: such a queue keeps its twin.
+        """
+        tapped = set(channels)
+        out: set[str] = set()
+        for key in channels:
+            q = self.topology.channels[key]
+            if not isinstance(q, Queue) or not q.bindings:
+                continue
+            if all(
+                b.exchange in tapped
+                and not b.arguments
+                and isinstance(ex := self.topology.channels[b.exchange], Exchange)
+                and ex.type in ("topic", "direct", "fanout")
+                for b in q.bindings
+            ):
+                out.add(key)
+        return out
+
     async def _start_twins(self, conn: Any, channels: Sequence[str], sink: Sink) -> None:
         ch = await conn.channel(publisher_confirms=False)
         # Consume on aiormq's channel beneath aio-pika: aio-pika would wrap every
@@ -377,68 +403,84 @@ class RabbitMQAdapter(Adapter):
         # sixth of the tap's time; the tap only reads. no_ack: the broker pushes
         # without waiting for acks (prefetch does not apply to no_ack consumers).
         amqp = await ch.get_underlay_channel()
+        derived = self._seen_through_exchanges(channels)
         for key in channels:
+            if key in derived:
+                continue
             twin = await ch.declare_queue(exclusive=True, auto_delete=True)
             for exchange, rk, args in self._tap_bindings(key):
                 await twin.bind(exchange, routing_key=rk, arguments=args)
-            await amqp.basic_consume(twin.name, self._on_twin(key, sink), no_ack=True)
+            await amqp.basic_consume(twin.name, self._on_twin(key, sink, derived), no_ack=True)
         firehose = await ch.declare_queue(exclusive=True, auto_delete=True)
         for key in channels:
             kind = "deliver" if isinstance(self.topology.channels[key], Queue) else "publish"
             await firehose.bind(TRACE_EXCHANGE, routing_key=f"{kind}.{self._names[key]}")
         await amqp.basic_consume(firehose.name, self._on_firehose(sink), no_ack=True)
 
-    def _on_twin(self, key: str, sink: Sink) -> Any:
-        dead_letter_queue = key in self._dead_letter_queues
+    def _on_twin(self, key: str, sink: Sink, derived: set[str]) -> Any:
         exchange = isinstance(self.topology.channels[key], Exchange)
 
         # Routing keys repeat: match them against the bindings once (~2 µs each).
         @functools.lru_cache(maxsize=1024)
-        def routable(rk: str) -> bool:
-            return bool(bound_queues(self.topology.channels, key, rk))
+        def reached(rk: str) -> tuple[bool, tuple[str, ...]]:
+            """(routable, the queues seen through this exchange that the key reaches)."""
+            queues = bound_queues(self.topology.channels, key, rk)
+            return bool(queues), tuple(q for q in queues if q in derived)
 
         async def on_message(msg: DeliveredMessage) -> None:
-            props = msg.header.properties
-            headers: Mapping[str, Any] = props.headers or {}
-            deaths = headers.get("x-death")
-            rk = msg.routing_key
-            kind = Kind.ROUTED
-            reason = origin = None
-            number: int | None = None
+            rk = msg.routing_key or ""
+            if not exchange:
+                self._observe_copy(key, msg, sink)
+                return
+            routable, queues = reached(rk)
             # The twin itself makes every publish routable, so mandatory returns cannot
             # fire while tapping: judge routability by the topology's own bindings.
-            if exchange and not routable(rk or ""):
-                kind = Kind.UNROUTABLE
-                reason = "no queue of the topology is bound for this routing key"
-            if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
-                latest = deaths[0]
-                # delivery_count is the number of the delivery an observation stands for.
-                # x-death's count counts deaths, not deliveries: back on a work queue after
-                # a dead-letter round trip, this is arrival number count + 1.
-                number = _int(latest.get("count")) + 1
-                if dead_letter_queue:
-                    kind = Kind.DEAD_LETTERED
-                    reason = _str(latest.get("reason"))
-                    q = _str(latest.get("queue"))
-                    origin = self._by_physical.get(q or "", q)
-                    # Failed deliveries before the death, if the broker says; else unknown.
-                    count = headers.get("x-delivery-count")
-                    number = _int(count) if count is not None else None
-            sink(
-                self.observe(
-                    kind,
-                    key,
-                    body=msg.body,
-                    headers=headers,
-                    properties=_props(props),
-                    routing_key=rk,
-                    delivery_count=number,
-                    reason=reason,
-                    origin=origin,
-                )
-            )
+            self._observe_copy(key, msg, sink, unroutable=not routable)
+            for q in queues:
+                self._observe_copy(q, msg, sink)
 
         return on_message
+
+    def _observe_copy(
+        self, key: str, msg: DeliveredMessage, sink: Sink, *, unroutable: bool = False
+    ) -> None:
+        """Report the copy of ``msg`` that reached channel ``key``."""
+        props = msg.header.properties
+        headers: Mapping[str, Any] = props.headers or {}
+        deaths = headers.get("x-death")
+        kind = Kind.ROUTED
+        reason = origin = None
+        number: int | None = None
+        if unroutable:
+            kind = Kind.UNROUTABLE
+            reason = "no queue of the topology is bound for this routing key"
+        if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
+            latest = deaths[0]
+            # delivery_count is the number of the delivery an observation stands for.
+            # x-death's count counts deaths, not deliveries: back on a work queue after
+            # a dead-letter round trip, this is arrival number count + 1.
+            number = _int(latest.get("count")) + 1
+            if key in self._dead_letter_queues:
+                kind = Kind.DEAD_LETTERED
+                reason = _str(latest.get("reason"))
+                q = _str(latest.get("queue"))
+                origin = self._by_physical.get(q or "", q)
+                # Failed deliveries before the death, if the broker says; else unknown.
+                count = headers.get("x-delivery-count")
+                number = _int(count) if count is not None else None
+        sink(
+            self.observe(
+                kind,
+                key,
+                body=msg.body,
+                headers=headers,
+                properties=_props(props),
+                routing_key=msg.routing_key,
+                delivery_count=number,
+                reason=reason,
+                origin=origin,
+            )
+        )
 
     def _on_firehose(self, sink: Sink) -> Any:
         async def on_message(msg: DeliveredMessage) -> None:

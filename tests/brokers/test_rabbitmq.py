@@ -345,3 +345,70 @@ async def test_tapping_an_exchange_never_declared_is_a_clear_error(
     kit = rabbitmq_kit(rabbitmq_url, unique)  # not applied: nothing of it exists
     with pytest.raises(BrokerError, match=rf"no exchange '{unique}.events'.*run apply first"):
         await tap_raising(kit.topology)
+
+
+SEEN_THROUGH_YAML = """
+brokers:
+  rabbit: {{kind: rabbitmq, url: "${{FC_URL}}"}}
+channels:
+  events: {{broker: rabbit, kind: exchange, type: topic, name: "{p}.events", durable: false}}
+  inbox:
+    broker: rabbit
+    kind: queue
+    name: "{p}.inbox"
+    durable: false
+    bindings: [{{exchange: events, key: "order.*"}}, {{exchange: events, key: "*.placed"}}]
+  by-kind: {{broker: rabbit, kind: exchange, type: headers, name: "{p}.by-kind", durable: false}}
+  refunds:
+    broker: rabbit
+    kind: queue
+    name: "{p}.refunds"
+    durable: false
+    bindings: [{{exchange: by-kind, arguments: {{x-match: all, kind: refund}}}}]
+flows:
+  orders:
+    correlate: $.order_id
+    steps: [events, inbox]
+"""
+
+
+async def test_queues_are_seen_through_their_exchanges_or_their_own_twin(
+    rabbitmq_url: str, unique: str
+) -> None:
+    topology = load(SEEN_THROUGH_YAML.format(p=unique), FC_URL=rabbitmq_url)
+    async with cleaned(topology, "rabbit") as ad:
+        assert isinstance(ad, RabbitMQAdapter)
+        await ad.apply()
+        # A topic-bound queue needs no twin; a headers-bound one, or one whose exchange
+        # is not tapped, does.
+        assert ad._seen_through_exchanges(list(topology.channels)) == {"inbox"}
+        assert ad._seen_through_exchanges(["inbox"]) == set()
+
+        memory = Memory()
+        async with Tracer(topology, [memory]) as tracer:
+            both = await tracer.publish("events", order(1), routing_key="order.placed")
+            one = await tracer.publish("events", order(2), routing_key="order.paid")
+            none = await tracer.publish("events", order(3), routing_key="invoice.paid")
+            refund = await tracer.publish("by-kind", order(4), headers={"kind": "refund"})
+            other = await tracer.publish("by-kind", order(5), headers={"kind": "sale"})
+            last = await tracer.publish("events", order(6), routing_key="x.placed")
+            await memory.wait_for(
+                lambda items: (
+                    last.fc_id in ids(items, Kind.ROUTED, "inbox")
+                    and refund.fc_id in ids(items, Kind.ROUTED, "refunds")
+                    and other.fc_id in ids(items, Kind.ROUTED, "by-kind")
+                ),
+                WITHIN,
+            )
+        # Matching two bindings is one copy, as on the broker.
+        assert ids(memory.items, Kind.ROUTED, "inbox") == [both.fc_id, one.fc_id, last.fc_id]
+        assert none.fc_id in ids(memory.items, Kind.UNROUTABLE, "events")
+        assert ids(memory.items, Kind.ROUTED, "refunds") == [refund.fc_id]
+
+        memory = Memory()
+        async with Tracer(topology, [memory], channels=["inbox"]) as tracer:
+            alone = await tracer.publish("events", order(7), routing_key="order.placed")
+            await memory.wait_for(
+                lambda items: alone.fc_id in ids(items, Kind.ROUTED, "inbox"), WITHIN
+            )
+        assert {o.channel for o in memory.items if o.kind is not Kind.PUBLISHED} == {"inbox"}
