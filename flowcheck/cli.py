@@ -470,8 +470,14 @@ def _print_timelines(
 # ---------------------------------------------------------------- checking
 
 
-def _report(verdict: Verdict, report_dir: str | None, trace: str | None = None) -> None:
-    """Print the verdict and write the report files; then exit 0 (passed) or 1."""
+def _report(
+    verdict: Verdict, report_dir: str | None, trace: str | None = None, *, gate: bool = False
+) -> None:
+    """Print the verdict and write the report files; then exit 0 (passed) or 1.
+
+    ``gate``: the run waited for every chain it published, so a chain left unknown
+    is one a tap gap hid: the gate cannot pass it, and exits 3 unless a check failed.
+    """
     from rich.console import Console
 
     from flowcheck.reporting import terminal, write_reports
@@ -485,6 +491,14 @@ def _report(verdict: Verdict, report_dir: str | None, trace: str | None = None) 
         click.echo("reports: " + ", ".join(str(p) for p in paths.values()))
     if trace is not None:
         click.echo(f"trace: {trace} (flowcheck inspect {trace})")
+    unseen = sum(f.unknown for f in verdict.flows)
+    if gate and verdict.passed and unseen and verdict.gaps:
+        click.echo(
+            f"flowcheck: {_plural(unseen, 'chain')} unknown: a tap was not watching "
+            f"({_plural(len(verdict.gaps), 'gap')}); the gate cannot pass what it did not see",
+            err=True,
+        )
+        sys.exit(EXIT_INFRA)
     sys.exit(EXIT_OK if verdict.passed else EXIT_FAILED)
 
 
@@ -652,4 +666,4 @@ def run(topology_file: str, scenario_file: str | None, report_dir: str, no_apply
         sys.exit(128 + (caught[0] if caught else signal.SIGINT))
     for d in outcome.drift:
         click.echo(f"flowcheck: warning: drift: {d}", err=True)
-    _report(outcome.verdict, report_dir, outcome.trace)
+    _report(outcome.verdict, report_dir, outcome.trace, gate=not outcome.cut_short)

@@ -34,6 +34,7 @@ class Outcome:
     trace: str
     published: int
     drift: list[str]
+    cut_short: bool = False  # the scenario's timeout ended the wait before every window
 
 
 async def run(
@@ -134,7 +135,9 @@ async def _run(
     # timeout leaves the chains still inside theirs unknown, not lost.
     cut_short = scenario.timeout is not None and scenario.timeout < window
     verdict = checker.finish(end_ns=end if cut_short else end + window_ns(topology))
-    return Outcome(verdict=verdict, trace=trace, published=len(plan), drift=drift)
+    return Outcome(
+        verdict=verdict, trace=trace, published=len(plan), drift=drift, cut_short=cut_short
+    )
 
 
 def new_run_id() -> str:

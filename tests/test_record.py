@@ -564,3 +564,38 @@ async def _delete_stream(url: str, key: str) -> None:
         await client.delete(key)
     finally:
         await client.aclose()
+
+
+async def test_run_does_not_pass_chains_a_tap_gap_hid(
+    tmp_path: Path, unique: str, redis_url: str, redis: Redis
+) -> None:
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text('send: [{flow: order, count: 2, payload: {order_id: "{key}"}}]\n')
+    path = tmp_path / "topology.yaml"
+    async with forwarder(redis_url, 6379) as (through, cut):
+        path.write_text(
+            f'brokers: {{rd: {{kind: redis, url: "{through}"}}}}\n'
+            "channels:\n"
+            f"  orders: {{broker: rd, kind: stream, name: {unique}.orders}}\n"
+            f"  shipped: {{broker: rd, kind: stream, name: {unique}.shipped}}\n"
+            "flows: {order: {correlate: $.order_id, steps: [orders, shipped], deadline: 1s}}\n"
+        )
+        cmd = [*FLOWCHECK, "run", str(path), "--scenario", str(scenario)]
+        cmd += ["--report-dir", str(tmp_path / "reports")]
+        async with await anyio.open_process(cmd) as proc:
+            assert proc.stderr is not None
+            said: list[str] = []
+            with anyio.fail_after(60):
+                async for text in TextReceiveStream(proc.stderr):
+                    said.extend(text.splitlines())
+                    if "published; waiting" in text:
+                        break
+                await cut()  # nothing ships the orders, but the taps no longer see that
+                rc = await proc.wait()
+            async for text in TextReceiveStream(proc.stderr):
+                said.extend(text.splitlines())
+    assert rc == 3, "\n".join(said)
+    assert said[-1] == (
+        "flowcheck: 2 chains unknown: a tap was not watching (2 gaps); "
+        "the gate cannot pass what it did not see"
+    )
