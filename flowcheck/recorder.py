@@ -53,9 +53,9 @@ async def record(
     """Record until ``duration`` seconds pass, ``stop`` is set, or SIGINT/SIGTERM arrives.
 
     ``channels`` limits the taps (and ``apply``) to those channels. ``on_ready`` is
-    called once every tap is watching; ``on_tick`` with the counts
-    and ``on_down`` with the brokers whose taps cannot watch (since, why) every tick. Returns the number of
-    observations per channel. The trace file is complete and flushed when this
+    called once every tap is watching; every tick, ``on_tick`` with the counts and
+    ``on_down`` with the brokers whose taps cannot watch (since, why). Returns the
+    number of observations per channel. The trace file is complete and flushed when this
     returns, whatever stopped it. A stop before every tap is watching abandons
     connecting; then, as after an error that early, no trace file is left.
     """
@@ -71,16 +71,16 @@ async def record(
                 await _record(
                     topology,
                     out,
-                    topology_path,
-                    duration,
-                    apply,
-                    on_tick,
-                    on_ready,
-                    on_down,
-                    stop,
-                    channels,
-                    connected,
-                    counts,
+                    topology_path=topology_path,
+                    duration=duration,
+                    apply=apply,
+                    on_tick=on_tick,
+                    on_ready=on_ready,
+                    on_down=on_down,
+                    stop=stop,
+                    channels=channels,
+                    connected=connected,
+                    counts=counts,
                 )
             signals.cancel_scope.cancel()
     except BaseExceptionGroup as group:
@@ -91,6 +91,7 @@ async def record(
 async def _record(
     topology: Topology,
     out: str,
+    *,
     topology_path: str | None,
     duration: float | None,
     apply: bool,
