@@ -49,11 +49,13 @@ async def record(
     on_down: Callable[[dict[str, tuple[int, str]]], None] | None = None,
     stop: anyio.Event | None = None,
     channels: Sequence[str] | None = None,
+    on_drift: Callable[[Sequence[Drift]], None] | None = None,
 ) -> Counter[str]:
     """Record until ``duration`` seconds pass, ``stop`` is set, or SIGINT/SIGTERM arrives.
 
     ``channels`` limits the taps (and ``apply``) to those channels. ``on_ready`` is
-    called once every tap is watching; ``on_tick`` with the counts
+    called once every tap is watching; ``on_drift`` with the drift ``apply`` found, as
+    soon as it is found (a tap that then fails to start must not hide it); ``on_tick`` with the counts
     and ``on_down`` with the brokers whose taps cannot watch (since, why) every tick. Returns the number of
     observations per channel. The trace file is complete and flushed when this
     returns, whatever stopped it. A stop before every tap is watching abandons
@@ -81,6 +83,7 @@ async def record(
                     channels,
                     connected,
                     counts,
+                    on_drift,
                 )
             signals.cancel_scope.cancel()
     except BaseExceptionGroup as group:
@@ -101,8 +104,11 @@ async def _record(
     channels: Sequence[str] | None,
     connected: anyio.Event,
     counts: Counter[str],
+    on_drift: Callable[[Sequence[Drift]], None] | None,
 ) -> None:
     drift = await apply_all(topology, channels) if apply else []
+    if drift and on_drift is not None:
+        on_drift(drift)
     mono, wall = now()
     header = Header(
         topology=topology.name,
