@@ -19,6 +19,7 @@ import pytest
 from anyio.streams.text import TextReceiveStream
 from click.testing import CliRunner
 from harness import forwarder
+from pamqp.common import Arguments
 from redis.asyncio import Redis
 
 from flowcheck.cli import _Echo, cli
@@ -601,12 +602,12 @@ async def test_run_does_not_pass_chains_a_tap_gap_hid(
     )
 
 
-async def _declare_by_hand(url: str, queue: str, arguments: dict[str, object]) -> None:
+async def _declare_by_hand(url: str, queue: str, arguments: Arguments) -> None:
     """Declare ``queue`` as someone else would; raises if it exists with other arguments."""
     connection = await aio_pika.connect(url)
     try:
         channel = await connection.channel()
-        await channel.declare_queue(queue, durable=True, arguments=arguments)  # type: ignore[arg-type]
+        await channel.declare_queue(queue, durable=True, arguments=arguments)
     finally:
         await connection.close()
 
@@ -614,7 +615,7 @@ async def _declare_by_hand(url: str, queue: str, arguments: dict[str, object]) -
 def test_record_apply_warns_of_drift_and_records_on(
     tmp_path: Path, topology_file: Path, unique: str, rabbitmq_url: str
 ) -> None:
-    hand = {"x-max-length": 7}
+    hand: Arguments = {"x-max-length": 7}
     anyio.run(_declare_by_hand, rabbitmq_url, f"{unique}.billing", hand)
     out = tmp_path / "trace.jsonl"
     args = ["record", str(topology_file), "--out", str(out), "--duration", "100ms", "--apply"]
@@ -638,7 +639,8 @@ def test_run_warns_of_drift_before_it_stops_on_an_error(
 ) -> None:
     # The stream's key holds a string: the tap cannot start, and the run stops with
     # exit 3; the drift apply found must still have been said.
-    anyio.run(_declare_by_hand, rabbitmq_url, f"{unique}.billing", {"x-max-length": 7})
+    hand: Arguments = {"x-max-length": 7}
+    anyio.run(_declare_by_hand, rabbitmq_url, f"{unique}.billing", hand)
     anyio.run(_set_string, redis_url, f"{unique}.ship")
     args = ["run", str(topology_file), "--report-dir", str(tmp_path / "reports")]
     try:
