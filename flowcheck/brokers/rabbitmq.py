@@ -226,10 +226,14 @@ class RabbitMQAdapter(Adapter):
                 text = _reason(exc)
                 m = _INEQUIVALENT.search(text)
                 arg: str = m["arg"] if m else ""
+                if m is None and not drift:
+                    # Not a difference from what exists but a declaration the broker
+                    # refuses (an invalid argument): nothing to carry on with.
+                    await ch.close()
+                    kind = type(self.topology.channels[key]).__name__.lower()
+                    raise BrokerError(self.name, f"cannot declare {kind} {key!r}: {text}") from None
                 if m is None or any(d.setting == arg for d in drift):
-                    # Not a difference it names, or one this cannot take over: say it as is.
-                    drift.append(Drift(key, "declaration", "as declared", text))
-                    return ch, drift
+                    return ch, drift  # cannot declare it as the broker has it: this is all
                 want = spec.get(arg, args.get(arg))
                 have = _side(m, "have_", want)
                 drift.append(Drift(key, arg, want, have))

@@ -350,6 +350,30 @@ async def test_every_setting_that_differs_is_reported_and_the_rest_is_declared(
         await message.ack()
 
 
+async def test_arguments_the_broker_refuses_are_an_error_not_drift(
+    amqp: AmqpScope, rabbitmq_url: str, unique: str
+) -> None:
+    topology = load(
+        f"""
+brokers:
+  rabbit: {{kind: rabbitmq, url: "${{FC_URL}}"}}
+channels:
+  work: {{broker: rabbit, kind: queue, name: "{unique}.work", arguments: {{x-max-length: "10"}}}}
+""",
+        FC_URL=rabbitmq_url,
+    )
+    async with cleaned(topology, "rabbit") as ad:
+        with pytest.raises(BrokerError) as caught:
+            await ad.apply()
+    message = str(caught.value)
+    assert message.startswith(
+        f"rabbit: cannot declare queue 'work': PRECONDITION_FAILED - invalid arg "
+        f"'x-max-length' for queue '{unique}.work' in vhost "
+    )
+    assert message.endswith('"expected integer, got longstr"')
+    assert not await amqp.queue_exists(f"{unique}.work")
+
+
 async def test_a_user_who_may_not_configure_gets_a_clear_error(
     rabbitmq_url: str, unique: str
 ) -> None:
