@@ -23,6 +23,7 @@ from flowcheck import __version__
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from flowcheck.brokers.base import Drift
     from flowcheck.checker import Verdict
     from flowcheck.observations import Observation
     from flowcheck.runner import Outcome
@@ -285,6 +286,11 @@ def record(
         if live is not None:
             live.update(table(seen), refresh=True)
 
+    def drifted(drift: Sequence[Drift]) -> None:
+        # soft_wrap: one line per drift, whole, for a CI log to grep.
+        for d in drift:
+            console.print(f"flowcheck: warning: drift: {escape(str(d))}", soft_wrap=True)
+
     def ready() -> None:
         stops = f"after {duration}" if duration else "on Ctrl-C"
         console.print(f"recording {_plural(len(tapped), 'channel')} to {out}; stops {stops}")
@@ -301,6 +307,7 @@ def record(
                 on_ready=ready,
                 on_down=status,
                 channels=tapped,
+                on_drift=drifted,
             )
         )
 
@@ -589,6 +596,7 @@ def run(topology_file: str, scenario_file: str | None, report_dir: str, no_apply
 
     import anyio
     from rich.console import Console
+    from rich.markup import escape
 
     from flowcheck import scenario as scenarios
     from flowcheck.errors import TopologyError
@@ -637,7 +645,10 @@ def run(topology_file: str, scenario_file: str | None, report_dir: str, no_apply
                         report_dir,
                         topology_path=topology_file,
                         apply=not no_apply,
-                        progress=lambda line: console.print(f"flowcheck: {line}"),
+                        # Lines carry names and values from the brokers: not markup.
+                        progress=lambda line: console.print(
+                            f"flowcheck: {escape(line)}", soft_wrap=True
+                        ),
                         run_id=run_id,
                     )
                     tg.cancel_scope.cancel()
@@ -664,6 +675,4 @@ def run(topology_file: str, scenario_file: str | None, report_dir: str, no_apply
         )
         click.echo(f"flowcheck: interrupted by {name}: no verdict, no reports; {left}", err=True)
         sys.exit(128 + (caught[0] if caught else signal.SIGINT))
-    for d in outcome.drift:
-        click.echo(f"flowcheck: warning: drift: {d}", err=True)
     _report(outcome.verdict, report_dir, outcome.trace, gate=not outcome.cut_short)

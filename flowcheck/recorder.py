@@ -49,15 +49,18 @@ async def record(
     on_down: Callable[[dict[str, tuple[int, str]]], None] | None = None,
     stop: anyio.Event | None = None,
     channels: Sequence[str] | None = None,
+    on_drift: Callable[[Sequence[Drift]], None] | None = None,
 ) -> Counter[str]:
     """Record until ``duration`` seconds pass, ``stop`` is set, or SIGINT/SIGTERM arrives.
 
     ``channels`` limits the taps (and ``apply``) to those channels. ``on_ready`` is
     called once every tap is watching; every tick, ``on_tick`` with the counts and
     ``on_down`` with the brokers whose taps cannot watch (since, why). Returns the
-    number of observations per channel. The trace file is complete and flushed when this
-    returns, whatever stopped it. A stop before every tap is watching abandons
-    connecting; then, as after an error that early, no trace file is left.
+    number of observations per channel; ``on_drift`` hears of drift as soon as ``apply``
+    finds it (a tap that then fails to start must not hide it). The trace file is
+    complete and flushed when this returns, whatever stopped it. A stop before every
+    tap is watching abandons connecting; then, as after an error that early, no trace
+    file is left.
     """
     stop = stop or anyio.Event()
     connected = anyio.Event()
@@ -81,6 +84,7 @@ async def record(
                     channels=channels,
                     connected=connected,
                     counts=counts,
+                    on_drift=on_drift,
                 )
             signals.cancel_scope.cancel()
     except BaseExceptionGroup as group:
@@ -102,8 +106,11 @@ async def _record(
     channels: Sequence[str] | None,
     connected: anyio.Event,
     counts: Counter[str],
+    on_drift: Callable[[Sequence[Drift]], None] | None,
 ) -> None:
     drift = await apply_all(topology, channels) if apply else []
+    if drift and on_drift is not None:
+        on_drift(drift)
     mono, wall = now()
     header = Header(
         topology=topology.name,

@@ -82,6 +82,8 @@ async def _run(
     except OSError as exc:
         raise UsageError(f"cannot create the report directory {out_dir}: {exc.strerror}") from None
     drift = [str(d) for d in await apply_all(topology)] if apply else []
+    for d in drift:  # now, not with the verdict: a tap that cannot start must not hide it
+        say(f"warning: drift: {d}")
     trace = os.path.join(out_dir, f"trace-{run_id}.jsonl")
     mono, wall = now()
     header = Header(

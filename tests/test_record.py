@@ -19,6 +19,7 @@ import pytest
 from anyio.streams.text import TextReceiveStream
 from click.testing import CliRunner
 from harness import forwarder
+from pamqp.common import Arguments
 from redis.asyncio import Redis
 
 from flowcheck.cli import _Echo, cli
@@ -599,3 +600,68 @@ async def test_run_does_not_pass_chains_a_tap_gap_hid(
         "flowcheck: 2 chains unknown: a tap was not watching (2 gaps); "
         "the gate cannot pass what it did not see"
     )
+
+
+async def _declare_by_hand(url: str, queue: str, arguments: Arguments) -> None:
+    """Declare ``queue`` as someone else would; raises if it exists with other arguments."""
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(queue, durable=True, arguments=arguments)
+    finally:
+        await connection.close()
+
+
+def test_record_apply_warns_of_drift_and_records_on(
+    tmp_path: Path, topology_file: Path, unique: str, rabbitmq_url: str
+) -> None:
+    hand: Arguments = {"x-max-length": 7}
+    anyio.run(_declare_by_hand, rabbitmq_url, f"{unique}.billing", hand)
+    out = tmp_path / "trace.jsonl"
+    args = ["record", str(topology_file), "--out", str(out), "--duration", "100ms", "--apply"]
+    try:
+        result = CliRunner().invoke(cli, args)
+        # The queue kept its own arguments: declaring it as the hand did still works.
+        anyio.run(_declare_by_hand, rabbitmq_url, f"{unique}.billing", hand)
+    finally:
+        anyio.run(_cleanup, topology_file.read_text())
+    assert result.exit_code == 0, result.output
+    assert (
+        "flowcheck: warning: drift: billing: x-max-length is 7 on the broker, "
+        "the topology does not set it"
+    ) in result.output
+    assert "recording 3 channels" in result.output
+    assert [o.channel for o in Reader(str(out)) if o.kind is Kind.DRIFT] == ["billing"]
+
+
+def test_run_warns_of_drift_before_it_stops_on_an_error(
+    tmp_path: Path, topology_file: Path, unique: str, rabbitmq_url: str, redis_url: str
+) -> None:
+    # The stream's key holds a string: the tap cannot start, and the run stops with
+    # exit 3; the drift apply found must still have been said.
+    hand: Arguments = {"x-max-length": 7}
+    anyio.run(_declare_by_hand, rabbitmq_url, f"{unique}.billing", hand)
+    anyio.run(_set_string, redis_url, f"{unique}.ship")
+    args = ["run", str(topology_file), "--report-dir", str(tmp_path / "reports")]
+    try:
+        result = CliRunner().invoke(cli, args)
+    finally:
+        anyio.run(_cleanup_all, topology_file.read_text(), redis_url, f"{unique}.ship")
+    assert result.exit_code == 3, result.output
+    assert "flowcheck: warning: drift: billing: x-max-length is 7" in result.output
+    assert "flowcheck: warning: drift: ship: type is 'string' on the broker" in result.output
+    assert "cannot tap keys that are not streams" in result.output
+    assert "Traceback" not in result.output
+
+
+async def _set_string(url: str, key: str) -> None:
+    client = Redis.from_url(url)
+    try:
+        await client.set(key, "not a stream")
+    finally:
+        await client.aclose()
+
+
+async def _cleanup_all(text: str, redis_url: str, key: str) -> None:
+    await _delete_stream(redis_url, key)  # any type: DEL does not care
+    await _cleanup(text)

@@ -34,7 +34,7 @@ Sink = Callable[[Observation], None]
 
 @dataclass(frozen=True, slots=True)
 class Drift:
-    """A channel on the broker that differs from the topology."""
+    """A channel on the broker that differs from the topology; None: the setting is not set."""
 
     channel: str
     setting: str
@@ -42,7 +42,9 @@ class Drift:
     have: Any
 
     def __str__(self) -> str:
-        return f"{self.channel}: {self.setting} is {self.have!r} on the broker, the topology says {self.want!r}"
+        have = "is not set" if self.have is None else f"is {self.have!r}"
+        want = "does not set it" if self.want is None else f"says {self.want!r}"
+        return f"{self.channel}: {self.setting} {have} on the broker, the topology {want}"
 
 
 class Adapter(abc.ABC):

@@ -8,7 +8,6 @@ the groups the topology names are polled as evidence of consumption.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import logging
 import os
@@ -238,6 +237,10 @@ class KafkaAdapter(Adapter):
 
     async def _partitions(self, names: Sequence[str]) -> dict[str, int]:
         """Partition count of each existing topic among ``names``."""
+        return {name: parts for name, (parts, _) in (await self._shapes(names)).items()}
+
+    async def _shapes(self, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """(partitions, replication factor) of each existing topic among ``names``."""
         if not names:
             return {}
         existing = set(await self.admin.list_topics())
@@ -245,21 +248,32 @@ class KafkaAdapter(Adapter):
         if not wanted:
             return {}
         described = await self.admin.describe_topics(wanted)
-        return {d["topic"]: len(d["partitions"]) for d in described if not d.get("error_code")}
+        return {
+            d["topic"]: (
+                len(d["partitions"]),
+                max((len(p.get("replicas") or ()) for p in d["partitions"]), default=0),
+            )
+            for d in described
+            if not d.get("error_code")
+        }
 
     async def apply(self, channels: Sequence[str] | None = None) -> list[Drift]:
         keys = list(channels) if channels is not None else self.channels()
         topics = {k: self.topology.channels[k] for k in keys}
         drift: list[Drift] = []
         try:
-            have = await self._partitions([self._names[k] for k in keys])
+            have = await self._shapes([self._names[k] for k in keys])
             new = []
             for key, t in topics.items():
                 assert isinstance(t, Topic)
                 name = self._names[key]
                 if name in have:
-                    if have[name] != t.partitions:
-                        drift.append(Drift(key, "partitions", t.partitions, have[name]))
+                    partitions, replication = have[name]
+                    if partitions != t.partitions:
+                        drift.append(Drift(key, "partitions", t.partitions, partitions))
+                    # Unset, the topology leaves the factor to the broker: nothing to differ.
+                    if t.replication is not None and replication != t.replication:
+                        drift.append(Drift(key, "replication", t.replication, replication))
                 else:
                     new.append(
                         NewTopic(
@@ -267,13 +281,41 @@ class KafkaAdapter(Adapter):
                         )
                     )
             if new:
-                # Created meanwhile by someone else is fine.
-                with contextlib.suppress(kafka_errors.TopicAlreadyExistsError):
-                    await self.admin.create_topics(new)
-                await self._await_topics([n.name for n in new])
+                response = await self.admin.create_topics(new)
+                refused = self._refused(response)
+                # Wait for the others: the error should not leave them half made.
+                await self._await_topics([n.name for n in new if n.name not in refused])
+                if refused:
+                    raise BrokerError(
+                        self.name,
+                        f"{self._where()} would not create "
+                        + "; ".join(f"topic {n!r}: {why}" for n, why in refused.items()),
+                    )
         except kafka_errors.KafkaError as exc:
             raise self._translate(exc) from None
+        except TimeoutError:
+            raise BrokerError(
+                self.name,
+                f"{self._where()}: new topics did not show up in its metadata "
+                f"within {CONNECT_TIMEOUT:g}s",
+            ) from None
         return drift
+
+    @staticmethod
+    def _refused(response: Any) -> dict[str, str]:
+        """The topics a CreateTopics response refused, with why.
+
+        The admin client returns per-topic errors in the response instead of raising
+        them; one created meanwhile by someone else is fine.
+        """
+        refused: dict[str, str] = {}
+        for topic, code, *message in response.topic_errors:
+            if code in (0, kafka_errors.TopicAlreadyExistsError.errno):
+                continue
+            error = kafka_errors.for_code(code)
+            text = message[0] if message and message[0] else error.description
+            refused[topic] = f"{error.message} ({text})"
+        return refused
 
     async def _await_topics(self, names: list[str]) -> None:
         """Wait until the new topics show up in metadata with all their partitions."""

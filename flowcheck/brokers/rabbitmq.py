@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -33,10 +33,16 @@ from aiormq import exceptions as aiormq_errors  # noqa: E402
 from aiormq.abc import DeliveredMessage  # noqa: E402
 
 TRACE_EXCHANGE = "amq.rabbitmq.trace"
+# RabbitMQ's answer to a declare that differs from what exists. A side is "none" (not
+# set), 'v' or "the value 'v' of type 't'"; values may hold spaces.
+_SIDE = r"(?:(?P<{0}none>none)|the value '(?P<{0}typed>.*?)' of type '(?P<{0}type>[^']+)'|'(?P<{0}plain>.*?)')"
 _INEQUIVALENT = re.compile(
-    r"inequivalent arg '(?P<arg>[^']+)' for (?:queue|exchange) '(?P<name>[^']*)'.*?"
-    r"received (?:the value )?'?(?P<want>[^' ]*)'?.*?current is (?:the value )?'?(?P<have>[^' ]*)'?"
+    r"inequivalent arg '(?P<arg>[^']+)' for (?:queue|exchange) '.*?' in vhost '.*?': "
+    rf"received {_SIDE.format('want_')} but current is {_SIDE.format('have_')}$"
 )
+_INT_TYPES = frozenset({"byte", "unsignedbyte", "short", "unsignedshort", "signedint"})
+_INT_TYPES |= {"unsignedint", "long", "timestamp"}
+PROBES = 16  # declares per channel to find each setting that differs, at most
 RECONNECT_MAX = 2.0  # seconds between reconnection attempts, at most
 
 
@@ -155,30 +161,17 @@ class RabbitMQAdapter(Adapter):
         try:
             for key, ex in exchanges:
                 assert isinstance(ex, Exchange)
-                args = (
-                    {"alternate-exchange": self._names.get(ex.alternate, ex.alternate)}
-                    if ex.alternate
-                    else None
-                )
-                ch, d = await self._declare(
-                    ch,
-                    key,
-                    lambda c, ex=ex, key=key, args=args: c.declare_exchange(
-                        self._names[key], ex.type, durable=ex.durable, arguments=args
-                    ),
-                )
+                args = {}
+                if ex.alternate:
+                    args["alternate-exchange"] = self._names.get(ex.alternate, ex.alternate)
+                spec = {"type": ex.type, "durable": ex.durable}
+                ch, d = await self._declare(ch, key, spec, args, self._exchange)
                 drift += d
             for key, q in queues:
                 assert isinstance(q, Queue)
-                ch, d = await self._declare(
-                    ch,
-                    key,
-                    lambda c, q=q, key=key: c.declare_queue(
-                        self._names[key],
-                        durable=q.durable or q.type == "quorum",
-                        arguments=queue_arguments(q, self._names),
-                    ),
-                )
+                spec = {"durable": q.durable or q.type == "quorum"}
+                args = queue_arguments(q, self._names)
+                ch, d = await self._declare(ch, key, spec, args, self._queue)
                 drift += d
             for key, q in queues:
                 assert isinstance(q, Queue)
@@ -198,20 +191,59 @@ class RabbitMQAdapter(Adapter):
                 await ch.close()
         return drift
 
-    async def _declare(self, ch: Any, key: str, declare: Any) -> tuple[Any, list[Drift]]:
-        try:
-            await declare(ch)
-            return ch, []
-        except amqp_errors.ChannelPreconditionFailed as exc:
-            # The channel is closed by the broker after a failed declare: open another.
-            text = _reason(exc)
-            m = _INEQUIVALENT.search(text)
-            drift = (
-                Drift(key, m["arg"], m["want"], m["have"])
-                if m
-                else Drift(key, "declaration", "as declared", text)
-            )
-            return await self._channel(), [drift]
+    async def _exchange(
+        self, ch: Any, key: str, spec: dict[str, Any], args: dict[str, Any]
+    ) -> None:
+        await ch.declare_exchange(
+            self._names[key], spec["type"], durable=spec["durable"], arguments=args or None
+        )
+
+    async def _queue(self, ch: Any, key: str, spec: dict[str, Any], args: dict[str, Any]) -> None:
+        await ch.declare_queue(self._names[key], durable=spec["durable"], arguments=args)
+
+    async def _declare(
+        self,
+        ch: Any,
+        key: str,
+        spec: dict[str, Any],
+        args: dict[str, Any],
+        declare: Callable[[Any, str, dict[str, Any], dict[str, Any]], Awaitable[None]],
+    ) -> tuple[Any, list[Drift]]:
+        """Declare channel ``key`` by ``declare(ch, key, spec, args)``; its drift, every setting.
+
+        RabbitMQ names only the first setting that differs, and closes the channel.
+        To find the next, declare again with that setting as the broker has it:
+        declaring what already exists, as it exists, changes nothing.
+        """
+        spec, args = dict(spec), dict(args)
+        drift: list[Drift] = []
+        for _ in range(PROBES):
+            try:
+                await declare(ch, key, spec, args)
+                return ch, drift
+            except amqp_errors.ChannelPreconditionFailed as exc:
+                ch = await self._channel()  # the broker closed the last one
+                text = _reason(exc)
+                m = _INEQUIVALENT.search(text)
+                arg: str = m["arg"] if m else ""
+                if m is None and not drift:
+                    # Not a difference from what exists but a declaration the broker
+                    # refuses (an invalid argument): nothing to carry on with.
+                    await ch.close()
+                    kind = type(self.topology.channels[key]).__name__.lower()
+                    raise BrokerError(self.name, f"cannot declare {kind} {key!r}: {text}") from None
+                if m is None or any(d.setting == arg for d in drift):
+                    return ch, drift  # cannot declare it as the broker has it: this is all
+                want = spec.get(arg, args.get(arg))
+                have = _side(m, "have_", want)
+                drift.append(Drift(key, arg, want, have))
+                if arg in spec:
+                    spec[arg] = have
+                elif have is None:
+                    args.pop(arg, None)
+                else:
+                    args[arg] = have
+        return ch, drift
 
     # ------------------------------------------------------------ publish
 
@@ -557,6 +589,30 @@ def _props(p: Any) -> dict[str, Any]:
         "user_id": p.user_id,
         "reply_to": p.reply_to,
     }
+
+
+def _side(m: re.Match[str], side: str, ours: Any) -> Any:
+    """One side of an inequivalent-arg answer as a value: None where it is not set.
+
+    The broker names the type only when the other side is not set; otherwise the
+    value is read as the same kind as ``ours``, or, where it reads the same as
+    ``ours`` (so differs only in type), as the kind it looks like.
+    """
+    if m[f"{side}none"]:
+        return None
+    if m[f"{side}type"] is not None:
+        text, kind = m[f"{side}typed"], m[f"{side}type"]
+        if kind in _INT_TYPES and re.fullmatch(r"-?\d+", text):
+            return int(text)
+        if kind == "bool" and text in ("true", "false"):
+            return text == "true"
+        return text
+    text = m[f"{side}plain"]
+    if isinstance(ours, bool) or (str(ours).lower() == text and text in ("true", "false")):
+        return text == "true" if text in ("true", "false") else text
+    if (isinstance(ours, int) or str(ours) == text) and re.fullmatch(r"-?\d+", text):
+        return int(text)
+    return text
 
 
 def _reason(exc: BaseException) -> str:

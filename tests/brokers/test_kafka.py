@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from types import SimpleNamespace
+from typing import Any
 
 import aiokafka.codec
 import anyio
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import NewTopic
 from harness import KafkaScope
 
 from flowcheck.brokers.kafka import KafkaAdapter
@@ -165,6 +168,53 @@ async def test_topic_with_other_partition_count_drifts(
             ("payments", "partitions", 3, 1)
         ]
         assert "partitions" in str(drift[0])
+
+
+async def test_topic_with_more_partitions_and_another_replication_drifts_untouched(
+    kafka_bootstrap: str, kafka: KafkaScope, unique: str
+) -> None:
+    await kafka.create_topic(f"{unique}.payments", partitions=4)  # replication factor 1
+    text = topology_yaml(kafka_bootstrap, unique, partitions=1)
+    topology = load(text.replace("partitions: 1\n", "partitions: 1\n    replication: 2\n", 1))
+    async with cleaned(topology, "kafka") as ad:
+        for _ in range(2):  # reported again, not "fixed"
+            drift = await ad.apply()
+            assert [(d.channel, d.setting, d.want, d.have) for d in drift] == [
+                ("payments", "partitions", 1, 4),
+                ("payments", "replication", 2, 1),
+            ]
+        assert str(drift[1]) == ("payments: replication is 1 on the broker, the topology says 2")
+        described = await kafka.admin.describe_topics([f"{unique}.payments"])
+        assert [len(p["replicas"]) for p in described[0]["partitions"]] == [1, 1, 1, 1]
+        # The rest of the topology was still applied.
+        assert {f"{unique}.payments-retry-0", f"{unique}.payments-dlt"} <= await kafka.topic_names()
+
+
+async def test_a_topic_the_broker_refuses_to_create_is_a_clear_error(
+    kafka_bootstrap: str, kafka: KafkaScope, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Kafka refuses, say, more replicas than it has brokers in the response, not by
+    # raising; the bundled broker refuses nothing, so its answer for one topic is made up.
+    refused = f"{unique}.payments"
+    topology = load(topology_yaml(kafka_bootstrap, unique))
+    async with cleaned(topology, "kafka") as ad:
+        assert isinstance(ad, KafkaAdapter)
+        real = ad.admin.create_topics
+
+        async def create_topics(new: list[NewTopic], *args: Any, **kwargs: Any) -> Any:
+            response = await real([t for t in new if t.name != refused], *args, **kwargs)
+            error = (refused, 38, "Replication factor: 3 larger than available brokers: 1.")
+            return SimpleNamespace(topic_errors=[*response.topic_errors, error])
+
+        monkeypatch.setattr(ad.admin, "create_topics", create_topics)
+        with anyio.fail_after(5), pytest.raises(BrokerError) as info:  # not the metadata wait
+            await ad.apply()
+        assert str(info.value) == (
+            f"kafka: Kafka at {kafka_bootstrap} would not create topic {refused!r}: "
+            "INVALID_REPLICATION_FACTOR "
+            "(Replication factor: 3 larger than available brokers: 1.)"
+        )
+        assert {f"{unique}.payments-retry-0", f"{unique}.payments-dlt"} <= await kafka.topic_names()
 
 
 async def test_unreachable_is_one_error_with_aiokafkas_reasons(

@@ -6,8 +6,9 @@ Needs ``rabbitmqctl`` for the broker under test (the firehose and killing connec
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import AsyncIterator, Callable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
 import anyio
@@ -15,6 +16,7 @@ import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractIncomingMessage
 from harness import AmqpScope
+from pamqp.common import Arguments
 
 from flowcheck.brokers.rabbitmq import RabbitMQAdapter
 from flowcheck.errors import BrokerAuthError, BrokerError
@@ -278,6 +280,125 @@ channels:
         assert drift[0].have != "quorum"
         # Reported again, not "fixed": flowcheck never deletes a queue to redeclare it.
         assert [d.setting for d in await ad.apply()] == ["x-queue-type"]
+
+
+MANY_YAML = """
+brokers:
+  rabbit: {{kind: rabbitmq, url: "${{FC_URL}}"}}
+channels:
+  jobs: {{broker: rabbit, kind: exchange, type: topic, name: "{p}.jobs", durable: false}}
+  dead: {{broker: rabbit, kind: exchange, type: fanout, name: "{p}.dead", durable: false}}
+  work:
+    broker: rabbit
+    kind: queue
+    name: "{p}.work"
+    ttl: 1m
+    max_length: 10
+    overflow: reject-publish
+    dead_letter: {{exchange: dead, key: dl}}
+  other: {{broker: rabbit, kind: queue, name: "{p}.other", bindings: [{{exchange: jobs, key: job}}]}}
+  dlq: {{broker: rabbit, kind: queue, name: "{p}.dlq", bindings: [dead]}}
+"""
+
+
+async def test_every_setting_that_differs_is_reported_and_the_rest_is_declared(
+    amqp: AmqpScope, rabbitmq_url: str, unique: str
+) -> None:
+    # RabbitMQ names one difference per declare, and closes the channel for it.
+    await amqp.declare_exchange(f"{unique}.jobs", aio_pika.ExchangeType.DIRECT, durable=True)
+    hand: Arguments = {
+        "x-message-ttl": 30000,
+        "x-overflow": "drop-head",
+        "x-dead-letter-exchange": "some where",  # a name with a space is read whole
+        "x-max-priority": 5,
+    }
+    await amqp.declare_queue(f"{unique}.work", durable=False, arguments=hand)
+    topology = load(MANY_YAML.format(p=unique), FC_URL=rabbitmq_url)
+    async with cleaned(topology, "rabbit") as ad:
+        for _ in range(2):  # reported again, not "fixed"
+            drift = await ad.apply()
+            # In the order the broker checks them: by channel, then as it likes.
+            assert sorted((d.channel, d.setting, d.want, d.have) for d in drift) == [
+                ("jobs", "durable", False, True),
+                ("jobs", "type", "topic", "direct"),
+                ("work", "durable", True, False),
+                ("work", "x-dead-letter-exchange", f"{unique}.dead", "some where"),
+                ("work", "x-dead-letter-routing-key", "dl", None),
+                ("work", "x-max-length", 10, None),
+                ("work", "x-max-priority", None, 5),
+                ("work", "x-message-ttl", 60000, 30000),
+                ("work", "x-overflow", "reject-publish", "drop-head"),
+            ]
+        said = {d.setting: str(d) for d in drift}
+        assert said["x-max-length"] == (
+            "work: x-max-length is not set on the broker, the topology says 10"
+        )
+        assert said["x-max-priority"] == (
+            "work: x-max-priority is 5 on the broker, the topology does not set it"
+        )
+        # Nothing was changed: declaring both as the hand did still works.
+        await amqp.declare_exchange(f"{unique}.jobs", aio_pika.ExchangeType.DIRECT, durable=True)
+        await amqp.declare_queue(f"{unique}.work", durable=False, arguments=hand)
+        # The rest was declared, and bound, to the exchange as it is (direct: "job" still routes).
+        assert await amqp.queue_exists(f"{unique}.dlq")
+        exchange = await amqp.channel.get_exchange(f"{unique}.jobs")
+        await exchange.publish(aio_pika.Message(b"x"), routing_key="job")  # confirmed: enqueued
+        other = await amqp.channel.get_queue(f"{unique}.other")
+        message = await other.get(fail=False)
+        assert message is not None
+        assert message.body == b"x"
+        await message.ack()
+
+
+async def test_arguments_the_broker_refuses_are_an_error_not_drift(
+    amqp: AmqpScope, rabbitmq_url: str, unique: str
+) -> None:
+    topology = load(
+        f"""
+brokers:
+  rabbit: {{kind: rabbitmq, url: "${{FC_URL}}"}}
+channels:
+  work: {{broker: rabbit, kind: queue, name: "{unique}.work", arguments: {{x-max-length: "10"}}}}
+""",
+        FC_URL=rabbitmq_url,
+    )
+    async with cleaned(topology, "rabbit") as ad:
+        with pytest.raises(BrokerError) as caught:
+            await ad.apply()
+    message = str(caught.value)
+    assert message.startswith(
+        f"rabbit: cannot declare queue 'work': PRECONDITION_FAILED - invalid arg "
+        f"'x-max-length' for queue '{unique}.work' in vhost "
+    )
+    assert message.endswith('"expected integer, got longstr"')
+    assert not await amqp.queue_exists(f"{unique}.work")
+
+
+async def test_a_user_who_may_not_configure_gets_a_clear_error(
+    rabbitmq_url: str, unique: str
+) -> None:
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is not installed: cannot create a user without configure rights")
+    user, password = f"{unique}-user", "n0t-Shown-pw"
+    await rabbitmqctl("add_user", user, password)
+    try:
+        vhost = urlsplit(rabbitmq_url).path[1:] or "/"
+        await rabbitmqctl("set_permissions", "-p", unquote(vhost), user, "^$", ".*", ".*")
+        parts = urlsplit(rabbitmq_url)
+        url = urlunsplit(
+            parts._replace(netloc=f"{user}:{password}@{parts.hostname}:{parts.port or 5672}")
+        )
+        topology = load(MANY_YAML.format(p=unique), FC_URL=url)
+        async with RabbitMQAdapter("rabbit", topology) as ad:
+            with pytest.raises(BrokerAuthError) as caught:
+                await ad.apply()
+    finally:
+        await rabbitmqctl("delete_user", user)
+    assert str(caught.value) == (
+        f"rabbit: permission denied: ACCESS_REFUSED - access to exchange '{unique}.jobs' "
+        f"in vhost '{unquote(vhost)}' refused for user '{user}'"
+    )
+    assert password not in str(caught.value)
 
 
 async def test_tap_reports_gap_and_resumes_after_losing_its_connection(

@@ -347,3 +347,36 @@ def test_pause_holds_back_only_reads_that_come_sooner_than_the_interval() -> Non
 
     assert pause(started=10.0, now=10.004, interval=0.01) == pytest.approx(0.006)
     assert pause(started=10.0, now=12.0, interval=0.01) == 0.0  # the read blocked: no wait
+
+
+GROUPS_YAML = """
+brokers:
+  redis: {{kind: redis, url: "${{FC_URL}}"}}
+channels:
+  events: {{broker: redis, kind: stream, name: "{p}.events", groups: [billing, shipping]}}
+  jobs: {{broker: redis, kind: stream, name: "{p}.jobs", groups: [billing]}}
+"""
+
+
+async def test_a_key_that_is_not_a_stream_drifts_untouched_and_the_rest_is_declared(
+    redis_url: str, redis: Redis, unique: str
+) -> None:
+    await redis.hset(f"{unique}.jobs", mapping={"a": "1"})
+    first = await redis.xadd(f"{unique}.events", {"x": "1"})
+    # A group at another id than apply's "$": the topology says nothing of where a
+    # group starts, so it is no drift, and it stays where it is.
+    await redis.xgroup_create(f"{unique}.events", "billing", id="0")
+    topology = load(GROUPS_YAML.format(p=unique), FC_URL=redis_url)
+    async with cleaned(topology, "redis") as ad:
+        for _ in range(2):  # reported again, not "fixed"
+            drift = await ad.apply()
+            assert [(d.channel, d.setting, d.want, d.have) for d in drift] == [
+                ("jobs", "type", "stream", "hash")
+            ]
+        assert str(drift[0]) == "jobs: type is 'hash' on the broker, the topology says 'stream'"
+        assert await redis.hgetall(f"{unique}.jobs") == {b"a": b"1"}
+        groups = await redis.xinfo_groups(f"{unique}.events")
+        assert {g["name"]: g["last-delivered-id"] for g in groups} == {
+            b"billing": b"0-0",
+            b"shipping": first,
+        }
