@@ -6,19 +6,23 @@ import hashlib
 import re
 import traceback
 from collections import Counter
+from pathlib import Path
 
 import anyio
 import pytest
+from click.testing import CliRunner
 
 import flowcheck.tracer as tracer_module
 from flowcheck.brokers import Adapter
 from flowcheck.brokers import adapter as make_adapter
+from flowcheck.cli import cli
 from flowcheck.errors import BrokerAuthError, BrokerError, BrokerUnreachable
 from flowcheck.observations import PAYLOAD_CAP, Kind, Observation, encode, trace_id_of
 from flowcheck.redact import MASK
+from flowcheck.trace import Header, Reader, Writer
 from flowcheck.tracer import Memory, Tracer
 
-from .conftest import FLOW, SECRET, Kit, ids, of, order
+from .conftest import BIG_BODY, FLOW, SECRET, Kit, ids, of, order
 
 N = 20
 
@@ -211,3 +215,71 @@ async def test_a_tap_too_slow_to_start_is_a_broker_error(
         async with Tracer(kit.topology, []):
             pass
     assert str(info.value) == f"{kit.broker}: the tap did not start watching within 0s"
+
+
+# ---------------------------------------------------------------- messages from other systems
+
+CASE = "x-case"  # a header naming each message a test sends through a plain client
+LINE_MAX = 256 * 1024  # bytes: no trace line may be longer, whatever the message
+Sent = dict[str, tuple[bytes | None, dict[str, str]]]  # case -> (body, headers)
+
+
+async def _trace_sent(kit: Kit, path: Path, messages: Sent) -> list[Observation]:
+    """Tap while a plain client publishes ``messages`` (case -> body, headers), recording
+    to a trace file at ``path``; return what was observed once every case was seen on every
+    channel it should be."""
+    memory = Memory()
+    header = Header(topology=kit.topology.name, started=0.0, started_mono_ns=0)
+    with Writer(str(path), header) as writer:
+        async with Tracer(kit.topology, [memory, writer.write]), kit.sender() as send:
+            for case, (body, headers) in messages.items():
+                await send(body, {**headers, CASE: case})
+
+            def all_seen(items: list[Observation]) -> bool:
+                return all(
+                    set(messages) <= {o.headers.get(CASE) for o in of(items, Kind.ROUTED, ch)}
+                    for ch in kit.seen_on
+                )
+
+            await memory.wait_for(all_seen, kit.within)
+    return memory.items
+
+
+def _assert_trace_is_whole(path: Path, observed: list[Observation]) -> None:
+    """The trace holds what was observed, every line intact and bounded, and inspect reads it."""
+    reader = Reader(str(path))
+    assert list(reader) == observed
+    assert reader.problems == []
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        assert len(line) < LINE_MAX, f"line {number} is {len(line)} bytes"
+    for args in ([], ["--json"]):
+        result = CliRunner().invoke(cli, ["inspect", str(path), "--limit", "1000", *args])
+        assert result.exit_code == 0, result.output
+        assert result.exception is None
+
+
+def _once_each(kit: Kit, items: list[Observation], cases: list[str]) -> dict[str, Observation]:
+    """The one ROUTED observation of each case on the channel published to (checked to be
+    exactly one on every channel it reaches)."""
+    for channel in kit.seen_on:
+        counts = Counter(o.headers.get(CASE) for o in of(items, Kind.ROUTED, channel))
+        assert {c: counts[c] for c in cases} == dict.fromkeys(cases, 1), channel
+    return {str(o.headers[CASE]): o for o in of(items, Kind.ROUTED, kit.publish_to)}
+
+
+async def test_a_huge_body_from_another_system_is_cut_keeping_size_and_hash(
+    kit: Kit, adapter: Adapter, tmp_path: Path
+) -> None:
+    await adapter.apply()
+    # The key comes last: it is read from the whole body, not the cut one.
+    body = b'{"blob": "' + b"x" * BIG_BODY + b'", "order_id": "o-big"}'
+    path = tmp_path / "trace.jsonl"
+
+    items = await _trace_sent(kit, path, {"big": (body, {})})
+
+    obs = _once_each(kit, items, ["big"])["big"]
+    assert obs.size == len(body)
+    assert obs.sha256 == hashlib.sha256(body).hexdigest()
+    assert obs.payload == body[:PAYLOAD_CAP].decode()
+    assert obs.keys == {FLOW: "o-big"}
+    _assert_trace_is_whole(path, items)
