@@ -63,6 +63,8 @@ def _document(body: bytes | None, payload: str | None) -> Any:
     except (msgspec.DecodeError, ValueError):
         # Bad UTF-8, NaN, a BOM: json.loads on the text decides, as it always did.
         return payload_json(body.decode("utf-8", errors="replace"))
+    except RecursionError:  # nested too deeply for either parser: unreadable, as for payload_json
+        return None
 
 
 def reader(segments: tuple[str | int, ...]) -> Callable[[bytes], Any] | None:
@@ -89,6 +91,9 @@ def reader(segments: tuple[str | int, ...]) -> Callable[[bytes], Any] | None:
             return None  # JSON, but something on the path is not an object
         except msgspec.DecodeError:
             return _UNPARSED
+        except RecursionError:
+            # Nested too deeply (anywhere, even off the path): no parser reads it.
+            return None
         for _ in range(levels):
             if obj is None:
                 return None

@@ -171,11 +171,15 @@ def trace_id_of(traceparent: str | None) -> str | None:
 
 def parse_json(text: str | bytes) -> Any:
     """JSON text parsed as :func:`json.loads` would (msgspec first: several times faster;
-    the standard library for what msgspec refuses, such as NaN). Raises ValueError."""
+    the standard library for what msgspec refuses, such as NaN). Raises ValueError, also
+    for a document nested too deeply to parse."""
     try:
-        return _json_decode(text)
-    except msgspec.DecodeError:
-        return json.loads(text)
+        try:
+            return _json_decode(text)
+        except msgspec.DecodeError:
+            return json.loads(text)
+    except RecursionError:  # both parsers give up near 1000 levels
+        raise ValueError("JSON nested too deeply to parse") from None
 
 
 _json_decode = msgspec.json.decode

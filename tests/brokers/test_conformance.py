@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import traceback
 from collections import Counter
@@ -282,4 +283,43 @@ async def test_a_huge_body_from_another_system_is_cut_keeping_size_and_hash(
     assert obs.sha256 == hashlib.sha256(body).hexdigest()
     assert obs.payload == body[:PAYLOAD_CAP].decode()
     assert obs.keys == {FLOW: "o-big"}
+    _assert_trace_is_whole(path, items)
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+# case -> (body, the correlation keys its observations must carry)
+ODD_BODIES: dict[str, tuple[bytes | None, dict[str, str]]] = {
+    "binary": (b"\xff\xfe\x00\x80 not UTF-8 \xc3\x28", {}),
+    "empty": (b"", {}),
+    "none": (None, {}),  # a Kafka tombstone; a Redis entry without the payload field
+    "array": (b"[1, 2, 3]", {}),
+    "string": (b'"o-1"', {}),
+    "not-json": (b"order_id=o-1", {}),
+    "missing": (b'{"id": "o-1"}', {}),
+    "null": (b'{"order_id": null}', {}),
+    "number": (b'{"order_id": 42}', {FLOW: "42"}),
+    "object": (b'{"order_id": {"id": "o-1"}}', {}),
+    "deep": (json.dumps({"x": 1}).replace("1", _nested(5000)).encode(), {}),
+    "deep-key": (b'{"order_id": ' + _nested(5000).encode() + b"}", {}),
+}
+
+
+async def test_odd_bodies_from_another_system_are_each_observed_once(
+    kit: Kit, adapter: Adapter, tmp_path: Path
+) -> None:
+    await adapter.apply()
+    path = tmp_path / "trace.jsonl"
+    sent: Sent = {case: (body, {}) for case, (body, _) in ODD_BODIES.items()}
+
+    items = await _trace_sent(kit, path, sent)
+
+    seen = _once_each(kit, items, list(sent))
+    for case, (body, keys) in ODD_BODIES.items():
+        obs = seen[case]
+        assert obs.size == len(body or b""), case
+        assert obs.payload == (body or b"").decode("utf-8", errors="replace"), case
+        assert obs.keys == keys, case
     _assert_trace_is_whole(path, items)
