@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from flowcheck.observations import as_text, payload_json, trace_id_of
+from flowcheck.observations import TEXT_CAP, as_text, fit_text, payload_json, trace_id_of
 from flowcheck.topology._types import path_segments
 from flowcheck.topology.model import Correlate, Queue, Stream, Topic, Topology
 from flowcheck.topology.routing import dead_letter_path
@@ -134,7 +134,12 @@ def key_of(rule: Correlate, msg: Message) -> str | None:
 def _key(value: Any) -> str | None:
     if value is None or isinstance(value, (dict, list)):
         return None
-    return as_text(value)
+    text = as_text(value)
+    # A key from another system's payload may be huge, or hold a lone surrogate (a
+    # JSON escape) that no trace line can: made fit once here, it stays one key.
+    if text is not None and (len(text) > TEXT_CAP or not text.isascii()):
+        return fit_text(text)
+    return text
 
 
 class Correlator:

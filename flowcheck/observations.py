@@ -21,6 +21,7 @@ from flowcheck.redact import MASK, is_secret_name
 # Header flowcheck adds to every message it publishes.
 ID_HEADER = "x-flowcheck-id"
 PAYLOAD_CAP = 16 * 1024  # bytes of payload kept in an observation
+TEXT_CAP = 1024  # characters kept of a correlation key, header value, id or reason
 
 
 class Kind(StrEnum):
@@ -112,6 +113,21 @@ def cut_payload(body: bytes) -> tuple[str, int, str | None]:
         size,
         hashlib.sha256(body).hexdigest(),
     )
+
+
+def fit_text(text: str, cap: int = TEXT_CAP) -> str:
+    """``text`` as a trace line can hold it: lone surrogates (which JSON escapes such as
+    ``\\ud800`` make, and UTF-8 cannot encode) written as escapes, and a text longer
+    than ``cap`` cut, ending in the SHA-256 of the whole, so that two texts cut alike
+    stay apart. Callers test ``len(text) > cap or not text.isascii()`` first: cheap."""
+    try:
+        data = text.encode()
+    except UnicodeEncodeError:
+        data = text.encode(errors="backslashreplace")
+        text = data.decode()
+    if len(text) <= cap:
+        return text
+    return f"{text[:cap]}... ({len(text)} characters, sha256 {hashlib.sha256(data).hexdigest()})"
 
 
 _PLAIN = frozenset({str, int, float, bool, type(None)})  # JSON-safe as they are

@@ -18,7 +18,7 @@ from flowcheck.brokers import Adapter
 from flowcheck.brokers import adapter as make_adapter
 from flowcheck.cli import cli
 from flowcheck.errors import BrokerAuthError, BrokerError, BrokerUnreachable
-from flowcheck.observations import PAYLOAD_CAP, Kind, Observation, encode, trace_id_of
+from flowcheck.observations import PAYLOAD_CAP, TEXT_CAP, Kind, Observation, encode, trace_id_of
 from flowcheck.redact import MASK
 from flowcheck.trace import Header, Reader, Writer
 from flowcheck.tracer import Memory, Tracer
@@ -304,6 +304,8 @@ ODD_BODIES: dict[str, tuple[bytes | None, dict[str, str]]] = {
     "object": (b'{"order_id": {"id": "o-1"}}', {}),
     "deep": (json.dumps({"x": 1}).replace("1", _nested(5000)).encode(), {}),
     "deep-key": (b'{"order_id": ' + _nested(5000).encode() + b"}", {}),
+    # JSON escapes a lone surrogate, which no trace line (UTF-8) can hold as it is.
+    "surrogate": (b'{"order_id": "o-\\ud800"}', {FLOW: "o-\\ud800"}),
 }
 
 
@@ -322,4 +324,25 @@ async def test_odd_bodies_from_another_system_are_each_observed_once(
         assert obs.size == len(body or b""), case
         assert obs.payload == (body or b"").decode("utf-8", errors="replace"), case
         assert obs.keys == keys, case
+    _assert_trace_is_whole(path, items)
+
+
+async def test_huge_correlation_keys_are_bounded_and_stay_apart(
+    kit: Kit, adapter: Adapter, tmp_path: Path
+) -> None:
+    await adapter.apply()
+    path = tmp_path / "trace.jsonl"
+    huge = "k" * (1024 * 1024)
+    sent: Sent = {
+        "a": (json.dumps({"order_id": huge + "a"}).encode(), {}),
+        "a-again": (json.dumps({"order_id": huge + "a"}).encode(), {}),
+        "b": (json.dumps({"order_id": huge + "b"}).encode(), {}),
+    }
+
+    items = await _trace_sent(kit, path, sent)
+
+    seen = _once_each(kit, items, list(sent))
+    keys = {case: seen[case].keys[FLOW] for case in sent}
+    assert all(len(k) < TEXT_CAP + 200 for k in keys.values())
+    assert keys["a"] == keys["a-again"] != keys["b"]
     _assert_trace_is_whole(path, items)
