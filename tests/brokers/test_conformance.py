@@ -246,17 +246,21 @@ async def _trace_sent(kit: Kit, path: Path, messages: Sent) -> list[Observation]
     return memory.items
 
 
-def _assert_trace_is_whole(path: Path, observed: list[Observation]) -> None:
-    """The trace holds what was observed, every line intact and bounded, and inspect reads it."""
+def _assert_trace_is_whole(path: Path, observed: list[Observation]) -> str:
+    """The trace holds what was observed, every line intact and bounded, and inspect reads
+    it; returns what inspect printed."""
     reader = Reader(str(path))
     assert list(reader) == observed
     assert reader.problems == []
     for number, line in enumerate(path.read_bytes().splitlines(), 1):
         assert len(line) < LINE_MAX, f"line {number} is {len(line)} bytes"
-    for args in ([], ["--json"]):
+    printed = ""
+    for args in (["--json"], []):
         result = CliRunner().invoke(cli, ["inspect", str(path), "--limit", "1000", *args])
         assert result.exit_code == 0, result.output
         assert result.exception is None
+        printed = result.output
+    return printed
 
 
 def _once_each(kit: Kit, items: list[Observation], cases: list[str]) -> dict[str, Observation]:
@@ -306,6 +310,11 @@ ODD_BODIES: dict[str, tuple[bytes | None, dict[str, str]]] = {
     "deep-key": (b'{"order_id": ' + _nested(5000).encode() + b"}", {}),
     # JSON escapes a lone surrogate, which no trace line (UTF-8) can hold as it is.
     "surrogate": (b'{"order_id": "o-\\ud800"}', {FLOW: "o-\\ud800"}),
+    # Rich markup, a terminal escape sequence, a trailing backslash: printed as they are.
+    "markup": (
+        b'{"order_id": "o-[/]x[bold red]\\u001b[31m\\\\"}',
+        {FLOW: "o-[/]x[bold red]\x1b[31m\\"},
+    ),
 }
 
 
@@ -324,7 +333,9 @@ async def test_odd_bodies_from_another_system_are_each_observed_once(
         assert obs.size == len(body or b""), case
         assert obs.payload == (body or b"").decode("utf-8", errors="replace"), case
         assert obs.keys == keys, case
-    _assert_trace_is_whole(path, items)
+    printed = _assert_trace_is_whole(path, items)
+    assert "key o-\\ud800\n" in printed
+    assert "key o-[/]x[bold red]\\x1b[31m\\\n" in printed
 
 
 async def test_huge_correlation_keys_are_bounded_and_stay_apart(
