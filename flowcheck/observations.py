@@ -8,6 +8,7 @@ nor an unbounded payload (big ones are cut, keeping their size and hash).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from collections.abc import Mapping
@@ -21,7 +22,9 @@ from flowcheck.redact import MASK, is_secret_name
 # Header flowcheck adds to every message it publishes.
 ID_HEADER = "x-flowcheck-id"
 PAYLOAD_CAP = 16 * 1024  # bytes of payload kept in an observation
-TEXT_CAP = 1024  # characters kept of a correlation key, header value, id or reason
+TEXT_CAP = 1024  # characters kept of a correlation key, header name or value, id or reason
+HEADERS_KEPT = 100  # headers kept of one message; a header tells how many more were left out
+LEFT_OUT = "x-flowcheck-left-out"
 
 
 class Kind(StrEnum):
@@ -134,26 +137,43 @@ _PLAIN = frozenset({str, int, float, bool, type(None)})  # JSON-safe as they are
 
 
 def clean_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
-    """Headers made JSON-safe (bytes decoded, nested values kept) with secrets masked."""
+    """Headers made JSON-safe (bytes decoded, nested values kept) with secrets masked, and
+    bounded: names and values cut at TEXT_CAP, at most HEADERS_KEPT of them."""
+    if len(headers) > HEADERS_KEPT:  # a Redis entry with thousands of fields, say
+        return _fewer(headers)
     out: dict[str, Any] = {}
     # One pass, plain values as they are: this runs for every message a tap sees.
     for k, v in headers.items():
         name = k if type(k) is str else str(k)
+        if len(name) > TEXT_CAP:
+            name = fit_text(name)
         if is_secret_name(name):
             out[name] = MASK
+        elif type(v) is str:
+            out[name] = v if len(v) <= TEXT_CAP else fit_text(v)
         else:
             out[name] = v if type(v) in _PLAIN else _jsonable(v)
     return out
 
 
+def _fewer(headers: Mapping[str, Any]) -> dict[str, Any]:
+    kept = dict(itertools.islice(headers.items(), HEADERS_KEPT))
+    return {**clean_headers(kept), LEFT_OUT: len(headers) - len(kept)}
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value).decode("utf-8", errors="replace")
+        return _jsonable(bytes(value).decode("utf-8", errors="replace"))
+    if isinstance(value, str):
+        return value if len(value) <= TEXT_CAP else fit_text(value)
     if isinstance(value, Mapping):  # an AMQP table inside a header: its secrets too
-        return {str(k): MASK if is_secret_name(str(k)) else _jsonable(v) for k, v in value.items()}
+        return {
+            fit_text(str(k)): MASK if is_secret_name(str(k)) else _jsonable(v)
+            for k, v in value.items()
+        }
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
+    if value is None or isinstance(value, (int, float, bool)):
         return value
     return str(value)  # datetimes, decimals: as text
 

@@ -18,7 +18,16 @@ from flowcheck.brokers import Adapter
 from flowcheck.brokers import adapter as make_adapter
 from flowcheck.cli import cli
 from flowcheck.errors import BrokerAuthError, BrokerError, BrokerUnreachable
-from flowcheck.observations import PAYLOAD_CAP, TEXT_CAP, Kind, Observation, encode, trace_id_of
+from flowcheck.observations import (
+    HEADERS_KEPT,
+    LEFT_OUT,
+    PAYLOAD_CAP,
+    TEXT_CAP,
+    Kind,
+    Observation,
+    encode,
+    trace_id_of,
+)
 from flowcheck.redact import MASK
 from flowcheck.trace import Header, Reader, Writer
 from flowcheck.tracer import Memory, Tracer
@@ -234,7 +243,7 @@ async def _trace_sent(kit: Kit, path: Path, messages: Sent) -> list[Observation]
     with Writer(str(path), header) as writer:
         async with Tracer(kit.topology, [memory, writer.write]), kit.sender() as send:
             for case, (body, headers) in messages.items():
-                await send(body, {**headers, CASE: case})
+                await send(body, {CASE: case, **headers})
 
             def all_seen(items: list[Observation]) -> bool:
                 return all(
@@ -356,4 +365,47 @@ async def test_huge_correlation_keys_are_bounded_and_stay_apart(
     keys = {case: seen[case].keys[FLOW] for case in sent}
     assert all(len(k) < TEXT_CAP + 200 for k in keys.values())
     assert keys["a"] == keys["a-again"] != keys["b"]
+    _assert_trace_is_whole(path, items)
+
+
+async def test_odd_headers_from_another_system_are_bounded_and_secrets_masked(
+    kit: Kit, adapter: Adapter, tmp_path: Path
+) -> None:
+    await adapter.apply()
+    path = tmp_path / "trace.jsonl"
+    secrets = {
+        "authorization": f"Bearer {SECRET}",
+        "Password": SECRET,
+        "x-auth-token": SECRET,
+        "db_password": SECRET,
+        "Cookie": f"session={SECRET}",
+    }
+    sent: Sent = {
+        "secrets": (order(1), {**secrets, "x-tenant": "acme"}),
+        "long": (order(2), {"x-long": "h" * (64 * 1024)}),
+        # As many as an AMQP header frame (128 KiB by default) holds
+        "many": (order(3), {f"x-field-{i}": "v" * 50 for i in range(500)}),
+    }
+
+    items = await _trace_sent(kit, path, sent)
+
+    seen = _once_each(kit, items, list(sent))
+    assert seen["secrets"].headers == {
+        **dict.fromkeys(secrets, MASK),
+        "x-tenant": "acme",
+        CASE: "secrets",
+    }
+    long = seen["long"].headers["x-long"]
+    assert long.startswith("h" * TEXT_CAP)
+    assert len(long) < TEXT_CAP + 200
+    many = seen["many"].headers
+    assert len(many) == HEADERS_KEPT + 1
+    assert many[LEFT_OUT] == 501 - HEADERS_KEPT  # and the x-case header, which comes first
+    assert {c: o.keys for c, o in seen.items()} == {
+        "secrets": {FLOW: "o-1"},
+        "long": {FLOW: "o-2"},
+        "many": {FLOW: "o-3"},
+    }
+    for obs in items:
+        assert SECRET not in encode(obs).decode()
     _assert_trace_is_whole(path, items)
