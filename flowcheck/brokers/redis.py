@@ -295,7 +295,7 @@ class RedisAdapter(Adapter):
         payload_field: str,
         at: tuple[int, float] | None = None,
     ) -> Observation:
-        body: Any = b""
+        body: Any = None  # an entry without the payload field has no payload
         headers: dict[str, str] = {}
         for k, v in fields.items():
             name = _s(k)
@@ -303,7 +303,8 @@ class RedisAdapter(Adapter):
                 body = v
             else:
                 headers[name] = _s(v)
-        body = body if isinstance(body, bytes) else str(body).encode()
+        if body is not None and type(body) is not bytes:
+            body = str(body).encode()
         kind = Kind.ROUTED
         origin = reason = None
         count: int | None = None

@@ -340,7 +340,10 @@ async def test_odd_bodies_from_another_system_are_each_observed_once(
     for case, (body, keys) in ODD_BODIES.items():
         obs = seen[case]
         assert obs.size == len(body or b""), case
-        assert obs.payload == (body or b"").decode("utf-8", errors="replace"), case
+        if body is None and kit.kind != "rabbitmq":  # AMQP has no absent body: it sent b""
+            assert obs.payload is None, case  # not an empty payload: schemas do not judge it
+        else:
+            assert obs.payload == (body or b"").decode("utf-8", errors="replace"), case
         assert obs.keys == keys, case
     printed = _assert_trace_is_whole(path, items)
     assert "key o-\\ud800\n" in printed
