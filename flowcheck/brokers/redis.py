@@ -313,7 +313,8 @@ class RedisAdapter(Adapter):
             origin = self._origin[key]
             reason = next((headers[f] for f in REASON_FIELDS if f in headers), None)
             text = next((headers[f] for f in COUNT_FIELDS if f in headers), None)
-            if text is not None and text.isdigit():
+            # Other writers' counts: str.isdigit takes "²", int() does not, nor 5000 digits.
+            if text is not None and text.isascii() and text.isdigit() and len(text) < 19:
                 count = int(text)
         return self.observe(
             kind,
