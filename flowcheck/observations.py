@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from flowcheck.redact import MASK, is_secret_name
+from flowcheck.redact import MASK, SECRET_NAME, is_secret_name
 
 # Header flowcheck adds to every message it publishes.
 ID_HEADER = "x-flowcheck-id"
@@ -145,9 +145,9 @@ def clean_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
     # One pass, plain values as they are: this runs for every message a tap sees.
     for k, v in headers.items():
         name = k if type(k) is str else str(k)
-        if len(name) > TEXT_CAP:
-            name = fit_text(name)
-        if is_secret_name(name):
+        if len(name) > TEXT_CAP:  # judged whole (the secret may be past the cut), kept cut
+            out[fit_text(name)] = MASK if SECRET_NAME.search(name) else _jsonable(v)
+        elif is_secret_name(name):
             out[name] = MASK
         elif type(v) is str:
             out[name] = v if len(v) <= TEXT_CAP else fit_text(v)

@@ -10,13 +10,14 @@ from redis.asyncio import Redis
 
 from flowcheck.brokers.redis import RedisAdapter
 from flowcheck.errors import BrokerError
-from flowcheck.observations import TEXT_CAP, Kind, Observation
+from flowcheck.observations import TEXT_CAP, Kind, Observation, encode
 from flowcheck.redact import MASK
 from flowcheck.tracer import Memory, Tracer
 
 from .conftest import (
     FLOW,
     REDIS_YAML,
+    SECRET,
     WITHIN,
     cleaned,
     ids,
@@ -360,7 +361,12 @@ async def test_odd_entries_of_other_writers_on_a_dead_letter_stream(
         "superscript": {"payload": order(1), "delivery_count": "²"},
         "long-count": {"payload": order(2), "attempts": "9" * 5000},
         "binary-names": {"payload": order(3), b"\xff\xfe": b"\xff", b"": b"", b"password": b"pw"},
-        "huge-name": {"payload": order(4), "n" * 5000: "v", "reason": "r" * 5000},
+        "huge-name": {
+            "payload": order(4),
+            "n" * 5000: "v",
+            "n" * 5000 + "-password": SECRET,  # its secret past where the name is cut
+            "reason": "r" * 5000,
+        },
         "no-payload": {"order_id": "o-5"},
     }
     async with cleaned(topology, "redis") as ad:
@@ -385,6 +391,7 @@ async def test_odd_entries_of_other_writers_on_a_dead_letter_stream(
     }
     huge = seen["huge-name"]
     assert all(len(name) < TEXT_CAP + 200 for name in huge.headers)
+    assert SECRET not in encode(huge).decode()
     assert huge.reason is not None
     assert len(huge.reason) < TEXT_CAP + 200
     assert (seen["no-payload"].payload, seen["no-payload"].size) == (None, 0)
