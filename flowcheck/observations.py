@@ -150,10 +150,56 @@ def clean_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
         elif is_secret_name(name):
             out[name] = MASK
         elif type(v) is str:
-            out[name] = v if len(v) <= TEXT_CAP else fit_text(v)
+            out[name] = v if len(v) <= TEXT_CAP and v[:1] not in _JSONISH else _text(v)
         else:
             out[name] = v if type(v) in _PLAIN else _jsonable(v)
     return out
+
+
+_JSONISH = frozenset("{[")  # how a header value holding a JSON object or array starts
+
+
+def _text(value: str) -> str:
+    """A header's text value, bounded, with secrets masked in the JSON it may hold."""
+    if value[:1] in _JSONISH:
+        value = _masked_json(value)
+    return value if len(value) <= TEXT_CAP else fit_text(value)
+
+
+def _masked_json(text: str) -> str:
+    """``text`` or, when it is JSON whose objects have keys that name secrets (Kafka and
+    Redis headers nest only this way), that JSON with their values masked."""
+    try:
+        masked = _mask(parse_json(text))
+    except (TooDeep, RecursionError):
+        return MASK  # too deep to look through: it may hide anything
+    except ValueError:
+        return text  # not JSON
+    return text if masked is _UNCHANGED else msgspec.json.encode(masked).decode()
+
+
+_UNCHANGED: Any = object()
+
+
+def _mask(doc: Any) -> Any:
+    """``doc`` with the values of secret-named keys masked, or _UNCHANGED."""
+    if isinstance(doc, dict):
+        out = {}
+        changed = False
+        for k, v in doc.items():
+            if is_secret_name(k):
+                out[k], changed = MASK, True
+            else:
+                inner = _mask(v)
+                out[k] = v if inner is _UNCHANGED else inner
+                changed = changed or inner is not _UNCHANGED
+        return out if changed else _UNCHANGED
+    if isinstance(doc, list):
+        items = [_mask(v) for v in doc]
+        if all(i is _UNCHANGED for i in items):
+            return _UNCHANGED
+        return [v if i is _UNCHANGED else i for v, i in zip(doc, items, strict=True)]
+    return _UNCHANGED
 
 
 def _fewer(headers: Mapping[str, Any]) -> dict[str, Any]:
@@ -165,7 +211,7 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return _jsonable(bytes(value).decode("utf-8", errors="replace"))
     if isinstance(value, str):
-        return value if len(value) <= TEXT_CAP else fit_text(value)
+        return _text(value)
     if isinstance(value, Mapping):  # an AMQP table inside a header: its secrets too
         return {
             fit_text(str(k)): MASK if is_secret_name(str(k)) else _jsonable(v)
@@ -215,7 +261,11 @@ def parse_json(text: str | bytes) -> Any:
         except msgspec.DecodeError:
             return json.loads(text)
     except RecursionError:  # both parsers give up near 1000 levels
-        raise ValueError("JSON nested too deeply to parse") from None
+        raise TooDeep("JSON nested too deeply to parse") from None
+
+
+class TooDeep(ValueError):
+    """JSON nested too deeply to parse."""
 
 
 _json_decode = msgspec.json.decode

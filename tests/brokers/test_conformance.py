@@ -383,8 +383,12 @@ async def test_odd_headers_from_another_system_are_bounded_and_secrets_masked(
         "db_password": SECRET,
         "Cookie": f"session={SECRET}",
     }
+    nested = json.dumps({"user": "u", "login": {"password": SECRET, "items": [{"token": SECRET}]}})
+    deep = "[" * 3000 + json.dumps({"password": SECRET}) + "]" * 3000
     sent: Sent = {
         "secrets": (order(1), {**secrets, "x-tenant": "acme"}),
+        # Kafka and Redis headers nest only as JSON text: its secrets are masked too.
+        "nested": (order(4), {"x-meta": nested, "x-deep": deep, "x-list": "[1, 2]"}),
         "long": (order(2), {"x-long": "h" * (64 * 1024)}),
         # As many as an AMQP header frame (128 KiB by default) holds
         "many": (order(3), {f"x-field-{i}": "v" * 50 for i in range(500)}),
@@ -404,7 +408,14 @@ async def test_odd_headers_from_another_system_are_bounded_and_secrets_masked(
     many = seen["many"].headers
     assert len(many) == HEADERS_KEPT + 1
     assert many[LEFT_OUT] == 501 - HEADERS_KEPT  # and the x-case header, which comes first
+    assert json.loads(seen["nested"].headers["x-meta"]) == {
+        "user": "u",
+        "login": {"password": MASK, "items": [{"token": MASK}]},
+    }
+    assert seen["nested"].headers["x-deep"] == MASK  # too deep to look through
+    assert seen["nested"].headers["x-list"] == "[1, 2]"
     assert {c: o.keys for c, o in seen.items()} == {
+        "nested": {FLOW: "o-4"},
         "secrets": {FLOW: "o-1"},
         "long": {FLOW: "o-2"},
         "many": {FLOW: "o-3"},
