@@ -41,25 +41,35 @@ _INEQUIVALENT = re.compile(
 RECONNECT_MAX = 2.0  # seconds between reconnection attempts, at most
 
 
+# pamqp fails a whole frame on a value it cannot decode, and aiormq then drops the
+# connection: the tap would lose every copy its exclusive twins held. These decode
+# such values instead. Installed process-wide: they change only what would have failed.
 _decode_timestamp = amqp_decode.timestamp
+_decode_short_str = amqp_decode.short_str
 
 
 def _timestamp(value: bytes) -> tuple[int, Any]:
-    """An AMQP timestamp, as pamqp decodes it, or its number when no datetime can hold it.
-
-    pamqp makes a datetime of every timestamp (property or header) and fails the whole
-    frame on one past the year 9999, such as a publisher's microseconds: aiormq then
-    drops the connection, and the tap would lose every copy its twins held.
-    """
+    """An AMQP timestamp as pamqp decodes it (a datetime), or its number when no datetime
+    can hold it: past the year 9999, as a publisher writing microseconds sends."""
     try:
         return _decode_timestamp(value)
     except (ValueError, OverflowError, OSError):
         return 8, int.from_bytes(value[:8], "big")
 
 
-# Installed process-wide: it changes only what would otherwise have failed the frame.
+def _short_str(value: bytes) -> tuple[int, str]:
+    """A short string (message_id, correlation_id, routing key, ...) as pamqp decodes it,
+    or with replacement characters when it is not UTF-8, as a Go or C client may send."""
+    try:
+        return _decode_short_str(value)
+    except UnicodeDecodeError:
+        length = value[0]
+        return length + 1, value[1 : length + 1].decode("utf-8", errors="replace")
+
+
 amqp_decode.METHODS["timestamp"] = _timestamp
 amqp_decode.TABLE_MAPPING[b"T"] = _timestamp
+amqp_decode.METHODS["shortstr"] = _short_str
 
 
 def queue_arguments(q: Queue, physical: Mapping[str, str]) -> dict[str, Any]:

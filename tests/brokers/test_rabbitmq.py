@@ -433,10 +433,22 @@ def _raw_timestamp(seconds: datetime.datetime | time.struct_time | int) -> bytes
 ORIGINAL_TIMESTAMP = pamqp.encode.timestamp
 
 
+def _raw_short_string(value: str | bytes) -> bytes:
+    """pamqp's short string encoder, letting bytes through as they are: what a Go or C
+    client may send as a message id or routing key."""
+    if isinstance(value, bytes):
+        return len(value).to_bytes(1, "big") + value
+    return ORIGINAL_SHORT_STRING(value)
+
+
+ORIGINAL_SHORT_STRING = pamqp.encode.short_string
+
+
 async def test_every_amqp_table_type_and_odd_properties_of_other_publishers(
     rabbitmq_url: str, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(pamqp.encode.METHODS, "timestamp", _raw_timestamp)
+    monkeypatch.setitem(pamqp.encode.METHODS, "shortstr", _raw_short_string)
     kit = rabbitmq_kit(rabbitmq_url, unique)
     when = datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
     tables: dict[str, Any] = {
@@ -456,6 +468,7 @@ async def test_every_amqp_table_type_and_odd_properties_of_other_publishers(
         "properties": ({}, {"message_id": "", "correlation_id": "c" * 255, "app_id": "é"}),
         "microseconds": ({}, {"timestamp": 1_700_000_000_000_000}),
         "max-timestamp": ({}, {"timestamp": 2**64 - 1}),
+        "not-utf8": ({}, {"message_id": b"\xff\xfe-1", "correlation_id": b"\xc3\x28"}),
         "after": ({}, {}),
     }
     async with cleaned(kit.topology, "rabbit") as ad:
@@ -469,7 +482,7 @@ async def test_every_amqp_table_type_and_odd_properties_of_other_publishers(
                     await channel.basic_publish(
                         order(n),
                         exchange=f"{unique}.events",
-                        routing_key="order.placed",
+                        routing_key=b"order.\xff" if case == "not-utf8" else "order.placed",  # type: ignore[arg-type]
                         properties=Basic.Properties(
                             headers={"x-case": case, **headers}, **properties
                         ),
@@ -496,5 +509,7 @@ async def test_every_amqp_table_type_and_odd_properties_of_other_publishers(
     assert (headers["bool"], headers["void"], headers["long-long"]) == (False, None, -(2**62))
     assert headers["long-string"].startswith("L" * TEXT_CAP)
     assert len(headers["long-string"]) < TEXT_CAP + 200
+    odd = seen["not-utf8"]
+    assert (odd.message_id, odd.routing_key) == ("\ufffd\ufffd-1", "order.\ufffd")
     for obs in memory.items:
         assert SECRET not in encode(obs).decode()
