@@ -432,16 +432,29 @@ def _names(names: set[str]) -> str:
     return ", ".join(map(repr, sorted(names))) if names else "none"
 
 
+# C0 and C1 control characters, as escapes: a terminal would act on them.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def _shown(text: str) -> str:
+    """Text from the messages (keys, routing keys, reasons) as inspect prints it: as it is,
+    never read as Rich markup nor as terminal control sequences."""
+    from rich.markup import escape
+
+    return escape(text.translate(_CONTROLS))
+
+
 def _print_timelines(
     console: Console, chains: list[Timeline], gaps: list[Observation], start: int
 ) -> None:
     for g in gaps:
         until = f"{(g.until_ns - start) / 1e6:.0f}ms" if g.until_ns else "the end"
         console.print(
-            f"[yellow]gap[/] {g.broker}/{g.channel}: not watched from {(g.mono_ns - start) / 1e6:.0f}ms to {until} ({g.reason})"
+            f"[yellow]gap[/] {_shown(f'{g.broker}/{g.channel}')}: not watched from "
+            f"{(g.mono_ns - start) / 1e6:.0f}ms to {until} ({_shown(g.reason or '')})"
         )
     for chain in chains:
-        title = f"[bold]{chain.flow or '-'}[/] key [bold]{chain.key}[/]"
+        title = f"[bold]{_shown(chain.flow or '-')}[/] key [bold]{_shown(chain.key)}[/]"
         extra = []
         if chain.retries:
             extra.append(f"{chain.retries} retries")
@@ -470,7 +483,8 @@ def _print_timelines(
             )
             kind = f"[{colour}]{o.kind.value:<13}[/]" if colour else f"{o.kind.value:<13}"
             console.print(
-                f"  {at:>10.1f}ms {step:>9}  {kind} {o.channel:<24} {where:<18} {'; '.join(detail)}"
+                f"  {at:>10.1f}ms {step:>9}  {kind} {_shown(f'{o.channel:<24} {where:<18}')} "
+                f"{_shown('; '.join(detail))}"
             )
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from flowcheck.observations import as_text, payload_json, trace_id_of
+from flowcheck.observations import TEXT_CAP, as_text, fit_text, payload_json, trace_id_of
 from flowcheck.topology._types import path_segments
 from flowcheck.topology.model import Correlate, Queue, Stream, Topic, Topology
 from flowcheck.topology.routing import dead_letter_path
@@ -63,6 +63,8 @@ def _document(body: bytes | None, payload: str | None) -> Any:
     except (msgspec.DecodeError, ValueError):
         # Bad UTF-8, NaN, a BOM: json.loads on the text decides, as it always did.
         return payload_json(body.decode("utf-8", errors="replace"))
+    except RecursionError:  # nested too deeply for either parser: unreadable, as for payload_json
+        return None
 
 
 def reader(segments: tuple[str | int, ...]) -> Callable[[bytes], Any] | None:
@@ -89,6 +91,9 @@ def reader(segments: tuple[str | int, ...]) -> Callable[[bytes], Any] | None:
             return None  # JSON, but something on the path is not an object
         except msgspec.DecodeError:
             return _UNPARSED
+        except RecursionError:
+            # Nested too deeply (anywhere, even off the path): no parser reads it.
+            return None
         for _ in range(levels):
             if obj is None:
                 return None
@@ -129,7 +134,12 @@ def key_of(rule: Correlate, msg: Message) -> str | None:
 def _key(value: Any) -> str | None:
     if value is None or isinstance(value, (dict, list)):
         return None
-    return as_text(value)
+    text = as_text(value)
+    # A key from another system's payload may be huge, or hold a lone surrogate (a
+    # JSON escape) that no trace line can: made fit once here, it stays one key.
+    if text is not None and (len(text) > TEXT_CAP or not text.isascii()):
+        return fit_text(text)
+    return text
 
 
 class Correlator:

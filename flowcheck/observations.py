@@ -8,6 +8,7 @@ nor an unbounded payload (big ones are cut, keeping their size and hash).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from collections.abc import Mapping
@@ -16,11 +17,14 @@ from typing import Any
 
 import msgspec
 
-from flowcheck.redact import MASK, is_secret_name
+from flowcheck.redact import MASK, SECRET_NAME, is_secret_name
 
 # Header flowcheck adds to every message it publishes.
 ID_HEADER = "x-flowcheck-id"
 PAYLOAD_CAP = 16 * 1024  # bytes of payload kept in an observation
+TEXT_CAP = 1024  # characters kept of a correlation key, header name or value, id or reason
+HEADERS_KEPT = 100  # headers kept of one message; a header tells how many more were left out
+LEFT_OUT = "x-flowcheck-left-out"
 
 
 class Kind(StrEnum):
@@ -114,30 +118,108 @@ def cut_payload(body: bytes) -> tuple[str, int, str | None]:
     )
 
 
+def fit_text(text: str, cap: int = TEXT_CAP) -> str:
+    """``text`` as a trace line can hold it: lone surrogates (which JSON escapes such as
+    ``\\ud800`` make, and UTF-8 cannot encode) written as escapes, and a text longer
+    than ``cap`` cut, ending in the SHA-256 of the whole, so that two texts cut alike
+    stay apart. Callers test ``len(text) > cap or not text.isascii()`` first: cheap."""
+    try:
+        data = text.encode()
+    except UnicodeEncodeError:
+        data = text.encode(errors="backslashreplace")
+        text = data.decode()
+    if len(text) <= cap:
+        return text
+    return f"{text[:cap]}... ({len(text)} characters, sha256 {hashlib.sha256(data).hexdigest()})"
+
+
 _PLAIN = frozenset({str, int, float, bool, type(None)})  # JSON-safe as they are
 
 
 def clean_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
-    """Headers made JSON-safe (bytes decoded, nested values kept) with secrets masked."""
+    """Headers made JSON-safe (bytes decoded, nested values kept) with secrets masked, and
+    bounded: names and values cut at TEXT_CAP, at most HEADERS_KEPT of them."""
+    if len(headers) > HEADERS_KEPT:  # a Redis entry with thousands of fields, say
+        return _fewer(headers)
     out: dict[str, Any] = {}
     # One pass, plain values as they are: this runs for every message a tap sees.
     for k, v in headers.items():
         name = k if type(k) is str else str(k)
-        if is_secret_name(name):
+        if len(name) > TEXT_CAP:  # judged whole (the secret may be past the cut), kept cut
+            out[fit_text(name)] = MASK if SECRET_NAME.search(name) else _jsonable(v)
+        elif is_secret_name(name):
             out[name] = MASK
+        elif type(v) is str:
+            out[name] = v if len(v) <= TEXT_CAP and v[:1] not in _JSONISH else _text(v)
         else:
             out[name] = v if type(v) in _PLAIN else _jsonable(v)
     return out
 
 
+_JSONISH = frozenset("{[")  # how a header value holding a JSON object or array starts
+
+
+def _text(value: str) -> str:
+    """A header's text value, bounded, with secrets masked in the JSON it may hold."""
+    if value[:1] in _JSONISH:
+        value = _masked_json(value)
+    return value if len(value) <= TEXT_CAP else fit_text(value)
+
+
+def _masked_json(text: str) -> str:
+    """``text`` or, when it is JSON whose objects have keys that name secrets (Kafka and
+    Redis headers nest only this way), that JSON with their values masked."""
+    try:
+        masked = _mask(parse_json(text))
+    except (TooDeep, RecursionError):
+        return MASK  # too deep to look through: it may hide anything
+    except ValueError:
+        return text  # not JSON
+    return text if masked is _UNCHANGED else msgspec.json.encode(masked).decode()
+
+
+_UNCHANGED: Any = object()
+
+
+def _mask(doc: Any) -> Any:
+    """``doc`` with the values of secret-named keys masked, or _UNCHANGED."""
+    if isinstance(doc, dict):
+        out = {}
+        changed = False
+        for k, v in doc.items():
+            if is_secret_name(k):
+                out[k], changed = MASK, True
+            else:
+                inner = _mask(v)
+                out[k] = v if inner is _UNCHANGED else inner
+                changed = changed or inner is not _UNCHANGED
+        return out if changed else _UNCHANGED
+    if isinstance(doc, list):
+        items = [_mask(v) for v in doc]
+        if all(i is _UNCHANGED for i in items):
+            return _UNCHANGED
+        return [v if i is _UNCHANGED else i for v, i in zip(doc, items, strict=True)]
+    return _UNCHANGED
+
+
+def _fewer(headers: Mapping[str, Any]) -> dict[str, Any]:
+    kept = dict(itertools.islice(headers.items(), HEADERS_KEPT))
+    return {**clean_headers(kept), LEFT_OUT: len(headers) - len(kept)}
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value).decode("utf-8", errors="replace")
+        return _jsonable(bytes(value).decode("utf-8", errors="replace"))
+    if isinstance(value, str):
+        return _text(value)
     if isinstance(value, Mapping):  # an AMQP table inside a header: its secrets too
-        return {str(k): MASK if is_secret_name(str(k)) else _jsonable(v) for k, v in value.items()}
+        return {
+            fit_text(str(k)): MASK if is_secret_name(str(k)) else _jsonable(v)
+            for k, v in value.items()
+        }
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
+    if value is None or isinstance(value, (int, float, bool)):
         return value
     return str(value)  # datetimes, decimals: as text
 
@@ -171,11 +253,19 @@ def trace_id_of(traceparent: str | None) -> str | None:
 
 def parse_json(text: str | bytes) -> Any:
     """JSON text parsed as :func:`json.loads` would (msgspec first: several times faster;
-    the standard library for what msgspec refuses, such as NaN). Raises ValueError."""
+    the standard library for what msgspec refuses, such as NaN). Raises ValueError, also
+    for a document nested too deeply to parse."""
     try:
-        return _json_decode(text)
-    except msgspec.DecodeError:
-        return json.loads(text)
+        try:
+            return _json_decode(text)
+        except msgspec.DecodeError:
+            return json.loads(text)
+    except RecursionError:  # both parsers give up near 1000 levels
+        raise TooDeep("JSON nested too deeply to parse") from None
+
+
+class TooDeep(ValueError):
+    """JSON nested too deeply to parse."""
 
 
 _json_decode = msgspec.json.decode

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flowcheck.correlate import Correlator, Message, key_of, lookup
+from flowcheck.observations import parse_json, payload_json
 from flowcheck.topology import Correlate, loads
 
 
@@ -82,3 +83,11 @@ flows:
     assert c.keys("pay-retry", msg) == {"f": "order-7"}
     assert c.keys("pay-dlt", msg) == {"f": "order-7"}
     assert c.keys("other", msg) == {}
+
+
+def test_json_nested_too_deeply_is_unreadable_not_an_error() -> None:
+    deep = '{"id": "o-1", "x": ' + "[" * 5000 + "]" * 5000 + "}"
+    with pytest.raises(ValueError, match="nested too deeply"):
+        parse_json(deep)
+    assert payload_json(deep) is None
+    assert key_of(Correlate(json_path="$.id"), _msg(payload=deep, body=deep.encode())) is None

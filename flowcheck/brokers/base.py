@@ -19,11 +19,13 @@ import anyio
 from flowcheck.correlate import Correlator
 from flowcheck.observations import (
     ID_HEADER,
+    TEXT_CAP,
     Kind,
     Observation,
     as_text,
     clean_headers,
     cut_payload,
+    fit_text,
     now,
     trace_id_of,
 )
@@ -212,6 +214,7 @@ class Adapter(abc.ABC):
         mid = props.get("message_id")
         # Positional, in field order: a call with this many keywords costs 4x as much,
         # and this runs for every message a tap sees (tests pin the order).
+        # Ids, keys and reasons of other systems' messages may be anything: bounded text.
         return Observation(
             kind,
             self.name,
@@ -219,12 +222,14 @@ class Adapter(abc.ABC):
             mono,
             wall,
             broker_ms,
-            fc_id if fc_id is None or type(fc_id) is str else as_text(fc_id),
-            mid if mid is None or type(mid) is str else as_text(mid),
+            fc_id
+            if fc_id is None or (type(fc_id) is str and len(fc_id) <= TEXT_CAP)
+            else _text(fc_id),
+            mid if mid is None or (type(mid) is str and len(mid) <= TEXT_CAP) else _text(mid),
             None if tp is None else trace_id_of(as_text(tp)),
             keys,
             routing_key,
-            kafka_key,
+            kafka_key if kafka_key is None or len(kafka_key) <= TEXT_CAP else fit_text(kafka_key),
             partition,
             offset,
             entry_id,
@@ -234,12 +239,17 @@ class Adapter(abc.ABC):
             size,
             digest,
             delivery_count,
-            reason,
-            origin,
+            reason if reason is None or len(reason) <= TEXT_CAP else fit_text(reason),
+            origin if origin is None or len(origin) <= TEXT_CAP else fit_text(origin),
         )
 
 
 _NONE: Mapping[str, Any] = MappingProxyType({})
+
+
+def _text(value: Any) -> str | None:
+    text = as_text(value)
+    return None if text is None else fit_text(text)
 
 
 def new_id() -> str:

@@ -474,7 +474,7 @@ class KafkaAdapter(Adapter):
         return self.observe(
             kind,
             key,
-            body=rec.value or b"",
+            body=rec.value,  # None for a tombstone: no payload, not an empty one
             headers=headers,
             kafka_key=None if rec.key is None else rec.key.decode("utf-8", errors="replace"),
             at=at,

@@ -31,6 +31,7 @@ aio_pika = require("aio_pika")
 from aio_pika import exceptions as amqp_errors  # noqa: E402 - after the dependency check
 from aiormq import exceptions as aiormq_errors  # noqa: E402
 from aiormq.abc import DeliveredMessage  # noqa: E402
+from pamqp import decode as amqp_decode  # noqa: E402
 
 TRACE_EXCHANGE = "amq.rabbitmq.trace"
 # RabbitMQ's answer to a declare that differs from what exists. A side is "none" (not
@@ -44,6 +45,37 @@ _INT_TYPES = frozenset({"byte", "unsignedbyte", "short", "unsignedshort", "signe
 _INT_TYPES |= {"unsignedint", "long", "timestamp"}
 PROBES = 16  # declares per channel to find each setting that differs, at most
 RECONNECT_MAX = 2.0  # seconds between reconnection attempts, at most
+
+
+# pamqp fails a whole frame on a value it cannot decode, and aiormq then drops the
+# connection: the tap would lose every copy its exclusive twins held. These decode
+# such values instead. Installed process-wide: they change only what would have failed.
+_decode_timestamp = amqp_decode.timestamp
+_decode_short_str = amqp_decode.short_str
+
+
+def _timestamp(value: bytes) -> tuple[int, Any]:
+    """An AMQP timestamp as pamqp decodes it (a datetime), or its number when no datetime
+    can hold it: past the year 9999, as a publisher writing microseconds sends."""
+    try:
+        return _decode_timestamp(value)
+    except (ValueError, OverflowError, OSError):
+        return 8, int.from_bytes(value[:8], "big")
+
+
+def _short_str(value: bytes) -> tuple[int, str]:
+    """A short string (message_id, correlation_id, routing key, ...) as pamqp decodes it,
+    or with replacement characters when it is not UTF-8, as a Go or C client may send."""
+    try:
+        return _decode_short_str(value)
+    except UnicodeDecodeError:
+        length = value[0]
+        return length + 1, value[1 : length + 1].decode("utf-8", errors="replace")
+
+
+amqp_decode.METHODS["timestamp"] = _timestamp
+amqp_decode.TABLE_MAPPING[b"T"] = _timestamp
+amqp_decode.METHODS["shortstr"] = _short_str
 
 
 def queue_arguments(q: Queue, physical: Mapping[str, str]) -> dict[str, Any]:

@@ -295,7 +295,7 @@ class RedisAdapter(Adapter):
         payload_field: str,
         at: tuple[int, float] | None = None,
     ) -> Observation:
-        body: Any = b""
+        body: Any = None  # an entry without the payload field has no payload
         headers: dict[str, str] = {}
         for k, v in fields.items():
             name = _s(k)
@@ -303,7 +303,8 @@ class RedisAdapter(Adapter):
                 body = v
             else:
                 headers[name] = _s(v)
-        body = body if isinstance(body, bytes) else str(body).encode()
+        if body is not None and type(body) is not bytes:
+            body = str(body).encode()
         kind = Kind.ROUTED
         origin = reason = None
         count: int | None = None
@@ -312,7 +313,8 @@ class RedisAdapter(Adapter):
             origin = self._origin[key]
             reason = next((headers[f] for f in REASON_FIELDS if f in headers), None)
             text = next((headers[f] for f in COUNT_FIELDS if f in headers), None)
-            if text is not None and text.isdigit():
+            # Other writers' counts: str.isdigit takes "²", int() does not, nor 5000 digits.
+            if text is not None and text.isascii() and text.isdigit() and len(text) < 19:
                 count = int(text)
         return self.observe(
             kind,

@@ -23,7 +23,7 @@ import anyio
 import anyio.abc
 import pytest
 import pytest_asyncio
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from harness import forwarder
 from redis.asyncio import Redis
 
@@ -42,6 +42,11 @@ SECRET = "s3cr3t-Pa55w0rd-never-shown"
 FLOW = "orders"  # every kit's flow correlates by $.order_id
 
 Consume = Callable[[int], Awaitable[list[str]]]
+# Publish as any other system would, with the broker's plain client: (body, headers).
+# A body of None is a Kafka tombstone, or a Redis entry without the payload field.
+Send = Callable[[bytes | None, dict[str, str]], Awaitable[None]]
+Sender = Callable[[], AbstractAsyncContextManager[Send]]
+BIG_BODY = 10 * 1024 * 1024  # the biggest body the tests send through a plain client
 # The kit's topology reaching a broker the test can take down: (topology, take it down).
 Outage = Callable[[], AbstractAsyncContextManager[tuple[Topology, Callable[[], Awaitable[None]]]]]
 
@@ -60,6 +65,7 @@ class Kit:
     routing_key: str | None  # for publishes to a RabbitMQ exchange
     seen_on: tuple[str, ...]  # channels each published message must be tapped on
     consume: Consume  # consume N messages as the system would: their fc_ids, in order
+    sender: Sender  # a plain client of the broker, publishing to ``publish_to``
     with_login: Callable[[str, int | None], Topology]  # (password, port or None) -> topology
     within: float
     outage: Outage
@@ -128,6 +134,21 @@ def rabbitmq_kit(url: str, prefix: str) -> Kit:
             await connection.close()
         return got
 
+    @asynccontextmanager
+    async def sender() -> AsyncIterator[Send]:
+        connection = await aio_pika.connect(url)
+        try:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(f"{prefix}.events", ensure=False)
+
+            async def send(body: bytes | None, headers: dict[str, str]) -> None:
+                message = aio_pika.Message(body or b"", headers=dict(headers))
+                await exchange.publish(message, routing_key="order.placed")
+
+            yield send
+        finally:
+            await connection.close()
+
     def with_login(password: str, port: int | None) -> Topology:
         where = f"127.0.0.1:{port}" if port else _host_port(url, 5672)
         return load(text, FC_URL=f"amqp://guest:{password}@{where}/")
@@ -148,6 +169,7 @@ def rabbitmq_kit(url: str, prefix: str) -> Kit:
         routing_key="order.placed",
         seen_on=("events", "inbox"),
         consume=consume,
+        sender=sender,
         with_login=with_login,
         within=WITHIN,
         outage=outage,
@@ -196,6 +218,24 @@ def kafka_kit(bootstrap: str, prefix: str) -> Kit:
             await consumer.stop()
         return got
 
+    @asynccontextmanager
+    async def sender() -> AsyncIterator[Send]:
+        # Room for BIG_BODY: the bundled broker takes it; a real one needs
+        # message.max.bytes raised as well.
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=2 * BIG_BODY)
+        await producer.start()
+        try:
+
+            async def send(body: bytes | None, headers: dict[str, str]) -> None:
+                headers_ = [(k, v.encode()) for k, v in headers.items()]
+                # A tombstone (a null value) must have a key; other records have none.
+                key = b"tombstone" if body is None else None
+                await producer.send_and_wait(f"{prefix}.events", body, key=key, headers=headers_)
+
+            yield send
+        finally:
+            await producer.stop()
+
     def with_login(password: str, port: int | None) -> Topology:
         where = f"127.0.0.1:{port}" if port else bootstrap.split(",")[0]
         security = (
@@ -230,6 +270,7 @@ def kafka_kit(bootstrap: str, prefix: str) -> Kit:
         routing_key=None,
         seen_on=("events",),
         consume=consume,
+        sender=sender,
         with_login=with_login,
         within=KAFKA_WITHIN,
         outage=outage,
@@ -273,6 +314,21 @@ def redis_kit(url: str, prefix: str) -> Kit:
             await client.aclose()
         return got
 
+    @asynccontextmanager
+    async def sender() -> AsyncIterator[Send]:
+        client = Redis.from_url(url)
+        try:
+
+            async def send(body: bytes | None, headers: dict[str, str]) -> None:
+                fields: dict[str, str | bytes] = dict(headers)
+                if body is not None:
+                    fields["payload"] = body
+                await client.xadd(stream, fields)  # type: ignore[arg-type]
+
+            yield send
+        finally:
+            await client.aclose()
+
     def with_login(password: str, port: int | None) -> Topology:
         where = f"127.0.0.1:{port}" if port else _host_port(url, 6379)
         return load(text, FC_URL=f"redis://flowcheck-nobody:{password}@{where}/0")
@@ -293,6 +349,7 @@ def redis_kit(url: str, prefix: str) -> Kit:
         routing_key=None,
         seen_on=("events",),
         consume=consume,
+        sender=sender,
         with_login=with_login,
         within=WITHIN,
         outage=outage,

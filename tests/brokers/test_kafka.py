@@ -19,7 +19,7 @@ from harness import KafkaScope
 
 from flowcheck.brokers.kafka import KafkaAdapter
 from flowcheck.errors import BrokerError, BrokerUnreachable
-from flowcheck.observations import Kind, Observation
+from flowcheck.observations import TEXT_CAP, Kind, Observation, encode
 from flowcheck.tracer import Memory, Tracer
 
 from .conftest import FLOW, KAFKA_WITHIN, cleaned, ids, load, of, order, tap_raising
@@ -338,3 +338,64 @@ async def test_a_codec_the_tap_cannot_read_is_a_clear_error(
     assert str(error).endswith(
         "UnsupportedCodecError: Libraries for lz4 compression codec not found"
     )
+
+
+async def test_odd_keys_and_headers_of_other_producers(
+    kafka_bootstrap: str, kafka: KafkaScope, unique: str
+) -> None:
+    topology = load(topology_yaml(kafka_bootstrap, unique))
+    topic = f"{unique}.payments"
+    huge = b"k" * (1024 * 1024)
+    records: dict[str, tuple[bytes | None, list[tuple[str, bytes | None]]]] = {
+        "null-headers": (None, [("a", None), ("x-flowcheck-id", None), ("traceparent", None)]),
+        # Duplicate names: the last one counts, as Kafka's Headers.lastHeader reads them.
+        "duplicates": (
+            None,
+            [("a", b"1"), ("a", b"2"), ("x-flowcheck-id", b"one"), ("x-flowcheck-id", b"two")],
+        ),
+        "binary": (None, [("b", b"\xff\xfe\x00ok")]),
+        "huge-key": (huge, []),
+        "huge-header": (None, [("n" * 5000, b"v"), ("x-flowcheck-id", huge)]),
+    }
+    async with cleaned(topology, "kafka") as ad:
+        await ad.apply()
+        producer = await kafka.producer(max_request_size=8 * len(huge))
+        memory = Memory()
+        async with Tracer(topology, [memory], channels=["payments"]):
+            for case, (key, headers) in records.items():
+                await producer.send_and_wait(
+                    topic, order(case), key=key, headers=[("x-case", case.encode()), *headers]
+                )
+            await memory.wait_for(
+                lambda items: len(of(items, Kind.ROUTED, "payments")) >= len(records), KAFKA_WITHIN
+            )
+
+    routed = of(memory.items, Kind.ROUTED, "payments")
+    assert sorted(o.headers["x-case"] for o in routed) == sorted(records)
+    seen = {o.headers["x-case"]: o for o in routed}
+    assert all(o.keys == {FLOW: f"o-{case}"} for case, o in seen.items())
+    assert seen["null-headers"].headers == {
+        "x-case": "null-headers",
+        "a": None,
+        "x-flowcheck-id": None,
+        "traceparent": None,
+    }
+    assert (
+        seen["null-headers"].fc_id,
+        seen["null-headers"].trace_id,
+        seen["null-headers"].kafka_key,
+    ) == (None, None, None)
+    assert seen["duplicates"].headers == {"x-case": "duplicates", "a": "2", "x-flowcheck-id": "two"}
+    assert seen["duplicates"].fc_id == "two"
+    assert seen["binary"].headers["b"] == "\ufffd\ufffd\x00ok"
+    big = seen["huge-key"].kafka_key
+    assert big is not None
+    assert big.startswith("k" * TEXT_CAP)
+    assert len(big) < TEXT_CAP + 200
+    odd = seen["huge-header"]
+    assert odd.fc_id is not None
+    assert len(odd.fc_id) < TEXT_CAP + 200
+    assert all(len(name) < TEXT_CAP + 200 for name in odd.headers)
+    assert len(odd.headers["x-flowcheck-id"]) < TEXT_CAP + 200
+    for obs in routed:
+        assert len(encode(obs)) < 32 * 1024

@@ -5,26 +5,34 @@ Needs ``rabbitmqctl`` for the broker under test (the firehose and killing connec
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import json
 import shutil
+import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
 import anyio
+import pamqp.encode
 import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractIncomingMessage
 from harness import AmqpScope
+from pamqp.commands import Basic
 from pamqp.common import Arguments
 
 from flowcheck.brokers.rabbitmq import RabbitMQAdapter
 from flowcheck.errors import BrokerAuthError, BrokerError
-from flowcheck.observations import Kind, Observation
+from flowcheck.observations import TEXT_CAP, Kind, Observation, encode
+from flowcheck.redact import MASK
 from flowcheck.tracer import Memory, Tracer
 
 from .conftest import (
     FLOW,
+    SECRET,
     WITHIN,
     cleaned,
     ids,
@@ -533,3 +541,96 @@ async def test_queues_are_seen_through_their_exchanges_or_their_own_twin(
                 lambda items: alone.fc_id in ids(items, Kind.ROUTED, "inbox"), WITHIN
             )
         assert {o.channel for o in memory.items if o.kind is not Kind.PUBLISHED} == {"inbox"}
+
+
+def _raw_timestamp(seconds: datetime.datetime | time.struct_time | int) -> bytes:
+    """pamqp's timestamp encoder, letting an int through as it is: what clients that
+    write milli- or microseconds put on the wire."""
+    if isinstance(seconds, int):
+        return seconds.to_bytes(8, "big")
+    return ORIGINAL_TIMESTAMP(seconds)
+
+
+ORIGINAL_TIMESTAMP = pamqp.encode.timestamp
+
+
+def _raw_short_string(value: str | bytes) -> bytes:
+    """pamqp's short string encoder, letting bytes through as they are: what a Go or C
+    client may send as a message id or routing key."""
+    if isinstance(value, bytes):
+        return len(value).to_bytes(1, "big") + value
+    return ORIGINAL_SHORT_STRING(value)
+
+
+ORIGINAL_SHORT_STRING = pamqp.encode.short_string
+
+
+async def test_every_amqp_table_type_and_odd_properties_of_other_publishers(
+    rabbitmq_url: str, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(pamqp.encode.METHODS, "timestamp", _raw_timestamp)
+    monkeypatch.setitem(pamqp.encode.METHODS, "shortstr", _raw_short_string)
+    kit = rabbitmq_kit(rabbitmq_url, unique)
+    when = datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+    tables: dict[str, Any] = {
+        "nested": {"a": {"b": [1, "x", bytearray(b"\xff"), {"token": SECRET}]}},
+        "login": {"password": SECRET, "user": "u"},
+        "array": [1, 2.5, True, None, decimal.Decimal("3.14"), when],
+        "bytes": bytearray(b"\x00\xff"),
+        "decimal": decimal.Decimal("-1.000001"),
+        "timestamp": when,
+        "bool": False,
+        "void": None,
+        "long-long": -(2**62),
+        "long-string": "L" * (64 * 1024),
+    }
+    messages: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+        "tables": (tables, {}),
+        "properties": ({}, {"message_id": "", "correlation_id": "c" * 255, "app_id": "é"}),
+        "microseconds": ({}, {"timestamp": 1_700_000_000_000_000}),
+        "max-timestamp": ({}, {"timestamp": 2**64 - 1}),
+        "not-utf8": ({}, {"message_id": b"\xff\xfe-1", "correlation_id": b"\xc3\x28"}),
+        "after": ({}, {}),
+    }
+    async with cleaned(kit.topology, "rabbit") as ad:
+        await ad.apply()
+        memory = Memory()
+        async with Tracer(kit.topology, [memory]):
+            connection = await aio_pika.connect(rabbitmq_url)
+            try:
+                channel = await (await connection.channel()).get_underlay_channel()
+                for n, (case, (headers, properties)) in enumerate(messages.items()):
+                    await channel.basic_publish(
+                        order(n),
+                        exchange=f"{unique}.events",
+                        routing_key=b"order.\xff" if case == "not-utf8" else "order.placed",  # type: ignore[arg-type]
+                        properties=Basic.Properties(
+                            headers={"x-case": case, **headers}, **properties
+                        ),
+                    )
+            finally:
+                await connection.close()
+            await memory.wait_for(
+                lambda items: len(of(items, Kind.ROUTED, "events")) >= len(messages), WITHIN
+            )
+
+    assert of(memory.items, Kind.GAP) == []  # the tap never lost its connection
+    seen = {o.headers["x-case"]: o for o in of(memory.items, Kind.ROUTED, "events")}
+    assert sorted(seen) == sorted(messages)
+    assert [seen[c].keys for c in messages] == [{FLOW: f"o-{n}"} for n in range(len(messages))]
+    headers = seen["tables"].headers
+    assert headers["nested"] == {"a": {"b": [1, "x", "\ufffd", {"token": MASK}]}}
+    assert headers["login"] == {"password": MASK, "user": "u"}
+    assert headers["array"] == [1, 2.5, True, None, "3.14", str(when)]
+    assert (headers["bytes"], headers["decimal"], headers["timestamp"]) == (
+        "\x00\ufffd",
+        "-1.000001",
+        str(when),
+    )
+    assert (headers["bool"], headers["void"], headers["long-long"]) == (False, None, -(2**62))
+    assert headers["long-string"].startswith("L" * TEXT_CAP)
+    assert len(headers["long-string"]) < TEXT_CAP + 200
+    odd = seen["not-utf8"]
+    assert (odd.message_id, odd.routing_key) == ("\ufffd\ufffd-1", "order.\ufffd")
+    for obs in memory.items:
+        assert SECRET not in encode(obs).decode()

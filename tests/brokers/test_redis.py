@@ -10,12 +10,14 @@ from redis.asyncio import Redis
 
 from flowcheck.brokers.redis import RedisAdapter
 from flowcheck.errors import BrokerError
-from flowcheck.observations import Kind, Observation
+from flowcheck.observations import TEXT_CAP, Kind, Observation, encode
+from flowcheck.redact import MASK
 from flowcheck.tracer import Memory, Tracer
 
 from .conftest import (
     FLOW,
     REDIS_YAML,
+    SECRET,
     WITHIN,
     cleaned,
     ids,
@@ -380,3 +382,50 @@ async def test_a_key_that_is_not_a_stream_drifts_untouched_and_the_rest_is_decla
             b"billing": b"0-0",
             b"shipping": first,
         }
+
+
+async def test_odd_entries_of_other_writers_on_a_dead_letter_stream(
+    redis_url: str, redis: Redis, unique: str
+) -> None:
+    topology = load(DEAD_LETTER_YAML.format(p=unique), FC_URL=redis_url)
+    dead = f"{unique}.dead"
+    entries: dict[str, dict[Any, Any]] = {
+        # Counts other writers put there: "²" is a digit to str.isdigit, not to int().
+        "superscript": {"payload": order(1), "delivery_count": "²"},
+        "long-count": {"payload": order(2), "attempts": "9" * 5000},
+        "binary-names": {"payload": order(3), b"\xff\xfe": b"\xff", b"": b"", b"password": b"pw"},
+        "huge-name": {
+            "payload": order(4),
+            "n" * 5000: "v",
+            "n" * 5000 + "-password": SECRET,  # its secret past where the name is cut
+            "reason": "r" * 5000,
+        },
+        "no-payload": {"order_id": "o-5"},
+    }
+    async with cleaned(topology, "redis") as ad:
+        await ad.apply()
+        memory = Memory()
+        async with Tracer(topology, [memory]):
+            for case, fields in entries.items():
+                await redis.xadd(dead, {"x-case": case, **fields})
+            await memory.wait_for(
+                lambda items: len(of(items, Kind.DEAD_LETTERED, "dead")) >= len(entries), WITHIN
+            )
+
+    seen = {o.headers["x-case"]: o for o in of(memory.items, Kind.DEAD_LETTERED, "dead")}
+    assert sorted(seen) == sorted(entries)
+    assert seen["superscript"].delivery_count is None
+    assert seen["long-count"].delivery_count is None
+    assert seen["binary-names"].headers == {
+        "x-case": "binary-names",
+        "\ufffd\ufffd": "\ufffd",
+        "": "",
+        "password": MASK,
+    }
+    huge = seen["huge-name"]
+    assert all(len(name) < TEXT_CAP + 200 for name in huge.headers)
+    assert SECRET not in encode(huge).decode()
+    assert huge.reason is not None
+    assert len(huge.reason) < TEXT_CAP + 200
+    assert (seen["no-payload"].payload, seen["no-payload"].size) == (None, 0)
+    assert [seen[c].keys for c in entries] == [{FLOW: f"o-{n}"} for n in range(1, 5)] + [{}]
