@@ -10,6 +10,7 @@ when it is off its binding simply receives nothing.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -49,26 +50,35 @@ RECONNECT_MAX = 2.0  # seconds between reconnection attempts, at most
 
 # pamqp fails a whole frame on a value it cannot decode, and aiormq then drops the
 # connection: the tap would lose every copy its exclusive twins held. These decode
-# such values instead. Installed process-wide: they change only what would have failed.
+# such values instead, but only on the tap's own connections: aiormq's tasks for a
+# connection inherit the context it was opened in, and the tap marks its own. Any
+# other connection in the process (a system under test, in pytest) decodes as before.
 _decode_timestamp = amqp_decode.timestamp
 _decode_short_str = amqp_decode.short_str
+_lenient: contextvars.ContextVar[bool] = contextvars.ContextVar("_lenient", default=False)
 
 
 def _timestamp(value: bytes) -> tuple[int, Any]:
-    """An AMQP timestamp as pamqp decodes it (a datetime), or its number when no datetime
-    can hold it: past the year 9999, as a publisher writing microseconds sends."""
+    """An AMQP timestamp as pamqp decodes it (a datetime), or, on a tap's connection, its
+    number when no datetime can hold it: past the year 9999, as a publisher writing
+    microseconds sends."""
     try:
         return _decode_timestamp(value)
     except (ValueError, OverflowError, OSError):
+        if not _lenient.get():
+            raise
         return 8, int.from_bytes(value[:8], "big")
 
 
 def _short_str(value: bytes) -> tuple[int, str]:
     """A short string (message_id, correlation_id, routing key, ...) as pamqp decodes it,
-    or with replacement characters when it is not UTF-8, as a Go or C client may send."""
+    or, on a tap's connection, with replacement characters when it is not UTF-8, as a
+    Go or C client may send."""
     try:
         return _decode_short_str(value)
     except UnicodeDecodeError:
+        if not _lenient.get():
+            raise
         length = value[0]
         return length + 1, value[1 : length + 1].decode("utf-8", errors="replace")
 
@@ -395,6 +405,7 @@ class RabbitMQAdapter(Adapter):
     async def tap(
         self, channels: Sequence[str], sink: Sink, *, ready: anyio.Event | None = None
     ) -> None:
+        _lenient.set(True)  # this task's connections, and aiormq's tasks for them
         delay = 0.1
         started = False
         try:

@@ -5,6 +5,7 @@ Needs ``rabbitmqctl`` for the broker under test (the firehose and killing connec
 
 from __future__ import annotations
 
+import contextvars
 import datetime
 import decimal
 import json
@@ -16,6 +17,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
 import anyio
+import pamqp.decode
 import pamqp.encode
 import pytest
 import pytest_asyncio
@@ -24,6 +26,7 @@ from harness import AmqpScope
 from pamqp.commands import Basic
 from pamqp.common import Arguments
 
+from flowcheck.brokers import rabbitmq
 from flowcheck.brokers.rabbitmq import RabbitMQAdapter
 from flowcheck.errors import BrokerAuthError, BrokerError
 from flowcheck.observations import TEXT_CAP, Kind, Observation, encode
@@ -634,3 +637,22 @@ async def test_every_amqp_table_type_and_odd_properties_of_other_publishers(
     assert (odd.message_id, odd.routing_key) == ("\ufffd\ufffd-1", "order.\ufffd")
     for obs in memory.items:
         assert SECRET not in encode(obs).decode()
+
+
+def test_lenient_amqp_decoding_is_the_taps_alone() -> None:
+    # A system under test in the same process (pytest) must fail on such a frame as
+    # it would without flowcheck: only the tap's own connections decode it anyway.
+    odd = b"\x02\xff\xfe"
+    with pytest.raises(UnicodeDecodeError):
+        pamqp.decode.METHODS["shortstr"](odd)
+    with pytest.raises(ValueError, match="out of range"):
+        pamqp.decode.METHODS["timestamp"]((2**63 - 1).to_bytes(8, "big"))
+
+    def in_a_tap() -> tuple[Any, Any]:
+        rabbitmq._lenient.set(True)
+        return (
+            pamqp.decode.METHODS["shortstr"](odd),
+            pamqp.decode.METHODS["timestamp"]((2**63 - 1).to_bytes(8, "big")),
+        )
+
+    assert contextvars.copy_context().run(in_a_tap) == ((3, "\ufffd\ufffd"), (8, 2**63 - 1))
