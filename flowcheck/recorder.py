@@ -37,6 +37,23 @@ async def apply_all(topology: Topology, channels: Sequence[str] | None = None) -
     return drift
 
 
+def drift_observations(
+    topology: Topology, drift: Sequence[Drift], mono: int, wall: float
+) -> list[Observation]:
+    """The drift ``apply`` found, as DRIFT observations for the head of a trace."""
+    return [
+        Observation(
+            kind=Kind.DRIFT,
+            broker=topology.channels[d.channel].broker,
+            channel=d.channel,
+            mono_ns=mono,
+            wall=wall,
+            reason=str(d),
+        )
+        for d in drift
+    ]
+
+
 async def record(
     topology: Topology,
     out: str,
@@ -121,17 +138,8 @@ async def _record(
     writer = Writer(out, header)
     try:
         with writer:
-            for d in drift:
-                writer.write(
-                    Observation(
-                        kind=Kind.DRIFT,
-                        broker=topology.channels[d.channel].broker,
-                        channel=d.channel,
-                        mono_ns=mono,
-                        wall=wall,
-                        reason=str(d),
-                    )
-                )
+            for obs in drift_observations(topology, drift, mono, wall):
+                writer.write(obs)
             tracer = Tracer(topology, [writer.write], channels=channels, counts=counts)
             async with tracer:
                 connected.set()

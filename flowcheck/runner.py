@@ -19,7 +19,7 @@ from flowcheck.checker import Checker, Verdict
 from flowcheck.checker._engine import DEFAULT_WINDOW, GRACE_NS
 from flowcheck.errors import UsageError, leaf
 from flowcheck.observations import Kind, Observation, now
-from flowcheck.recorder import apply_all
+from flowcheck.recorder import apply_all, drift_observations
 from flowcheck.scenario import Scenario, messages
 from flowcheck.topology.model import Topology
 from flowcheck.trace import Header, Writer, topology_hash
@@ -81,7 +81,8 @@ async def _run(
         os.makedirs(out_dir, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create the report directory {out_dir}: {exc.strerror}") from None
-    drift = [str(d) for d in await apply_all(topology)] if apply else []
+    found = await apply_all(topology) if apply else []
+    drift = [str(d) for d in found]
     for d in drift:  # now, not with the verdict: a tap that cannot start must not hide it
         say(f"warning: drift: {d}")
     trace = os.path.join(out_dir, f"trace-{run_id}.jsonl")
@@ -103,6 +104,8 @@ async def _run(
 
     waiting: list[tuple[str, str]] = []
     with Writer(trace, header) as writer:
+        for obs in drift_observations(topology, found, mono, wall):  # as record writes it
+            writer.write(obs)
         async with Tracer(topology, [writer.write, observe]) as tracer:
             say(f"taps ready; publishing {len(plan)} messages (run {run_id})")
             for m in plan:

@@ -652,6 +652,10 @@ def test_run_warns_of_drift_before_it_stops_on_an_error(
     assert "flowcheck: warning: drift: ship: type is 'string' on the broker" in result.output
     assert "cannot tap keys that are not streams" in result.output
     assert "Traceback" not in result.output
+    # And the trace, kept for `flowcheck check`, opens with them, as record's does.
+    (trace,) = (tmp_path / "reports").glob("trace-*.jsonl")
+    drift = [o.channel for o in Reader(str(trace)) if o.kind is Kind.DRIFT]
+    assert sorted(drift) == ["billing", "ship"]
 
 
 async def _set_string(url: str, key: str) -> None:
