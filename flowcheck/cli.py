@@ -214,7 +214,6 @@ def record(
     file cleanly; it is flushed at least every second while recording.
     """
     import os
-    import time
 
     import anyio
     from rich.console import Console

@@ -503,11 +503,10 @@ class RabbitMQAdapter(Adapter):
             return bool(queues), tuple(q for q in queues if q in derived)
 
         async def on_message(msg: DeliveredMessage) -> None:
-            rk = msg.routing_key or ""
             if not exchange:
                 self._observe_copy(key, msg, sink)
                 return
-            routable, queues = reached(rk)
+            routable, queues = reached(msg.routing_key or "")
             # The twin itself makes every publish routable, so mandatory returns cannot
             # fire while tapping: judge routability by the topology's own bindings.
             self._observe_copy(key, msg, sink, unroutable=not routable)

@@ -344,10 +344,10 @@ class RedisAdapter(Adapter):
             replies = await pipe.execute(raise_on_error=False)
             for i, (key, group) in enumerate(groups):
                 infos, rows = replies[2 * i], replies[2 * i + 1]
-                if isinstance(infos, redis_errors.ResponseError):
-                    continue  # the stream does not exist yet
-                if isinstance(rows, redis_errors.ResponseError):
-                    continue  # nor the group
+                if isinstance(infos, redis_errors.ResponseError) or isinstance(
+                    rows, redis_errors.ResponseError
+                ):
+                    continue  # the stream, or the group, does not exist yet
                 await self._poll_group(client, state, sink, key, group, infos, rows)
             await anyio.sleep(PEL_POLL)  # polling interval of the PEL, not a wait for an event
 
