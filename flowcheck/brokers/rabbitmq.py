@@ -34,6 +34,8 @@ from aiormq import exceptions as aiormq_errors  # noqa: E402
 from aiormq.abc import DeliveredMessage  # noqa: E402
 from pamqp import decode as amqp_decode  # noqa: E402
 
+from flowcheck.brokers._paced import paced_connection  # noqa: E402
+
 TRACE_EXCHANGE = "amq.rabbitmq.trace"
 # RabbitMQ's answer to a declare that differs from what exists. A side is "none" (not
 # set), 'v' or "the value 'v' of type 't'"; values may hold spaces.
@@ -120,6 +122,7 @@ class RabbitMQAdapter(Adapter):
         assert isinstance(cfg, RabbitMQ)
         self.url = cfg.url.get_secret_value()
         self.vhost = cfg.vhost
+        self.read_interval = cfg.tap_read_interval.total_seconds()
         self.connection: Any = None
         self._publish_channel: Any = None
         self._by_physical = {self._names[k]: k for k in self._names}
@@ -135,6 +138,8 @@ class RabbitMQAdapter(Adapter):
         }
         if self.vhost is not None:
             kwargs["virtualhost"] = self.vhost
+        if purpose == "tap":
+            kwargs["connection_class"] = paced_connection(self.read_interval)
         try:
             return await aio_pika.connect(self.url, **kwargs)
         except amqp_errors.ProbableAuthenticationError as exc:

@@ -99,6 +99,11 @@ class RabbitMQ(Model):
     kind: Literal["rabbitmq"]
     url: SecretStr = SecretStr(defaults.RABBITMQ_URL)
     vhost: str | None = Field(None, description="overrides the vhost in the URL")
+    tap_read_interval: Annotated[Duration, _span("1ms", "1s")] = Field(
+        timedelta(milliseconds=10),
+        description="least time between two of a tap's reads while messages keep coming",
+        json_schema_extra={"default": "10ms"},
+    )
 
 
 class KafkaSecurity(Model):
@@ -442,7 +447,7 @@ class Topology(Model):
 
     def tap_late(self, channel: str) -> tuple[timedelta, str] | None:
         """How late a tap may see a message on ``channel``, and the setting that makes it so;
-        None where the broker pushes each message to the tap as it arrives (RabbitMQ)."""
+        None for a channel the topology does not declare."""
         ch = self.channels.get(channel)
         if ch is None:
             return None
@@ -451,7 +456,7 @@ class Topology(Model):
             # A broker that holds a fetch until its wait ends (the bundled one does) hands
             # a record over that late; Kafka answers as soon as one arrives.
             return broker.tap_fetch_wait, f"broker {ch.broker!r}: tap_fetch_wait"
-        if isinstance(broker, Redis):
+        if isinstance(broker, Redis | RabbitMQ):
             return broker.tap_read_interval, f"broker {ch.broker!r}: tap_read_interval"
         return None
 

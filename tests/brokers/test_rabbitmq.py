@@ -546,6 +546,33 @@ async def test_queues_are_seen_through_their_exchanges_or_their_own_twin(
         assert {o.channel for o in memory.items if o.kind is not Kind.PUBLISHED} == {"inbox"}
 
 
+PACED_YAML = """
+brokers:
+  rabbit: {{kind: rabbitmq, url: "${{FC_URL}}", tap_read_interval: 300ms}}
+channels:
+  events: {{broker: rabbit, kind: exchange, type: topic, name: "{p}.events", durable: false}}
+"""
+
+
+async def test_while_messages_keep_coming_the_tap_reads_once_per_interval(
+    rabbitmq_url: str, unique: str
+) -> None:
+    topology = load(PACED_YAML.format(p=unique), FC_URL=rabbitmq_url)
+    async with cleaned(topology, "rabbit") as ad:
+        await ad.apply()
+        memory = Memory()
+        async with Tracer(topology, [memory]) as tracer:
+            first = await tracer.publish("events", order(1), routing_key="a")
+            await memory.wait_for(lambda items: first.fc_id in ids(items, Kind.UNROUTABLE), WITHIN)
+            # Read at once after a quiet spell; what follows within the interval waits.
+            rest = [await tracer.publish("events", order(n), routing_key="a") for n in (2, 3)]
+            await memory.wait_for(
+                lambda items: all(m.fc_id in ids(items, Kind.UNROUTABLE) for m in rest), WITHIN
+            )
+        seen = {o.fc_id: o.mono_ns for o in of(memory.items, Kind.UNROUTABLE)}
+        assert all(seen[m.fc_id] - seen[first.fc_id] >= 300_000_000 for m in rest)
+
+
 def _raw_timestamp(seconds: datetime.datetime | time.struct_time | int) -> bytes:
     """pamqp's timestamp encoder, letting an int through as it is: what clients that
     write milli- or microseconds put on the wire."""
