@@ -52,22 +52,23 @@ flows: {f: {correlate: $.order_id, steps: [{channel: q}]}}
 """
 
 
-def topology(broker: str, name: str, urls: dict[str, str]) -> Topology:
+def topology(broker: str, name: str, urls: dict[str, str], settings: str = "") -> Topology:
+    """The benchmark's topology; ``settings``: more keys for the broker, like ", k: v"."""
     if broker == "rabbitmq":
         text = f"""
-brokers: {{b: {{kind: rabbitmq, url: "{urls["rabbitmq"]}"}}}}
+brokers: {{b: {{kind: rabbitmq, url: "{urls["rabbitmq"]}"{settings}}}}}
 channels:
   ex: {{broker: b, kind: exchange, type: topic, name: {name}.ex}}
   q: {{broker: b, kind: queue, name: {name}.q, bindings: [{{exchange: ex, key: "#"}}]}}
 """
     elif broker == "kafka":
         text = f"""
-brokers: {{b: {{kind: kafka, bootstrap: "{urls["kafka"]}"}}}}
+brokers: {{b: {{kind: kafka, bootstrap: "{urls["kafka"]}"{settings}}}}}
 channels: {{q: {{broker: b, kind: topic, name: {name}.q, partitions: 1}}}}
 """
     else:
         text = f"""
-brokers: {{b: {{kind: redis, url: "{urls["redis"]}"}}}}
+brokers: {{b: {{kind: redis, url: "{urls["redis"]}"{settings}}}}}
 channels: {{q: {{broker: b, kind: stream, name: {name}.q}}}}
 """
     return loads(text + FLOW)
