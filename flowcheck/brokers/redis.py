@@ -28,6 +28,7 @@ from redis import exceptions as redis_errors  # noqa: E402 - after the dependenc
 BLOCK_MS = 500  # XREAD block time: bounds how long a stop waits
 BATCH = 1000
 PEL_POLL = 0.1  # seconds between Pending Entries List polls
+IDLE_POLL = 1.0  # between polls while no entry the tap read waits for a group
 RECONNECT_MAX = 2.0
 _LOST = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)  # the tap reconnects
 # Fields a dead-letter entry may carry to say why and after how many deliveries.
@@ -279,6 +280,8 @@ class RedisAdapter(Adapter):
                             }
                             for group in groups:
                                 state.unacked.setdefault((key, group), {}).setdefault(entry_id, 0)
+                    if groups:
+                        state.arrived.set()
                     # Once a batch: the PEL poll never runs in the middle of one.
                     state.last[name] = entry_id
                 if 0 < most < BATCH:
@@ -334,6 +337,8 @@ class RedisAdapter(Adapter):
         if not groups:
             return
         while True:
+            # Before the poll, so that an entry read while it runs cuts the next wait short.
+            arrived = state.arrived = anyio.Event()
             # Every group's info and first page of pending entries in one round trip:
             # a command costs the tap (and Redis) several times what its reply does.
             pipe = client.pipeline(transaction=False)
@@ -349,7 +354,14 @@ class RedisAdapter(Adapter):
                 ):
                     continue  # the stream, or the group, does not exist yet
                 await self._poll_group(client, state, sink, key, group, infos, rows)
-            await anyio.sleep(PEL_POLL)  # polling interval of the PEL, not a wait for an event
+            if any(state.unacked.get(g) for g in groups):
+                await anyio.sleep(PEL_POLL)  # polling interval of the PEL, not a wait for an event
+            else:
+                # Every entry read is acknowledged: until the tap reads another, no group
+                # delivers or acknowledges one (short of XGROUP SETID), so an idle tap
+                # need not ask ten times a second.
+                with anyio.move_on_after(IDLE_POLL):
+                    await arrived.wait()
 
     async def _poll_group(
         self,
@@ -448,6 +460,7 @@ class _TapState:
         self.unacked: dict[tuple[str, str], dict[str, int]] = {}
         # entry id -> fc_id, keys, trace_id as read, for the evidence about it
         self.identity: dict[str, dict[str, Any]] = {}
+        self.arrived = anyio.Event()  # the tap read entries some group will receive
 
     async def start(self, client: Any) -> dict[str, str]:
         """Read each stream's last id; return the keys that hold another type (name -> type)."""

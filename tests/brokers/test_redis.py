@@ -106,6 +106,35 @@ async def test_claimed_entry_is_redelivered_then_consumed(
     assert "worker-2" in redelivered.reason
 
 
+async def test_an_idle_tap_polls_the_pending_lists_again_as_soon_as_it_reads_an_entry(
+    redis_url: str, redis: Redis, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flowcheck.brokers import redis as module
+
+    # Idle, the poll would wait an hour: only reading an entry can bring it back.
+    monkeypatch.setattr(module, "IDLE_POLL", 3600.0)
+    kit = redis_kit(redis_url, unique)
+    stream = f"{unique}.events"
+    async with cleaned(kit.topology, "redis") as ad:
+        await ad.apply()
+        memory = Memory()
+        async with Tracer(kit.topology, [memory]) as tracer:
+
+            async def round_trip(n: int) -> None:
+                sent = await tracer.publish("events", order(n))
+                await memory.wait_for(lambda items: sent.fc_id in ids(items, Kind.ROUTED), WITHIN)
+                [(entry_id, _)] = await read_group(redis, stream, "billing", "w", count=1)
+                assert await redis.xack(stream, "billing", entry_id) == 1
+                await memory.wait_for(lambda items: len(evidence(items, sent.fc_id)) == 2, WITHIN)
+                assert evidence(memory.items, sent.fc_id) == [
+                    (Kind.DELIVERED, 1, "billing"),
+                    (Kind.CONSUMED, 1, "billing"),
+                ]
+
+            await round_trip(1)
+            await round_trip(2)  # after the first was acknowledged: the tap was idle again
+
+
 async def test_entry_moved_to_dead_letter_stream_is_dead_lettered(
     redis_url: str, redis: Redis, unique: str
 ) -> None:
