@@ -354,14 +354,15 @@ class RedisAdapter(Adapter):
                 ):
                     continue  # the stream, or the group, does not exist yet
                 await self._poll_group(client, state, sink, key, group, infos, rows)
-            if any(state.unacked.get(g) for g in groups):
-                await anyio.sleep(PEL_POLL)  # polling interval of the PEL, not a wait for an event
-            else:
+            polled = time.monotonic()
+            if not any(state.unacked.get(g) for g in groups):
                 # Every entry read is acknowledged: until the tap reads another, no group
                 # delivers or acknowledges one (short of XGROUP SETID), so an idle tap
                 # need not ask ten times a second.
                 with anyio.move_on_after(IDLE_POLL):
                     await arrived.wait()
+            # Never more often than every PEL_POLL, however often entries come.
+            await anyio.sleep(max(0.0, polled + PEL_POLL - time.monotonic()))
 
     async def _poll_group(
         self,

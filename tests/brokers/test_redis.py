@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import time
 from typing import Any
 
 import anyio
@@ -371,6 +374,55 @@ async def test_the_tap_waits_between_reads_only_after_a_batch_that_was_not_full(
     # a full batch (the rate is not capped) or an empty reply (the read blocked).
     assert len(waits) == 2
     assert all(0 < w <= 0.25 for w in waits)
+
+
+class _QuietPipeline:
+    """Replies to the PEL poll: the group exists and nothing is pending."""
+
+    def __init__(self, polls: list[float]) -> None:
+        self.polls = polls
+
+    def xinfo_groups(self, name: str) -> None:
+        pass
+
+    def xpending_range(self, name: str, group: str, **_: Any) -> None:
+        pass
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        self.polls.append(time.monotonic())
+        if len(self.polls) > 5:
+            raise _Done
+        return [[{"name": b"billing", "last-delivered-id": b"0-0", "pending": 0}], []]
+
+
+async def test_entries_coming_all_the_time_do_not_make_the_pel_poll_run_more_often(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flowcheck.brokers import redis as module
+
+    monkeypatch.setattr(module, "PEL_POLL", 0.05)
+    adapter = RedisAdapter("redis", load(REDIS_YAML.format(p="t"), FC_URL="redis://127.0.0.1:6379"))
+    state = module._TapState({"events": "t.events"})
+    state.last["t.events"] = "0-0"
+    polls: list[float] = []
+
+    class Client:
+        def pipeline(self, transaction: bool) -> _QuietPipeline:
+            return _QuietPipeline(polls)
+
+    async def reader() -> None:  # the tap reading entries every millisecond
+        while True:
+            state.arrived.set()
+            await anyio.sleep(0.001)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader)
+        with contextlib.suppress(_Done):  # the sixth poll
+            await adapter._poll_pending(Client(), state, lambda obs: None)
+        tg.cancel_scope.cancel()
+    gaps = [b - a for a, b in itertools.pairwise(polls)]
+    assert len(gaps) == 5
+    assert min(gaps) >= 0.05
 
 
 def test_pause_holds_back_only_reads_that_come_sooner_than_the_interval() -> None:
