@@ -35,11 +35,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-from tap_rate import BODY, Clock, raw_consumer, tap_consumer, topology
+from tap_rate import BODY, Clock, broker_urls, raw_consumer, tap_consumer, topology
 
-from flowcheck import defaults
 from flowcheck.brokers import adapter
-from flowcheck.devkafka import LocalKafka
 
 SIDES = ("raw", "tap", "eager")
 EAGER = {
@@ -160,22 +158,9 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--brokers", default="rabbitmq,kafka,redis")
     args = parser.parse_args()
-    urls = {
-        "rabbitmq": defaults.rabbitmq_url(),
-        "redis": defaults.redis_url(),
-        "kafka": defaults.kafka_bootstrap() or "",
-    }
-    local = None
-    if not urls["kafka"] and "kafka" in args.brokers:
-        local = LocalKafka()
-        local.start()
-        urls["kafka"] = local.bootstrap
-    try:
+    with broker_urls(args.brokers) as urls:
         rows = anyio.run(main, args, urls)
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    finally:
-        if local is not None:
-            local.stop()
     print(
         f"machine: {platform.machine()}, {mp.cpu_count()} cores, Python {platform.python_version()}; "
         f"rate={args.rate:g}/s, N={args.n}, rounds={args.rounds}; load average {load}"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -32,7 +33,7 @@ import platform
 import statistics
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -72,6 +73,26 @@ brokers: {{b: {{kind: redis, url: "{urls["redis"]}"{settings}}}}}
 channels: {{q: {{broker: b, kind: stream, name: {name}.q}}}}
 """
     return loads(text + FLOW)
+
+
+@contextlib.contextmanager
+def broker_urls(brokers: str) -> Iterator[dict[str, str]]:
+    """The brokers' addresses from the environment; the bundled Kafka-compatible broker,
+    started for the run, when Kafka is among ``brokers`` and none is named."""
+    urls = {
+        "rabbitmq": defaults.rabbitmq_url(),
+        "redis": defaults.redis_url(),
+        "kafka": defaults.kafka_bootstrap() or "",
+    }
+    if urls["kafka"] or "kafka" not in brokers:
+        yield urls
+        return
+    local = LocalKafka()
+    local.start()
+    try:
+        yield dict(urls, kafka=local.bootstrap)
+    finally:
+        local.stop()
 
 
 # ------------------------------------------------------------------ publisher process
@@ -298,22 +319,9 @@ if __name__ == "__main__":
     parser.add_argument("--brokers", default="rabbitmq,kafka,redis")
     parser.add_argument("--modes", default="backlog,live")
     args = parser.parse_args()
-    urls = {
-        "rabbitmq": defaults.rabbitmq_url(),
-        "redis": defaults.redis_url(),
-        "kafka": defaults.kafka_bootstrap() or "",
-    }
-    local = None
-    if not urls["kafka"] and "kafka" in args.brokers:
-        local = LocalKafka()
-        local.start()
-        urls["kafka"] = local.bootstrap
-    try:
+    with broker_urls(args.brokers) as urls:
         rows = anyio.run(main, args, urls)
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    finally:
-        if local is not None:
-            local.stop()
     print(
         f"machine: {platform.machine()}, {mp.cpu_count()} cores, Python {platform.python_version()}; "
         f"N={args.n}, rounds={args.rounds}; load average {load}"
