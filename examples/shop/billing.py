@@ -79,8 +79,8 @@ class Billing:
             self._producer = AIOKafkaProducer(
                 bootstrap_servers=self.settings.brokers.kafka_bootstrap, acks="all"
             )
-            await self._producer.start()
             try:
+                await self._producer.start()  # inside: a failed or cancelled start still stops
                 channel = await connection.channel()
                 await channel.set_qos(prefetch_count=self.settings.billing_prefetch)
                 queue = await channel.get_queue(names.billing_queue)

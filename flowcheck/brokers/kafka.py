@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from flowcheck._deps import require
 from flowcheck.brokers.base import Adapter, Drift, Sink, new_id
@@ -164,8 +165,12 @@ class KafkaAdapter(Adapter):
         held = _Held()
         token = _holding.set(held)
         try:
-            with anyio.fail_after(CONNECT_TIMEOUT):
+            # Never cancelled halfway from outside: aiokafka's bootstrap leaves its
+            # connection open when cancelled between connecting and the metadata
+            # answer. A cancelled caller waits for the start, then closes the client.
+            with anyio.CancelScope(shield=True), anyio.fail_after(CONNECT_TIMEOUT):
                 await client.start()
+            await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException as exc:
             held.active = False
             with anyio.CancelScope(shield=True):

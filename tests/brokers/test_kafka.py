@@ -15,6 +15,8 @@ import anyio
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import NewTopic
+from anyio.abc import SocketAttribute, SocketStream
+from anyio.streams.buffered import BufferedByteReceiveStream
 from harness import KafkaScope
 
 from flowcheck.brokers.kafka import KafkaAdapter
@@ -242,6 +244,65 @@ async def test_a_start_that_got_through_still_logs_its_warnings(
     with caplog.at_level(logging.WARNING, "aiokafka"):
         await ad._start(Client())
     assert [r.getMessage() for r in caplog.records] == ['Unable connect to "k1:9092": refused']
+
+
+class HeldAnswers:
+    """Forwards Kafka connections, passing each one's first answer and holding the rest.
+
+    The first answer is ApiVersions; holding the next (a bootstrap's Metadata) pins a
+    client's start at the point where cancelling it used to leak its connection.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        host, _, port = upstream.rpartition(":")
+        self.upstream = (host, int(port))
+        self.holding = anyio.Event()
+        self.release = anyio.Event()
+        self.closed = anyio.Event()  # every forwarded connection closed by its client
+        self.open = 0
+
+    async def serve(self, client: SocketStream) -> None:
+        self.open += 1
+        up = await anyio.connect_tcp(*self.upstream)
+        async with client, up, anyio.create_task_group() as tg:
+            tg.start_soon(self._answers, BufferedByteReceiveStream(up), client)
+            async for chunk in client:
+                await up.send(chunk)
+            tg.cancel_scope.cancel()
+        self.open -= 1
+        if not self.open:
+            self.closed.set()
+
+    async def _answers(self, up: BufferedByteReceiveStream, client: SocketStream) -> None:
+        first = True
+        while True:
+            size = await up.receive_exactly(4)
+            frame = size + await up.receive_exactly(int.from_bytes(size, "big"))
+            if not first and not self.release.is_set():
+                self.holding.set()
+                await self.release.wait()
+            first = False
+            await client.send(frame)
+
+
+async def test_a_start_cancelled_before_the_metadata_answer_leaves_no_connection_open(
+    kafka_bootstrap: str, unique: str
+) -> None:
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        proxy = HeldAnswers(kafka_bootstrap.split(",")[0])
+        port = listener.extra(SocketAttribute.local_port)
+        ad = KafkaAdapter("kafka", load(topology_yaml(f"127.0.0.1:{port}", unique)))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, proxy.serve)
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as starting:
+                    starting.start_soon(ad.connect)
+                    await proxy.holding.wait()
+                    starting.cancel_scope.cancel()
+                    proxy.release.set()
+                await proxy.closed.wait()
+            tg.cancel_scope.cancel()
+        await ad.close()
 
 
 def test_tap_fetch_wait_is_the_topologys() -> None:
