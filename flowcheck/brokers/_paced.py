@@ -5,6 +5,10 @@ each one wakes the tap alone, and a wake-up costs the tap, and the system it sha
 the machine with, far more than the message itself: the event loop, a receive call,
 aiormq's reader task. Paused for a few milliseconds after each read, the socket
 gathers what arrives meanwhile, and the next read takes it all at once.
+
+Pacing starts only once the tap consumes: before that, every read is the answer
+to a request (opening the connection, declaring and binding the twins), and each
+would wait out the interval.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ class PacedReads(asyncio.Protocol):
     """A stream's protocol, wrapped: after each read the transport pauses for ``interval``.
 
     A message that arrives while the tap idles is read at once; only messages that
-    follow a read within the interval wait, at most that long.
+    follow a read within the interval wait, at most that long. Off until ``active``.
     """
 
     def __init__(
@@ -35,6 +39,14 @@ class PacedReads(asyncio.Protocol):
         self._transport = transport
         self._interval = interval
         self._timer: asyncio.TimerHandle | None = None
+        self.active = False
+
+    def stop(self) -> None:
+        """Read at once again, as when not yet active: a connection's close is a request too."""
+        self.active = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._resume()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._inner.connection_made(transport)
@@ -58,7 +70,7 @@ class PacedReads(asyncio.Protocol):
         self._inner.data_received(data)
         # A stream whose buffer is full pauses the transport itself and resumes it once
         # drained: leave it to that.
-        if len(data) < FULL and self._transport.is_reading():
+        if self.active and len(data) < FULL and self._transport.is_reading():
             self._transport.pause_reading()
             self._timer = asyncio.get_running_loop().call_later(self._interval, self._resume)
 
@@ -73,6 +85,7 @@ class _PacedFactory(TransportFactory):
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
+        self.reads: PacedReads | None = None
 
     async def create(
         self, url: URL, **kwargs: Any
@@ -80,18 +93,33 @@ class _PacedFactory(TransportFactory):
         base = TLSTransportFactory() if url.scheme == "amqps" else TCPTransportFactory()
         reader, writer = await base.create(url, **kwargs)
         transport: Any = writer.transport
-        transport.set_protocol(PacedReads(transport.get_protocol(), transport, self.interval))
+        self.reads = PacedReads(transport.get_protocol(), transport, self.interval)
+        transport.set_protocol(self.reads)
         return reader, writer
 
 
-def paced_connection(interval: float) -> type[aio_pika.Connection]:
-    """An aio-pika connection class whose connection reads at most once per ``interval``
-    while data keeps coming; for ``aio_pika.connect(connection_class=...)``."""
+class PacedConnection(aio_pika.Connection):
+    """An aio-pika connection that, once :meth:`pace` is called, reads at most once per
+    ``interval`` while data keeps coming. Made by :func:`paced_connection`."""
 
-    class Paced(aio_pika.Connection):
-        async def connect(self, timeout: Any = None) -> None:  # noqa: ASYNC109 - aio-pika's signature
-            # aio-pika hands its kwargs to aiormq's connection, which takes the factory.
-            self.kwargs["transport_factory"] = _PacedFactory(interval)
-            await super().connect(timeout)
+    interval = 0.01
 
-    return Paced
+    async def connect(self, timeout: Any = None) -> None:  # noqa: ASYNC109 - aio-pika's signature
+        # aio-pika hands its kwargs to aiormq's connection, which takes the factory.
+        self._factory = self.kwargs["transport_factory"] = _PacedFactory(self.interval)
+        await super().connect(timeout)
+
+    def pace(self, on: bool = True) -> None:
+        """Start pacing reads once the connection's setup requests are answered; stop
+        before closing it."""
+        reads = self._factory.reads
+        if reads is not None:
+            if on:
+                reads.active = True
+            else:
+                reads.stop()
+
+
+def paced_connection(interval: float) -> type[PacedConnection]:
+    """A :class:`PacedConnection` class for ``aio_pika.connect(connection_class=...)``."""
+    return type("Paced", (PacedConnection,), {"interval": interval})

@@ -429,6 +429,7 @@ class RabbitMQAdapter(Adapter):
                 conn.close_callbacks.add(lambda *_, ev=closed: ev.set())
                 try:
                     await self._start_twins(conn, channels, sink)
+                    conn.pace()
                     self.came_back(channels, sink)
                     started = True
                     if ready is not None:
@@ -445,6 +446,7 @@ class RabbitMQAdapter(Adapter):
                 finally:
                     with anyio.CancelScope(shield=True):
                         if not conn.is_closed:
+                            conn.pace(False)
                             await conn.close()
                 self.went_down(reason)
         finally:

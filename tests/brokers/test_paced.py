@@ -44,6 +44,7 @@ async def pair(interval: float, limit: int = 2**16) -> AsyncIterator[Pair]:
             inner.data_received(data)
 
     paced = PacedReads(cast(asyncio.Protocol, Counting()), transport, interval)
+    paced.active = True
     transport.set_protocol(paced)
     try:
         yield Pair(reader, writer, paced, transport, peer, reads)
@@ -83,6 +84,25 @@ async def test_the_streams_own_flow_control_is_left_to_it() -> None:
         assert p.paced._timer is None  # no pause of ours to undo the stream's
         # Drained, the stream resumes reading by itself, and the rest comes.
         assert await asyncio.wait_for(p.reader.readexactly(99), DEADLINE) == b"y" * 99
+
+
+async def test_until_active_and_after_stop_every_read_is_taken_at_once() -> None:
+    async with pair(interval=3600) as p:
+        p.paced.active = False  # a connection's setup: each read answers a request
+        for n in range(3):
+            p.peer.sendall(b"s")
+            await asyncio.wait_for(p.reader.readexactly(1), DEADLINE)
+            assert p.transport.is_reading(), n
+        p.paced.active = True
+        p.peer.sendall(b"t")
+        await asyncio.wait_for(p.reader.readexactly(1), DEADLINE)
+        assert not p.transport.is_reading()
+        p.paced.stop()  # closing: the broker's answer must not wait out the pause
+        assert p.transport.is_reading()
+        assert p.paced._timer is None
+        p.peer.sendall(b"u")
+        assert await asyncio.wait_for(p.reader.readexactly(1), DEADLINE) == b"u"
+        assert p.transport.is_reading()
 
 
 async def test_a_closed_connection_is_seen_and_cancels_the_pause() -> None:
