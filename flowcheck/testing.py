@@ -383,6 +383,7 @@ class Flowcheck:
             else set(self.topology.channels)
         )
         self.channels: list[str] = sorted(watched)
+        self._watched = frozenset(watched)
         self.brokers: list[str] = sorted({self.topology.channels[c].broker for c in watched})
         self._apply = apply
         self._cleanup = bool(prefix)
@@ -391,6 +392,10 @@ class Flowcheck:
         self._keys: dict[str, dict[str, None]] = {f: {} for f in self.topology.flows}
         self._by_chain: dict[tuple[str, str], list[Observation]] = {}
         self._by_channel: dict[str, list[Observation]] = {}
+        # Messages this test published that no tap has seen yet, and those the taps
+        # have seen (a tap may see a copy before its publish is confirmed).
+        self._unseen: set[str] = set()
+        self._tapped: set[str] = set()
         self._start_ns = 0
         self._checker: Checker | None = None
         self._writer: Writer | None = None
@@ -544,12 +549,27 @@ class Flowcheck:
         if self._checker is not None:
             self._checker.feed(obs)
         self._by_channel.setdefault(obs.channel, []).append(obs)
+        if obs.fc_id is not None:
+            if obs.kind is not Kind.PUBLISHED:
+                self._tapped.add(obs.fc_id)
+                self._unseen.discard(obs.fc_id)
+            elif obs.fc_id not in self._tapped and self._echoed(obs):
+                self._unseen.add(obs.fc_id)
         for flow, key in obs.keys.items():
             keys = self._keys.get(flow)
             if keys is not None:
                 keys.setdefault(key, None)
             self._by_chain.setdefault((flow, key), []).append(obs)
         self._wake()
+
+    def _echoed(self, published: Observation) -> bool:
+        """Will a tap of this test see the message of this PUBLISHED observation?"""
+        adapter = None if self._tracer is None else self._tracer.adapters.get(published.broker)
+        return (
+            adapter is not None
+            and published.channel in self._watched
+            and adapter.echoes(published.channel)
+        )
 
     def _wake(self) -> None:
         changed, self._changed = self._changed, anyio.Event()
@@ -777,8 +797,9 @@ class Flowcheck:
         retried or dead-lettered against the rules, latency within budget.
 
         Waits until every chain seen (and every key published) has reached its
-        end, at most ``within``; chains still open then count as lost. A flow
-        named here must have seen at least one chain.
+        end and the taps have seen every message this test published, at most
+        ``within``; chains still open then count as lost. A flow named here must
+        have seen at least one chain.
         """
         __tracebackhide__ = True
         for f in flows:
@@ -798,7 +819,9 @@ class Flowcheck:
                     open_chains.update((f, k) for k in list(keys)[known[f] :])
                     known[f] = len(keys)
             open_chains.difference_update([c for c in open_chains if checker.settled(*c)])
-            return not open_chains
+            # A chain can end before a second publish of its key has been seen at all:
+            # judged then, that copy's arrivals downstream would be missed.
+            return not open_chains and not self._unseen
 
         limit = self._limit(within)
         await self._wait(settled, limit)

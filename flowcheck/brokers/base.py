@@ -108,6 +108,10 @@ class Adapter(abc.ABC):
     ) -> None:
         """Observe ``channels`` passively until cancelled; set ``ready`` once watching."""
 
+    def echoes(self, channel: str) -> bool:
+        """Does a tap on ``channel`` see what :meth:`publish` sends to it?"""
+        return True
+
     @abc.abstractmethod
     async def delete(self, channels: Sequence[str]) -> None:
         """Remove ``channels`` from the broker (tests and clean-up)."""

@@ -28,9 +28,11 @@ from pamqp.common import Arguments
 
 from flowcheck.brokers import rabbitmq
 from flowcheck.brokers.rabbitmq import RabbitMQAdapter
+from flowcheck.checker import FindingKind
 from flowcheck.errors import BrokerAuthError, BrokerError
 from flowcheck.observations import TEXT_CAP, Kind, Observation, encode
 from flowcheck.redact import MASK
+from flowcheck.testing import FlowAssertionError, Flowcheck
 from flowcheck.tracer import Memory, Tracer
 
 from .conftest import (
@@ -683,3 +685,57 @@ def test_lenient_amqp_decoding_is_the_taps_alone() -> None:
         )
 
     assert contextvars.copy_context().run(in_a_tap) == ((3, "\ufffd\ufffd"), (8, 2**63 - 1))
+
+
+SLOW_TAP_YAML = """
+brokers:
+  rabbit: {kind: rabbitmq, url: "${FC_URL}", tap_read_interval: 1s}
+channels:
+  events: {broker: rabbit, kind: exchange, type: topic, name: events, durable: false}
+  inbox:
+    broker: rabbit
+    kind: queue
+    name: inbox
+    durable: false
+    bindings: [{exchange: events, key: "order.#"}]
+flows:
+  orders:
+    correlate: $.order_id
+    steps: [events, inbox]
+"""
+
+
+async def test_check_waits_for_the_taps_to_see_every_publish(
+    rabbitmq_url: str, unique: str
+) -> None:
+    topology = load(SLOW_TAP_YAML, FC_URL=rabbitmq_url)
+    async with Flowcheck(topology, prefix=f"{unique}.", deadline="5s") as fc:
+        await fc.publish("events", order(1), routing_key="order.placed")
+        await fc.chain("orders", "o-1").completes()
+        # The tap read the first copy and now waits a second before it reads again:
+        # the chain has reached its end, but the second copy is still on its way.
+        await fc.publish("events", order(1), routing_key="order.placed")
+        with pytest.raises(FlowAssertionError) as failed:
+            await fc.check("orders")
+    assert [(f.kind, f.step) for f in failed.value.findings] == [
+        (FindingKind.DUPLICATED, "events"),
+        (FindingKind.DUPLICATED, "inbox"),
+    ]
+
+
+def test_a_tap_sees_publishes_to_exchanges_without_an_alternate() -> None:
+    more = (
+        "  strays: {broker: rabbit, kind: exchange, type: fanout}\n"
+        "  plain: {broker: rabbit, kind: exchange, type: fanout}\n"
+        "flows:"
+    )
+    text = SLOW_TAP_YAML.replace("durable: false}", "durable: false, alternate: strays}")
+    topology = load(text.replace("flows:", more), FC_URL="amqp://127.0.0.1/")
+    ad = RabbitMQAdapter("rabbit", topology)
+    # A queue is published to through the default exchange, which no twin can watch.
+    assert {k: ad.echoes(k) for k in topology.channels} == {
+        "events": False,
+        "inbox": False,
+        "strays": True,
+        "plain": True,
+    }
