@@ -37,6 +37,7 @@ from flowcheck.tracer import Memory, Tracer
 
 from .conftest import (
     FLOW,
+    RABBITMQ_YAML,
     SECRET,
     WITHIN,
     cleaned,
@@ -687,22 +688,10 @@ def test_lenient_amqp_decoding_is_the_taps_alone() -> None:
     assert contextvars.copy_context().run(in_a_tap) == ((3, "\ufffd\ufffd"), (8, 2**63 - 1))
 
 
-SLOW_TAP_YAML = """
-brokers:
-  rabbit: {kind: rabbitmq, url: "${FC_URL}", tap_read_interval: 1s}
-channels:
-  events: {broker: rabbit, kind: exchange, type: topic, name: events, durable: false}
-  inbox:
-    broker: rabbit
-    kind: queue
-    name: inbox
-    durable: false
-    bindings: [{exchange: events, key: "order.#"}]
-flows:
-  orders:
-    correlate: $.order_id
-    steps: [events, inbox]
-"""
+# The conformance topology, its tap slowed to one read a second.
+SLOW_TAP_YAML = RABBITMQ_YAML.format(p="t").replace(
+    'url: "${FC_URL}"}', 'url: "${FC_URL}", tap_read_interval: 1s}'
+)
 
 
 async def test_check_waits_for_the_taps_to_see_every_publish(
@@ -727,10 +716,10 @@ def test_a_tap_sees_publishes_to_exchanges_without_an_alternate() -> None:
     more = (
         "  strays: {broker: rabbit, kind: exchange, type: fanout}\n"
         "  plain: {broker: rabbit, kind: exchange, type: fanout}\n"
-        "flows:"
+        "services:"
     )
     text = SLOW_TAP_YAML.replace("durable: false}", "durable: false, alternate: strays}")
-    topology = load(text.replace("flows:", more), FC_URL="amqp://127.0.0.1/")
+    topology = load(text.replace("services:", more), FC_URL="amqp://127.0.0.1/")
     ad = RabbitMQAdapter("rabbit", topology)
     # A queue is published to through the default exchange, which no twin can watch.
     assert {k: ad.echoes(k) for k in topology.channels} == {
