@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -397,6 +397,27 @@ class KafkaAdapter(Adapter):
             except kafka_errors.KafkaError as exc:
                 raise self._translate(exc) from None
             state = _Evidence(self._groups(channels))
+            start = now()
+            # Per partition: the next offset not yet observed, and the broker time of the
+            # last record observed (ms; the tap's start until one is).
+            ahead = {tp: (ends[tp], int(start[1] * 1000)) for tp in tps}
+
+            def take(batches: dict[Any, list[Any]]) -> None:
+                # One time for the batch: its records arrived together, and a
+                # clock read per record would only add the time spent on the others.
+                at = now()
+                for tp, records in batches.items():
+                    key = self._by_physical[tp.topic]
+                    watched = key in state.groups  # some group's commits to watch
+                    for rec in records:
+                        obs = self._record(key, rec, at)
+                        sink(obs)
+                        if watched:
+                            state.seen(key, rec.partition, obs)
+                    if records:
+                        last = records[-1]
+                        ahead[tp] = (last.offset + 1, last.timestamp)
+
             if ready is not None:
                 ready.set()
             async with anyio.create_task_group() as tg:
@@ -407,20 +428,72 @@ class KafkaAdapter(Adapter):
                         batches = await consumer.getmany(timeout_ms=POLL_MS, max_records=BATCH)
                     except kafka_errors.KafkaError as exc:  # e.g. a codec not installed
                         raise self._translate(exc) from None
-                    # One time for the batch: its records arrived together, and a
-                    # clock read per record would only add the time spent on the others.
-                    at = now()
-                    for tp, records in batches.items():
-                        key = self._by_physical[tp.topic]
-                        watched = key in state.groups  # some group's commits to watch
-                        for rec in records:
-                            obs = self._record(key, rec, at)
-                            sink(obs)
-                            if watched:
-                                state.seen(key, rec.partition, obs)
+                    except UnicodeDecodeError:
+                        await self._drop_unreadable(consumer, ahead, take, sink, start[0])
+                        continue
+                    take(batches)
         finally:
             with anyio.CancelScope(shield=True):
                 await consumer.stop()
+
+    async def _drop_unreadable(
+        self,
+        consumer: Any,
+        ahead: dict[Any, tuple[int, int]],
+        take: Callable[[dict[Any, list[Any]]], None],
+        sink: Sink,
+        started: int,
+    ) -> None:
+        """Stop reading the partition that holds a record the client cannot decode.
+
+        aiokafka fails every read of a partition at a record whose header name is not
+        UTF-8 (other clients can write one), and loses the records the failed read had
+        taken. Each partition is read alone, from its last observed record, to find it;
+        what precedes it is observed, and its channel gets a gap to the end of the tap.
+        """
+        tps = sorted(consumer.assignment() - consumer.paused())
+        for tp in tps:
+            consumer.seek(tp, ahead[tp][0])
+        consumer.pause(*tps)
+        bad = None
+        for tp in tps:
+            consumer.resume(tp)
+            try:
+                # One record a read, so the position stops at the unreadable one; the failed
+                # read took fewer than BATCH records, so it lies within BATCH of the last
+                # observed. (End offsets cannot bound this: the bundled test broker reports
+                # a multi-record batch's first offset + 1 as its end.)
+                for _ in range(BATCH):
+                    got = await consumer.getmany(tp, timeout_ms=POLL_MS, max_records=1)
+                    if not got:
+                        break
+                    take(got)
+            except UnicodeDecodeError:
+                bad = tp
+                break
+            except kafka_errors.KafkaError as exc:
+                raise self._translate(exc) from None
+            finally:
+                consumer.pause(tp)  # for good, if it is the one
+        if bad is None:  # not found: the next failed read looks again
+            consumer.resume(*tps)
+            return
+        offset = await consumer.position(bad)
+        consumer.resume(*(tp for tp in tps if tp != bad))
+        # Unwatched since the unreadable record was written, at the earliest after the
+        # last one observed there.
+        mono, wall = now()
+        since = max(started, mono - max(0, int((wall * 1000 - ahead[bad][1]) * 1e6)))
+        sink(
+            self.gap(
+                self._by_physical[bad.topic],
+                since,
+                None,
+                f"partition {bad.partition} of {bad.topic}: the record at offset {offset} has"
+                " a header name that is not UTF-8, which the Kafka client cannot read;"
+                " the tap stopped reading this partition",
+            )
+        )
 
     def _tap_args(self) -> dict[str, Any]:
         """The tap's consumer: group-less, so it takes no record from any group."""

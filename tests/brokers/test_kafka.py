@@ -15,6 +15,7 @@ import anyio
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import NewTopic
+from aiokafka.record.util import calc_crc32c
 from anyio.abc import SocketAttribute, SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 from harness import KafkaScope
@@ -460,3 +461,58 @@ async def test_odd_keys_and_headers_of_other_producers(
     assert len(odd.headers["x-flowcheck-id"]) < TEXT_CAP + 200
     for obs in routed:
         assert len(encode(obs)) < 32 * 1024
+
+
+def with_header_name_bytes(batch: Any, name: str, raw: bytes) -> None:
+    """Make ``batch`` carry header name ``raw`` where it says ``name``, as a client that
+    writes arbitrary bytes would (aiokafka itself writes only UTF-8); the CRC is redone."""
+    buf = bytearray(batch._build())
+    old = name.encode()
+    assert len(raw) == len(old)
+    assert buf.count(old) == 1
+    at = buf.index(old)
+    buf[at : at + len(old)] = raw
+    # A record batch's CRC-32C covers everything after its CRC field (bytes 17-20).
+    buf[17:21] = calc_crc32c(bytes(buf[21:])).to_bytes(4, "big")
+    batch._buffer = bytes(buf)
+
+
+async def test_a_header_name_that_is_not_utf8_gaps_its_partition_only(
+    kafka_bootstrap: str, kafka: KafkaScope, unique: str
+) -> None:
+    topology = load(topology_yaml(kafka_bootstrap, unique, partitions=2))
+    topic = f"{unique}.payments"
+    async with cleaned(topology, "kafka") as ad:
+        await ad.apply()
+        producer = await kafka.producer()
+        memory = Memory()
+        async with Tracer(topology, [memory], channels=["payments"]):
+            # One batch on partition 0: a readable record, the unreadable one, another.
+            batch = producer.create_batch()
+            for case in ("before", "bad", "after"):
+                headers = [("x-case", case.encode())]
+                if case == "bad":
+                    headers.append(("name-\u00e9", b"v"))
+                assert batch.append(key=None, value=order(case), timestamp=None, headers=headers)
+            with_header_name_bytes(batch, "name-\u00e9", b"name-\xff\xfe")
+            await (await producer.send_batch(batch, topic, partition=0))
+            await memory.wait_for(lambda items: bool(of(items, Kind.GAP, "payments")), KAFKA_WITHIN)
+            # The other partition is still watched.
+            await producer.send_and_wait(
+                topic, order("later"), partition=1, headers=[("x-case", b"later")]
+            )
+            await memory.wait_for(
+                lambda items: any(
+                    o.headers.get("x-case") == "later" for o in of(items, Kind.ROUTED, "payments")
+                ),
+                KAFKA_WITHIN,
+            )
+
+    seen = sorted(o.headers["x-case"] for o in of(memory.items, Kind.ROUTED, "payments"))
+    assert seen == ["before", "later"]
+    (gap,) = of(memory.items, Kind.GAP, "payments")
+    assert gap.until_ns is None  # the partition stays unwatched to the end
+    assert gap.reason == (
+        f"partition 0 of {topic}: the record at offset 1 has a header name that is not"
+        " UTF-8, which the Kafka client cannot read; the tap stopped reading this partition"
+    )
