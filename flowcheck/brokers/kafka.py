@@ -31,6 +31,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
 from aiokafka.conn import create_conn  # noqa: E402
 from aiokafka.structs import TopicPartition  # noqa: E402
 
+log = logging.getLogger(__name__)
+
 CONNECT_TIMEOUT = 15.0
 POLL_MS = 500
 BATCH = 1000
@@ -484,16 +486,13 @@ class KafkaAdapter(Adapter):
         # last one observed there.
         mono, wall = now()
         since = max(started, mono - max(0, int((wall * 1000 - ahead[bad][1]) * 1e6)))
-        sink(
-            self.gap(
-                self._by_physical[bad.topic],
-                since,
-                None,
-                f"partition {bad.partition} of {bad.topic}: the record at offset {offset} has"
-                " a header name that is not UTF-8, which the Kafka client cannot read;"
-                " the tap stopped reading this partition",
-            )
+        reason = (
+            f"partition {bad.partition} of {bad.topic}: the record at offset {offset} has"
+            " a header name that is not UTF-8, which the Kafka client cannot read;"
+            " the tap stopped reading this partition"
         )
+        log.warning("%s: %s", self.name, reason)  # `flowcheck record` prints it
+        sink(self.gap(self._by_physical[bad.topic], since, None, reason))
 
     def _tap_args(self) -> dict[str, Any]:
         """The tap's consumer: group-less, so it takes no record from any group."""

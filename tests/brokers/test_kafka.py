@@ -478,7 +478,7 @@ def with_header_name_bytes(batch: Any, name: str, raw: bytes) -> None:
 
 
 async def test_a_header_name_that_is_not_utf8_gaps_its_partition_only(
-    kafka_bootstrap: str, kafka: KafkaScope, unique: str
+    kafka_bootstrap: str, kafka: KafkaScope, unique: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     topology = load(topology_yaml(kafka_bootstrap, unique, partitions=2))
     topic = f"{unique}.payments"
@@ -516,3 +516,4 @@ async def test_a_header_name_that_is_not_utf8_gaps_its_partition_only(
         f"partition 0 of {topic}: the record at offset 1 has a header name that is not"
         " UTF-8, which the Kafka client cannot read; the tap stopped reading this partition"
     )
+    assert caplog.messages == [f"kafka: {gap.reason}"]  # what `flowcheck record` prints
