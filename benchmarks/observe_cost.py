@@ -51,7 +51,7 @@ def cases() -> dict[str, Any]:
     record = SimpleNamespace(
         headers=[("i", b"12")], key=None, value=BODY, partition=0, offset=5, timestamp=1
     )
-    entry = {b"payload": BODY, b"i": b"12"}
+    entry = [b"payload", BODY, b"i", b"12"]
     headers = {"i": "12"}
     # No adapter connects: these build observations only.
     return {

@@ -267,8 +267,7 @@ class RedisAdapter(Adapter):
                     at = now()  # one time per reply: its entries arrived together
                     for raw_id, flat in entries:
                         entry_id = _s(raw_id)
-                        fields = dict(zip(flat[::2], flat[1::2], strict=True))
-                        obs = self._entry(key, entry_id, fields, stream.payload_field, at)
+                        obs = self._entry(key, entry_id, flat, stream.payload_field, at)
                         sink(obs)
                         if groups:
                             # Kept only for the groups' evidence about the entry, which
@@ -294,18 +293,22 @@ class RedisAdapter(Adapter):
         self,
         key: str,
         entry_id: str,
-        fields: Mapping[Any, Any],
+        fields: Sequence[Any],
         payload_field: str,
         at: tuple[int, float] | None = None,
     ) -> Observation:
+        """The observation of an entry; ``fields`` as Redis gives them: name, value, ...
+        (a repeated name: the last value counts)."""
         body: Any = None  # an entry without the payload field has no payload
         headers: dict[str, str] = {}
-        for k, v in fields.items():
-            name = _s(k)
+        pairs = iter(fields)
+        # Decoded inline, pairs taken straight from the reply: this runs for every entry.
+        for k, v in zip(pairs, pairs, strict=True):
+            name = k.decode("utf-8", errors="replace") if type(k) is bytes else _s(k)
             if name == payload_field:
                 body = v
             else:
-                headers[name] = _s(v)
+                headers[name] = v.decode("utf-8", errors="replace") if type(v) is bytes else _s(v)
         if body is not None and type(body) is not bytes:
             body = str(body).encode()
         kind = Kind.ROUTED
