@@ -10,6 +10,11 @@ Modes, alternated round by round so machine drift hits all alike:
              of another checkout (DIR), to compare two versions in one run
   taps:NAME  taps on broker NAME's channels only (rabbit, kafka, redis), to see
              which broker's tap costs what; chosen with --modes
+  reads      the floor of any tap (benchmarks/reads_only.py): the same taps read
+             every channel but observe, correlate and write nothing; chosen
+             with --modes
+  taps@DUR   taps with RabbitMQ's and Redis's tap_read_interval set to DUR
+             (taps@50ms, say): what reading less often saves; chosen with --modes
 
 Throughput = orders / (time from the first order placed to the last shipped).
 Besides, the CPU time each process spent while the orders ran: the shop (this
@@ -41,6 +46,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from examples.shop import Brokers, Event, Settings, Shop
 from examples.shop.topology import topology_yaml
@@ -105,6 +112,17 @@ def local_brokers() -> dict[str, int]:
     return {name: pid for name, (_, pid) in found.items()}
 
 
+def paced(text: str, interval: str) -> str:
+    """The topology with ``tap_read_interval: interval`` on its RabbitMQ and Redis brokers."""
+    if not interval:
+        return text
+    doc = yaml.safe_load(text)
+    for broker in doc["brokers"].values():
+        if broker["kind"] in ("rabbitmq", "redis"):
+            broker["tap_read_interval"] = interval
+    return str(yaml.safe_dump(doc, sort_keys=False))
+
+
 @dataclass
 class Recording:
     trace: Path
@@ -113,12 +131,17 @@ class Recording:
 
 @asynccontextmanager
 async def recording(
-    topology: str, workdir: Path, checkout: str | None = None, broker: str | None = None
+    topology: str,
+    workdir: Path,
+    checkout: str | None = None,
+    broker: str | None = None,
+    reads_only: bool = False,
 ) -> AsyncIterator[Recording]:
     """`flowcheck record` in its own process, ready when it says so; stopped with SIGINT.
 
     ``checkout``: the directory whose flowcheck records (default: the one imported here);
-    ``broker``: tap only that broker's channels.
+    ``broker``: tap only that broker's channels; ``reads_only``: reads_only.py instead,
+    which writes no trace.
     """
     env, cwd = dict(os.environ), None
     if checkout is not None:
@@ -127,15 +150,14 @@ async def recording(
     path = workdir / f"topology-{uuid.uuid4().hex[:6]}.yaml"
     path.write_text(topology)
     trace = path.with_suffix(".jsonl")
+    if reads_only:
+        args = [str(Path(__file__).with_name("reads_only.py")), str(path)]
+    else:
+        args = ["-m", "flowcheck", "record", str(path), "--out", str(trace)]
+        args += ["--broker", broker] if broker else []
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "flowcheck",
-        "record",
-        str(path),
-        "--out",
-        str(trace),
-        *(["--broker", broker] if broker else []),
+        *args,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         env=env,
@@ -170,10 +192,11 @@ async def one_round(
                 await stack.enter_async_context(firehose(mode == "firehose"))
                 rec = await stack.enter_async_context(
                     recording(
-                        topology_yaml(prefix, brokers),
+                        paced(topology_yaml(prefix, brokers), mode.partition("@")[2]),
                         workdir,
                         against if mode == "against" else None,
                         mode.partition(":")[2] or None,
+                        reads_only=mode == "reads",
                     )
                 )
             pids = {"shop": os.getpid(), **local_brokers()}
@@ -185,7 +208,7 @@ async def one_round(
             await shop.wait_for(lambda s: s.total(Event.SHIPPED) >= orders, within=900)
             took = time.perf_counter() - start
             cpu = {k: cpu_seconds(pid) - cpu[k] for k, pid in pids.items()}
-        seen = sum(1 for _ in Reader(str(rec.trace))) if rec is not None else 0
+        seen = sum(1 for _ in Reader(str(rec.trace))) if rec and rec.trace.exists() else 0
     return Round(orders / took, seen, cpu)
 
 
@@ -219,7 +242,7 @@ async def main(args: argparse.Namespace, brokers: Brokers, workdir: Path) -> dic
         "recorder_cpu_us_per_observation": {
             m: round(statistics.median(r.cpu["recorder"] / r.observations * 1e6 for r in v), 1)
             for m, v in rounds.items()
-            if m != "bare"
+            if m not in ("bare", "reads")
         },
         "cpu_ms_per_order": cpu_ms,
         "all": {m: [round(r.rate, 1) for r in v] for m, v in rounds.items()},
