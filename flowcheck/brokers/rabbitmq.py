@@ -505,7 +505,21 @@ class RabbitMQAdapter(Adapter):
         for key in channels:
             kind = "deliver" if isinstance(self.topology.channels[key], Queue) else "publish"
             await firehose.bind(TRACE_EXCHANGE, routing_key=f"{kind}.{self._names[key]}")
-        await amqp.basic_consume(firehose.name, self._on_firehose(sink), no_ack=True)
+        # A queue without bindings is published to straight, through the default exchange,
+        # which takes none: only the firehose shows those publishes ("publish." is its key).
+        direct = {
+            self._names[k]: k
+            for k in channels
+            if isinstance(q := self.topology.channels[k], Queue) and not q.bindings
+        }
+        if direct:
+            # The firehose names the queue a publish was for, even when there is none, so
+            # the queues must exist for those publishes to have reached them (NOT_FOUND: the
+            # tap stops, "run apply first").
+            for name in direct:
+                await ch.declare_queue(name, passive=True)
+            await firehose.bind(TRACE_EXCHANGE, routing_key="publish.")
+        await amqp.basic_consume(firehose.name, self._on_firehose(sink, direct), no_ack=True)
 
     def _on_twin(self, key: str, sink: Sink, derived: set[str]) -> Any:
         exchange = isinstance(self.topology.channels[key], Exchange)
@@ -571,17 +585,24 @@ class RabbitMQAdapter(Adapter):
             )
         )
 
-    def _on_firehose(self, sink: Sink) -> Any:
+    def _on_firehose(self, sink: Sink, direct: Mapping[str, str]) -> Any:
+        """Deliveries and unroutable publishes; and publishes straight to the ``direct``
+        queues (queue name -> channel), which no twin sees."""
+
         async def on_message(msg: DeliveredMessage) -> None:
             meta: Mapping[str, Any] = msg.header.properties.headers or {}
             rk = msg.routing_key or ""
             event, _, name = rk.partition(".")
-            key = self._by_physical.get(name)
+            routing = meta.get("routing_keys") or []
+            straight = event == "publish" and not name  # the default exchange's key: a queue
+            if straight:
+                key = direct.get((_str(routing[0]) if routing else None) or "")
+            else:
+                key = self._by_physical.get(name)
             if key is None:
                 return
             props = meta.get("properties") or {}
             headers = dict(props.get("headers") or {}) if isinstance(props, Mapping) else {}
-            routing = meta.get("routing_keys") or []
             number: int | None = None
             reason = None
             if event == "deliver":
@@ -602,6 +623,8 @@ class RabbitMQAdapter(Adapter):
             elif event == "publish" and meta.get("routed_queues") == []:
                 kind = Kind.UNROUTABLE
                 reason = "NO_ROUTE"
+            elif straight:
+                kind = Kind.ROUTED
             else:
                 return  # publishes that were routed are already seen by the twins
             mid = props.get("message_id") if isinstance(props, Mapping) else None

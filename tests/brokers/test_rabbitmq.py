@@ -165,6 +165,57 @@ async def test_delivery_limit_dead_letters_after_redeliveries(
     assert all(o.keys == {FLOW: "o-1"} for o in on_work)
 
 
+STRAIGHT_YAML = """
+brokers:
+  rabbit: {{kind: rabbitmq, url: "${{FC_URL}}"}}
+channels:
+  inbox: {{broker: rabbit, kind: queue, name: "{p}.inbox", durable: false}}
+flows:
+  orders:
+    correlate: $.order_id
+    steps: [inbox]
+"""
+
+
+@pytest.mark.usefixtures("firehose")
+async def test_the_firehose_shows_publishes_straight_to_a_queue(
+    rabbitmq_url: str, unique: str
+) -> None:
+    topology = load(STRAIGHT_YAML.format(p=unique), FC_URL=rabbitmq_url)
+    async with cleaned(topology, "rabbit") as ad:
+        await ad.apply()
+        memory = Memory()
+        async with Tracer(topology, [memory]):
+            # As a system publishes to a work queue: through the default exchange.
+            connection = await aio_pika.connect(rabbitmq_url)
+            try:
+                channel = await connection.channel()
+                for n, queue in enumerate(("inbox", "elsewhere", "inbox")):
+                    await channel.default_exchange.publish(
+                        aio_pika.Message(order(n)), routing_key=f"{unique}.{queue}"
+                    )
+            finally:
+                await connection.close()
+            # The firehose keeps publish order: once the last is seen, so is the rest.
+            await memory.wait_for(lambda items: len(items) >= 2, WITHIN)
+
+    assert [(o.kind, o.channel, o.keys) for o in memory.items] == [
+        (Kind.ROUTED, "inbox", {FLOW: "o-0"}),
+        (Kind.ROUTED, "inbox", {FLOW: "o-2"}),
+    ]
+
+
+async def test_a_queue_published_to_straight_must_exist_to_be_tapped(
+    rabbitmq_url: str, unique: str
+) -> None:
+    topology = load(STRAIGHT_YAML.format(p=unique), FC_URL=rabbitmq_url)
+    with pytest.raises(BrokerError) as caught:
+        await tap_raising(topology)
+    assert str(caught.value) == (
+        f"rabbit: cannot tap: NOT_FOUND - no queue '{unique}.inbox' in vhost '/'; run apply first"
+    )
+
+
 async def test_unroutable_publish_is_observed(rabbitmq_url: str, unique: str) -> None:
     kit = rabbitmq_kit(rabbitmq_url, unique)  # topic exchange "events"; "inbox" binds order.#
     async with cleaned(kit.topology, "rabbit") as ad:
