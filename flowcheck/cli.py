@@ -579,7 +579,18 @@ def check(topology_file: str, trace_file: str, report_dir: str | None) -> None:
         sys.exit(EXIT_USAGE)
     if reader.problems:
         click.echo(f"flowcheck: warning: {reader.describe()}", err=True)
-    _report(checker.finish(), report_dir)
+    verdict = checker.finish()
+    if verdict.flows and not any(f.succeeded or f.failed for f in verdict.flows):
+        # Every flow passes then, having judged nothing: say so, or a gate looks green.
+        unknown = sum(f.unknown for f in verdict.flows)
+        why = (
+            f"{_plural(unknown, 'chain')} seen, all unknown (the recording ended before "
+            "their deadlines, or a tap gap hid them)"
+            if unknown
+            else "the trace holds no chain of any flow"
+        )
+        click.echo(f"flowcheck: warning: no chain was decided: {why}", err=True)
+    _report(verdict, report_dir)
 
 
 @cli.command()

@@ -17,7 +17,7 @@ import aio_pika
 import anyio
 import pytest
 from anyio.streams.text import TextReceiveStream
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from harness import forwarder
 from pamqp.common import Arguments
 from redis.asyncio import Redis
@@ -352,7 +352,7 @@ flows: {{f: {{correlate: $.id, steps: [q]}}}}
     runner = CliRunner()
     result = runner.invoke(cli, ["check", str(recorded), str(trace)])
     assert result.exit_code == 0, result.output
-    assert "warning" not in result.output
+    assert "different version" not in result.output
 
     recorded.write_text(recorded.read_text() + "# edited\n")
     result = runner.invoke(cli, ["check", str(recorded), str(trace)])
@@ -363,6 +363,47 @@ flows: {{f: {{correlate: $.id, steps: [q]}}}}
     assert result.exit_code == 2, result.output
     assert "was recorded from topology 'recorded', not" in result.output
     assert "PASS" not in result.output
+
+
+def test_check_warns_when_it_decided_no_chain(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(
+        """
+brokers: {r: {kind: rabbitmq}}
+channels:
+  a: {broker: r, kind: queue}
+  b: {broker: r, kind: queue}
+flows: {f: {correlate: $.id, steps: [a, b], deadline: 1s}}
+"""
+    )
+    runner = CliRunner()
+
+    def check(*at_s: float) -> Result:
+        trace = tmp_path / f"t{len(at_s)}.jsonl"
+        with Writer(str(trace), Header(started=0.0, started_mono_ns=0)) as writer:
+            for i, at in enumerate(at_s):
+                writer.write(
+                    Observation(
+                        kind=Kind.ROUTED,
+                        broker="r",
+                        channel="a" if i % 2 == 0 else "b",
+                        mono_ns=int(at * 1e9),
+                        wall=at,
+                        keys={"f": f"k{i // 2}"},
+                    )
+                )
+        return runner.invoke(cli, ["check", str(path), str(trace)])
+
+    none = check()
+    assert none.exit_code == 0, none.output
+    assert "flowcheck: warning: no chain was decided: the trace holds no chain" in none.output
+    # Seen at a, the recording ends before the second could reach b: unknown.
+    unknown = check(0.5)
+    assert unknown.exit_code == 0, unknown.output
+    assert "no chain was decided: 1 chain seen, all unknown" in unknown.output
+    decided = check(0.5, 0.6, 0.7)  # one chain completed: something was judged
+    assert decided.exit_code == 0, decided.output
+    assert "no chain was decided" not in decided.output
 
 
 def test_inspect_refuses_filters_that_drop_chains_silently(tmp_path: Path) -> None:
