@@ -29,6 +29,7 @@ BLOCK_MS = 500  # XREAD block time: bounds how long a stop waits
 BATCH = 1000
 PEL_POLL = 0.1  # seconds between Pending Entries List polls
 IDLE_POLL = 1.0  # between polls while no entry the tap read waits for a group
+COUNT_EVERY = 1.0  # seconds between counts of entries deleted before the tap read them
 RECONNECT_MAX = 2.0
 _LOST = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)  # the tap reconnects
 # Fields a dead-letter entry may carry to say why and after how many deliveries.
@@ -247,20 +248,31 @@ class RedisAdapter(Adapter):
             while True:
                 started = time.monotonic()  # the clock anyio.sleep uses, at a tenth the cost
                 names = list(state.last)
-                await conn.send_command(
-                    "XREAD", "COUNT", BATCH, "BLOCK", BLOCK_MS, "STREAMS", *names,
-                    *(state.last[n] for n in names),
-                )  # fmt: skip
-                try:
-                    reply = await conn.read_response()
-                except redis_errors.ResponseError as exc:  # e.g. a key replaced by a string
-                    raise self._translate(exc) from None
+                ids = [state.last[n] for n in names]
+                infos = None
+                if state.counted and started >= state.next_count:
+                    # Once a second, atomically, a read that does not wait and each stream's
+                    # count of entries ever added: after a read that took all there was,
+                    # added - read = what was deleted before the tap could read it.
+                    infos = await self._read_counting(conn, names, ids)
+                    reply = infos.pop(0)
+                else:
+                    await conn.send_command(
+                        "XREAD", "COUNT", BATCH, "BLOCK", BLOCK_MS, "STREAMS", *names, *ids
+                    )
+                    try:
+                        reply = await conn.read_response()
+                    except redis_errors.ResponseError as exc:  # e.g. a key replaced by a string
+                        raise self._translate(exc) from None
+                got = dict.fromkeys(names, 0)
                 most = 0  # the most entries one stream gave: BATCH means more are waiting
                 for raw_name, entries in reply or ():
                     most = max(most, len(entries))
                     if not entries:
                         continue
                     name = _s(raw_name)
+                    got[name] = len(entries)
+                    state.read[name] = state.read.get(name, 0) + len(entries)
                     key = by_name[name]
                     stream = self._stream(key)
                     groups = stream.groups
@@ -283,11 +295,67 @@ class RedisAdapter(Adapter):
                         state.arrived.set()
                     # Once a batch: the PEL poll never runs in the middle of one.
                     state.last[name] = entry_id
+                if infos is not None:
+                    self._count_deleted(state, by_name, names, got, infos, sink)
                 if 0 < most < BATCH:
                     await anyio.sleep(pause(started, time.monotonic(), self.read_interval))
         finally:
             with anyio.CancelScope(shield=True):
                 await pool.release(conn)
+
+    async def _read_counting(self, conn: Any, names: list[str], ids: list[str]) -> list[Any]:
+        """[XREAD's reply, then each stream's XINFO STREAM reply], read in one transaction."""
+        commands: list[tuple[Any, ...]] = [
+            ("MULTI",),
+            ("XREAD", "COUNT", BATCH, "STREAMS", *names, *ids),
+            *(("XINFO", "STREAM", n) for n in names),
+            ("EXEC",),
+        ]
+        await conn.send_packed_command(conn.pack_commands(commands))
+        try:
+            for _ in commands[:-1]:
+                await conn.read_response()  # OK, then QUEUED for each command
+            replies = await conn.read_response()
+        except redis_errors.ResponseError as exc:
+            raise self._translate(exc) from None
+        if isinstance(replies[0], redis_errors.ResponseError):  # e.g. a key replaced by a string
+            raise self._translate(replies[0])
+        return list(replies)
+
+    def _count_deleted(
+        self,
+        state: _TapState,
+        by_name: Mapping[str, str],
+        names: list[str],
+        got: Mapping[str, int],
+        infos: list[Any],
+        sink: Sink,
+    ) -> None:
+        """Mark a gap where entries were deleted (trimmed by MAXLEN or MINID, or XDEL)
+        before the tap read them: the checker must not count them lost."""
+        mono = now()[0]
+        for name, info in zip(names, infos, strict=True):
+            if got[name] >= BATCH or isinstance(info, redis_errors.ResponseError):
+                continue  # more entries wait, or no stream yet: the count would be early
+            added = _field(info, "entries-added")
+            if added is None or name not in state.added:
+                continue
+            missed = added - state.added[name] - state.read.get(name, 0)
+            if missed > state.missed.get(name, 0):
+                since = state.counted_at.get(name, state.started_ns)
+                new = missed - state.missed.get(name, 0)
+                sink(
+                    self.gap(
+                        by_name[name],
+                        since,
+                        mono,
+                        f"{new} {'entry' if new == 1 else 'entries'} of stream {name!r} were"
+                        " deleted (trimmed, or XDEL) before the tap could read them",
+                    )
+                )
+                state.missed[name] = missed
+            state.counted_at[name] = mono
+        state.next_count = time.monotonic() + COUNT_EVERY
 
     def _entry(
         self,
@@ -465,20 +533,49 @@ class _TapState:
         # entry id -> fc_id, keys, trace_id as read, for the evidence about it
         self.identity: dict[str, dict[str, Any]] = {}
         self.arrived = anyio.Event()  # the tap read entries some group will receive
+        # For entries deleted before the tap read them, per stream: entries added before
+        # the tap started (Redis 7+ counts them), read since, found deleted so far.
+        self.added: dict[str, int] = {}
+        self.read: dict[str, int] = {}
+        self.missed: dict[str, int] = {}
+        self.counted = False  # the server counts added entries
+        self.next_count = 0.0  # time.monotonic() of the next count
+        self.started_ns = 0
+        self.counted_at: dict[str, int] = {}  # monotonic ns of each stream's last count
 
     async def start(self, client: Any) -> dict[str, str]:
         """Read each stream's last id; return the keys that hold another type (name -> type)."""
         wrong: dict[str, str] = {}
+        self.started_ns = now()[0]
+        self.counted = True
         for name in self.channels.values():
             kind = _s(await client.type(name))
             if kind == "none":
                 self.last[name] = "0-0"  # no such stream yet: everything in it will be new
+                self.added[name] = 0
             elif kind != "stream":
                 wrong[name] = kind
             else:
                 info = await client.xinfo_stream(name)
                 self.last[name] = _s(info["last-generated-id"])
+                added = info.get("entries-added")
+                if added is None:  # before Redis 7: deletions cannot be told from the counts
+                    self.counted = False
+                else:
+                    self.added[name] = int(added)
         return wrong
+
+
+def _field(reply: Any, name: str) -> int | None:
+    """An integer field of a raw XINFO STREAM reply (name, value, ...); None if absent."""
+    if not isinstance(reply, list):
+        return None
+    want = name.encode()
+    for i in range(0, len(reply) - 1, 2):
+        if reply[i] == want or reply[i] == name:
+            value = reply[i + 1]
+            return value if isinstance(value, int) else None
+    return None
 
 
 def _not_streams(wrong: Mapping[str, str]) -> str:

@@ -247,6 +247,49 @@ async def test_tap_reports_gap_and_loses_nothing_written_during_it(
     }
 
 
+async def test_entries_deleted_before_the_tap_read_them_are_a_gap_not_a_loss(
+    redis_url: str, redis: Redis, unique: str
+) -> None:
+    text = REDIS_YAML.format(p=unique).replace(
+        "kind: redis,", "kind: redis, tap_read_interval: 1s,"
+    )
+    topology = load(text, FC_URL=redis_url)
+    stream = f"{unique}.events"
+
+    async def add(n: int) -> str:
+        # As a system that trims its stream exactly to its two newest entries.
+        entry = await redis.xadd(stream, {"payload": order(n)}, maxlen=2, approximate=False)
+        return entry.decode() if isinstance(entry, bytes) else entry
+
+    def routed(items: list[Observation]) -> list[str | None]:
+        return [o.entry_id for o in of(items, Kind.ROUTED)]
+
+    async with cleaned(topology, "redis") as ad:
+        await ad.apply()
+        memory = Memory()
+        async with Tracer(topology, [memory]):
+            first = await add(0)
+            await memory.wait_for(lambda items: first in routed(items), WITHIN)
+            # Read a moment ago, the tap waits (its read interval) before the next read:
+            # two of the next four are trimmed away before it reads them.
+            before = time.monotonic_ns()
+            later = [await add(n) for n in range(1, 5)]
+            after = time.monotonic_ns()
+            await memory.wait_for(
+                lambda items: bool(of(items, Kind.GAP)) and later[-1] in routed(items), WITHIN
+            )
+
+    assert routed(memory.items) == [first, *later[2:]]
+    [gap] = of(memory.items, Kind.GAP)
+    assert gap.channel == "events"
+    assert gap.reason == (
+        f"2 entries of stream '{stream}' were deleted (trimmed, or XDEL) before the tap could"
+        " read them"
+    )
+    assert gap.until_ns is not None
+    assert gap.mono_ns <= before < after <= gap.until_ns
+
+
 @pytest.mark.parametrize("option", ["protocol=3", "decode_responses=True"])
 async def test_reply_options_in_the_url_do_not_change_what_the_tap_reads(
     redis_url: str, unique: str, option: str
