@@ -7,6 +7,7 @@ deliveries, redeliveries (delivery count above 1) and acknowledgements.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,6 +25,8 @@ from flowcheck.topology.model import Redis, Stream
 
 redis_asyncio = require("redis.asyncio")
 from redis import exceptions as redis_errors  # noqa: E402 - after the dependency check
+
+log = logging.getLogger(__name__)
 
 BLOCK_MS = 500  # XREAD block time: bounds how long a stop waits
 BATCH = 1000
@@ -344,15 +347,12 @@ class RedisAdapter(Adapter):
             if missed > state.missed.get(name, 0):
                 since = state.counted_at.get(name, state.started_ns)
                 new = missed - state.missed.get(name, 0)
-                sink(
-                    self.gap(
-                        by_name[name],
-                        since,
-                        mono,
-                        f"{new} {'entry' if new == 1 else 'entries'} of stream {name!r} were"
-                        " deleted (trimmed, or XDEL) before the tap could read them",
-                    )
+                reason = (
+                    f"{new} {'entry' if new == 1 else 'entries'} of stream {name!r} were"
+                    " deleted (trimmed, or XDEL) before the tap could read them"
                 )
+                log.warning("%s: %s", self.name, reason)  # `flowcheck record` prints it
+                sink(self.gap(by_name[name], since, mono, reason))
                 state.missed[name] = missed
             state.counted_at[name] = mono
         state.next_count = time.monotonic() + COUNT_EVERY

@@ -248,7 +248,7 @@ async def test_tap_reports_gap_and_loses_nothing_written_during_it(
 
 
 async def test_entries_deleted_before_the_tap_read_them_are_a_gap_not_a_loss(
-    redis_url: str, redis: Redis, unique: str
+    redis_url: str, redis: Redis, unique: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     text = REDIS_YAML.format(p=unique).replace(
         "kind: redis,", "kind: redis, tap_read_interval: 1s,"
@@ -288,6 +288,7 @@ async def test_entries_deleted_before_the_tap_read_them_are_a_gap_not_a_loss(
     )
     assert gap.until_ns is not None
     assert gap.mono_ns <= before < after <= gap.until_ns
+    assert caplog.messages == [f"redis: {gap.reason}"]  # what `flowcheck record` prints
 
 
 @pytest.mark.parametrize("option", ["protocol=3", "decode_responses=True"])
