@@ -362,7 +362,7 @@ class RabbitMQAdapter(Adapter):
 
     def echoes(self, channel: str) -> bool:
         # A publish to a queue goes through the default exchange, which no twin can be
-        # bound to, and the firehose's publish events are skipped (the twins see those).
+        # bound to; only the firehose, when it is on, shows it.
         # An exchange with an alternate hands what its twin misses to the alternate,
         # whose tap this test may not run.
         ch = self.topology.channels[channel]
@@ -495,10 +495,11 @@ class RabbitMQAdapter(Adapter):
         amqp = await ch.get_underlay_channel()
         derived = self._seen_through_exchanges(channels)
         for key in channels:
-            if key in derived:
+            bindings = [] if key in derived else self._tap_bindings(key)
+            if not bindings:  # seen through an exchange's twin, or nothing routes there
                 continue
             twin = await ch.declare_queue(exclusive=True, auto_delete=True)
-            for exchange, rk, args in self._tap_bindings(key):
+            for exchange, rk, args in bindings:
                 await twin.bind(exchange, routing_key=rk, arguments=args)
             await amqp.basic_consume(twin.name, self._on_twin(key, sink, derived), no_ack=True)
         firehose = await ch.declare_queue(exclusive=True, auto_delete=True)

@@ -252,13 +252,12 @@ class RedisAdapter(Adapter):
                 started = time.monotonic()  # the clock anyio.sleep uses, at a tenth the cost
                 names = list(state.last)
                 ids = [state.last[n] for n in names]
-                infos = None
+                infos: list[Any] | None = None
                 if state.counted and started >= state.next_count:
                     # Once a second, atomically, a read that does not wait and each stream's
                     # count of entries ever added: after a read that took all there was,
                     # added - read = what was deleted before the tap could read it.
-                    infos = await self._read_counting(conn, names, ids)
-                    reply = infos.pop(0)
+                    reply, *infos = await self._read_counting(conn, names, ids)
                 else:
                     await conn.send_command(
                         "XREAD", "COUNT", BATCH, "BLOCK", BLOCK_MS, "STREAMS", *names, *ids
@@ -567,12 +566,13 @@ class _TapState:
 
 
 def _field(reply: Any, name: str) -> int | None:
-    """An integer field of a raw XINFO STREAM reply (name, value, ...); None if absent."""
+    """An integer field of a raw XINFO STREAM reply (name, value, ... as bytes, which the
+    tap's connections always read); None if absent."""
     if not isinstance(reply, list):
         return None
     want = name.encode()
     for i in range(0, len(reply) - 1, 2):
-        if reply[i] == want or reply[i] == name:
+        if reply[i] == want:
             value = reply[i + 1]
             return value if isinstance(value, int) else None
     return None
