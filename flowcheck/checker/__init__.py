@@ -11,7 +11,9 @@ from flowcheck.checker.verdict import (
     FlowVerdict,
     Latency,
     Percentiles,
+    Recording,
     Seen,
+    Unjudged,
     Verdict,
 )
 
@@ -26,7 +28,9 @@ __all__ = [
     "FlowVerdict",
     "Latency",
     "Percentiles",
+    "Recording",
     "Seen",
+    "Unjudged",
     "Verdict",
     "check",
 ]

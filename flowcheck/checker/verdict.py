@@ -141,6 +141,31 @@ class Check(BaseModel):
     findings: int = 0
 
 
+class Unjudged(BaseModel):
+    """A declared expectation the checker could not judge, and why. A verdict with one
+    is not green unless the user allowed it (``allow_unjudged``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    flow: str | None = Field(None, description="None for the recording as a whole")
+    expectation: str = Field(
+        description="what was declared, like \"retry max_attempts 3 at 'charge'\""
+    )
+    why: str = Field(description="why it could not be judged")
+    chains: int = Field(0, description="chains it could not be judged on (0: not per chain)")
+
+
+class Recording(BaseModel):
+    """How the recording the verdict judged ended: what ``check`` judges against."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ended: str = Field(
+        description="stopped | duration | interrupted | run | unknown (no end record: crashed)"
+    )
+    end_ms: float | None = Field(None, description="ms since the recording started")
+
+
 class FlowVerdict(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -157,6 +182,9 @@ class FlowVerdict(BaseModel):
     findings_total: dict[str, int] = Field(
         default_factory=dict, description="per kind, including those cut from the list"
     )
+    unjudged: list[Unjudged] = Field(
+        default_factory=list, description="declared expectations that could not be judged"
+    )
 
 
 class Verdict(BaseModel):
@@ -169,3 +197,10 @@ class Verdict(BaseModel):
     gaps: list[Seen] = Field(default_factory=list)
     flows: list[FlowVerdict]
     findings: list[Finding] = Field(default_factory=list, description="findings of no single flow")
+    unjudged: list[Unjudged] = Field(
+        default_factory=list, description="what could not be judged, of no single flow"
+    )
+    allow_unjudged: bool = Field(
+        False, description="the user allowed a pass with unjudged expectations"
+    )
+    recording: Recording | None = None
