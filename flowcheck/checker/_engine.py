@@ -30,6 +30,7 @@ from flowcheck.checker.verdict import (
     FlowVerdict,
     Latency,
     Percentiles,
+    Recording,
     Seen,
     Verdict,
 )
@@ -982,8 +983,10 @@ class Checker:
         *,
         start_ns: int | None = None,
         expected: Mapping[str, Iterable[str]] | None = None,
+        allow_unjudged: bool = False,
     ) -> None:
         self.topology = topology
+        self.allow_unjudged = allow_unjudged
         self.start_ns = start_ns
         self.expected = {f: set(keys) for f, keys in (expected or {}).items()}
         self.flows: dict[str, _FlowState] = {}
@@ -1131,7 +1134,9 @@ class Checker:
             return any(d.channel == rule.channel for d in chain.dead)
         return all(len(a) >= n for a, n in zip(chain.arrivals, state.need, strict=True))
 
-    def finish(self, end_ns: int | None = None) -> Verdict:
+    def finish(self, end_ns: int | None = None, *, recording: Recording | None = None) -> Verdict:
+        """The verdict, judging every chain against the recording's end (``end_ns``; default
+        the last observation). ``recording`` says how that end came, for the verdict."""
         if not self._ready:
             self._init(self.start_ns or 0)
         end = max(end_ns or 0, self.now)
@@ -1163,6 +1168,8 @@ class Checker:
             gaps=[_seen(g, self.start_ns or 0) for g in self.gaps],
             flows=flows,
             findings=self.other,
+            allow_unjudged=self.allow_unjudged,
+            recording=recording,
         )
 
 
