@@ -15,9 +15,13 @@ A scenario is YAML, validated like a topology::
 Strings in ``payload``, ``headers``, ``key``, ``routing_key`` and ``kafka_key``
 are templates: ``{n}`` is the message's number within its ``send`` (0, 1, ...),
 ``{i}`` its number in the whole scenario, ``{key}`` its correlation key,
-``{run}`` an id unique to this run. The correlation key is
-also put where the flow's rule looks for it (payload path, header, Kafka key),
-so a payload need not mention it.
+``{run}`` an id unique to this run, ``{flow}`` the flow's name. A placeholder is
+one of these plain names, optionally with a width (``{n:05}``, ``{n:>8}``): no
+attribute or index access, no conversion, so a template can never reach into
+Python objects nor build a giant string. A rendered message is capped at
+MAX_BODY bytes, and a scenario's publishing schedule at MAX_SCHEDULE. The
+correlation key is also put where the flow's rule looks for it (payload path,
+header, Kafka key), so a payload need not mention it.
 """
 
 from __future__ import annotations
@@ -25,8 +29,11 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import re
+import string
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Annotated, Any
 
 from pydantic import Field
@@ -34,8 +41,15 @@ from pydantic import Field
 from flowcheck.errors import TopologyError, UsageError
 from flowcheck.topology import _yaml
 from flowcheck.topology._errors import report
-from flowcheck.topology._types import Duration, path_segments
+from flowcheck.topology._types import Duration, format_duration, path_segments
 from flowcheck.topology.model import Model, Topology
+
+NAMES = ("n", "i", "key", "run", "flow")  # the placeholders a template may use
+MAX_WIDTH = 64  # of a placeholder's format spec: "{n:>300000000}" would take gigabytes
+MAX_BODY = 1024 * 1024  # bytes of one rendered message body
+MAX_SCHEDULE = timedelta(hours=1)  # the longest a scenario's rates may make publishing take
+# A width and nothing that changes the value: fill, align, sign, zero-padding, width.
+_SPEC = re.compile(r"(?:.?[<>^=])?[+\- ]?0?(?P<width>\d{0,3})[sd]?")
 
 
 class Send(Model):
@@ -96,9 +110,87 @@ def load(path: str, topology: Topology) -> Scenario:
                     ("send", i, "flow"),
                     f"send[{i}]: scenarios cannot set AMQP properties yet; correlate by header or payload",
                 )
+        for i, send in enumerate(scenario.send):
+            for where, text in _templates(send):
+                problem = template_problem(text)
+                if problem is not None:
+                    doc.problem(("send", i, *where), f"send[{i}].{_dotted(where)}: {problem}")
+        took = schedule(scenario)
+        if took > MAX_SCHEDULE:
+            slow = max(range(len(scenario.send)), key=lambda i: _send_time(scenario.send[i]))
+            doc.problem(
+                ("send", slow, "rate"),
+                f"send[{slow}].rate: publishing this scenario would take "
+                f"{_spell(took)}; a scenario may take at most {format_duration(MAX_SCHEDULE)}",
+            )
     if doc.problems or scenario is None:
         raise TopologyError(sorted(doc.problems, key=lambda p: (p.line, p.column)))
     return scenario
+
+
+def template_problem(text: str) -> str | None:
+    """Why ``text`` is not a valid template, or None."""
+    try:
+        parts = list(string.Formatter().parse(text))
+    except ValueError as exc:  # "Single '}' encountered", unclosed "{"
+        return f"template {text!r}: {exc}; write {{{{ and }}}} for literal braces"
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in NAMES:
+            return (
+                f"template {text!r}: unknown placeholder {{{name}}}; "
+                f"a placeholder is one of {', '.join('{' + n + '}' for n in NAMES)}"
+            )
+        if conversion is not None:
+            return f"template {text!r}: {{{name}!{conversion}}}: conversions are not supported"
+        m = _SPEC.fullmatch(spec or "")
+        if m is None or "{" in (spec or ""):
+            return f"template {text!r}: {{{name}:{spec}}}: only a width may follow ':', like {{{name}:05}}"
+        if m["width"] and int(m["width"]) > MAX_WIDTH:
+            return f"template {text!r}: width {m['width']} is over {MAX_WIDTH}"
+    return None
+
+
+def schedule(scenario: Scenario) -> timedelta:
+    """How long publishing takes at the scenario's rates (sends one after another)."""
+    return timedelta(seconds=sum(_send_time(s) for s in scenario.send))
+
+
+def _send_time(send: Send) -> float:
+    return (send.count - 1) / send.rate if send.rate else 0.0
+
+
+def _spell(d: timedelta) -> str:
+    days = d.total_seconds() / 86400
+    return f"{days / 365.25:.3g} years" if days > 365 else format_duration(d)
+
+
+def _templates(send: Send) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """(path within the send, text) of every template string of ``send``."""
+    yield ("key",), send.key
+    for name in ("routing_key", "kafka_key"):
+        value = getattr(send, name)
+        if value is not None:
+            yield (name,), value
+    for k, v in send.headers.items():
+        yield ("headers", k), v
+    yield from _strings(send.payload, ("payload",))
+
+
+def _strings(value: Any, at: tuple[str | int, ...]) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    if isinstance(value, str):
+        yield at, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(v, (*at, k))
+    elif isinstance(value, list):
+        for n, v in enumerate(value):
+            yield from _strings(v, (*at, n))
+
+
+def _dotted(path: tuple[str | int, ...]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
 
 
 def messages(scenario: Scenario, topology: Topology, run: str) -> Iterator[Message]:
@@ -122,6 +214,11 @@ def messages(scenario: Scenario, topology: Topology, run: str) -> Iterator[Messa
             elif rule.kafka_key:
                 kafka_key = key
             body = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+            if len(body) > MAX_BODY:
+                raise UsageError(
+                    f"scenario send of flow {send.flow!r}: message {n} is {len(body)} bytes, "
+                    f"over the {MAX_BODY} a scenario message may have"
+                )
             yield Message(
                 flow=send.flow,
                 channel=channel,
@@ -136,9 +233,12 @@ def messages(scenario: Scenario, topology: Topology, run: str) -> Iterator[Messa
 
 def _fill(value: Any, values: dict[str, Any]) -> Any:
     if isinstance(value, str):
+        problem = template_problem(value)  # scenarios built in code skip load()
+        if problem is not None:
+            raise UsageError(f"scenario {problem}")
         try:
             return value.format(**values)
-        except (KeyError, IndexError, ValueError) as exc:
+        except (KeyError, IndexError, ValueError) as exc:  # "{key:05d}": a width for numbers
             raise UsageError(f"scenario template {value!r}: {exc}") from None
     if isinstance(value, dict):
         return {k: _fill(v, values) for k, v in value.items()}
