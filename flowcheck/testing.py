@@ -11,8 +11,11 @@ test runs. The test publishes (or lets its own code publish), then asserts::
         assert fc.latency("order-billed").p99 < "250ms"
 
 Every assertion waits for the observations it needs and returns as soon as it
-has them; none sleeps. Only :meth:`Flowcheck.never_published` waits its whole
-window, because there the deadline itself is the event. A failed assertion
+has them; none sleeps. ``completes`` and ``check`` then watch for the flow's
+settle time past the chain's end (:func:`settle_time`), as taps may see a
+forbidden copy late, and fail as soon as one comes. Only
+:meth:`Flowcheck.never_published` waits its whole window, because there the
+deadline itself is the event. A failed assertion
 raises :class:`FlowAssertionError` (an :class:`AssertionError`) whose message
 draws the chain's timeline, where it stopped and what was expected next.
 
@@ -30,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +63,7 @@ from flowcheck.reporting._common import ms as fmt_ms
 from flowcheck.topology._types import format_duration, parse_duration
 from flowcheck.topology.model import (
     Exchange,
+    Flow,
     Kafka,
     RabbitMQ,
     Redis,
@@ -72,16 +77,21 @@ from flowcheck.tracer import Tracer
 
 __all__ = [
     "DEFAULT_DEADLINE",
+    "SETTLE_MARGIN",
     "Chain",
     "FlowAssertionError",
     "Flowcheck",
     "HopLatency",
     "Took",
     "isolated",
+    "settle_time",
     "with_brokers",
 ]
 
 DEFAULT_DEADLINE = timedelta(seconds=10)
+# Added to the taps' lateness in a flow's settle time: how much later than its first copy a
+# consumer's own second publish of one message may come (a retry, a send done twice).
+SETTLE_MARGIN = timedelta(milliseconds=50)
 # Observations drawn in a failure message; a longer timeline is drawn as its two ends.
 TIMELINE_HEAD, TIMELINE_TAIL = 24, 8
 # An end far past every deadline: an assertion that judges "now" decides every chain still open.
@@ -160,8 +170,41 @@ def flow_channels(topology: Topology, flows: Iterable[str]) -> set[str]:
     }
 
 
+def late_copy_breaks(flow: Flow) -> bool:
+    """Can a copy seen after a chain of ``flow`` has reached its end break what the flow
+    declares? A duplicate can (exactly-once, at-most-once), so can an arrival out of
+    order (ordering) and one more attempt (a retry policy, a dead letter's attempts)."""
+    return (
+        flow.delivery != "at-least-once"
+        or flow.ordering != "none"
+        or flow.retry is not None
+        or any(s.retry is not None for s in flow.steps)
+        or any(r.attempts is not None for r in flow.dead_letters)
+    )
+
+
+def settle_time(topology: Topology, flow: str) -> timedelta:
+    """How long to keep watching a chain of ``flow`` after it reached its end, for a late
+    copy the flow forbids: the longest a tap of its channels may see a message late
+    (:meth:`Topology.tap_late`), plus :data:`SETTLE_MARGIN`; zero for a flow that no
+    late copy can break (:func:`late_copy_breaks`)."""
+    if not late_copy_breaks(topology.flows[flow]):
+        return timedelta(0)
+    lateness = [
+        late[0]
+        for ch in sorted(flow_channels(topology, [flow]))
+        if (late := topology.tap_late(ch)) is not None
+    ]
+    return max(lateness, default=timedelta(0)) + SETTLE_MARGIN
+
+
+_ZERO = re.compile(r"\s*0+(?:\.0*)?\s*(?:us|µs|ms|s|m|h)?\s*")
+
+
 def seconds(value: Within) -> float:
-    """A wait: ``"2s"``, ``"250ms"``, a number of seconds, or a timedelta."""
+    """A wait: ``"2s"``, ``"250ms"``, a number of seconds, or a timedelta (``"0s"``: none)."""
+    if isinstance(value, str) and _ZERO.fullmatch(value):
+        return 0.0
     if isinstance(value, timedelta):
         return value.total_seconds()
     if isinstance(value, bool):
@@ -348,6 +391,9 @@ class Flowcheck:
     channels of those flows (and the brokers contacted to theirs). ``trace``
     is a file to record every observation to (JSON Lines, for
     ``flowcheck inspect``). ``deadline`` is how long assertions wait by default.
+    ``settle`` is how long :meth:`Chain.completes` and :meth:`check` keep
+    watching after a chain's end for a late copy its flow forbids; None (the
+    default) derives it per flow from the taps' lateness (:func:`settle_time`).
 
     Use ``async with Flowcheck(...) as fc`` or :meth:`start` / :meth:`stop`.
     """
@@ -361,6 +407,7 @@ class Flowcheck:
         apply: bool = True,
         trace: str | os.PathLike[str] | None = None,
         deadline: Within = DEFAULT_DEADLINE,
+        settle: Within | None = None,
         name: str | None = None,
     ) -> None:
         unknown = [f for f in flows or () if f not in topology.flows]
@@ -375,6 +422,7 @@ class Flowcheck:
         self.flows: list[str] = list(flows) if flows is not None else list(topology.flows)
         self.test_name = name
         self.deadline = _seconds_of(deadline, "deadline")
+        self.settle: float | None = None if settle is None else _seconds_of(settle, "settle")
         self.trace: Path | None = Path(trace) if trace is not None else None
         self.drift: list[Drift] = []
         watched = (
@@ -392,6 +440,9 @@ class Flowcheck:
         self._keys: dict[str, dict[str, None]] = {f: {} for f in self.topology.flows}
         self._by_chain: dict[tuple[str, str], list[Observation]] = {}
         self._by_channel: dict[str, list[Observation]] = {}
+        self._gaps: list[Observation] = []
+        self._order: dict[int, int] = {}  # id of an observation -> its place in _items
+        self._last_ns: dict[str, int] = {}  # flow -> when the taps last saw one of its chains
         # Messages this test published that no tap has seen yet, and those the taps
         # have seen (a tap may see a copy before its publish is confirmed).
         self._unseen: set[str] = set()
@@ -543,12 +594,15 @@ class Flowcheck:
     # ------------------------------------------------------------ observations
 
     def _observe(self, obs: Observation) -> None:
+        self._order[id(obs)] = len(self._items)
         self._items.append(obs)
         if self._writer is not None:
             self._writer.write(obs)
         if self._checker is not None:
             self._checker.feed(obs)
         self._by_channel.setdefault(obs.channel, []).append(obs)
+        if obs.kind is Kind.GAP:
+            self._gaps.append(obs)
         if obs.fc_id is not None:
             if obs.kind is not Kind.PUBLISHED:
                 self._tapped.add(obs.fc_id)
@@ -560,6 +614,7 @@ class Flowcheck:
             if keys is not None:
                 keys.setdefault(key, None)
             self._by_chain.setdefault((flow, key), []).append(obs)
+            self._last_ns[flow] = max(self._last_ns.get(flow, 0), obs.mono_ns)
         self._wake()
 
     def _echoed(self, published: Observation) -> bool:
@@ -617,6 +672,59 @@ class Flowcheck:
     def _limit(self, within: Within | None) -> float:
         __tracebackhide__ = True
         return self.deadline if within is None else _seconds_of(within, "within")
+
+    def settle_for(self, flow: str, settle: Within | None = None) -> float:
+        """Seconds to keep watching a chain of ``flow`` after its end: ``settle`` if given,
+        else this session's ``settle``, else :func:`settle_time`. Zero for a flow that no
+        late copy can break, whatever is given."""
+        __tracebackhide__ = True
+        self._flow(flow)
+        if not late_copy_breaks(self.topology.flows[flow]):
+            return 0.0
+        if settle is not None:
+            return _seconds_of(settle, "settle")
+        if self.settle is not None:
+            return self.settle
+        return settle_time(self.topology, flow).total_seconds()
+
+    async def _settle(self, until_ns: int, broken: Callable[[], bool]) -> bool:
+        """Wait until the monotonic clock reaches ``until_ns``, or until ``broken()`` holds
+        (checked after every new observation); True if it did."""
+        __tracebackhide__ = True
+        left = (until_ns - now()[0]) / 1e9
+        if left <= 0:
+            return broken()
+        return await self._wait(broken, left)
+
+    def _broken(self, flows: Sequence[str]) -> Callable[[], bool]:
+        """A test, cheap while nothing new comes: has a chain of ``flows`` seen since the
+        call got a finding? (The verdict that counts is judged afterwards, on everything.)"""
+        done = len(self._items)
+        wanted = set(flows)
+
+        def broken() -> bool:
+            nonlocal done
+            new, done = self._items[done:], len(self._items)
+            chains = {(f, k) for o in new for f, k in o.keys.items() if f in wanted}
+            if not chains:
+                return False
+            keys = {k for _, k in chains}
+            verdict = self._judge(self._chain_items(chains), settle=True)
+            return any(
+                f.kind in CHAIN_KINDS and f.key in keys
+                for fv in verdict.flows
+                if fv.flow in wanted
+                for f in fv.findings
+            )
+
+        return broken
+
+    def _chain_items(self, chains: Iterable[tuple[str, str]]) -> list[Observation]:
+        """The observations of ``chains`` and every tap gap, in the order seen."""
+        order = self._order
+        out = {order[id(o)]: o for c in chains for o in self._by_chain.get(c, ())}
+        out.update((order[id(g)], g) for g in self._gaps)
+        return [out[i] for i in sorted(out)]
 
     # ------------------------------------------------------------ names and publishing
 
@@ -791,15 +899,19 @@ class Flowcheck:
         ]
         self._fail(lines, flow=shown_flow, key=key, observations=timeline)
 
-    async def check(self, *flows: str, within: Within | None = None) -> Verdict:
+    async def check(
+        self, *flows: str, within: Within | None = None, settle: Within | None = None
+    ) -> Verdict:
         """Assert that the flows (default: all this test watches) hold everything the
         topology expects of them: no chain lost, duplicated, reordered, late,
         retried or dead-lettered against the rules, latency within budget.
 
         Waits until every chain seen (and every key published) has reached its
         end and the taps have seen every message this test published, at most
-        ``within``; chains still open then count as lost. A flow named here must
-        have seen at least one chain.
+        ``within``; chains still open then count as lost. Then keeps watching for
+        each flow's settle time (``settle``, default :meth:`settle_for`) past its
+        last chain, for a late copy the flow forbids; it stops early when one
+        comes. A flow named here must have seen at least one chain.
         """
         __tracebackhide__ = True
         for f in flows:
@@ -824,7 +936,17 @@ class Flowcheck:
             return not open_chains and not self._unseen
 
         limit = self._limit(within)
-        await self._wait(settled, limit)
+        quiet = {f: self.settle_for(f, settle) for f in names}
+        give_up = now()[0] + int(limit * 1e9)
+        while await self._wait(settled, max(0.0, (give_up - now()[0]) / 1e9)):
+            # Every chain has reached its end: watch for the settle time past the last one
+            # seen, for a late copy that breaks what its flow declares.
+            until = max(
+                (self._last_ns[f] + int(q * 1e9) for f, q in quiet.items() if f in self._last_ns),
+                default=0,
+            )
+            if await self._settle(until, self._broken(names)) or settled():
+                break  # broken, or no chain opened meanwhile (else: wait for those too)
         verdict = self._judge(self._items, settle=True)
         mine = [fv for fv in verdict.flows if fv.flow in names]
         failing = [
@@ -1078,12 +1200,26 @@ class Chain:
 
     def _verdict(self) -> tuple[FlowVerdict, list[Finding]]:
         fc = self.fc
-        items = [o for o in fc._items if o.keys.get(self.flow) == self.key or o.kind is Kind.GAP]
+        items = fc._chain_items([(self.flow, self.key)])
         seen = any(o.kind is not Kind.GAP for o in items)
         expected = None if seen else {self.flow: [self.key]}
         verdict = fc._judge(items, settle=True, expected=expected)
         fv = next(f for f in verdict.flows if f.flow == self.flow)
         return fv, [f for f in fv.findings if f.key == self.key and f.kind in CHAIN_KINDS]
+
+    def _broken(self) -> Callable[[], bool]:
+        """A test, cheap while nothing new comes: has the chain got a finding or a dead letter?"""
+        seen = len(self.observations)
+
+        def broken() -> bool:
+            nonlocal seen
+            now_seen = len(self.fc._by_chain.get((self.flow, self.key), ()))
+            if now_seen == seen:
+                return False
+            seen = now_seen
+            return bool(self._verdict()[1] or self._dead())
+
+        return broken
 
     def _arrivals_at(self, step: int) -> list[Observation]:
         if step < 0:
@@ -1097,20 +1233,31 @@ class Chain:
         seen = {o.channel for o in self.observations if o.kind in _ARRIVALS}
         return max((i for i, s in enumerate(steps) if s.channel in seen), default=-1)
 
-    async def completes(self, within: Within | None = None) -> list[Observation]:
+    async def completes(
+        self, within: Within | None = None, *, settle: Within | None = None
+    ) -> list[Observation]:
         """Assert that the chain reaches every step of its flow, as the topology expects
         (no duplicate, nothing late, not dead-lettered), within ``within``.
 
-        Returns as soon as the last step is seen; returns the chain's observations.
+        Once the last step is seen it keeps watching for the flow's settle time
+        (``settle``, default :meth:`Flowcheck.settle_for`) from that arrival, so
+        that a copy the flow forbids, which taps may see late, is seen; it fails
+        as soon as one comes. Returns the chain's observations.
         """
         __tracebackhide__ = True
         fc = self.fc
         checker = fc._checker
         assert checker is not None
         limit = fc._limit(within)
+        quiet = fc.settle_for(self.flow, settle)
         settled = await fc._wait(lambda: checker.settled(self.flow, self.key), limit)
         _, findings = self._verdict()
         dead = self._dead()
+        if settled and not findings and not dead and quiet > 0:
+            end = max(o.mono_ns for o in self.observations)
+            await fc._settle(end + int(quiet * 1e9), self._broken())
+            _, findings = self._verdict()
+            dead = self._dead()
         if settled and not findings and not dead:
             fc._record("completes", self.flow, True)
             return self.observations
