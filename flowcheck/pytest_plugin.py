@@ -512,6 +512,7 @@ def _summary(fc: Flowcheck, failed: bool) -> dict[str, Any]:
         "assertions": [[what, flow, ok] for what, flow, ok in fc.assertions],
         "chains": {f: len(fc.seen_keys(f)) for f in fc.flows},
         "findings": findings,
+        "unjudged": sum(len(err.unjudged) for err in fc.failures),
         "failures": [str(err).splitlines()[0] for err in fc.failures],
         "trace": str(fc.trace) if failed and fc.trace is not None else None,
     }
@@ -595,6 +596,9 @@ def summary_lines(results: list[tuple[str, dict[str, Any]]]) -> list[str]:
                 findings[kind] = findings.get(kind, 0) + n
         if findings:
             out.append("findings: " + ", ".join(f"{k} {n}" for k, n in sorted(findings.items())))
+        unjudged = sum(int(d.get("unjudged", 0)) for _, d in tests)
+        if unjudged:
+            out.append(f"expectations that could not be judged: {unjudged}")
         for name, d in tests:
             for first in d["failures"]:
                 out.append(f"  FAILED {name}: {first}")

@@ -55,11 +55,12 @@ from flowcheck.checker import (
     Verdict,
     check,
 )
-from flowcheck.checker.verdict import Cause, Seen
+from flowcheck.checker.verdict import Cause, Seen, Unjudged
 from flowcheck.correlate import Correlator
 from flowcheck.errors import FlowcheckError, UsageError, leaf
 from flowcheck.observations import Kind, Observation, now
 from flowcheck.reporting._common import ms as fmt_ms
+from flowcheck.reporting._common import unjudged_text
 from flowcheck.topology._types import format_duration, parse_duration
 from flowcheck.topology.model import (
     Exchange,
@@ -305,6 +306,7 @@ class FlowAssertionError(AssertionError):
         findings: Sequence[Finding] = (),
         observations: Sequence[Observation] = (),
         trace: Path | None = None,
+        unjudged: Sequence[Unjudged] = (),
     ) -> None:
         super().__init__(message)
         self.flow = flow
@@ -312,6 +314,7 @@ class FlowAssertionError(AssertionError):
         self.findings = list(findings)
         self.observations = list(observations)
         self.trace = trace
+        self.unjudged = list(unjudged)  # expectations that could not be judged, and why
 
 
 @dataclass(frozen=True)
@@ -953,7 +956,10 @@ class Flowcheck:
             fv for fv in mine if not fv.passed or any(f.kind in CHAIN_KINDS for f in fv.findings)
         ]
         empty = [f for f in flows if not any(fv.flow == f and fv.chains for fv in mine)]
-        passed = not failing and not empty
+        allowed = verdict.allow_unjudged
+        # Expectations of the recording as a whole that could not be judged fail it too.
+        whole = [] if allowed else verdict.unjudged
+        passed = not failing and not empty and not whole
         for f in names:
             self._record("check", f, passed)
         if passed:
@@ -962,6 +968,8 @@ class Flowcheck:
         if failing:
             what = ", ".join(f"{fv.flow} ({_counts(fv)})" for fv in failing)
             lines.append(f"flow check failed: {what}")
+        elif whole:
+            lines.append(f"flow check failed: {len(whole)} expectation(s) could not be judged")
         for f in empty:
             lines.append(
                 f"flow {f!r}: no chain was seen (nothing published or routed to its steps)"
@@ -971,10 +979,18 @@ class Flowcheck:
                 f"gave up after {_spell(limit)} with {len(open_chains)} chain(s) still open; "
                 "they count as lost"
             )
+        for u in verdict.unjudged:
+            lines.append(_unjudged_line(u, allowed))
         for fv in failing:
-            lines += ["", *self._draw_flow(fv)]
+            lines += ["", *self._draw_flow(fv, allowed=allowed)]
         findings = [f for fv in failing for f in fv.findings]
-        self._fail(lines, flow=names[0] if len(names) == 1 else None, findings=findings)
+        unjudged = [*verdict.unjudged, *(u for fv in failing for u in fv.unjudged)]
+        self._fail(
+            lines,
+            flow=names[0] if len(names) == 1 else None,
+            findings=findings,
+            unjudged=unjudged,
+        )
 
     def latency(self, flow: str, hop: str = "end-to-end") -> HopLatency:
         """Latency of ``hop`` of ``flow`` over the chains decided so far.
@@ -1020,6 +1036,7 @@ class Flowcheck:
         key: str | None = None,
         findings: Sequence[Finding] = (),
         observations: Sequence[Observation] = (),
+        unjudged: Sequence[Unjudged] = (),
     ) -> NoReturn:
         __tracebackhide__ = True
         if self.trace is not None:
@@ -1036,6 +1053,7 @@ class Flowcheck:
             findings=findings,
             observations=observations,
             trace=self.trace,
+            unjudged=unjudged,
         )
         self.failures.append(error)
         raise error
@@ -1091,8 +1109,9 @@ class Flowcheck:
             rows.append(("x", "", "", kind, channel, "", detail))
         return _table(rows, right={1, 2})
 
-    def _draw_flow(self, fv: FlowVerdict) -> list[str]:
+    def _draw_flow(self, fv: FlowVerdict, *, allowed: bool = False) -> list[str]:
         out = [f"{fv.flow}: {_counts(fv)}"]
+        out += [_unjudged_line(u, allowed, indent=2) for u in fv.unjudged]
         failed = [c for c in fv.checks if not c.passed]
         for c in failed:
             out.append(f"  failed check {c.name}: {c.message}")
@@ -1130,7 +1149,14 @@ def _counts(fv: FlowVerdict) -> str:
         parts.append(f"{fv.unknown} unknown")
     if fv.dead_lettered:
         parts.append(f"{fv.dead_lettered} dead-lettered")
+    if fv.unjudged:
+        parts.append(f"{len(fv.unjudged)} unjudged")
     return ", ".join(parts)
+
+
+def _unjudged_line(u: Unjudged, allowed: bool, indent: int = 0) -> str:
+    """``not judged: EXPECTATION: WHY (N chains)``, and whether the user allowed that."""
+    return " " * indent + "not judged" + (" (allowed)" if allowed else "") + ": " + unjudged_text(u)
 
 
 def _where(o: Observation) -> str:
