@@ -102,6 +102,12 @@ OPTIONS = {
     )
 }
 ISOLATE_INI = "flowcheck_isolate"
+ALLOW_UNJUDGED = Option(
+    "allow_unjudged",
+    "",
+    "let check() pass when the checker could not judge some declared expectation "
+    "(each is still listed)",
+)
 _ZERO = re.compile(r"\s*0+(?:\.0*)?\s*(?:us|µs|ms|s|m|h)?\s*")  # no wait: 0, 0s, 0ms
 MARKER_KEYS = ("topology", "flows", "isolate", "apply", "deadline", "settle")
 KIND_OPTION = {"rabbitmq": "rabbitmq_url", "kafka": "kafka_bootstrap", "redis": "redis_url"}
@@ -124,6 +130,7 @@ class Settings:
     deadline: timedelta
     isolate: bool
     settle: timedelta | None = None  # None: per flow, from its taps' lateness
+    allow_unjudged: bool = False
 
     def header(self) -> list[str]:
         topo = (
@@ -139,7 +146,9 @@ class Settings:
         settle = "from the taps" if self.settle is None else _spell(self.settle)
         return [
             f"flowcheck: {__version__}, {topo}, deadline {format_duration(self.deadline)}, "
-            f"settle {settle}, isolate {'on' if self.isolate else 'off'}, traces in {traces}",
+            f"settle {settle}, isolate {'on' if self.isolate else 'off'}, "
+            + ("unjudged expectations allowed, " if self.allow_unjudged else "")
+            + f"traces in {traces}",
             "flowcheck brokers: " + (brokers or "as each topology says"),
         ]
 
@@ -177,6 +186,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         type="bool",
         default=False,
     )
+    o = ALLOW_UNJUDGED
+    group.addoption(o.flag, dest=o.ini, action="store_true", default=False, help=o.help)
+    parser.addini(o.ini, o.help, type="bool", default=False)
 
 
 def _setting(config: pytest.Config, o: Option, *, path: bool = False) -> Setting | None:
@@ -215,6 +227,9 @@ def read_settings(config: pytest.Config) -> Settings:
         deadline=deadline,
         isolate=bool(config.getini(ISOLATE_INI)),
         settle=_duration(config, "settle", zero=True),
+        allow_unjudged=bool(
+            config.getoption(ALLOW_UNJUDGED.ini) or config.getini(ALLOW_UNJUDGED.ini)
+        ),
     )
 
 
@@ -436,6 +451,7 @@ def _plan(request: pytest.FixtureRequest, state: State, fixture_value: Any) -> F
         trace=trace_dir / f"{stem.rstrip('.')}.jsonl",
         deadline=settings.deadline if deadline is None else deadline,
         settle=settle,
+        allow_unjudged=settings.allow_unjudged,
         name=item.nodeid,
     )
 

@@ -53,7 +53,6 @@ from flowcheck.checker import (
     FindingKind,
     FlowVerdict,
     Verdict,
-    check,
 )
 from flowcheck.checker.verdict import Cause, Seen, Unjudged
 from flowcheck.correlate import Correlator
@@ -397,6 +396,8 @@ class Flowcheck:
     ``settle`` is how long :meth:`Chain.completes` and :meth:`check` keep
     watching after a chain's end for a late copy its flow forbids; None (the
     default) derives it per flow from the taps' lateness (:func:`settle_time`).
+    ``allow_unjudged`` lets :meth:`check` pass when the checker could not judge
+    some declared expectation (each is still listed).
 
     Use ``async with Flowcheck(...) as fc`` or :meth:`start` / :meth:`stop`.
     """
@@ -411,6 +412,7 @@ class Flowcheck:
         trace: str | os.PathLike[str] | None = None,
         deadline: Within = DEFAULT_DEADLINE,
         settle: Within | None = None,
+        allow_unjudged: bool = False,
         name: str | None = None,
     ) -> None:
         unknown = [f for f in flows or () if f not in topology.flows]
@@ -426,6 +428,7 @@ class Flowcheck:
         self.test_name = name
         self.deadline = _seconds_of(deadline, "deadline")
         self.settle: float | None = None if settle is None else _seconds_of(settle, "settle")
+        self.allow_unjudged = allow_unjudged
         self.trace: Path | None = Path(trace) if trace is not None else None
         self.drift: list[Drift] = []
         watched = (
@@ -820,7 +823,15 @@ class Flowcheck:
         end, _ = now()
         if settle:
             end += int(_FAR.total_seconds() * 1e9)
-        return check(self.topology, items, start_ns=self._start_ns, end_ns=end, expected=expected)
+        checker = Checker(
+            self.topology,
+            start_ns=self._start_ns,
+            expected=expected,
+            allow_unjudged=self.allow_unjudged,
+        )
+        for obs in items:
+            checker.feed(obs)
+        return checker.finish(end)
 
     def verdict(self) -> Verdict:
         """The verdict on everything seen so far; chains still inside their deadline are

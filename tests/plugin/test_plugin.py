@@ -293,6 +293,9 @@ def test_settings_and_header(pytester: pytest.Pytester, monkeypatch: pytest.Monk
     for flag, shown in (("0", "0s"), ("0ms", "0s"), ("250ms", "250ms")):
         settle = pytester.runpytest(f"--flowcheck-settle={flag}", "--co")
         settle.stdout.fnmatch_lines([f"flowcheck: *, deadline 3s, settle {shown}, isolate off*"])
+    allowed = pytester.runpytest("--flowcheck-allow-unjudged", "--co")
+    allowed.stdout.fnmatch_lines(["flowcheck: *, isolate off, unjudged expectations allowed, *"])
+    assert "unjudged" not in result.stdout.str()
     bad = pytester.runpytest("--flowcheck-settle=soon", "--co")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*--flowcheck-settle: 'soon' is not a duration*"])

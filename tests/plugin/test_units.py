@@ -213,3 +213,9 @@ async def test_check_says_what_could_not_be_judged(monkeypatch: pytest.MonkeyPat
     # Allowed: the check passes.
     verdict = judged(allowed=True, flow_passed=True)
     assert await fc.check("job-done", within=0) is verdict
+
+
+def test_the_session_tells_the_checker_whether_unjudged_is_allowed() -> None:
+    topology = flowcheck.loads(project.TOPOLOGY)
+    assert testing.Flowcheck(topology, allow_unjudged=True)._judge([], settle=True).allow_unjudged
+    assert not testing.Flowcheck(topology)._judge([], settle=True).allow_unjudged
