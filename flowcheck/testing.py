@@ -92,6 +92,9 @@ DEFAULT_DEADLINE = timedelta(seconds=10)
 # Added to the taps' lateness in a flow's settle time: how much later than its first copy a
 # consumer's own second publish of one message may come (a retry, a send done twice).
 SETTLE_MARGIN = timedelta(milliseconds=50)
+# A settle wait that ends this much past its time had the event loop (and the taps) starved:
+# it is made up for, this many times at most.
+_STARVED_NS, _STARVED_ROUNDS = 10_000_000, 3
 # Observations drawn in a failure message; a longer timeline is drawn as its two ends.
 TIMELINE_HEAD, TIMELINE_TAIL = 24, 8
 # An end far past every deadline: an assertion that judges "now" decides every chain still open.
@@ -695,12 +698,25 @@ class Flowcheck:
 
     async def _settle(self, until_ns: int, broken: Callable[[], bool]) -> bool:
         """Wait until the monotonic clock reaches ``until_ns``, or until ``broken()`` holds
-        (checked after every new observation); True if it did."""
+        (checked after every new observation); True if it did.
+
+        A wait that ends well past ``until_ns`` means the event loop was starved (a busy
+        machine): the taps were too, and what they have not read yet may be the copy
+        looked for. So it waits again, as long as it overran, a few times at most.
+        """
         __tracebackhide__ = True
-        left = (until_ns - now()[0]) / 1e9
-        if left <= 0:
-            return broken()
-        return await self._wait(broken, left)
+        for _ in range(_STARVED_ROUNDS):
+            left = (until_ns - now()[0]) / 1e9
+            if left <= 0:
+                break  # its time had passed before it began: the taps had their turns
+            if await self._wait(broken, left):
+                return True
+            at = now()[0]
+            overran = at - until_ns
+            if overran <= _STARVED_NS:
+                break
+            until_ns = at + overran
+        return broken()
 
     def _broken(self, flows: Sequence[str]) -> Callable[[], bool]:
         """A test, cheap while nothing new comes: has a chain of ``flows`` seen since the

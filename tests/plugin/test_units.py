@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import timedelta
 
 import pytest
@@ -9,6 +11,7 @@ import pytest
 import flowcheck
 from flowcheck import pytest_plugin, testing
 from flowcheck.checker import Checker, FlowVerdict, Unjudged, Verdict
+from flowcheck.observations import Kind, Observation, now
 from flowcheck.testing import FlowAssertionError, HopLatency, Took
 
 from . import project
@@ -219,3 +222,22 @@ def test_the_session_tells_the_checker_whether_unjudged_is_allowed() -> None:
     topology = flowcheck.loads(project.TOPOLOGY)
     assert testing.Flowcheck(topology, allow_unjudged=True)._judge([], settle=True).allow_unjudged
     assert not testing.Flowcheck(topology)._judge([], settle=True).allow_unjudged
+
+
+async def test_a_starved_settle_wait_makes_up_for_it() -> None:
+    """A busy machine starves the event loop, and the taps in it: a settle wait that ends
+    long past its time waits again, so a copy the taps read late is still seen."""
+    fc = testing.Flowcheck(flowcheck.loads(project.TOPOLOGY))
+    fc._checker = Checker(fc.topology, start_ns=0)
+    copy = Observation(kind=Kind.ROUTED, broker="rabbit", channel="billing", mono_ns=1, wall=0)
+
+    async def busy_then_read() -> None:
+        time.sleep(0.1)  # noqa: ASYNC251 - the loop starved: nothing else runs meanwhile
+        for _ in range(3):  # a tap takes a few turns of the loop to read what came
+            await asyncio.sleep(0)
+        fc._observe(copy)
+
+    task = asyncio.get_running_loop().create_task(busy_then_read())
+    until = now()[0] + 20_000_000
+    assert await fc._settle(until, lambda: bool(fc.observations))
+    await task
