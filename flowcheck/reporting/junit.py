@@ -105,7 +105,7 @@ def _flow_suite(flow: FlowVerdict, max_findings: int, allowed: bool) -> ET.Eleme
     classname = f"flowcheck.{flow.flow}"
     cases = [_check_case(flow, c, classname, max_findings) for c in flow.checks]
     cases += [_latency_case(lat, classname) for lat in flow.latency if lat.budget_ms]
-    cases += [_unjudged_case(u, classname, allowed) for u in flow.unjudged]
+    cases += [_unjudged_case(u, classname, flow.flow, allowed) for u in flow.unjudged]
     props: dict[str, int | str] = {
         "chains": flow.chains,
         "succeeded": flow.succeeded,
@@ -131,7 +131,8 @@ def _outside_suite(verdict: Verdict, max_findings: int) -> ET.Element:
                 "flowcheck." + first.kind.value,
                 _listing(verdict.findings, len(verdict.findings), max_findings),
             )
-    cases += [_unjudged_case(u, "flowcheck", verdict.allow_unjudged) for u in verdict.unjudged]
+    allowed = verdict.allow_unjudged
+    cases += [_unjudged_case(u, "flowcheck", u.flow or WHOLE, allowed) for u in verdict.unjudged]
     out = "".join(
         f"tap gap on {g.channel} from {ms(g.at_ms)}ms: {g.reason or 'no reason given'}\n"
         for g in verdict.gaps
@@ -183,11 +184,11 @@ def _latency_case(lat: Latency, classname: str) -> ET.Element:
     return case
 
 
-def _unjudged_case(u: Unjudged, classname: str, allowed: bool) -> ET.Element:
-    """An expectation that could not be judged: failed, or skipped when the user allowed it."""
+def _unjudged_case(u: Unjudged, classname: str, about: str, allowed: bool) -> ET.Element:
+    """An expectation that could not be judged: failed, or skipped when the user allowed it.
+    ``about``: its flow, or the recording as a whole."""
     case = _case(f"unjudged: {u.expectation}", classname)
     text = unjudged_text(u)
-    about = u.flow or (WHOLE if classname == "flowcheck" else classname.removeprefix("flowcheck."))
     if allowed:
         ET.SubElement(case, "skipped", message=clean(_cut(f"allowed unjudged: {text}")))
     else:
