@@ -11,8 +11,11 @@ test runs. The test publishes (or lets its own code publish), then asserts::
         assert fc.latency("order-billed").p99 < "250ms"
 
 Every assertion waits for the observations it needs and returns as soon as it
-has them; none sleeps. Only :meth:`Flowcheck.never_published` waits its whole
-window, because there the deadline itself is the event. A failed assertion
+has them; none sleeps. ``completes`` and ``check`` then watch for the flow's
+settle time past the chain's end (:func:`settle_time`), as taps may see a
+forbidden copy late, and fail as soon as one comes. Only
+:meth:`Flowcheck.never_published` waits its whole window, because there the
+deadline itself is the event. A failed assertion
 raises :class:`FlowAssertionError` (an :class:`AssertionError`) whose message
 draws the chain's timeline, where it stopped and what was expected next.
 
@@ -30,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,16 +53,17 @@ from flowcheck.checker import (
     FindingKind,
     FlowVerdict,
     Verdict,
-    check,
 )
-from flowcheck.checker.verdict import Cause, Seen
+from flowcheck.checker.verdict import Cause, Seen, Unjudged
 from flowcheck.correlate import Correlator
 from flowcheck.errors import FlowcheckError, UsageError, leaf
 from flowcheck.observations import Kind, Observation, now
 from flowcheck.reporting._common import ms as fmt_ms
+from flowcheck.reporting._common import unjudged_text
 from flowcheck.topology._types import format_duration, parse_duration
 from flowcheck.topology.model import (
     Exchange,
+    Flow,
     Kafka,
     RabbitMQ,
     Redis,
@@ -72,16 +77,24 @@ from flowcheck.tracer import Tracer
 
 __all__ = [
     "DEFAULT_DEADLINE",
+    "SETTLE_MARGIN",
     "Chain",
     "FlowAssertionError",
     "Flowcheck",
     "HopLatency",
     "Took",
     "isolated",
+    "settle_time",
     "with_brokers",
 ]
 
 DEFAULT_DEADLINE = timedelta(seconds=10)
+# Added to the taps' lateness in a flow's settle time: how much later than its first copy a
+# consumer's own second publish of one message may come (a retry, a send done twice).
+SETTLE_MARGIN = timedelta(milliseconds=50)
+# A settle wait that ends this much past its time had the event loop (and the taps) starved:
+# it is made up for, this many times at most.
+_STARVED_NS, _STARVED_ROUNDS = 10_000_000, 3
 # Observations drawn in a failure message; a longer timeline is drawn as its two ends.
 TIMELINE_HEAD, TIMELINE_TAIL = 24, 8
 # An end far past every deadline: an assertion that judges "now" decides every chain still open.
@@ -160,8 +173,41 @@ def flow_channels(topology: Topology, flows: Iterable[str]) -> set[str]:
     }
 
 
+def late_copy_breaks(flow: Flow) -> bool:
+    """Can a copy seen after a chain of ``flow`` has reached its end break what the flow
+    declares? A duplicate can (exactly-once, at-most-once), so can an arrival out of
+    order (ordering) and one more attempt (a retry policy, a dead letter's attempts)."""
+    return (
+        flow.delivery != "at-least-once"
+        or flow.ordering != "none"
+        or flow.retry is not None
+        or any(s.retry is not None for s in flow.steps)
+        or any(r.attempts is not None for r in flow.dead_letters)
+    )
+
+
+def settle_time(topology: Topology, flow: str) -> timedelta:
+    """How long to keep watching a chain of ``flow`` after it reached its end, for a late
+    copy the flow forbids: the longest a tap of its channels may see a message late
+    (:meth:`Topology.tap_late`), plus :data:`SETTLE_MARGIN`; zero for a flow that no
+    late copy can break (:func:`late_copy_breaks`)."""
+    if not late_copy_breaks(topology.flows[flow]):
+        return timedelta(0)
+    lateness = [
+        late[0]
+        for ch in sorted(flow_channels(topology, [flow]))
+        if (late := topology.tap_late(ch)) is not None
+    ]
+    return max(lateness, default=timedelta(0)) + SETTLE_MARGIN
+
+
+_ZERO = re.compile(r"\s*0+(?:\.0*)?\s*(?:us|µs|ms|s|m|h)?\s*")
+
+
 def seconds(value: Within) -> float:
-    """A wait: ``"2s"``, ``"250ms"``, a number of seconds, or a timedelta."""
+    """A wait: ``"2s"``, ``"250ms"``, a number of seconds, or a timedelta (``"0s"``: none)."""
+    if isinstance(value, str) and _ZERO.fullmatch(value):
+        return 0.0
     if isinstance(value, timedelta):
         return value.total_seconds()
     if isinstance(value, bool):
@@ -262,6 +308,7 @@ class FlowAssertionError(AssertionError):
         findings: Sequence[Finding] = (),
         observations: Sequence[Observation] = (),
         trace: Path | None = None,
+        unjudged: Sequence[Unjudged] = (),
     ) -> None:
         super().__init__(message)
         self.flow = flow
@@ -269,6 +316,7 @@ class FlowAssertionError(AssertionError):
         self.findings = list(findings)
         self.observations = list(observations)
         self.trace = trace
+        self.unjudged = list(unjudged)  # expectations that could not be judged, and why
 
 
 @dataclass(frozen=True)
@@ -348,6 +396,11 @@ class Flowcheck:
     channels of those flows (and the brokers contacted to theirs). ``trace``
     is a file to record every observation to (JSON Lines, for
     ``flowcheck inspect``). ``deadline`` is how long assertions wait by default.
+    ``settle`` is how long :meth:`Chain.completes` and :meth:`check` keep
+    watching after a chain's end for a late copy its flow forbids; None (the
+    default) derives it per flow from the taps' lateness (:func:`settle_time`).
+    ``allow_unjudged`` lets :meth:`check` pass when the checker could not judge
+    some declared expectation (each is still listed).
 
     Use ``async with Flowcheck(...) as fc`` or :meth:`start` / :meth:`stop`.
     """
@@ -361,6 +414,8 @@ class Flowcheck:
         apply: bool = True,
         trace: str | os.PathLike[str] | None = None,
         deadline: Within = DEFAULT_DEADLINE,
+        settle: Within | None = None,
+        allow_unjudged: bool = False,
         name: str | None = None,
     ) -> None:
         unknown = [f for f in flows or () if f not in topology.flows]
@@ -375,6 +430,8 @@ class Flowcheck:
         self.flows: list[str] = list(flows) if flows is not None else list(topology.flows)
         self.test_name = name
         self.deadline = _seconds_of(deadline, "deadline")
+        self.settle: float | None = None if settle is None else _seconds_of(settle, "settle")
+        self.allow_unjudged = allow_unjudged
         self.trace: Path | None = Path(trace) if trace is not None else None
         self.drift: list[Drift] = []
         watched = (
@@ -392,6 +449,9 @@ class Flowcheck:
         self._keys: dict[str, dict[str, None]] = {f: {} for f in self.topology.flows}
         self._by_chain: dict[tuple[str, str], list[Observation]] = {}
         self._by_channel: dict[str, list[Observation]] = {}
+        self._gaps: list[Observation] = []
+        self._order: dict[int, int] = {}  # id of an observation -> its place in _items
+        self._last_ns: dict[str, int] = {}  # flow -> when the taps last saw one of its chains
         # Messages this test published that no tap has seen yet, and those the taps
         # have seen (a tap may see a copy before its publish is confirmed).
         self._unseen: set[str] = set()
@@ -543,12 +603,15 @@ class Flowcheck:
     # ------------------------------------------------------------ observations
 
     def _observe(self, obs: Observation) -> None:
+        self._order[id(obs)] = len(self._items)
         self._items.append(obs)
         if self._writer is not None:
             self._writer.write(obs)
         if self._checker is not None:
             self._checker.feed(obs)
         self._by_channel.setdefault(obs.channel, []).append(obs)
+        if obs.kind is Kind.GAP:
+            self._gaps.append(obs)
         if obs.fc_id is not None:
             if obs.kind is not Kind.PUBLISHED:
                 self._tapped.add(obs.fc_id)
@@ -560,6 +623,7 @@ class Flowcheck:
             if keys is not None:
                 keys.setdefault(key, None)
             self._by_chain.setdefault((flow, key), []).append(obs)
+            self._last_ns[flow] = max(self._last_ns.get(flow, 0), obs.mono_ns)
         self._wake()
 
     def _echoed(self, published: Observation) -> bool:
@@ -617,6 +681,72 @@ class Flowcheck:
     def _limit(self, within: Within | None) -> float:
         __tracebackhide__ = True
         return self.deadline if within is None else _seconds_of(within, "within")
+
+    def settle_for(self, flow: str, settle: Within | None = None) -> float:
+        """Seconds to keep watching a chain of ``flow`` after its end: ``settle`` if given,
+        else this session's ``settle``, else :func:`settle_time`. Zero for a flow that no
+        late copy can break, whatever is given."""
+        __tracebackhide__ = True
+        self._flow(flow)
+        if not late_copy_breaks(self.topology.flows[flow]):
+            return 0.0
+        if settle is not None:
+            return _seconds_of(settle, "settle")
+        if self.settle is not None:
+            return self.settle
+        return settle_time(self.topology, flow).total_seconds()
+
+    async def _settle(self, until_ns: int, broken: Callable[[], bool]) -> bool:
+        """Wait until the monotonic clock reaches ``until_ns``, or until ``broken()`` holds
+        (checked after every new observation); True if it did.
+
+        A wait that ends well past ``until_ns`` means the event loop was starved (a busy
+        machine): the taps were too, and what they have not read yet may be the copy
+        looked for. So it waits again, as long as it overran, a few times at most.
+        """
+        __tracebackhide__ = True
+        for _ in range(_STARVED_ROUNDS):
+            left = (until_ns - now()[0]) / 1e9
+            if left <= 0:
+                break  # its time had passed before it began: the taps had their turns
+            if await self._wait(broken, left):
+                return True
+            at = now()[0]
+            overran = at - until_ns
+            if overran <= _STARVED_NS:
+                break
+            until_ns = at + overran
+        return broken()
+
+    def _broken(self, flows: Sequence[str]) -> Callable[[], bool]:
+        """A test, cheap while nothing new comes: has a chain of ``flows`` seen since the
+        call got a finding? (The verdict that counts is judged afterwards, on everything.)"""
+        done = len(self._items)
+        wanted = set(flows)
+
+        def broken() -> bool:
+            nonlocal done
+            new, done = self._items[done:], len(self._items)
+            chains = {(f, k) for o in new for f, k in o.keys.items() if f in wanted}
+            if not chains:
+                return False
+            keys = {k for _, k in chains}
+            verdict = self._judge(self._chain_items(chains), settle=True)
+            return any(
+                f.kind in CHAIN_KINDS and f.key in keys
+                for fv in verdict.flows
+                if fv.flow in wanted
+                for f in fv.findings
+            )
+
+        return broken
+
+    def _chain_items(self, chains: Iterable[tuple[str, str]]) -> list[Observation]:
+        """The observations of ``chains`` and every tap gap, in the order seen."""
+        order = self._order
+        out = {order[id(o)]: o for c in chains for o in self._by_chain.get(c, ())}
+        out.update((order[id(g)], g) for g in self._gaps)
+        return [out[i] for i in sorted(out)]
 
     # ------------------------------------------------------------ names and publishing
 
@@ -709,7 +839,15 @@ class Flowcheck:
         end, _ = now()
         if settle:
             end += int(_FAR.total_seconds() * 1e9)
-        return check(self.topology, items, start_ns=self._start_ns, end_ns=end, expected=expected)
+        checker = Checker(
+            self.topology,
+            start_ns=self._start_ns,
+            expected=expected,
+            allow_unjudged=self.allow_unjudged,
+        )
+        for obs in items:
+            checker.feed(obs)
+        return checker.finish(end)
 
     def verdict(self) -> Verdict:
         """The verdict on everything seen so far; chains still inside their deadline are
@@ -791,15 +929,19 @@ class Flowcheck:
         ]
         self._fail(lines, flow=shown_flow, key=key, observations=timeline)
 
-    async def check(self, *flows: str, within: Within | None = None) -> Verdict:
+    async def check(
+        self, *flows: str, within: Within | None = None, settle: Within | None = None
+    ) -> Verdict:
         """Assert that the flows (default: all this test watches) hold everything the
         topology expects of them: no chain lost, duplicated, reordered, late,
         retried or dead-lettered against the rules, latency within budget.
 
         Waits until every chain seen (and every key published) has reached its
         end and the taps have seen every message this test published, at most
-        ``within``; chains still open then count as lost. A flow named here must
-        have seen at least one chain.
+        ``within``; chains still open then count as lost. Then keeps watching for
+        each flow's settle time (``settle``, default :meth:`settle_for`) past its
+        last chain, for a late copy the flow forbids; it stops early when one
+        comes. A flow named here must have seen at least one chain.
         """
         __tracebackhide__ = True
         for f in flows:
@@ -824,14 +966,27 @@ class Flowcheck:
             return not open_chains and not self._unseen
 
         limit = self._limit(within)
-        await self._wait(settled, limit)
+        quiet = {f: self.settle_for(f, settle) for f in names}
+        give_up = now()[0] + int(limit * 1e9)
+        while await self._wait(settled, max(0.0, (give_up - now()[0]) / 1e9)):
+            # Every chain has reached its end: watch for the settle time past the last one
+            # seen, for a late copy that breaks what its flow declares.
+            until = max(
+                (self._last_ns[f] + int(q * 1e9) for f, q in quiet.items() if f in self._last_ns),
+                default=0,
+            )
+            if await self._settle(until, self._broken(names)) or settled():
+                break  # broken, or no chain opened meanwhile (else: wait for those too)
         verdict = self._judge(self._items, settle=True)
         mine = [fv for fv in verdict.flows if fv.flow in names]
         failing = [
             fv for fv in mine if not fv.passed or any(f.kind in CHAIN_KINDS for f in fv.findings)
         ]
         empty = [f for f in flows if not any(fv.flow == f and fv.chains for fv in mine)]
-        passed = not failing and not empty
+        allowed = verdict.allow_unjudged
+        # Expectations of the recording as a whole that could not be judged fail it too.
+        whole = [] if allowed else verdict.unjudged
+        passed = not failing and not empty and not whole
         for f in names:
             self._record("check", f, passed)
         if passed:
@@ -840,6 +995,8 @@ class Flowcheck:
         if failing:
             what = ", ".join(f"{fv.flow} ({_counts(fv)})" for fv in failing)
             lines.append(f"flow check failed: {what}")
+        elif whole:
+            lines.append(f"flow check failed: {len(whole)} expectation(s) could not be judged")
         for f in empty:
             lines.append(
                 f"flow {f!r}: no chain was seen (nothing published or routed to its steps)"
@@ -849,10 +1006,18 @@ class Flowcheck:
                 f"gave up after {_spell(limit)} with {len(open_chains)} chain(s) still open; "
                 "they count as lost"
             )
+        for u in verdict.unjudged:
+            lines.append(_unjudged_line(u, allowed))
         for fv in failing:
-            lines += ["", *self._draw_flow(fv)]
+            lines += ["", *self._draw_flow(fv, allowed=allowed)]
         findings = [f for fv in failing for f in fv.findings]
-        self._fail(lines, flow=names[0] if len(names) == 1 else None, findings=findings)
+        unjudged = [*verdict.unjudged, *(u for fv in failing for u in fv.unjudged)]
+        self._fail(
+            lines,
+            flow=names[0] if len(names) == 1 else None,
+            findings=findings,
+            unjudged=unjudged,
+        )
 
     def latency(self, flow: str, hop: str = "end-to-end") -> HopLatency:
         """Latency of ``hop`` of ``flow`` over the chains decided so far.
@@ -898,6 +1063,7 @@ class Flowcheck:
         key: str | None = None,
         findings: Sequence[Finding] = (),
         observations: Sequence[Observation] = (),
+        unjudged: Sequence[Unjudged] = (),
     ) -> NoReturn:
         __tracebackhide__ = True
         if self.trace is not None:
@@ -914,6 +1080,7 @@ class Flowcheck:
             findings=findings,
             observations=observations,
             trace=self.trace,
+            unjudged=unjudged,
         )
         self.failures.append(error)
         raise error
@@ -969,8 +1136,9 @@ class Flowcheck:
             rows.append(("x", "", "", kind, channel, "", detail))
         return _table(rows, right={1, 2})
 
-    def _draw_flow(self, fv: FlowVerdict) -> list[str]:
+    def _draw_flow(self, fv: FlowVerdict, *, allowed: bool = False) -> list[str]:
         out = [f"{fv.flow}: {_counts(fv)}"]
+        out += [_unjudged_line(u, allowed, indent=2) for u in fv.unjudged]
         failed = [c for c in fv.checks if not c.passed]
         for c in failed:
             out.append(f"  failed check {c.name}: {c.message}")
@@ -1008,7 +1176,14 @@ def _counts(fv: FlowVerdict) -> str:
         parts.append(f"{fv.unknown} unknown")
     if fv.dead_lettered:
         parts.append(f"{fv.dead_lettered} dead-lettered")
+    if fv.unjudged:
+        parts.append(f"{len(fv.unjudged)} unjudged")
     return ", ".join(parts)
+
+
+def _unjudged_line(u: Unjudged, allowed: bool, indent: int = 0) -> str:
+    """``not judged: EXPECTATION: WHY (N chains)``, and whether the user allowed that."""
+    return " " * indent + "not judged" + (" (allowed)" if allowed else "") + ": " + unjudged_text(u)
 
 
 def _where(o: Observation) -> str:
@@ -1078,12 +1253,26 @@ class Chain:
 
     def _verdict(self) -> tuple[FlowVerdict, list[Finding]]:
         fc = self.fc
-        items = [o for o in fc._items if o.keys.get(self.flow) == self.key or o.kind is Kind.GAP]
+        items = fc._chain_items([(self.flow, self.key)])
         seen = any(o.kind is not Kind.GAP for o in items)
         expected = None if seen else {self.flow: [self.key]}
         verdict = fc._judge(items, settle=True, expected=expected)
         fv = next(f for f in verdict.flows if f.flow == self.flow)
         return fv, [f for f in fv.findings if f.key == self.key and f.kind in CHAIN_KINDS]
+
+    def _broken(self) -> Callable[[], bool]:
+        """A test, cheap while nothing new comes: has the chain got a finding or a dead letter?"""
+        seen = len(self.observations)
+
+        def broken() -> bool:
+            nonlocal seen
+            now_seen = len(self.fc._by_chain.get((self.flow, self.key), ()))
+            if now_seen == seen:
+                return False
+            seen = now_seen
+            return bool(self._verdict()[1] or self._dead())
+
+        return broken
 
     def _arrivals_at(self, step: int) -> list[Observation]:
         if step < 0:
@@ -1097,20 +1286,31 @@ class Chain:
         seen = {o.channel for o in self.observations if o.kind in _ARRIVALS}
         return max((i for i, s in enumerate(steps) if s.channel in seen), default=-1)
 
-    async def completes(self, within: Within | None = None) -> list[Observation]:
+    async def completes(
+        self, within: Within | None = None, *, settle: Within | None = None
+    ) -> list[Observation]:
         """Assert that the chain reaches every step of its flow, as the topology expects
         (no duplicate, nothing late, not dead-lettered), within ``within``.
 
-        Returns as soon as the last step is seen; returns the chain's observations.
+        Once the last step is seen it keeps watching for the flow's settle time
+        (``settle``, default :meth:`Flowcheck.settle_for`) from that arrival, so
+        that a copy the flow forbids, which taps may see late, is seen; it fails
+        as soon as one comes. Returns the chain's observations.
         """
         __tracebackhide__ = True
         fc = self.fc
         checker = fc._checker
         assert checker is not None
         limit = fc._limit(within)
+        quiet = fc.settle_for(self.flow, settle)
         settled = await fc._wait(lambda: checker.settled(self.flow, self.key), limit)
         _, findings = self._verdict()
         dead = self._dead()
+        if settled and not findings and not dead and quiet > 0:
+            end = max(o.mono_ns for o in self.observations)
+            await fc._settle(end + int(quiet * 1e9), self._broken())
+            _, findings = self._verdict()
+            dead = self._dead()
         if settled and not findings and not dead:
             fc._record("completes", self.flow, True)
             return self.observations

@@ -15,7 +15,10 @@ from flowcheck.checker.verdict import (
     FindingKind,
     FlowVerdict,
     Latency,
+    Recording,
     Seen,
+    Unjudged,
+    Verdict,
 )
 
 CHECK_KINDS: Mapping[str, frozenset[FindingKind]] = {
@@ -174,3 +177,36 @@ def flow_counts(flow: FlowVerdict) -> str:
         f"{plural(flow.chains, 'chain')}: {flow.succeeded} succeeded, {flow.failed} failed, "
         f"{flow.unknown} unknown, {flow.dead_lettered} dead-lettered"
     )
+
+
+# ---------------------------------------------------------------- unjudged, recording
+
+WHOLE = "recording"  # what an unjudged expectation of no single flow is about
+
+
+def all_unjudged(verdict: Verdict) -> list[tuple[str, Unjudged]]:
+    """Every unjudged expectation with what it is about (its flow, or :data:`WHOLE`):
+    those of the recording as a whole first, then each flow's, in the flows' order."""
+    out = [(u.flow or WHOLE, u) for u in verdict.unjudged]
+    out += [(u.flow or flow.flow, u) for flow in verdict.flows for u in flow.unjudged]
+    return out
+
+
+def unjudged_text(u: Unjudged) -> str:
+    """``expectation: why (N chains)``."""
+    chains = f" ({plural(u.chains, 'chain')})" if u.chains else ""
+    return f"{u.expectation}: {u.why}{chains}"
+
+
+def unjudged_status(verdict: Verdict) -> str:
+    """What the unjudged expectations do to the verdict, in a few words."""
+    if verdict.allow_unjudged:
+        return "allowed (allow_unjudged): they do not fail the verdict"
+    return "not allowed: the verdict cannot pass with them"
+
+
+def recording_text(rec: Recording) -> str:
+    """How the recording ended, in words: ``recording ended: stopped at 61234ms``."""
+    at = f" at {ms(rec.end_ms)}ms" if rec.end_ms is not None else ""
+    why = " (no end record: the recorder crashed or was killed)" if rec.ended == "unknown" else ""
+    return f"recording ended: {rec.ended}{at}{why}"

@@ -8,8 +8,14 @@ Layout::
         <testcase name=CHECK classname="flowcheck.FLOW">   one per check
           <failure message type>findings</failure>        when the check failed
         <testcase name="latency HOP" ...>     one per hop with a budget
+        <testcase name="unjudged: EXPECTATION" ...>       one per unjudged expectation:
+          <failure type="unjudged" message=WHY/>          a failure, or when allowed
+          <skipped message=WHY/>                          skipped
         <system-out>                          the flow's counts, in words
-      <testsuite name="flowcheck">            only with findings outside flows or tap gaps
+      <testsuite name="flowcheck">            only with findings outside flows, tap gaps,
+        <properties/>                         unjudged expectations of no flow, or a
+        <testcase name="outside flows">       recording's end (recording_ended,
+        <testcase name="unjudged: ...">       recording_end_ms)
 
 The verdict holds no durations, so every ``time`` is 0.
 """
@@ -19,15 +25,19 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 
-from flowcheck.checker.verdict import Check, Finding, FlowVerdict, Latency, Verdict
+from flowcheck.checker.verdict import Check, Finding, FlowVerdict, Latency, Unjudged, Verdict
 from flowcheck.reporting._common import (
+    WHOLE,
     finding_line,
     findings_of,
     flow_counts,
     latency_problem,
     ms,
     plural,
+    recording_text,
     timeline_line,
+    unjudged_status,
+    unjudged_text,
 )
 
 MAX_FINDINGS = 20  # listed per failed check; the rest are counted
@@ -47,15 +57,15 @@ def to_element(verdict: Verdict, *, max_findings: int = MAX_FINDINGS) -> ET.Elem
     root = ET.Element("testsuites", name="flowcheck")
     if verdict.topology:
         root.set("name", clean(f"flowcheck {verdict.topology}"))
+    allowed = verdict.allow_unjudged
     for flow in verdict.flows:
-        root.append(_flow_suite(flow, max_findings))
-    if verdict.findings or verdict.gaps:
+        root.append(_flow_suite(flow, max_findings, allowed))
+    if verdict.findings or verdict.gaps or verdict.unjudged or verdict.recording is not None:
         root.append(_outside_suite(verdict, max_findings))
     suites = root.findall("testsuite")
-    root.set("tests", str(sum(int(s.get("tests", "0")) for s in suites)))
-    root.set("failures", str(sum(int(s.get("failures", "0")) for s in suites)))
+    for total in ("tests", "failures", "skipped"):
+        root.set(total, str(sum(int(s.get(total, "0")) for s in suites)))
     root.set("errors", "0")
-    root.set("skipped", "0")
     root.set("time", "0")
     return root
 
@@ -71,31 +81,32 @@ def dumps(verdict: Verdict, *, max_findings: int = MAX_FINDINGS) -> str:
 # ---------------------------------------------------------------- suites
 
 
-def _suite(name: str, cases: list[ET.Element], out: str, props: dict[str, int]) -> ET.Element:
+def _suite(name: str, cases: list[ET.Element], out: str, props: dict[str, int | str]) -> ET.Element:
     suite = ET.Element(
         "testsuite",
         name=clean(name),
         tests=str(len(cases)),
         failures=str(sum(1 for c in cases if c.find("failure") is not None)),
         errors="0",
-        skipped="0",
+        skipped=str(sum(1 for c in cases if c.find("skipped") is not None)),
         time="0",
     )
     if props:  # before the test cases: the JUnit schema fixes the order
         properties = ET.SubElement(suite, "properties")
         for key, value in props.items():
-            ET.SubElement(properties, "property", name=key, value=str(value))
+            ET.SubElement(properties, "property", name=key, value=clean(str(value)))
     suite.extend(cases)
     if out:
         ET.SubElement(suite, "system-out").text = clean(out)
     return suite
 
 
-def _flow_suite(flow: FlowVerdict, max_findings: int) -> ET.Element:
+def _flow_suite(flow: FlowVerdict, max_findings: int, allowed: bool) -> ET.Element:
     classname = f"flowcheck.{flow.flow}"
     cases = [_check_case(flow, c, classname, max_findings) for c in flow.checks]
     cases += [_latency_case(lat, classname) for lat in flow.latency if lat.budget_ms]
-    props = {
+    cases += [_unjudged_case(u, classname, flow.flow, allowed) for u in flow.unjudged]
+    props: dict[str, int | str] = {
         "chains": flow.chains,
         "succeeded": flow.succeeded,
         "failed": flow.failed,
@@ -106,21 +117,36 @@ def _flow_suite(flow: FlowVerdict, max_findings: int) -> ET.Element:
 
 
 def _outside_suite(verdict: Verdict, max_findings: int) -> ET.Element:
-    """Findings of no single flow (they fail the verdict) and tap gaps (they do not)."""
-    case = _case("outside flows", "flowcheck")
-    if verdict.findings:
-        first = verdict.findings[0]
-        _fail(
-            case,
-            _message(plural(len(verdict.findings), "finding") + " outside any flow", first),
-            "flowcheck." + first.kind.value,
-            _listing(verdict.findings, len(verdict.findings), max_findings),
-        )
+    """Findings of no single flow (they fail the verdict), tap gaps (they do not), the
+    unjudged expectations of the recording as a whole, and how the recording ended."""
+    cases: list[ET.Element] = []
+    if verdict.findings or verdict.gaps:
+        case = _case("outside flows", "flowcheck")
+        cases.append(case)
+        if verdict.findings:
+            first = verdict.findings[0]
+            _fail(
+                case,
+                _message(plural(len(verdict.findings), "finding") + " outside any flow", first),
+                "flowcheck." + first.kind.value,
+                _listing(verdict.findings, len(verdict.findings), max_findings),
+            )
+    allowed = verdict.allow_unjudged
+    cases += [_unjudged_case(u, "flowcheck", u.flow or WHOLE, allowed) for u in verdict.unjudged]
     out = "".join(
         f"tap gap on {g.channel} from {ms(g.at_ms)}ms: {g.reason or 'no reason given'}\n"
         for g in verdict.gaps
     )
-    return _suite("flowcheck", [case], out, {})
+    props: dict[str, int | str] = {}
+    rec = verdict.recording
+    if rec is not None:
+        props["recording_ended"] = rec.ended
+        if rec.end_ms is not None:
+            props["recording_end_ms"] = f"{rec.end_ms:g}"
+        out = recording_text(rec) + "\n" + out
+    if verdict.unjudged or any(f.unjudged for f in verdict.flows):
+        out += f"unjudged expectations: {unjudged_status(verdict)}\n"
+    return _suite("flowcheck", cases, out, props)
 
 
 # ---------------------------------------------------------------- cases
@@ -158,10 +184,25 @@ def _latency_case(lat: Latency, classname: str) -> ET.Element:
     return case
 
 
+def _unjudged_case(u: Unjudged, classname: str, about: str, allowed: bool) -> ET.Element:
+    """An expectation that could not be judged: failed, or skipped when the user allowed it.
+    ``about``: its flow, or the recording as a whole."""
+    case = _case(f"unjudged: {u.expectation}", classname)
+    text = unjudged_text(u)
+    if allowed:
+        ET.SubElement(case, "skipped", message=clean(_cut(f"allowed unjudged: {text}")))
+    else:
+        _fail(case, _cut(f"not judged: {text}"), "unjudged", f"{about}: {text}\n")
+    return case
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
+
 def _message(head: str, first: Finding | None) -> str:
     """The one-line message: the check's own, then the first finding, so it names one."""
-    text = head if first is None else f"{head}; first: {finding_line(first)}"
-    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+    return _cut(head if first is None else f"{head}; first: {finding_line(first)}")
 
 
 def _listing(found: list[Finding], total: int, limit: int) -> str:

@@ -1,7 +1,8 @@
 """The verdict as a Markdown summary, for CI job pages ($GITHUB_STEP_SUMMARY and the like).
 
-Headline, a table of flows, the failed checks with their first findings, and the
-latency of every hop. Text from the system under test (keys, channel names,
+Headline, how the recording ended, a table of flows, the expectations that could
+not be judged, the failed checks with their first findings, and the latency of
+every hop. Text from the system under test (keys, channel names,
 broker reasons) is escaped, so it can neither break a table nor turn into markup.
 """
 
@@ -12,6 +13,7 @@ import re
 from flowcheck.checker.verdict import Finding, FlowVerdict, Verdict
 from flowcheck.reporting._common import (
     PERCENTILES,
+    all_unjudged,
     budget_text,
     findings_of,
     late_note,
@@ -19,10 +21,15 @@ from flowcheck.reporting._common import (
     ms,
     over_budget,
     plural,
+    recording_text,
     stat,
+    unjudged_status,
+    unjudged_text,
 )
 
 MAX_FINDINGS = 5  # listed per failed check; a summary page is not a log
+FLOW_COLUMNS = ["flow", "chains", "succeeded", "failed", "unknown", "dead-lettered"]
+FLOW_COLUMNS += ["unjudged", "result"]
 
 # What can start markup inside a line; '<' (HTML, autolinks) is written as an entity instead.
 _SPECIAL = re.compile(r"([\\`*_\[\]|~])")
@@ -40,6 +47,12 @@ def dumps(verdict: Verdict, *, max_findings: int = MAX_FINDINGS) -> str:
     lines: list[str] = [_headline(verdict), ""]
     lines += _about(verdict)
     lines += _flow_table(verdict.flows)
+    unjudged = all_unjudged(verdict)
+    if unjudged:
+        lines += ["### Unjudged expectations", ""]
+        lines += [f"Declared, but not judged; {escape(unjudged_status(verdict))}.", ""]
+        lines += [f"- **{escape(about)}**: {escape(unjudged_text(u))}" for about, u in unjudged]
+        lines.append("")
     if verdict.findings:
         lines += ["### Findings outside any flow", ""]
         lines += [f"- {_finding(f)}" for f in verdict.findings[:max_findings]]
@@ -86,9 +99,16 @@ def _about(verdict: Verdict) -> list[str]:
     parts = [flows, plural(verdict.observations, "observation")]
     if verdict.findings:
         parts.append(plural(len(verdict.findings), "finding") + " outside any flow")
+    unjudged = len(all_unjudged(verdict))
+    if unjudged:
+        parts.append(f"{unjudged} unjudged" + (" (allowed)" if verdict.allow_unjudged else ""))
     if verdict.gaps:
         parts.append(plural(len(verdict.gaps), "tap gap"))
-    return [", ".join(parts) + f" (verdict format version {verdict.version}).", ""]
+    out = [", ".join(parts) + f" (verdict format version {verdict.version}).", ""]
+    if verdict.recording is not None:
+        text = recording_text(verdict.recording)
+        out += [escape(text[0].upper() + text[1:]) + ".", ""]
+    return out
 
 
 def _row(cells: list[str]) -> str:
@@ -99,11 +119,11 @@ def _flow_table(flows: list[FlowVerdict]) -> list[str]:
     if not flows:
         return ["No flows were checked.", ""]
     out = [
-        _row(["flow", "chains", "succeeded", "failed", "unknown", "dead-lettered", "result"]),
-        _row(["---", "---:", "---:", "---:", "---:", "---:", "---"]),
+        _row(FLOW_COLUMNS),
+        _row(["---", "---:", "---:", "---:", "---:", "---:", "---:", "---"]),
     ]
     for f in flows:
-        numbers = [f.chains, f.succeeded, f.failed, f.unknown, f.dead_lettered]
+        numbers = [f.chains, f.succeeded, f.failed, f.unknown, f.dead_lettered, len(f.unjudged)]
         result = "✅ pass" if f.passed else "❌ **fail**"
         out.append(_row([escape(f.flow), *map(str, numbers), result]))
     return [*out, ""]
@@ -123,6 +143,8 @@ def _finding(f: Finding) -> str:
 
 def _failed_checks(flow: FlowVerdict, limit: int) -> list[str]:
     out = [f"#### {escape(flow.flow)}", ""]
+    if flow.unjudged:
+        out.append(f"- **unjudged**: {plural(len(flow.unjudged), 'expectation')}, listed above")
     for check in flow.checks:
         if check.passed:
             continue

@@ -14,9 +14,18 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from flowcheck.checker.verdict import Finding, FindingKind, FlowVerdict, Latency, Seen, Verdict
+from flowcheck.checker.verdict import (
+    Finding,
+    FindingKind,
+    FlowVerdict,
+    Latency,
+    Seen,
+    Unjudged,
+    Verdict,
+)
 from flowcheck.reporting._common import (
     BrokenChain,
+    all_unjudged,
     broken_chains,
     budget_text,
     finding_text,
@@ -27,8 +36,11 @@ from flowcheck.reporting._common import (
     other_findings,
     over_budget,
     plural,
+    recording_text,
     seen_detail,
     stat,
+    unjudged_status,
+    unjudged_text,
 )
 
 MAX_CHAINS = 10  # broken chains drawn per flow; the rest are counted
@@ -57,6 +69,16 @@ def render(
     flow always gets one).
     """
     console.print(_summary(verdict))
+    if verdict.recording is not None:
+        console.print(Text(recording_text(verdict.recording)))
+    unjudged = all_unjudged(verdict)
+    if unjudged:
+        console.print()
+        style = "bold" if verdict.allow_unjudged else "bold red"
+        console.print(
+            Text(f"Unjudged expectations ({len(unjudged)}): {unjudged_status(verdict)}", style)
+        )
+        console.print(Padding(_unjudged(unjudged), (0, 0, 0, 2), expand=False))
     if verdict.gaps:
         console.print()
         console.print(Text("Tap gaps: the chains they cover are unknown, not lost", "bold"))
@@ -72,7 +94,7 @@ def render(
     passing = [f for f in verdict.flows if f.passed]
     if passing:
         console.print()
-        console.print(_passing(passing))
+        console.print(_passing(passing, allowed=verdict.allow_unjudged))
         if all_latency:
             for flow in passing:
                 console.print()
@@ -90,6 +112,9 @@ def _summary(verdict: Verdict) -> Text:
         what = f"{plural(len(verdict.flows), 'flow')} passed"
     if verdict.findings:
         what += ", " + plural(len(verdict.findings), "other finding")
+    unjudged = len(all_unjudged(verdict))
+    if unjudged:
+        what += f", {unjudged} unjudged" + (" (allowed)" if verdict.allow_unjudged else "")
     about = [plural(verdict.observations, "observation")]
     if verdict.gaps:
         about.append(plural(len(verdict.gaps), "tap gap"))
@@ -130,6 +155,11 @@ def _failing_flow(console: Console, flow: FlowVerdict, max_chains: int) -> None:
         console.print(Text("  Other findings", "bold"))
         console.print(Padding(_findings(others, MAX_OTHER), (0, 0, 0, 4), expand=False))
 
+    if flow.unjudged:
+        console.print(
+            Text(f"  Unjudged: {plural(len(flow.unjudged), 'expectation')}, listed above", "bold")
+        )
+
     listed, total = listed_total(flow)
     if total > listed:
         per_kind = ", ".join(f"{k} {n}" for k, n in sorted(flow.findings_total.items()))
@@ -145,7 +175,7 @@ def _failing_flow(console: Console, flow: FlowVerdict, max_chains: int) -> None:
         _latency(console, "  Latency", flow.latency)
 
 
-def _passing(flows: list[FlowVerdict]) -> Table:
+def _passing(flows: list[FlowVerdict], *, allowed: bool) -> Table:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(no_wrap=True)
     grid.add_column(no_wrap=True)
@@ -165,6 +195,8 @@ def _passing(flows: list[FlowVerdict]) -> Table:
         _, total = listed_total(flow)
         if total:
             parts.append(plural(total, "finding") + " within tolerance")
+        if flow.unjudged:
+            parts.append(f"{len(flow.unjudged)} unjudged" + (" (allowed)" if allowed else ""))
         grid.add_row(Text("PASS", PASS), Text(flow.flow, "bold"), Text(", ".join(parts)))
     return grid
 
@@ -244,6 +276,15 @@ def _findings(findings: list[Finding], limit: int) -> Table:
         )
     if len(findings) > limit:
         grid.add_row("", Text(f"... {len(findings) - limit} more", "dim"))
+    return grid
+
+
+def _unjudged(unjudged: list[tuple[str, Unjudged]]) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True)
+    grid.add_column()
+    for about, u in unjudged:
+        grid.add_row(Text(about, "bold"), Text(unjudged_text(u)))
     return grid
 
 

@@ -278,7 +278,8 @@ def test_settings_and_header(pytester: pytest.Pytester, monkeypatch: pytest.Monk
     result.stdout.fnmatch_lines(
         [
             f"flowcheck: *, topology {pytester.path / 'orders.yaml'} (from flowcheck_topology "
-            "in tox.ini), deadline 3s, isolate off, traces in pytest's temporary directory",
+            "in tox.ini), deadline 3s, settle from the taps, isolate off, traces in pytest's "
+            "temporary directory",
             "flowcheck brokers: kafka kafka-1:9092 (from FLOWCHECK_KAFKA_BOOTSTRAP), "
             "rabbitmq amqp://u:***@mq:5672/ (from --flowcheck-rabbitmq-url), "
             "redis redis://:***@cache:6379/1 (from flowcheck_redis_url in tox.ini)",
@@ -289,6 +290,15 @@ def test_settings_and_header(pytester: pytest.Pytester, monkeypatch: pytest.Monk
     bad = pytester.runpytest("--flowcheck-deadline=5", "--co")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*--flowcheck-deadline: a duration needs a unit: write 5s or 5ms*"])
+    for flag, shown in (("0", "0s"), ("0ms", "0s"), ("250ms", "250ms")):
+        settle = pytester.runpytest(f"--flowcheck-settle={flag}", "--co")
+        settle.stdout.fnmatch_lines([f"flowcheck: *, deadline 3s, settle {shown}, isolate off*"])
+    allowed = pytester.runpytest("--flowcheck-allow-unjudged", "--co")
+    allowed.stdout.fnmatch_lines(["flowcheck: *, isolate off, unjudged expectations allowed, *"])
+    assert "unjudged" not in result.stdout.str()
+    bad = pytester.runpytest("--flowcheck-settle=soon", "--co")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*--flowcheck-settle: 'soon' is not a duration*"])
 
 
 def test_marker_and_topology_fixture(pytester: pytest.Pytester, broker_flags: list[str]) -> None:
@@ -304,9 +314,10 @@ def test_marker_and_topology_fixture(pytester: pytest.Pytester, broker_flags: li
             pytestmark = [pytest.mark.asyncio, pytest.mark.flowcheck(deadline="300ms")]
 
 
-            @pytest.mark.flowcheck(flows="order-billed")
+            @pytest.mark.flowcheck(flows="order-billed", settle="250ms")
             async def test_flows_limit_the_taps(flowcheck: Flowcheck) -> None:
                 assert flowcheck.deadline == 0.3  # from the module's marker
+                assert flowcheck.settle_for("order-billed") == 0.25
                 assert flowcheck.channels == ["billing", "orders"]
                 assert flowcheck.brokers == ["rabbit"]  # Redis is not even contacted
                 with pytest.raises(FlowcheckError, match="'audit' is not watched in this test"):
@@ -343,7 +354,7 @@ def test_marker_and_topology_fixture(pytester: pytest.Pytester, broker_flags: li
     result.stdout.fnmatch_lines(
         [
             "flowcheck: @pytest.mark.flowcheck: unknown argument(s) bogus; it takes "
-            "topology, flows, isolate, apply, deadline"
+            "topology, flows, isolate, apply, deadline, settle"
         ]
     )
     result.stdout.fnmatch_lines(

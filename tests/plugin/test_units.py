@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import timedelta
 
 import pytest
 
 import flowcheck
 from flowcheck import pytest_plugin, testing
+from flowcheck.checker import Checker, FlowVerdict, Unjudged, Verdict
+from flowcheck.observations import Kind, Observation, now
 from flowcheck.testing import FlowAssertionError, HopLatency, Took
 
 from . import project
@@ -97,6 +101,7 @@ def test_unique_prefix_is_a_valid_name_everywhere() -> None:
 
 def test_seconds() -> None:
     assert testing.seconds("250ms") == 0.25
+    assert testing.seconds("0s") == testing.seconds("0") == 0.0  # a settle time of none
     assert testing.seconds(2) == 2.0
     assert testing.seconds(timedelta(minutes=1)) == 60.0
     with pytest.raises(ValueError, match="cannot be negative"):
@@ -131,6 +136,7 @@ def test_summary_lines() -> None:
                 "assertions": [["completes", "f", False], ["check", "g", True]],
                 "chains": {"f": 2, "g": 1},
                 "findings": {"lost": 1},
+                "unjudged": 2,
                 "failures": ["f 'k' did not complete within 1s"],
                 "trace": "/tmp/t.jsonl",
             },
@@ -143,9 +149,95 @@ def test_summary_lines() -> None:
         "  f  1 assertion(s), 1 failed, 2 chain(s) seen",
         "  g  1 assertion(s), 0 failed, 1 chain(s) seen",
         "findings: lost 1",
+        "expectations that could not be judged: 2",
         "  FAILED t.py::a: f 'k' did not complete within 1s",
         "traces of failed tests (flowcheck inspect FILE):",
         "  t.py::a  /tmp/t.jsonl",
         "setup problems:",
         "  flowcheck: rabbit: down (1 error(s), 1 test(s) skipped)",
     ]
+
+
+RETRIES = Unjudged(
+    flow="job-done",
+    expectation="retry max_attempts 3 at 'jobs'",
+    why="a tap gap hid the deliveries",
+    chains=2,
+)
+NO_END = Unjudged(expectation="the recording's end", why="no end record")
+
+
+def judged(*, allowed: bool, flow_passed: bool) -> Verdict:
+    """A verdict as the checker gives it when ``job-done`` had an expectation it could not
+    judge, and so had the recording as a whole."""
+    flow = FlowVerdict(
+        flow="job-done",
+        passed=flow_passed,
+        chains=2,
+        succeeded=2,
+        failed=0,
+        unknown=0,
+        dead_lettered=0,
+        checks=[],
+        latency=[],
+        findings=[],
+        unjudged=[RETRIES],
+    )
+    return Verdict(
+        passed=allowed,
+        observations=4,
+        flows=[flow],
+        unjudged=[NO_END],
+        allow_unjudged=allowed,
+    )
+
+
+async def test_check_says_what_could_not_be_judged(monkeypatch: pytest.MonkeyPatch) -> None:
+    fc = testing.Flowcheck(flowcheck.loads(project.TOPOLOGY), flows=["job-done"])
+    fc._checker = Checker(fc.topology, start_ns=0)  # a session with nothing seen yet
+    verdict = judged(allowed=False, flow_passed=False)
+    monkeypatch.setattr(fc, "_judge", lambda items, **kw: verdict)
+    with pytest.raises(FlowAssertionError) as caught:
+        await fc.check("job-done", within=0)
+    lines = str(caught.value).splitlines()
+    assert lines[0] == (
+        "flow check failed: job-done (2 chain(s), 2 succeeded, 0 failed, 1 unjudged)"
+    )
+    assert "not judged: the recording's end: no end record" in lines
+    assert "job-done: 2 chain(s), 2 succeeded, 0 failed, 1 unjudged" in lines
+    assert (
+        "  not judged: retry max_attempts 3 at 'jobs': a tap gap hid the deliveries (2 chains)"
+    ) in lines
+    assert caught.value.unjudged == [NO_END, RETRIES]
+    # Only the recording's own expectation was left unjudged: that fails the check too.
+    verdict = judged(allowed=False, flow_passed=True)
+    with pytest.raises(FlowAssertionError, match=r"1 expectation\(s\) could not be judged"):
+        await fc.check("job-done", within=0)
+    # Allowed: the check passes.
+    verdict = judged(allowed=True, flow_passed=True)
+    assert await fc.check("job-done", within=0) is verdict
+
+
+def test_the_session_tells_the_checker_whether_unjudged_is_allowed() -> None:
+    topology = flowcheck.loads(project.TOPOLOGY)
+    assert testing.Flowcheck(topology, allow_unjudged=True)._judge([], settle=True).allow_unjudged
+    assert not testing.Flowcheck(topology)._judge([], settle=True).allow_unjudged
+
+
+async def test_a_starved_settle_wait_makes_up_for_it() -> None:
+    """A busy machine starves the event loop, and the taps in it: a settle wait that ends
+    long past its time waits again, so a copy the taps read late is still seen."""
+    fc = testing.Flowcheck(flowcheck.loads(project.TOPOLOGY))
+    fc._checker = Checker(fc.topology, start_ns=0)
+    copy = Observation(kind=Kind.ROUTED, broker="rabbit", channel="billing", mono_ns=1, wall=0)
+
+    async def busy_then_read() -> None:
+        time.sleep(0.1)  # noqa: ASYNC251 - the loop starved: nothing else runs meanwhile
+        for _ in range(3):  # a tap takes a few turns of the loop to read what came
+            await asyncio.sleep(0)
+        fc._observe(copy)
+
+    task = asyncio.get_running_loop().create_task(busy_then_read())
+    until = now()[0] + 20_000_000
+    assert await fc._settle(until, lambda: bool(fc.observations))
+    await task

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "checker"))
 
 from history import MS, START, History
 
-from flowcheck.checker import Verdict, check
+from flowcheck.checker import Recording, Unjudged, Verdict, check
 from flowcheck.observations import Kind, Observation
 from flowcheck.topology import Topology, loads
 
@@ -186,6 +186,50 @@ def same_instant() -> Verdict:
         h.at(i * 10).routed("billing", f"k{i}")
         h.at(i * 10 + 5).routed("pay", f"k{i}", partition=0, offset=i)
     return run(topology(), h.items)
+
+
+RETRIES = Unjudged(
+    flow="checkout",
+    expectation="retry max_attempts 3 at 'billing'",
+    why="deliveries on RabbitMQ are seen only with the firehose on (rabbitmqctl trace_on)",
+    chains=4,
+)
+AUDIT_ORDER = Unjudged(
+    flow="audit",
+    expectation="ordering per-key",
+    why="no two chains of one key were decided",
+)
+NO_END = Unjudged(
+    expectation="the recording's end",
+    why="the trace has no end record: chains open at the last observation are undecided",
+)
+
+
+def unjudged(*, allowed: bool) -> Verdict:
+    """The passing verdict with expectations that could not be judged: one per flow and one
+    of the recording as a whole, which has no end record. Not allowed, they fail the flows
+    and the verdict, as the checker does; allowed, everything passes."""
+    base = passing()
+    flows = [
+        flow.model_copy(
+            update={"unjudged": [u], "passed": flow.passed and allowed},
+        )
+        for flow, u in zip(base.flows, (RETRIES, AUDIT_ORDER), strict=True)
+    ]
+    return base.model_copy(
+        update={
+            "flows": flows,
+            "unjudged": [NO_END],
+            "allow_unjudged": allowed,
+            "passed": base.passed and allowed,
+            "recording": Recording(ended="unknown", end_ms=None),
+        }
+    )
+
+
+def recorded(ended: str = "stopped", end_ms: float | None = 61234.5) -> Verdict:
+    """The passing verdict of a recording that ended as said."""
+    return passing().model_copy(update={"recording": Recording(ended=ended, end_ms=end_ms)})
 
 
 def doc_example() -> Verdict:

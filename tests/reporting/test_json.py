@@ -27,6 +27,9 @@ VERDICTS: dict[str, Callable[[], Verdict]] = {
     "passing": scenarios.passing,
     "doc": scenarios.doc_example,
     "same-instant": scenarios.same_instant,
+    "unjudged": lambda: scenarios.unjudged(allowed=False),
+    "unjudged-allowed": lambda: scenarios.unjudged(allowed=True),
+    "recorded": scenarios.recorded,
 }
 
 

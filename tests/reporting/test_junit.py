@@ -35,17 +35,77 @@ def failure(c: ET.Element) -> ET.Element:
 
 
 def test_counts_add_up() -> None:
-    for verdict in (scenarios.failing(), scenarios.passing()):
+    for verdict in (
+        scenarios.failing(),
+        scenarios.passing(),
+        scenarios.unjudged(allowed=False),
+        scenarios.unjudged(allowed=True),
+    ):
         root = parse(verdict)
         assert root.tag == "testsuites"
         cases = list(root.iter("testcase"))
         failed = [c for c in cases if c.find("failure") is not None]
+        skipped = [c for c in cases if c.find("skipped") is not None]
         assert root.get("tests") == str(len(cases))
         assert root.get("failures") == str(len(failed))
+        assert root.get("skipped") == str(len(skipped))
         for s in root.iter("testsuite"):
             assert s.get("tests") == str(len(s.findall("testcase")))
             assert s.get("failures") == str(len(s.findall("testcase/failure")))
+            assert s.get("skipped") == str(len(s.findall("testcase/skipped")))
             assert s.get("errors") == "0"
+
+
+def test_an_unjudged_expectation_is_a_failed_test_case() -> None:
+    root = parse(scenarios.unjudged(allowed=False))
+    assert root.get("failures") == "3"
+    assert root.get("skipped") == "0"
+    checkout = suite(root, "checkout")
+    f = failure(case(checkout, "unjudged: retry max_attempts 3 at 'billing'"))
+    assert f.get("type") == "unjudged"
+    assert f.get("message") == (
+        "not judged: retry max_attempts 3 at 'billing': deliveries on RabbitMQ are seen only "
+        "with the firehose on (rabbitmqctl trace_on) (4 chains)"
+    )
+    assert (f.text or "").startswith("checkout: retry max_attempts 3 at 'billing'")
+    audit = failure(case(suite(root, "audit"), "unjudged: ordering per-key"))
+    assert audit.get("message") == (
+        "not judged: ordering per-key: no two chains of one key were decided"
+    )
+    whole = suite(root, "flowcheck")
+    end = failure(case(whole, "unjudged: the recording's end"))
+    assert end.get("type") == "unjudged"
+    assert (end.text or "").startswith("recording: the recording's end: the trace has no end")
+    assert whole.find("testcase[@name='outside flows']") is None  # no findings, no gaps
+    out = whole.findtext("system-out") or ""
+    assert "recording ended: unknown (no end record: the recorder crashed or was killed)" in out
+    assert "unjudged expectations: not allowed: the verdict cannot pass with them" in out
+
+
+def test_an_allowed_unjudged_expectation_is_skipped() -> None:
+    root = parse(scenarios.unjudged(allowed=True))
+    assert root.get("failures") == "0"
+    assert root.get("skipped") == "3"
+    c = case(suite(root, "checkout"), "unjudged: retry max_attempts 3 at 'billing'")
+    assert c.find("failure") is None
+    skipped = c.find("skipped")
+    assert skipped is not None
+    assert skipped.get("message", "").startswith(
+        "allowed unjudged: retry max_attempts 3 at 'billing': deliveries on RabbitMQ"
+    )
+    assert suite(root, "flowcheck").get("skipped") == "1"
+
+
+def test_how_the_recording_ended() -> None:
+    whole = suite(parse(scenarios.recorded()), "flowcheck")
+    props = {p.get("name"): p.get("value") for p in whole.iter("property")}
+    assert props == {"recording_ended": "stopped", "recording_end_ms": "61234.5"}
+    assert whole.get("tests") == "0"
+    assert (whole.findtext("system-out") or "").startswith("recording ended: stopped at 61234ms")
+    unknown = suite(parse(scenarios.unjudged(allowed=False)), "flowcheck")
+    assert {p.get("name"): p.get("value") for p in unknown.iter("property")} == {
+        "recording_ended": "unknown"
+    }
 
 
 def test_one_suite_per_flow_one_case_per_check_and_budget() -> None:

@@ -31,9 +31,53 @@ def test_headline_says_pass_or_fail() -> None:
 def test_flow_table() -> None:
     table = rows(markdown.dumps(scenarios.failing()), "| flow | chains |")
     assert table == [
-        ["checkout", "9", "5", "4", "0", "2", "❌ **fail**"],
-        ["audit", "3", "3", "0", "0", "0", "✅ pass"],
+        ["checkout", "9", "5", "4", "0", "2", "0", "❌ **fail**"],
+        ["audit", "3", "3", "0", "0", "0", "0", "✅ pass"],
     ]
+
+
+def test_unjudged_expectations_are_listed_and_fail() -> None:
+    md = markdown.dumps(scenarios.unjudged(allowed=False))
+    lines = md.splitlines()
+    assert lines[0] == "## ❌ FAIL flowcheck: shop"
+    assert lines[2] == (
+        "2 of 2 flows failed, 24 observations, 3 unjudged (verdict format version 1)."
+    )
+    assert lines[4] == (
+        "Recording ended: unknown (no end record: the recorder crashed or was killed)."
+    )
+    assert rows(md, "| flow | chains |") == [
+        ["checkout", "5", "5", "0", "0", "1", "1", "❌ **fail**"],
+        ["audit", "3", "3", "0", "0", "0", "1", "❌ **fail**"],
+    ]
+    section = md.split("### Unjudged expectations", 1)[1].split("###", 1)[0]
+    assert "Declared, but not judged; not allowed: the verdict cannot pass with them." in section
+    assert [line for line in section.splitlines() if line.startswith("- ")] == [
+        "- **recording**: the recording's end: the trace has no end record: chains open at "
+        "the last observation are undecided",
+        "- **checkout**: retry max\\_attempts 3 at 'billing': deliveries on RabbitMQ are seen "
+        "only with the firehose on (rabbitmqctl trace\\_on) (4 chains)",
+        "- **audit**: ordering per-key: no two chains of one key were decided",
+    ]
+    failed = md.split("### Failed checks", 1)[1].split("### Latency", 1)[0]
+    assert failed.count("- **unjudged**: 1 expectation, listed above") == 2
+
+
+def test_allowed_unjudged_expectations_are_listed_as_allowed() -> None:
+    md = markdown.dumps(scenarios.unjudged(allowed=True))
+    assert md.splitlines()[0] == "## ✅ PASS flowcheck: shop"
+    assert "3 unjudged (allowed)" in md.splitlines()[2]
+    assert "Declared, but not judged; allowed (allow\\_unjudged): they do not fail" in md
+    assert "### Failed checks" not in md
+    assert [r[-2:] for r in rows(md, "| flow | chains |")] == [["1", "✅ pass"], ["1", "✅ pass"]]
+    assert "njudged expectations" not in markdown.dumps(scenarios.passing())
+
+
+def test_how_the_recording_ended() -> None:
+    assert markdown.dumps(scenarios.recorded()).splitlines()[4] == (
+        "Recording ended: stopped at 61234ms."
+    )
+    assert "Recording ended" not in markdown.dumps(scenarios.passing())
 
 
 def test_failed_checks_with_their_first_findings() -> None:
@@ -103,7 +147,7 @@ def test_untrusted_text_cannot_break_a_table_or_become_markup() -> None:
     md = markdown.dumps(odd)
     table = rows(md, "| flow | chains |")
     assert table[0][0] == "check\\|out now"
-    assert all(len(r) == 7 for r in table)
+    assert all(len(r) == 8 for r in table)
     assert all(len(r) == 11 for r in rows(md, "| flow | hop |"))
     lost = markdown.dumps(scenarios.lost(["a|b*c*<img src=x>"]))
     assert "key a\\|b\\*c\\*&lt;img src=x>:" in lost

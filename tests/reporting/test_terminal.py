@@ -140,8 +140,63 @@ def test_a_budget_on_a_late_tap_is_noted() -> None:
     ) in out
 
 
+def test_unjudged_expectations_are_listed_and_fail() -> None:
+    out = text(scenarios.unjudged(allowed=False))
+    lines = out.splitlines()
+    assert lines[0] == "FAIL  shop: 2 of 2 flows failed, 3 unjudged (24 observations)"
+    assert lines[1] == (
+        "recording ended: unknown (no end record: the recorder crashed or was killed)"
+    )
+    listed = " ".join(block(out, "Unjudged expectations (3)", "FAIL checkout").split())
+    assert "Unjudged expectations (3): not allowed: the verdict cannot pass with them" in listed
+    assert (
+        "recording the recording's end: the trace has no end record: chains open at the last "
+        "observation are undecided"
+    ) in listed
+    assert (
+        "checkout retry max_attempts 3 at 'billing': deliveries on RabbitMQ are seen only with "
+        "the firehose on (rabbitmqctl trace_on) (4 chains)"
+    ) in listed
+    assert "audit ordering per-key: no two chains of one key were decided" in listed
+    checkout = block(out, "FAIL checkout", "Latency")
+    assert "  Unjudged: 1 expectation, listed above" in checkout
+    assert "PASS" not in out
+
+
+def test_allowed_unjudged_expectations_are_listed_as_allowed() -> None:
+    out = text(scenarios.unjudged(allowed=True))
+    assert (
+        out.splitlines()[0] == "PASS  shop: 2 flows passed, 3 unjudged (allowed) (24 observations)"
+    )
+    assert (
+        "Unjudged expectations (3): allowed (allow_unjudged): they do not fail the verdict" in out
+    )
+    assert "(4 chains)" in out
+    passing = [line.rstrip() for line in out.splitlines() if line.startswith("PASS  ")]
+    assert passing[1:] == [
+        "PASS  checkout  5 chains, 5 succeeded, 1 dead-lettered, end-to-end p99 20.0ms, "
+        "1 unjudged (allowed)",
+        "PASS  audit     3 chains, 3 succeeded, end-to-end p99 5.00ms, 1 unjudged (allowed)",
+    ]
+    assert "unjudged" not in text(scenarios.passing())
+
+
+def test_how_the_recording_ended() -> None:
+    assert text(scenarios.recorded()).splitlines()[1] == "recording ended: stopped at 61234ms"
+    assert (
+        text(scenarios.recorded("duration", 30000.0)).splitlines()[1]
+        == "recording ended: duration at 30000ms"
+    )
+    assert "recording ended" not in text(scenarios.passing())  # no recording given
+
+
 def test_fits_80_columns_without_colour() -> None:
-    for verdict in (scenarios.failing(), scenarios.passing()):
+    for verdict in (
+        scenarios.failing(),
+        scenarios.passing(),
+        scenarios.unjudged(allowed=False),
+        scenarios.unjudged(allowed=True),
+    ):
         file = io.StringIO()
         render(verdict, Console(file=file, width=80))  # not a terminal: no colour
         out = file.getvalue()
