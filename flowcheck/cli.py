@@ -689,9 +689,10 @@ def run(
 ) -> None:
     """Apply TOPOLOGY, tap it, publish a scenario, wait for every chain, check, report.
 
-    Exit codes: 0 every flow passed, 1 a check failed, 2 bad usage or an
-    invalid topology or scenario, 3 a broker could not be reached or refused,
-    130 or 143 interrupted by Ctrl-C or SIGTERM (no verdict; the trace is kept).
+    Exit codes: 0 every flow passed, 1 a check failed or an expectation went
+    unjudged, 2 bad usage or an invalid topology or scenario, 3 a broker could
+    not be reached or refused, or a tap gap hid chains, 130 or 143 interrupted
+    by Ctrl-C or SIGTERM (no verdict; the trace is kept, with its end record).
     """
     import os
     import signal

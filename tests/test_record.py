@@ -328,6 +328,9 @@ def test_run_interrupted_gives_no_verdict_and_keeps_the_trace(
     reader = Reader(str(trace))
     assert [o.kind.value for o in reader if o.channel == "orders"].count("published") == 1
     assert reader.problems == []
+    # Its end record says how it ended, so `check` of it does not take it for a crash.
+    assert reader.end is not None
+    assert reader.end.ended == ("interrupted" if signum == signal.SIGINT else "stopped")
 
 
 def test_check_refuses_a_trace_of_another_topology(tmp_path: Path) -> None:
