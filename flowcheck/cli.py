@@ -34,6 +34,7 @@ from flowcheck.topology import Topology, check_file
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INFRA = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+READY_LINE = "flowcheck: ready: every tap is watching"  # stable: scripts wait for it
 
 
 REPEAT_S = 60.0  # a client library's warning is shown again after this long at the soonest
@@ -205,13 +206,26 @@ def _load_or_exit(path: str) -> Topology:
     metavar="NAME",
     help="Tap only the channels of this broker (repeatable); default: every broker.",
 )
+@click.option(
+    "--ready-file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write this file (must not exist) once every tap is watching.",
+)
 def record(
-    topology_file: str, out: str, duration: str | None, do_apply: bool, brokers: Sequence[str]
+    topology_file: str,
+    out: str,
+    duration: str | None,
+    do_apply: bool,
+    brokers: Sequence[str],
+    ready_file: str | None,
 ) -> None:
     """Tap every channel of TOPOLOGY and record what flows to a trace file.
 
-    Nothing is taken from the system's own consumers. Ctrl-C finishes the
-    file cleanly; it is flushed at least every second while recording.
+    Nothing is taken from the system's own consumers. Once every tap is
+    watching it prints "flowcheck: ready: every tap is watching" on stderr
+    (and writes --ready-file). Ctrl-C or SIGTERM finishes the file cleanly,
+    with an end record; it is flushed at least every second while recording.
     """
     import os
 
@@ -222,6 +236,7 @@ def record(
     from rich.table import Table
 
     from flowcheck.recorder import record as run_record
+    from flowcheck.recorder import write_ready
     from flowcheck.topology._types import parse_duration
 
     topology = _load_or_exit(topology_file)
@@ -240,9 +255,14 @@ def record(
     if os.path.lexists(out):
         click.echo(f"flowcheck: {out} already exists; trace files are never overwritten", err=True)
         sys.exit(EXIT_USAGE)
-    parent = os.path.dirname(out) or "."
-    if not os.path.isdir(parent):  # say so before connecting (and applying), not after
-        click.echo(f"flowcheck: cannot create {out}: no directory {parent}", err=True)
+    for path in (out, ready_file):
+        parent = os.path.dirname(path or ".") or "."
+        if path and not os.path.isdir(parent):  # say so before connecting, not after
+            click.echo(f"flowcheck: cannot create {path}: no directory {parent}", err=True)
+            sys.exit(EXIT_USAGE)
+    if ready_file is not None and os.path.lexists(ready_file):
+        # A file left from before would say "ready" before the taps watch.
+        click.echo(f"flowcheck: {ready_file} already exists; remove it first", err=True)
         sys.exit(EXIT_USAGE)
     console = Console(stderr=True)
 
@@ -293,6 +313,10 @@ def record(
     def ready() -> None:
         stops = f"after {duration}" if duration else "on Ctrl-C"
         console.print(f"recording {_plural(len(tapped), 'channel')} to {out}; stops {stops}")
+        if ready_file is not None:
+            write_ready(ready_file, json.dumps({"pid": os.getpid(), "trace": out}) + "\n")
+        # Stable: scripts wait for this line (docs/running.md).
+        console.print(READY_LINE, soft_wrap=True, markup=False, highlight=False)
 
     async def main() -> dict[str, int]:
         return dict(
@@ -495,8 +519,8 @@ def _report(
 ) -> None:
     """Print the verdict and write the report files; then exit 0 (passed) or 1.
 
-    ``gate``: the run waited for every chain it published, so a chain left unknown
-    is one a tap gap hid: the gate cannot pass it, and exits 3 unless a check failed.
+    ``gate``: a chain left unknown while a tap was not watching is one a tap gap hid:
+    the gate cannot pass it, and exits 3 unless a check failed.
     """
     from rich.console import Console
 
@@ -511,15 +535,35 @@ def _report(
         click.echo("reports: " + ", ".join(str(p) for p in paths.values()))
     if trace is not None:
         click.echo(f"trace: {trace} (flowcheck inspect {trace})")
+    if why := _only_unjudged(verdict):
+        click.echo(why, err=True)
     unseen = sum(f.unknown for f in verdict.flows)
-    if gate and verdict.passed and unseen and verdict.gaps:
+    if gate and not verdict.allow_unjudged and verdict.passed and unseen and verdict.gaps:
         click.echo(
             f"flowcheck: {_plural(unseen, 'chain')} unknown: a tap was not watching "
-            f"({_plural(len(verdict.gaps), 'gap')}); the gate cannot pass what it did not see",
+            f"({_plural(len(verdict.gaps), 'gap')}); the gate cannot pass what it did not see "
+            "(--allow-unjudged lets it)",
             err=True,
         )
         sys.exit(EXIT_INFRA)
     sys.exit(EXIT_OK if verdict.passed else EXIT_FAILED)
+
+
+def _only_unjudged(verdict: Verdict) -> str | None:
+    """The line that says a verdict failed for nothing but unjudged expectations."""
+    unjudged = [*verdict.unjudged, *(u for f in verdict.flows for u in f.unjudged)]
+    found = len(verdict.findings) + sum(
+        sum(f.findings_total.values()) or len(f.findings) for f in verdict.flows
+    )
+    if verdict.passed or not unjudged or found:
+        return None
+    first = unjudged[0]
+    where = f"flow {first.flow!r}: " if first.flow else ""
+    return (
+        f"flowcheck: not green only because {_plural(len(unjudged), 'declared expectation')} "
+        f"went unjudged (first: {where}{first.expectation}: {first.why}); "
+        "--allow-unjudged lets such a verdict pass"
+    )
 
 
 @contextlib.contextmanager
@@ -546,13 +590,22 @@ def _few_collections() -> Iterator[None]:
 @click.option(
     "--report-dir", default=None, help="Write verdict.json, junit.xml and summary.md here."
 )
-def check(topology_file: str, trace_file: str, report_dir: str | None) -> None:
+@click.option(
+    "--allow-unjudged",
+    is_flag=True,
+    help="Pass even when a declared expectation could not be judged.",
+)
+def check(
+    topology_file: str, trace_file: str, report_dir: str | None, allow_unjudged: bool
+) -> None:
     """Check a recorded TRACE against TOPOLOGY's flows, offline.
 
-    Exits 0 when every flow passes, 1 when a check fails, 2 for a bad
-    topology or trace file.
+    Every chain is judged against the end of the recording (its end record).
+    Exits 0 when every flow passes, 1 when a check fails or an expectation
+    went unjudged, 2 for a bad topology or trace file, 3 when a tap gap hid
+    chains that would otherwise have passed.
     """
-    from flowcheck.checker import Checker
+    from flowcheck.checker import Checker, Recording
     from flowcheck.trace import Reader, TraceError, topology_hash
 
     topology = _load_or_exit(topology_file)
@@ -570,7 +623,8 @@ def check(topology_file: str, trace_file: str, report_dir: str | None) -> None:
                 f"flowcheck: warning: {trace_file} was recorded with a different version of {topology_file}",
                 err=True,
             )
-        checker = Checker(topology, start_ns=reader.header.started_mono_ns)
+        start = reader.header.started_mono_ns
+        checker = Checker(topology, start_ns=start, allow_unjudged=allow_unjudged)
         with _few_collections():
             for obs in reader:
                 checker.feed(obs)
@@ -579,8 +633,21 @@ def check(topology_file: str, trace_file: str, report_dir: str | None) -> None:
         sys.exit(EXIT_USAGE)
     if reader.problems:
         click.echo(f"flowcheck: warning: {reader.describe()}", err=True)
-    verdict = checker.finish()
-    if verdict.flows and not any(f.succeeded or f.failed for f in verdict.flows):
+    if reader.end is None:
+        click.echo(
+            f"flowcheck: warning: {trace_file} has no end record (the recorder crashed or was "
+            "killed): it is judged to end at its last observation, and chains still inside "
+            "their deadline then are unknown",
+            err=True,
+        )
+    # The end the trace records, or its last observation: whichever is later.
+    end = max(reader.end.mono_ns if reader.end else 0, checker.now)
+    recording = Recording(
+        ended=reader.end.ended if reader.end else "unknown",
+        end_ms=round((end - start) / 1e6, 3) if end else None,
+    )
+    verdict = checker.finish(end_ns=end or None, recording=recording)
+    if verdict.passed and verdict.flows and not any(f.succeeded or f.failed for f in verdict.flows):
         # Every flow passes then, having judged nothing: say so, or a gate looks green.
         unknown = sum(f.unknown for f in verdict.flows)
         why = (
@@ -590,7 +657,7 @@ def check(topology_file: str, trace_file: str, report_dir: str | None) -> None:
             else "the trace holds no chain of any flow"
         )
         click.echo(f"flowcheck: warning: no chain was decided: {why}", err=True)
-    _report(verdict, report_dir)
+    _report(verdict, report_dir, gate=True)
 
 
 @cli.command()
@@ -608,12 +675,24 @@ def check(topology_file: str, trace_file: str, report_dir: str | None) -> None:
     help="Where the trace and reports go.",
 )
 @click.option("--no-apply", is_flag=True, help="Do not declare the topology's channels first.")
-def run(topology_file: str, scenario_file: str | None, report_dir: str, no_apply: bool) -> None:
+@click.option(
+    "--allow-unjudged",
+    is_flag=True,
+    help="Pass even when a declared expectation could not be judged.",
+)
+def run(
+    topology_file: str,
+    scenario_file: str | None,
+    report_dir: str,
+    no_apply: bool,
+    allow_unjudged: bool,
+) -> None:
     """Apply TOPOLOGY, tap it, publish a scenario, wait for every chain, check, report.
 
-    Exit codes: 0 every flow passed, 1 a check failed, 2 bad usage or an
-    invalid topology or scenario, 3 a broker could not be reached or refused,
-    130 or 143 interrupted by Ctrl-C or SIGTERM (no verdict; the trace is kept).
+    Exit codes: 0 every flow passed, 1 a check failed or an expectation went
+    unjudged, 2 bad usage or an invalid topology or scenario, 3 a broker could
+    not be reached or refused, or a tap gap hid chains, 130 or 143 interrupted
+    by Ctrl-C or SIGTERM (no verdict; the trace is kept, with its end record).
     """
     import os
     import signal
@@ -674,6 +753,15 @@ def run(topology_file: str, scenario_file: str | None, report_dir: str, no_apply
                             f"flowcheck: {escape(line)}", soft_wrap=True
                         ),
                         run_id=run_id,
+                        allow_unjudged=allow_unjudged,
+                        # The end record of a trace cut short by a signal, as record writes it.
+                        cancelled=lambda: (
+                            None
+                            if not caught
+                            else "interrupted"
+                            if caught[0] == signal.SIGINT
+                            else "stopped"
+                        ),
                     )
                     tg.cancel_scope.cancel()
                     return outcome

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -14,10 +15,10 @@ from anyio.abc import TaskStatus
 
 from flowcheck.brokers import adapter
 from flowcheck.brokers.base import Drift
-from flowcheck.errors import leaf
+from flowcheck.errors import UsageError, leaf
 from flowcheck.observations import Kind, Observation, now
 from flowcheck.topology.model import Topology
-from flowcheck.trace import Header, Writer, topology_hash
+from flowcheck.trace import Ended, Header, Writer, topology_hash
 from flowcheck.tracer import Tracer
 
 TICK = 0.25  # seconds between live-count refreshes and idle flushes
@@ -70,6 +71,9 @@ async def record(
 ) -> Counter[str]:
     """Record until ``duration`` seconds pass, ``stop`` is set, or SIGINT/SIGTERM arrives.
 
+    The trace ends with its end record: when the taps stopped watching, and why
+    (``duration``, ``stopped`` for ``stop`` or SIGTERM, ``interrupted`` for SIGINT).
+
     ``channels`` limits the taps (and ``apply``) to those channels. ``on_ready`` is
     called once every tap is watching; every tick, ``on_tick`` with the counts and
     ``on_down`` with the brokers whose taps cannot watch (since, why). Returns the
@@ -82,10 +86,11 @@ async def record(
     stop = stop or anyio.Event()
     connected = anyio.Event()
     counts: Counter[str] = Counter()
+    how: list[Ended] = []  # why it stopped, when not for ``stop``
     try:
         async with anyio.create_task_group() as signals:
             # Catch Ctrl-C from the very start: before the taps watch, it abandons connecting.
-            await signals.start(_signals, stop)
+            await signals.start(_signals, stop, how)
             with anyio.CancelScope() as connecting:
                 signals.start_soon(_abandon, stop, connected, connecting)
                 await _record(
@@ -102,6 +107,7 @@ async def record(
                     connected=connected,
                     counts=counts,
                     on_drift=on_drift,
+                    how=how,
                 )
             signals.cancel_scope.cancel()
     except BaseExceptionGroup as group:
@@ -124,6 +130,7 @@ async def _record(
     connected: anyio.Event,
     counts: Counter[str],
     on_drift: Callable[[Sequence[Drift]], None] | None,
+    how: list[Ended],
 ) -> None:
     drift = await apply_all(topology, channels) if apply else []
     if drift and on_drift is not None:
@@ -156,7 +163,11 @@ async def _record(
                     if on_down is not None:
                         on_down({n: ad.down for n, ad in tracer.adapters.items() if ad.down})
                     if deadline is not None and time.monotonic() >= deadline:
+                        how.append("duration")
                         stop.set()
+                # Read before the taps close: they watched until now, not until closed.
+                end = now()
+            writer.end(how[0] if how else "stopped", *end)
     except BaseException:
         # A recording that never began leaves no file: a header alone would block the retry.
         if not connected.is_set() and writer.count == 0:
@@ -171,10 +182,27 @@ async def _abandon(stop: anyio.Event, connected: anyio.Event, scope: anyio.Cance
 
 
 async def _signals(
-    stop: anyio.Event, *, task_status: TaskStatus[None] = TASK_STATUS_IGNORED
+    stop: anyio.Event, how: list[Ended], *, task_status: TaskStatus[None] = TASK_STATUS_IGNORED
 ) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
-        async for _ in signals:
+        async for signum in signals:
+            how.append("interrupted" if signum == signal.SIGINT else "stopped")
             stop.set()
             return
+
+
+def write_ready(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` at once or not at all (a temporary file renamed), so
+    whoever waits for the file never reads half of it."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise UsageError(f"cannot write the ready file {path}: {exc.strerror}") from None

@@ -2,7 +2,9 @@
 
 Waiting is on events: the run ends as soon as every chain it started has
 reached its last step or its expected dead letter, or when its deadline has
-passed on the clock; never after a fixed sleep.
+passed on the clock; never after a fixed sleep. The trace ends with an end
+record (``run``) at that moment, and the verdict is judged against it, as
+``flowcheck check`` judges the trace: the two agree.
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ from datetime import timedelta
 
 import anyio
 
-from flowcheck.checker import Checker, Verdict
+from flowcheck.checker import Checker, Recording, Verdict
 from flowcheck.checker._engine import DEFAULT_WINDOW, GRACE_NS
 from flowcheck.errors import UsageError, leaf
 from flowcheck.observations import Kind, Observation, now
 from flowcheck.recorder import apply_all, drift_observations
 from flowcheck.scenario import Scenario, messages
 from flowcheck.topology.model import Topology
-from flowcheck.trace import Header, Writer, topology_hash
+from flowcheck.trace import Ended, Header, Writer, topology_hash
 from flowcheck.tracer import Tracer
 
 TICK = 0.25  # seconds: how often time is advanced while nothing is observed
@@ -46,8 +48,15 @@ async def run(
     apply: bool = True,
     progress: Callable[[str], None] | None = None,
     run_id: str | None = None,
+    allow_unjudged: bool = False,
+    cancelled: Callable[[], Ended | None] | None = None,
 ) -> Outcome:
-    """The trace goes to ``out_dir``/trace-``run_id``.jsonl (``run_id`` default: random)."""
+    """The trace goes to ``out_dir``/trace-``run_id``.jsonl (``run_id`` default: random).
+
+    When the run is cancelled, ``cancelled`` says how the recording ended (say
+    ``interrupted`` for Ctrl-C), for the trace's end record; None (the default)
+    writes none, as for a crash.
+    """
     try:
         return await _run(
             topology,
@@ -57,6 +66,8 @@ async def run(
             apply,
             progress or (lambda _: None),
             run_id or new_run_id(),
+            allow_unjudged,
+            cancelled or (lambda: None),
         )
     except BaseExceptionGroup as group:
         raise leaf(group) from None
@@ -70,6 +81,8 @@ async def _run(
     apply: bool,
     say: Callable[[str], None],
     run_id: str,
+    allow_unjudged: bool,
+    cancelled: Callable[[], Ended | None],
 ) -> Outcome:
     plan = list(messages(scenario, topology, run_id))
     # Keys known before publishing (all rules but traceparent): a missing one was never published.
@@ -94,7 +107,7 @@ async def _run(
         started_mono_ns=mono,
         run=run_id,
     )
-    checker = Checker(topology, start_ns=mono, expected=expected)
+    checker = Checker(topology, start_ns=mono, expected=expected, allow_unjudged=allow_unjudged)
     changed = anyio.Event()
 
     def observe(obs: Observation) -> None:
@@ -106,52 +119,70 @@ async def _run(
     with Writer(trace, header) as writer:
         for obs in drift_observations(topology, found, mono, wall):  # as record writes it
             writer.write(obs)
-        async with Tracer(topology, [writer.write, observe]) as tracer:
-            say(f"taps ready; publishing {len(plan)} messages (run {run_id})")
-            for m in plan:
-                if m.delay:
-                    await anyio.sleep(m.delay)  # the scenario's rate: a schedule, not a wait
-                obs = await tracer.publish(
-                    m.channel, m.body, headers=m.headers, key=m.kafka_key, routing_key=m.routing_key
+            checker.feed(obs)  # as check reads it
+        try:
+            async with Tracer(topology, [writer.write, observe]) as tracer:
+                say(f"taps ready; publishing {len(plan)} messages (run {run_id})")
+                for m in plan:
+                    if m.delay:
+                        await anyio.sleep(m.delay)  # the scenario's rate: a schedule, not a wait
+                    obs = await tracer.publish(
+                        m.channel,
+                        m.body,
+                        headers=m.headers,
+                        key=m.kafka_key,
+                        routing_key=m.routing_key,
+                    )
+                    key = obs.keys.get(m.flow, m.key)
+                    waiting.append((m.flow, key))
+                    if obs.kind == Kind.UNROUTABLE:
+                        say(f"unroutable: {m.flow} {key} ({obs.reason})")
+                window = max(
+                    (f.deadline or DEFAULT_WINDOW for f in topology.flows.values()),
+                    default=DEFAULT_WINDOW,
                 )
-                key = obs.keys.get(m.flow, m.key)
-                waiting.append((m.flow, key))
-                if obs.kind == Kind.UNROUTABLE:
-                    say(f"unroutable: {m.flow} {key} ({obs.reason})")
-            window = max(
-                (f.deadline or DEFAULT_WINDOW for f in topology.flows.values()),
-                default=DEFAULT_WINDOW,
-            )
-            limit = scenario.timeout or window + timedelta(seconds=GRACE_NS / 1e9)
-            say(f"published; waiting up to {limit.total_seconds():g}s for {len(waiting)} chains")
-            with anyio.move_on_after(limit.total_seconds()):
-                while True:
-                    waiting = [(f, k) for f, k in waiting if not checker.settled(f, k)]
-                    if not waiting:
-                        break
-                    changed = anyio.Event()
-                    with anyio.move_on_after(TICK):
-                        await changed.wait()
-                    checker.advance(now()[0])
-                    if writer.due():
-                        writer.flush()
-            end, _ = now()
-    # Past every window, nothing is undecided for lack of time; a shorter scenario
-    # timeout leaves the chains still inside theirs unknown, not lost.
+                limit = scenario.timeout or window + timedelta(seconds=GRACE_NS / 1e9)
+                say(
+                    f"published; waiting up to {limit.total_seconds():g}s for {len(waiting)} chains"
+                )
+                with anyio.move_on_after(limit.total_seconds()):
+                    while True:
+                        waiting = [(f, k) for f, k in waiting if not checker.settled(f, k)]
+                        if not waiting and _all_settled(checker):
+                            break
+                        changed = anyio.Event()
+                        with anyio.move_on_after(TICK):
+                            await changed.wait()
+                        checker.advance(now()[0])
+                        if writer.due():
+                            writer.flush()
+                # Read before the taps close: they watched until now, not until closed.
+                end, end_wall = now()
+        except anyio.get_cancelled_exc_class():
+            how = cancelled()
+            if how is not None:
+                writer.end(how, *now())
+            raise
+        writer.end("run", end, end_wall)
+    # Judged against the end the trace records, as `flowcheck check` judges it: chains
+    # still inside their deadline then (a scenario timeout shorter than the longest
+    # deadline, or chains that started late) are unknown, not lost.
     cut_short = scenario.timeout is not None and scenario.timeout < window
-    verdict = checker.finish(end_ns=end if cut_short else end + window_ns(topology))
+    end_ms = round((max(end, checker.now) - mono) / 1e6, 3)
+    verdict = checker.finish(end_ns=end, recording=Recording(ended="run", end_ms=end_ms))
     return Outcome(
         verdict=verdict, trace=trace, published=len(plan), drift=drift, cut_short=cut_short
     )
 
 
+def _all_settled(checker: Checker) -> bool:
+    """Has every open chain, also those of flows the run did not publish to (a flow that
+    starts where another goes on), reached its end? The verdict is judged at the end of
+    the run, and a chain still moving then would be unknown."""
+    return all(
+        checker.settled(name, key) for name, state in checker.flows.items() for key in state.chains
+    )
+
+
 def new_run_id() -> str:
     return uuid.uuid4().hex[:8]
-
-
-def window_ns(topology: Topology) -> int:
-    """Past every flow's window: at the end of a run nothing is left undecided for lack of time."""
-    longest = max(
-        (f.deadline or DEFAULT_WINDOW for f in topology.flows.values()), default=DEFAULT_WINDOW
-    )
-    return int(longest.total_seconds() * 1e9) + GRACE_NS

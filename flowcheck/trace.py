@@ -1,8 +1,14 @@
-"""Trace files: append-only JSON Lines, one header line then one observation a line.
+"""Trace files: append-only JSON Lines, one header line then one observation a line,
+and, when the recording was ended on purpose, an end record as the last line.
 
 The writer flushes (and fsyncs) at least once a second, so a crash loses at
 most the last second. The reader keeps every intact line of a damaged file and
 says exactly which lines it could not read.
+
+The end record (``{"ended": "stopped", "mono_ns": ..., "wall": ...}``) says until
+when the taps were watching, and why they stopped; a crash leaves none. It needs
+no new format version: a trace without one reads as before (its end is unknown),
+and a reader that predates it skips the line as damaged and reads the rest.
 """
 
 from __future__ import annotations
@@ -32,6 +38,24 @@ CLOCKS = {
     "wall": "time.time() of the recording host; for display only",
     "broker_ms": "the broker's own clock in ms (Kafka CreateTime, Redis entry id); other hosts",
 }
+
+
+# How a recording ended: ``stopped`` (a stop request or SIGTERM), ``duration`` (its
+# --duration ran out), ``interrupted`` (SIGINT, Ctrl-C), ``run`` (flowcheck run ended it).
+Ended = Literal["stopped", "duration", "interrupted", "run"]
+
+
+class End(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The end of a recording: the last line of a trace that was ended on purpose.
+    ``mono_ns`` and ``wall`` are read as the taps stop watching."""
+
+    ended: Ended
+    mono_ns: int
+    wall: float
+
+
+_encode_end = msgspec.json.Encoder().encode
+_decode_end = msgspec.json.Decoder(End).decode
 
 
 class TraceError(FlowcheckError):
@@ -88,6 +112,11 @@ class Writer:
     def due(self) -> bool:
         return time.monotonic() - self._last_flush >= FLUSH_EVERY
 
+    def end(self, ended: Ended, mono_ns: int, wall: float) -> None:
+        """Write the recording's end as the last line, then close the file."""
+        self._fh.write(_encode_end(End(ended=ended, mono_ns=mono_ns, wall=wall)) + b"\n")
+        self.close()
+
     def close(self) -> None:
         if not self._fh.closed:
             self.flush()
@@ -104,7 +133,8 @@ class Writer:
 
 @dataclass
 class Reader:
-    """Read a trace: ``header`` at once, observations by iterating.
+    """Read a trace: ``header`` at once, observations by iterating, and ``end`` (the
+    end record, None when there is none: a crash) once iterated.
 
     Damaged lines are skipped and listed in ``problems`` (line number, why);
     with ``strict=True`` iteration raises :class:`TraceError` after the last
@@ -116,6 +146,7 @@ class Reader:
     header: Header = field(init=False)
     problems: list[tuple[int, str]] = field(default_factory=list, init=False)
     count: int = field(default=0, init=False)
+    end: End | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         try:
@@ -141,6 +172,7 @@ class Reader:
             )
 
     def __iter__(self) -> Iterator[Observation]:
+        self.end = None
         with open(self.path, "rb") as fh:
             fh.readline()
             number = 1
@@ -154,8 +186,18 @@ class Reader:
                 try:
                     obs = decode(line)
                 except msgspec.DecodeError as exc:
-                    self.problems.append((number, _why(exc)))
+                    why = _why(exc)
+                    if line.startswith(b'{"ended"'):  # not an observation: the end record
+                        try:
+                            self.end = _decode_end(line)
+                            continue
+                        except msgspec.DecodeError as bad:
+                            why = _why(bad)
+                    self.problems.append((number, why))
                     continue
+                if self.end is not None:  # the end record was not the end
+                    self.problems.append((number, "an observation after the end record"))
+                    self.end = None
                 self.count += 1
                 yield obs
         if self.strict and self.problems:

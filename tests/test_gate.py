@@ -14,10 +14,12 @@ from pathlib import Path
 
 import anyio
 import pytest
+from click.testing import CliRunner
 
 from examples.shop import Brokers, Fault, Faults, Service, Settings, Shop
 from examples.shop.topology import topology_yaml
 from flowcheck.checker import Cause, FindingKind, Verdict
+from flowcheck.cli import cli
 from flowcheck.recorder import record
 from flowcheck.runner import Outcome, run
 from flowcheck.scenario import Scenario
@@ -84,7 +86,43 @@ def shop(env: Env, *faults: Fault) -> Shop:
 
 async def gate(env: Env, scenario: str, *faults: Fault) -> Outcome:
     async with shop(env, *faults):
-        return await run(env.topology, Scenario.model_validate(_yaml(scenario)), str(env.out))
+        outcome = await run(env.topology, Scenario.model_validate(_yaml(scenario)), str(env.out))
+    # The gate and an offline check of the trace it kept agree.
+    code, verdict = offline(env, Path(outcome.trace))
+    assert code == (0 if outcome.verdict.passed else 1)
+    agree(outcome.verdict, verdict)
+    return outcome
+
+
+def offline(env: Env, trace: Path) -> tuple[int, Verdict]:
+    """``flowcheck check`` of a trace: its exit code and verdict."""
+    reports = trace.parent / f"check-{trace.stem}"
+    args = ["check", str(env.path), str(trace), "--report-dir", str(reports)]
+    result = CliRunner().invoke(cli, args)
+    assert "no end record" not in result.output, result.output
+    return result.exit_code, Verdict.model_validate_json((reports / "verdict.json").read_text())
+
+
+def agree(gate: Verdict, check: Verdict) -> None:
+    def judged(v: Verdict) -> list[object]:
+        return [
+            (
+                f.flow,
+                f.chains,
+                f.succeeded,
+                f.failed,
+                f.unknown,
+                f.findings_total,
+                sorted((x.kind, x.key or "", x.cause or "", x.step or "") for x in f.findings),
+            )
+            for f in v.flows
+        ]
+
+    assert (check.passed, check.observations) == (gate.passed, gate.observations)
+    assert check.recording == gate.recording
+    assert gate.recording is not None
+    assert gate.recording.ended == "run"
+    assert judged(check) == judged(gate)
 
 
 def _yaml(text: str) -> object:
@@ -170,21 +208,31 @@ async def test_cli_exit_codes(env: Env) -> None:
         "--scenario",
         str(scenario),
         "--report-dir",
-        str(env.out),
     ]
     async with shop(env):
-        clean = await anyio.run_process(cmd, check=False)
+        clean = await anyio.run_process([*cmd, str(env.out / "clean")], check=False)
     async with shop(env, Fault.DROP):
-        dropped = await anyio.run_process(cmd, check=False)
+        dropped = await anyio.run_process([*cmd, str(env.out / "dropped")], check=False)
     assert clean.returncode == 0, clean.stdout.decode() + clean.stderr.decode()
     assert dropped.returncode == 1, dropped.stdout.decode()
     assert b"lost: timed out after 'billing.orders'" in dropped.stdout
-    assert (env.out / "junit.xml").exists()
-    # The trace names the topology file it was recorded with, so `check` can warn of edits.
-    traces = sorted(env.out.glob("trace-*.jsonl"))
-    assert len(traces) == 2
-    for trace in traces:
-        assert Reader(str(trace)).header.topology_sha256 == topology_hash(str(env.path))
+    for name, gated in [("clean", clean), ("dropped", dropped)]:
+        reports = env.out / name
+        assert (reports / "junit.xml").exists()
+        # The trace names the topology file it was recorded with, so `check` can warn of edits.
+        (trace,) = reports.glob("trace-*.jsonl")
+        reader = Reader(str(trace))
+        assert reader.header.topology_sha256 == topology_hash(str(env.path))
+        # `flowcheck check` of the trace the gate kept says what the gate said.
+        checked = await anyio.run_process(
+            [*cmd[:3], "check", str(env.path), str(trace), "--report-dir", str(reports / "check")],
+            check=False,
+        )
+        assert checked.returncode == gated.returncode, checked.stdout.decode()
+        agree(
+            Verdict.model_validate_json((reports / "verdict.json").read_text()),
+            Verdict.model_validate_json((reports / "check" / "verdict.json").read_text()),
+        )
 
 
 async def test_mis_route_through_record_and_check(env: Env) -> None:

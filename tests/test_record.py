@@ -10,8 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import anyio
@@ -22,7 +25,8 @@ from harness import forwarder
 from pamqp.common import Arguments
 from redis.asyncio import Redis
 
-from flowcheck.cli import _Echo, cli
+from flowcheck.checker import Finding, FindingKind, FlowVerdict, Unjudged, Verdict
+from flowcheck.cli import _Echo, _only_unjudged, cli
 from flowcheck.observations import Kind, Observation
 from flowcheck.recorder import record
 from flowcheck.topology import loads
@@ -324,6 +328,9 @@ def test_run_interrupted_gives_no_verdict_and_keeps_the_trace(
     reader = Reader(str(trace))
     assert [o.kind.value for o in reader if o.channel == "orders"].count("published") == 1
     assert reader.problems == []
+    # Its end record says how it ended, so `check` of it does not take it for a crash.
+    assert reader.end is not None
+    assert reader.end.ended == ("interrupted" if signum == signal.SIGINT else "stopped")
 
 
 def test_check_refuses_a_trace_of_another_topology(tmp_path: Path) -> None:
@@ -365,6 +372,24 @@ flows: {{f: {{correlate: $.id, steps: [q]}}}}
     assert "PASS" not in result.output
 
 
+@dataclass
+class Checked:
+    result: Result
+    verdict: dict[str, Any]
+
+    @property
+    def exit_code(self) -> int:
+        return self.result.exit_code
+
+    @property
+    def output(self) -> str:
+        return self.result.output
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.verdict["passed"])
+
+
 def test_check_warns_when_it_decided_no_chain(tmp_path: Path) -> None:
     path = tmp_path / "t.yaml"
     path.write_text(
@@ -378,8 +403,8 @@ flows: {f: {correlate: $.id, steps: [a, b], deadline: 1s}}
     )
     runner = CliRunner()
 
-    def check(*at_s: float) -> Result:
-        trace = tmp_path / f"t{len(at_s)}.jsonl"
+    def check(*at_s: float, allow: bool = False) -> Checked:
+        trace = tmp_path / f"t{len(at_s)}{allow}.jsonl"
         with Writer(str(trace), Header(started=0.0, started_mono_ns=0)) as writer:
             for i, at in enumerate(at_s):
                 writer.write(
@@ -392,18 +417,57 @@ flows: {f: {correlate: $.id, steps: [a, b], deadline: 1s}}
                         keys={"f": f"k{i // 2}"},
                     )
                 )
-        return runner.invoke(cli, ["check", str(path), str(trace)])
+        reports = tmp_path / trace.stem
+        args = ["check", str(path), str(trace), "--report-dir", str(reports)]
+        result = runner.invoke(cli, args + ["--allow-unjudged"] * allow)
+        return Checked(result, json.loads((reports / "verdict.json").read_text()))
 
     none = check()
-    assert none.exit_code == 0, none.output
-    assert "flowcheck: warning: no chain was decided: the trace holds no chain" in none.output
+    # A verdict that judged nothing fails the gate; where the checker still passes it,
+    # the warning says so.
+    assert none.exit_code == (0 if none.passed else 1), none.output
+    if none.passed:
+        assert "flowcheck: warning: no chain was decided: the trace holds no chain" in none.output
     # Seen at a, the recording ends before the second could reach b: unknown.
     unknown = check(0.5)
-    assert unknown.exit_code == 0, unknown.output
-    assert "no chain was decided: 1 chain seen, all unknown" in unknown.output
+    assert unknown.exit_code == (0 if unknown.passed else 1), unknown.output
+    if unknown.passed:
+        assert "no chain was decided: 1 chain seen, all unknown" in unknown.output
     decided = check(0.5, 0.6, 0.7)  # one chain completed: something was judged
     assert decided.exit_code == 0, decided.output
     assert "no chain was decided" not in decided.output
+    # Allowed explicitly, it passes, and still says that it judged nothing.
+    allowed = check(0.5, allow=True)
+    assert allowed.exit_code == 0, allowed.output
+    assert allowed.verdict["allow_unjudged"] is True
+    assert "no chain was decided: 1 chain seen, all unknown" in allowed.output
+
+
+def test_a_verdict_red_only_for_unjudged_expectations_says_so() -> None:
+    unjudged = Unjudged(flow="f", expectation="retry max_attempts 3 at 'a'", why="firehose off")
+    flow = FlowVerdict(
+        flow="f",
+        passed=False,
+        chains=1,
+        succeeded=1,
+        failed=0,
+        unknown=0,
+        dead_lettered=0,
+        checks=[],
+        latency=[],
+        findings=[],
+        unjudged=[unjudged, unjudged],
+    )
+    verdict = Verdict(passed=False, observations=2, flows=[flow])
+    assert _only_unjudged(verdict) == (
+        "flowcheck: not green only because 2 declared expectations went unjudged (first: "
+        "flow 'f': retry max_attempts 3 at 'a': firehose off); --allow-unjudged lets such "
+        "a verdict pass"
+    )
+    assert _only_unjudged(verdict.model_copy(update={"passed": True})) is None  # allowed
+    lost = Finding(kind=FindingKind.LOST, flow="f", key="k", message="lost")
+    red = flow.model_copy(update={"findings": [lost], "findings_total": {"lost": 1}})
+    assert _only_unjudged(verdict.model_copy(update={"flows": [red]})) is None
 
 
 def test_inspect_refuses_filters_that_drop_chains_silently(tmp_path: Path) -> None:
@@ -639,7 +703,7 @@ async def test_run_does_not_pass_chains_a_tap_gap_hid(
     assert rc == 3, "\n".join(said)
     assert said[-1] == (
         "flowcheck: 2 chains unknown: a tap was not watching (2 gaps); "
-        "the gate cannot pass what it did not see"
+        "the gate cannot pass what it did not see (--allow-unjudged lets it)"
     )
 
 
@@ -710,3 +774,144 @@ async def _set_string(url: str, key: str) -> None:
 async def _cleanup_all(text: str, redis_url: str, key: str) -> None:
     await _delete_stream(redis_url, key)  # any type: DEL does not care
     await _cleanup(text)
+
+
+WINDOW_S = 3.0  # the lossy topology's deadline (1s) plus the checker's grace (2s)
+
+
+@pytest.fixture
+def lossy_file(tmp_path: Path, unique: str, rabbitmq_url: str, redis_url: str) -> Path:
+    """The test topology with a 1s deadline; nothing moves an order from billing to ship."""
+    path = tmp_path / "lossy.yaml"
+    text = _topology(unique, rabbitmq_url, redis_url)
+    path.write_text(
+        text.replace(
+            "steps: [orders, billing, ship]", "steps: [orders, billing, ship]\n    deadline: 1s"
+        )
+    )
+    return path
+
+
+def _wait_ready(proc: subprocess.Popen[str]) -> list[str]:
+    """stderr up to the recorder's stable ready line (read as a script would)."""
+    assert proc.stderr is not None
+    said: list[str] = []
+    while "flowcheck: ready: every tap is watching" not in said:
+        readable, _, _ = select.select([proc.stderr], [], [], 30)
+        assert readable, f"the recorder was not ready within 30s: {said}"
+        line = proc.stderr.readline()
+        assert line, f"the recorder ended early: {said}"
+        said.append(line.rstrip("\n"))
+    return said
+
+
+async def _place(url: str, exchange: str, order_id: str) -> None:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        ex = await channel.get_exchange(exchange)
+        await ex.publish(
+            aio_pika.Message(json.dumps({"order_id": order_id}).encode()),
+            routing_key="order.placed",
+        )
+
+
+def _check(
+    topology: Path, trace: Path, reports: Path
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    done = subprocess.run(
+        [*FLOWCHECK, "check", str(topology), str(trace), "--report-dir", str(reports)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    return done, json.loads((reports / "verdict.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("stop", "ended"),
+    [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "stopped"), (None, "duration")],
+)
+def test_a_loss_near_the_end_of_a_recording_is_lost_not_unknown(
+    tmp_path: Path,
+    lossy_file: Path,
+    unique: str,
+    rabbitmq_url: str,
+    stop: signal.Signals | None,
+    ended: str,
+) -> None:
+    """As users check a system: record, start it once ready, stop the recorder after the
+    flow's deadline, check. The one order placed never leaves billing."""
+    out, ready = tmp_path / "trace.jsonl", tmp_path / "ready.json"
+    cmd = [*FLOWCHECK, "record", str(lossy_file), "--out", str(out), "--apply"]
+    cmd += ["--ready-file", str(ready)] + (["--duration", "6s"] if stop is None else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        said = _wait_ready(proc)
+        # Written before the line is said, whole: a script may wait for either.
+        assert json.loads(ready.read_text()) == {"pid": proc.pid, "trace": str(out)}
+        placed = time.monotonic_ns()  # one clock for every process of this host
+        anyio.run(_place, rabbitmq_url, f"{unique}.orders", f"{unique}-lost")
+        if stop is not None:
+            # The recorder watches in silence past the chain's deadline and grace.
+            time.sleep(max(0.0, placed / 1e9 + WINDOW_S + 1.0 - time.monotonic()))
+            proc.send_signal(stop)
+        stdout, stderr = proc.communicate(timeout=30)
+        assert "observations written to" in stdout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        anyio.run(_cleanup, lossy_file.read_text())
+    assert proc.returncode == 0, "\n".join(said) + stderr
+    reader = Reader(str(out))
+    first = min(o.mono_ns for o in reader if o.keys)
+    assert reader.end is not None
+    assert reader.end.ended == ended
+    assert reader.end.mono_ns > first + WINDOW_S * 1e9, "stopped too soon for this test"
+
+    done, verdict = _check(lossy_file, out, tmp_path / "reports")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert verdict["recording"] == {
+        "ended": ended,
+        "end_ms": pytest.approx((reader.end.mono_ns - reader.header.started_mono_ns) / 1e6),
+    }
+    (flow,) = verdict["flows"]
+    assert (flow["failed"], flow["unknown"]) == (1, 0)
+    assert [(f["kind"], f["key"], f["cause"], f["next_step"]) for f in flow["findings"]] == [
+        ("lost", f"{unique}-lost", "timed_out", "ship")
+    ]
+    assert "no end record" not in done.stderr
+
+    # Without its end record (a recorder killed), the end is unknown: so is the chain.
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("".join(out.read_text().splitlines(keepends=True)[:-1]))
+    done, verdict = _check(lossy_file, cut, tmp_path / "cut-reports")
+    assert verdict["recording"]["ended"] == "unknown"
+    (flow,) = verdict["flows"]
+    assert (flow["failed"], flow["unknown"]) == (0, 1)
+    assert done.returncode == (0 if verdict["passed"] else 1), done.stdout + done.stderr
+    assert (
+        f"flowcheck: warning: {cut} has no end record (the recorder crashed or was killed): "
+        "it is judged to end at its last observation, and chains still inside their "
+        "deadline then are unknown"
+    ) in done.stderr.splitlines()
+
+
+def test_record_ready_file_must_be_new_and_placeable(tmp_path: Path, topology_file: Path) -> None:
+    runner = CliRunner()
+    out = str(tmp_path / "t.jsonl")
+    stale = tmp_path / "ready"
+    stale.write_text("from an earlier recording")
+    result = runner.invoke(
+        cli, ["record", str(topology_file), "--out", out, "--ready-file", str(stale)]
+    )
+    assert result.exit_code == 2, result.output
+    assert f"flowcheck: {stale} already exists; remove it first" in result.output
+    missing = tmp_path / "missing" / "ready"
+    result = runner.invoke(
+        cli, ["record", str(topology_file), "--out", out, "--ready-file", str(missing)]
+    )
+    assert result.exit_code == 2, result.output
+    assert f"cannot create {missing}: no directory {missing.parent}" in result.output
+    assert not Path(out).exists()

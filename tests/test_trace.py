@@ -166,3 +166,54 @@ def test_a_big_file_without_newlines_is_not_read_whole(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     assert peak < 8 * 1024 * 1024  # the header's limit, not the file's size
+
+
+def test_end_record_round_trip_and_absence(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    with Writer(str(path), Header(started=0.0, started_mono_ns=0, topology="t")) as w:
+        w.write(_obs(1))
+        w.end("interrupted", 7_000_000_000, 8.5)
+    assert path.read_text().splitlines()[-1] == (
+        '{"ended":"interrupted","mono_ns":7000000000,"wall":8.5}'
+    )
+    reader = Reader(str(path))
+    assert [o.mono_ns for o in reader] == [1]  # the end is no observation
+    assert reader.end is not None
+    assert (reader.end.ended, reader.end.mono_ns, reader.end.wall) == ("interrupted", 7e9, 8.5)
+    assert (reader.problems, reader.count) == ([], 1)
+
+    # A trace without one (a crash, or written before end records existed) reads as before.
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-1]))
+    reader = Reader(str(path))
+    assert [o.mono_ns for o in reader] == [1]
+    assert (reader.end, reader.problems) == (None, [])
+
+
+def test_damaged_or_misplaced_end_record_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    with Writer(str(path), Header(started=0.0, started_mono_ns=0, topology="t")) as w:
+        w.write(_obs(1))
+        w.end("stopped", 5, 6.0)
+    good = path.read_bytes()
+    end_line = good.splitlines(keepends=True)[-1]
+
+    path.write_bytes(good[:-5])  # cut inside the end record: it crashed while writing it
+    reader = Reader(str(path))
+    assert [o.mono_ns for o in reader] == [1]
+    assert reader.end is None
+    assert reader.problems == [(3, "the last line is cut off (recording interrupted?)")]
+
+    path.write_bytes(good.replace(b'"stopped"', b'"exploded"'))
+    reader = Reader(str(path))
+    list(reader)
+    assert reader.end is None
+    assert reader.problems == [(3, "ended: invalid enum value 'exploded'")]
+
+    # An observation after it: the end record was not the end.
+    path.write_bytes(good + good.splitlines(keepends=True)[1])
+    reader = Reader(str(path))
+    assert len(list(reader)) == 2
+    assert reader.end is None
+    assert reader.problems == [(4, "an observation after the end record")]
+    assert end_line == b'{"ended":"stopped","mono_ns":5,"wall":6.0}\n'
