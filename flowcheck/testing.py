@@ -466,6 +466,7 @@ class Flowcheck:
         self._ready = anyio.Event()
         self._stop = anyio.Event()
         self._seq = 0
+        self._ended: tuple[int, float] | None = None  # (mono_ns, wall) when the taps stopped
         self.assertions: list[tuple[str, str | None, bool]] = []  # (what, flow, passed)
         self.failures: list[FlowAssertionError] = []
 
@@ -530,6 +531,7 @@ class Flowcheck:
                 self._tracer = tracer
                 self._ready.set()
                 await self._stop.wait()
+                self._ended = now()  # the taps watched until here: the trace's end record
         except Exception as exc:  # kept and raised where it is useful: start, waits, stop
             self._error = leaf(exc)
         finally:
@@ -590,6 +592,8 @@ class Flowcheck:
 
     def _close_trace(self, *, keep: bool) -> None:
         if self._writer is not None:
+            if self._ended is not None and self._error is None:
+                self._writer.end("stopped", *self._ended)  # a tap failure leaves no end
             self._writer.close()
             self._writer = None
             if not keep and self.trace is not None:

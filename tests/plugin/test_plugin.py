@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from flowcheck.trace import Reader
+
 from . import project
 
 PASSING = """
@@ -532,3 +534,8 @@ def test_the_trace_dir_setting_is_relative_to_the_ini_file(
     result.assert_outcomes(failed=1)
     (trace,) = Path(pytester.path / "reports" / "traces").iterdir()
     assert trace.name.startswith("test-fails-")
+    # The kept trace ends with its end record: `flowcheck check` judges it as it was.
+    reader = Reader(str(trace))
+    assert list(reader) == []
+    assert reader.end is not None
+    assert reader.end.ended == "stopped"
