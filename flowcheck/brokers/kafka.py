@@ -565,11 +565,15 @@ class KafkaAdapter(Adapter):
     async def _fingerprints(
         self, probe: Any, wanted: dict[Any, int]
     ) -> dict[Any, tuple[int, int, int] | None]:
-        """The fingerprint of the record at each wanted offset (None: not there, e.g.
-        compacted away); a partition that gives nothing in time is left out: not known."""
+        """The fingerprint of the record at each wanted offset (None: not there: compacted
+        away, out of the log's range); a partition that gives nothing in time is left out:
+        not known."""
         found: dict[Any, tuple[int, int, int] | None] = {}
         if not wanted:
             return found
+        # A broker holds a fetch it has nothing for up to the fetch wait: a read that gives
+        # nothing at all in twice that leaves the rest not known (say, beyond the log's end).
+        wait = POLL_MS + 2 * (self.cfg.tap_fetch_wait // timedelta(milliseconds=1))
         for tp, offset in wanted.items():
             probe.seek(tp, offset)
         probe.resume(*wanted)
@@ -580,7 +584,7 @@ class KafkaAdapter(Adapter):
                     try:
                         # One record a read: only the wanted one is decoded (an unreadable
                         # one may follow it; see _drop_unreadable).
-                        batches = await probe.getmany(*rest, timeout_ms=POLL_MS, max_records=1)
+                        batches = await probe.getmany(*rest, timeout_ms=wait, max_records=1)
                     except kafka_errors.OffsetOutOfRangeError as exc:
                         where = exc.args[0] if exc.args else None
                         gone = [tp for tp in rest if not isinstance(where, dict) or tp in where]
@@ -589,6 +593,8 @@ class KafkaAdapter(Adapter):
                         continue
                     except (kafka_errors.KafkaError, UnicodeDecodeError):
                         break  # not known: the bounds tell
+                    if not batches:
+                        break
                     for tp, records in batches.items():
                         if records and tp not in found:
                             first = records[0]

@@ -16,13 +16,14 @@ import anyio
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import OffsetOutOfRangeError
 from aiokafka.record.util import calc_crc32c
 from anyio.abc import SocketAttribute, SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 from harness import KafkaScope
 
 from flowcheck.brokers import adapter as make_adapter
-from flowcheck.brokers.kafka import KafkaAdapter
+from flowcheck.brokers.kafka import KafkaAdapter, _judge
 from flowcheck.devkafka import LocalKafka
 from flowcheck.errors import BrokerError, BrokerUnreachable
 from flowcheck.observations import TEXT_CAP, Kind, Observation, encode
@@ -617,3 +618,106 @@ async def test_a_topic_deleted_and_created_again_is_a_gap_and_the_new_log_is_rea
     (gap,) = of(memory.items, Kind.GAP, "payments")
     assert re.fullmatch(REPLACED.format(topic=re.escape(topic)), gap.reason or "")
     assert gap.until_ns is not None  # watched again
+
+
+async def test_a_fetch_out_of_range_is_a_gap_and_the_log_is_read_from_its_start(
+    kafka_bootstrap: str, kafka: KafkaScope, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Kafka answers a fetch beyond a partition's end with OFFSET_OUT_OF_RANGE, which
+    # aiokafka raises; the bundled broker answers it with nothing, so the tap's reads
+    # raise here as they would on Kafka. The health poll's hints are off: only the fetch
+    # error can tell.
+    real = AIOKafkaConsumer.getmany
+
+    async def getmany(self: AIOKafkaConsumer, *partitions: Any, **kwargs: Any) -> Any:
+        got = await real(self, *partitions, **kwargs)
+        if not partitions and not got:  # the tap's own reads name no partition
+            assigned = sorted(self.assignment())
+            ends = await self.end_offsets(assigned)
+            beyond = {tp: p for tp in assigned if (p := await self.position(tp)) > ends[tp]}
+            if beyond:
+                raise OffsetOutOfRangeError(beyond)
+        return got
+
+    async def no_hints(*args: Any) -> None:
+        pass
+
+    monkeypatch.setattr(AIOKafkaConsumer, "getmany", getmany)
+    monkeypatch.setattr(KafkaAdapter, "_suspect", no_hints)
+    topology = load(topology_yaml(kafka_bootstrap, unique))
+    topic = f"{unique}.payments"
+    async with cleaned(topology, "kafka") as ad:
+        await ad.apply(["payments"])
+        memory = Memory()
+        async with Tracer(topology, [memory], channels=["payments"]):
+            await send_each(kafka_bootstrap, topic, [order(f"old-{i}") for i in range(3)])
+            await memory.wait_for(lambda items: len(payloads(items)) == 3, KAFKA_WITHIN)
+            await kafka.admin.delete_topics([topic])
+            with anyio.fail_after(KAFKA_WITHIN):
+                while topic in await kafka.topic_names():  # noqa: ASYNC110 - no event for it
+                    await anyio.sleep(0.05)
+            await kafka.create_topic(topic)
+            await send_each(kafka_bootstrap, topic, [order("new-0")])  # short of the position
+            await memory.wait_for(lambda items: len(payloads(items)) >= 4, KAFKA_WITHIN)
+
+    assert payloads(memory.items)[3:] == [order("new-0").decode()]
+    (gap,) = of(memory.items, Kind.GAP, "payments")
+    assert gap.reason == (
+        f"partition 0 of {topic}: the log ends at offset 1, before the tap's position 3:"
+        " the log was replaced or truncated (a topic re-created, a broker restarted without"
+        " its data); the tap reads it again from offset 0, where it now starts"
+    )
+
+
+@pytest.mark.parametrize(
+    ("position", "begin", "end", "same", "why"),
+    [
+        (5, 0, 12, True, None),
+        (5, 0, 12, None, None),
+        (0, 0, 0, None, None),  # an empty log, nothing observed yet
+        (5, 5, 12, None, None),  # retention took only what the tap had read
+        (5, 5, 5, None, None),
+        (
+            5,
+            0,
+            3,
+            None,
+            "the log ends at offset 3, before the tap's position 5: the log was replaced or"
+            " truncated (a topic re-created, a broker restarted without its data); the tap"
+            " reads it again from offset 0, where it now starts",
+        ),
+        (
+            5,
+            9,
+            20,
+            None,
+            "the log starts at offset 9, after the tap's position 5: records 5 to 8 were"
+            " deleted before the tap read them (retention, a replaced log); the tap reads on"
+            " from offset 9",
+        ),
+        (
+            5,
+            0,
+            12,
+            False,
+            "the record at offset 4 is not the one the tap observed there (the log ends at"
+            " offset 12): the log was replaced or truncated (a topic re-created, a broker"
+            " restarted without its data); the tap reads it again from offset 0, where it now"
+            " starts",
+        ),
+    ],
+)
+def test_where_the_tap_reads_a_partition_whose_log_changed(
+    position: int, begin: int, end: int, same: bool | None, why: str | None
+) -> None:
+    # The decision alone: retention deleting unread records (a log that starts after the
+    # tap's position) cannot be made to happen on the bundled broker.
+    assert _judge(position, begin, end, same) == why
+
+
+def test_the_tap_never_moves_its_position_by_itself() -> None:
+    # "earliest" or "latest" would skip what retention deleted without a word.
+    assert (
+        KafkaAdapter("kafka", load(topology_yaml("k:9092", "t")))._tap_args()["auto_offset_reset"]
+        == "none"
+    )
