@@ -602,6 +602,10 @@ class KafkaAdapter(Adapter):
                             probe.pause(tp)
         finally:
             probe.pause(*wanted)  # no reading in the background until the next check
+            for tp, offset in wanted.items():
+                # Drops what it fetched beyond the record (up to a fetch's size a partition)
+                # and any answer still to come for the wanted offset.
+                probe.seek(tp, offset + 1)
         return found
 
     async def _drop_unreadable(
