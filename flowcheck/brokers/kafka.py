@@ -428,6 +428,11 @@ class KafkaAdapter(Adapter):
                 for tp in tps:
                     probe.seek(tp, ends[tp])
                 probe.pause(*tps)
+                # The record before each start position, so that a log replaced before
+                # the tap observed anything of it is told too.
+                before = {tp: ends[tp] - 1 for tp in tps if ends[tp] > 0}
+                for tp, last in (await self._fingerprints(probe, before)).items():
+                    ahead[tp] = ahead[tp]._replace(last=last)
 
                 async def answered(topics: set[str], back: bool) -> None:
                     await self._suspect(probe, logs, ahead, topics, back)
@@ -507,7 +512,7 @@ class KafkaAdapter(Adapter):
         whose fetched records must not be taken.
 
         A log whose bounds no longer hold the tap's position, or whose record before it is
-        not the one observed there, was replaced, truncated or deleted from: the tap
+        not the one that was there, was replaced, truncated or deleted from: the tap
         records a gap and reads it from where it now starts. Where the broker does not
         answer, the partition's records wait for the next check.
         """
@@ -816,7 +821,9 @@ class _Mark(NamedTuple):
 
     next: int  # the next offset not yet observed
     ms: int  # broker time of the last record observed there (ms; the tap's start until one is)
-    last: tuple[int, int, int] | None  # that record's fingerprint; None: none observed yet
+    # The fingerprint of the record before ``next`` (at the start, the one there then);
+    # None: not known.
+    last: tuple[int, int, int] | None
 
 
 def _fingerprint(rec: Any) -> tuple[int, int, int]:
@@ -835,7 +842,7 @@ class _Logs:
 def _judge(position: int, begin: int, end: int, same: bool | None) -> str | None:
     """Why the tap cannot read on from ``position`` (the next offset it has not observed),
     given the log's bounds now (``begin``, ``end``: first offset, next offset to write) and
-    whether the record before ``position`` is still the one it observed there (None: not
+    whether the record before ``position`` is still the one that was there (None: not
     known); None if it can."""
     again = f"; the tap reads it again from offset {begin}, where it now starts"
     cause = (
@@ -852,7 +859,7 @@ def _judge(position: int, begin: int, end: int, same: bool | None) -> str | None
         )
     if same is False:
         return (
-            f"the record at offset {position - 1} is not the one the tap observed there"
+            f"the record at offset {position - 1} is not the one that was there"
             f" (the log ends at offset {end}){cause}"
         )
     return None
