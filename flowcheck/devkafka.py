@@ -147,7 +147,8 @@ class LocalKafka:
     """Run the bundled Kafka-compatible broker on a free local port.
 
     ``with LocalKafka() as kafka: ... kafka.bootstrap ...``. Everything it stores
-    lives in memory and disappears when it stops.
+    lives in memory and disappears when it stops: ``LocalKafka(port=old.port)``
+    starts an empty broker where a stopped one was.
     """
 
     def __init__(
@@ -157,8 +158,12 @@ class LocalKafka:
         start_timeout: float = START_TIMEOUT,
         log_path: Path | None = None,
         binary: str | None = None,
+        port: int = 0,
     ) -> None:
         self.host = host
+        # 0: a free port of the kernel's choosing; a given one, say to start a broker again
+        # where clients already look for it, is used or the start fails.
+        self._fixed_port = port
         self.start_timeout = start_timeout
         self.log_path = log_path
         self._own_log = log_path is None
@@ -188,8 +193,8 @@ class LocalKafka:
         deadline = started + self.start_timeout
         # A free port can be taken between our check and the broker's bind; the
         # broker then exits at once, so an early exit is retried on a fresh port.
-        for _ in range(PORT_ATTEMPTS):
-            self.port = free_port(self.host)
+        for _ in range(1 if self._fixed_port else PORT_ATTEMPTS):
+            self.port = self._fixed_port or free_port(self.host)
             self._spawn(binary)
             problem = self._wait_ready(deadline)
             if problem is None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import anyio.lowlevel
@@ -38,6 +38,7 @@ POLL_MS = 500
 BATCH = 1000
 OFFSETS_POLL = 0.5  # seconds between committed-offset polls
 HEALTH_POLL = 1.0  # seconds between broker health checks (gap detection)
+CHECK_WAIT = 5.0  # seconds a check may wait for the broker's answers
 # Spring retry headers hold big-endian binary integers.
 BINARY_INT_HEADERS = frozenset(
     {
@@ -400,9 +401,8 @@ class KafkaAdapter(Adapter):
                 raise self._translate(exc) from None
             state = _Evidence(self._groups(channels))
             start = now()
-            # Per partition: the next offset not yet observed, and the broker time of the
-            # last record observed (ms; the tap's start until one is).
-            ahead = {tp: (ends[tp], int(start[1] * 1000)) for tp in tps}
+            ahead = {tp: _Mark(ends[tp], int(start[1] * 1000), None) for tp in tps}
+            logs = _Logs()
 
             def take(batches: dict[Any, list[Any]]) -> None:
                 # One time for the batch: its records arrived together, and a
@@ -418,30 +418,205 @@ class KafkaAdapter(Adapter):
                             state.seen(key, rec.partition, obs)
                     if records:
                         last = records[-1]
-                        ahead[tp] = (last.offset + 1, last.timestamp)
+                        ahead[tp] = _Mark(last.offset + 1, last.timestamp, _fingerprint(last))
 
-            if ready is not None:
-                ready.set()
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._poll_offsets, state, sink)
-                tg.start_soon(self._watch_health, channels, sink)
-                while True:
-                    try:
-                        batches = await consumer.getmany(timeout_ms=POLL_MS, max_records=BATCH)
-                    except kafka_errors.KafkaError as exc:  # e.g. a codec not installed
-                        raise self._translate(exc) from None
-                    except UnicodeDecodeError:
-                        await self._drop_unreadable(consumer, ahead, take, sink, start[0])
-                        continue
-                    take(batches)
+            # Reads the record before the tap's position in each partition, when asked.
+            probe = aiokafka.AIOKafkaConsumer(**self._tap_args())
+            await self._start(probe)
+            try:
+                probe.assign(tps)
+                for tp in tps:
+                    probe.seek(tp, ends[tp])
+                probe.pause(*tps)
+                # The record before each start position, so that a log replaced before
+                # the tap observed anything of it is told too.
+                before = {tp: ends[tp] - 1 for tp in tps if ends[tp] > 0}
+                for tp, last in (await self._fingerprints(probe, before)).items():
+                    ahead[tp] = ahead[tp]._replace(last=last)
+
+                async def answered(topics: set[str], back: bool) -> None:
+                    await self._suspect(probe, logs, ahead, topics, back)
+
+                if ready is not None:
+                    ready.set()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._poll_offsets, state, sink)
+                    tg.start_soon(self._watch_health, channels, sink, answered)
+                    while True:
+                        try:
+                            batches = await consumer.getmany(timeout_ms=POLL_MS, max_records=BATCH)
+                        except kafka_errors.OffsetOutOfRangeError as exc:
+                            # The position lies outside the log: the check says where it is now.
+                            where = exc.args[0] if exc.args else None
+                            logs.suspect.update(where if isinstance(where, dict) else tps)
+                            batches = {}
+                        except kafka_errors.KafkaError as exc:  # e.g. a codec not installed
+                            raise self._translate(exc) from None
+                        except UnicodeDecodeError:
+                            await self._drop_unreadable(consumer, ahead, take, sink, start[0])
+                            continue
+                        # Before every batch: a log replaced while the tap waited gives
+                        # records at the tap's position too, only other ones. Not on a
+                        # partition the tap stopped reading for good.
+                        due = (logs.suspect | batches.keys()) - consumer.paused()
+                        if due:
+                            held = await self._check(
+                                due, probe, consumer, logs, ahead, state, sink, start[0]
+                            )
+                            batches = {tp: r for tp, r in batches.items() if tp not in held}
+                        take(batches)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await probe.stop()
         finally:
             with anyio.CancelScope(shield=True):
                 await consumer.stop()
 
+    async def _suspect(
+        self,
+        probe: Any,
+        logs: _Logs,
+        ahead: dict[Any, _Mark],
+        topics: set[str],
+        back: bool,
+    ) -> None:
+        """After each health poll: mark the partitions whose log may have been replaced.
+
+        Those of a topic that was missing and is back, all of them after an outage, and
+        any whose log now ends before the tap's position. The tap checks them.
+        """
+        live = [tp for tp in ahead if tp.topic in topics]
+        logs.suspect.update(tp for tp in live if back or tp.topic in logs.missing)
+        logs.missing = {tp.topic for tp in ahead} - topics
+        if not live:
+            return
+        try:
+            with anyio.fail_after(CHECK_WAIT):
+                ends = await probe.end_offsets(live)
+        except (kafka_errors.KafkaError, TimeoutError, OSError):
+            return  # only a hint: the health poll says whether the broker answers
+        logs.suspect.update(tp for tp in live if ends[tp] < ahead[tp].next)
+
+    async def _check(
+        self,
+        tps: set[Any],
+        probe: Any,
+        consumer: Any,
+        logs: _Logs,
+        ahead: dict[Any, _Mark],
+        state: _Evidence,
+        sink: Sink,
+        started: int,
+    ) -> set[Any]:
+        """Check that each of ``tps`` still holds the log the tap read; returns the partitions
+        whose fetched records must not be taken.
+
+        A log whose bounds no longer hold the tap's position, or whose record before it is
+        not the one that was there, was replaced, truncated or deleted from: the tap
+        records a gap and reads it from where it now starts. Where the broker does not
+        answer, the partition's records wait for the next check.
+        """
+        ordered = sorted(tps)
+        # The cheap question first: is the record before each position the one observed?
+        wanted = {tp: ahead[tp].next - 1 for tp in ordered if ahead[tp].last is not None}
+        found = await self._fingerprints(probe, wanted)
+        unsure = []
+        for tp in ordered:
+            if found.get(tp) is not None and found[tp] == ahead[tp].last:
+                logs.suspect.discard(tp)
+            else:
+                unsure.append(tp)
+        if not unsure:
+            return set()
+        try:
+            with anyio.fail_after(CHECK_WAIT):
+                begins = await probe.beginning_offsets(unsure)
+                ends = await probe.end_offsets(unsure)
+        except kafka_errors.KafkaError as exc:
+            if not exc.retriable:
+                raise self._translate(exc) from None
+            return self._hold(consumer, logs, ahead, unsure)
+        except (TimeoutError, OSError):
+            return self._hold(consumer, logs, ahead, unsure)
+        held: set[Any] = set()
+        for tp in unsure:
+            mark = ahead[tp]
+            logs.suspect.discard(tp)
+            # None: no record observed yet, or none at that offset now (compacted away, or
+            # the log ends before it): the bounds tell.
+            seen = found.get(tp)
+            why = _judge(mark.next, begins[tp], ends[tp], None if seen is None else False)
+            if why is None:
+                continue
+            held.add(tp)
+            consumer.seek(tp, begins[tp])
+            mono, wall = now()
+            ahead[tp] = _Mark(begins[tp], int(wall * 1000), None)
+            key = self._by_physical[tp.topic]
+            state.forget(key, tp.partition)  # commits of the new log are not about those
+            reason = f"partition {tp.partition} of {tp.topic}: {why}"
+            log.warning("%s: %s", self.name, reason)  # `flowcheck record` prints it
+            sink(self.gap(key, _since(started, mark.ms), mono, reason))
+        return held
+
+    @staticmethod
+    def _hold(consumer: Any, logs: _Logs, ahead: dict[Any, _Mark], tps: list[Any]) -> set[Any]:
+        """Leave ``tps`` unread until a check gets through."""
+        for tp in tps:
+            consumer.seek(tp, ahead[tp].next)
+        logs.suspect.update(tps)
+        return set(tps)
+
+    async def _fingerprints(
+        self, probe: Any, wanted: dict[Any, int]
+    ) -> dict[Any, tuple[int, int, int] | None]:
+        """The fingerprint of the record at each wanted offset (None: not there: compacted
+        away, out of the log's range); a partition that gives nothing in time is left out:
+        not known."""
+        found: dict[Any, tuple[int, int, int] | None] = {}
+        if not wanted:
+            return found
+        # A broker holds a fetch it has nothing for up to the fetch wait: a read that gives
+        # nothing at all in twice that leaves the rest not known (say, beyond the log's end).
+        wait = POLL_MS + 2 * (self.cfg.tap_fetch_wait // timedelta(milliseconds=1))
+        for tp, offset in wanted.items():
+            probe.seek(tp, offset)
+        probe.resume(*wanted)
+        try:
+            with anyio.move_on_after(CHECK_WAIT):
+                while len(found) < len(wanted):
+                    rest = [tp for tp in wanted if tp not in found]
+                    try:
+                        # One record a read: only the wanted one is decoded (an unreadable
+                        # one may follow it; see _drop_unreadable).
+                        batches = await probe.getmany(*rest, timeout_ms=wait, max_records=1)
+                    except kafka_errors.OffsetOutOfRangeError as exc:
+                        where = exc.args[0] if exc.args else None
+                        gone = [tp for tp in rest if not isinstance(where, dict) or tp in where]
+                        found.update(dict.fromkeys(gone))  # the log's bounds tell the rest
+                        probe.pause(*gone)
+                        continue
+                    except (kafka_errors.KafkaError, UnicodeDecodeError):
+                        break  # not known: the bounds tell
+                    if not batches:
+                        break
+                    for tp, records in batches.items():
+                        if records and tp not in found:
+                            first = records[0]
+                            found[tp] = _fingerprint(first) if first.offset == wanted[tp] else None
+                            probe.pause(tp)
+        finally:
+            probe.pause(*wanted)  # no reading in the background until the next check
+            for tp, offset in wanted.items():
+                # Drops what it fetched beyond the record (up to a fetch's size a partition)
+                # and any answer still to come for the wanted offset.
+                probe.seek(tp, offset + 1)
+        return found
+
     async def _drop_unreadable(
         self,
         consumer: Any,
-        ahead: dict[Any, tuple[int, int]],
+        ahead: dict[Any, _Mark],
         take: Callable[[dict[Any, list[Any]]], None],
         sink: Sink,
         started: int,
@@ -484,8 +659,7 @@ class KafkaAdapter(Adapter):
         consumer.resume(*(tp for tp in tps if tp != bad))
         # Unwatched since the unreadable record was written, at the earliest after the
         # last one observed there.
-        mono, wall = now()
-        since = max(started, mono - max(0, int((wall * 1000 - ahead[bad][1]) * 1e6)))
+        since = _since(started, ahead[bad].ms)
         reason = (
             f"partition {bad.partition} of {bad.topic}: the record at offset {offset} has"
             " a header name that is not UTF-8, which the Kafka client cannot read;"
@@ -500,7 +674,8 @@ class KafkaAdapter(Adapter):
             self._client_args(),
             group_id=None,
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            # Raise, not skip, where the position is outside the log: the tap records the gap.
+            auto_offset_reset="none",
             max_poll_records=BATCH,
             # Kafka answers a fetch as soon as a record arrives, so this wait only sets how
             # often an idle tap asks; a broker that answers only near the deadline (the
@@ -596,17 +771,29 @@ class KafkaAdapter(Adapter):
                 for reader in readers.values():
                     await reader.stop()
 
-    async def _watch_health(self, channels: Sequence[str], sink: Sink) -> None:
-        """Mark a gap while the cluster does not answer: what the tap sees then is late."""
+    async def _watch_health(
+        self,
+        channels: Sequence[str],
+        sink: Sink,
+        answered: Callable[[set[str], bool], Awaitable[None]] | None = None,
+    ) -> None:
+        """Mark a gap while the cluster does not answer: what the tap sees then is late.
+
+        ``answered`` gets the topics of each answer and whether it ends an outage.
+        """
         try:
             while True:
                 try:
                     with anyio.fail_after(HEALTH_POLL * 2):
-                        await self.admin.list_topics()
+                        topics = await self.admin.list_topics()
+                    back = self.down is not None
                     self.came_back(channels, sink)
                 except (kafka_errors.KafkaError, TimeoutError, OSError) as exc:
                     if self.down is None:
                         self.went_down(f"Kafka did not answer ({type(exc).__name__})")
+                else:
+                    if answered is not None:
+                        await answered(set(topics), back)
                 await anyio.sleep(HEALTH_POLL)  # polling interval, not a wait for an event
         finally:
             self.stopped_down(channels, sink)
@@ -629,6 +816,55 @@ class KafkaAdapter(Adapter):
             raise self._translate(exc) from None
 
 
+class _Mark(NamedTuple):
+    """Where the tap is in one partition."""
+
+    next: int  # the next offset not yet observed
+    ms: int  # broker time of the last record observed there (ms; the tap's start until one is)
+    # The fingerprint of the record before ``next`` (at the start, the one there then);
+    # None: not known.
+    last: tuple[int, int, int] | None
+
+
+def _fingerprint(rec: Any) -> tuple[int, int, int]:
+    """Tells a record from another at the same offset of a replaced log."""
+    return (rec.timestamp, hash(rec.key), hash(rec.value))
+
+
+class _Logs:
+    """Partitions whose logs the tap must check before it takes more of their records."""
+
+    def __init__(self) -> None:
+        self.suspect: set[Any] = set()  # checked even without new records
+        self.missing: set[str] = set()  # topics the last health poll did not list
+
+
+def _judge(position: int, begin: int, end: int, same: bool | None) -> str | None:
+    """Why the tap cannot read on from ``position`` (the next offset it has not observed),
+    given the log's bounds now (``begin``, ``end``: first offset, next offset to write) and
+    whether the record before ``position`` is still the one that was there (None: not
+    known); None if it can."""
+    again = f"; the tap reads it again from offset {begin}, where it now starts"
+    cause = (
+        ": the log was replaced or truncated (a topic re-created, a broker restarted"
+        " without its data)" + again
+    )
+    if end < position:
+        return f"the log ends at offset {end}, before the tap's position {position}{cause}"
+    if begin > position:
+        return (
+            f"the log starts at offset {begin}, after the tap's position {position}:"
+            f" records {position} to {begin - 1} were deleted before the tap read them"
+            f" (retention, a replaced log); the tap reads on from offset {begin}"
+        )
+    if same is False:
+        return (
+            f"the record at offset {position - 1} is not the one that was there"
+            f" (the log ends at offset {end}){cause}"
+        )
+    return None
+
+
 class _Evidence:
     """Records the tap has seen, per partition, until a group's committed offset passes them."""
 
@@ -640,6 +876,11 @@ class _Evidence:
     def seen(self, key: str, partition: int, obs: Observation) -> None:
         for group in self.groups[key]:
             self.open.setdefault((key, group, partition), []).append(obs)
+
+    def forget(self, key: str, partition: int) -> None:
+        """Drop what is open on a partition whose log was replaced."""
+        for group in self.groups.get(key, ()):
+            self.open.pop((key, group, partition), None)
 
     def committed(self, key: str, group: str, partition: int, offset: int) -> list[Observation]:
         """Observations whose offset is below ``offset`` (the next one the group will read)."""
@@ -662,6 +903,13 @@ def _named(exc: BaseException) -> str:
 def _stamp() -> dict[str, Any]:
     mono, wall = now()
     return {"mono_ns": mono, "wall": wall}
+
+
+def _since(started: int, ms: int) -> int:
+    """When the tap stopped watching, as monotonic ns: when the broker stamped the last
+    record it observed (``ms``), but not before the tap started."""
+    mono, wall = now()
+    return max(started, mono - max(0, int((wall * 1000 - ms) * 1e6)))
 
 
 def _path(base: str, value: str | None) -> str | None:

@@ -6,6 +6,7 @@ Kept few: a group consumer needs about 5 s to join on the local Kafka-compatible
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from types import SimpleNamespace
 from typing import Any
@@ -13,14 +14,17 @@ from typing import Any
 import aiokafka.codec
 import anyio
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import NewTopic
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import OffsetOutOfRangeError
 from aiokafka.record.util import calc_crc32c
 from anyio.abc import SocketAttribute, SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 from harness import KafkaScope
 
-from flowcheck.brokers.kafka import KafkaAdapter
+from flowcheck.brokers import adapter as make_adapter
+from flowcheck.brokers.kafka import KafkaAdapter, _judge
+from flowcheck.devkafka import LocalKafka
 from flowcheck.errors import BrokerError, BrokerUnreachable
 from flowcheck.observations import TEXT_CAP, Kind, Observation, encode
 from flowcheck.tracer import Memory, Tracer
@@ -517,3 +521,217 @@ async def test_a_header_name_that_is_not_utf8_gaps_its_partition_only(
         " UTF-8, which the Kafka client cannot read; the tap stopped reading this partition"
     )
     assert caplog.messages == [f"kafka: {gap.reason}"]  # what `flowcheck record` prints
+
+
+# ---------------------------------------------------------------- a log replaced under the tap
+
+# The gap a replaced log leaves: where the tap was (3) and where the new log starts (0).
+# Which check notices first depends on timing: the new log still short of the tap's
+# position, or already past it with other records where the tap's last one was.
+REPLACED = (
+    r"partition 0 of {topic}: (the log ends at offset \d+, before the tap's position 3"
+    r"|the record at offset 2 is not the one that was there \(the log ends at offset \d+\))"
+    r": the log was replaced or truncated \(a topic re-created, a broker restarted without"
+    r" its data\); the tap reads it again from offset 0, where it now starts"
+)
+
+
+async def send_each(bootstrap: str, topic: str, bodies: list[bytes]) -> None:
+    """Publish ``bodies`` one record at a time, as another system would."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for body in bodies:
+            await producer.send_and_wait(topic, body, partition=0)
+    finally:
+        await producer.stop()
+
+
+async def create_topic(bootstrap: str, topic: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 1, replication_factor=1)])
+    finally:
+        await admin.close()
+
+
+def payloads(items: list[Observation]) -> list[str | None]:
+    return [o.payload for o in of(items, Kind.ROUTED, "payments")]
+
+
+@pytest.mark.parametrize("seen", [True, False], ids=["old-records-observed", "written-before"])
+async def test_a_broker_restarted_without_its_data_is_a_gap_and_the_new_log_is_read(
+    unique: str, seen: bool
+) -> None:
+    # A broker of the test's own: the session's serves the other tests.
+    local = await anyio.to_thread.run_sync(LocalKafka().start)
+    again: LocalKafka | None = None
+    try:
+        topology = load(topology_yaml(local.bootstrap, unique))
+        topic = f"{unique}.payments"
+        async with make_adapter("kafka", topology) as ad:  # gone with the broker: no clean-up
+            await ad.apply(["payments"])
+        old = [order(f"old-{i}") for i in range(3)]
+        new = [order(f"new-{i}") for i in range(5)]  # more than the tap's position
+        if not seen:  # the tap starts after them: it never observes a record of that log
+            await send_each(local.bootstrap, topic, old)
+        memory = Memory()
+        async with Tracer(topology, [memory], channels=["payments"]):
+            if seen:
+                await send_each(local.bootstrap, topic, old)
+                await memory.wait_for(lambda items: len(payloads(items)) == 3, KAFKA_WITHIN)
+            await anyio.to_thread.run_sync(local.stop)
+            again = await anyio.to_thread.run_sync(LocalKafka(port=local.port).start)
+            await create_topic(again.bootstrap, topic)
+            await send_each(again.bootstrap, topic, new)
+            expected = [b.decode() for b in (old if seen else []) + new]
+            await memory.wait_for(lambda items: len(payloads(items)) >= len(expected), KAFKA_WITHIN)
+    finally:
+        for broker in (local, again):
+            if broker is not None:
+                await anyio.to_thread.run_sync(broker.stop)
+
+    assert payloads(memory.items) == expected
+    replaced = [o for o in of(memory.items, Kind.GAP, "payments") if "replaced" in (o.reason or "")]
+    assert len(replaced) == 1
+    assert re.fullmatch(REPLACED.format(topic=re.escape(topic)), replaced[0].reason or "")
+
+
+@pytest.mark.parametrize("count", [5, 1], ids=["past-the-position", "short-of-it"])
+async def test_a_topic_deleted_and_created_again_is_a_gap_and_the_new_log_is_read(
+    kafka_bootstrap: str, kafka: KafkaScope, unique: str, count: int
+) -> None:
+    topology = load(topology_yaml(kafka_bootstrap, unique))
+    topic = f"{unique}.payments"
+    old = [order(f"old-{i}") for i in range(3)]
+    new = [order(f"new-{i}") for i in range(count)]
+    async with cleaned(topology, "kafka") as ad:
+        await ad.apply(["payments"])
+        memory = Memory()
+        async with Tracer(topology, [memory], channels=["payments"]):
+            await send_each(kafka_bootstrap, topic, old)
+            await memory.wait_for(lambda items: len(payloads(items)) == 3, KAFKA_WITHIN)
+            await kafka.admin.delete_topics([topic])
+            with anyio.fail_after(KAFKA_WITHIN):
+                while topic in await kafka.topic_names():  # noqa: ASYNC110 - no event for it
+                    await anyio.sleep(0.05)
+            await kafka.create_topic(topic)
+            await send_each(kafka_bootstrap, topic, new)
+            await memory.wait_for(lambda items: len(payloads(items)) >= 3 + count, KAFKA_WITHIN)
+
+    assert payloads(memory.items) == [b.decode() for b in old + new]
+    (gap,) = of(memory.items, Kind.GAP, "payments")
+    assert gap.until_ns is not None  # watched again
+    if count >= 3:
+        assert re.fullmatch(REPLACED.format(topic=re.escape(topic)), gap.reason or "")
+    else:  # nothing where the tap was: only the log's end tells
+        assert gap.reason == ends_before(topic, count)
+
+
+def ends_before(topic: str, end: int) -> str:
+    """The gap of a log that now ends before the tap's position, 3."""
+    return (
+        f"partition 0 of {topic}: the log ends at offset {end}, before the tap's position 3:"
+        " the log was replaced or truncated (a topic re-created, a broker restarted without"
+        " its data); the tap reads it again from offset 0, where it now starts"
+    )
+
+
+async def test_a_fetch_out_of_range_is_a_gap_and_the_log_is_read_from_its_start(
+    kafka_bootstrap: str, kafka: KafkaScope, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Kafka answers a fetch beyond a partition's end with OFFSET_OUT_OF_RANGE, which
+    # aiokafka raises; the bundled broker answers it with nothing, so the tap's reads
+    # raise here as they would on Kafka. The health poll's hints are off: only the fetch
+    # error can tell.
+    real = AIOKafkaConsumer.getmany
+
+    async def getmany(self: AIOKafkaConsumer, *partitions: Any, **kwargs: Any) -> Any:
+        got = await real(self, *partitions, **kwargs)
+        if not partitions and not got:  # the tap's own reads name no partition
+            assigned = sorted(self.assignment())
+            ends = await self.end_offsets(assigned)
+            beyond = {tp: p for tp in assigned if (p := await self.position(tp)) > ends[tp]}
+            if beyond:
+                raise OffsetOutOfRangeError(beyond)
+        return got
+
+    async def no_hints(*args: Any) -> None:
+        pass
+
+    monkeypatch.setattr(AIOKafkaConsumer, "getmany", getmany)
+    monkeypatch.setattr(KafkaAdapter, "_suspect", no_hints)
+    topology = load(topology_yaml(kafka_bootstrap, unique))
+    topic = f"{unique}.payments"
+    async with cleaned(topology, "kafka") as ad:
+        await ad.apply(["payments"])
+        memory = Memory()
+        async with Tracer(topology, [memory], channels=["payments"]):
+            await send_each(kafka_bootstrap, topic, [order(f"old-{i}") for i in range(3)])
+            await memory.wait_for(lambda items: len(payloads(items)) == 3, KAFKA_WITHIN)
+            await kafka.admin.delete_topics([topic])
+            with anyio.fail_after(KAFKA_WITHIN):
+                while topic in await kafka.topic_names():  # noqa: ASYNC110 - no event for it
+                    await anyio.sleep(0.05)
+            await kafka.create_topic(topic)
+            await send_each(kafka_bootstrap, topic, [order("new-0")])  # short of the position
+            await memory.wait_for(lambda items: len(payloads(items)) >= 4, KAFKA_WITHIN)
+
+    assert payloads(memory.items)[3:] == [order("new-0").decode()]
+    (gap,) = of(memory.items, Kind.GAP, "payments")
+    assert gap.reason == ends_before(topic, 1)
+
+
+@pytest.mark.parametrize(
+    ("position", "begin", "end", "same", "why"),
+    [
+        (5, 0, 12, True, None),
+        (5, 0, 12, None, None),
+        (0, 0, 0, None, None),  # an empty log, nothing observed yet
+        (5, 5, 12, None, None),  # retention took only what the tap had read
+        (5, 5, 5, None, None),
+        (
+            5,
+            0,
+            3,
+            None,
+            "the log ends at offset 3, before the tap's position 5: the log was replaced or"
+            " truncated (a topic re-created, a broker restarted without its data); the tap"
+            " reads it again from offset 0, where it now starts",
+        ),
+        (
+            5,
+            9,
+            20,
+            None,
+            "the log starts at offset 9, after the tap's position 5: records 5 to 8 were"
+            " deleted before the tap read them (retention, a replaced log); the tap reads on"
+            " from offset 9",
+        ),
+        (
+            5,
+            0,
+            12,
+            False,
+            "the record at offset 4 is not the one that was there (the log ends at"
+            " offset 12): the log was replaced or truncated (a topic re-created, a broker"
+            " restarted without its data); the tap reads it again from offset 0, where it now"
+            " starts",
+        ),
+    ],
+)
+def test_where_the_tap_reads_a_partition_whose_log_changed(
+    position: int, begin: int, end: int, same: bool | None, why: str | None
+) -> None:
+    # The decision alone: retention deleting unread records (a log that starts after the
+    # tap's position) cannot be made to happen on the bundled broker.
+    assert _judge(position, begin, end, same) == why
+
+
+def test_the_tap_never_moves_its_position_by_itself() -> None:
+    # "earliest" or "latest" would skip what retention deleted without a word.
+    assert (
+        KafkaAdapter("kafka", load(topology_yaml("k:9092", "t")))._tap_args()["auto_offset_reset"]
+        == "none"
+    )
