@@ -203,34 +203,36 @@ async def test_a_broker_that_never_answers_again_is_a_broker_error(
 
 
 @asynccontextmanager
-async def freezable(url: str) -> AsyncIterator[tuple[str, Callable[[], None]]]:
-    """``url`` through a local forwarder: (the URL through it, freeze). Freezing stops
-    the connections open then without closing them, as a network that drops every
-    packet would; connections opened after it are forwarded as usual."""
+async def deafened(url: str) -> AsyncIterator[tuple[str, Callable[[], None]]]:
+    """``url`` through a local forwarder: (the URL through it, deafen). Deafening drops
+    what the broker sends on the connections open then, without closing them, as a
+    network losing every packet one way would; the client's frames still reach the
+    broker, and connections opened later are forwarded both ways."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 5672
-    frozen: list[anyio.Event] = []  # one per connection
+    deaf: list[anyio.Event] = []  # one per connection
 
     async def pipe(client: anyio.abc.SocketStream) -> None:
-        stop = anyio.Event()
-        frozen.append(stop)
+        muted = anyio.Event()
+        deaf.append(muted)
         async with client, await anyio.connect_tcp(host, port) as upstream:
 
-            async def copy(a: anyio.abc.SocketStream, b: anyio.abc.SocketStream) -> None:
+            async def copy(
+                a: anyio.abc.SocketStream, b: anyio.abc.SocketStream, lossy: bool
+            ) -> None:
                 with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
                     async for chunk in a:
-                        if stop.is_set():
-                            break
-                        await b.send(chunk)
-                await stop.wait()  # frozen or not, the sockets stay open until the end
+                        if not (lossy and muted.is_set()):
+                            await b.send(chunk)
+                await anyio.sleep_forever()  # the sockets stay open until the end
 
             async with anyio.create_task_group() as both:
-                both.start_soon(copy, client, upstream)
-                both.start_soon(copy, upstream, client)
+                both.start_soon(copy, client, upstream, False)
+                both.start_soon(copy, upstream, client, True)
 
-    def freeze() -> None:
-        for stop in frozen:
-            stop.set()
+    def deafen() -> None:
+        for muted in deaf:
+            muted.set()
 
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     local_port = listener.extra(anyio.abc.SocketAttribute.local_port)
@@ -238,40 +240,52 @@ async def freezable(url: str) -> AsyncIterator[tuple[str, Callable[[], None]]]:
     async with listener, anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, pipe)
         try:
-            yield urlunsplit(parts._replace(netloc=f"{login}127.0.0.1:{local_port}")), freeze
+            yield urlunsplit(parts._replace(netloc=f"{login}127.0.0.1:{local_port}")), deafen
         finally:
-            freeze()
             tg.cancel_scope.cancel()
 
 
-async def test_a_silent_connection_is_replaced_and_the_message_sent_again(
+async def test_a_message_whose_confirm_was_lost_is_sent_again_and_counted_once(
     rabbitmq_url: str, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No confirm comes (the network drops everything, the connection stays open): the
-    message goes again on a new connection, marked."""
+    """The broker routes a message but its confirm never arrives (the connection stays
+    open): the message goes again on a new connection, marked; the broker then holds
+    two copies, and the checker counts one message."""
     monkeypatch.setattr(rabbitmq, "CONFIRM_WITHIN", 1.0)
     kit = rabbitmq_kit(rabbitmq_url, unique)
     memory = Memory()
     async with cleaned(kit.topology, "rabbit") as direct:
         await direct.apply()
-        async with Tracer(kit.topology, [memory]), freezable(rabbitmq_url) as (url, freeze):
+        async with Tracer(kit.topology, [memory]), deafened(rabbitmq_url) as (url, deafen):
             ad = RabbitMQAdapter("rabbit", load(kit.yaml, FC_URL=url))
             await ad.connect()
             try:
                 first = await ad.publish("events", order(1), routing_key="order.placed")
-                freeze()
+                deafen()
                 with anyio.fail_after(WITHIN):
                     second = await ad.publish("events", order(2), routing_key="order.placed")
             finally:
                 await ad.close()
-            await memory.wait_for(
-                lambda items: second.fc_id in ids(items, Kind.ROUTED, "inbox"), WITHIN
-            )
+
+            fc_id = second.fc_id
+            assert fc_id is not None
+
+            def twice(items: list[Observation]) -> bool:
+                return all(ids(items, Kind.ROUTED, ch).count(fc_id) == 2 for ch in kit.seen_on)
+
+            await memory.wait_for(twice, WITHIN)
     assert RESENT_HEADER not in first.headers
     assert second.kind is Kind.PUBLISHED
-    assert int(second.headers[RESENT_HEADER]) == 1
-    routed = [o for o in of(memory.items, Kind.ROUTED, "events") if o.fc_id == second.fc_id]
-    assert [o.headers.get(RESENT_HEADER) for o in routed][-1] is not None
+    assert second.headers[RESENT_HEADER] == 1
+    for channel in kit.seen_on:
+        copies = [o for o in of(memory.items, Kind.ROUTED, channel) if o.fc_id == second.fc_id]
+        assert [o.headers.get(RESENT_HEADER) for o in copies] == [None, 1]
+        assert {o.message_id for o in copies} == {second.fc_id}
+    history = sorted([first, second, *memory.items], key=lambda o: o.mono_ns)
+    verdict = check(kit.topology, history, end_ns=history[-1].mono_ns + window_ns(kit.topology))
+    flow = verdict.flows[0]
+    assert FindingKind.DUPLICATED not in [f.kind for f in verdict.findings + flow.findings]
+    assert (flow.chains, flow.succeeded, flow.failed) == (2, 2, 0)
 
 
 # ---------------------------------------------------------------- flowcheck run
