@@ -204,6 +204,7 @@ class RabbitMQAdapter(Adapter):
 
     async def connect(self) -> None:
         self.connection = await self._open("client")
+        self._stale = False
 
     async def close(self) -> None:
         if self.connection is not None:
