@@ -10,6 +10,7 @@ when it is off its binding simply receives nothing.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import re
@@ -48,6 +49,16 @@ _INT_TYPES = frozenset({"byte", "unsignedbyte", "short", "unsignedshort", "signe
 _INT_TYPES |= {"unsignedint", "long", "timestamp"}
 PROBES = 16  # declares per channel to find each setting that differs, at most
 RECONNECT_MAX = 2.0  # seconds between reconnection attempts, at most
+RECONNECT_WITHIN = 30.0  # seconds a publish waits for a lost broker to come back
+CONFIRM_WITHIN = 30.0  # seconds a publish waits for the broker's confirm
+# Marks a message sent again because its connection was lost before the broker
+# confirmed it: the value counts the sends after the first. The copies share their
+# x-flowcheck-id and message_id, so the checker takes them for one message.
+RESENT_HEADER = "x-flowcheck-resent"
+# What a publish raises when its connection is gone: closed by the broker or the network
+# (aiormq says "<Connection ...> closed" with a plain RuntimeError, before aio-pika's
+# connection knows), or silent (no confirm in time).
+_LOST = (ConnectionError, RuntimeError, TimeoutError)
 
 
 # pamqp fails a whole frame on a value it cannot decode, and aiormq then drops the
@@ -125,6 +136,8 @@ class RabbitMQAdapter(Adapter):
         self.read_interval = cfg.tap_read_interval.total_seconds()
         self.connection: Any = None
         self._publish_channel: Any = None
+        self._stale = False  # the client connection was given up, closed or not
+        self._reconnecting: anyio.Lock | None = None  # made in the event loop, when needed
         self._by_physical = {self._names[k]: k for k in self._names}
         # Queues that some queue dead-letters into: messages with x-death there are dead letters.
         self._dead_letter_queues = self._dead_letter_targets()
@@ -177,8 +190,21 @@ class RabbitMQAdapter(Adapter):
             return self.vhost
         return unquote(urlsplit(self.url).path[1:]) or "/"  # as aio-pika reads the URL
 
+    async def _reopen(self, purpose: str, failed: Callable[[BrokerUnreachable], None]) -> Any:
+        """A new ``purpose`` connection, retried with growing pauses while the broker
+        cannot be reached; ``failed`` hears of each failed attempt and may raise."""
+        delay = 0.1
+        while True:
+            try:
+                return await self._open(purpose)
+            except BrokerUnreachable as exc:
+                failed(exc)
+                await anyio.sleep(delay)  # back off before the next attempt
+                delay = min(delay * 2, RECONNECT_MAX)
+
     async def connect(self) -> None:
         self.connection = await self._open("client")
+        self._stale = False
 
     async def close(self) -> None:
         if self.connection is not None:
@@ -186,8 +212,50 @@ class RabbitMQAdapter(Adapter):
             self.connection = None
             self._publish_channel = None
 
+    async def _client(self, deadline: float | None = None) -> Any:
+        """The client connection; reopened if it was lost, waiting until ``deadline``
+        (anyio's clock; default RECONNECT_WITHIN from now) for the broker to come back."""
+        if self.connection is None:
+            await self.connect()
+        if not (self._stale or _gone(self.connection)):
+            return self.connection
+        if self._reconnecting is None:
+            self._reconnecting = anyio.Lock()
+        async with self._reconnecting:  # concurrent publishes: one new connection
+            if not (self._stale or _gone(self.connection)):
+                return self.connection
+            self._publish_channel = None
+            if deadline is None:
+                deadline = anyio.current_time() + RECONNECT_WITHIN
+            failures: list[BrokerUnreachable] = []
+            with anyio.move_on_after(deadline - anyio.current_time()):
+                self.connection = await self._reopen("client", failures.append)
+                self._stale = False
+                return self.connection
+        last = (
+            str(failures[-1]).removeprefix(f"{self.name}: ")
+            if failures
+            else f"RabbitMQ at {redact_url(self.url)} did not answer"
+        )
+        raise BrokerUnreachable(
+            self.name,
+            f"lost the connection to RabbitMQ and could not reconnect within "
+            f"{RECONNECT_WITHIN:g}s: {last}",
+        )
+
+    async def _drop_client(self, conn: Any) -> None:
+        """Give up the client connection ``conn`` (lost, or silent): the next use opens
+        another. Once only: a concurrent publish may have replaced it already."""
+        if conn is None or conn is not self.connection or self._stale:
+            return
+        self._publish_channel = None
+        self._stale = True
+        if not conn.is_closed:
+            with anyio.move_on_after(1, shield=True), contextlib.suppress(Exception):
+                await conn.close()
+
     async def _channel(self) -> Any:
-        return await self.connection.channel(publisher_confirms=False)
+        return await (await self._client()).channel(publisher_confirms=False)
 
     # ------------------------------------------------------------ apply
 
@@ -304,32 +372,20 @@ class RabbitMQAdapter(Adapter):
         routing_key: str | None = None,
     ) -> Observation:
         ch_cfg = self.topology.channels[channel]
-        if self._publish_channel is None or self._publish_channel.is_closed:
-            self._publish_channel = await self.connection.channel(
-                publisher_confirms=True, on_return_raises=True
-            )
-        pch = self._publish_channel
         fc_id = new_id()
         hdrs: dict[str, Any] = {**(headers or {}), ID_HEADER: fc_id}
         if isinstance(ch_cfg, Queue):
-            exchange = pch.default_exchange
-            rk = self._names[channel]
-            destination = ""
+            rk, destination = self._names[channel], ""  # the default exchange
         else:
-            exchange = await pch.get_exchange(self._names[channel], ensure=False)
-            rk = routing_key or ""
-            destination = self._names[channel]
+            rk, destination = routing_key or "", self._names[channel]
         with producer_span(
             "rabbitmq",
             destination or rk,
             hdrs,
             **{"messaging.message.id": fc_id, "messaging.rabbitmq.destination.routing_key": rk},
         ):
-            message = aio_pika.Message(
-                body, headers=hdrs, message_id=fc_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
-            )
             try:
-                await exchange.publish(message, routing_key=rk, mandatory=True, timeout=30)
+                await self._send(destination, rk, body, hdrs)
             except amqp_errors.DeliveryError as exc:
                 reply = getattr(getattr(exc, "message", None), "reply_text", None) or "NO_ROUTE"
                 return self.observe(
@@ -359,6 +415,55 @@ class RabbitMQAdapter(Adapter):
             properties={"message_id": fc_id},
             routing_key=rk,
         )
+
+    async def _send(self, exchange: str, rk: str, body: bytes, hdrs: dict[str, Any]) -> None:
+        """Publish to ``exchange`` ("": the default one) and wait for the broker's confirm.
+
+        A connection lost meanwhile is reopened and the message sent again, as it was
+        (the same x-flowcheck-id and message_id), with RESENT_HEADER added to ``hdrs``:
+        its first copy may have reached the broker. A broker away for RECONNECT_WITHIN
+        is a BrokerUnreachable.
+        """
+        deadline: float | None = None  # for the broker to come back, from the first loss
+        resent = 0
+        while True:
+            sent, conn = False, None
+            try:
+                conn = await self._client(deadline)
+                if self._publish_channel is None or self._publish_channel.is_closed:
+                    self._publish_channel = await conn.channel(
+                        publisher_confirms=True, on_return_raises=True
+                    )
+                pch = self._publish_channel
+                target = (
+                    pch.default_exchange
+                    if not exchange
+                    else await pch.get_exchange(exchange, ensure=False)
+                )
+                message = aio_pika.Message(
+                    body,
+                    headers=hdrs,
+                    message_id=hdrs[ID_HEADER],
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                )
+                sent = True
+                await target.publish(
+                    message, routing_key=rk, mandatory=True, timeout=CONFIRM_WITHIN
+                )
+                return
+            except _LOST as exc:
+                await self._drop_client(conn)
+                if deadline is None:
+                    deadline = anyio.current_time() + RECONNECT_WITHIN
+                elif anyio.current_time() >= deadline:  # back each time, gone each time
+                    raise BrokerUnreachable(
+                        self.name,
+                        f"the connection to RabbitMQ kept failing for {RECONNECT_WITHIN:g}s "
+                        f"while publishing: {_reason(exc)}",
+                    ) from None
+            if sent:
+                resent += 1
+                hdrs[RESENT_HEADER] = resent
 
     def echoes(self, channel: str) -> bool:
         # A publish to a queue goes through the default exchange, which no twin can be
@@ -419,20 +524,16 @@ class RabbitMQAdapter(Adapter):
         self, channels: Sequence[str], sink: Sink, *, ready: anyio.Event | None = None
     ) -> None:
         _lenient.set(True)  # this task's connections, and aiormq's tasks for them
-        delay = 0.1
         started = False
+
+        def failed(exc: BrokerUnreachable) -> None:
+            if self.down is None:
+                raise exc  # cannot start at all: that is the caller's problem
+            self.went_down(str(exc))
+
         try:
             while True:
-                try:
-                    conn = await self._open("tap")
-                except BrokerUnreachable as exc:
-                    if self.down is None:
-                        raise  # cannot start at all: that is the caller's problem
-                    self.went_down(str(exc))
-                    await anyio.sleep(delay)  # back off before the next attempt
-                    delay = min(delay * 2, RECONNECT_MAX)
-                    continue
-                delay = 0.1
+                conn = await self._reopen("tap", failed)
                 closed = anyio.Event()
                 conn.close_callbacks.add(lambda *_, ev=closed: ev.set())
                 try:
@@ -658,6 +759,12 @@ class RabbitMQAdapter(Adapter):
         finally:
             if not ch.is_closed:
                 await ch.close()
+
+
+def _gone(conn: Any) -> bool:
+    """Is aio-pika's connection ``conn`` closed? aiormq's beneath it knows first."""
+    transport = conn.transport
+    return bool(conn.is_closed or transport is None or transport.connection.is_closed)
 
 
 def _props(p: Any) -> dict[str, Any]:
