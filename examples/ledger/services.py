@@ -3,7 +3,8 @@
 teller publishes transactions to the Kafka topic ledger.tx, keyed by account.
 poster runs one consumer per partition of ledger.tx (each assigned its
 partition and that of ledger.tx-retry, committing in the group poster) and
-writes every transaction to the Redis stream ledger.posted; a transaction in
+writes the transactions to the Redis stream ledger.posted, each fetched batch
+in one MULTI/EXEC transaction; a transaction in
 no currency is retried through ledger.tx-retry and, after 3 attempts in all,
 sent to ledger.tx-dlt with Spring Kafka's dead-letter headers. settler reads
 ledger.posted in the group settler, in batches, and publishes each transaction
@@ -41,6 +42,8 @@ DLT_EXCEPTION_MESSAGE = "kafka_dlt-exception-message"
 _OWN_HEADERS = ("retry_topic-", "kafka_dlt-")
 
 SETTLER = "settler-1"
+
+_Post = tuple[Tx, list[tuple[str, bytes]]]  # a transaction to post, with the headers it carries
 
 
 def int_header(headers: dict[str, bytes], name: str, default: int) -> int:
@@ -105,6 +108,7 @@ class Poster:
         self.settings = settings
         self.stats = stats
         self.ready = asyncio.Event()
+        self.released = asyncio.Event()  # reads nothing until set (Ledger's hold_poster)
         self._producer: Any = None
         self._late: set[asyncio.Task[None]] = set()  # delay fault: posts still to come
 
@@ -146,17 +150,21 @@ class Poster:
         return consumer
 
     async def _consume(self, consumer: AIOKafkaConsumer, redis: Redis) -> None:
-        held: dict[str, tuple[Tx, list[tuple[str, bytes]]]] = {}  # reorder fault, by account
+        held: dict[str, _Post] = {}  # reorder fault, by account
+        await self.released.wait()
         while True:
             checkpoint()
             batches = await consumer.getmany(timeout_ms=100)
             for tp, records in batches.items():
+                # Each fetched batch is posted in one transaction, then committed.
+                posts: list[_Post] = []
                 for record in records:
-                    await self._handle(record, redis, held)
-                    await consumer.commit({tp: record.offset + 1})
+                    await self._handle(record, redis, held, posts)
+                await self._write(redis, posts)
+                await consumer.commit({tp: records[-1].offset + 1})
 
     async def _handle(
-        self, record: Any, redis: Redis, held: dict[str, tuple[Tx, list[tuple[str, bytes]]]]
+        self, record: Any, redis: Redis, held: dict[str, _Post], posts: list[_Post]
     ) -> None:
         headers: dict[str, bytes] = dict(record.headers)
         carried = [(k, v) for k, v in record.headers if not k.startswith(_OWN_HEADERS)]
@@ -187,12 +195,12 @@ class Poster:
         if faults.hit(Fault.REORDER, tx_id) and tx.account not in held:
             held[tx.account] = (tx, carried)
             return
-        await self._post(redis, tx, carried)
+        posts.append((tx, carried))
         if (earlier := held.pop(tx.account, None)) is not None:
-            await self._post(redis, *earlier)  # overtaken by this transaction
+            posts.append(earlier)  # overtaken by this transaction
             self.stats.fault(Fault.REORDER, tx_id)  # the overtaker: posted out of turn
         if faults.hit(Fault.DUPLICATE, tx_id):
-            await self._post(redis, tx, carried)
+            posts.append((tx, carried))
             self.stats.fault(Fault.DUPLICATE, tx_id)
 
     async def _rejected(
@@ -212,15 +220,21 @@ class Poster:
         await self._dead_letter(record, carried, attempt, ValueError("no currency"))
         self.stats.record(Event.REJECTED, tx_id)
 
-    async def _post(self, redis: Redis, tx: Tx, carried: list[tuple[str, bytes]]) -> None:
-        fields: dict[FieldT, EncodableT] = {"payload": encode(tx.payload())}
-        fields.update({k: v for k, v in carried})  # tx_id among them
-        await redis.xadd(self.settings.names.posted, fields)
-        self.stats.record(Event.POSTED, tx.tx_id)
+    async def _write(self, redis: Redis, posts: list[_Post]) -> None:
+        if not posts:
+            return
+        async with redis.pipeline(transaction=True) as pipe:
+            for tx, carried in posts:
+                fields: dict[FieldT, EncodableT] = {"payload": encode(tx.payload())}
+                fields.update(dict(carried))  # tx_id among them
+                pipe.xadd(self.settings.names.posted, fields)
+            await pipe.execute()
+        for tx, _ in posts:
+            self.stats.record(Event.POSTED, tx.tx_id)
 
     async def _post_later(self, redis: Redis, tx: Tx, carried: list[tuple[str, bytes]]) -> None:
         await asyncio.sleep(self.settings.faults.delay_ms / 1000)  # the injected fault itself
-        await self._post(redis, tx, carried)
+        await self._write(redis, [(tx, carried)])
         self.stats.fault(Fault.DELAY, tx.tx_id)
 
     async def _retry(self, record: Any, carried: list[tuple[str, bytes]], attempt: int) -> None:

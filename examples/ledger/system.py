@@ -39,16 +39,30 @@ class Ledger:
     """Start with ``async with Ledger(settings) as ledger:``; leaving the block stops every service.
 
     ``declare`` runs setup() first; ``remove`` runs teardown() after stopping.
+    ``hold_poster``: the poster connects but reads nothing until :meth:`release_poster`,
+    so that it finds a backlog.
     """
 
-    def __init__(self, settings: Settings, *, declare: bool = True, remove: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        declare: bool = True,
+        remove: bool = False,
+        hold_poster: bool = False,
+    ) -> None:
         self.settings = settings
         self.declare = declare
         self.remove = remove
         self.stats = Stats()
         self.teller = Teller(settings, self.stats)
+        self.poster = Poster(settings, self.stats)
+        if not hold_poster:
+            self.poster.released.set()
         self._runners: list[_Runner] = [
-            make(settings, self.stats) for make in (Poster, Settler, Readers)
+            self.poster,
+            Settler(settings, self.stats),
+            Readers(settings, self.stats),
         ]
         self._tasks: dict[asyncio.Task[None], str] = {}
 
@@ -108,6 +122,10 @@ class Ledger:
         await self.stop()
         if exc is None and failed is not None:
             raise failed
+
+    def release_poster(self) -> None:
+        """Let a held poster start reading (see ``hold_poster``)."""
+        self.poster.released.set()
 
     async def publish(self, txs: Iterable[Tx]) -> None:
         await self.teller.publish(txs)

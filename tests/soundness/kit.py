@@ -30,6 +30,8 @@ from examples.ledger import Brokers, Fault, Faults, Kind, Ledger, Settings, Tx
 from examples.ledger.topology import LEDGER_YAML, topology_yaml
 from flowcheck import cli
 from flowcheck.checker import Finding, Verdict
+from flowcheck.observations import Kind as Seen
+from flowcheck.observations import Observation
 from flowcheck.recorder import record
 from flowcheck.runner import window_ns
 from flowcheck.testing import FlowAssertionError, Flowcheck, with_brokers
@@ -155,7 +157,13 @@ async def recording(topology: Topology, path: str, trace: str) -> AsyncIterator[
     rec = Recording(topology, path, trace)
     ready = asyncio.Event()
     rec.task = asyncio.create_task(
-        record(topology, trace, topology_path=path, stop=rec.stop_event, on_ready=ready.set)
+        record(
+            topology,
+            trace,
+            topology_path=path,
+            stop=rec.stop_event,
+            on_ready=ready.set,
+        )
     )
     waiter = asyncio.create_task(ready.wait())
     try:
@@ -206,12 +214,16 @@ async def watched_run(
     waves: Sequence[list[Tx]],
     *,
     until: Callable[[Ledger], bool] | None = None,
+    backlog: bool = False,
 ) -> Run:
     """Run the ledger on ``waves`` of transactions (each published once the one before is
     at rest), recorded and watched by the pytest API; return what each path concluded.
 
     ``until``: the last wave is waited for until this holds instead (a fault leaves
     it unfinished); the paths then wait out the flows' deadlines themselves.
+    ``backlog``: the poster reads nothing until every wave is published, each once
+    the pytest API's taps have seen the one before on ledger.tx, and finds them all
+    waiting.
     """
     topology, path = topology_file(tmp_path, settings)
     window = window_ns(topology) / 1e9
@@ -219,10 +231,20 @@ async def watched_run(
     async with (
         Flowcheck(base_topology(settings.brokers), prefix=settings.prefix, deadline=SETTLE) as fc,
         recording(topology, path, trace) as rec,
-        Ledger(settings, remove=True) as ledger,
+        Ledger(settings, remove=True, hold_poster=backlog) as ledger,
     ):
+        if backlog:
+            published = 0
+            for wave in waves[:-1]:
+                await ledger.publish(wave)
+                published += len(wave)
+                await saw(fc, "ledger.tx", published)
+            await ledger.publish(waves[-1])
+            ledger.release_poster()
+            waves = [[tx for wave in waves for tx in wave]]
         for i, wave in enumerate(waves):
-            await ledger.publish(wave)
+            if not backlog:
+                await ledger.publish(wave)
             if until is not None and i == len(waves) - 1:
                 await ledger.wait_for(lambda _: until(ledger), within=SETTLE)
             else:
@@ -234,6 +256,15 @@ async def watched_run(
         await rec.stop(quiet)
     checked = check_trace(path, trace, tmp_path / "reports")
     return Run([tx for wave in waves for tx in wave], ledger, [api, checked])
+
+
+async def saw(fc: Flowcheck, channel: str, n: int) -> None:
+    """Wait until the pytest API's taps have seen ``n`` messages arrive on ``channel``."""
+
+    def arrived(items: list[Observation]) -> bool:
+        return sum(1 for o in items if o.channel == channel and o.kind is Seen.ROUTED) >= n
+
+    assert await fc.wait_for(arrived, within=READY), f"the API's taps did not see {n} on {channel}"
 
 
 # ---------------------------------------------------------------- choosing whom a fault hits
