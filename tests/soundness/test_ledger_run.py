@@ -1,7 +1,7 @@
 """``flowcheck run`` on the ledger: flowcheck publishes the transactions itself while the
 ledger runs, waits for every chain it started, and judges. It must agree with the record
 and pytest-API paths (test_ledger.py) on a clean run and on faults that leave every
-chain complete.
+chain complete; and ``flowcheck check`` on the trace the run kept must say the same.
 
 The run waits, per message, for the one flow its scenario entry names, so each
 transaction names the flow where its road ends: a healthy one the audit flow (the
@@ -28,6 +28,7 @@ from .kit import (
     Outcome,
     Triple,
     agree,
+    check_trace,
     choose,
     expect,
     settings_with,
@@ -65,29 +66,29 @@ def scenario(txs: list[Tx]) -> Scenario:
     )
 
 
-async def gate(settings: Settings, tmp_path: Path, txs: list[Tx]) -> tuple[Outcome, Ledger]:
+async def gate(settings: Settings, tmp_path: Path, txs: list[Tx]) -> tuple[list[Outcome], Ledger]:
+    """``flowcheck run``'s verdict, and ``flowcheck check``'s on the trace the run kept."""
     topology, path = topology_file(tmp_path, settings)
     async with Ledger(settings, remove=True) as ledger:
         outcome = await runner.run(
             topology, scenario(txs), str(tmp_path / "run"), topology_path=path
         )
     verdict = outcome.verdict
-    return (
-        Outcome(
-            "flowcheck run",
-            verdict.passed,
-            verdict_triples(verdict),
-            unknown=sum(fv.unknown for fv in verdict.flows),
-        ),
-        ledger,
+    ran = Outcome(
+        "flowcheck run",
+        verdict.passed,
+        verdict_triples(verdict),
+        unknown=sum(fv.unknown for fv in verdict.flows),
     )
+    offline = check_trace(path, outcome.trace, tmp_path / "reports")
+    return [ran, replace(offline, path="check of the run's trace")], ledger
 
 
 async def test_run_of_a_clean_ledger_passes(settings: Settings, tmp_path: Path) -> None:
     txs = plan(7)
-    outcome, ledger = await gate(settings, tmp_path, txs)
+    outcomes, ledger = await gate(settings, tmp_path, txs)
     assert not ledger.stats.faults
-    agree(set(), [outcome])
+    agree(set(), outcomes)
 
 
 @pytest.mark.parametrize(
@@ -101,11 +102,11 @@ async def test_run_finds_the_fault(
     rng = random.Random(f"run-{fault}")
     txs = plan(rng.randrange(1 << 30))
     chosen = choose(rng, fault, txs)
-    outcome, ledger = await gate(settings_with(settings, fault, chosen), tmp_path, txs)
+    outcomes, ledger = await gate(settings_with(settings, fault, chosen), tmp_path, txs)
     hit = ledger.stats.hit(fault)
     assert hit == set(chosen)
     first, *flow_level = kinds
     expected: set[Triple] = expect("posting", first, hit) | {
         ("posting", k, None) for k in flow_level
     }
-    agree(expected, [outcome])
+    agree(expected, outcomes)
