@@ -58,6 +58,18 @@ def verdict_triples(verdict: Verdict) -> set[Triple]:
     return triples([*verdict.findings, *(f for fv in verdict.flows for f in fv.findings)])
 
 
+def succeeded(verdict: Verdict) -> dict[str, int]:
+    return {fv.flow: fv.succeeded for fv in verdict.flows}
+
+
+def clean_counts(txs: Iterable[Tx]) -> dict[str, int]:
+    """The chains each flow must judge a success in a clean run of ``txs``."""
+    kinds = [tx.kind for tx in txs]
+    healthy = kinds.count(Kind.OK)
+    posted = healthy + kinds.count(Kind.HELD)
+    return {"posting": len(kinds), "settlement": posted, "audit": healthy, "notify": healthy}
+
+
 def expect(flow: str, kind: str, keys: Iterable[str]) -> set[Triple]:
     return {(flow, kind, k) for k in keys}
 
@@ -71,11 +83,20 @@ class Outcome:
     findings: set[Triple]
     unknown: int = 0
     detail: str = ""
+    succeeded: dict[str, int] | None = None  # per flow; None when the path gave no verdict
 
 
-def agree(expected: set[Triple], outcomes: Sequence[Outcome], known: Iterable[str] = ()) -> None:
+def agree(
+    expected: set[Triple],
+    outcomes: Sequence[Outcome],
+    known: Iterable[str] = (),
+    *,
+    succeeded: dict[str, int] | None = None,
+) -> None:
     """Every path found exactly ``expected`` (and passed iff it is empty), with no chain left
-    unknown. Paths in ``known`` are checked last and fail with :class:`KnownBug`."""
+    unknown and, if given, ``succeeded`` chains per flow: a green verdict must have judged
+    the run, not nothing. Paths in ``known`` are checked last and fail with
+    :class:`KnownBug`."""
     buggy = set(known)
     for o in sorted(outcomes, key=lambda o: o.path in buggy):
         problems = []
@@ -89,6 +110,8 @@ def agree(expected: set[Triple], outcomes: Sequence[Outcome], known: Iterable[st
             problems.append(f"passed={o.passed}, expected {not expected}")
         if o.unknown:
             problems.append(f"{o.unknown} chain(s) unknown")
+        if succeeded is not None and o.succeeded != succeeded:
+            problems.append(f"succeeded chains {o.succeeded}, expected {succeeded}")
         if problems:
             error = KnownBug if o.path in buggy else AssertionError
             raise error(f"{o.path}: {'; '.join(problems)}\n{o.detail}")
@@ -127,6 +150,7 @@ def check_trace(topology_path: str, trace: str, report_dir: Path) -> Outcome:
             [f.model_dump(exclude={"timeline"}) for fv in verdict.flows for f in fv.findings],
             default=str,
         )[:4000],
+        succeeded=succeeded(verdict),
     )
 
 
@@ -190,6 +214,7 @@ async def api_outcome(fc: Flowcheck, within: float) -> Outcome:
         verdict.passed,
         verdict_triples(verdict),
         unknown=sum(fv.unknown for fv in verdict.flows),
+        succeeded=succeeded(verdict),
     )
 
 

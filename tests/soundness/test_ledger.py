@@ -18,7 +18,16 @@ import pytest
 
 from examples.ledger import Brokers, Event, Fault, Kind, Ledger, Settings, Tx, plan_txs
 
-from .kit import KnownBug, Triple, agree, choose, expect, settings_with, watched_run
+from .kit import (
+    KnownBug,
+    Triple,
+    agree,
+    choose,
+    clean_counts,
+    expect,
+    settings_with,
+    watched_run,
+)
 
 SEEDS = [11, 23, 37, 41, 59]
 FAULT_SEED = 2026
@@ -90,7 +99,7 @@ async def test_clean_run_has_no_finding(settings: Settings, tmp_path: Path, seed
     assert not stats.faults
     # The run took every road: rejected, held and healthy transactions each reached their end.
     assert {Event.REJECTED, Event.DEAD, Event.SETTLED} <= {e for e in Event if stats.ids(e)}
-    agree(set(), run.outcomes)
+    agree(set(), run.outcomes, succeeded=clean_counts(txs))
 
 
 # The paths a known flowcheck bug makes disagree today, and the bug.
@@ -126,7 +135,7 @@ async def test_clean_backlog_posted_at_once_has_no_finding(
         (first if seen[tx.account] <= 2 else second).append(tx)
     run = await watched_run(settings, tmp_path, [first, second], backlog=True)
     assert not run.ledger.stats.faults
-    agree(set(), run.outcomes, known=BOTH)
+    agree(set(), run.outcomes, known=BOTH, succeeded=clean_counts(txs))
 
 
 @pytest.mark.parametrize("fault", [fault_case(f) for f in EXPECTED])

@@ -30,8 +30,10 @@ from .kit import (
     agree,
     check_trace,
     choose,
+    clean_counts,
     expect,
     settings_with,
+    succeeded,
     topology_file,
     verdict_triples,
 )
@@ -79,6 +81,7 @@ async def gate(settings: Settings, tmp_path: Path, txs: list[Tx]) -> tuple[list[
         verdict.passed,
         verdict_triples(verdict),
         unknown=sum(fv.unknown for fv in verdict.flows),
+        succeeded=succeeded(verdict),
     )
     offline = check_trace(path, outcome.trace, tmp_path / "reports")
     return [ran, replace(offline, path="check of the run's trace")], ledger
@@ -88,7 +91,7 @@ async def test_run_of_a_clean_ledger_passes(settings: Settings, tmp_path: Path) 
     txs = plan(7)
     outcomes, ledger = await gate(settings, tmp_path, txs)
     assert not ledger.stats.faults
-    agree(set(), outcomes)
+    agree(set(), outcomes, succeeded=clean_counts(txs))
 
 
 @pytest.mark.parametrize(
