@@ -30,7 +30,7 @@ from examples.ledger import Brokers, Fault, Faults, Kind, Ledger, Settings, Tx
 from examples.ledger.topology import LEDGER_YAML, topology_yaml
 from flowcheck import cli
 from flowcheck.checker import Finding, Verdict
-from flowcheck.observations import Kind as Seen
+from flowcheck.observations import Kind as ObsKind
 from flowcheck.observations import Observation
 from flowcheck.recorder import record
 from flowcheck.runner import window_ns
@@ -287,7 +287,7 @@ async def saw(fc: Flowcheck, channel: str, n: int) -> None:
     """Wait until the pytest API's taps have seen ``n`` messages arrive on ``channel``."""
 
     def arrived(items: list[Observation]) -> bool:
-        return sum(1 for o in items if o.channel == channel and o.kind is Seen.ROUTED) >= n
+        return sum(1 for o in items if o.channel == channel and o.kind is ObsKind.ROUTED) >= n
 
     assert await fc.wait_for(arrived, within=READY), f"the API's taps did not see {n} on {channel}"
 
