@@ -13,12 +13,10 @@ import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 
 import anyio
 
-from flowcheck.checker import Checker, Recording, Verdict
-from flowcheck.checker._engine import DEFAULT_WINDOW, GRACE_NS
+from flowcheck.checker import Checker, Recording, Verdict, window
 from flowcheck.errors import UsageError, leaf
 from flowcheck.observations import Kind, Observation, now
 from flowcheck.recorder import apply_all, drift_observations
@@ -137,11 +135,8 @@ async def _run(
                     waiting.append((m.flow, key))
                     if obs.kind == Kind.UNROUTABLE:
                         say(f"unroutable: {m.flow} {key} ({obs.reason})")
-                window = max(
-                    (f.deadline or DEFAULT_WINDOW for f in topology.flows.values()),
-                    default=DEFAULT_WINDOW,
-                )
-                limit = scenario.timeout or window + timedelta(seconds=GRACE_NS / 1e9)
+                longest = window(topology)
+                limit = scenario.timeout or longest
                 say(
                     f"published; waiting up to {limit.total_seconds():g}s for {len(waiting)} chains"
                 )
@@ -167,7 +162,7 @@ async def _run(
     # Judged against the end the trace records, as `flowcheck check` judges it: chains
     # still inside their deadline then (a scenario timeout shorter than the longest
     # deadline, or chains that started late) are unknown, not lost.
-    cut_short = scenario.timeout is not None and scenario.timeout < window
+    cut_short = scenario.timeout is not None and scenario.timeout < longest
     end_ms = round((max(end, checker.now) - mono) / 1e6, 3)
     verdict = checker.finish(end_ns=end, recording=Recording(ended="run", end_ms=end_ms))
     return Outcome(

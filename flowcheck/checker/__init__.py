@@ -16,6 +16,7 @@ from flowcheck.checker.verdict import (
     Unjudged,
     Verdict,
 )
+from flowcheck.checker.window import window
 
 __all__ = [
     "CHAIN_KINDS",
@@ -33,4 +34,5 @@ __all__ = [
     "Unjudged",
     "Verdict",
     "check",
+    "window",
 ]

@@ -30,10 +30,10 @@ from examples.ledger import Brokers, Fault, Faults, Kind, Ledger, Settings, Tx
 from examples.ledger.topology import LEDGER_YAML, topology_yaml
 from flowcheck import cli
 from flowcheck.checker import Finding, Verdict
+from flowcheck.checker import window as window_of
 from flowcheck.observations import Kind as ObsKind
 from flowcheck.observations import Observation
 from flowcheck.recorder import record
-from flowcheck.runner import window_ns
 from flowcheck.testing import FlowAssertionError, Flowcheck, with_brokers
 from flowcheck.topology import Topology, load
 
@@ -168,7 +168,7 @@ class Recording:
         """Stop once every chain's deadline window has passed since ``quiet_since``
         (time.monotonic() when the system came to rest): what a user waits before
         stopping. Waiting for that time to pass is the event itself."""
-        window = window_ns(self.topology) / 1e9
+        window = window_of(self.topology).total_seconds()
         await anyio.sleep(max(0.0, quiet_since + window - time.monotonic()))
         self.stop_event.set()
         assert self.task is not None
@@ -251,7 +251,7 @@ async def watched_run(
     waiting.
     """
     topology, path = topology_file(tmp_path, settings)
-    window = window_ns(topology) / 1e9
+    window = window_of(topology).total_seconds()
     trace = str(tmp_path / "trace.jsonl")
     async with (
         Flowcheck(base_topology(settings.brokers), prefix=settings.prefix, deadline=SETTLE) as fc,

@@ -42,10 +42,6 @@ ITEM_1_TIES = (
     "issue 15 item 1: every entry of one Redis read gets the same time, and a tie at a later "
     "step counts as an inversion of two chains whose first steps were read apart"
 )
-ITEM_2 = (
-    "issue 15 item 2: a trace has no end record; check takes the last observation as the "
-    "end, so a loss in the recording's last deadline window is unknown and passes"
-)
 
 
 @pytest.fixture
@@ -104,10 +100,7 @@ async def test_clean_run_has_no_finding(settings: Settings, tmp_path: Path, seed
 
 # The paths a known flowcheck bug makes disagree today, and the bug.
 KNOWN: dict[Fault, tuple[tuple[str, ...], str]] = {
-    Fault.DROP: ((RECORD,), ITEM_2),
     Fault.REORDER: (BOTH, ITEM_1),
-    Fault.SKIP_DEAD_LETTER: ((RECORD,), ITEM_2),
-    Fault.MIS_ROUTE: ((RECORD,), ITEM_2),
 }
 
 
@@ -154,7 +147,6 @@ async def test_fault_is_found_where_it_was_injected(
     agree(EXPECTED[fault](txs, hit), run.outcomes, known=KNOWN.get(fault, ((), ""))[0])
 
 
-@pytest.mark.xfail(strict=True, raises=KnownBug, reason=ITEM_2)
 async def test_stop_for_good_near_the_end_is_a_loss(settings: Settings, tmp_path: Path) -> None:
     rng = random.Random(f"{FAULT_SEED}-stop")
     txs = plan(rng.randrange(1 << 30))
