@@ -39,11 +39,17 @@ def validate(doc: _yaml.Document) -> Topology | None:
         )
         return None
     misspelt: set[str | None] = set()
+    raws: dict[str, Any] = {section: data.get(section) for section in SECTIONS}
     for key in data:
         if key not in _TOP:
             hint = suggest(key, _TOP) or f"; the top-level keys are {listing(_TOP)}"
             doc.problem((key,), f"unknown top-level key {key!r}{hint}", key=True)
-            misspelt.add(closest(key, _TOP))
+            close = closest(key, _TOP)
+            misspelt.add(close)
+            if close in raws and close not in data:
+                # Read as meant, so that its entries are checked too: reported once.
+                raws[close] = data[key]
+                doc.respelt[(close,)] = key
     for key in REQUIRED:
         if key not in data and key not in misspelt:  # a misspelt key is reported once
             doc.problem((), f"missing required top-level key {key!r}")
@@ -59,7 +65,7 @@ def validate(doc: _yaml.Document) -> Topology | None:
     valid: dict[str, dict[str, Any]] = {}
     names: dict[str, set[str]] = {}
     for section, adapter in _ADAPTERS.items():
-        raw = data.get(section)
+        raw = raws[section]
         valid[section] = {}
         names[section] = set()
         if raw is None:
