@@ -1,7 +1,7 @@
 """The main job, end to end: the shop runs on real brokers and flowcheck checks it.
 
 Starts a Kafka-compatible broker unless FLOWCHECK_KAFKA_BOOTSTRAP names one,
-starts the shop's services (examples/shop) under a fresh prefix, runs
+starts every service of the shop (examples/shop) under a fresh prefix, runs
 `flowcheck run topologies/shop.yaml --scenario topologies/scenarios/shop.yaml`
 against them, and removes what the shop declared. Exits with flowcheck's code.
 Pass `--fault NAME` to break the shop on purpose and watch the gate fail.
@@ -16,24 +16,36 @@ import sys
 import uuid
 from pathlib import Path
 
-from examples.shop import Brokers, Fault, Faults, Service, Settings, Shop
+from examples.shop import Brokers, Fault, Faults, Service, Settings, Shop, Stats
 from examples.shop.topology import topology_yaml
 from flowcheck import defaults
 from flowcheck.devkafka import LocalKafka
 
 ROOT = Path(__file__).resolve().parents[1]
+SCENARIO = ROOT / "topologies" / "scenarios" / "shop.yaml"
 
 
-async def demo(brokers: Brokers, faults: Faults, reports: Path, prefix: str) -> int:
+async def demo(
+    brokers: Brokers, faults: Faults, reports: Path, prefix: str, *, stats: Stats | None = None
+) -> int:
+    """Run the shop with ``faults`` and gate it; returns flowcheck's exit code.
+
+    ``reports`` gets the topology (shop.yaml with this run's names and addresses),
+    the trace and the reports; ``stats`` counts what the shop did (faults included).
+    """
     topology = reports / "shop.yaml"
+    # shop.yaml, with this run's broker-side names and addresses
+    text = topology_yaml(prefix, brokers)
+    await asyncio.to_thread(reports.mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread(topology.write_text, text)
     settings = Settings(brokers=brokers, prefix=prefix, faults=faults)
     print(
         f"demo: starting the shop's services (prefix {prefix}, faults: {', '.join(faults.names()) or 'none'})",
         flush=True,
     )
-    async with Shop(
-        settings, services=[Service.BILLING, Service.PAYMENTS, Service.SHIPPING], remove=True
-    ):
+    # Every service runs, checkout included: flowcheck publishes what a storefront
+    # sends (order requests), so each fault happens where it lives in the shop.
+    async with Shop(settings, services=list(Service), remove=True, stats=stats):
         cmd = [
             sys.executable,
             "-m",
@@ -41,7 +53,7 @@ async def demo(brokers: Brokers, faults: Faults, reports: Path, prefix: str) -> 
             "run",
             str(topology),
             "--scenario",
-            str(ROOT / "topologies" / "scenarios" / "shop.yaml"),
+            str(SCENARIO),
             "--report-dir",
             str(reports),
         ]
@@ -69,11 +81,7 @@ def main() -> int:
             redis_url=defaults.redis_url(),
         )
         prefix = f"demo-{uuid.uuid4().hex[:6]}."
-        reports = Path(args.reports)
-        reports.mkdir(parents=True, exist_ok=True)
-        # shop.yaml, with this run's broker-side names and addresses
-        (reports / "shop.yaml").write_text(topology_yaml(prefix, brokers))
-        code = asyncio.run(demo(brokers, Faults.of(*args.fault), reports, prefix))
+        code = asyncio.run(demo(brokers, Faults.of(*args.fault), Path(args.reports), prefix))
     finally:
         if local is not None:
             local.stop()

@@ -11,8 +11,15 @@ Conventions for fenced code blocks in docs/*.md (fences start at column 0):
 - ```` ```yaml file=PATH ````: an excerpt of PATH (relative to the repository),
   which must appear there verbatim, whole lines. docs/shop.md must quote every
   line of topologies/shop.yaml this way.
-- Any other ```` ```yaml ```` block that holds both ``brokers`` and ``channels``
-  is a topology that forgot its ``# topology`` line: an error.
+- ```` ```yaml partial ````: an example left incomplete on purpose (``...`` for
+  what is not shown). It must still be YAML, and must not be a valid fragment
+  (below): then it is not partial, and the mark goes.
+- Any other ```` ```yaml ```` block is a fragment of a topology (or scenario):
+  each of its top-level keys, read on its own, must be YAML and a valid value
+  for that key wherever the language has it (``steps`` of a flow, ``match`` of a
+  step...). A key may come several times, as alternatives. A fragment that
+  holds both ``brokers`` and ``channels`` is a topology that forgot its
+  ``# topology`` line: an error.
 
 docs/topology.md documents the keys of every model in flowcheck.topology.model
 in tables that follow a ``<!-- keys: Model [Model...] -->`` comment. The rows of
@@ -24,19 +31,20 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
-import yaml
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, SecretStr, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 import flowcheck
 from flowcheck.errors import Problem
-from flowcheck.topology import model
+from flowcheck.scenario import Scenario
+from flowcheck.topology import _yaml, model
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -79,6 +87,10 @@ class Block:
     def is_invalid(self) -> bool:
         return self.lang == "yaml" and "invalid" in self.info[1:]
 
+    @property
+    def is_partial(self) -> bool:
+        return self.lang == "yaml" and "partial" in self.info[1:]
+
     def expected(self) -> list[tuple[str, str]]:
         """``(severity, text)`` for each ``# error:`` / ``# warning:`` line."""
         found = (_EXPECT.match(line.strip()) for line in self.text.splitlines())
@@ -118,10 +130,12 @@ BLOCKS = [b for doc in sorted(DOCS.glob("*.md")) for b in read_blocks(doc)]
 TOPOLOGIES = [b for b in BLOCKS if b.is_topology]
 INVALID = [b for b in BLOCKS if b.is_invalid]
 EXCERPTS = [b for b in BLOCKS if b.lang == "yaml" and b.attr("file") is not None]
+PARTIAL = [b for b in BLOCKS if b.is_partial]
 PLAIN = [
     b
     for b in BLOCKS
-    if b.lang == "yaml" and not (b.is_topology or b.is_invalid or b.attr("file") is not None)
+    if b.lang == "yaml"
+    and not (b.is_topology or b.is_invalid or b.is_partial or b.attr("file") is not None)
 ]
 
 
@@ -205,17 +219,88 @@ def test_shop_walkthrough_quotes_every_line() -> None:
     )
 
 
+def test_every_yaml_block_is_checked() -> None:
+    yaml_blocks = [b for b in BLOCKS if b.lang in ("yaml", "yml")]
+    checked = {b.id for b in [*TOPOLOGIES, *INVALID, *EXCERPTS, *PARTIAL, *PLAIN]}
+    assert [b.id for b in yaml_blocks if b.id not in checked] == []
+    assert all(b.lang == "yaml" for b in yaml_blocks), "write ```yaml, not ```yml"
+
+
+def _entries(block: Block) -> list[tuple[str, Any]]:
+    """The block's top-level keys and values, each read on its own (a key may repeat)."""
+    text = textwrap.dedent(block.text)
+    chunks: list[list[str]] = [[]]
+    keyed = False  # whether the last chunk has its key yet (comments may come first)
+    for line in text.splitlines(keepends=True):
+        if line[:1] not in (" ", "#", "\n"):
+            if keyed:
+                chunks.append([])
+            keyed = True
+        chunks[-1].append(line)
+    out: list[tuple[str, Any]] = []
+    for chunk in chunks:
+        doc = _yaml.parse("".join(chunk), block.id, ENV)
+        assert not doc.problems, f"{block.id}: not YAML:\n{_listing(doc.problems)}"
+        if doc.data is None:
+            continue  # comments only
+        assert isinstance(doc.data, dict), f"{block.id}: not a mapping of keys"
+        out.extend(doc.data.items())
+    return out
+
+
+def _fragment_problems(block: Block) -> list[str]:
+    """Why the block's keys are not valid where the language has them; [] if they are."""
+    problems = []
+    for key, value in _entries(block):
+        places = _places(key)
+        if not places:
+            problems.append(f"{key!r} is no key of a topology or scenario")
+            continue
+        errors = []
+        for where, adapter in places:
+            try:
+                adapter.validate_python(value)
+            except ValidationError as exc:
+                errors.append(f"as {where}.{key}: {exc.errors()[0]['msg']}")
+            else:
+                break
+        else:
+            problems.append(f"{key!r} is not valid " + "; ".join(errors))
+    return problems
+
+
+def _places(key: str) -> list[tuple[str, TypeAdapter[Any]]]:
+    """Every model that has ``key``, with a validator for its value there."""
+    models: dict[str, type[BaseModel]] = {
+        **_models(),
+        "Topology": model.Topology,
+        "Scenario": Scenario,
+    }
+    places = []
+    for name, cls in models.items():
+        field = _keys(cls).get(key)
+        if field is not None:
+            tp: Any = field.annotation
+            if field.metadata:
+                tp = Annotated[tp, *field.metadata]
+            places.append((name, TypeAdapter(tp)))
+    return places
+
+
 @pytest.mark.parametrize("block", PLAIN, ids=_ids(PLAIN))
-def test_plain_yaml_block_is_not_a_whole_topology(block: Block) -> None:
-    try:
-        data = yaml.safe_load(block.text)
-    except yaml.YAMLError:
-        return  # a fragment with '...' and the like: not a topology either
-    if isinstance(data, dict):
-        assert not {"brokers", "channels"} <= set(data), (
-            f"{block.id} looks like a whole topology: start it with '# topology' "
-            "(or mark it 'invalid') so that it is checked"
-        )
+def test_yaml_fragment_is_valid(block: Block) -> None:
+    problems = _fragment_problems(block)
+    assert not problems, f"{block.id}: " + "\n".join(problems)
+    keys = {key for key, _ in _entries(block)}
+    assert not {"brokers", "channels"} <= keys, (
+        f"{block.id} looks like a whole topology: start it with '# topology' "
+        "(or mark it 'invalid') so that it is checked"
+    )
+
+
+@pytest.mark.parametrize("block", PARTIAL, ids=_ids(PARTIAL))
+def test_partial_yaml_block_is_yaml_and_really_partial(block: Block) -> None:
+    assert _fragment_problems(block), f"{block.id} is a valid fragment: remove 'partial'"
 
 
 # ---------------------------------------------------------------- the key reference

@@ -419,7 +419,7 @@ def test_load_and_check_file() -> None:
     assert step.retry.backoff.initial == timedelta(seconds=1)
     assert topology.flows["order-to-shipment"].success_rate == pytest.approx(0.99)
     assert topology.flows["order-to-shipment"].correlate.rule() == "json_path"
-    assert topology.flows["declined-payment"].correlate.rule() == "kafka_key"
+    assert topology.flows["declined-payment"].correlate.rule() == "header"
 
     missing, problems = flowcheck.check_file(str(ROOT / "tests/topologies/broken/empty.yaml"))
     assert missing is None

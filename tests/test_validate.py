@@ -273,7 +273,7 @@ def test_valid_and_broken_files_together() -> None:
     broken = "tests/topologies/broken/dangling_channel_in_step.yaml"
     result = run("validate", valid, broken)
     assert_clean_exit(result, 1)
-    assert f"{valid}: valid (3 brokers, 9 channels, 4 services, 4 flows)" in result.stdout
+    assert f"{valid}: valid (3 brokers, 10 channels, 4 services, 4 flows)" in result.stdout
     assert_matches(problems_in(result.stdout, broken), load_case(ROOT / broken).expected)
     assert "1 error, 0 warnings" in result.stdout
 

@@ -3,7 +3,8 @@
 A poison order fails on every delivery and is nacked with requeue; the quorum
 queue counts the deliveries and dead-letters the order to shop.dlx once its
 delivery limit is passed. Everything else becomes a payment record keyed by
-order id, and the order is acked only after Kafka has acknowledged the record.
+customer (so Kafka keeps a customer's payments in order) with the order id in
+a header, and the order is acked only after Kafka has acknowledged the record.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def charge(order: Order) -> Payment:
 
 @dataclass(slots=True)
 class _Held:
-    """reorder fault: a payment kept back, with the order message still unacked."""
+    """reorder fault: a payment kept back, with its order message still unacked."""
 
     payment: Payment
     trace: dict[str, str]
@@ -70,6 +71,7 @@ class Billing:
         self._producer: Any = None
         self._held: _Held | None = None
         self._timer: asyncio.Task[None] | None = None  # releases a held payment late
+        self._late: set[asyncio.Task[None]] = set()  # latency fault: payments waiting
         self._fired: set[Fault] = set()  # the one-shot faults already injected
 
     async def run(self) -> None:
@@ -109,23 +111,39 @@ class Billing:
         except ChargeFailed:
             await self._refuse(message, order)
             return
-        faults = self.settings.faults
-        if Fault.LATENCY in faults:
-            await asyncio.sleep(faults.latency_ms / 1000)  # the injected fault itself
+        if Fault.LATENCY in self.settings.faults:
+            # The injected fault: this payment waits, the next orders are taken meanwhile
+            # (up to the prefetch), so each payment is late by about the same.
+            task = asyncio.create_task(self._bill_later(message, payment, trace))
+            self._late.add(task)
+            task.add_done_callback(self._late.discard)
+            return
+        await self._bill(message, payment, trace)
+
+    async def _bill_later(
+        self, message: AbstractIncomingMessage, payment: Payment, trace: dict[str, str]
+    ) -> None:
+        await asyncio.sleep(self.settings.faults.latency_ms / 1000)
+        await self._bill(message, payment, trace)
+
+    async def _bill(
+        self, message: AbstractIncomingMessage, payment: Payment, trace: dict[str, str]
+    ) -> None:
+        """Publish the payment of a charged order and ack the order (or inject a fault)."""
         approved = payment.status == "approved"
         if approved and self._once(Fault.DROP):
             await message.ack()  # acked, never published: the order is lost
-            self.stats.fault(Fault.DROP, order.order_id)
+            self.stats.fault(Fault.DROP, payment.order_id)
             return
         held = self._held
-        if held is not None and held.payment.order_id == payment.order_id:
-            # reorder fault: the newer payment of the held order overtakes the older one.
+        if held is not None and held.payment.customer == payment.customer:
+            # reorder fault: the customer's newer payment overtakes the older one.
             self._held = None
             await self._publish(payment, trace)
             await self._publish(held.payment, held.trace)
             await message.ack()
             await held.message.ack()
-            self.stats.fault(Fault.REORDER, order.order_id)
+            self.stats.fault(Fault.REORDER, held.payment.order_id)
             return
         if approved and held is None and self._once(Fault.REORDER):
             self._held = _Held(payment, trace, message)
@@ -134,7 +152,7 @@ class Billing:
         await self._publish(payment, trace)
         if approved and self._once(Fault.DUPLICATE):
             await self._publish(payment, trace)
-            self.stats.fault(Fault.DUPLICATE, order.order_id)
+            self.stats.fault(Fault.DUPLICATE, payment.order_id)
         await message.ack()
 
     async def _refuse(self, message: AbstractIncomingMessage, order: Order) -> None:
@@ -156,7 +174,7 @@ class Billing:
         await self._producer.send_and_wait(
             self.settings.names.payments,
             encode(payment.payload()),
-            key=payment.order_id.encode(),
+            key=payment.customer.encode(),
             headers=headers,
         )
         self.stats.record(Event.BILLED, payment.order_id)
@@ -177,9 +195,9 @@ class Billing:
             await held.message.ack()
 
     async def _drop_hold(self) -> None:
-        # Stopping: a held order stays unacked, so RabbitMQ redelivers it later.
+        # Stopping: a held or late order stays unacked, so RabbitMQ redelivers it later.
         self._held = None
-        if self._timer is not None:
-            self._timer.cancel()
+        for task in [*self._late, *([self._timer] if self._timer is not None else [])]:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._timer
+                await task

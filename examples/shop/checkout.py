@@ -1,19 +1,36 @@
-"""checkout: places orders on the RabbitMQ topic exchange shop.orders, with publisher confirms."""
+"""checkout: places orders on the RabbitMQ topic exchange shop.orders, with publisher confirms.
+
+Orders come either from place_orders (checkout as a library) or, when checkout
+runs as a service, from the queue checkout.requests: a storefront publishes
+each order it wants placed to shop.orders with the routing key order.requested,
+and checkout places it with order.placed, in the same trace (traceparent kept).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import replace
 from types import TracebackType
 from typing import Self
 
 import aio_pika
-from aio_pika.abc import AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 from pamqp.common import FieldValue
 
 from .config import MISROUTED_KEY, ORDER_PLACED, Fault, Faults, Settings
-from .messages import ORDER_ID_HEADER, Order, encode, new_traceparent, now_iso, plan_orders
-from .stats import Event, Stats
+from .messages import (
+    ORDER_ID_HEADER,
+    BadMessage,
+    Order,
+    decode,
+    encode,
+    new_traceparent,
+    now_iso,
+    plan_orders,
+    trace_context,
+)
+from .stats import Event, Stats, checkpoint
 
 
 class Checkout:
@@ -91,7 +108,7 @@ class Checkout:
         """Plan ``n`` orders (see plan_orders) and publish them in order; returns them as sent."""
         faults = self.settings.faults if faults is None else faults
         if Fault.REORDER in faults:
-            # The fault inverts two payments of one order: make sure an order has two.
+            # The fault inverts two payments of one customer: make sure one has two.
             amended = max(amended, 1)
         planned = plan_orders(
             n, poison=poison, declined=declined, bad_address=bad_address, amended=amended
@@ -114,3 +131,40 @@ async def place_orders(
         return await checkout.place_orders(
             n, poison=poison, declined=declined, bad_address=bad_address, amended=amended
         )
+
+
+class CheckoutService:
+    """checkout as a service: places every order requested on checkout.requests."""
+
+    name = "checkout"
+
+    def __init__(self, settings: Settings, stats: Stats) -> None:
+        self.settings = settings
+        self.stats = stats
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        connection = await aio_pika.connect_robust(self.settings.brokers.rabbitmq_url)
+        try:
+            async with Checkout(self.settings, self.stats) as checkout:
+                channel = await connection.channel()
+                await channel.set_qos(prefetch_count=self.settings.checkout_prefetch)
+                queue = await channel.get_queue(self.settings.names.checkout_requests)
+                async with queue.iterator() as requests:
+                    self.ready.set()
+                    async for request in requests:  # one at a time: orders keep their order
+                        checkpoint()
+                        await self._place(checkout, request)
+        finally:
+            await connection.close()
+
+    @staticmethod
+    async def _place(checkout: Checkout, request: AbstractIncomingMessage) -> None:
+        try:
+            order = Order.from_payload(decode(request.body))
+        except BadMessage:
+            await request.reject(requeue=False)  # nothing to place; no retry can fix it
+            return
+        traceparent = trace_context(request.headers).get("traceparent")
+        await checkout.publish(replace(order, traceparent=traceparent))
+        await request.ack()  # after the broker confirmed the order: none is lost in between

@@ -20,6 +20,7 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 
 # Routing keys are not names of broker objects, so they never get the prefix:
 # the prefix already isolates the exchanges they are used on.
+ORDER_REQUESTED = "order.requested"  # a storefront asks checkout to place an order
 ORDER_PLACED = "order.placed"
 MISROUTED_KEY = "order.placd"  # the typo the mis-route fault publishes with
 DEAD_LETTER_KEY = "billing.orders"
@@ -64,6 +65,7 @@ class Names:
 
     prefix: str
     orders_exchange: str
+    checkout_requests: str
     dead_letter_exchange: str
     billing_queue: str
     billing_dlq: str
@@ -83,6 +85,7 @@ class Names:
         return cls(
             prefix=prefix,
             orders_exchange=n("shop.orders"),
+            checkout_requests=n("checkout.requests"),
             dead_letter_exchange=n("shop.dlx"),
             billing_queue=n("billing.orders"),
             billing_dlq=n("billing.orders.dlq"),
@@ -112,17 +115,21 @@ class Fault(StrEnum):
     DROP = "drop"
     # billing publishes the first approved order's payment twice
     DUPLICATE = "duplicate"
-    # billing holds the first approved payment back and publishes it after the
-    # next payment of the same order (checkout amends that order, so there is one)
+    # billing holds the first approved payment back and publishes it right after the
+    # customer's next payment: an inversion at payments, in offset order, with no
+    # payment late (place_orders amends the first order at once, and the demo's
+    # scenario has one customer order twice, so there is a next one; without one it
+    # goes after reorder_hold_ms)
     REORDER = "reorder"
-    # billing sleeps latency_ms before publishing every payment
+    # billing waits latency_ms before publishing every payment (and acking its order),
+    # while it goes on taking the next orders: each payment is late, none waits for another
     LATENCY = "latency"
     # shipping gives a stuck shipment 5 deliveries instead of 3
     RETRY_TOO_OFTEN = "retry-too-often"
     # billing acks a poison order on its last delivery instead of letting RabbitMQ
     # dead-letter it; shipping acks a stuck shipment without writing shipments-dead
     SKIP_DEAD_LETTER = "skip-dead-letter"
-    # checkout publishes with routing key order.placd: no queue is bound to it
+    # checkout places orders with routing key order.placd: no queue is bound to it
     MIS_ROUTE = "mis-route"
 
 
@@ -155,6 +162,7 @@ class Settings:
     prefix: str = ""
     faults: Faults = Faults()
     billing_prefetch: int = 10
+    checkout_prefetch: int = 10  # order requests taken at a time (placed one by one)
     payment_attempts: int = 2  # the original delivery plus one through payments-retry
     payment_backoff_ms: int = 1000  # before the retry; shop.yaml says 1s
     shipping_delivery_limit: int = 3  # deliveries in all, the first included

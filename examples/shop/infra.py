@@ -15,6 +15,7 @@ from .config import (
     BILLING_DELIVERY_LIMIT,
     DEAD_LETTER_KEY,
     ORDER_PLACED,
+    ORDER_REQUESTED,
     PAYMENTS_DLT_PARTITIONS,
     PAYMENTS_PARTITIONS,
     Settings,
@@ -60,6 +61,8 @@ async def setup_rabbitmq(settings: Settings) -> None:
             },
         )
         await billing.bind(orders, ORDER_PLACED)
+        requests = await channel.declare_queue(names.checkout_requests, durable=True)
+        await requests.bind(orders, ORDER_REQUESTED)
         dlq = await channel.declare_queue(names.billing_dlq, durable=True)
         await dlq.bind(dlx, DEAD_LETTER_KEY)
     finally:
@@ -72,7 +75,7 @@ async def teardown_rabbitmq(settings: Settings) -> None:
     try:
         channel = await connection.channel()
         # Deleting something that is not there is not an error in AMQP 0-9-1.
-        for queue in (names.billing_queue, names.billing_dlq):
+        for queue in (names.checkout_requests, names.billing_queue, names.billing_dlq):
             await channel.queue_delete(queue)
         for exchange in (names.orders_exchange, names.dead_letter_exchange):
             await channel.exchange_delete(exchange)

@@ -85,6 +85,9 @@ class PaymentsWorker:
                 group_id=names.payments_group,
                 enable_auto_commit=False,  # commit only what has been handled
                 auto_offset_reset="earliest",  # a new group must not skip what came before it
+                # Each payment is shipped when it comes, not with the next ones: a broker
+                # holds a fetch open for up to this long while nothing new has come.
+                fetch_max_wait_ms=10,
             )
             stack.push_async_callback(consumer.stop)
             await consumer.start()
@@ -134,8 +137,7 @@ class PaymentsWorker:
 
     async def _handle(self, record: Any, redis: Redis) -> None:
         headers: dict[str, bytes] = dict(record.headers)
-        key: bytes | None = record.key
-        order_id = text(key if key is not None else headers.get(ORDER_ID_HEADER, b""))
+        order_id = text(headers.get(ORDER_ID_HEADER, b""))
         self.stats.record(Event.PAYMENTS_RECEIVED, order_id)
         attempt = int_header(headers, ATTEMPTS, 1)
         try:

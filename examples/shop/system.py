@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from .billing import Billing
-from .checkout import Checkout
+from .checkout import Checkout, CheckoutService
 from .config import Faults, Settings
 from .infra import setup, teardown
 from .messages import Order
@@ -50,8 +50,8 @@ class Shop:
     """Start with ``async with Shop(settings) as shop:``; leaving the block stops every service.
 
     ``declare`` runs setup() first; ``remove`` runs teardown() after stopping.
-    ``services`` picks which services run (checkout is a publisher driven by
-    place_orders, not a task, and is always available).
+    ``services`` picks which services run. place_orders always works: it calls
+    checkout as a library; the checkout service takes orders from checkout.requests.
     """
 
     def __init__(
@@ -76,7 +76,8 @@ class Shop:
         if self.declare:
             await setup(self.settings)
         await self.checkout.open()
-        makers: dict[Service, type[Billing | PaymentsWorker | Shipping]] = {
+        makers: dict[Service, type[CheckoutService | Billing | PaymentsWorker | Shipping]] = {
+            Service.CHECKOUT: CheckoutService,
             Service.BILLING: Billing,
             Service.PAYMENTS: PaymentsWorker,
             Service.SHIPPING: Shipping,

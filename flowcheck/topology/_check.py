@@ -19,7 +19,7 @@ from jsonschema import SchemaError
 from jsonschema.protocols import Validator
 from jsonschema.validators import Draft202012Validator, validator_for
 
-from flowcheck.topology._errors import suggest
+from flowcheck.topology._errors import closest, suggest
 from flowcheck.topology._types import format_duration
 from flowcheck.topology._yaml import Document, Path, dotted
 from flowcheck.topology.model import (
@@ -68,10 +68,10 @@ class Checker:
     # ------------------------------------------------------------ helpers
 
     def error(self, path: Path, message: str, *, key: bool = False) -> None:
-        self.doc.problem(path, f"{dotted(path)}: {message}", key=key)
+        self.doc.problem(path, f"{dotted(self.doc.written(path))}: {message}", key=key)
 
     def warn(self, path: Path, message: str) -> None:
-        self.doc.problem(path, f"{dotted(path)}: {message}", warn=True)
+        self.doc.problem(path, f"{dotted(self.doc.written(path))}: {message}", warn=True)
 
     def ref(self, path: Path, section: str, name: str) -> bool:
         """Is ``name`` defined in ``section``? Report it if not."""
@@ -504,7 +504,16 @@ class Checker:
         sources = steps
         if rule.step is not None:
             if rule.step not in labels:
-                hint = suggest(rule.step, labels)
+                # A step named by a misspelt channel is labelled with the typo: the
+                # rule may name the channel as meant. Never suggest the typo for it.
+                typos = {
+                    label
+                    for label, i in labels.items()
+                    if flow.steps[i].name is None and label not in self.names["channels"]
+                }
+                if rule.step in self.names["channels"] and closest(rule.step, typos):
+                    return  # one mistake, reported once: at the step
+                hint = suggest(rule.step, [label for label in labels if label not in typos])
                 self.error((*path, "step"), f"flow has no step {rule.step!r}{hint}")
                 return
             sources = [steps[labels[rule.step]]]

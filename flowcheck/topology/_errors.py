@@ -125,20 +125,23 @@ def shown(value: Any) -> str:
     return repr(value)
 
 
+def meant(root: Any, loc: Sequence[str | int]) -> str | None:
+    """The key an unknown key at ``loc`` (pydantic's location) is a misspelling of, if any."""
+    model = model_at(root, loc[:-1])
+    return closest(str(loc[-1]), _keys(model)) if model else None
+
+
 def report(doc: Document, root: Any, prefix: Path, errors: Sequence[ErrorDetails]) -> None:
     """Add one problem to ``doc`` per pydantic error, located in the file."""
     # A misspelt required key fails twice, as unknown 'chanel' and as missing
     # 'channel': remember the misspellings so the mistake is reported once.
     misspelt: set[tuple[str | int, ...]] = set()
     for err in errors:
-        if err["type"] == "extra_forbidden":
-            model = model_at(root, err["loc"][:-1])
-            close = closest(str(err["loc"][-1]), _keys(model) if model else ())
-            if close is not None:
-                misspelt.add((*err["loc"][:-1], close))
+        if err["type"] == "extra_forbidden" and (close := meant(root, err["loc"])) is not None:
+            misspelt.add((*err["loc"][:-1], close))
     for err in errors:
         loc = (*prefix, *err["loc"])
-        path = data_path(doc.data, loc)
+        path = data_path(doc.data, doc.written(loc))
         if any(path[:n] in doc.unset for n in range(len(path) + 1)):
             continue  # an unset environment variable, reported where it is read
         kind = err["type"]

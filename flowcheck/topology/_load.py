@@ -7,11 +7,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
+from pydantic_core import ErrorDetails
 
 from flowcheck.errors import Problem, TopologyError
 from flowcheck.topology import _yaml
 from flowcheck.topology._check import Checker
-from flowcheck.topology._errors import closest, listing, report, shown, suggest
+from flowcheck.topology._errors import closest, listing, meant, report, shown, suggest
+from flowcheck.topology._yaml import Path
 from flowcheck.topology.model import Broker, Channel, Flow, Name, Service, Topology
 
 SECTIONS: dict[str, Any] = {
@@ -37,11 +39,17 @@ def validate(doc: _yaml.Document) -> Topology | None:
         )
         return None
     misspelt: set[str | None] = set()
+    raws: dict[str, Any] = {section: data.get(section) for section in SECTIONS}
     for key in data:
         if key not in _TOP:
             hint = suggest(key, _TOP) or f"; the top-level keys are {listing(_TOP)}"
             doc.problem((key,), f"unknown top-level key {key!r}{hint}", key=True)
-            misspelt.add(closest(key, _TOP))
+            close = closest(key, _TOP)
+            misspelt.add(close)
+            if close in raws and close not in data:
+                # Read as meant, so that its entries are checked too: reported once.
+                raws[close] = data[key]
+                doc.respelt[(close,)] = key
     for key in REQUIRED:
         if key not in data and key not in misspelt:  # a misspelt key is reported once
             doc.problem((), f"missing required top-level key {key!r}")
@@ -57,7 +65,7 @@ def validate(doc: _yaml.Document) -> Topology | None:
     valid: dict[str, dict[str, Any]] = {}
     names: dict[str, set[str]] = {}
     for section, adapter in _ADAPTERS.items():
-        raw = data.get(section)
+        raw = raws[section]
         valid[section] = {}
         names[section] = set()
         if raw is None:
@@ -82,7 +90,7 @@ def validate(doc: _yaml.Document) -> Topology | None:
                 valid[section][name] = adapter.validate_python(entry)
             except ValidationError as exc:
                 report(doc, SECTIONS[section], (section, name), exc.errors())
-                partial = _salvage(adapter, entry, exc)
+                partial = _salvage(doc, adapter, SECTIONS[section], (section, name), entry, exc)
                 if partial is not None:
                     valid[section][name] = partial
     Checker(
@@ -97,14 +105,33 @@ def validate(doc: _yaml.Document) -> Topology | None:
         return None
 
 
-def _salvage(adapter: TypeAdapter[Any], entry: Any, exc: ValidationError) -> Any:
+def _salvage(
+    doc: _yaml.Document,
+    adapter: TypeAdapter[Any],
+    root: Any,
+    prefix: Path,
+    entry: Any,
+    exc: ValidationError,
+) -> Any:
     """The entry without its broken keys, if that validates: so the rest of it still
-    gets its cross-reference checks. Keys are removed as deep as possible (a bad
-    step deadline costs the deadline, not the flow); list items are never removed,
-    so the positions of the others stay right."""
+    gets its cross-reference checks. A misspelt key is first read as meant (its
+    misspelling is already reported), and what is wrong inside it is reported now:
+    pydantic did not look inside an unknown key. Keys are removed as deep as
+    possible (a bad step deadline costs the deadline, not the flow); list items
+    are never removed, so the positions of the others stay right."""
     if not isinstance(entry, dict):
         return None
     data = copy.deepcopy(entry)
+    for _ in range(5):  # a misspelt key may hold another
+        respelt = _respell(data, root, exc.errors())
+        if not respelt:
+            break
+        doc.respelt.update({(*prefix, *loc): bad for loc, bad in respelt.items()})
+        try:
+            return adapter.validate_python(data)
+        except ValidationError as again:
+            exc = again
+        report(doc, root, prefix, [e for e in exc.errors() if _within(tuple(e["loc"]), respelt)])
     for _ in range(10):
         for err in exc.errors():
             if not _drop(data, err["loc"]):
@@ -114,6 +141,37 @@ def _salvage(adapter: TypeAdapter[Any], entry: Any, exc: ValidationError) -> Any
         except ValidationError as again:
             exc = again
     return None
+
+
+def _respell(data: dict[str, Any], root: Any, errors: list[ErrorDetails]) -> dict[Path, str]:
+    """Rename each unknown key of ``data`` that misspells a key its mapping lacks to that
+    key; returns {pydantic location of the key as meant: the key as written}."""
+    done: dict[Path, str] = {}
+    for err in errors:
+        loc = tuple(err["loc"])
+        if err["type"] != "extra_forbidden" or (good := meant(root, loc)) is None:
+            continue
+        node = _node(data, loc[:-1])
+        bad = loc[-1]
+        if isinstance(node, dict) and bad in node and good not in node:
+            node[good] = node.pop(bad)
+            done[(*loc[:-1], good)] = str(bad)
+    return done
+
+
+def _node(data: Any, loc: Path) -> Any:
+    """The value at pydantic's location ``loc`` (union tags in it skipped)."""
+    node = data
+    for step in loc:
+        if isinstance(node, dict) and step in node:
+            node = node[step]
+        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+            node = node[step]
+    return node
+
+
+def _within(loc: Path, respelt: dict[Path, str]) -> bool:
+    return any(loc[: len(key)] == key for key in respelt)
 
 
 def _drop(data: dict[str, Any], loc: tuple[str | int, ...]) -> bool:

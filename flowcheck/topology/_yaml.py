@@ -48,6 +48,16 @@ class Document:
     secret: set[Path] = field(default_factory=set)  # values filled from the environment
     unset: set[Path] = field(default_factory=set)  # values naming an unset variable: reported
     problems: list[Problem] = field(default_factory=list)
+    # Misspelt keys read as meant, so that what they hold is checked too:
+    # {path of the key as meant: the key as written}.
+    respelt: dict[Path, str] = field(default_factory=dict)
+
+    def written(self, path: Path) -> Path:
+        """``path`` with each key read as meant spelt as in the file."""
+        for meant, bad in self.respelt.items():
+            if path[: len(meant)] == meant:
+                return self.written((*meant[:-1], bad, *path[len(meant) :]))
+        return path
 
     def pos(self, path: Path, *, key: bool = False) -> Pos:
         """Best position for ``path``: the deepest prefix of it that we know."""
@@ -60,7 +70,7 @@ class Document:
         return Pos(1, 1)
 
     def problem(self, path: Path, message: str, *, key: bool = False, warn: bool = False) -> None:
-        at = self.pos(path, key=key)
+        at = self.pos(self.written(path), key=key)
         severity = "warning" if warn else "error"
         self.problems.append(Problem(self.file, at.line, at.column, message, severity))
 

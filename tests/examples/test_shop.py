@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import pytest
 import yaml
 from aio_pika.abc import AbstractIncomingMessage
@@ -42,7 +43,7 @@ from examples.shop import (
     teardown,
 )
 from examples.shop.config import PAYMENTS_DLT_PARTITIONS, PAYMENTS_PARTITIONS
-from examples.shop.messages import DECLINED_CARD
+from examples.shop.messages import DECLINED_CARD, encode
 
 ROOT = Path(__file__).resolve().parents[2]
 DEADLINE = 60.0  # seconds; the runs take a few, this only bounds a failure
@@ -128,6 +129,12 @@ async def entries(redis: Redis, stream: str) -> list[dict[str, str]]:
     return [{str(k): str(v) for k, v in (fields or {}).items()} for _, fields in reply or []]
 
 
+def order_of(record: Any) -> str:
+    """The order a payment record is about: its order_id header (the key is the customer)."""
+    order: bytes = dict(record.headers)["order_id"]
+    return order.decode()
+
+
 def big_endian(headers: dict[str, bytes], name: str) -> int:
     return int.from_bytes(headers[name], "big", signed=True)
 
@@ -176,10 +183,10 @@ async def test_clean_run_ships_healthy_orders_and_dead_letters_the_rest(
         # Declined: the original, one retry through payments-retry, then the DLT.
         bootstrap = settings.brokers.kafka_bootstrap
         retries = await read_topic(bootstrap, names.payments_retry, PAYMENTS_PARTITIONS)
-        assert {r.key.decode() for r in retries} == by_kind[Kind.DECLINED]
+        assert {order_of(r) for r in retries} == by_kind[Kind.DECLINED]
         assert {big_endian(dict(r.headers), "retry_topic-attempts") for r in retries} == {2}
         dlt = await read_topic(bootstrap, names.payments_dlt, PAYMENTS_DLT_PARTITIONS)
-        assert {r.key.decode() for r in dlt} == by_kind[Kind.DECLINED]
+        assert {order_of(r) for r in dlt} == by_kind[Kind.DECLINED]
         for record in dlt:
             headers = dict(record.headers)
             assert json.loads(record.value)["status"] == "declined"
@@ -218,10 +225,11 @@ async def test_clean_run_ships_healthy_orders_and_dead_letters_the_rest(
             assert json.loads(entry["payload"])["order_id"] == entry["order_id"]
         payments = await read_topic(bootstrap, names.payments, PAYMENTS_PARTITIONS)
         assert len(payments) == 18
+        customer = {o.order_id: o.customer for o in orders}
         for record in payments:
             headers = dict(record.headers)
-            assert headers["order_id"] == record.key
-            assert headers["traceparent"].decode() == trace[record.key.decode()]
+            assert record.key.decode() == customer[order_of(record)]  # a customer's keep order
+            assert headers["traceparent"].decode() == trace[order_of(record)]
 
 
 # --- One test per fault switch: the fault really happens.
@@ -237,7 +245,7 @@ async def test_drop_loses_one_payment(settings: Settings, amqp: AmqpScope) -> No
         payments = await read_topic(
             settings.brokers.kafka_bootstrap, settings.names.payments, PAYMENTS_PARTITIONS
         )
-        keys = sorted(r.key.decode() for r in payments)
+        keys = sorted(order_of(r) for r in payments)
         assert keys == sorted(o.order_id for o in orders if o.order_id != dropped)
         assert await ready_count(amqp, settings.names.billing_queue) == 0
 
@@ -250,9 +258,9 @@ async def test_duplicate_publishes_one_payment_twice(settings: Settings) -> None
         payments = await read_topic(
             settings.brokers.kafka_bootstrap, settings.names.payments, PAYMENTS_PARTITIONS
         )
-        keys = sorted(r.key.decode() for r in payments)
+        keys = sorted(order_of(r) for r in payments)
         assert keys == sorted([o.order_id for o in orders] + [doubled])
-        twins = [r for r in payments if r.key.decode() == doubled]
+        twins = [r for r in payments if order_of(r) == doubled]
         assert twins[0].value == twins[1].value
 
 
@@ -269,7 +277,7 @@ async def test_reorder_inverts_the_payments_of_one_order(settings: Settings) -> 
         payments = await read_topic(
             settings.brokers.kafka_bootstrap, settings.names.payments, PAYMENTS_PARTITIONS
         )
-        same_key = [r for r in payments if r.key.decode() == key]  # one partition, offset order
+        same_key = [r for r in payments if order_of(r) == key]  # one partition, offset order
         assert [json.loads(r.value)["revision"] for r in same_key] == [2, 1]
 
 
@@ -288,7 +296,7 @@ async def test_latency_delays_every_payment(settings: Settings) -> None:
         )
         placed = {o.order_id: o.placed_at for o in orders}
         for record in payments:
-            placed_ms = datetime.fromisoformat(placed[record.key.decode()]).timestamp() * 1000
+            placed_ms = datetime.fromisoformat(placed[order_of(record)]).timestamp() * 1000
             assert record.timestamp - placed_ms >= 300
 
 
@@ -306,6 +314,31 @@ async def test_mis_route_reaches_no_queue(settings: Settings, amqp: AmqpScope, u
         assert {o for _, o in shop.stats.faults} == {o.order_id for o in misrouted}
         seen = await take(amqp, witness.name, 4)
         assert [m.routing_key for m in seen] == ["order.placd"] * 3 + ["order.placed"]
+
+
+@pytest.mark.parametrize("faults", [(), (Fault.MIS_ROUTE,)], ids=["clean", "mis-route"])
+async def test_checkout_service_places_requested_orders_in_their_trace(
+    settings: Settings, amqp: AmqpScope, unique: str, faults: tuple[Fault, ...]
+) -> None:
+    async with running(settings, *faults, services=frozenset({Service.CHECKOUT})) as shop:
+        exchange = await amqp.channel.get_exchange(settings.names.orders_exchange)
+        witness = await amqp.declare_queue(f"{unique}.witness", exclusive=True)
+        await witness.bind(exchange, "#")
+        [order] = plan_orders(1, run_id="r")
+        traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        await exchange.publish(
+            aio_pika.Message(encode(order.payload()), headers={"traceparent": traceparent}),
+            routing_key="order.requested",
+        )
+        await shop.wait_for(lambda s: s.total(Event.PLACED) == 1, DEADLINE)
+        request, placed = await take(amqp, witness.name, 2)
+        assert request.routing_key == "order.requested"
+        assert placed.routing_key == ("order.placd" if faults else "order.placed")
+        assert placed.headers["traceparent"] == traceparent  # the same trace
+        assert placed.headers["order_id"] == order.order_id
+        assert json.loads(placed.body)["order_id"] == order.order_id
+        assert json.loads(placed.body)["placed_at"]  # checkout stamps it
+        assert await ready_count(amqp, settings.names.checkout_requests) == 0  # acked
 
 
 async def test_retry_too_often_gives_a_stuck_shipment_five_deliveries(
