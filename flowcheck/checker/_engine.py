@@ -321,11 +321,8 @@ class _FlowState:
         self.late = [topology.tap_late(s.channel) for s in flow.steps]
         self.late_ms = [0.0 if t is None else t[0].total_seconds() * 1000 for t in self.late]
         self.ordered = flow.ordering != "none"
-        self.topic_steps = [
-            i
-            for i, s in enumerate(flow.steps)
-            if isinstance(topology.channels.get(s.channel), Topic)
-        ]
+        self.is_topic = [isinstance(topology.channels.get(s.channel), Topic) for s in flow.steps]
+        self.topic_steps = [i for i, topic in enumerate(self.is_topic) if topic]
         self.policies = [s.retry or flow.retry for s in flow.steps]
         self.has_policy = any(p is not None for p in self.policies)
         self.chain_failures = 0  # findings that fail a chain, so far
@@ -926,14 +923,13 @@ class _FlowState:
         assert policy.backoff is not None
         b = policy.backoff
         times = self.delivery_times(chain, i)
+        failed, slack = self.failure_times(chain, i, attempts)
         wait = b.initial.total_seconds()
         unseen = 0
         for n in range(1, attempts):
+            least = wait * (1 - b.jitter) * 1e9 - BACKOFF_TOLERANCE_NS
             earlier, later = times.get(n), times.get(n + 1)
-            if earlier is None or later is None or later == earlier:
-                unseen += 1
-            else:
-                least = wait * (1 - b.jitter) * 1e9 - BACKOFF_TOLERANCE_NS
+            if earlier is not None and later is not None and later != earlier:
                 took = later - earlier
                 if took < least:
                     self.add(
@@ -945,6 +941,24 @@ class _FlowState:
                         )
                     )
                     return
+            else:
+                unseen += 1
+                # When the attempts were made is unseen, but when they failed may be: a
+                # retry was surely early if attempt n+1 failed sooner after attempt n did
+                # than the wait before it. Later than that proves nothing: still unjudged.
+                earlier, later = failed.get(n), failed.get(n + 1)
+                if earlier is not None and later is not None and later != earlier:
+                    took = later - earlier
+                    if took < least - slack:
+                        self.add(
+                            self.finding(
+                                FindingKind.BACKOFF,
+                                chain,
+                                f"attempt {n + 1} at {self.labels[i]!r} failed {took / 1e6:.0f}ms after attempt {n} did; the backoff asks for {wait * 1000:.0f}ms before it",
+                                step=i,
+                            )
+                        )
+                        return
             wait *= b.multiplier
             if b.max is not None:
                 wait = min(wait, b.max.total_seconds())
@@ -955,6 +969,34 @@ class _FlowState:
                 "when its attempts were made was not seen (only deliveries a tap sees one by "
                 "one, on a RabbitMQ firehose or a Redis pending list, carry their times)",
             )
+
+    def failure_times(self, chain: _Chain, i: int, attempts: int) -> tuple[dict[int, int], int]:
+        """When each attempt at a Kafka topic step was seen to fail, by its number, and how far
+        off (ns) those times may be. A consumer with retry topics writes a record there when
+        an attempt fails (numbered for the attempt to come, Spring's retry_topic-attempts),
+        and one on the dead-letter topic when the last one does. On the brokers' clock when
+        every record carries it."""
+        if not self.is_topic[i]:
+            return {}, 0
+        retries = [o for o in chain.retry_arrivals[i] if o.channel in self.retry_declared]
+        dead = [o for o in chain.dead if self._origin_step(o) == i][:1]
+        recs = retries + dead
+        if not recs:
+            return {}, 0
+        if all(o.broker_ms is not None for o in recs):
+            at = {id(o): (o.broker_ms or 0) * 1_000_000 for o in recs}
+            slack = 1_000_000
+        else:
+            at = {id(o): o.mono_ns for o in recs}
+            late = [self.topology.tap_late(ch) for ch in {o.channel for o in recs}]
+            slack = max((_ns(t[0]) for t in late if t is not None), default=0)
+        counted = all(o.delivery_count for o in retries)
+        out: dict[int, int] = {}
+        for n, o in enumerate(retries, 1):
+            out.setdefault((o.delivery_count or 0) - 1 if counted else n, at[id(o)])
+        for o in dead:
+            out.setdefault(attempts, at[id(o)])
+        return out, slack
 
     def record_latency(self, spans: list[tuple[int, str, float] | None]) -> None:
         for i in range(1, self.n):

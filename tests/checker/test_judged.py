@@ -181,6 +181,63 @@ def test_deliveries_seen_in_one_read_say_nothing_of_the_backoff() -> None:
     assert (u.expectation, u.chains) == ("retry backoff at 'jobs'", 1)
 
 
+DECLINED = """
+brokers: {k: {kind: kafka}}
+channels:
+  payments: {broker: k, kind: topic, retry: [payments-retry], dead_letter: payments-dlt}
+  payments-retry: {broker: k, kind: topic}
+  payments-dlt: {broker: k, kind: topic}
+flows:
+  d:
+    correlate: kafka_key
+    steps: [{channel: payments, retry: {max_attempts: 2, backoff: 1s}}]
+    delivery: at-least-once
+    deadline: 30s
+    dead_letters:
+      - {when: {payload: {$.status: declined}}, channel: payments-dlt, attempts: 2}
+"""
+
+
+def declined(retried_ms: float, dead_ms: float) -> Verdict:
+    """A payment declined twice: a record on the retry topic when attempt 1 failed (Spring
+    numbers it for attempt 2), one on the dead-letter topic when attempt 2 did."""
+    h = History("d")
+    body = {"id": "p1", "status": "declined"}
+    h.at(0).routed("payments", "p1", body, partition=0, offset=0, kafka_key="p1", broker_ms=1000)
+    for ms, channel, kind in (
+        (retried_ms, "payments-retry", Kind.ROUTED),
+        (dead_ms, "payments-dlt", Kind.DEAD_LETTERED),
+    ):
+        h.at(ms).add(
+            kind,
+            channel,
+            "p1",
+            body,
+            partition=0,
+            offset=0,
+            kafka_key="p1",
+            broker_ms=1000 + int(ms),
+            delivery_count=2,
+            **({"origin": "payments"} if kind is Kind.DEAD_LETTERED else {}),
+        )
+    return run(loads(DECLINED), h)
+
+
+def test_a_kafka_retry_that_failed_too_soon_was_surely_early() -> None:
+    """When a retry was made does not show on Kafka; when it failed does. Attempt 2 failing
+    300 ms after attempt 1 did cannot have waited the 1 s backoff first."""
+    v = declined(retried_ms=50, dead_ms=350)
+    assert found(v) == [("backoff", "p1")]
+    assert v.flows[0].findings[0].message == (
+        "attempt 2 at 'payments' failed 300ms after attempt 1 did; the backoff asks for "
+        "1000ms before it"
+    )
+    # Failing later proves nothing of when it started: unjudged, not a pass.
+    v = declined(retried_ms=50, dead_ms=1_400)
+    assert found(v) == []
+    assert unjudged(v)["retry backoff at 'payments'"][1] == 1
+
+
 # ---------------------------------------------------------------- unjudged
 
 
