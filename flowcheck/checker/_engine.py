@@ -282,6 +282,7 @@ class _FlowState:
         self.retry_declared: set[str] = set()
         self.retry_visible: list[bool] = []  # does the step declare retry channels?
         self.dead_channels: set[str] = {r.channel for r in flow.dead_letters}
+        self.leads_to: dict[str, set[str]] = {}  # dead-letter exchange -> the queues it reaches
         for i, step in enumerate(flow.steps):
             self.channel_steps.setdefault(step.channel, []).append(i)
             ch = topology.channels.get(step.channel)
@@ -300,6 +301,7 @@ class _FlowState:
                 else:
                     self.dead_channels.add(dlx)
                     self.dead_channels.update(q for q in reached if q not in declared)
+                    self.leads_to.setdefault(dlx, set()).update(reached)
         self.dead_channels -= set(self.retry_of)
         self.watched = set(self.channel_steps) | self.dead_channels | set(self.retry_of)
         # One lookup per observation: what its channel is to this flow (the step whose
@@ -589,6 +591,9 @@ class _FlowState:
             return False
         if chain.dead:
             d = chain.dead[0]
+            on_its_way = any(rule.channel in self.leads_to.get(x.channel, ()) for x in chain.dead)
+            if on_its_way and (ended or self.gap_during(chain)):
+                return True  # seen on the exchange that leads there; its arrival may be unseen
             self.add(
                 self.finding(
                     FindingKind.DEAD_LETTER,

@@ -7,7 +7,7 @@ import pytest
 from history import MS, START, History
 
 from flowcheck.checker import Checker, FindingKind, Recording, Verdict, check
-from flowcheck.observations import Kind
+from flowcheck.observations import Kind, Observation
 from flowcheck.topology import Topology, loads
 
 PIPE = """
@@ -375,6 +375,33 @@ def test_a_recording_with_no_end_record_lists_the_chains_it_left_unknown() -> No
     stopped = finish("stopped")
     assert stopped.unjudged == []
     assert stopped.passed
+
+
+def test_a_dead_letter_seen_on_its_exchange_during_a_gap_is_unknown() -> None:
+    """The dead-letter exchange leads to the rule's queue; a tap gap on that queue may
+    have hidden its arrival there: not 'dead-lettered to the wrong channel'."""
+    h = History()
+    body = {"id": "p1", "poison": True}
+    h.at(0).routed("orders", "p1", body)
+    h.routed("billing", "p1", body)
+    for n in (1, 2, 3):
+        h.add(
+            Kind.DELIVERED if n == 1 else Kind.REDELIVERED, "billing", "p1", body, delivery_count=n
+        )
+    h.routed("dlx", "p1", body)
+    h.items.append(
+        Observation(
+            kind=Kind.GAP,
+            broker="b",
+            channel="dlq",
+            mono_ns=h.t,
+            wall=h.t / 1e9,
+            until_ns=h.t + 50 * MS,
+        )
+    )
+    v = run(loads(RETRY), h)
+    assert found(v) == []
+    assert v.flows[0].unknown == 1
 
 
 # ---------------------------------------------------------------- every finding
