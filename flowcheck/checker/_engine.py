@@ -2,8 +2,9 @@
 
 It reads observations once, in recording order, and keeps state only for the
 chains still open: a chain is decided as soon as its deadline window has
-passed on the recording's own clock, then forgotten but for its counts and
-latencies (HdrHistogram) and a bounded list of findings.
+passed on the recording's own clock, then forgotten but for its counts,
+latencies (HdrHistogram), findings (the timelines of the first MAX_FINDINGS of
+a flow only) and the expectations it left unjudged.
 """
 
 from __future__ import annotations
