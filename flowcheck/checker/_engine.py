@@ -2,8 +2,9 @@
 
 It reads observations once, in recording order, and keeps state only for the
 chains still open: a chain is decided as soon as its deadline window has
-passed on the recording's own clock, then forgotten but for its counts and
-latencies (HdrHistogram) and a bounded list of findings.
+passed on the recording's own clock, then forgotten but for its counts,
+latencies (HdrHistogram), findings (the timelines of the first MAX_FINDINGS of
+a flow only) and the expectations it left unjudged.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ from flowcheck.checker.verdict import (
     Percentiles,
     Recording,
     Seen,
+    Unjudged,
     Verdict,
 )
 from flowcheck.observations import Kind, Observation, payload_json
 from flowcheck.topology._types import format_duration
 from flowcheck.topology.model import (
     DeadLetterRule,
+    Exchange,
     Flow,
     Queue,
     RetryPolicy,
@@ -50,13 +53,20 @@ from flowcheck.topology.routing import dead_letter_path
 DEFAULT_WINDOW = timedelta(seconds=60)  # how long a chain may take when the flow sets no deadline
 GRACE_NS = 2_000_000_000  # taps see one event at slightly different times: wait this much more
 BACKOFF_TOLERANCE_NS = 150_000_000  # taps poll some brokers (Redis PEL): allow this much early
-MAX_FINDINGS = 100  # per flow, kept in full; the rest are only counted
+MAX_FINDINGS = 100  # per flow, kept with their timelines; the rest without (memory)
 MAX_TIMELINE = 40  # observations kept per chain for reports
 SCHEMA_MEMORY = 65_536  # messages remembered so that one message's copies are checked once
 
 # What a channel is to a flow: the step whose retries it carries, whether it is a
 # dead-letter channel, the steps it is the channel of.
 _Route = tuple[int | None, bool, list[int] | None]
+
+# Where a message stood in one broker order: (which order, place in it). Places are
+# comparable only within one order: a Kafka partition (offset), a Redis stream (entry
+# id), or the order in which the observations of one channel (of one kind) were fed.
+_Order = tuple[Any, ...]
+_Places = dict[_Order, tuple[int, ...]]
+_RANK = {"offset": 0, "entry": 1, "fed": 2}  # the broker's own orders first
 
 # Plain names for the kinds: enum attribute lookups cost a descriptor call each.
 _PUBLISHED, _ROUTED, _UNROUTABLE = Kind.PUBLISHED, Kind.ROUTED, Kind.UNROUTABLE
@@ -83,19 +93,53 @@ def identity(obs: Observation) -> tuple[Any, ...]:
     return ("obs", id(obs))  # a RabbitMQ copy without an id: each one is its own message
 
 
-def _known(
+def _which(
     arrived: Mapping[tuple[Any, ...], Observation], ident: tuple[Any, ...], obs: Observation
-) -> bool:
-    """Has this message already arrived? Copies of one message with and without a broker
-    position (flowcheck's publish and a tap without one) are the same message."""
+) -> tuple[Any, ...] | None:
+    """The identity under which this message already arrived, None if it has not. Copies of
+    one message with and without a broker position (flowcheck's publish and a tap without
+    one) are the same message."""
     if ident in arrived:
-        return True
+        return ident
     fc = obs.fc_id
     if fc is None or not arrived:
-        return False
+        return None
     if ident[0] == "fc":
-        return any(o.fc_id == fc for o in arrived.values())
-    return ("fc", fc) in arrived
+        return next((k for k, o in arrived.items() if o.fc_id == fc), None)
+    return ("fc", fc) if ("fc", fc) in arrived else None
+
+
+def _place(obs: Observation, seq: int) -> tuple[_Order, tuple[int, ...]]:
+    """Where ``obs`` stands in its broker's order; ``seq`` is its place in the feed."""
+    if obs.offset is not None:
+        return ("offset", obs.channel, obs.partition), (obs.offset,)
+    if obs.entry_id is not None:
+        ms, _, n = obs.entry_id.partition("-")
+        if ms.isdigit() and n.isdigit():
+            return ("entry", obs.channel), (int(ms), int(n))
+    # One tap reads one channel in its broker's order (a RabbitMQ queue delivers in
+    # order); flowcheck's own publishes are another order, in publish-confirm order.
+    return ("fed", obs.channel, obs.kind.value), (seq,)
+
+
+def _compare(a: _Places, b: _Places) -> int | None:
+    """-1 if ``a`` came first, 1 if ``b`` did, in an order both have a place in; None when
+    no order holds both, or they tie: a tie decides nothing."""
+    for order in sorted(a.keys() & b.keys(), key=lambda o: (_RANK[o[0]], repr(o))):
+        x, y = a[order], b[order]
+        if x != y:
+            return -1 if x < y else 1
+    return None
+
+
+def _merged(places: Mapping[tuple[Any, ...], _Places]) -> _Places:
+    """The first place of any of a step's messages, per order."""
+    out: _Places = {}
+    for per in places.values():
+        for order, at in per.items():
+            if order not in out or at < out[order]:
+                out[order] = at
+    return out
 
 
 @dataclass
@@ -111,10 +155,19 @@ class _Chain:
     sample: Observation | None = None
     sample_first: bool = False
     timeline: list[Observation] = field(default_factory=list)
+    # per step: message -> its place in each broker order it was seen in (ordered flows)
+    places: list[dict[tuple[Any, ...], _Places]] = field(default_factory=list)
 
     def reached(self) -> int:
         """Index of the last step with an arrival, -1 if none."""
         return max((i for i, a in enumerate(self.arrivals) if a), default=-1)
+
+
+# Clocks of a latency sample: both ends on the brokers' millisecond clocks (Kafka
+# CreateTime, Redis entry id); both on flowcheck's monotonic clock (its publish time,
+# a tap's read time); or the upstream end on a broker's clock and the downstream on
+# this host's wall clock (a mix: off by the two clocks' skew).
+BROKER, MONO, MIXED = "broker_ms", "mono_ns", "broker_ms+wall"
 
 
 class _Hist:
@@ -122,21 +175,34 @@ class _Hist:
 
     Samples are first rounded down to the histogram's own resolution and counted
     in a dict, then handed over in bulk: the same histogram, far fewer calls into
-    its pure-Python recorder. Non-positive samples are counted apart.
+    its pure-Python recorder. No sample is dropped uncounted: those that cannot be
+    in the percentiles are counted apart, and each sample's clock and error bound
+    are kept.
     """
 
     FLUSH_AT = 4096  # distinct values held before handing them to the histogram
+    TOP_US = 3_600_000_000  # the histogram's range: an hour
 
     def __init__(self) -> None:
-        self.hist = HdrHistogram(1, 3_600_000_000, 3)
+        self.hist = HdrHistogram(1, self.TOP_US, 3)
         self.pending: dict[int, int] = {}
         self.non_positive = 0
+        self.unusable = 0
+        self.clocks: Counter[str] = Counter()
+        self.error_ms = 0.0
 
-    def add(self, ns: int) -> None:
-        if ns <= 0:
+    def add(self, ns: int, clock: str = MONO, error_ms: float = 0.0) -> None:
+        self.clocks[clock] += 1
+        if error_ms > self.error_ms:
+            self.error_ms = error_ms
+        # On a millisecond clock a zero is a hop under a millisecond: a real sample.
+        if ns < 0 or (ns == 0 and clock == MONO):
             self.non_positive += 1
             return
-        us = ns // 1000 or 1
+        us = ns // 1000
+        if us > self.TOP_US:
+            self.unusable += 1
+            return
         shift = us.bit_length() - 11  # keep 11 significant bits: finer than 3 decimal digits
         if shift > 0:
             us = us >> shift << shift
@@ -147,14 +213,20 @@ class _Hist:
 
     def flush(self) -> None:
         for us, n in self.pending.items():
-            self.hist.record_value(min(us, 3_600_000_000), n)
+            self.hist.record_value(us, n)
         self.pending.clear()
+
+    def clock(self) -> str:
+        """The clocks the samples were taken on, the most used first."""
+        if not self.clocks:
+            return "none"
+        return ", ".join(c for c, _ in sorted(self.clocks.items(), key=lambda c: (-c[1], c[0])))
 
     def stats(self) -> Percentiles:
         self.flush()
         n = self.hist.get_total_count()
         if n == 0:
-            return Percentiles(count=0, non_positive=self.non_positive)
+            return Percentiles(count=0, non_positive=self.non_positive, unusable=self.unusable)
 
         def ms(q: float) -> float:
             return round(float(self.hist.get_value_at_percentile(q)) / 1000, 3)
@@ -162,12 +234,37 @@ class _Hist:
         return Percentiles(
             count=n,
             non_positive=self.non_positive,
+            unusable=self.unusable,
             p50_ms=ms(50),
             p90_ms=ms(90),
             p95_ms=ms(95),
             p99_ms=ms(99),
             max_ms=round(float(self.hist.get_max_value()) / 1000, 3),
         )
+
+
+def _span(
+    up: Iterable[Observation], down: Iterable[Observation], late: tuple[float, float], last: bool
+) -> tuple[int, str, float]:
+    """(ns, clock, error bound in ms) from the first message at one step to the first (or,
+    with ``last``, the last) at a later one. ``late``: how late each end's tap may read."""
+    ups, downs = list(up), list(down)
+    ub = [o.broker_ms for o in ups if o.broker_ms is not None]
+    db = [o.broker_ms for o in downs if o.broker_ms is not None]
+    whole_up = len(ub) == len(ups)
+    if whole_up and db and len(db) == len(downs):
+        return ((max(db) if last else min(db)) - min(ub)) * 1_000_000, BROKER, 1.0
+    d = max(downs, key=_mono) if last else min(downs, key=_mono)
+    published = [o.mono_ns for o in ups if o.kind is _PUBLISHED]
+    if published:  # flowcheck's own publish: no tap read in between
+        return d.mono_ns - min(published), MONO, late[1]
+    if whole_up and d.wall > 0:
+        return round(d.wall * 1e9) - min(ub) * 1_000_000, MIXED, 1.0 + late[1]
+    return d.mono_ns - min(o.mono_ns for o in ups), MONO, max(late)
+
+
+def _mono(o: Observation) -> int:
+    return o.mono_ns
 
 
 class _FlowState:
@@ -186,6 +283,7 @@ class _FlowState:
         self.retry_declared: set[str] = set()
         self.retry_visible: list[bool] = []  # does the step declare retry channels?
         self.dead_channels: set[str] = {r.channel for r in flow.dead_letters}
+        self.leads_to: dict[str, set[str]] = {}  # dead-letter exchange -> the queues it reaches
         for i, step in enumerate(flow.steps):
             self.channel_steps.setdefault(step.channel, []).append(i)
             ch = topology.channels.get(step.channel)
@@ -204,6 +302,7 @@ class _FlowState:
                 else:
                     self.dead_channels.add(dlx)
                     self.dead_channels.update(q for q in reached if q not in declared)
+                    self.leads_to.setdefault(dlx, set()).update(reached)
         self.dead_channels -= set(self.retry_of)
         self.watched = set(self.channel_steps) | self.dead_channels | set(self.retry_of)
         # One lookup per observation: what its channel is to this flow (the step whose
@@ -219,7 +318,14 @@ class _FlowState:
         self.match = [s.match for s in flow.steps]
         self.need = [s.count for s in flow.steps]
         self.is_queue = [isinstance(topology.channels.get(s.channel), Queue) for s in flow.steps]
+        self.is_exchange = [
+            isinstance(topology.channels.get(s.channel), Exchange) for s in flow.steps
+        ]
         self.late = [topology.tap_late(s.channel) for s in flow.steps]
+        self.late_ms = [0.0 if t is None else t[0].total_seconds() * 1000 for t in self.late]
+        self.ordered = flow.ordering != "none"
+        self.is_topic = [isinstance(topology.channels.get(s.channel), Topic) for s in flow.steps]
+        self.topic_steps = [i for i, topic in enumerate(self.is_topic) if topic]
         self.policies = [s.retry or flow.retry for s in flow.steps]
         self.has_policy = any(p is not None for p in self.policies)
         self.chain_failures = 0  # findings that fail a chain, so far
@@ -230,19 +336,23 @@ class _FlowState:
         self.seq = itertools.count()
         self.counts: Counter[str] = Counter()
         self.findings: list[Finding] = []
+        self.full = 0  # findings given their timeline so far (the first MAX_FINDINGS)
         self.totals: Counter[str] = Counter()
+        # (check, expectation, why) -> chains it could not be judged on
+        self.unjudged: Counter[tuple[str, str, str]] = Counter()
+        self.deciding: list[tuple[str, str, str]] | None = None  # the chain being decided's
         self.hops = [_Hist() for _ in flow.steps]  # hops[i]: step i-1 -> step i (0 unused)
         self.e2e = _Hist()
-        # ordering: group -> [(step-0 ns, [position per step]), ...] of decided chains
-        self.order_groups: dict[str, list[tuple[int, str, list[tuple[Any, ...] | None]]]] = {}
+        # ordering: group -> [(step-0 ns, key, [places per step]), ...] of decided chains
+        self.order_groups: dict[str, list[tuple[int, str, list[_Places]]]] = {}
         self.order_log: deque[tuple[int, str]] = deque()  # (start, group) in decision order
         self.gaps: list[Observation] = []
 
     # ------------------------------------------------------------ feeding
 
-    def feed(self, obs: Observation, key: str, route: _Route) -> bool:
+    def feed(self, obs: Observation, key: str, route: _Route, seq: int = 0) -> bool:
         """Take one observation of chain ``key`` on a channel this flow watches (``route``
-        says how); True if it opened the chain."""
+        says how; ``seq`` is its place in the feed); True if it opened the chain."""
         chain = self.chains.get(key)
         opened = chain is None
         if chain is None:
@@ -255,6 +365,8 @@ class _FlowState:
                 [[] for _ in range(n)],
                 [False] * n,
             )
+            if self.ordered:
+                chain.places = [{} for _ in range(n)]
             self.chains[key] = chain
             heapq.heappush(self.expiry, (obs.mono_ns + self.window_ns, next(self.seq), key))
         timeline = chain.timeline
@@ -280,17 +392,26 @@ class _FlowState:
             if len(steps) == 1:  # the common case, kept lean
                 if self.match[first] is not None and not matches(self.match[first], obs):
                     return opened
-                if _known(chain.arrivals[first], ident, obs):
-                    return opened  # the same message seen again (published, then routed)
                 target = first
+                known = _which(chain.arrivals[first], ident, obs)
             else:
                 fitting = [i for i in steps if matches(self.match[i], obs)]
                 if not fitting:
                     return opened
-                if any(_known(chain.arrivals[i], ident, obs) for i in fitting):
-                    return opened
-                room = [i for i in fitting if len(chain.arrivals[i]) < self.need[i]]
-                target = room[0] if room else fitting[-1]
+                known = None
+                for i in fitting:
+                    known = _which(chain.arrivals[i], ident, obs)
+                    if known is not None:
+                        target = i
+                        break
+                else:
+                    room = [i for i in fitting if len(chain.arrivals[i]) < self.need[i]]
+                    target = room[0] if room else fitting[-1]
+            if self.ordered:  # every copy tells the message's place in its own order
+                order, at = _place(obs, seq)
+                chain.places[target].setdefault(known or ident, {}).setdefault(order, at)
+            if known is not None:
+                return opened  # the same message seen again (published, then routed)
             chain.arrivals[target][ident] = obs
             # Dead-letter rules look at the message as it entered the flow.
             if chain.sample is None or (target == 0 and not chain.sample_first):
@@ -329,8 +450,15 @@ class _FlowState:
         self.totals[finding.kind.value] += 1
         if finding.kind in CHAIN_KINDS:
             self.chain_failures += 1
-        if len(self.findings) < MAX_FINDINGS:
-            self.findings.append(finding)
+        self.findings.append(finding)
+
+    def unjudge(self, check: str, expectation: str, why: str, chains: int = 1) -> None:
+        """``expectation`` (of ``check``) could not be judged on ``chains`` chains, for ``why``.
+        While a chain is decided, held until it is known whether the chain failed."""
+        if self.deciding is not None:
+            self.deciding.append((check, expectation, why))
+        else:
+            self.unjudged[(check, expectation, why)] += chains
 
     def seen(self, obs: Observation) -> Seen:
         return _seen(obs, self.start_ns)
@@ -352,9 +480,16 @@ class _FlowState:
             step=None if step is None else self.labels[step],
             message=message,
             seen=[self.seen(o) for o in seen],
-            timeline=[self.seen(o) for o in chain.timeline],
+            timeline=self.timeline(chain),
             **extra,
         )
+
+    def timeline(self, chain: _Chain) -> list[Seen]:
+        """The chain as seen, for the first MAX_FINDINGS findings of the flow (memory)."""
+        if self.full >= MAX_FINDINGS:
+            return []
+        self.full += 1
+        return [self.seen(o) for o in chain.timeline]
 
     def gap_during(self, chain: _Chain) -> bool:
         """Was a tap blind on this flow's channels while the chain could have been moving?
@@ -393,23 +528,17 @@ class _FlowState:
             # of this chain was seen arriving anywhere, so there is nothing to judge.
             return
         before = self.chain_failures
+        self.deciding = []
         rule = self.rule_for(chain)
-        # First arrival time per step (None where nothing came): deadlines and latency.
-        firsts: list[int | None] = []
-        complete = True
-        for a, need in zip(chain.arrivals, self.need, strict=True):
-            if a:
-                firsts.append(min([o.mono_ns for o in a.values()]))
-                if len(a) < need:
-                    complete = False
-            else:
-                firsts.append(None)
-                complete = False
+        complete = all(len(a) >= need for a, need in zip(chain.arrivals, self.need, strict=True))
+        # Per hop (index: its later step; None where an end is missing): how long it took,
+        # on which clock, within what error. Deadlines and latency judge the same figures.
+        spans = self.spans(chain)
         undecided = False
         if rule is not None:
             undecided = self.decide_poison(chain, rule, ended)
             if not undecided:
-                self.check_deadlines(chain, firsts)
+                self.check_deadlines(chain, spans)
         elif chain.dead:
             d = chain.dead[0]
             self.add(
@@ -423,7 +552,7 @@ class _FlowState:
                 )
             )
         elif complete:
-            self.check_deadlines(chain, firsts)
+            self.check_deadlines(chain, spans)
         else:
             undecided = self.decide_incomplete(chain, ended)
         if not undecided:
@@ -431,10 +560,13 @@ class _FlowState:
                 self.check_duplicates(chain)
             if self.has_policy:
                 self.check_retries(chain, rule)
-            self.record_latency(chain, firsts, complete)
+            self.record_latency(spans)
             if self.flow.ordering != "none":
                 self.record_order(chain)
         failed = self.chain_failures > before
+        if not failed:  # a failed chain fails the flow's threshold whatever went unjudged
+            self.unjudged.update(self.deciding)
+        self.deciding = None
         self.counts["chains"] += 1
         if undecided and not failed:
             self.counts["unknown"] += 1
@@ -460,6 +592,9 @@ class _FlowState:
             return False
         if chain.dead:
             d = chain.dead[0]
+            on_its_way = any(rule.channel in self.leads_to.get(x.channel, ()) for x in chain.dead)
+            if on_its_way and (ended or self.gap_during(chain)):
+                return True  # seen on the exchange that leads there; its arrival may be unseen
             self.add(
                 self.finding(
                     FindingKind.DEAD_LETTER,
@@ -510,7 +645,7 @@ class _FlowState:
         if (ended or self.gap_during(chain)) and not dropped:
             return True
         if not chain.arrivals[0] and not dropped:
-            if chain.first_ns - self.start_ns < self.window_ns:
+            if chain.first_ns - self.start_ns <= self.window_ns:
                 return True  # it may have started before the recording did
             first = (
                 next(iter(chain.arrivals[reached].values())) if reached >= 0 else chain.timeline[0]
@@ -583,33 +718,55 @@ class _FlowState:
             self.topology.channels.get(self.flow.steps[step].channel), (Topic, Stream)
         )
 
-    def check_deadlines(self, chain: _Chain, firsts: list[int | None]) -> None:
+    def spans(self, chain: _Chain) -> list[tuple[int, str, float] | None]:
+        """Per hop i (step i-1 -> i), then end to end: (ns, clock, error ms), None where an
+        end is missing (end to end: for complete chains only)."""
+        arrivals, late = chain.arrivals, self.late_ms
+        out: list[tuple[int, str, float] | None] = [None]
+        for i in range(1, self.n):
+            a, b = arrivals[i - 1], arrivals[i]
+            out.append(
+                _span(a.values(), b.values(), (late[i - 1], late[i]), False) if a and b else None
+            )
+        whole = arrivals[0] and all(len(a) >= n for a, n in zip(arrivals, self.need, strict=True))
+        out.append(
+            _span(arrivals[0].values(), arrivals[-1].values(), (late[0], late[-1]), True)
+            if whole
+            else None
+        )
+        return out
+
+    def check_deadlines(self, chain: _Chain, spans: list[tuple[int, str, float] | None]) -> None:
         deadlines = self.deadline_ns
-        for i in range(1, len(firsts)):
-            limit = deadlines[i]
-            a, b = firsts[i - 1], firsts[i]
-            if limit is None or a is None or b is None or b - a <= limit:
+        for i in range(1, self.n):
+            limit, span = deadlines[i], spans[i]
+            if limit is None or span is None or span[0] <= limit:
                 continue
             self.add(
                 self.finding(
                     FindingKind.LATE,
                     chain,
-                    f"{self.labels[i]!r} came {(b - a) / 1e6:.0f}ms after {self.labels[i - 1]!r}; "
-                    f"its deadline is {format_duration(self.flow.steps[i].deadline or timedelta())}",
+                    f"{self.labels[i]!r} came {span[0] / 1e6:.0f}ms after {self.labels[i - 1]!r}; "
+                    f"its deadline is {format_duration(self.flow.steps[i].deadline or timedelta())}"
+                    + _on(span),
                     step=i,
                     seen=[next(iter(chain.arrivals[i].values()))],
                 )
             )
         limit = self.flow_deadline_ns
-        if limit is not None and firsts[0] is not None and chain.arrivals[-1]:
-            took = max([o.mono_ns for o in chain.arrivals[-1].values()]) - firsts[0]
-            if took > limit:
+        if limit is not None and chain.arrivals[0] and chain.arrivals[-1]:
+            late = self.late_ms
+            took = _span(
+                chain.arrivals[0].values(), chain.arrivals[-1].values(), (late[0], late[-1]), True
+            )
+            if took[0] > limit:
                 assert self.flow.deadline is not None
                 self.add(
                     self.finding(
                         FindingKind.LATE,
                         chain,
-                        f"chain took {took / 1e6:.0f}ms end to end; the flow's deadline is {format_duration(self.flow.deadline)}",
+                        f"chain took {took[0] / 1e6:.0f}ms end to end; the flow's deadline is {format_duration(self.flow.deadline)}"
+                        + _on(took),
                     )
                 )
 
@@ -650,9 +807,29 @@ class _FlowState:
         on_retry_channels = sum(1 for o in retried if o.channel in self.retry_declared)
         if on_retry_channels:
             counts.append(1 + on_retry_channels)
-        if chain.deliveries[i] and not counts:
-            counts.append(1)
+        if (chain.deliveries[i] or (self.retry_visible[i] and chain.arrivals[i])) and not counts:
+            counts.append(1)  # delivered once, or no record on a retry channel: one attempt
         return max(counts) if counts else None
+
+    def unseen(self, chain: _Chain, i: int) -> str:
+        """Why the attempts at step ``i`` could not be seen."""
+        if self.gap_during(chain):
+            return "a tap gap covered the chain: attempts may have gone unseen"
+        name = self.flow.steps[i].channel
+        ch = self.topology.channels.get(name)
+        if isinstance(ch, Queue):
+            return (
+                f"no delivery was seen on queue {name!r}: RabbitMQ shows deliveries only "
+                "through its firehose (rabbitmqctl trace_on)"
+            )
+        if isinstance(ch, Topic):
+            return (
+                f"a Kafka topic shows attempts only as records on its retry topics, "
+                f"and {name!r} declares none"
+            )
+        if isinstance(ch, Stream):
+            return f"no delivery was seen in the consumer-group pending list of {name!r}"
+        return f"no delivery was seen on {name!r}"
 
     def _origin_step(self, obs: Observation) -> int | None:
         """The step a dead letter came from: its channel, or one of that step's retry channels."""
@@ -660,8 +837,8 @@ class _FlowState:
         steps = self.channel_steps.get(origin)
         return steps[0] if steps else self.retry_of.get(origin)
 
-    def delivery_times(self, chain: _Chain, i: int) -> list[int]:
-        """When each delivery of step ``i`` was seen, in delivery order.
+    def delivery_times(self, chain: _Chain, i: int) -> dict[int, int]:
+        """When each delivery of step ``i`` was first seen, by its number.
 
         Only delivery evidence counts: a record on a Kafka retry topic is written
         at once and consumed after its backoff, so its arrival says nothing of
@@ -671,21 +848,36 @@ class _FlowState:
         for o in chain.deliveries[i]:
             if o.delivery_count:
                 by_count.setdefault(o.delivery_count, o.mono_ns)
-        return [by_count[c] for c in sorted(by_count)]
+        return by_count
 
     def check_retries(self, chain: _Chain, rule: DeadLetterRule | None) -> None:
         for i, step in enumerate(self.flow.steps):
             policy: RetryPolicy | None = step.retry or self.flow.retry
-            if policy is None:
-                continue
-            n = self.attempts(chain, i)
-            if n is None:
-                continue
+            if policy is None or self.is_exchange[i]:
+                continue  # an exchange is never consumed: nothing is attempted there
+            if not (chain.arrivals[i] or chain.deliveries[i] or chain.retry_arrivals[i]):
+                continue  # the chain never got here: nothing was attempted
             expected_exact = (
                 rule is not None
                 and (rule.step is None or rule.step == self.labels[i])
                 and any(d.channel == rule.channel for d in chain.dead)
             )
+            n = self.attempts(chain, i)
+            if n is None:
+                where = self.labels[i]
+                why = self.unseen(chain, i)
+                self.unjudge(
+                    "retries", f"retry max_attempts {policy.max_attempts} at {where!r}", why
+                )
+                if rule is not None and rule.attempts is not None and expected_exact:
+                    self.unjudge(
+                        "retries",
+                        f"dead letter to {rule.channel!r} after {rule.attempts} attempts at {where!r}",
+                        why,
+                    )
+                if policy.backoff is not None:
+                    self.unjudge("retries", f"retry backoff at {where!r}", why)
+                continue
             if n > policy.max_attempts:
                 self.add(
                     self.finding(
@@ -728,63 +920,135 @@ class _FlowState:
                     )
                 )
             if policy.backoff is not None:
-                self.check_backoff(chain, i, policy)
+                self.check_backoff(chain, i, policy, n)
 
-    def check_backoff(self, chain: _Chain, i: int, policy: RetryPolicy) -> None:
+    def check_backoff(self, chain: _Chain, i: int, policy: RetryPolicy, attempts: int) -> None:
+        """Each retry at least its backoff after the attempt before it. Only a pair of
+        consecutive deliveries seen at different times is judged: two seen in one read
+        (the same time) say nothing of the wait between them."""
         assert policy.backoff is not None
         b = policy.backoff
         times = self.delivery_times(chain, i)
+        failed, slack = self.failure_times(chain, i, attempts)
         wait = b.initial.total_seconds()
-        for n in range(1, len(times)):
+        unseen = 0
+        for n in range(1, attempts):
             least = wait * (1 - b.jitter) * 1e9 - BACKOFF_TOLERANCE_NS
-            took = times[n] - times[n - 1]
-            if took < least:
-                self.add(
-                    self.finding(
-                        FindingKind.BACKOFF,
-                        chain,
-                        f"attempt {n + 1} at {self.labels[i]!r} came {took / 1e6:.0f}ms after attempt {n}; the backoff asks for {wait * 1000:.0f}ms",
-                        step=i,
+            earlier, later = times.get(n), times.get(n + 1)
+            if earlier is not None and later is not None and later != earlier:
+                took = later - earlier
+                if took < least:
+                    self.add(
+                        self.finding(
+                            FindingKind.BACKOFF,
+                            chain,
+                            f"attempt {n + 1} at {self.labels[i]!r} came {took / 1e6:.0f}ms after attempt {n}; the backoff asks for {wait * 1000:.0f}ms",
+                            step=i,
+                        )
                     )
-                )
-                return
+                    return
+            else:
+                unseen += 1
+                # When the attempts were made is unseen, but when they failed may be: a
+                # retry was surely early if attempt n+1 failed sooner after attempt n did
+                # than the wait before it. Later than that proves nothing: still unjudged.
+                earlier, later = failed.get(n), failed.get(n + 1)
+                if earlier is not None and later is not None and later != earlier:
+                    took = later - earlier
+                    if took < least - slack:
+                        self.add(
+                            self.finding(
+                                FindingKind.BACKOFF,
+                                chain,
+                                f"attempt {n + 1} at {self.labels[i]!r} failed {took / 1e6:.0f}ms after attempt {n} did; the backoff asks for {wait * 1000:.0f}ms before it",
+                                step=i,
+                            )
+                        )
+                        return
             wait *= b.multiplier
             if b.max is not None:
                 wait = min(wait, b.max.total_seconds())
+        if unseen:
+            self.unjudge(
+                "retries",
+                f"retry backoff at {self.labels[i]!r}",
+                "when its attempts were made was not seen (only deliveries a tap sees one by "
+                "one, on a RabbitMQ firehose or a Redis pending list, carry their times)",
+            )
 
-    def record_latency(self, chain: _Chain, firsts: list[int | None], complete: bool) -> None:
-        for i in range(1, len(firsts)):
-            a, b = firsts[i - 1], firsts[i]
-            if a is not None and b is not None:
-                self.hops[i].add(b - a)
-        start = firsts[0]
-        if complete and start is not None:
-            self.e2e.add(max(o.mono_ns for o in chain.arrivals[-1].values()) - start)
+    def failure_times(self, chain: _Chain, i: int, attempts: int) -> tuple[dict[int, int], int]:
+        """When each attempt at a Kafka topic step was seen to fail, by its number, and how far
+        off (ns) those times may be. A consumer with retry topics writes a record there when
+        an attempt fails (numbered for the attempt to come, Spring's retry_topic-attempts),
+        and one on the dead-letter topic when the last one does. On the brokers' clock when
+        every record carries it."""
+        if not self.is_topic[i]:
+            return {}, 0
+        retries = [o for o in chain.retry_arrivals[i] if o.channel in self.retry_declared]
+        dead = [o for o in chain.dead if self._origin_step(o) == i][:1]
+        recs = retries + dead
+        if not recs:
+            return {}, 0
+        if all(o.broker_ms is not None for o in recs):
+            at = {id(o): (o.broker_ms or 0) * 1_000_000 for o in recs}
+            slack = 1_000_000
+        else:
+            at = {id(o): o.mono_ns for o in recs}
+            late = [self.topology.tap_late(ch) for ch in {o.channel for o in recs}]
+            slack = max((_ns(t[0]) for t in late if t is not None), default=0)
+        counted = all(o.delivery_count for o in retries)
+        out: dict[int, int] = {}
+        for n, o in enumerate(retries, 1):
+            out.setdefault((o.delivery_count or 0) - 1 if counted else n, at[id(o)])
+        for o in dead:
+            out.setdefault(attempts, at[id(o)])
+        return out, slack
+
+    def record_latency(self, spans: list[tuple[int, str, float] | None]) -> None:
+        for i in range(1, self.n):
+            span = spans[i]
+            if span is not None:
+                self.hops[i].add(*span)
+        if spans[-1] is not None:
+            self.e2e.add(*spans[-1])
 
     # ------------------------------------------------------------ ordering
 
     def record_order(self, chain: _Chain) -> None:
+        """Order comes from the brokers' own orders (Kafka offsets within a partition, Redis
+        entry ids within a stream, the order one tap read a channel in), never from tap
+        read times; two places in different orders, or a tie, decide nothing."""
         if not chain.arrivals[0]:
             return
         if len(chain.arrivals[0]) > 1:  # one message at the first step has nothing to overtake
             self.check_within(chain)
         if self.flow.ordering != "per-partition-key":
             return  # per-key: each chain is its own key, ordered within itself
+        what = "ordering per-partition-key"
         group = next((o.kafka_key for a in chain.arrivals for o in a.values() if o.kafka_key), None)
         if group is None:
+            # Partitions are a topic's: a chain that reached none has no partition order.
+            if any(chain.arrivals[i] for i in self.topic_steps):
+                self.unjudge("ordering", what, "no Kafka record key was seen on its messages")
             return
-        positions = [_position(a) for a in chain.arrivals]
+        places = [_merged(p) for p in chain.places]
         start = min(o.mono_ns for o in chain.arrivals[0].values())
         entries = self.order_groups.setdefault(group, [])
-        for other_start, other_key, other_pos in entries:
-            for i in range(1, len(positions)):
-                mine, theirs = positions[i], other_pos[i]
-                if mine is None or theirs is None or other_key == chain.key:
+        others = compared = 0
+        for _, other_key, other in entries:
+            if other_key == chain.key:
+                continue
+            others += 1
+            first = _compare(other[0], places[0])  # -1: the other one came first
+            if first is None:
+                continue
+            for i in range(1, len(places)):
+                now = _compare(other[i], places[i])
+                if now is None:
                     continue
-                if (start > other_start) != (mine > theirs) and start != other_start:
-                    earlier, later = (
-                        (other_key, chain.key) if other_start < start else (chain.key, other_key)
-                    )
+                compared += 1
+                if now != first:
+                    earlier, later = (other_key, chain.key) if first < 0 else (chain.key, other_key)
                     self.add(
                         self.finding(
                             FindingKind.REORDERED,
@@ -796,7 +1060,14 @@ class _FlowState:
                         )
                     )
                     break
-        entries.append((start, chain.key, positions))
+        if others and not compared:
+            self.unjudge(
+                "ordering",
+                what,
+                "no step held it and another chain of its key in one broker order "
+                "(one partition, one stream, one queue) at places that differ",
+            )
+        entries.append((start, chain.key, places))
         self.order_log.append((start, group))
         # Forget chains that started two windows ago: nothing can overtake them any more.
         horizon = start - 2 * self.window_ns
@@ -808,18 +1079,38 @@ class _FlowState:
                 if not kept:
                     del self.order_groups[old_group]
 
+    def in_order(self, chain: _Chain, i: int) -> list[Observation] | None:
+        """The messages at step ``i`` in a broker order every one of them has a place in;
+        None when there is none."""
+        places = chain.places[i]
+        per = [places.get(ident, {}) for ident in chain.arrivals[i]]
+        common = set.intersection(*(set(p) for p in per)) if per else set()
+        if not common:
+            return None
+        order = min(common, key=lambda o: (_RANK[o[0]], repr(o)))
+        ranked = sorted(
+            zip(per, chain.arrivals[i].values(), strict=True), key=lambda p: p[0][order]
+        )
+        return [o for _, o in ranked]
+
     def check_within(self, chain: _Chain) -> None:
         """Several messages of one chain at a step: they keep their first-step order (by trace id)."""
-        first = sorted(chain.arrivals[0].values(), key=_sort_key)
+        what = f"ordering {self.flow.ordering}"
+        why = "its messages at {step!r} were not all seen in one broker order"
+        first = self.in_order(chain, 0)
+        if first is None:
+            self.unjudge("ordering", what, why.format(step=self.labels[0]))
+            return
         order = {o.trace_id: n for n, o in enumerate(first) if o.trace_id}
         if len(order) < 2:
             return
         for i in range(1, len(chain.arrivals)):
-            seq = [
-                order[o.trace_id]
-                for o in sorted(chain.arrivals[i].values(), key=_sort_key)
-                if o.trace_id in order
-            ]
+            there = self.in_order(chain, i)
+            if there is None:
+                if chain.arrivals[i]:
+                    self.unjudge("ordering", what, why.format(step=self.labels[i]))
+                continue
+            seq = [order[o.trace_id] for o in there if o.trace_id in order]
             for a, b in itertools.pairwise(seq):
                 if b < a:
                     self.add(
@@ -835,7 +1126,7 @@ class _FlowState:
 
     # ------------------------------------------------------------ result
 
-    def verdict(self) -> FlowVerdict:
+    def verdict(self, allow_unjudged: bool) -> FlowVerdict:
         lat: list[Latency] = []
         for i in range(1, len(self.flow.steps)):
             budget = self.flow.steps[i].latency
@@ -848,6 +1139,14 @@ class _FlowState:
         rate = self.counts["succeeded"] / decided if decided else 1.0
         need = self.flow.success_rate if self.flow.success_rate is not None else 1.0
         rate_ok = rate >= need - 1e-12
+        if not decided:
+            seen, unknown = self.counts["chains"], self.counts["unknown"]
+            self.unjudge(
+                "chains",
+                "its chains, and every expectation judged on them",
+                f"no chain was decided: {seen} seen, {unknown} unknown",
+                unknown,
+            )
         if self.flow.error_rate is not None and decided:
             errors = self.counts["failed"] / decided
             if errors > self.flow.error_rate + 1e-12:
@@ -867,6 +1166,10 @@ class _FlowState:
                     message=f"success rate {rate:.2%} is below {need:.2%}",
                 )
             )
+        unjudged = [
+            Unjudged(flow=self.name, expectation=what, why=why, chains=n)
+            for (_, what, why), n in self.unjudged.items()
+        ]
         checks = []
         for name, kinds in CHECKS.items():
             n = sum(self.totals[k.value] for k in kinds)
@@ -884,6 +1187,15 @@ class _FlowState:
                 other = n - per_chain
                 passed = other == 0 and (per_chain == 0 or rate_ok)
                 msg = "no findings" if n == 0 else f"{n} finding(s)"
+            mine = [
+                (what, why, c) for (check, what, why), c in self.unjudged.items() if check == name
+            ]
+            if mine:
+                passed = passed and allow_unjudged
+                what, why, c = mine[0]
+                on = f" on {c} chain(s)" if c else ""
+                more = f" (and {len(mine) - 1} more)" if len(mine) > 1 else ""
+                msg += f"; not judged: {what}{on}: {why}{more}"
             checks.append(Check(name=name, passed=passed, message=msg, findings=n))
         return FlowVerdict(
             flow=self.name,
@@ -895,13 +1207,16 @@ class _FlowState:
             dead_lettered=self.counts["dead_lettered"],
             checks=checks,
             latency=lat,
+            # Findings about the whole flow first: never behind the chains' many.
             findings=sorted(
                 self.findings,
                 key=lambda f: (
-                    f.seen[0].at_ms if f.seen else (f.timeline[0].at_ms if f.timeline else 0.0)
+                    f.key is not None,
+                    f.seen[0].at_ms if f.seen else (f.timeline[0].at_ms if f.timeline else 0.0),
                 ),
             ),
             findings_total=dict(self.totals),
+            unjudged=unjudged,
         )
 
     def _latency(
@@ -913,7 +1228,11 @@ class _FlowState:
         # A sample is off by the last step's tap lateness less the first's: at most the larger.
         late = max((e for e in ends if e is not None), default=None, key=lambda e: e[0])
         late_ms = late[0].total_seconds() * 1000 if late else 0.0
-        tail = f"; a tap may see a step up to {late_ms:g}ms late, {late[1]}" if late else ""
+        clock = hist.clock()
+        if clock == MONO:
+            tail = f"; a tap may see a step up to {late_ms:g}ms late, {late[1]}" if late else ""
+        else:
+            tail = f"; off by up to {hist.error_ms:g}ms" if hist.error_ms else ""
         if budget is not None:
             for p in ("p50", "p90", "p95", "p99", "max"):
                 limit = getattr(budget, p)
@@ -928,11 +1247,23 @@ class _FlowState:
                             kind=FindingKind.LATENCY,
                             flow=self.name,
                             step=hop,
-                            message=f"{hop}: {p} is {have:.1f}ms, over its budget of {budgets[p]:.1f}ms ({stats.count} samples, clock mono_ns{tail})",
+                            message=f"{hop}: {p} is {have:.1f}ms, over its budget of {budgets[p]:.1f}ms ({stats.count} samples, clock {clock}{tail})",
                         )
                     )
+            if stats.count == 0:
+                left = stats.non_positive + stats.unusable
+                self.unjudge(
+                    "latency",
+                    f"latency budget of {hop}",
+                    f"no sample: all {left} left out of the percentiles"
+                    if left
+                    else "no sample: no chain was seen at both of its ends",
+                    0,
+                )
         return Latency(
             hop=hop,
+            clock=clock,
+            error_ms=round(hist.error_ms, 3),
             stats=stats,
             budget_ms=budgets,
             passed=passed,
@@ -941,16 +1272,9 @@ class _FlowState:
         )
 
 
-def _position(arrived: Mapping[tuple[Any, ...], Observation]) -> tuple[Any, ...] | None:
-    if not arrived:
-        return None
-    o = min(arrived.values(), key=_sort_key)
-    return _sort_key(o)
-
-
-def _sort_key(o: Observation) -> tuple[Any, ...]:
-    # Within a Kafka partition the offset is the true order; elsewhere, arrival time.
-    return (0, o.offset, 0) if o.offset is not None else (1, o.mono_ns, 0)
+def _on(span: tuple[int, str, float]) -> str:
+    """How a figure was taken, for messages: said when not on flowcheck's monotonic clock."""
+    return "" if span[1] == MONO else f" (clock {span[1]}, within {span[2]:g}ms)"
 
 
 def _seen(obs: Observation, start_ns: int) -> Seen:
@@ -983,10 +1307,13 @@ class Checker:
         *,
         start_ns: int | None = None,
         expected: Mapping[str, Iterable[str]] | None = None,
-        allow_unjudged: bool = False,
+        allow_unjudged: bool | None = None,
     ) -> None:
         self.topology = topology
-        self.allow_unjudged = allow_unjudged
+        # None: as the topology's gate says.
+        self.allow_unjudged = (
+            topology.gate.allow_unjudged if allow_unjudged is None else allow_unjudged
+        )
         self.start_ns = start_ns
         self.expected = {f: set(keys) for f, keys in (expected or {}).items()}
         self.flows: dict[str, _FlowState] = {}
@@ -1066,7 +1393,7 @@ class Checker:
             key = keys.get(state.name)
             if key is None:
                 continue
-            if state.feed(obs, key, route):
+            if state.feed(obs, key, route, self.count):
                 # A new chain may be due before what was due so far.
                 due = at + state.window_ns
                 if due < self.next_expiry:
@@ -1091,7 +1418,7 @@ class Checker:
         )
         if states:
             states[0].add(finding)
-        elif len(self.other) < MAX_FINDINGS:
+        else:
             self.other.append(finding)
 
     def _first_copy(self, obs: Observation) -> bool:
@@ -1160,15 +1487,28 @@ class Checker:
                 )
         for state in self.flows.values():
             state.finish(end)
-        flows = [s.verdict() for s in self.flows.values()]
+        allow = self.allow_unjudged
+        flows = [s.verdict(allow) for s in self.flows.values()]
+        unjudged = []
+        unknown = sum(f.unknown for f in flows)
+        if recording is not None and recording.ended == "unknown" and unknown:
+            unjudged.append(
+                Unjudged(
+                    expectation="the chains still open when the recording ended",
+                    why="the trace has no end record (the recorder crashed or was killed): "
+                    "when watching stopped is not known, so they are unknown, not lost",
+                    chains=unknown,
+                )
+            )
         return Verdict(
-            passed=all(f.passed for f in flows) and not self.other,
+            passed=all(f.passed for f in flows) and not self.other and (allow or not unjudged),
             observations=self.count,
             topology=self.topology.name,
             gaps=[_seen(g, self.start_ns or 0) for g in self.gaps],
             flows=flows,
             findings=self.other,
-            allow_unjudged=self.allow_unjudged,
+            unjudged=unjudged,
+            allow_unjudged=allow,
             recording=recording,
         )
 
@@ -1180,9 +1520,11 @@ def check(
     start_ns: int | None = None,
     end_ns: int | None = None,
     expected: Mapping[str, Iterable[str]] | None = None,
+    allow_unjudged: bool | None = None,
+    recording: Recording | None = None,
 ) -> Verdict:
     """Check a whole history at once."""
-    checker = Checker(topology, start_ns=start_ns, expected=expected)
+    checker = Checker(topology, start_ns=start_ns, expected=expected, allow_unjudged=allow_unjudged)
     for obs in observations:
         checker.feed(obs)
-    return checker.finish(end_ns)
+    return checker.finish(end_ns, recording=recording)

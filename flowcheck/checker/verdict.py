@@ -103,7 +103,12 @@ class Percentiles(BaseModel):
 
     count: int
     non_positive: int = Field(
-        0, description="samples <= 0 (clock skew or same-instant copies), not in the percentiles"
+        0,
+        description="samples below zero, or zero on flowcheck's clock (clock skew, "
+        "same-instant copies), not in the percentiles",
+    )
+    unusable: int = Field(
+        0, description="samples beyond the histogram's range (an hour), not in the percentiles"
     )
     p50_ms: float | None = None
     p90_ms: float | None = None
@@ -116,7 +121,12 @@ class Latency(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     hop: str = Field(description="'a -> b' for a hop, 'end-to-end' for the chain")
-    clock: str = "mono_ns"
+    clock: str = Field(
+        "mono_ns",
+        description="the clocks the samples were taken on, most used first: broker_ms, "
+        "mono_ns, broker_ms+wall (a mix); none without samples",
+    )
+    error_ms: float = Field(0.0, description="how far off a sample may be, at most")
     stats: Percentiles
     budget_ms: dict[str, float] = Field(default_factory=dict)
     passed: bool = True
@@ -179,9 +189,7 @@ class FlowVerdict(BaseModel):
     checks: list[Check]
     latency: list[Latency]
     findings: list[Finding]
-    findings_total: dict[str, int] = Field(
-        default_factory=dict, description="per kind, including those cut from the list"
-    )
+    findings_total: dict[str, int] = Field(default_factory=dict, description="per kind")
     unjudged: list[Unjudged] = Field(
         default_factory=list, description="declared expectations that could not be judged"
     )

@@ -435,6 +435,14 @@ class Flow(Model):
     error_rate: Ratio | None = Field(None, description="at most this share of chains fail")
 
 
+class Gate(Model):
+    """How the verdict gates: what may pass."""
+
+    allow_unjudged: bool = Field(
+        False, description="pass even when a declared expectation could not be judged"
+    )
+
+
 class Topology(Model):
     """A whole topology file."""
 
@@ -444,6 +452,7 @@ class Topology(Model):
     channels: dict[Name, Channel]
     services: dict[Name, Service] = Field(default_factory=dict)
     flows: dict[Name, Flow] = Field(default_factory=dict)
+    gate: Gate = Field(default_factory=Gate)
 
     def tap_late(self, channel: str) -> tuple[timedelta, str] | None:
         """How late a tap may see a message on ``channel``, and the setting that makes it so;

@@ -1034,6 +1034,28 @@ def span_us(shape: Shape, sp: StepPlan, i: int) -> int:
 # ---------------------------------------------------------------- comparing with the verdict
 
 
+def unjudged(scenario: Scenario) -> dict[str, int]:
+    """The expectations a clean scenario leaves unjudged, with the chains each is about:
+    attempts no tap sees (a step with ``retries_seen=False``), and the backoff of retries
+    whose times no tap sees (a Kafka topic's retries are records on its retry topic,
+    written at once: when each attempt was made does not show)."""
+    shape = scenario.shape
+    out: dict[str, int] = {}
+    for p in scenario.plans:
+        last = len(shape.steps) - 1 if p.dies_at is None else p.dies_at
+        for i in range(last + 1):
+            spec = shape.steps[i]
+            if spec.kind == "exchange":
+                continue
+            where = f"at {spec.label!r}"
+            if not spec.retries_seen:
+                for what in (f"retry max_attempts {shape.max_attempts}", "retry backoff"):
+                    out[f"{what} {where}"] = out.get(f"{what} {where}", 0) + 1
+            elif spec.kind == "topic" and p.steps[i].attempts > 1:
+                out[f"retry backoff {where}"] = out.get(f"retry backoff {where}", 0) + 1
+    return out
+
+
 def same(seen: Seen, obs: Observation) -> bool:
     """Is ``seen`` the verdict's reference to ``obs``?"""
     return (

@@ -26,9 +26,8 @@ channels:
 flows:
   f:
     correlate: $.id
-    steps: [orders, billing, {channel: pay, latency: {p99: 50ms}}]
+    steps: [orders, {channel: billing, retry: {max_attempts: 3}}, {channel: pay, latency: {p99: 50ms}}]
     deadline: 1s
-    retry: {max_attempts: 3}
     dead_letters:
       - {when: {payload: {$.poison: true}}, channel: dlq, reason: delivery_limit, attempts: 3}
 """
@@ -42,6 +41,7 @@ def topology() -> Topology:
 def healthy(h: History, key: str, at: float, offset: int) -> None:
     h.at(at).routed("orders", key)
     h.routed("billing", key)
+    h.add(Kind.DELIVERED, "billing", key, delivery_count=1)
     h.at(at + 20).routed("pay", key, partition=0, offset=offset)
 
 

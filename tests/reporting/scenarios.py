@@ -40,9 +40,8 @@ channels:
 flows:
   checkout:
     correlate: $.id
-    steps: [orders, billing, {channel: pay, latency: {p99: 50ms}}]
+    steps: [orders, {channel: billing, retry: {max_attempts: 3}}, {channel: pay, latency: {p99: 50ms}}]
     deadline: 1s
-    retry: {max_attempts: 3}
     dead_letters:
       - {when: {payload: {$.poison: true}}, channel: dlq, reason: delivery_limit, attempts: 3}
   audit:
@@ -96,6 +95,7 @@ def run(
 def healthy(h: History, key: str, at: float, offset: int, pay_after: float = 20) -> None:
     h.at(at).routed("orders", key)
     h.routed("billing", key)
+    h.add(Kind.DELIVERED, "billing", key, delivery_count=1)  # the firehose shows it
     h.at(at + pay_after).routed("pay", key, partition=0, offset=offset)
 
 

@@ -137,7 +137,6 @@ def test_docs_list_every_kind_cause_and_check() -> None:
 
 def test_docs_state_the_engine_limits() -> None:
     text = DOC.read_text(encoding="utf-8")
-    assert f"at most the first {MAX_FINDINGS}" in text
     assert f"beyond the first {MAX_FINDINGS}" in text
     assert f"at most its first {MAX_TIMELINE} observations" in text
 
