@@ -624,7 +624,7 @@ def check(
                 err=True,
             )
         start = reader.header.started_mono_ns
-        checker = Checker(topology, start_ns=start, allow_unjudged=allow_unjudged)
+        checker = Checker(topology, start_ns=start, allow_unjudged=allow_unjudged or None)
         with _few_collections():
             for obs in reader:
                 checker.feed(obs)
@@ -753,7 +753,7 @@ def run(
                             f"flowcheck: {escape(line)}", soft_wrap=True
                         ),
                         run_id=run_id,
-                        allow_unjudged=allow_unjudged,
+                        allow_unjudged=allow_unjudged or None,  # None: the topology says
                         # The end record of a trace cut short by a signal, as record writes it.
                         cancelled=lambda: (
                             None

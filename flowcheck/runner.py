@@ -46,7 +46,7 @@ async def run(
     apply: bool = True,
     progress: Callable[[str], None] | None = None,
     run_id: str | None = None,
-    allow_unjudged: bool = False,
+    allow_unjudged: bool | None = None,
     cancelled: Callable[[], Ended | None] | None = None,
 ) -> Outcome:
     """The trace goes to ``out_dir``/trace-``run_id``.jsonl (``run_id`` default: random).
@@ -79,7 +79,7 @@ async def _run(
     apply: bool,
     say: Callable[[str], None],
     run_id: str,
-    allow_unjudged: bool,
+    allow_unjudged: bool | None,
     cancelled: Callable[[], Ended | None],
 ) -> Outcome:
     plan = list(messages(scenario, topology, run_id))
@@ -136,7 +136,9 @@ async def _run(
                     if obs.kind == Kind.UNROUTABLE:
                         say(f"unroutable: {m.flow} {key} ({obs.reason})")
                 longest = window(topology)
-                limit = scenario.timeout or longest
+                # Chains of later flows open up to one window after publishing, and each
+                # is decided one window after it opened: two windows bound the wait.
+                limit = scenario.timeout or 2 * longest
                 say(
                     f"published; waiting up to {limit.total_seconds():g}s for {len(waiting)} chains"
                 )

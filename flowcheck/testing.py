@@ -400,7 +400,8 @@ class Flowcheck:
     watching after a chain's end for a late copy its flow forbids; None (the
     default) derives it per flow from the taps' lateness (:func:`settle_time`).
     ``allow_unjudged`` lets :meth:`check` pass when the checker could not judge
-    some declared expectation (each is still listed).
+    some declared expectation (each is still listed); None (the default) follows
+    the topology's ``gate: {allow_unjudged: ...}``.
 
     Use ``async with Flowcheck(...) as fc`` or :meth:`start` / :meth:`stop`.
     """
@@ -415,7 +416,7 @@ class Flowcheck:
         trace: str | os.PathLike[str] | None = None,
         deadline: Within = DEFAULT_DEADLINE,
         settle: Within | None = None,
-        allow_unjudged: bool = False,
+        allow_unjudged: bool | None = None,
         name: str | None = None,
     ) -> None:
         unknown = [f for f in flows or () if f not in topology.flows]

@@ -329,7 +329,7 @@ class _FlowState:
         self.policies = [s.retry or flow.retry for s in flow.steps]
         self.has_policy = any(p is not None for p in self.policies)
         self.chain_failures = 0  # findings that fail a chain, so far
-        self.track_decided = False  # remember decided keys (runs with expectations only)
+        self.track_decided = False  # remember decided keys (runs only)
         self.decided: set[str] = set()
         self.chains: dict[str, _Chain] = {}
         self.expiry: list[tuple[int, int, str]] = []
@@ -560,6 +560,8 @@ class _FlowState:
                 self.check_duplicates(chain)
             if self.has_policy:
                 self.check_retries(chain, rule)
+            elif rule is not None and rule.attempts is not None:
+                self.check_rule_attempts(chain, rule, rule.attempts)
             self.record_latency(spans)
             if self.flow.ordering != "none":
                 self.record_order(chain)
@@ -921,6 +923,37 @@ class _FlowState:
                 )
             if policy.backoff is not None:
                 self.check_backoff(chain, i, policy, n)
+
+    def check_rule_attempts(self, chain: _Chain, rule: DeadLetterRule, want: int) -> None:
+        """A dead-letter rule's ``attempts`` where the flow declares no retry policy: the
+        dead letter came after exactly that many attempts at the step it died on."""
+        there = [d for d in chain.dead if d.channel == rule.channel]
+        if not there:
+            return  # not dead-lettered where the rule says: a dead-letter finding, not this
+        at = self._step_index(rule.step)
+        if at is None:
+            at = next((s for d in there if (s := self._origin_step(d)) is not None), None)
+        if at is None and self.n == 1:
+            at = 0
+        expectation = f"dead letter to {rule.channel!r} after {want} attempts"
+        if at is None:
+            self.unjudge(
+                "retries", expectation, "the dead letter does not say which step it died at"
+            )
+            return
+        n = self.attempts(chain, at)
+        if n is None:
+            self.unjudge("retries", f"{expectation} at {self.labels[at]!r}", self.unseen(chain, at))
+        elif n != want:
+            self.add(
+                self.finding(
+                    FindingKind.RETRIES,
+                    chain,
+                    f"dead-lettered after {n} attempts at {self.labels[at]!r}; expected {want}",
+                    step=at,
+                    seen=there[:1],
+                )
+            )
 
     def check_backoff(self, chain: _Chain, i: int, policy: RetryPolicy, attempts: int) -> None:
         """Each retry at least its backoff after the attempt before it. Only a pair of
@@ -1316,6 +1349,7 @@ class Checker:
         )
         self.start_ns = start_ns
         self.expected = {f: set(keys) for f, keys in (expected or {}).items()}
+        self.tracking = expected is not None  # remember decided keys: settled() is asked
         self.flows: dict[str, _FlowState] = {}
         self.states: list[_FlowState] = []
         self.by_channel: dict[str, list[tuple[_FlowState, _Route]]] = {}
@@ -1333,7 +1367,8 @@ class Checker:
         self.start_ns = start_ns
         for name, flow in self.topology.flows.items():
             state = _FlowState(name, flow, self.topology, start_ns)
-            state.track_decided = name in self.expected
+            # A run (it passes ``expected``) asks settled() of every chain it started.
+            state.track_decided = self.tracking
             self.flows[name] = state
             self.states.append(state)
             for ch in state.watched:

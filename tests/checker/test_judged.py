@@ -512,3 +512,40 @@ def test_a_late_step_is_said_on_its_clock() -> None:
     assert late.message == (
         "'shipments' came 250ms after 'orders'; its deadline is 100ms (clock broker_ms, within 1ms)"
     )
+
+
+@pytest.mark.parametrize(("count", "kinds"), [(3, []), (2, [("retries", "p1")])])
+def test_dead_letter_attempts_are_judged_without_a_retry_policy(
+    count: int, kinds: list[tuple[str, str]]
+) -> None:
+    """A rule's ``attempts`` is an expectation of its own: judged from the dead letter's
+    count (x-death, PEL) when the flow declares no retry policy, never skipped."""
+    top = loads(RETRY.replace(", retry: {max_attempts: 3}", ""))
+    h = History()
+    body = {"id": "p1", "poison": True}
+    h.at(0).routed("orders", "p1", body)
+    h.routed("billing", "p1", body)
+    h.add(
+        Kind.DEAD_LETTERED,
+        "dlq",
+        "p1",
+        body,
+        reason="rejected",
+        origin="billing",
+        delivery_count=count,
+    )
+    v = run(top, h)
+    assert found(v) == kinds
+    assert unjudged(v) == {}
+
+
+def test_dead_letter_attempts_without_a_retry_policy_no_tap_saw_are_unjudged() -> None:
+    top = loads(RETRY.replace(", retry: {max_attempts: 3}", ""))
+    h = History()
+    body = {"id": "p1", "poison": True}
+    h.at(0).routed("orders", "p1", body)
+    h.routed("billing", "p1", body)
+    h.add(Kind.DEAD_LETTERED, "dlq", "p1", body, reason="rejected", origin="billing")
+    v = run(top, h)
+    assert unjudged(v)["dead letter to 'dlq' after 3 attempts at 'billing'"][1] == 1
+    assert not v.passed
