@@ -646,6 +646,16 @@ class RabbitMQAdapter(Adapter):
 
         return on_message
 
+    def _past_limit(self, origin: str | None) -> int | None:
+        """Deliveries of a message a quorum queue dead-lettered for its delivery limit: the
+        broker does so once the message was returned more times than the limit, after
+        limit + 1 deliveries. The limit is the topology's, which apply and drift keep
+        equal to the broker's."""
+        ch = self.topology.channels.get(origin or "")
+        if isinstance(ch, Queue) and ch.delivery_limit is not None:
+            return ch.delivery_limit + 1
+        return None
+
     def _observe_copy(
         self, key: str, msg: DeliveredMessage, sink: Sink, *, unroutable: bool = False
     ) -> None:
@@ -673,6 +683,8 @@ class RabbitMQAdapter(Adapter):
                 # Failed deliveries before the death, if the broker says; else unknown.
                 count = headers.get("x-delivery-count")
                 number = _int(count) if count is not None else None
+                if number is None and reason == "delivery_limit":
+                    number = self._past_limit(origin)
         sink(
             self.observe(
                 kind,

@@ -156,6 +156,9 @@ async def test_delivery_limit_dead_letters_after_redeliveries(
     )
     assert dead.keys == {FLOW: "o-1"}
     assert dead.trace_id == sent.trace_id
+    # Dead-lettered for its delivery limit: the broker delivered it limit + 1 times, as
+    # the consumer saw, though the dead letter carries no delivery count of its own.
+    assert dead.delivery_count == len(deliveries) == 2
     # The firehose saw both deliveries on the work queue, numbered.
     on_work = [o for o in memory.items if o.channel == "work" and o.kind is not Kind.ROUTED]
     assert [(o.kind, o.delivery_count, o.fc_id) for o in on_work] == [
