@@ -10,9 +10,10 @@ at once by
   API's gate);
 - ``flowcheck run`` with a scenario of the same orders, which publishes them
   itself (as ``scripts/demo.py`` does): the shop's billing, payments and
-  shipping services work them. Where the fault lives in the shop's checkout
-  (mis-route), checkout has to place the orders and ``run`` cannot drive the
-  shop: that case is checked through the other two paths only.
+  shipping services work them. Where the shop's checkout places the orders (the
+  mis-route fault lives there, and one clean run is placed that way, as in
+  production), ``run`` cannot drive the shop: those cases are checked through
+  the other two paths.
 
 All paths must agree: the same passed/failed, the same findings (flow, kind,
 key, step), the same chain counts, none left unknown. The orders come from the shop's own planner (``plan_orders``), with ids
@@ -83,10 +84,12 @@ DEADLINES = {
 STEP = 60.0  # seconds; bounds each wait, only reached when something hangs
 LATENCY_MS = 600  # the latency fault: over payments' 500 ms budget, under the deadlines
 # The pytest API's check() waits this long at most for open chains, then judges them as
-# past their deadline. It is called once run has returned (every chain reached its end or
-# its deadline) or checkout's orders were seen: nothing it waits for should still be on
-# its way. (It waits the whole of it for a chain already lost: see the last test.)
+# past their deadline. Called once run has returned (every chain reached its end or its
+# deadline), nothing it waits for is still on its way; called as soon as checkout has
+# placed its orders, they are, for up to the longest deadline. (It waits the whole of it
+# for a chain already lost: see the last test.)
 API_WITHIN = 4.0
+API_WITHIN_CHECKOUT = 10.0
 LOST_WITHIN = 8.0
 
 
@@ -319,12 +322,12 @@ async def run_gate(env: Env, path: Path) -> Seen:
     return Seen("run", done.returncode == 0, done.returncode, verdict)
 
 
-async def api_check(fc: Flowcheck, placed: Callable[[list[str]], bool]) -> Seen:
+async def api_check(fc: Flowcheck, placed: Callable[[list[str]], bool], within: float) -> Seen:
     """The pytest API as a test uses it: wait until the taps have seen every order placed
     (``placed`` of the order ids seen), then ``check()``, which passes or raises."""
     assert await fc.wait_for(lambda _: placed(fc.seen_keys("order-to-shipment")))
     try:
-        await fc.check(within=API_WITHIN)
+        await fc.check(within=within)
     except FlowAssertionError:
         passed = False
     else:
@@ -382,7 +385,8 @@ async def run_case(
                     await shop.checkout.publish(order)
             else:
                 seen.append(await run_gate(env, scenario_file))
-            seen.append(await api_check(fc, placed))
+            within = API_WITHIN_CHECKOUT if by_checkout else API_WITHIN
+            seen.append(await api_check(fc, placed, within))
             stats = shop.stats
         # The recorder stops here (SIGINT), every chain decided, before the shop's teardown.
     seen.insert(0, await check_trace(env, trace))
@@ -469,6 +473,18 @@ async def test_clean_shop_passes_on_every_path(env: Env, seed: int) -> None:
     strict = await check_trace(env, case.trace, allow_unjudged=False)
     assert strict.passed == (not recorded.unjudged())
     assert strict.found() == recorded.found()
+
+
+async def test_clean_shop_placing_its_own_orders_passes_on_both_paths(env: Env) -> None:
+    """Checkout places the orders, as in production: record -> check and the pytest API."""
+    case = await run_case(env, 61, by_checkout=True)
+    assert [s.path for s in case.seen] == ["record+check", "pytest API"]
+    agree(case.seen)
+    for s in case.seen:
+        assert s.passed, str(s)
+        assert s.found() == set(), str(s)
+        unjudged_only_attempts(s)
+    assert not case.stats.faults
 
 
 async def test_the_shops_own_scenario_passes_on_every_path(env: Env) -> None:
