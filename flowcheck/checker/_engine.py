@@ -1067,21 +1067,24 @@ class _FlowState:
         places = [_merged(p) for p in chain.places]
         start = min(o.mono_ns for o in chain.arrivals[0].values())
         entries = self.order_groups.setdefault(group, [])
-        others = compared = 0
+        unplaced = 0  # chains that reached a later step with this one, in no common order
         for _, other_key, other in entries:
             if other_key == chain.key:
                 continue
-            others += 1
-            first = _compare(other[0], places[0])  # -1: the other one came first
-            if first is None:
+            # Only steps both chains reached can show an overtaking (a chain that ended in
+            # a dead letter early has nothing to compare there).
+            shared = [i for i in range(1, len(places)) if places[i] and other[i]]
+            if not shared:
                 continue
-            for i in range(1, len(places)):
-                now = _compare(other[i], places[i])
+            first = _compare(other[0], places[0])  # -1: the other one came first
+            judged = False
+            for i in shared:
+                now = None if first is None else _compare(other[i], places[i])
                 if now is None:
                     continue
-                compared += 1
+                judged = True
                 if now != first:
-                    earlier, later = (other_key, chain.key) if first < 0 else (chain.key, other_key)
+                    earlier, later = (other_key, chain.key) if now > 0 else (chain.key, other_key)
                     self.add(
                         self.finding(
                             FindingKind.REORDERED,
@@ -1093,12 +1096,13 @@ class _FlowState:
                         )
                     )
                     break
-        if others and not compared:
+            unplaced += not judged
+        if unplaced:
             self.unjudge(
                 "ordering",
                 what,
-                "no step held it and another chain of its key in one broker order "
-                "(one partition, one stream, one queue) at places that differ",
+                "it and another chain of its key reached a later step, but no broker order "
+                "(one partition, one stream, one queue) held both at two steps",
             )
         entries.append((start, chain.key, places))
         self.order_log.append((start, group))
