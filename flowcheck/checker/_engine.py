@@ -328,6 +328,15 @@ class _FlowState:
         self.topic_steps = [i for i, topic in enumerate(self.is_topic) if topic]
         self.policies = [s.retry or flow.retry for s in flow.steps]
         self.has_policy = any(p is not None for p in self.policies)
+        # Steps whose attempts only the consumer group's deliveries show (a stream's
+        # pending list, polled): a run waits for that evidence before it may end.
+        self.await_deliveries = [
+            i
+            for i, (s, p) in enumerate(zip(flow.steps, self.policies, strict=True))
+            if p is not None
+            and isinstance(ch := topology.channels.get(s.channel), Stream)
+            and ch.groups
+        ]
         self.chain_failures = 0  # findings that fail a chain, so far
         self.track_decided = False  # remember decided keys (runs only)
         self.decided: set[str] = set()
@@ -1498,6 +1507,11 @@ class Checker:
         rule = state.rule_for(chain)
         if rule is not None:  # a poison chain ends in its dead letter, wherever it got to
             return any(d.channel == rule.channel for d in chain.dead)
+        if any(
+            chain.arrivals[i] and not (chain.deliveries[i] or chain.consumed[i])
+            for i in state.await_deliveries
+        ):
+            return False  # its attempts are judged from deliveries the taps have yet to see
         return all(len(a) >= n for a, n in zip(chain.arrivals, state.need, strict=True))
 
     def finish(self, end_ns: int | None = None, *, recording: Recording | None = None) -> Verdict:

@@ -173,8 +173,13 @@ async def test_mis_route_is_lost_as_unroutable(gate: Gate) -> None:
     assert run.code == 1
     misrouted = run.faulty(Fault.MIS_ROUTE)
     assert len(misrouted) == 48  # checkout mis-routes every order it places
-    # Both flows that start at shop.orders lose every order there, and say why.
-    assert run.failed() == {MAIN, "poison-order"}
+    # Both flows that start at shop.orders lose every order there, and say why; the
+    # flows downstream of billing saw no chain at all: judged nothing, so not green.
+    assert run.failed() == {MAIN, "poison-order", "declined-payment", "stuck-shipment"}
+    for flow in ("declined-payment", "stuck-shipment"):
+        assert run.flow(flow).findings == [], flow
+        [nothing] = run.flow(flow).unjudged
+        assert nothing.why.startswith("no chain was decided: 0 seen"), flow
     for flow in (MAIN, "poison-order"):
         assert run.kinds(flow) == {FindingKind.LOST}, flow
         found = [f for f in run.flow(flow).findings if f.kind is FindingKind.LOST]

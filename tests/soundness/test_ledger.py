@@ -19,7 +19,6 @@ import pytest
 from examples.ledger import Brokers, Event, Fault, Kind, Ledger, Settings, Tx, plan_txs
 
 from .kit import (
-    KnownBug,
     Triple,
     agree,
     choose,
@@ -31,17 +30,6 @@ from .kit import (
 
 SEEDS = [11, 23, 37, 41, 59]
 FAULT_SEED = 2026
-RECORD = "record -> check"
-BOTH = (RECORD, "pytest API")
-
-ITEM_1 = (
-    "issue 15 item 1: ordering is judged by tap read times; the records of one Kafka fetch "
-    "share one, and a tie is never compared, so the inversion is not seen"
-)
-ITEM_1_TIES = (
-    "issue 15 item 1: every entry of one Redis read gets the same time, and a tie at a later "
-    "step counts as an inversion of two chains whose first steps were read apart"
-)
 
 
 @pytest.fixture
@@ -98,21 +86,6 @@ async def test_clean_run_has_no_finding(settings: Settings, tmp_path: Path, seed
     agree(set(), run.outcomes, succeeded=clean_counts(txs))
 
 
-# The paths a known flowcheck bug makes disagree today, and the bug.
-KNOWN: dict[Fault, tuple[tuple[str, ...], str]] = {
-    Fault.REORDER: (BOTH, ITEM_1),
-}
-
-
-def fault_case(fault: Fault) -> object:
-    if fault not in KNOWN:
-        return pytest.param(fault, id=str(fault))
-    _, reason = KNOWN[fault]
-    mark = pytest.mark.xfail(strict=True, raises=KnownBug, reason=reason)
-    return pytest.param(fault, id=str(fault), marks=mark)
-
-
-@pytest.mark.xfail(strict=True, raises=KnownBug, reason=ITEM_1_TIES)
 async def test_clean_backlog_posted_at_once_has_no_finding(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -128,10 +101,10 @@ async def test_clean_backlog_posted_at_once_has_no_finding(
         (first if seen[tx.account] <= 2 else second).append(tx)
     run = await watched_run(settings, tmp_path, [first, second], backlog=True)
     assert not run.ledger.stats.faults
-    agree(set(), run.outcomes, known=BOTH, succeeded=clean_counts(txs))
+    agree(set(), run.outcomes, succeeded=clean_counts(txs))
 
 
-@pytest.mark.parametrize("fault", [fault_case(f) for f in EXPECTED])
+@pytest.mark.parametrize("fault", [pytest.param(f, id=str(f)) for f in EXPECTED])
 async def test_fault_is_found_where_it_was_injected(
     settings: Settings, tmp_path: Path, fault: Fault
 ) -> None:
@@ -144,7 +117,10 @@ async def test_fault_is_found_where_it_was_injected(
         assert len(hit) == len(chosen)  # the overtakers: one per transaction held back
     else:
         assert hit == set(chosen)
-    agree(EXPECTED[fault](txs, hit), run.outcomes, known=KNOWN.get(fault, ((), ""))[0])
+    agree(
+        EXPECTED[fault](txs, hit),
+        run.outcomes,
+    )
 
 
 async def test_stop_for_good_near_the_end_is_a_loss(settings: Settings, tmp_path: Path) -> None:
@@ -164,4 +140,4 @@ async def test_stop_for_good_near_the_end_is_a_loss(settings: Settings, tmp_path
     assert stats.hit(Fault.STOP) == {stop_at}
     lost = {t.tx_id for t in tail} - stats.ids(Event.SETTLED)
     assert stop_at in lost
-    agree(expect("settlement", "lost", lost), run.outcomes, known=[RECORD])
+    agree(expect("settlement", "lost", lost), run.outcomes)

@@ -522,21 +522,7 @@ async def test_clean_shop_with_an_amended_order_passes_on_every_path(env: Env) -
 FAULT_SEED = 7
 
 
-def _fault_case(fault: Fault) -> Any:
-    if fault is Fault.SKIP_DEAD_LETTER:
-        reason = (
-            "flowcheck run gives up waiting at the longest flow deadline (plus a grace) after "
-            "its last publish, so the stuck-shipment chain of the bad-address order, which "
-            "starts seconds later at shipments, is left unknown in run's verdict while "
-            "record -> check and the pytest API find its missing dead letter"
-        )
-        return pytest.param(
-            fault, marks=pytest.mark.xfail(strict=True, raises=PathsDisagree, reason=reason)
-        )
-    return fault
-
-
-@pytest.mark.parametrize("fault", [_fault_case(f) for f in Fault])
+@pytest.mark.parametrize("fault", list(Fault))
 async def test_fault_is_caught_on_every_path(env: Env, fault: Fault) -> None:
     by_checkout = fault is Fault.MIS_ROUTE  # the fault lives in checkout: run cannot drive it
     case = await run_case(env, FAULT_SEED, fault, by_checkout=by_checkout)
