@@ -215,6 +215,10 @@ def unjudged_only_attempts(seen: Seen) -> None:
     """What went unjudged: nothing but attempts on RabbitMQ's billing.orders, where only
     the firehose shows deliveries (on or off: it is shared and left alone)."""
     for flow, expectation in seen.unjudged():
+        if expectation == "its chains, and every expectation judged on them":
+            continue  # a flow the fault left without a chain judged nothing, and says so
+        if expectation.startswith("latency budget") and seen.chains()[flow][1] == 0:
+            continue  # no chain of the flow got through: no latency sample to judge
         assert flow == "poison-order", (seen.path, flow, expectation)
         assert "billing.orders" in expectation or "attempts" in expectation, expectation
 
@@ -497,7 +501,8 @@ async def test_the_shops_own_scenario_passes_on_every_path(env: Env) -> None:
         assert s.found() == set(), str(s)
         unjudged_only_attempts(s)
     chains = case.path("run").chains()["order-to-shipment"]
-    assert chains == (46, 46, 0, 0)  # 40 healthy, 2 poison, 2 declined, 2 bad addresses
+    # 42 healthy (two by one customer), 2 poison, 2 declined, 2 bad addresses
+    assert chains == (48, 48, 0, 0)
 
 
 @pytest.mark.xfail(
