@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
 import flowcheck
 from flowcheck import pytest_plugin, testing
 from flowcheck.checker import Checker, FlowVerdict, Unjudged, Verdict
+from flowcheck.correlate import Correlator
 from flowcheck.observations import Kind, Observation, now
 from flowcheck.testing import FlowAssertionError, HopLatency, Took
 
 from . import project
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SHOP_LIKE = """
 brokers:
@@ -114,6 +118,45 @@ def test_flow_channels_follow_retries_and_dead_letters() -> None:
     topology = flowcheck.loads(project.TOPOLOGY)
     assert testing.flow_channels(topology, ["job-done"]) == {"jobs", "jobs.dead"}
     assert testing.flow_channels(topology, ["order-billed"]) == {"orders", "billing"}
+
+
+def test_flow_channels_are_the_channels_the_correlator_keys() -> None:
+    # What the taps watch for a flow and what the correlator gives a key for are one set.
+    for topology in (
+        flowcheck.loads(project.TOPOLOGY),
+        flowcheck.load(str(ROOT / "topologies" / "shop.yaml")),
+    ):
+        for flow in topology.flows:
+            assert testing.flow_channels(topology, [flow]) == {
+                ch for ch, entries in Correlator(topology).rules.items() if flow in dict(entries)
+            }
+
+
+def test_the_public_names_of_flowcheck_testing() -> None:
+    # Users import these from flowcheck.testing; a name that goes away breaks their tests.
+    assert sorted(testing.__all__) == [
+        "Chain",
+        "DEFAULT_DEADLINE",
+        "FlowAssertionError",
+        "FlowSession",
+        "Flowcheck",
+        "HopLatency",
+        "SETTLE_MARGIN",
+        "TIMELINE_HEAD",
+        "TIMELINE_TAIL",
+        "Took",
+        "Within",
+        "flow_channels",
+        "isolated",
+        "late_copy_breaks",
+        "seconds",
+        "settle_time",
+        "unique_prefix",
+        "with_brokers",
+    ]
+    assert all(hasattr(testing, name) for name in testing.__all__)
+    assert testing.Flowcheck is testing.FlowSession
+    assert testing.FlowAssertionError.__module__ == "flowcheck.testing"
 
 
 def test_unknown_flows_are_refused_at_once() -> None:

@@ -1,31 +1,5 @@
-"""Assertions on event flows, for integration tests: the API behind the pytest plugin.
-
-A :class:`Flowcheck` watches a topology's channels on the real brokers while a
-test runs. The test publishes (or lets its own code publish), then asserts::
-
-    async with Flowcheck(topology, prefix="t-1.") as fc:
-        await fc.publish("orders", {"order_id": "o-1"}, routing_key="order.placed")
-        await fc.chain("order-billed", "o-1").completes(within="2s")
-        await fc.never_published("billing.dlq", key="o-1", within="500ms")
-        await fc.check("order-billed")           # nothing lost, duplicated, late, ...
-        assert fc.latency("order-billed").p99 < "250ms"
-
-Every assertion waits for the observations it needs and returns as soon as it
-has them; none sleeps. ``completes`` and ``check`` then watch for the flow's
-settle time past the chain's end (:func:`settle_time`), as taps may see a
-forbidden copy late, and fail as soon as one comes. Only
-:meth:`Flowcheck.never_published` waits its whole window, because there the
-deadline itself is the event. A failed assertion
-raises :class:`FlowAssertionError` (an :class:`AssertionError`) whose message
-draws the chain's timeline, where it stopped and what was expected next.
-
-With the pytest plugin (``flowcheck.pytest_plugin``) tests get a started
-:class:`Flowcheck` from the ``flowcheck`` fixture; see docs/pytest.md.
-
-Taps run in a task of their own, so a :class:`Flowcheck` may be started in one
-task and stopped in another (pytest-asyncio runs fixture setup and teardown
-that way). The broker clients are asyncio libraries: run it on asyncio.
-"""
+"""The live test session: taps on the real brokers while a test runs, and the assertions
+about flows as a whole (:meth:`FlowSession.check`, :meth:`FlowSession.never_published`)."""
 
 from __future__ import annotations
 
@@ -33,65 +7,38 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn
 
 import anyio
-from pydantic import SecretStr
 
 from flowcheck.brokers import Drift, adapter
-from flowcheck.checker import (
-    CHAIN_KINDS,
-    Checker,
-    Finding,
-    FindingKind,
-    FlowVerdict,
-    Verdict,
-)
-from flowcheck.checker.verdict import Cause, Seen, Unjudged
-from flowcheck.correlate import Correlator
-from flowcheck.errors import FlowcheckError, UsageError, leaf
+from flowcheck.checker import CHAIN_KINDS, Checker, Finding, FlowVerdict, Verdict
+from flowcheck.checker.verdict import Seen, Unjudged
+from flowcheck.errors import FlowcheckError, leaf
 from flowcheck.observations import Kind, Observation, now
 from flowcheck.reporting._common import ms as fmt_ms
 from flowcheck.reporting._common import unjudged_text
-from flowcheck.topology._types import format_duration, parse_duration
-from flowcheck.topology.model import (
-    Exchange,
-    Flow,
-    Kafka,
-    RabbitMQ,
-    Redis,
-    Stream,
-    Topic,
-    Topology,
+from flowcheck.reporting.timeline import detail, indent, table, where
+from flowcheck.testing._chain import Chain
+from flowcheck.testing._results import FlowAssertionError, HopLatency, Took
+from flowcheck.testing._waits import (
+    DEFAULT_DEADLINE,
+    Within,
+    late_copy_breaks,
+    seconds_of,
+    settle_time,
+    spell,
 )
-from flowcheck.topology.routing import dead_letter_path
+from flowcheck.topology.model import Kafka, Topology
+from flowcheck.topology.transform import flow_channels, isolated
 from flowcheck.trace import Header, Writer
 from flowcheck.tracer import Tracer
 
-__all__ = [
-    "DEFAULT_DEADLINE",
-    "SETTLE_MARGIN",
-    "Chain",
-    "FlowAssertionError",
-    "Flowcheck",
-    "HopLatency",
-    "Took",
-    "isolated",
-    "settle_time",
-    "with_brokers",
-]
-
-DEFAULT_DEADLINE = timedelta(seconds=10)
-# Added to the taps' lateness in a flow's settle time: how much later than its first copy a
-# consumer's own second publish of one message may come (a retry, a send done twice).
-SETTLE_MARGIN = timedelta(milliseconds=50)
 # A settle wait that ends this much past its time had the event loop (and the taps) starved:
 # it is made up for, this many times at most.
 _STARVED_NS, _STARVED_ROUNDS = 10_000_000, 3
@@ -99,295 +46,10 @@ _STARVED_NS, _STARVED_ROUNDS = 10_000_000, 3
 TIMELINE_HEAD, TIMELINE_TAIL = 24, 8
 # An end far past every deadline: an assertion that judges "now" decides every chain still open.
 _FAR = timedelta(days=1)
-_ARRIVALS = (Kind.PUBLISHED, Kind.ROUTED)
-_DELIVERIES = (Kind.DELIVERED, Kind.REDELIVERED)
 _SENT = (Kind.PUBLISHED, Kind.ROUTED, Kind.UNROUTABLE, Kind.DEAD_LETTERED)
 
-Within = str | float | timedelta
 
-
-# ---------------------------------------------------------------- topology helpers
-
-
-def isolated(topology: Topology, prefix: str) -> Topology:
-    """``topology`` with ``prefix`` in front of every broker-side name and consumer group.
-
-    Channel keys (what flows, reports and this API use) stay as they are; only
-    the ``name`` each channel has on its broker changes. RabbitMQ's own
-    ``amq.*`` exchanges keep their names. Stream groups and the groups of the
-    services' ``consumes`` get the prefix too.
-    """
-    if not prefix:
-        return topology
-    channels: dict[str, Any] = {}
-    for key, ch in topology.channels.items():
-        name = ch.name or key
-        update: dict[str, Any] = {}
-        if not (isinstance(ch, Exchange) and name.startswith("amq.")):
-            update["name"] = prefix + name
-        if isinstance(ch, Stream) and ch.groups:
-            update["groups"] = [prefix + g for g in ch.groups]
-        channels[key] = ch.model_copy(update=update)
-    services = {
-        key: svc.model_copy(
-            update={
-                "consumes": [
-                    c.model_copy(update={"group": prefix + c.group}) if c.group else c
-                    for c in svc.consumes
-                ]
-            }
-        )
-        for key, svc in topology.services.items()
-    }
-    return topology.model_copy(update={"channels": channels, "services": services})
-
-
-def with_brokers(
-    topology: Topology,
-    *,
-    rabbitmq_url: str | None = None,
-    kafka_bootstrap: str | None = None,
-    redis_url: str | None = None,
-) -> Topology:
-    """``topology`` with every broker of a kind pointed at the given address (None: as is)."""
-    brokers: dict[str, Any] = {}
-    for name, b in topology.brokers.items():
-        if isinstance(b, RabbitMQ) and rabbitmq_url:
-            b = b.model_copy(update={"url": SecretStr(rabbitmq_url)})
-        elif isinstance(b, Kafka) and kafka_bootstrap:
-            parts = [p.strip() for p in kafka_bootstrap.split(",") if p.strip()]
-            b = b.model_copy(update={"bootstrap": parts})
-        elif isinstance(b, Redis) and redis_url:
-            b = b.model_copy(update={"url": SecretStr(redis_url)})
-        brokers[name] = b
-    return topology.model_copy(update={"brokers": brokers})
-
-
-def flow_channels(topology: Topology, flows: Iterable[str]) -> set[str]:
-    """Every channel the taps must watch to follow ``flows``: steps, retries, dead letters."""
-    wanted = set(flows)
-    return {
-        ch
-        for ch, entries in Correlator(topology).rules.items()
-        if any(f in wanted for f, _ in entries)
-    }
-
-
-def late_copy_breaks(flow: Flow) -> bool:
-    """Can a copy seen after a chain of ``flow`` has reached its end break what the flow
-    declares? A duplicate can (exactly-once, at-most-once), so can an arrival out of
-    order (ordering) and one more attempt (a retry policy, a dead letter's attempts)."""
-    return (
-        flow.delivery != "at-least-once"
-        or flow.ordering != "none"
-        or flow.retry is not None
-        or any(s.retry is not None for s in flow.steps)
-        or any(r.attempts is not None for r in flow.dead_letters)
-    )
-
-
-def settle_time(topology: Topology, flow: str) -> timedelta:
-    """How long to keep watching a chain of ``flow`` after it reached its end, for a late
-    copy the flow forbids: the longest a tap of its channels may see a message late
-    (:meth:`Topology.tap_late`), plus :data:`SETTLE_MARGIN`; zero for a flow that no
-    late copy can break (:func:`late_copy_breaks`)."""
-    if not late_copy_breaks(topology.flows[flow]):
-        return timedelta(0)
-    lateness = [
-        late[0]
-        for ch in sorted(flow_channels(topology, [flow]))
-        if (late := topology.tap_late(ch)) is not None
-    ]
-    return max(lateness, default=timedelta(0)) + SETTLE_MARGIN
-
-
-_ZERO = re.compile(r"\s*0+(?:\.0*)?\s*(?:us|µs|ms|s|m|h)?\s*")
-
-
-def seconds(value: Within) -> float:
-    """A wait: ``"2s"``, ``"250ms"``, a number of seconds, or a timedelta (``"0s"``: none)."""
-    if isinstance(value, str) and _ZERO.fullmatch(value):
-        return 0.0
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, bool):
-        raise TypeError("write a duration like '2s' or a number of seconds")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("a wait cannot be negative")
-        return float(value)
-    return parse_duration(value).total_seconds()
-
-
-def _seconds_of(value: Within, what: str) -> float:
-    """:func:`seconds`, failing with a :class:`UsageError` that names the argument."""
-    __tracebackhide__ = True
-    try:
-        return seconds(value)
-    except (TypeError, ValueError) as exc:
-        # A typo in a test: say it in the test's terms, not as a trace through the parser.
-        raise UsageError(f"{what}={value!r}: {exc}") from None
-
-
-def _spell(value: float) -> str:
-    return format_duration(timedelta(seconds=value)) if value > 0 else "0s"
-
-
-# ---------------------------------------------------------------- results
-
-
-class Took(timedelta):
-    """A latency. Compares with durations as topologies write them (``"200ms"``),
-    with numbers of seconds and with timedeltas: ``assert lat.p99 < "200ms"``."""
-
-    @classmethod
-    def of_ms(cls, value: float) -> Took:
-        return cls(microseconds=round(value * 1000))
-
-    @staticmethod
-    def _other(other: object) -> timedelta | None:
-        if isinstance(other, timedelta):
-            return other
-        if isinstance(other, str):
-            return parse_duration(other)
-        if isinstance(other, (int, float)) and not isinstance(other, bool):
-            return timedelta(seconds=other)
-        return None
-
-    def __lt__(self, other: object) -> bool:
-        o = self._other(other)
-        if o is None:
-            return NotImplemented
-        return timedelta.__lt__(self, o)
-
-    def __le__(self, other: object) -> bool:
-        o = self._other(other)
-        if o is None:
-            return NotImplemented
-        return timedelta.__le__(self, o)
-
-    def __gt__(self, other: object) -> bool:
-        o = self._other(other)
-        if o is None:
-            return NotImplemented
-        return timedelta.__gt__(self, o)
-
-    def __ge__(self, other: object) -> bool:
-        o = self._other(other)
-        if o is None:
-            return NotImplemented
-        return timedelta.__ge__(self, o)
-
-    def __eq__(self, other: object) -> bool:
-        o = self._other(other)
-        if o is None:
-            return NotImplemented
-        return timedelta.__eq__(self, o)
-
-    __hash__ = timedelta.__hash__
-
-    @property
-    def ms(self) -> float:
-        return self / timedelta(milliseconds=1)
-
-    def __repr__(self) -> str:
-        return f"{fmt_ms(self.ms)}ms"
-
-    __str__ = __repr__
-
-
-class FlowAssertionError(AssertionError):
-    """An event-flow assertion failed. The message is the report; the rest is for code."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        flow: str | None = None,
-        key: str | None = None,
-        findings: Sequence[Finding] = (),
-        observations: Sequence[Observation] = (),
-        trace: Path | None = None,
-        unjudged: Sequence[Unjudged] = (),
-    ) -> None:
-        super().__init__(message)
-        self.flow = flow
-        self.key = key
-        self.findings = list(findings)
-        self.observations = list(observations)
-        self.trace = trace
-        self.unjudged = list(unjudged)  # expectations that could not be judged, and why
-
-
-@dataclass(frozen=True)
-class HopLatency:
-    """Latency of one hop (or ``end-to-end``) of one flow, over the chains decided so far."""
-
-    flow: str
-    hop: str
-    count: int
-    budget: dict[str, Took] = field(default_factory=dict)
-    values: dict[str, Took | None] = field(default_factory=dict)
-    left_out: int = 0  # samples <= 0: copies of one message seen at the same instant
-
-    def _get(self, percentile: str) -> Took:
-        __tracebackhide__ = True
-        value = self.values.get(percentile)
-        if value is None:
-            why = (
-                f"its {self.left_out} sample(s) were <= 0 and left out (the taps saw both ends "
-                "at the same instant, as for an exchange and its queue)"
-                if self.left_out
-                else "no chain has completed that hop (wait for one first, e.g. await "
-                "flowcheck.chain(...).completes())"
-            )
-            raise FlowAssertionError(
-                f"{self.flow}: no latency samples for {self.hop!r} yet: {why}", flow=self.flow
-            )
-        return value
-
-    @property
-    def p50(self) -> Took:
-        __tracebackhide__ = True
-        return self._get("p50")
-
-    @property
-    def p90(self) -> Took:
-        __tracebackhide__ = True
-        return self._get("p90")
-
-    @property
-    def p95(self) -> Took:
-        __tracebackhide__ = True
-        return self._get("p95")
-
-    @property
-    def p99(self) -> Took:
-        __tracebackhide__ = True
-        return self._get("p99")
-
-    @property
-    def max(self) -> Took:
-        __tracebackhide__ = True
-        return self._get("max")
-
-    def __repr__(self) -> str:
-        return f"<latency of {self.flow} {self.hop}: {self.count} sample(s)>"
-
-    def __str__(self) -> str:
-        have = ", ".join(f"{p} {v!r}" for p, v in self.values.items() if v is not None)
-        budget = ", ".join(f"{p} {v!r}" for p, v in self.budget.items())
-        return (
-            f"{self.flow} {self.hop}: {self.count} sample(s)"
-            + (f", {have}" if have else "")
-            + (f" (budget {budget})" if budget else "")
-        )
-
-
-# ---------------------------------------------------------------- the session
-
-
-class Flowcheck:
+class FlowSession:
     """Watch a topology's channels while a test runs, and assert on what flows through them.
 
     ``prefix`` isolates the test: every broker-side name and consumer group gets
@@ -402,7 +64,7 @@ class Flowcheck:
     ``allow_unjudged`` lets :meth:`check` pass when the checker could not judge
     some declared expectation (each is still listed).
 
-    Use ``async with Flowcheck(...) as fc`` or :meth:`start` / :meth:`stop`.
+    Use ``async with FlowSession(...) as fc`` or :meth:`start` / :meth:`stop`.
     """
 
     def __init__(
@@ -429,8 +91,8 @@ class Flowcheck:
         self.prefix = prefix
         self.flows: list[str] = list(flows) if flows is not None else list(topology.flows)
         self.test_name = name
-        self.deadline = _seconds_of(deadline, "deadline")
-        self.settle: float | None = None if settle is None else _seconds_of(settle, "settle")
+        self.deadline = seconds_of(deadline, "deadline")
+        self.settle: float | None = None if settle is None else seconds_of(settle, "settle")
         self.allow_unjudged = allow_unjudged
         self.trace: Path | None = Path(trace) if trace is not None else None
         self.drift: list[Drift] = []
@@ -473,13 +135,13 @@ class Flowcheck:
     def __repr__(self) -> str:
         own = f", prefix {self.prefix!r}" if self.prefix else ""
         return (
-            f"<Flowcheck topology {self.topology.name or '(unnamed)'!r}{own}, "
+            f"<FlowSession topology {self.topology.name or '(unnamed)'!r}{own}, "
             f"{len(self.channels)} channels watched, {len(self._items)} observations>"
         )
 
     # ------------------------------------------------------------ life cycle
 
-    async def __aenter__(self) -> Flowcheck:
+    async def __aenter__(self) -> FlowSession:
         await self.start()
         return self
 
@@ -491,7 +153,7 @@ class Flowcheck:
     async def start(self) -> None:
         """Declare the channels (when applying), connect, and return once every tap watches."""
         if self._task is not None:
-            raise RuntimeError("this Flowcheck has already been started")
+            raise RuntimeError("this session has already been started")
         self._changed, self._ready, self._stop = anyio.Event(), anyio.Event(), anyio.Event()
         self._start_ns, wall = now()
         # Expectations (empty) for every flow make the checker remember decided chains.
@@ -656,7 +318,7 @@ class Flowcheck:
     def _alive(self) -> None:
         __tracebackhide__ = True
         if self._task is None and not self._items and self._checker is None:
-            raise RuntimeError("this Flowcheck is not started: use 'async with' or start()")
+            raise RuntimeError("this session is not started: use 'async with' or start()")
         if self._error is not None:
             raise FlowcheckError(f"the taps stopped: {self._error}") from self._error
 
@@ -684,7 +346,7 @@ class Flowcheck:
 
     def _limit(self, within: Within | None) -> float:
         __tracebackhide__ = True
-        return self.deadline if within is None else _seconds_of(within, "within")
+        return self.deadline if within is None else seconds_of(within, "within")
 
     def settle_for(self, flow: str, settle: Within | None = None) -> float:
         """Seconds to keep watching a chain of ``flow`` after its end: ``settle`` if given,
@@ -695,7 +357,7 @@ class Flowcheck:
         if not late_copy_breaks(self.topology.flows[flow]):
             return 0.0
         if settle is not None:
-            return _seconds_of(settle, "settle")
+            return seconds_of(settle, "settle")
         if self.settle is not None:
             return self.settle
         return settle_time(self.topology, flow).total_seconds()
@@ -929,7 +591,7 @@ class Flowcheck:
             f"{what} reached {channel!r}, which it must never reach "
             f"({len(found)} time(s); the first at {self._at(first):.1f}ms)",
             "",
-            *_indent(self._draw(timeline, evidence=[first])),
+            *indent(self._draw(timeline, evidence=[first])),
         ]
         self._fail(lines, flow=shown_flow, key=key, observations=timeline)
 
@@ -1007,7 +669,7 @@ class Flowcheck:
             )
         if open_chains:
             lines.append(
-                f"gave up after {_spell(limit)} with {len(open_chains)} chain(s) still open; "
+                f"gave up after {spell(limit)} with {len(open_chains)} chain(s) still open; "
                 "they count as lost"
             )
         for u in verdict.unjudged:
@@ -1131,14 +793,14 @@ class Flowcheck:
                     "" if prev is None else fmt_ms(at - prev),
                     o.kind.value,
                     o.channel,
-                    _where(o),
-                    _detail(o),
+                    where(o),
+                    detail(o),
                 )
             )
             prev = at
-        for kind, channel, detail in tail:
-            rows.append(("x", "", "", kind, channel, "", detail))
-        return _table(rows, right={1, 2})
+        for kind, channel, why in tail:
+            rows.append(("x", "", "", kind, channel, "", why))
+        return table(rows, right={1, 2})
 
     def _draw_flow(self, fv: FlowVerdict, *, allowed: bool = False) -> list[str]:
         out = [f"{fv.flow}: {_counts(fv)}"]
@@ -1164,7 +826,7 @@ class Flowcheck:
                 for f in found
                 if f.next_step is not None
             ]
-            out += _indent(
+            out += indent(
                 self._draw(items, evidence=[s for f in found for s in f.seen], tail=tail), 4
             )
         if len(by_chain) > 10:
@@ -1188,398 +850,3 @@ def _counts(fv: FlowVerdict) -> str:
 def _unjudged_line(u: Unjudged, allowed: bool, indent: int = 0) -> str:
     """``not judged: EXPECTATION: WHY (N chains)``, and whether the user allowed that."""
     return " " * indent + "not judged" + (" (allowed)" if allowed else "") + ": " + unjudged_text(u)
-
-
-def _where(o: Observation) -> str:
-    if o.partition is not None or o.offset is not None:
-        return f"p{o.partition if o.partition is not None else '?'}@{o.offset}"
-    if o.entry_id is not None:
-        return o.entry_id
-    return o.routing_key or ""
-
-
-def _detail(o: Observation) -> str:
-    parts: list[str] = []
-    if o.delivery_count is not None:
-        parts.append(f"delivery {o.delivery_count}")
-    if o.group:
-        parts.append(f"group {o.group}")
-    if o.reason:
-        parts.append(o.reason)
-    if o.origin:
-        parts.append(f"from {o.origin}")
-    return "; ".join(parts)
-
-
-def _table(rows: Sequence[tuple[str, ...]], right: set[int]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    out = []
-    for r in rows:
-        cells = [
-            (c.rjust(widths[i]) if i in right else c.ljust(widths[i])) for i, c in enumerate(r)
-        ]
-        out.append("  ".join(cells).rstrip())
-    return out
-
-
-def _indent(lines: Iterable[str], n: int = 2) -> list[str]:
-    return [(" " * n + line) if line else "" for line in lines]
-
-
-# ---------------------------------------------------------------- one chain
-
-
-class Chain:
-    """Assertions about one chain; get one from :meth:`Flowcheck.chain`."""
-
-    def __init__(self, fc: Flowcheck, flow: str, key: str) -> None:
-        self.fc = fc
-        self.flow = flow
-        self.key = key
-        f = fc.topology.flows[flow]
-        self.labels = [s.name or s.channel for s in f.steps]
-        self.dead_channels = _dead_channels(fc.topology, flow)
-
-    @property
-    def observations(self) -> list[Observation]:
-        return self.fc.chain_observations(self.flow, self.key)
-
-    def __repr__(self) -> str:
-        return f"<chain {self.flow} {self.key!r}>"
-
-    def _dead(self) -> list[Observation]:
-        return [
-            o
-            for o in self.observations
-            if o.kind is Kind.DEAD_LETTERED
-            or (o.channel in self.dead_channels and o.kind is Kind.ROUTED)
-        ]
-
-    def _verdict(self) -> tuple[FlowVerdict, list[Finding]]:
-        fc = self.fc
-        items = fc._chain_items([(self.flow, self.key)])
-        seen = any(o.kind is not Kind.GAP for o in items)
-        expected = None if seen else {self.flow: [self.key]}
-        verdict = fc._judge(items, settle=True, expected=expected)
-        fv = next(f for f in verdict.flows if f.flow == self.flow)
-        return fv, [f for f in fv.findings if f.key == self.key and f.kind in CHAIN_KINDS]
-
-    def _broken(self) -> Callable[[], bool]:
-        """A test, cheap while nothing new comes: has the chain got a finding or a dead letter?"""
-        seen = len(self.observations)
-
-        def broken() -> bool:
-            nonlocal seen
-            now_seen = len(self.fc._by_chain.get((self.flow, self.key), ()))
-            if now_seen == seen:
-                return False
-            seen = now_seen
-            return bool(self._verdict()[1] or self._dead())
-
-        return broken
-
-    def _arrivals_at(self, step: int) -> list[Observation]:
-        if step < 0:
-            return []
-        channel = self.fc.topology.flows[self.flow].steps[step].channel
-        return [o for o in self.observations if o.channel == channel and o.kind in _ARRIVALS]
-
-    def _reached(self) -> int:
-        """Index of the last step the chain arrived at, -1 if none."""
-        steps = self.fc.topology.flows[self.flow].steps
-        seen = {o.channel for o in self.observations if o.kind in _ARRIVALS}
-        return max((i for i, s in enumerate(steps) if s.channel in seen), default=-1)
-
-    async def completes(
-        self, within: Within | None = None, *, settle: Within | None = None
-    ) -> list[Observation]:
-        """Assert that the chain reaches every step of its flow, as the topology expects
-        (no duplicate, nothing late, not dead-lettered), within ``within``.
-
-        Once the last step is seen it keeps watching for the flow's settle time
-        (``settle``, default :meth:`Flowcheck.settle_for`) from that arrival, so
-        that a copy the flow forbids, which taps may see late, is seen; it fails
-        as soon as one comes. Returns the chain's observations.
-        """
-        __tracebackhide__ = True
-        fc = self.fc
-        checker = fc._checker
-        assert checker is not None
-        limit = fc._limit(within)
-        quiet = fc.settle_for(self.flow, settle)
-        settled = await fc._wait(lambda: checker.settled(self.flow, self.key), limit)
-        _, findings = self._verdict()
-        dead = self._dead()
-        if settled and not findings and not dead and quiet > 0:
-            end = max(o.mono_ns for o in self.observations)
-            await fc._settle(end + int(quiet * 1e9), self._broken())
-            _, findings = self._verdict()
-            dead = self._dead()
-        if settled and not findings and not dead:
-            fc._record("completes", self.flow, True)
-            return self.observations
-        fc._record("completes", self.flow, False)
-        lines = self._headline_completes(limit, settled, findings, dead)
-        self._fail(lines, findings)
-
-    def _headline_completes(
-        self, limit: float, settled: bool, findings: list[Finding], dead: list[Observation]
-    ) -> list[str]:
-        who = f"{self.flow} {self.key!r}"
-        items = self.observations
-        if not any(o.kind is not Kind.GAP for o in items):
-            seen = list(self.fc._keys.get(self.flow, {}))
-            others = (
-                f"; keys seen for {self.flow}: {', '.join(seen[:8])}"
-                + (" ..." if len(seen) > 8 else "")
-                if seen
-                else f"; nothing at all was seen for {self.flow}"
-            )
-            return [
-                f"{who} did not complete within {_spell(limit)}: nothing with this key was "
-                f"seen on any channel of the flow{others}"
-            ]
-        reached = self._reached()
-        n = len(self.labels)
-        stopped = (
-            f"it stopped after {self.labels[reached]!r} (step {reached + 1} of {n})"
-            if reached >= 0
-            else f"it never reached the first step {self.labels[0]!r}"
-        )
-        lost = [f for f in findings if f.kind is FindingKind.LOST]
-        nxt = next((f.next_step for f in lost if f.next_step), None)
-        if nxt is None and reached + 1 < n:
-            nxt = self.labels[reached + 1]
-        if dead:
-            d = _final(dead)
-            head = f"{who} was dead-lettered to {d.channel!r} instead of completing"
-            why = [f"{stopped}; dead letter" + (f": {_detail(d)}" if _detail(d) else "")]
-        elif lost or not settled:
-            cause = next((f.cause for f in lost if f.cause is not None), None)
-            if cause is Cause.UNROUTABLE or cause is Cause.STUCK_PENDING:
-                head = f"{who} did not complete: {lost[0].message}"
-            else:
-                head = f"{who} did not complete within {_spell(limit)}"
-            why = [f"{stopped}; expected next: {nxt!r}, which never came" if nxt else stopped]
-        else:
-            head = f"{who} completed, but not as the topology expects"
-            why = []
-        for f in findings:
-            if f.kind is FindingKind.LOST and f.cause in (Cause.TIMED_OUT, None):
-                continue  # said above, in this wait's own terms
-            why.append(f"{f.kind.value}: {f.message}")
-        tail = []
-        if nxt is not None and not dead and (lost or not settled):
-            said = next((f.cause.value for f in lost if f.cause is not None), "")
-            tail.append(("expected", nxt, "never came" + (f" ({said})" if said else "")))
-        # Marked: what the findings are about, and where the chain stopped.
-        evidence: list[Observation | Seen] = [
-            s
-            for f in findings
-            if not (f.kind is FindingKind.LOST and f.cause in (Cause.TIMED_OUT, None))
-            for s in f.seen
-        ]
-        evidence += [_final(dead)] if dead else self._arrivals_at(reached)[-1:]
-        return [
-            head,
-            *_indent(why),
-            "",
-            *_indent(self.fc._draw(items, evidence=evidence, tail=tail)),
-        ]
-
-    async def reaches(self, step: str, within: Within | None = None) -> Observation:
-        """Assert that the chain arrives at ``step`` (a step label or channel) within
-        ``within``; returns the first arrival there."""
-        __tracebackhide__ = True
-        steps = self.fc.topology.flows[self.flow].steps
-        match = [s for s in steps if (s.name or s.channel) == step] or [
-            s for s in steps if s.channel == step
-        ]
-        if not match:
-            raise KeyError(f"{self.flow} has no step {step!r}; its steps are {self.labels}")
-        channel = match[0].channel
-
-        def arrived() -> Observation | None:
-            return next(
-                (o for o in self.observations if o.channel == channel and o.kind in _ARRIVALS),
-                None,
-            )
-
-        limit = self.fc._limit(within)
-        await self.fc._wait(lambda: arrived() is not None, limit)
-        found = arrived()
-        self.fc._record("reaches", self.flow, found is not None)
-        if found is not None:
-            return found
-        reached = self._reached()
-        where = (
-            f"it got as far as {self.labels[reached]!r}"
-            if reached >= 0
-            else "it never reached the flow's first step"
-        )
-        lines = [
-            f"{self.flow} {self.key!r} did not reach {step!r} within {_spell(limit)}; {where}",
-            "",
-            *_indent(self.fc._draw(self.observations, tail=[("expected", step, "never came")])),
-        ]
-        self._fail(lines, [])
-
-    async def dead_lettered(
-        self,
-        channel: str | None = None,
-        *,
-        reason: str | None = None,
-        attempts: int | None = None,
-        within: Within | None = None,
-    ) -> Observation:
-        """Assert that the chain ends in a dead letter: on ``channel`` (default: any
-        dead-letter channel of the flow), with ``reason`` (contained in the one
-        the broker gives), after exactly ``attempts`` deliveries (the first
-        included). Returns the dead letter's observation.
-        """
-        __tracebackhide__ = True
-        fc = self.fc
-        if channel is not None and channel not in fc.topology.channels:
-            raise KeyError(
-                f"no channel {channel!r} in the topology; it has {sorted(fc.topology.channels)}"
-            )
-
-        def candidates() -> list[Observation]:
-            return [d for d in self._dead() if channel is None or d.channel == channel]
-
-        def good(d: Observation) -> bool:
-            return reason is None or (d.reason is not None and reason in d.reason)
-
-        def satisfied() -> bool:
-            found = [d for d in candidates() if good(d)]
-            if not found:
-                return False
-            return attempts is None or self.attempts(_final(found)) == attempts
-
-        def hopeless() -> bool:
-            found = [d for d in candidates() if good(d)]
-            n = self.attempts(_final(found)) if found else None
-            return attempts is not None and n is not None and n > attempts
-
-        limit = fc._limit(within)
-        await fc._wait(lambda: satisfied() or hopeless(), limit)
-        found = candidates()
-        if satisfied():
-            fc._record("dead_lettered", self.flow, True)
-            return _final([d for d in found if good(d)])
-        fc._record("dead_lettered", self.flow, False)
-        where = f"to {channel!r}" if channel is not None else ""
-        want = ", ".join(
-            p
-            for p in (
-                f"with reason containing {reason!r}" if reason is not None else "",
-                f"after {attempts} attempt(s)" if attempts is not None else "",
-            )
-            if p
-        )
-        head = f"{self.flow} {self.key!r} was not dead-lettered {where}".rstrip() + (
-            f" {want}" if want else ""
-        )
-        why: list[str] = []
-        if not found:
-            other = self._dead()
-            if other:
-                why.append(
-                    "its dead letters went to " + ", ".join(sorted({d.channel for d in other}))
-                )
-            else:
-                reached = self._reached()
-                why.append(
-                    f"no dead letter within {_spell(limit)}"
-                    + (f"; it got as far as {self.labels[reached]!r}" if reached >= 0 else "")
-                )
-        else:
-            d = _final(found)
-            if not good(d):
-                why.append(f"the dead letter's reason is {d.reason!r}")
-            n = self.attempts(d)
-            if attempts is not None and n != attempts:
-                why.append(
-                    f"it took {n} attempt(s)"
-                    if n is not None
-                    else "its attempts are unknown: no delivery was seen (RabbitMQ shows "
-                    "deliveries only with the firehose on: rabbitmqctl trace_on)"
-                )
-        _, findings = self._verdict()
-        for f in findings:
-            why.append(f"{f.kind.value}: {f.message}")
-        lines = [
-            head,
-            *_indent(why),
-            "",
-            *_indent(fc._draw(self.observations, evidence=[_final(found)] if found else [])),
-        ]
-        self._fail(lines, findings)
-
-    def attempts(self, dead: Observation | None = None) -> int | None:
-        """Deliveries of the chain's message, the first included; None if nothing tells.
-
-        Counted as the checker counts them: the delivery numbers the taps saw
-        (x-delivery-count, Redis PEL counts, retry headers), one per arrival on a
-        retry channel. With ``dead``, only the step it died on counts.
-        """
-        topo = self.fc.topology
-        origin = dead.origin if dead is not None else None
-        steps = [s.channel for s in topo.flows[self.flow].steps]
-        if origin is not None and origin not in steps:
-            owner = next(
-                (s for s in steps if origin in getattr(topo.channels.get(s), "retry", [])), None
-            )
-            origin = owner or origin
-        counted = [origin] if origin is not None else steps
-        retries = {s: list(getattr(topo.channels.get(s), "retry", []) or []) for s in counted}
-        counts: list[int] = []
-        for o in self.observations:
-            if o.kind in _DELIVERIES and o.channel in counted and o.delivery_count:
-                counts.append(o.delivery_count)
-        if dead is not None and dead.delivery_count:
-            counts.append(dead.delivery_count)
-        for rs in retries.values():
-            n = sum(1 for o in self.observations if o.channel in rs and o.kind in _ARRIVALS)
-            if n:
-                counts.append(1 + n)
-        if not counts and any(
-            o.kind in _DELIVERIES and o.channel in counted for o in self.observations
-        ):
-            counts.append(1)
-        return max(counts) if counts else None
-
-    def _fail(self, lines: list[str], findings: Sequence[Finding]) -> NoReturn:
-        __tracebackhide__ = True
-        self.fc._fail(
-            lines, flow=self.flow, key=self.key, findings=findings, observations=self.observations
-        )
-
-
-def _final(dead: Sequence[Observation]) -> Observation:
-    """The dead letter to talk about: the last one on a dead-letter queue, topic or stream
-    (it carries the reason), else the last one seen (a dead-letter exchange)."""
-    return next((d for d in reversed(dead) if d.kind is Kind.DEAD_LETTERED), dead[-1])
-
-
-def _dead_channels(topology: Topology, flow: str) -> set[str]:
-    """Channels where a message of ``flow`` is a dead letter (as the checker sees them)."""
-    f = topology.flows[flow]
-    out = {r.channel for r in f.dead_letters}
-    for step in f.steps:
-        ch = topology.channels.get(step.channel)
-        if isinstance(ch, (Topic, Stream)) and ch.dead_letter:
-            out.add(ch.dead_letter)
-        out.update(dead_letter_path(topology, step.channel))
-    return out
-
-
-def unique_prefix(test_name: str, worker: str | None = None, max_len: int = 32) -> str:
-    """A per-test name prefix: the test's name squeezed into ``[a-z0-9-]``, the xdist
-    worker, a random part, then a dot: valid in every broker's names."""
-    base = "".join(c if c.isalnum() and c.isascii() else "-" for c in test_name.lower())
-    while "--" in base:
-        base = base.replace("--", "-")
-    base = base.strip("-")[:max_len].strip("-") or "test"
-    parts = [base, worker or "", secrets.token_hex(4)]
-    return "-".join(p for p in parts if p) + "."
