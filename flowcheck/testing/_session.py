@@ -21,9 +21,8 @@ from flowcheck.checker import CHAIN_KINDS, Checker, Finding, FlowVerdict, Verdic
 from flowcheck.checker.verdict import Seen, Unjudged
 from flowcheck.errors import FlowcheckError, leaf
 from flowcheck.observations import Kind, Observation, now
-from flowcheck.reporting._common import ms as fmt_ms
 from flowcheck.reporting._common import unjudged_text
-from flowcheck.reporting.timeline import detail, indent, table, where
+from flowcheck.reporting.timeline import indent, rows, text
 from flowcheck.testing._chain import Chain
 from flowcheck.testing._results import FlowAssertionError, HopLatency, Took
 from flowcheck.testing._waits import (
@@ -763,44 +762,16 @@ class FlowSession:
     ) -> list[str]:
         """A timeline as text: ``>`` marks the observations a finding is about,
         ``x`` the step that never came."""
-        marked = {
-            (
-                e.kind if isinstance(e, Seen) else e.kind.value,
-                e.channel,
-                round(e.at_ms if isinstance(e, Seen) else self._at(e), 1),
+        return text(
+            rows(
+                items,
+                start_ns=self._start_ns,
+                evidence=evidence,
+                missing=tail,
+                head=TIMELINE_HEAD,
+                tail=TIMELINE_TAIL,
             )
-            for e in evidence
-        }
-        rows: list[tuple[str, ...]] = [("", "at ms", "+ms", "kind", "channel", "where", "detail")]
-        if not items:
-            rows.append(("", "", "", "(nothing seen)", "", "", ""))
-        drawn: list[Observation | int] = list(items)
-        if len(items) > TIMELINE_HEAD + TIMELINE_TAIL:
-            cut = len(items) - TIMELINE_HEAD - TIMELINE_TAIL
-            drawn = [*items[:TIMELINE_HEAD], cut, *items[-TIMELINE_TAIL:]]
-        prev: float | None = None
-        for o in drawn:
-            if isinstance(o, int):
-                rows.append(("", "", "", f"... {o} more", "", "", ""))
-                prev = None
-                continue
-            at = self._at(o)
-            mark = ">" if (o.kind.value, o.channel, round(at, 1)) in marked else ""
-            rows.append(
-                (
-                    mark,
-                    f"{at:.1f}",
-                    "" if prev is None else fmt_ms(at - prev),
-                    o.kind.value,
-                    o.channel,
-                    where(o),
-                    detail(o),
-                )
-            )
-            prev = at
-        for kind, channel, why in tail:
-            rows.append(("x", "", "", kind, channel, "", why))
-        return table(rows, right={1, 2})
+        )
 
     def _draw_flow(self, fv: FlowVerdict, *, allowed: bool = False) -> list[str]:
         out = [f"{fv.flow}: {_counts(fv)}"]
