@@ -21,6 +21,7 @@ from flowcheck.checker import CHAIN_KINDS, Checker, Finding, FlowVerdict, Verdic
 from flowcheck.checker.verdict import Seen, Unjudged
 from flowcheck.errors import FlowcheckError, leaf
 from flowcheck.observations import Kind, Observation, now
+from flowcheck.recorder import apply_all, drift_observations
 from flowcheck.reporting._common import unjudged_text
 from flowcheck.reporting.timeline import indent, rows, text
 from flowcheck.testing._chain import Chain
@@ -202,23 +203,11 @@ class FlowSession:
 
     async def _declare(self) -> None:
         mono, wall = now()
-        for name in self.brokers:
-            mine = [k for k, ch in self.topology.channels.items() if ch.broker == name]
-            async with adapter(name, self.topology) as ad:
-                drift = await ad.apply(mine)
-            self.drift += drift
-            for d in drift:
-                if self._writer is not None:
-                    self._writer.write(
-                        Observation(
-                            kind=Kind.DRIFT,
-                            broker=name,
-                            channel=d.channel,
-                            mono_ns=mono,
-                            wall=wall,
-                            reason=str(d),
-                        )
-                    )
+        mine = [k for k, ch in self.topology.channels.items() if ch.broker in self.brokers]
+        self.drift += await apply_all(self.topology, mine)
+        if self._writer is not None:
+            for obs in drift_observations(self.topology, self.drift, mono, wall):
+                self._writer.write(obs)
 
     async def _end_task(self) -> None:
         task, self._task = self._task, None
