@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from flowcheck.testing._session import FlowSession
 
 _ARRIVALS = (Kind.PUBLISHED, Kind.ROUTED)
-_DELIVERIES = (Kind.DELIVERED, Kind.REDELIVERED)
 
 
 class Chain:
@@ -290,11 +289,16 @@ class Chain:
                 why.append(f"the dead letter's reason is {d.reason!r}")
             n = self.attempts(d)
             if attempts is not None and n != attempts:
+                unseen = (
+                    "a tap was not watching for part of the chain"
+                    if fc._gaps
+                    else "no delivery was seen (RabbitMQ shows deliveries only with the "
+                    "firehose on: rabbitmqctl trace_on)"
+                )
                 why.append(
                     f"it took {n} attempt(s)"
                     if n is not None
-                    else "its attempts are unknown: no delivery was seen (RabbitMQ shows "
-                    "deliveries only with the firehose on: rabbitmqctl trace_on)"
+                    else f"its attempts are unknown: {unseen}"
                 )
         _, findings = self._verdict()
         for f in findings:
@@ -308,37 +312,16 @@ class Chain:
         self._fail(lines, findings)
 
     def attempts(self, dead: Observation | None = None) -> int | None:
-        """Deliveries of the chain's message, the first included; None if nothing tells.
+        """Deliveries of the chain's message, the first included; None if nothing tells
+        (nothing delivered yet, or a tap gap while the chain was open).
 
-        Counted as the checker counts them: the delivery numbers the taps saw
-        (x-delivery-count, Redis PEL counts, retry headers), one per arrival on a
-        retry channel. With ``dead``, only the step it died on counts.
+        The checker's count (:meth:`flowcheck.checker.Checker.attempts`): the delivery
+        numbers the taps saw (x-delivery-count, Redis PEL counts, retry headers), one per
+        arrival on a retry channel. With ``dead``, only the step it died on counts.
         """
-        topo = self.fc.topology
-        origin = dead.origin if dead is not None else None
-        steps = [s.channel for s in topo.flows[self.flow].steps]
-        if origin is not None and origin not in steps:
-            owner = next(
-                (s for s in steps if origin in getattr(topo.channels.get(s), "retry", [])), None
-            )
-            origin = owner or origin
-        counted = [origin] if origin is not None else steps
-        retries = {s: list(getattr(topo.channels.get(s), "retry", []) or []) for s in counted}
-        counts: list[int] = []
-        for o in self.observations:
-            if o.kind in _DELIVERIES and o.channel in counted and o.delivery_count:
-                counts.append(o.delivery_count)
-        if dead is not None and dead.delivery_count:
-            counts.append(dead.delivery_count)
-        for rs in retries.values():
-            n = sum(1 for o in self.observations if o.channel in rs and o.kind in _ARRIVALS)
-            if n:
-                counts.append(1 + n)
-        if not counts and any(
-            o.kind in _DELIVERIES and o.channel in counted for o in self.observations
-        ):
-            counts.append(1)
-        return max(counts) if counts else None
+        fc = self.fc
+        checker = fc._fed(fc._chain_items([(self.flow, self.key)]))
+        return checker.attempts(self.flow, self.key, dead)
 
     def _fail(self, lines: list[str], findings: Sequence[Finding]) -> NoReturn:
         __tracebackhide__ = True

@@ -482,6 +482,20 @@ class FlowSession:
                 f"unknown flow {flow!r}; the topology has {', '.join(map(repr, self.topology.flows))}"
             )
 
+    def _fed(
+        self, items: Sequence[Observation], *, expected: Mapping[str, Iterable[str]] | None = None
+    ) -> Checker:
+        """A checker that has been fed ``items``; its chains are still open."""
+        checker = Checker(
+            self.topology,
+            start_ns=self._start_ns,
+            expected=expected,
+            allow_unjudged=self.allow_unjudged,
+        )
+        for obs in items:
+            checker.feed(obs)
+        return checker
+
     def _judge(
         self,
         items: Sequence[Observation],
@@ -493,15 +507,7 @@ class FlowSession:
         end, _ = now()
         if settle:
             end += int(_FAR.total_seconds() * 1e9)
-        checker = Checker(
-            self.topology,
-            start_ns=self._start_ns,
-            expected=expected,
-            allow_unjudged=self.allow_unjudged,
-        )
-        for obs in items:
-            checker.feed(obs)
-        return checker.finish(end)
+        return self._fed(items, expected=expected).finish(end)
 
     def verdict(self) -> Verdict:
         """The verdict on everything seen so far; chains still inside their deadline are

@@ -6,6 +6,7 @@ import asyncio
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -259,6 +260,31 @@ async def test_check_says_what_could_not_be_judged(monkeypatch: pytest.MonkeyPat
     # Allowed: the check passes.
     verdict = judged(allowed=True, flow_passed=True)
     assert await fc.check("job-done", within=0) is verdict
+
+
+def test_chain_attempts_are_the_checkers_count() -> None:
+    fc = testing.FlowSession(flowcheck.loads(project.TOPOLOGY), flows=["job-done"])
+
+    def seen(kind: Kind, channel: str, at_ms: int, **kw: Any) -> Observation:
+        kw = {"keys": {"job-done": "j1"}, **kw}
+        return Observation(
+            kind=kind, broker="redis", channel=channel, mono_ns=at_ms * 10**6, wall=0, **kw
+        )
+
+    fc._observe(seen(Kind.ROUTED, "jobs", 1, entry_id="1-0"))
+    fc._observe(seen(Kind.DELIVERED, "jobs", 2, entry_id="1-0", delivery_count=1))
+    fc._observe(seen(Kind.REDELIVERED, "jobs", 3, entry_id="1-0", delivery_count=2))
+    dead = seen(Kind.DEAD_LETTERED, "jobs.dead", 4, entry_id="2-0", delivery_count=3, origin="jobs")
+    fc._observe(dead)
+    checker = Checker(fc.topology, start_ns=0)
+    for obs in fc.observations:
+        checker.feed(obs)
+    chain = fc.chain("job-done", "j1")
+    assert chain.attempts() == chain.attempts(dead) == checker.attempts("job-done", "j1") == 3
+    # A tap was not watching while the chain was open: deliveries may have gone unseen.
+    gap = {"until_ns": 3 * 10**6, "reason": "reconnecting", "keys": {}}
+    fc._observe(seen(Kind.GAP, "jobs", 2, **gap))
+    assert chain.attempts(dead) is None
 
 
 def test_the_session_tells_the_checker_whether_unjudged_is_allowed() -> None:
