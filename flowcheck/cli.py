@@ -455,21 +455,24 @@ def _names(names: set[str]) -> str:
     return ", ".join(map(repr, sorted(names))) if names else "none"
 
 
-# C0 and C1 control characters, as escapes: a terminal would act on them.
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
-
-
 def _shown(text: str) -> str:
     """Text from the messages (keys, routing keys, reasons) as inspect prints it: as it is,
     never read as Rich markup nor as terminal control sequences."""
     from rich.markup import escape
 
-    return escape(text.translate(_CONTROLS))
+    from flowcheck.reporting.timeline import printable
+
+    return escape(printable(text))
 
 
 def _print_timelines(
     console: Console, chains: list[Timeline], gaps: list[Observation], start: int
 ) -> None:
+    from rich.text import Text
+
+    from flowcheck.reporting import timeline
+    from flowcheck.reporting.terminal import SEEN_STYLE
+
     for g in gaps:
         until = f"{(g.until_ns - start) / 1e6:.0f}ms" if g.until_ns else "the end"
         console.print(
@@ -484,31 +487,11 @@ def _print_timelines(
         if chain.dead_letters:
             extra.append("[red]dead-lettered[/]")
         console.print(title + (f"  ({', '.join(extra)})" if extra else ""))
-        for o, hop in chain.hops():
-            at = (o.mono_ns - start) / 1e6
-            step = "" if hop is None else f"+{hop}ms"
-            detail = []
-            if o.delivery_count is not None:
-                detail.append(f"delivery {o.delivery_count}")
-            if o.group:
-                detail.append(f"group {o.group}")
-            if o.reason:
-                detail.append(o.reason)
-            if o.origin:
-                detail.append(f"from {o.origin}")
-            where = (
-                f"p{o.partition}@{o.offset}"
-                if o.partition is not None
-                else (o.entry_id or o.routing_key or "")
-            )
-            colour = {"dead_lettered": "red", "unroutable": "red", "redelivered": "yellow"}.get(
-                o.kind.value, ""
-            )
-            kind = f"[{colour}]{o.kind.value:<13}[/]" if colour else f"{o.kind.value:<13}"
-            console.print(
-                f"  {at:>10.1f}ms {step:>9}  {kind} {_shown(f'{o.channel:<24} {where:<18}')} "
-                f"{_shown('; '.join(detail))}"
-            )
+        drawn = timeline.rows(chain.items, start_ns=start)
+        header, *lines = timeline.indent(timeline.text(drawn))
+        console.print(Text(header, "dim"))
+        for r, line in zip(drawn, lines, strict=True):
+            console.print(Text(line, SEEN_STYLE.get(r.kind, "")))
 
 
 # ---------------------------------------------------------------- checking

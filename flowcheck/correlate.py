@@ -10,8 +10,8 @@ import msgspec
 
 from flowcheck.observations import TEXT_CAP, as_text, fit_text, payload_json, trace_id_of
 from flowcheck.topology._types import path_segments
-from flowcheck.topology.model import Correlate, Queue, Stream, Topic, Topology
-from flowcheck.topology.routing import dead_letter_path
+from flowcheck.topology.model import Correlate, Topology
+from flowcheck.topology.routing import carriers
 
 
 def lookup(obj: Any, path: str) -> Any:
@@ -151,16 +151,9 @@ class Correlator:
         for fname, flow in topology.flows.items():
             for step in flow.steps:
                 rule = step.correlate or flow.correlate
-                self._add(step.channel, fname, rule)
                 # Retries and dead letters of a step carry the same message.
-                ch = topology.channels.get(step.channel)
-                if isinstance(ch, (Queue, Topic)):
-                    for r in ch.retry:
-                        self._add(r, fname, rule)
-                if isinstance(ch, (Topic, Stream)) and ch.dead_letter:
-                    self._add(ch.dead_letter, fname, rule)
-                for target in dead_letter_path(topology, step.channel):
-                    self._add(target, fname, rule)
+                for channel in carriers(topology, step.channel):
+                    self._add(channel, fname, rule)
             for dl in flow.dead_letters:
                 self._add(dl.channel, fname, flow.correlate)
 

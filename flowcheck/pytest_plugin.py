@@ -3,7 +3,7 @@
 - settings, each an ini key and a command-line flag: the topology file, broker
   addresses, where traces go, how long assertions wait and how long they watch
   past a chain's end (shown in the header);
-- the ``flowcheck`` fixture: a started :class:`flowcheck.testing.Flowcheck`
+- the ``flowcheck`` fixture: a started :class:`flowcheck.testing.FlowSession`
   whose taps watch the topology before the test body runs, isolated per test
   on request; it works under pytest-asyncio and under anyio's plugin;
 - the ``flowcheck`` marker: topology, flows, isolation, deadline and settle time per test;
@@ -33,7 +33,7 @@ from flowcheck.topology import Topology, load
 from flowcheck.topology._types import format_duration, parse_duration
 
 if TYPE_CHECKING:  # imported when a test uses the fixture: pytest starts faster without it
-    from flowcheck.testing import Flowcheck
+    from flowcheck.testing import FlowSession
 
 try:  # pytest-asyncio is optional: anyio's plugin alone is enough
     import pytest_asyncio
@@ -164,8 +164,8 @@ class State:
 
 
 STATE = pytest.StashKey[State]()
-PLAN = pytest.StashKey["Flowcheck"]()  # built by the fixture, started by its async half
-STARTED = pytest.StashKey["Flowcheck"]()
+PLAN = pytest.StashKey["FlowSession"]()  # built by the fixture, started by its async half
+STARTED = pytest.StashKey["FlowSession"]()
 FAILED = pytest.StashKey[bool]()
 SUMMARY = pytest.StashKey[dict[str, Any]]()
 PROBLEM = pytest.StashKey[str]()
@@ -282,8 +282,8 @@ def flowcheck_topology() -> Topology | str | os.PathLike[str] | None:
 
 
 @pytest.fixture
-def flowcheck(request: pytest.FixtureRequest, flowcheck_topology: Any) -> Flowcheck:
-    """A started :class:`flowcheck.testing.Flowcheck`: the test's taps are watching.
+def flowcheck(request: pytest.FixtureRequest, flowcheck_topology: Any) -> FlowSession:
+    """A started :class:`flowcheck.testing.FlowSession`: the test's taps are watching.
 
     Use it from an async test run by pytest-asyncio (``@pytest.mark.asyncio``
     or auto mode) or by anyio's plugin (``@pytest.mark.anyio``).
@@ -300,7 +300,7 @@ def flowcheck(request: pytest.FixtureRequest, flowcheck_topology: Any) -> Flowch
     request.node.stash[PLAN] = plan
     driver = _driver(request)
     try:
-        fc: Flowcheck = request.getfixturevalue(driver)
+        fc: FlowSession = request.getfixturevalue(driver)
     except FlowcheckError as exc:
         problem = exc
     if problem is not None:
@@ -345,10 +345,10 @@ def _loop_scope(item: pytest.Item) -> str:
     return scope if scope in LOOP_SCOPES else "function"
 
 
-def _session_body() -> Callable[[pytest.FixtureRequest], AsyncIterator[Flowcheck]]:
+def _session_body() -> Callable[[pytest.FixtureRequest], AsyncIterator[FlowSession]]:
     """A fresh async fixture function (pytest-asyncio marks the function object itself)."""
 
-    async def body(request: pytest.FixtureRequest) -> AsyncIterator[Flowcheck]:
+    async def body(request: pytest.FixtureRequest) -> AsyncIterator[FlowSession]:
         item = request.node
         fc = item.stash[PLAN]
         await fc.start()
@@ -403,8 +403,8 @@ def _load(state: State, path: Path) -> Topology:
     return state.topologies[path]
 
 
-def _plan(request: pytest.FixtureRequest, state: State, fixture_value: Any) -> Flowcheck:
-    from flowcheck.testing import Flowcheck, unique_prefix, with_brokers
+def _plan(request: pytest.FixtureRequest, state: State, fixture_value: Any) -> FlowSession:
+    from flowcheck.testing import FlowSession, unique_prefix, with_brokers
 
     item = request.node
     settings = state.settings
@@ -443,7 +443,7 @@ def _plan(request: pytest.FixtureRequest, state: State, fixture_value: Any) -> F
         trace_dir = factory.getbasetemp() / "flowcheck-traces"
     deadline = mark.get("deadline")
     settle = mark.get("settle", settings.settle)
-    return Flowcheck(
+    return FlowSession(
         topology,
         prefix=stem if isolate else "",
         flows=list(flows) if flows is not None else None,
@@ -459,7 +459,9 @@ def _plan(request: pytest.FixtureRequest, state: State, fixture_value: Any) -> F
 # ---------------------------------------------------------------- problems once
 
 
-def _problem(request: pytest.FixtureRequest, exc: FlowcheckError, fc: Flowcheck | None) -> NoReturn:
+def _problem(
+    request: pytest.FixtureRequest, exc: FlowcheckError, fc: FlowSession | None
+) -> NoReturn:
     """Fail the first test a setup problem stops; skip the others it stops, pointing there."""
     state = request.config.stash[STATE]
     message = explain(exc, fc, state.settings)
@@ -491,7 +493,7 @@ def _claim(request: pytest.FixtureRequest, message: str) -> bool:
     return True
 
 
-def explain(exc: FlowcheckError, fc: Flowcheck | None, settings: Settings) -> str:
+def explain(exc: FlowcheckError, fc: FlowSession | None, settings: Settings) -> str:
     """A setup problem, said once, with what to do about it."""
     if isinstance(exc, TopologyError):
         errors = [p for p in exc.problems if p.severity == "error"]
@@ -517,7 +519,7 @@ def explain(exc: FlowcheckError, fc: Flowcheck | None, settings: Settings) -> st
 # ---------------------------------------------------------------- reporting
 
 
-def _summary(fc: Flowcheck, failed: bool) -> dict[str, Any]:
+def _summary(fc: FlowSession, failed: bool) -> dict[str, Any]:
     findings: dict[str, int] = {}
     for err in fc.failures:
         for f in err.findings:

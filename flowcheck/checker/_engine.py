@@ -1514,6 +1514,18 @@ class Checker:
             return False  # its attempts are judged from deliveries the taps have yet to see
         return all(len(a) >= n for a, n in zip(chain.arrivals, state.need, strict=True))
 
+    def attempts(self, flow: str, key: str, dead: Observation | None = None) -> int | None:
+        """Deliveries of the message of the open chain ``key`` of ``flow``, the first
+        included, as the retry checks count them: at the step the dead letter ``dead``
+        died on, else the most at any step. None if nothing tells or no such chain is open."""
+        state = self.flows.get(flow)
+        chain = None if state is None else state.chains.get(key)
+        if state is None or chain is None:
+            return None
+        step = None if dead is None else state._origin_step(dead)
+        steps = range(state.n) if step is None else (step,)
+        return max((n for i in steps if (n := state.attempts(chain, i)) is not None), default=None)
+
     def finish(self, end_ns: int | None = None, *, recording: Recording | None = None) -> Verdict:
         """The verdict, judging every chain against the recording's end (``end_ns``; default
         the last observation). ``recording`` says how that end came, for the verdict."""

@@ -130,20 +130,6 @@ def late_note(lat: Latency) -> str | None:
     )
 
 
-def seen_detail(s: Seen) -> str:
-    """Where on the broker and how often: what tells two copies of a message apart."""
-    parts: list[str] = []
-    if s.partition is not None or s.offset is not None:
-        parts.append(f"p{s.partition if s.partition is not None else '?'}@{s.offset}")
-    if s.entry_id is not None:
-        parts.append(f"entry {s.entry_id}")
-    if s.delivery_count is not None:
-        parts.append(f"delivery {s.delivery_count}")
-    if s.reason:
-        parts.append(s.reason)
-    return ", ".join(parts)
-
-
 def finding_text(f: Finding) -> str:
     """A finding's message, then where its chain stopped when it did."""
     tail = []

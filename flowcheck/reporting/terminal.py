@@ -23,6 +23,7 @@ from flowcheck.checker.verdict import (
     Unjudged,
     Verdict,
 )
+from flowcheck.reporting import timeline
 from flowcheck.reporting._common import (
     BrokenChain,
     all_unjudged,
@@ -37,7 +38,6 @@ from flowcheck.reporting._common import (
     over_budget,
     plural,
     recording_text,
-    seen_detail,
     stat,
     unjudged_status,
     unjudged_text,
@@ -53,7 +53,7 @@ _KIND_STYLE = {
     FindingKind.DEAD_LETTER: "red",
     FindingKind.UNEXPECTED: "magenta",
 }
-_SEEN_STYLE = {"dead_lettered": "red", "unroutable": "red", "redelivered": "yellow"}
+SEEN_STYLE = {"dead_lettered": "red", "unroutable": "red", "redelivered": "yellow"}
 
 
 def render(
@@ -222,46 +222,55 @@ def _chain(chain: BrokenChain) -> RenderableType:
 
 
 def _timeline(chain: BrokenChain) -> Table:
-    table = Table(box=None, padding=(0, 1), pad_edge=False, header_style="dim")
-    table.add_column("", no_wrap=True)  # '>' marks the observations the findings are about
-    table.add_column("at ms", justify="right", no_wrap=True)
-    table.add_column("+ms", justify="right", no_wrap=True)
-    table.add_column("kind", no_wrap=True)
-    table.add_column("channel", overflow="fold")
-    table.add_column("detail", overflow="fold")
-    items = chain.timeline
-    evidence = chain.evidence
-    if not items:
-        table.add_row("", "", "", Text("(nothing seen)", "dim"), "", "")
-    drawn: list[Seen | int] = list(items)
-    if len(items) > TIMELINE_HEAD + TIMELINE_TAIL:
-        cut = len(items) - TIMELINE_HEAD - TIMELINE_TAIL
-        drawn = [*items[:TIMELINE_HEAD], cut, *items[-TIMELINE_TAIL:]]
-    prev: float | None = None
-    for s in drawn:
-        if isinstance(s, int):
-            table.add_row("", "", "", Text(f"... {s} more", "dim"), "", "")
-            prev = None
-            continue
-        delta = "" if prev is None else ms(s.at_ms - prev)
-        prev = s.at_ms
-        table.add_row(
-            Text(">", "bold") if s in evidence else "",
-            Text(f"{s.at_ms:.1f}"),
-            Text(delta, "dim"),
-            Text(s.kind, _SEEN_STYLE.get(s.kind, "")),
-            Text(s.channel),
-            Text(seen_detail(s)),
-        )
+    missing = []
     for f in chain.findings:
         cause = f"cause {f.cause.value}" if f.cause is not None else ""
         if f.next_step is not None:
-            what, where, why = "expected", f.next_step, ", ".join(("never came", cause)).strip(", ")
+            missing.append(("expected", f.next_step, ", ".join(("never came", cause)).strip(", ")))
         elif f.cause is not None:
-            what, where, why = "stopped", "", cause
-        else:
+            missing.append(("stopped", "", cause))
+    drawn = timeline.rows(
+        chain.timeline,
+        evidence=chain.evidence,
+        missing=missing,
+        head=TIMELINE_HEAD,
+        tail=TIMELINE_TAIL,
+    )
+    return timeline_table(drawn)
+
+
+def timeline_table(drawn: list[timeline.Row]) -> Table:
+    """Rows of :func:`flowcheck.reporting.timeline.rows` as a table, kinds in colour."""
+    table = Table(box=None, padding=(0, 1), pad_edge=False, header_style="dim")
+    for i, name in enumerate(timeline.COLUMNS):
+        wide = name in ("channel", "where", "detail")
+        table.add_column(
+            name,
+            justify="right" if i in timeline.RIGHT else "left",
+            no_wrap=not wide,
+            overflow="fold",
+        )
+    for r in drawn:
+        if r.mark == "x":
+            table.add_row(
+                Text("x", FAIL),
+                "",
+                "",
+                Text(r.kind, FAIL),
+                Text(r.channel),
+                "",
+                Text(r.detail, "red"),
+            )
             continue
-        table.add_row(Text("x", FAIL), "", "", Text(what, FAIL), Text(where), Text(why, "red"))
+        table.add_row(
+            Text(r.mark, "bold"),
+            Text(r.at),
+            Text(r.delta, "dim"),
+            Text(r.kind, "dim" if r.cut else SEEN_STYLE.get(r.kind, "")),
+            Text(r.channel),
+            Text(r.where),
+            Text(r.detail),
+        )
     return table
 
 

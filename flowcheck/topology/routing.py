@@ -1,4 +1,5 @@
-"""RabbitMQ routing semantics as pure functions (no broker needed)."""
+"""Routing semantics as pure functions (no broker needed): RabbitMQ bindings, and which
+channels carry a message besides the one it was sent to."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Mapping
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from flowcheck.topology.model import Exchange, Queue
+from flowcheck.topology.model import Exchange, Queue, Stream, Topic
 
 if TYPE_CHECKING:
     from flowcheck.topology.model import Topology
@@ -72,3 +73,16 @@ def dead_letter_path(topology: Topology, queue: str) -> list[str]:
         return []
     dlx = q.dead_letter.exchange
     return [dlx, *bound_queues(topology.channels, dlx, q.dead_letter.key)]
+
+
+def carriers(topology: Topology, channel: str) -> list[str]:
+    """The channels that carry a message of a step on ``channel``: the channel itself, its
+    retry channels, its dead-letter topic or stream, its dead-letter exchange and the
+    queues that exchange reaches."""
+    ch = topology.channels.get(channel)
+    out = [channel]
+    if isinstance(ch, (Queue, Topic)):
+        out += ch.retry
+    if isinstance(ch, (Topic, Stream)) and ch.dead_letter:
+        out.append(ch.dead_letter)
+    return out + dead_letter_path(topology, channel)

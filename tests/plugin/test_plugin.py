@@ -426,7 +426,7 @@ def test_a_mistake_in_a_test_reads_as_one(
         ["flowcheck: deadline='soon': 'soon' is not a duration; write it like 250ms*"]
     )
     shown = result.stdout.str()
-    assert "flowcheck/testing.py" not in shown
+    assert "flowcheck/testing/" not in shown
     assert "flowcheck/topology/" not in shown
     assert "flowcheck/pytest_plugin.py" not in shown
 

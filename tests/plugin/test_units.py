@@ -5,16 +5,21 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 import flowcheck
 from flowcheck import pytest_plugin, testing
 from flowcheck.checker import Checker, FlowVerdict, Unjudged, Verdict
+from flowcheck.correlate import Correlator
 from flowcheck.observations import Kind, Observation, now
 from flowcheck.testing import FlowAssertionError, HopLatency, Took
 
 from . import project
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SHOP_LIKE = """
 brokers:
@@ -114,6 +119,45 @@ def test_flow_channels_follow_retries_and_dead_letters() -> None:
     topology = flowcheck.loads(project.TOPOLOGY)
     assert testing.flow_channels(topology, ["job-done"]) == {"jobs", "jobs.dead"}
     assert testing.flow_channels(topology, ["order-billed"]) == {"orders", "billing"}
+
+
+def test_flow_channels_are_the_channels_the_correlator_keys() -> None:
+    # What the taps watch for a flow and what the correlator gives a key for are one set.
+    for topology in (
+        flowcheck.loads(project.TOPOLOGY),
+        flowcheck.load(str(ROOT / "topologies" / "shop.yaml")),
+    ):
+        for flow in topology.flows:
+            assert testing.flow_channels(topology, [flow]) == {
+                ch for ch, entries in Correlator(topology).rules.items() if flow in dict(entries)
+            }
+
+
+def test_the_public_names_of_flowcheck_testing() -> None:
+    # Users import these from flowcheck.testing; a name that goes away breaks their tests.
+    assert sorted(testing.__all__) == [
+        "Chain",
+        "DEFAULT_DEADLINE",
+        "FlowAssertionError",
+        "FlowSession",
+        "Flowcheck",
+        "HopLatency",
+        "SETTLE_MARGIN",
+        "TIMELINE_HEAD",
+        "TIMELINE_TAIL",
+        "Took",
+        "Within",
+        "flow_channels",
+        "isolated",
+        "late_copy_breaks",
+        "seconds",
+        "settle_time",
+        "unique_prefix",
+        "with_brokers",
+    ]
+    assert all(hasattr(testing, name) for name in testing.__all__)
+    assert testing.Flowcheck is testing.FlowSession
+    assert testing.FlowAssertionError.__module__ == "flowcheck.testing"
 
 
 def test_unknown_flows_are_refused_at_once() -> None:
@@ -216,6 +260,31 @@ async def test_check_says_what_could_not_be_judged(monkeypatch: pytest.MonkeyPat
     # Allowed: the check passes.
     verdict = judged(allowed=True, flow_passed=True)
     assert await fc.check("job-done", within=0) is verdict
+
+
+def test_chain_attempts_are_the_checkers_count() -> None:
+    fc = testing.FlowSession(flowcheck.loads(project.TOPOLOGY), flows=["job-done"])
+
+    def seen(kind: Kind, channel: str, at_ms: int, **kw: Any) -> Observation:
+        kw = {"keys": {"job-done": "j1"}, **kw}
+        return Observation(
+            kind=kind, broker="redis", channel=channel, mono_ns=at_ms * 10**6, wall=0, **kw
+        )
+
+    fc._observe(seen(Kind.ROUTED, "jobs", 1, entry_id="1-0"))
+    fc._observe(seen(Kind.DELIVERED, "jobs", 2, entry_id="1-0", delivery_count=1))
+    fc._observe(seen(Kind.REDELIVERED, "jobs", 3, entry_id="1-0", delivery_count=2))
+    dead = seen(Kind.DEAD_LETTERED, "jobs.dead", 4, entry_id="2-0", delivery_count=3, origin="jobs")
+    fc._observe(dead)
+    checker = Checker(fc.topology, start_ns=0)
+    for obs in fc.observations:
+        checker.feed(obs)
+    chain = fc.chain("job-done", "j1")
+    assert chain.attempts() == chain.attempts(dead) == checker.attempts("job-done", "j1") == 3
+    # A tap was not watching while the chain was open: deliveries may have gone unseen.
+    gap = {"until_ns": 3 * 10**6, "reason": "reconnecting", "keys": {}}
+    fc._observe(seen(Kind.GAP, "jobs", 2, **gap))
+    assert chain.attempts(dead) is None
 
 
 def test_the_session_tells_the_checker_whether_unjudged_is_allowed() -> None:

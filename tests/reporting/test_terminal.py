@@ -50,7 +50,7 @@ def test_broken_chain_is_drawn_with_where_it_stopped() -> None:
     chain = block(text(scenarios.failing()), "key k-lost", "key k-unroutable")
     lines = chain.splitlines()
     assert "lost: timed out after 'billing': no 'pay' within 1s" in lines[0]
-    assert lines[1].split() == ["at", "ms", "+ms", "kind", "channel", "detail"]
+    assert lines[1].split() == ["at", "ms", "+ms", "kind", "channel", "where", "detail"]
     assert lines[2].split() == ["1100.0", "routed", "orders"]
     # '>' marks the observation the finding points at: the last one seen.
     assert lines[3].split() == [">", "1100.1", "0.10", "routed", "billing"]
@@ -68,12 +68,12 @@ def test_chain_never_seen_still_says_what_was_expected() -> None:
 
 def test_timeline_shows_deliveries_and_reasons() -> None:
     out = text(scenarios.failing())
-    retried = block(out, "key p-retried", "key k-dead")
+    retried = " ".join(block(out, "key p-retried", "key k-dead").split())
     assert "retries: 5 attempts at 'billing'; the retry policy allows 3" in retried
-    assert "redelivered    billing  delivery 5" in retried
-    assert "dead_lettered  dlq      delivery 4, delivery_limit" in retried
-    unroutable = block(out, "key k-unroutable", "key p-retried")
-    assert "unroutable  orders   NO_ROUTE" in unroutable
+    assert "redelivered billing delivery 5" in retried
+    assert "dead_lettered dlq delivery 4; delivery_limit; from billing" in retried
+    unroutable = " ".join(block(out, "key k-unroutable", "key p-retried").split())
+    assert "unroutable orders NO_ROUTE" in unroutable
     assert "cause unroutable" in unroutable
     dead = block(out, "key k-dead", "Other findings")
     assert "stopped" in dead

@@ -1,0 +1,79 @@
+"""Topologies made from topologies: one test's own names, other broker addresses, the
+channels a few flows need."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import SecretStr
+
+from flowcheck.topology.model import Exchange, Kafka, RabbitMQ, Redis, Stream, Topology
+from flowcheck.topology.routing import carriers
+
+__all__ = ["flow_channels", "isolated", "with_brokers"]
+
+
+def isolated(topology: Topology, prefix: str) -> Topology:
+    """``topology`` with ``prefix`` in front of every broker-side name and consumer group.
+
+    Channel keys (what flows, reports and this API use) stay as they are; only
+    the ``name`` each channel has on its broker changes. RabbitMQ's own
+    ``amq.*`` exchanges keep their names. Stream groups and the groups of the
+    services' ``consumes`` get the prefix too.
+    """
+    if not prefix:
+        return topology
+    channels: dict[str, Any] = {}
+    for key, ch in topology.channels.items():
+        name = ch.name or key
+        update: dict[str, Any] = {}
+        if not (isinstance(ch, Exchange) and name.startswith("amq.")):
+            update["name"] = prefix + name
+        if isinstance(ch, Stream) and ch.groups:
+            update["groups"] = [prefix + g for g in ch.groups]
+        channels[key] = ch.model_copy(update=update)
+    services = {
+        key: svc.model_copy(
+            update={
+                "consumes": [
+                    c.model_copy(update={"group": prefix + c.group}) if c.group else c
+                    for c in svc.consumes
+                ]
+            }
+        )
+        for key, svc in topology.services.items()
+    }
+    return topology.model_copy(update={"channels": channels, "services": services})
+
+
+def with_brokers(
+    topology: Topology,
+    *,
+    rabbitmq_url: str | None = None,
+    kafka_bootstrap: str | None = None,
+    redis_url: str | None = None,
+) -> Topology:
+    """``topology`` with every broker of a kind pointed at the given address (None: as is)."""
+    brokers: dict[str, Any] = {}
+    for name, b in topology.brokers.items():
+        if isinstance(b, RabbitMQ) and rabbitmq_url:
+            b = b.model_copy(update={"url": SecretStr(rabbitmq_url)})
+        elif isinstance(b, Kafka) and kafka_bootstrap:
+            parts = [p.strip() for p in kafka_bootstrap.split(",") if p.strip()]
+            b = b.model_copy(update={"bootstrap": parts})
+        elif isinstance(b, Redis) and redis_url:
+            b = b.model_copy(update={"url": SecretStr(redis_url)})
+        brokers[name] = b
+    return topology.model_copy(update={"brokers": brokers})
+
+
+def flow_channels(topology: Topology, flows: Iterable[str]) -> set[str]:
+    """Every channel the taps must watch to follow ``flows``: steps, retries, dead letters."""
+    wanted = set(flows)
+    out: set[str] = set()
+    for name, flow in topology.flows.items():
+        if name in wanted:
+            out.update(c for step in flow.steps for c in carriers(topology, step.channel))
+            out.update(r.channel for r in flow.dead_letters)
+    return out
