@@ -41,7 +41,7 @@ def test_unjudged_expectations_are_listed_and_fail() -> None:
     lines = md.splitlines()
     assert lines[0] == "## ❌ FAIL flowcheck: shop"
     assert lines[2] == (
-        "2 of 2 flows failed, 24 observations, 3 unjudged (verdict format version 1)."
+        "2 of 2 flows failed, 28 observations, 3 unjudged (verdict format version 1)."
     )
     assert lines[4] == (
         "Recording ended: unknown (no end record: the recorder crashed or was killed)."

@@ -144,7 +144,7 @@ def test_a_budget_on_a_late_tap_is_noted() -> None:
 def test_unjudged_expectations_are_listed_and_fail() -> None:
     out = text(scenarios.unjudged(allowed=False))
     lines = out.splitlines()
-    assert lines[0] == "FAIL  shop: 2 of 2 flows failed, 3 unjudged (24 observations)"
+    assert lines[0] == "FAIL  shop: 2 of 2 flows failed, 3 unjudged (28 observations)"
     assert lines[1] == (
         "recording ended: unknown (no end record: the recorder crashed or was killed)"
     )
@@ -167,7 +167,7 @@ def test_unjudged_expectations_are_listed_and_fail() -> None:
 def test_allowed_unjudged_expectations_are_listed_as_allowed() -> None:
     out = text(scenarios.unjudged(allowed=True))
     assert (
-        out.splitlines()[0] == "PASS  shop: 2 flows passed, 3 unjudged (allowed) (24 observations)"
+        out.splitlines()[0] == "PASS  shop: 2 flows passed, 3 unjudged (allowed) (28 observations)"
     )
     assert (
         "Unjudged expectations (3): allowed (allow_unjudged): they do not fail the verdict" in out
