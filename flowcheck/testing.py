@@ -839,13 +839,20 @@ class Flowcheck:
         *,
         settle: bool,
         expected: Mapping[str, Iterable[str]] | None = None,
+        flows: Sequence[str] | None = None,
     ) -> Verdict:
-        """The checker's verdict on ``items``; ``settle`` decides every chain still open."""
+        """The checker's verdict on ``items`` (of ``flows`` only, if given); ``settle``
+        decides every chain still open."""
         end, _ = now()
         if settle:
             end += int(_FAR.total_seconds() * 1e9)
+        topology = self.topology
+        if flows is not None:
+            topology = topology.model_copy(
+                update={"flows": {f: v for f, v in topology.flows.items() if f in flows}}
+            )
         checker = Checker(
-            self.topology,
+            topology,
             start_ns=self._start_ns,
             expected=expected,
             allow_unjudged=self.allow_unjudged,
@@ -941,6 +948,11 @@ class Flowcheck:
         topology expects of them: no chain lost, duplicated, reordered, late,
         retried or dead-lettered against the rules, latency within budget.
 
+        Without names, the flows judged are those this test saw a chain of: a flow
+        it never exercised is not its business (and with none at all, the check
+        fails: it judged nothing). A flow named here must have seen at least one
+        chain, and is judged on all it declares.
+
         Waits until every chain seen (and every key published) has reached its
         end and the taps have seen every message this test published, at most
         ``within``; chains still open then count as lost. Then keeps watching for
@@ -982,12 +994,15 @@ class Flowcheck:
             )
             if await self._settle(until, self._broken(names)) or settled():
                 break  # broken, or no chain opened meanwhile (else: wait for those too)
-        verdict = self._judge(self._items, settle=True)
+        judged = list(flows) or [f for f in names if self._keys.get(f)]
+        verdict = self._judge(self._items, settle=True, flows=judged)
         mine = [fv for fv in verdict.flows if fv.flow in names]
         failing = [
             fv for fv in mine if not fv.passed or any(f.kind in CHAIN_KINDS for f in fv.findings)
         ]
         empty = [f for f in flows if not any(fv.flow == f and fv.chains for fv in mine)]
+        if not judged:
+            empty = list(names)  # no chain of any flow: a check that judged nothing
         allowed = verdict.allow_unjudged
         # Expectations of the recording as a whole that could not be judged fail it too.
         whole = [] if allowed else verdict.unjudged
