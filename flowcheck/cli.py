@@ -518,10 +518,10 @@ def _report(
         click.echo("reports: " + ", ".join(str(p) for p in paths.values()))
     if trace is not None:
         click.echo(f"trace: {trace} (flowcheck inspect {trace})")
-    if why := _only_unjudged(verdict):
-        click.echo(why, err=True)
+    why = _only_unjudged(verdict)
     unseen = sum(f.unknown for f in verdict.flows)
-    if gate and not verdict.allow_unjudged and verdict.passed and unseen and verdict.gaps:
+    # Chains a tap gap hid: an outage, not a failed check, when nothing else failed.
+    if gate and not verdict.allow_unjudged and (verdict.passed or why) and unseen and verdict.gaps:
         click.echo(
             f"flowcheck: {_plural(unseen, 'chain')} unknown: a tap was not watching "
             f"({_plural(len(verdict.gaps), 'gap')}); the gate cannot pass what it did not see "
@@ -529,6 +529,8 @@ def _report(
             err=True,
         )
         sys.exit(EXIT_INFRA)
+    if why:
+        click.echo(why, err=True)
     sys.exit(EXIT_OK if verdict.passed else EXIT_FAILED)
 
 

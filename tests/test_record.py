@@ -357,12 +357,13 @@ flows: {{f: {{correlate: $.id, steps: [q]}}}}
     with Writer(str(trace), header):
         pass
     runner = CliRunner()
-    result = runner.invoke(cli, ["check", str(recorded), str(trace)])
+    # The trace holds no chain: allowed to judge nothing, so the exit code is the match's.
+    result = runner.invoke(cli, ["check", str(recorded), str(trace), "--allow-unjudged"])
     assert result.exit_code == 0, result.output
     assert "different version" not in result.output
 
     recorded.write_text(recorded.read_text() + "# edited\n")
-    result = runner.invoke(cli, ["check", str(recorded), str(trace)])
+    result = runner.invoke(cli, ["check", str(recorded), str(trace), "--allow-unjudged"])
     assert result.exit_code == 0, result.output
     assert "recorded with a different version of" in result.output
 
@@ -406,6 +407,7 @@ flows: {f: {correlate: $.id, steps: [a, b], deadline: 1s}}
     def check(*at_s: float, allow: bool = False) -> Checked:
         trace = tmp_path / f"t{len(at_s)}{allow}.jsonl"
         with Writer(str(trace), Header(started=0.0, started_mono_ns=0)) as writer:
+            end = max(at_s, default=0.0)
             for i, at in enumerate(at_s):
                 writer.write(
                     Observation(
@@ -417,22 +419,20 @@ flows: {f: {correlate: $.id, steps: [a, b], deadline: 1s}}
                         keys={"f": f"k{i // 2}"},
                     )
                 )
+            writer.end("stopped", int(end * 1e9), end)  # stopped at the last observation
         reports = tmp_path / trace.stem
         args = ["check", str(path), str(trace), "--report-dir", str(reports)]
         result = runner.invoke(cli, args + ["--allow-unjudged"] * allow)
         return Checked(result, json.loads((reports / "verdict.json").read_text()))
 
     none = check()
-    # A verdict that judged nothing fails the gate; where the checker still passes it,
-    # the warning says so.
-    assert none.exit_code == (0 if none.passed else 1), none.output
-    if none.passed:
-        assert "flowcheck: warning: no chain was decided: the trace holds no chain" in none.output
+    # A verdict that judged nothing fails the gate, and says why.
+    assert none.exit_code == 1, none.output
+    assert "no chain was decided: 0 seen, 0 unknown" in none.output
     # Seen at a, the recording ends before the second could reach b: unknown.
     unknown = check(0.5)
-    assert unknown.exit_code == (0 if unknown.passed else 1), unknown.output
-    if unknown.passed:
-        assert "no chain was decided: 1 chain seen, all unknown" in unknown.output
+    assert unknown.exit_code == 1, unknown.output
+    assert "no chain was decided: 1 seen, 1 unknown" in unknown.output
     decided = check(0.5, 0.6, 0.7)  # one chain completed: something was judged
     assert decided.exit_code == 0, decided.output
     assert "no chain was decided" not in decided.output

@@ -1296,7 +1296,8 @@ class _FlowState:
                             message=f"{hop}: {p} is {have:.1f}ms, over its budget of {budgets[p]:.1f}ms ({stats.count} samples, clock {clock}{tail})",
                         )
                     )
-            if stats.count == 0:
+            # With no succeeded chain, the flow has failed, or judged nothing and says so.
+            if stats.count == 0 and self.counts["succeeded"]:
                 left = stats.non_positive + stats.unusable
                 self.unjudge(
                     "latency",

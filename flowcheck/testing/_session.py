@@ -62,7 +62,8 @@ class FlowSession:
     watching after a chain's end for a late copy its flow forbids; None (the
     default) derives it per flow from the taps' lateness (:func:`settle_time`).
     ``allow_unjudged`` lets :meth:`check` pass when the checker could not judge
-    some declared expectation (each is still listed).
+    some declared expectation (each is still listed); None (the default) follows
+    the topology's ``gate: {allow_unjudged: ...}``.
 
     Use ``async with FlowSession(...) as fc`` or :meth:`start` / :meth:`stop`.
     """
@@ -77,7 +78,7 @@ class FlowSession:
         trace: str | os.PathLike[str] | None = None,
         deadline: Within = DEFAULT_DEADLINE,
         settle: Within | None = None,
-        allow_unjudged: bool = False,
+        allow_unjudged: bool | None = None,
         name: str | None = None,
     ) -> None:
         unknown = [f for f in flows or () if f not in topology.flows]
@@ -483,11 +484,21 @@ class FlowSession:
             )
 
     def _fed(
-        self, items: Sequence[Observation], *, expected: Mapping[str, Iterable[str]] | None = None
+        self,
+        items: Sequence[Observation],
+        *,
+        expected: Mapping[str, Iterable[str]] | None = None,
+        flows: Sequence[str] | None = None,
     ) -> Checker:
-        """A checker that has been fed ``items``; its chains are still open."""
+        """A checker (of ``flows`` only, if given) that has been fed ``items``; its chains
+        are still open."""
+        topology = self.topology
+        if flows is not None:
+            topology = topology.model_copy(
+                update={"flows": {f: v for f, v in topology.flows.items() if f in flows}}
+            )
         checker = Checker(
-            self.topology,
+            topology,
             start_ns=self._start_ns,
             expected=expected,
             allow_unjudged=self.allow_unjudged,
@@ -502,12 +513,14 @@ class FlowSession:
         *,
         settle: bool,
         expected: Mapping[str, Iterable[str]] | None = None,
+        flows: Sequence[str] | None = None,
     ) -> Verdict:
-        """The checker's verdict on ``items``; ``settle`` decides every chain still open."""
+        """The checker's verdict on ``items`` (of ``flows`` only, if given); ``settle``
+        decides every chain still open."""
         end, _ = now()
         if settle:
             end += int(_FAR.total_seconds() * 1e9)
-        return self._fed(items, expected=expected).finish(end)
+        return self._fed(items, expected=expected, flows=flows).finish(end)
 
     def verdict(self) -> Verdict:
         """The verdict on everything seen so far; chains still inside their deadline are
@@ -596,6 +609,11 @@ class FlowSession:
         topology expects of them: no chain lost, duplicated, reordered, late,
         retried or dead-lettered against the rules, latency within budget.
 
+        Without names, the flows judged are those this test saw a chain of: a flow
+        it never exercised is not its business (and with none at all, the check
+        fails: it judged nothing). A flow named here must have seen at least one
+        chain, and is judged on all it declares.
+
         Waits until every chain seen (and every key published) has reached its
         end and the taps have seen every message this test published, at most
         ``within``; chains still open then count as lost. Then keeps watching for
@@ -637,12 +655,15 @@ class FlowSession:
             )
             if await self._settle(until, self._broken(names)) or settled():
                 break  # broken, or no chain opened meanwhile (else: wait for those too)
-        verdict = self._judge(self._items, settle=True)
+        judged = list(flows) or [f for f in names if self._keys.get(f)]
+        verdict = self._judge(self._items, settle=True, flows=judged)
         mine = [fv for fv in verdict.flows if fv.flow in names]
         failing = [
             fv for fv in mine if not fv.passed or any(f.kind in CHAIN_KINDS for f in fv.findings)
         ]
         empty = [f for f in flows if not any(fv.flow == f and fv.chains for fv in mine)]
+        if not judged:
+            empty = list(names)  # no chain of any flow: a check that judged nothing
         allowed = verdict.allow_unjudged
         # Expectations of the recording as a whole that could not be judged fail it too.
         whole = [] if allowed else verdict.unjudged
