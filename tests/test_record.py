@@ -592,7 +592,11 @@ async def test_record_says_when_a_tap_goes_down_and_records_the_gap(
             assert proc.stderr is not None
             async for rest in TextReceiveStream(proc.stderr):
                 said.extend(rest.splitlines())
+            assert proc.stdout is not None
+            written = "".join([text async for text in TextReceiveStream(proc.stdout)])
     assert rc == 0, "\n".join(said)
+    # The gap record is no observation: the counts say it apart.
+    assert f"0 observations written to {out}, and 1 tap gap" in written, written
     assert "Traceback" not in "\n".join(said)
     # The client library's own lines (reconnects every few tenths) are said once each.
     library = [line for line in said if line.startswith("flowcheck: redis")]
