@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
@@ -37,6 +37,12 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EXIT_CODES: dict[Result, int] = {"passed": EXIT_OK, "failed": EXIT_FAILED, "gap": EXIT_INFRA}
 READY_LINE = "flowcheck: ready: every tap is watching"  # stable: scripts wait for it
 
+
+ALLOW_UNJUDGED = click.option(
+    "--allow-unjudged",
+    is_flag=True,
+    help="Pass even when a declared expectation could not be judged.",
+)
 
 REPEAT_S = 60.0  # a client library's warning is shown again after this long at the soonest
 
@@ -182,6 +188,13 @@ def _load_or_exit(path: str) -> Topology:
     return topology
 
 
+def _fail(exc: FlowcheckError) -> NoReturn:
+    """A command's error while it ran: said in one line; exit 2 for what the user can
+    change here (usage, a missing extra), else 3 (a broker)."""
+    click.echo(f"flowcheck: {exc}", err=True)
+    sys.exit(EXIT_USAGE if isinstance(exc, (UsageError, MissingDependency)) else EXIT_INFRA)
+
+
 @cli.command()
 @click.argument("topology_file", metavar="TOPOLOGY")
 @click.option(
@@ -194,7 +207,6 @@ def _load_or_exit(path: str) -> Topology:
 @click.option(
     "--duration",
     "-d",
-    default=None,
     help="Stop after this long (e.g. 30s, 5m); default: until Ctrl-C.",
 )
 @click.option(
@@ -295,8 +307,7 @@ def record(
         with view:
             counts = anyio.run(main)
     except FlowcheckError as exc:
-        click.echo(f"flowcheck: {exc}", err=True)
-        sys.exit(EXIT_USAGE if isinstance(exc, (UsageError, MissingDependency)) else EXIT_INFRA)
+        _fail(exc)
     if not os.path.exists(out):
         click.echo("stopped before the taps were watching; nothing recorded, no trace written")
         return
@@ -498,11 +509,7 @@ def _few_collections() -> Iterator[None]:
 @click.option(
     "--report-dir", default=None, help="Write verdict.json, junit.xml and summary.md here."
 )
-@click.option(
-    "--allow-unjudged",
-    is_flag=True,
-    help="Pass even when a declared expectation could not be judged.",
-)
+@ALLOW_UNJUDGED
 def check(
     topology_file: str, trace_file: str, report_dir: str | None, allow_unjudged: bool
 ) -> None:
@@ -574,7 +581,6 @@ def check(
 @click.option(
     "--scenario",
     "scenario_file",
-    default=None,
     help="Messages to publish (YAML); default: one per flow.",
 )
 @click.option(
@@ -584,11 +590,7 @@ def check(
     help="Where the trace and reports go.",
 )
 @click.option("--no-apply", is_flag=True, help="Do not declare the topology's channels first.")
-@click.option(
-    "--allow-unjudged",
-    is_flag=True,
-    help="Pass even when a declared expectation could not be judged.",
-)
+@ALLOW_UNJUDGED
 def run(
     topology_file: str,
     scenario_file: str | None,
@@ -658,12 +660,8 @@ def run(
     try:
         # Ctrl-C or SIGTERM ends the run early; the trace is closed whole, as record does.
         outcome = anyio.run(cancel_on_signal, caught, main)
-    except (UsageError, MissingDependency) as exc:
-        click.echo(f"flowcheck: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
     except FlowcheckError as exc:
-        click.echo(f"flowcheck: {exc}", err=True)
-        sys.exit(EXIT_INFRA)
+        _fail(exc)
     if outcome is None:
         # Undecided chains are not lost ones: no verdict, but the trace can be checked.
         left = (

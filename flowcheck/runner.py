@@ -97,7 +97,7 @@ async def _run(
     for d in drift:  # now, not with the verdict: a tap that cannot start must not hide it
         say(f"warning: drift: {d}")
     trace = run_trace(out_dir, run_id)
-    header = new_header(topology.name, topology_path, run_id)
+    header = new_header(topology.name, topology_path, run=run_id)
     mono, wall = header.started_mono_ns, header.started
     checker = Checker(topology, start_ns=mono, expected=expected, allow_unjudged=allow_unjudged)
     changed = anyio.Event()

@@ -79,16 +79,17 @@ def topology_hash(path: str) -> str:
         return hashlib.sha256(fh.read()).hexdigest()
 
 
-def new_header(topology: str | None, topology_path: str | None, run: str | None = None) -> Header:
+def new_header(topology: str | None, topology_path: str | None = None, **extra: Any) -> Header:
     """The header of a trace that starts now: its clocks are the recording's start.
-    ``run``: the id of the ``flowcheck run`` that records it."""
+    ``extra``: what else the header says about the recording (``run``: the id of the
+    ``flowcheck run`` that records it)."""
     mono, wall = now()
     return Header(
         topology=topology,
         topology_sha256=topology_hash(topology_path) if topology_path else None,
         started=wall,
         started_mono_ns=mono,
-        **({} if run is None else {"run": run}),
+        **extra,
     )
 
 
