@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
@@ -23,19 +23,26 @@ from flowcheck import __version__
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from flowcheck.brokers.base import Drift
     from flowcheck.checker import Verdict
+    from flowcheck.gate import Result
     from flowcheck.observations import Observation
     from flowcheck.runner import Outcome
     from flowcheck.timeline import Census, Timeline
-from flowcheck.errors import FlowcheckError, MissingDependency, Problem, UsageError, leaf
+from flowcheck.errors import FlowcheckError, MissingDependency, Problem, UsageError
 from flowcheck.redact import redact_text
 from flowcheck.topology import Topology, check_file
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INFRA = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_CODES: dict[Result, int] = {"passed": EXIT_OK, "failed": EXIT_FAILED, "gap": EXIT_INFRA}
 READY_LINE = "flowcheck: ready: every tap is watching"  # stable: scripts wait for it
 
+
+ALLOW_UNJUDGED = click.option(
+    "--allow-unjudged",
+    is_flag=True,
+    help="Pass even when a declared expectation could not be judged.",
+)
 
 REPEAT_S = 60.0  # a client library's warning is shown again after this long at the soonest
 
@@ -181,6 +188,13 @@ def _load_or_exit(path: str) -> Topology:
     return topology
 
 
+def _fail(exc: FlowcheckError) -> NoReturn:
+    """A command's error while it ran: said in one line; exit 2 for what the user can
+    change here (usage, a missing extra), else 3 (a broker)."""
+    click.echo(f"flowcheck: {exc}", err=True)
+    sys.exit(EXIT_USAGE if isinstance(exc, (UsageError, MissingDependency)) else EXIT_INFRA)
+
+
 @cli.command()
 @click.argument("topology_file", metavar="TOPOLOGY")
 @click.option(
@@ -193,7 +207,6 @@ def _load_or_exit(path: str) -> Topology:
 @click.option(
     "--duration",
     "-d",
-    default=None,
     help="Stop after this long (e.g. 30s, 5m); default: until Ctrl-C.",
 )
 @click.option(
@@ -231,12 +244,10 @@ def record(
 
     import anyio
     from rich.console import Console
-    from rich.live import Live
-    from rich.markup import escape
-    from rich.table import Table
 
     from flowcheck.recorder import record as run_record
     from flowcheck.recorder import write_ready
+    from flowcheck.reporting.live import RecordView
     from flowcheck.topology._types import parse_duration
 
     topology = _load_or_exit(topology_file)
@@ -265,50 +276,7 @@ def record(
         click.echo(f"flowcheck: {ready_file} already exists; remove it first", err=True)
         sys.exit(EXIT_USAGE)
     console = Console(stderr=True)
-
-    seen: dict[str, int] = {}
-    down: dict[str, tuple[int, str]] = {}
-
-    def table(counts: dict[str, int]) -> Table:
-        t = Table(title=f"recording to {out}", title_justify="left")
-        t.add_column("channel")
-        t.add_column("broker")
-        t.add_column("observations", justify="right")
-        t.add_column("tap")
-        for name in tapped:
-            ch = topology.channels[name]
-            state = down.get(ch.broker)
-            tap = "[red]down: gap[/red]" if state else "watching"
-            t.add_row(name, ch.broker, str(counts.get(name, 0)), tap)
-        return t
-
-    live = (
-        Live(table({}), console=console, auto_refresh=False, transient=False)
-        if console.is_terminal
-        else None
-    )
-
-    def tick(counts: dict[str, int]) -> None:
-        seen.update(counts)
-
-    def status(now_down: dict[str, tuple[int, str]]) -> None:
-        # Say when a tap goes down and comes back, above the table (and in a CI log).
-        for broker, (_, why) in now_down.items():
-            if broker not in down:
-                console.print(f"[red]{broker}: tap down, recording a gap: {escape(why)}[/red]")
-        for broker, (since, _) in down.items():
-            if broker not in now_down:
-                gone = (time.monotonic_ns() - since) / 1e9
-                console.print(f"{broker}: tap watching again after {gone:.1f}s")
-        down.clear()
-        down.update(now_down)
-        if live is not None:
-            live.update(table(seen), refresh=True)
-
-    def drifted(drift: Sequence[Drift]) -> None:
-        # soft_wrap: one line per drift, whole, for a CI log to grep.
-        for d in drift:
-            console.print(f"flowcheck: warning: drift: {escape(str(d))}", soft_wrap=True)
+    view = RecordView(console, topology, tapped, out)
 
     def ready() -> None:
         stops = f"after {duration}" if duration else "on Ctrl-C"
@@ -326,29 +294,24 @@ def record(
                 topology_path=topology_file,
                 duration=seconds,
                 apply=do_apply,
-                on_tick=tick,
+                on_tick=view.tick,
                 on_ready=ready,
-                on_down=status,
+                on_down=view.status,
                 channels=tapped,
-                on_drift=drifted,
+                on_drift=view.drifted,
+                gaps=view.gaps,
             )
         )
 
     try:
-        if live is not None:
-            with live:
-                counts = anyio.run(main)
-        else:
+        with view:
             counts = anyio.run(main)
     except FlowcheckError as exc:
-        click.echo(f"flowcheck: {exc}", err=True)
-        sys.exit(EXIT_USAGE if isinstance(exc, (UsageError, MissingDependency)) else EXIT_INFRA)
+        _fail(exc)
     if not os.path.exists(out):
         click.echo("stopped before the taps were watching; nothing recorded, no trace written")
         return
-    if live is None:
-        console.print(table(counts))
-    click.echo(f"{_plural(sum(counts.values()), 'observation')} written to {out}")
+    click.echo(view.finish(counts))
 
 
 @cli.command()
@@ -498,15 +461,13 @@ def _print_timelines(
 
 
 def _report(
-    verdict: Verdict, report_dir: str | None, trace: str | None = None, *, gate: bool = False
+    verdict: Verdict, report_dir: str | None, trace: str | None = None, *, gaps_block: bool = True
 ) -> None:
-    """Print the verdict and write the report files; then exit 0 (passed) or 1.
-
-    ``gate``: a chain left unknown while a tap was not watching is one a tap gap hid:
-    the gate cannot pass it, and exits 3 unless a check failed.
-    """
+    """Print the verdict and write the report files; then exit with the gate's result:
+    0 passed, 1 failed, 3 a tap gap hid chains (see :func:`flowcheck.gate.decide`)."""
     from rich.console import Console
 
+    from flowcheck.gate import decide
     from flowcheck.reporting import terminal, write_reports
 
     console = Console(highlight=False)
@@ -518,37 +479,10 @@ def _report(
         click.echo("reports: " + ", ".join(str(p) for p in paths.values()))
     if trace is not None:
         click.echo(f"trace: {trace} (flowcheck inspect {trace})")
-    why = _only_unjudged(verdict)
-    unseen = sum(f.unknown for f in verdict.flows)
-    # Chains a tap gap hid: an outage, not a failed check, when nothing else failed.
-    if gate and not verdict.allow_unjudged and (verdict.passed or why) and unseen and verdict.gaps:
-        click.echo(
-            f"flowcheck: {_plural(unseen, 'chain')} unknown: a tap was not watching "
-            f"({_plural(len(verdict.gaps), 'gap')}); the gate cannot pass what it did not see "
-            "(--allow-unjudged lets it)",
-            err=True,
-        )
-        sys.exit(EXIT_INFRA)
-    if why:
-        click.echo(why, err=True)
-    sys.exit(EXIT_OK if verdict.passed else EXIT_FAILED)
-
-
-def _only_unjudged(verdict: Verdict) -> str | None:
-    """The line that says a verdict failed for nothing but unjudged expectations."""
-    unjudged = [*verdict.unjudged, *(u for f in verdict.flows for u in f.unjudged)]
-    found = len(verdict.findings) + sum(
-        sum(f.findings_total.values()) or len(f.findings) for f in verdict.flows
-    )
-    if verdict.passed or not unjudged or found:
-        return None
-    first = unjudged[0]
-    where = f"flow {first.flow!r}: " if first.flow else ""
-    return (
-        f"flowcheck: not green only because {_plural(len(unjudged), 'declared expectation')} "
-        f"went unjudged (first: {where}{first.expectation}: {first.why}); "
-        "--allow-unjudged lets such a verdict pass"
-    )
+    decision = decide(verdict, gaps_block=gaps_block)
+    if decision.why:
+        click.echo(decision.why, err=True)
+    sys.exit(EXIT_CODES[decision.result])
 
 
 @contextlib.contextmanager
@@ -575,11 +509,7 @@ def _few_collections() -> Iterator[None]:
 @click.option(
     "--report-dir", default=None, help="Write verdict.json, junit.xml and summary.md here."
 )
-@click.option(
-    "--allow-unjudged",
-    is_flag=True,
-    help="Pass even when a declared expectation could not be judged.",
-)
+@ALLOW_UNJUDGED
 def check(
     topology_file: str, trace_file: str, report_dir: str | None, allow_unjudged: bool
 ) -> None:
@@ -591,6 +521,7 @@ def check(
     chains that would otherwise have passed.
     """
     from flowcheck.checker import Checker, Recording
+    from flowcheck.gate import allow_unjudged as allowing
     from flowcheck.trace import Reader, TraceError, topology_hash
 
     topology = _load_or_exit(topology_file)
@@ -609,7 +540,7 @@ def check(
                 err=True,
             )
         start = reader.header.started_mono_ns
-        checker = Checker(topology, start_ns=start, allow_unjudged=allow_unjudged or None)
+        checker = Checker(topology, start_ns=start, allow_unjudged=allowing(allow_unjudged))
         with _few_collections():
             for obs in reader:
                 checker.feed(obs)
@@ -642,7 +573,7 @@ def check(
             else "the trace holds no chain of any flow"
         )
         click.echo(f"flowcheck: warning: no chain was decided: {why}", err=True)
-    _report(verdict, report_dir, gate=True)
+    _report(verdict, report_dir)
 
 
 @cli.command()
@@ -650,7 +581,6 @@ def check(
 @click.option(
     "--scenario",
     "scenario_file",
-    default=None,
     help="Messages to publish (YAML); default: one per flow.",
 )
 @click.option(
@@ -660,11 +590,7 @@ def check(
     help="Where the trace and reports go.",
 )
 @click.option("--no-apply", is_flag=True, help="Do not declare the topology's channels first.")
-@click.option(
-    "--allow-unjudged",
-    is_flag=True,
-    help="Pass even when a declared expectation could not be judged.",
-)
+@ALLOW_UNJUDGED
 def run(
     topology_file: str,
     scenario_file: str | None,
@@ -680,7 +606,6 @@ def run(
     by Ctrl-C or SIGTERM (no verdict; the trace is kept, with its end record).
     """
     import os
-    import signal
 
     import anyio
     from rich.console import Console
@@ -688,8 +613,11 @@ def run(
 
     from flowcheck import scenario as scenarios
     from flowcheck.errors import TopologyError
+    from flowcheck.gate import allow_unjudged as allowing
     from flowcheck.runner import new_run_id
     from flowcheck.runner import run as run_scenario
+    from flowcheck.signals import Caught, cancel_on_signal
+    from flowcheck.trace import run_trace
 
     topology = _load_or_exit(topology_file)
     if scenario_file is None:
@@ -711,65 +639,38 @@ def run(
     console = Console(stderr=True, highlight=False)
 
     run_id = new_run_id()
-    trace = os.path.join(report_dir, f"trace-{run_id}.jsonl")
-    caught: list[int] = []
+    trace = run_trace(report_dir, run_id)
+    caught = Caught()
 
-    async def main() -> Outcome | None:
-        # Ctrl-C or SIGTERM ends the run early; the trace is closed whole, as record does.
-        try:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async with anyio.create_task_group() as tg:
-
-                    async def interrupt() -> None:
-                        async for signum in signals:
-                            caught.append(signum)
-                            tg.cancel_scope.cancel()
-                            return
-
-                    tg.start_soon(interrupt)
-                    outcome = await run_scenario(
-                        topology,
-                        scenario,
-                        report_dir,
-                        topology_path=topology_file,
-                        apply=not no_apply,
-                        # Lines carry names and values from the brokers: not markup.
-                        progress=lambda line: console.print(
-                            f"flowcheck: {escape(line)}", soft_wrap=True
-                        ),
-                        run_id=run_id,
-                        allow_unjudged=allow_unjudged or None,  # None: the topology says
-                        # The end record of a trace cut short by a signal, as record writes it.
-                        cancelled=lambda: (
-                            None
-                            if not caught
-                            else "interrupted"
-                            if caught[0] == signal.SIGINT
-                            else "stopped"
-                        ),
-                    )
-                    tg.cancel_scope.cancel()
-                    return outcome
-        except BaseExceptionGroup as group:
-            raise leaf(group) from None
-        return None
+    async def main() -> Outcome:
+        return await run_scenario(
+            topology,
+            scenario,
+            report_dir,
+            topology_path=topology_file,
+            apply=not no_apply,
+            # Lines carry names and values from the brokers: not markup.
+            progress=lambda line: console.print(f"flowcheck: {escape(line)}", soft_wrap=True),
+            run_id=run_id,
+            allow_unjudged=allowing(allow_unjudged),
+            # The end record of a trace cut short by a signal, as record writes it.
+            cancelled=lambda: caught.ended,
+        )
 
     try:
-        outcome = anyio.run(main)
-    except (UsageError, MissingDependency) as exc:
-        click.echo(f"flowcheck: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+        # Ctrl-C or SIGTERM ends the run early; the trace is closed whole, as record does.
+        outcome = anyio.run(cancel_on_signal, caught, main)
     except FlowcheckError as exc:
-        click.echo(f"flowcheck: {exc}", err=True)
-        sys.exit(EXIT_INFRA)
+        _fail(exc)
     if outcome is None:
         # Undecided chains are not lost ones: no verdict, but the trace can be checked.
-        name = signal.Signals(caught[0]).name if caught else "a signal"
         left = (
             f"the trace so far: {trace} (flowcheck check {topology_file} {trace})"
             if os.path.exists(trace)
             else "nothing was published"
         )
-        click.echo(f"flowcheck: interrupted by {name}: no verdict, no reports; {left}", err=True)
-        sys.exit(128 + (caught[0] if caught else signal.SIGINT))
-    _report(outcome.verdict, report_dir, outcome.trace, gate=not outcome.cut_short)
+        click.echo(
+            f"flowcheck: interrupted by {caught.name}: no verdict, no reports; {left}", err=True
+        )
+        sys.exit(caught.exit_code)
+    _report(outcome.verdict, report_dir, outcome.trace, gaps_block=not outcome.cut_short)

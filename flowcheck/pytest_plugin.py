@@ -404,6 +404,7 @@ def _load(state: State, path: Path) -> Topology:
 
 
 def _plan(request: pytest.FixtureRequest, state: State, fixture_value: Any) -> FlowSession:
+    from flowcheck.gate import allow_unjudged
     from flowcheck.testing import FlowSession, unique_prefix, with_brokers
 
     item = request.node
@@ -451,7 +452,7 @@ def _plan(request: pytest.FixtureRequest, state: State, fixture_value: Any) -> F
         trace=trace_dir / f"{stem.rstrip('.')}.jsonl",
         deadline=settings.deadline if deadline is None else deadline,
         settle=settle,
-        allow_unjudged=settings.allow_unjudged or None,  # None: the topology says
+        allow_unjudged=allow_unjudged(settings.allow_unjudged),
         name=item.nodeid,
     )
 

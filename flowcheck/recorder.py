@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 
 import anyio
-from anyio import TASK_STATUS_IGNORED
-from anyio.abc import TaskStatus
 
 from flowcheck.brokers import adapter
 from flowcheck.brokers.base import Drift
 from flowcheck.errors import UsageError, leaf
 from flowcheck.observations import Kind, Observation, now
+from flowcheck.signals import Caught, watch
 from flowcheck.topology.model import Topology
-from flowcheck.trace import Ended, Header, Writer, topology_hash
+from flowcheck.trace import Ended, Writer, new_header
 from flowcheck.tracer import Tracer
 
 TICK = 0.25  # seconds between live-count refreshes and idle flushes
@@ -68,6 +66,7 @@ async def record(
     stop: anyio.Event | None = None,
     channels: Sequence[str] | None = None,
     on_drift: Callable[[Sequence[Drift]], None] | None = None,
+    gaps: Counter[str] | None = None,
 ) -> Counter[str]:
     """Record until ``duration`` seconds pass, ``stop`` is set, or SIGINT/SIGTERM arrives.
 
@@ -77,119 +76,82 @@ async def record(
     ``channels`` limits the taps (and ``apply``) to those channels. ``on_ready`` is
     called once every tap is watching; every tick, ``on_tick`` with the counts and
     ``on_down`` with the brokers whose taps cannot watch (since, why). Returns the
-    number of observations per channel; ``on_drift`` hears of drift as soon as ``apply``
-    finds it (a tap that then fails to start must not hide it). The trace file is
-    complete and flushed when this returns, whatever stopped it. A stop before every
-    tap is watching abandons connecting; then, as after an error that early, no trace
-    file is left.
+    number of observations per channel; a tap gap is no observation: ``gaps``, when
+    given, counts the gap records per channel. ``on_drift`` hears of drift as soon as
+    ``apply`` finds it (a tap that then fails to start must not hide it). The trace
+    file is complete and flushed when this returns, whatever stopped it. A stop before
+    every tap is watching abandons connecting; then, as after an error that early, no
+    trace file is left.
     """
     stop = stop or anyio.Event()
     connected = anyio.Event()
     counts: Counter[str] = Counter()
+    gaps = Counter() if gaps is None else gaps
     how: list[Ended] = []  # why it stopped, when not for ``stop``
+    caught = Caught()
+
+    def tally(obs: Observation) -> None:
+        (gaps if obs.kind is Kind.GAP else counts)[obs.channel] += 1
+
+    def signalled() -> None:
+        how.append(caught.ended or "stopped")
+        stop.set()
+
+    async def session() -> None:
+        drift = await apply_all(topology, channels) if apply else []
+        if drift and on_drift is not None:
+            on_drift(drift)
+        header = new_header(topology.name, topology_path)
+        mono, wall = header.started_mono_ns, header.started
+        writer = Writer(out, header)
+        try:
+            with writer:
+                for obs in drift_observations(topology, drift, mono, wall):
+                    writer.write(obs)
+                tracer = Tracer(topology, [writer.write, tally], channels=channels)
+                async with tracer:
+                    connected.set()
+                    if on_ready is not None:
+                        on_ready()
+                    deadline = None if duration is None else time.monotonic() + duration
+                    while not stop.is_set():
+                        with anyio.move_on_after(TICK):
+                            await stop.wait()
+                        if writer.due():
+                            writer.flush()
+                        if on_tick is not None:
+                            on_tick(counts)
+                        if on_down is not None:
+                            on_down({n: ad.down for n, ad in tracer.adapters.items() if ad.down})
+                        if deadline is not None and time.monotonic() >= deadline:
+                            how.append("duration")
+                            stop.set()
+                    # Read before the taps close: they watched until now, not until closed.
+                    end = now()
+                writer.end(how[0] if how else "stopped", *end)
+        except BaseException:
+            # A recording that never began leaves no file: a header alone would block the retry.
+            if not connected.is_set() and writer.count == 0:
+                os.remove(out)
+            raise
+
     try:
-        async with anyio.create_task_group() as signals:
+        async with anyio.create_task_group() as tg:
             # Catch Ctrl-C from the very start: before the taps watch, it abandons connecting.
-            await signals.start(_signals, stop, how)
+            await tg.start(watch, caught, signalled)
             with anyio.CancelScope() as connecting:
-                signals.start_soon(_abandon, stop, connected, connecting)
-                await _record(
-                    topology,
-                    out,
-                    topology_path=topology_path,
-                    duration=duration,
-                    apply=apply,
-                    on_tick=on_tick,
-                    on_ready=on_ready,
-                    on_down=on_down,
-                    stop=stop,
-                    channels=channels,
-                    connected=connected,
-                    counts=counts,
-                    on_drift=on_drift,
-                    how=how,
-                )
-            signals.cancel_scope.cancel()
+                tg.start_soon(_abandon, stop, connected, connecting)
+                await session()
+            tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise leaf(group) from None
     return counts
-
-
-async def _record(
-    topology: Topology,
-    out: str,
-    *,
-    topology_path: str | None,
-    duration: float | None,
-    apply: bool,
-    on_tick: Callable[[Counter[str]], None] | None,
-    on_ready: Callable[[], None] | None,
-    on_down: Callable[[dict[str, tuple[int, str]]], None] | None,
-    stop: anyio.Event,
-    channels: Sequence[str] | None,
-    connected: anyio.Event,
-    counts: Counter[str],
-    on_drift: Callable[[Sequence[Drift]], None] | None,
-    how: list[Ended],
-) -> None:
-    drift = await apply_all(topology, channels) if apply else []
-    if drift and on_drift is not None:
-        on_drift(drift)
-    mono, wall = now()
-    header = Header(
-        topology=topology.name,
-        topology_sha256=topology_hash(topology_path) if topology_path else None,
-        started=wall,
-        started_mono_ns=mono,
-    )
-    writer = Writer(out, header)
-    try:
-        with writer:
-            for obs in drift_observations(topology, drift, mono, wall):
-                writer.write(obs)
-            tracer = Tracer(topology, [writer.write], channels=channels, counts=counts)
-            async with tracer:
-                connected.set()
-                if on_ready is not None:
-                    on_ready()
-                deadline = None if duration is None else time.monotonic() + duration
-                while not stop.is_set():
-                    with anyio.move_on_after(TICK):
-                        await stop.wait()
-                    if writer.due():
-                        writer.flush()
-                    if on_tick is not None:
-                        on_tick(counts)
-                    if on_down is not None:
-                        on_down({n: ad.down for n, ad in tracer.adapters.items() if ad.down})
-                    if deadline is not None and time.monotonic() >= deadline:
-                        how.append("duration")
-                        stop.set()
-                # Read before the taps close: they watched until now, not until closed.
-                end = now()
-            writer.end(how[0] if how else "stopped", *end)
-    except BaseException:
-        # A recording that never began leaves no file: a header alone would block the retry.
-        if not connected.is_set() and writer.count == 0:
-            os.remove(out)
-        raise
 
 
 async def _abandon(stop: anyio.Event, connected: anyio.Event, scope: anyio.CancelScope) -> None:
     await stop.wait()
     if not connected.is_set():
         scope.cancel()
-
-
-async def _signals(
-    stop: anyio.Event, how: list[Ended], *, task_status: TaskStatus[None] = TASK_STATUS_IGNORED
-) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        task_status.started()
-        async for signum in signals:
-            how.append("interrupted" if signum == signal.SIGINT else "stopped")
-            stop.set()
-            return
 
 
 def write_ready(path: str, text: str) -> None:

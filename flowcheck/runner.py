@@ -22,7 +22,7 @@ from flowcheck.observations import Kind, Observation, now
 from flowcheck.recorder import apply_all, drift_observations
 from flowcheck.scenario import Scenario, messages
 from flowcheck.topology.model import Topology
-from flowcheck.trace import Ended, Header, Writer, topology_hash
+from flowcheck.trace import Ended, Writer, new_header, run_trace
 from flowcheck.tracer import Tracer
 
 TICK = 0.25  # seconds: how often time is advanced while nothing is observed
@@ -49,7 +49,7 @@ async def run(
     allow_unjudged: bool | None = None,
     cancelled: Callable[[], Ended | None] | None = None,
 ) -> Outcome:
-    """The trace goes to ``out_dir``/trace-``run_id``.jsonl (``run_id`` default: random).
+    """The trace goes to ``run_trace(out_dir, run_id)`` (``run_id`` default: random).
 
     When the run is cancelled, ``cancelled`` says how the recording ended (say
     ``interrupted`` for Ctrl-C), for the trace's end record; None (the default)
@@ -96,15 +96,9 @@ async def _run(
     drift = [str(d) for d in found]
     for d in drift:  # now, not with the verdict: a tap that cannot start must not hide it
         say(f"warning: drift: {d}")
-    trace = os.path.join(out_dir, f"trace-{run_id}.jsonl")
-    mono, wall = now()
-    header = Header(
-        topology=topology.name,
-        topology_sha256=topology_hash(topology_path) if topology_path else None,
-        started=wall,
-        started_mono_ns=mono,
-        run=run_id,
-    )
+    trace = run_trace(out_dir, run_id)
+    header = new_header(topology.name, topology_path, run=run_id)
+    mono, wall = header.started_mono_ns, header.started
     checker = Checker(topology, start_ns=mono, expected=expected, allow_unjudged=allow_unjudged)
     changed = anyio.Event()
 

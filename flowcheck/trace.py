@@ -26,7 +26,7 @@ import msgspec
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from flowcheck.errors import FlowcheckError, UsageError
-from flowcheck.observations import Observation, decode, encode
+from flowcheck.observations import Observation, decode, encode, now
 
 FORMAT = "flowcheck-trace"
 VERSION = 1
@@ -77,6 +77,25 @@ class Header(BaseModel):
 def topology_hash(path: str) -> str:
     with open(path, "rb") as fh:
         return hashlib.sha256(fh.read()).hexdigest()
+
+
+def new_header(topology: str | None, topology_path: str | None = None, **extra: Any) -> Header:
+    """The header of a trace that starts now: its clocks are the recording's start.
+    ``extra``: what else the header says about the recording (``run``: the id of the
+    ``flowcheck run`` that records it)."""
+    mono, wall = now()
+    return Header(
+        topology=topology,
+        topology_sha256=topology_hash(topology_path) if topology_path else None,
+        started=wall,
+        started_mono_ns=mono,
+        **extra,
+    )
+
+
+def run_trace(out_dir: str, run: str) -> str:
+    """Where ``flowcheck run`` writes the trace of run ``run``."""
+    return os.path.join(out_dir, f"trace-{run}.jsonl")
 
 
 class Writer:

@@ -26,7 +26,8 @@ from pamqp.common import Arguments
 from redis.asyncio import Redis
 
 from flowcheck.checker import Finding, FindingKind, FlowVerdict, Unjudged, Verdict
-from flowcheck.cli import _Echo, _only_unjudged, cli
+from flowcheck.cli import _Echo, cli
+from flowcheck.gate import only_unjudged
 from flowcheck.observations import Kind, Observation
 from flowcheck.recorder import record
 from flowcheck.topology import loads
@@ -459,15 +460,15 @@ def test_a_verdict_red_only_for_unjudged_expectations_says_so() -> None:
         unjudged=[unjudged, unjudged],
     )
     verdict = Verdict(passed=False, observations=2, flows=[flow])
-    assert _only_unjudged(verdict) == (
+    assert only_unjudged(verdict) == (
         "flowcheck: not green only because 2 declared expectations went unjudged (first: "
         "flow 'f': retry max_attempts 3 at 'a': firehose off); --allow-unjudged lets such "
         "a verdict pass"
     )
-    assert _only_unjudged(verdict.model_copy(update={"passed": True})) is None  # allowed
+    assert only_unjudged(verdict.model_copy(update={"passed": True})) is None  # allowed
     lost = Finding(kind=FindingKind.LOST, flow="f", key="k", message="lost")
     red = flow.model_copy(update={"findings": [lost], "findings_total": {"lost": 1}})
-    assert _only_unjudged(verdict.model_copy(update={"flows": [red]})) is None
+    assert only_unjudged(verdict.model_copy(update={"flows": [red]})) is None
 
 
 def test_inspect_refuses_filters_that_drop_chains_silently(tmp_path: Path) -> None:
@@ -591,7 +592,11 @@ async def test_record_says_when_a_tap_goes_down_and_records_the_gap(
             assert proc.stderr is not None
             async for rest in TextReceiveStream(proc.stderr):
                 said.extend(rest.splitlines())
+            assert proc.stdout is not None
+            written = "".join([text async for text in TextReceiveStream(proc.stdout)])
     assert rc == 0, "\n".join(said)
+    # The gap record is no observation: the counts say it apart.
+    assert f"0 observations written to {out}, and 1 tap gap" in written, written
     assert "Traceback" not in "\n".join(said)
     # The client library's own lines (reconnects every few tenths) are said once each.
     library = [line for line in said if line.startswith("flowcheck: redis")]

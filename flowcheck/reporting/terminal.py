@@ -34,6 +34,7 @@ from flowcheck.reporting._common import (
     late_note,
     listed_total,
     ms,
+    observed,
     other_findings,
     over_budget,
     plural,
@@ -115,7 +116,7 @@ def _summary(verdict: Verdict) -> Text:
     unjudged = len(all_unjudged(verdict))
     if unjudged:
         what += f", {unjudged} unjudged" + (" (allowed)" if verdict.allow_unjudged else "")
-    about = [plural(verdict.observations, "observation")]
+    about = [plural(observed(verdict), "observation")]
     if verdict.gaps:
         about.append(plural(len(verdict.gaps), "tap gap"))
     return Text.assemble(

@@ -24,7 +24,9 @@ def rows(md: str, header_start: str) -> list[list[str]]:
 def test_headline_says_pass_or_fail() -> None:
     failing = markdown.dumps(scenarios.failing())
     assert failing.splitlines()[0] == "## ❌ FAIL flowcheck: shop"
-    assert failing.splitlines()[2].startswith("1 of 2 flows failed, 43 observations")
+    # 43 records read, one of them a tap gap: no observation.
+    assert failing.splitlines()[2].startswith("1 of 2 flows failed, 42 observations")
+    assert "1 tap gap" in failing.splitlines()[2]
     assert markdown.dumps(scenarios.passing()).splitlines()[0] == "## ✅ PASS flowcheck: shop"
 
 

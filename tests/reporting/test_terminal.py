@@ -30,10 +30,17 @@ def block(out: str, start: str, end: str) -> str:
 def test_leads_with_the_overall_result() -> None:
     out = text(scenarios.failing())
     assert out.splitlines()[0] == (
-        "FAIL  shop: 1 of 2 flows failed, 1 other finding (43 observations, 1 tap gap)"
+        "FAIL  shop: 1 of 2 flows failed, 1 other finding (42 observations, 1 tap gap)"
     )
     first = text(scenarios.passing()).splitlines()[0]
     assert first.startswith("PASS  shop: 2 flows passed")
+
+
+def test_a_tap_gap_is_counted_apart_from_the_observations() -> None:
+    verdict = scenarios.failing()
+    assert verdict.observations == 43  # the records the checker read
+    assert len(verdict.gaps) == 1
+    assert "(42 observations, 1 tap gap)" in text(verdict).splitlines()[0]
 
 
 def test_failing_flow_lists_only_its_failed_checks() -> None:

@@ -55,7 +55,7 @@ def test_bad_requests_are_usage_errors(tmp_path: Path) -> None:
 
 def test_reporters_import_no_broker_client() -> None:
     code = (
-        "import sys, flowcheck.reporting, flowcheck.reporting.terminal\n"
+        "import sys, flowcheck.reporting, flowcheck.reporting.terminal, flowcheck.reporting.live\n"
         "bad = sorted(m for m in sys.modules if m.startswith("
         "('aio_pika', 'aiormq', 'aiokafka', 'redis', 'flowcheck.brokers')))\n"
         "assert not bad, bad\n"
