@@ -72,7 +72,6 @@ class FlowState:
         self.retry_of = routes.retry_of
         self.retry_declared = routes.retry_declared
         self.retry_visible = routes.retry_visible
-        self.dead_channels = routes.dead
         self.leads_to = routes.leads_to
         self.watched = routes.watched
         # One lookup per observation: what its channel is to this flow.
