@@ -11,7 +11,7 @@ import msgspec
 from flowcheck.observations import TEXT_CAP, as_text, fit_text, payload_json, trace_id_of
 from flowcheck.topology._types import path_segments
 from flowcheck.topology.model import Correlate, Topology
-from flowcheck.topology.routing import carriers
+from flowcheck.topology.routing import flow_routes
 
 
 def lookup(obj: Any, path: str) -> Any:
@@ -149,10 +149,11 @@ class Correlator:
         self.rules: dict[str, list[tuple[str, Correlate]]] = {}
         self._getters: dict[str, list[tuple[str, Getter]]] = {}
         for fname, flow in topology.flows.items():
-            for step in flow.steps:
+            routes = flow_routes(topology, flow)
+            for step, carried in zip(flow.steps, routes.carriers, strict=True):
                 rule = step.correlate or flow.correlate
                 # Retries and dead letters of a step carry the same message.
-                for channel in carriers(topology, step.channel):
+                for channel in carried:
                     self._add(channel, fname, rule)
             for dl in flow.dead_letters:
                 self._add(dl.channel, fname, flow.correlate)

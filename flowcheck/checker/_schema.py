@@ -1,14 +1,17 @@
-"""Payloads against their channel's schema (inline JSON Schema or a pydantic model)."""
+"""Schema: payloads against their channel's schema (inline JSON Schema or a pydantic model),
+each message once per channel."""
 
 from __future__ import annotations
 
 import importlib
+from collections import OrderedDict
 from typing import Any
 
 import fastjsonschema
 from jsonschema.validators import validator_for
 from pydantic import TypeAdapter, ValidationError
 
+from flowcheck.checker._chain import identity
 from flowcheck.observations import Observation, parse_json
 from flowcheck.topology.model import Topology
 
@@ -26,6 +29,9 @@ def _fast(schema: dict[str, Any]) -> Any:
         return None
 
 
+SCHEMA_MEMORY = 65_536  # messages remembered so that one message's copies are checked once
+
+
 class SchemaCheck:
     """Validators are built once per channel, on first use."""
 
@@ -33,6 +39,23 @@ class SchemaCheck:
         self.topology = topology
         self.validators: dict[str, Any] = {}
         self.channels = {k for k, ch in topology.channels.items() if ch.payload_schema is not None}
+        self.seen: OrderedDict[tuple[Any, ...], None] = OrderedDict()
+
+    def first_copy(self, obs: Observation) -> bool:
+        """Is this the first copy of its message on its channel (flowcheck's publish and a
+        tap's arrival are two)? Remembers the last SCHEMA_MEMORY messages only."""
+        # By flowcheck id first: flowcheck's publish may lack the position the tap's copy has.
+        who = ("fc", obs.fc_id) if obs.fc_id is not None else identity(obs)
+        if who[0] == "obs":
+            return True  # nothing tells two copies apart: check each
+        ident = (obs.channel, *who)
+        seen = self.seen
+        if ident in seen:
+            return False
+        seen[ident] = None
+        if len(seen) > SCHEMA_MEMORY:
+            seen.popitem(last=False)  # O(1), unlike deleting a plain dict's first key
+        return True
 
     def _validator(self, channel: str) -> Any:
         if channel in self.validators:

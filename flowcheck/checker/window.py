@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from flowcheck.checker._engine import DEFAULT_WINDOW, GRACE_NS
 from flowcheck.topology.model import Topology
+
+DEFAULT_WINDOW = timedelta(seconds=60)  # how long a chain may take when the flow sets no deadline
+GRACE_NS = 2_000_000_000  # taps see one event at slightly different times: wait this much more
 
 
 def window(topology: Topology) -> timedelta:

@@ -10,8 +10,7 @@ from flowcheck.checker.verdict import Cause, Seen
 from flowcheck.observations import Kind, Observation
 from flowcheck.reporting.timeline import detail, indent
 from flowcheck.testing._waits import Within, spell
-from flowcheck.topology.model import Stream, Topic, Topology
-from flowcheck.topology.routing import dead_letter_path
+from flowcheck.topology.routing import flow_routes
 
 if TYPE_CHECKING:
     from flowcheck.testing._session import FlowSession
@@ -28,7 +27,8 @@ class Chain:
         self.key = key
         f = fc.topology.flows[flow]
         self.labels = [s.name or s.channel for s in f.steps]
-        self.dead_channels = _dead_channels(fc.topology, flow)
+        # Channels where a message of the flow is a dead letter, as the checker sees them.
+        self.dead_channels = flow_routes(fc.topology, f).dead
 
     @property
     def observations(self) -> list[Observation]:
@@ -334,15 +334,3 @@ def _final(dead: Sequence[Observation]) -> Observation:
     """The dead letter to talk about: the last one on a dead-letter queue, topic or stream
     (it carries the reason), else the last one seen (a dead-letter exchange)."""
     return next((d for d in reversed(dead) if d.kind is Kind.DEAD_LETTERED), dead[-1])
-
-
-def _dead_channels(topology: Topology, flow: str) -> set[str]:
-    """Channels where a message of ``flow`` is a dead letter (as the checker sees them)."""
-    f = topology.flows[flow]
-    out = {r.channel for r in f.dead_letters}
-    for step in f.steps:
-        ch = topology.channels.get(step.channel)
-        if isinstance(ch, (Topic, Stream)) and ch.dead_letter:
-            out.add(ch.dead_letter)
-        out.update(dead_letter_path(topology, step.channel))
-    return out

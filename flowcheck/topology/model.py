@@ -238,12 +238,72 @@ class _Channel(Model):
     payload_schema: Schema | None = Field(None, alias="schema")
     description: str | None = None
 
+    # What each broker's channel is to the checker, the taps and the pytest API: asked of
+    # the channel, so that code outside topology/ and brokers/ never asks for its class.
+
+    @property
+    def retry_channels(self) -> list[str]:
+        """Channels a retried message passes through (delay queues, retry topics)."""
+        return []
+
+    @property
+    def dead_letter_channel(self) -> str | None:
+        """The channel its dead letters are written to directly (a topic's or a stream's); a
+        queue's go through its dead-letter exchange (see routing.dead_letter_path)."""
+        return None
+
+    @property
+    def consumed(self) -> bool:
+        """Is a message consumed (attempted) here? An exchange only routes."""
+        return True
+
+    @property
+    def returns_routed(self) -> bool:
+        """Does a retried message come back routed anew, with its delivery count (RabbitMQ's
+        dead-letter round trip, x-death)?"""
+        return False
+
+    @property
+    def acks_visible(self) -> bool:
+        """Do taps see acknowledgements here (Kafka commits, Redis XACK)?"""
+        return False
+
+    @property
+    def partitioned(self) -> bool:
+        """Is order kept per partition of a record key (a Kafka topic)?"""
+        return False
+
+    @property
+    def failures_recorded(self) -> bool:
+        """Does a consumer write a record on a retry channel when an attempt fails (Kafka
+        retry topics), so that when attempts failed can be seen?"""
+        return False
+
+    @property
+    def attempts_polled(self) -> bool:
+        """Are attempts shown only by a consumer group's deliveries, polled (a Redis
+        stream's pending list)? A run waits for that evidence before it may end."""
+        return False
+
+    @property
+    def drops_over_limit(self) -> bool:
+        """Are messages over its delivery limit lost silently (no dead-letter route)?"""
+        return False
+
+    def unseen_attempts(self, key: str) -> str:
+        """Why the attempts at channel ``key`` (this one) could not be seen."""
+        return f"no delivery was seen on {key!r}"
+
 
 class Exchange(_Channel):
     kind: Literal["exchange"]
     type: Literal["direct", "topic", "fanout", "headers"] = "direct"
     durable: bool = True
     alternate: str | None = Field(None, description="alternate exchange for unroutable messages")
+
+    @property
+    def consumed(self) -> bool:
+        return False
 
 
 class Queue(_Channel):
@@ -261,6 +321,24 @@ class Queue(_Channel):
     )
     arguments: dict[str, Scalar] = Field(default_factory=dict, description="further x-arguments")
 
+    @property
+    def retry_channels(self) -> list[str]:
+        return self.retry
+
+    @property
+    def returns_routed(self) -> bool:
+        return True
+
+    @property
+    def drops_over_limit(self) -> bool:
+        return self.delivery_limit is not None and self.dead_letter is None
+
+    def unseen_attempts(self, key: str) -> str:
+        return (
+            f"no delivery was seen on queue {key!r}: RabbitMQ shows deliveries only "
+            "through its firehose (rabbitmqctl trace_on)"
+        )
+
 
 class Topic(_Channel):
     kind: Literal["topic"]
@@ -269,6 +347,32 @@ class Topic(_Channel):
     key: JsonPath | None = Field(None, description="payload field producers use as record key")
     retry: list[str] = Field(default_factory=list, description="retry topics, in order")
     dead_letter: str | None = None
+
+    @property
+    def retry_channels(self) -> list[str]:
+        return self.retry
+
+    @property
+    def dead_letter_channel(self) -> str | None:
+        return self.dead_letter
+
+    @property
+    def acks_visible(self) -> bool:
+        return True
+
+    @property
+    def partitioned(self) -> bool:
+        return True
+
+    @property
+    def failures_recorded(self) -> bool:
+        return True
+
+    def unseen_attempts(self, key: str) -> str:
+        return (
+            f"a Kafka topic shows attempts only as records on its retry topics, "
+            f"and {key!r} declares none"
+        )
 
 
 class Stream(_Channel):
@@ -280,6 +384,25 @@ class Stream(_Channel):
     )
     dead_letter: str | None = None
     payload_field: str = "payload"
+
+    @property
+    def dead_letter_channel(self) -> str | None:
+        return self.dead_letter
+
+    @property
+    def acks_visible(self) -> bool:
+        return True
+
+    @property
+    def attempts_polled(self) -> bool:
+        return bool(self.groups)
+
+    @property
+    def drops_over_limit(self) -> bool:
+        return self.delivery_limit is not None and self.dead_letter is None
+
+    def unseen_attempts(self, key: str) -> str:
+        return f"no delivery was seen in the consumer-group pending list of {key!r}"
 
 
 Channel = Annotated[Exchange | Queue | Topic | Stream, Field(discriminator="kind")]

@@ -1,17 +1,18 @@
-"""Routing semantics as pure functions (no broker needed): RabbitMQ bindings, and which
-channels carry a message besides the one it was sent to."""
+"""Routing semantics as pure functions (no broker needed): RabbitMQ bindings, which
+channels carry a message besides the one it was sent to, and a flow's route map."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from flowcheck.topology.model import Exchange, Queue, Stream, Topic
+from flowcheck.topology.model import Exchange, Queue
 
 if TYPE_CHECKING:
-    from flowcheck.topology.model import Topology
+    from flowcheck.topology.model import Flow, Topology
 
 
 @functools.lru_cache(maxsize=8192)  # taps and the checker ask the same few pairs again and again
@@ -81,8 +82,64 @@ def carriers(topology: Topology, channel: str) -> list[str]:
     queues that exchange reaches."""
     ch = topology.channels.get(channel)
     out = [channel]
-    if isinstance(ch, (Queue, Topic)):
-        out += ch.retry
-    if isinstance(ch, (Topic, Stream)) and ch.dead_letter:
-        out.append(ch.dead_letter)
+    if ch is not None:
+        out += ch.retry_channels
+        if ch.dead_letter_channel:
+            out.append(ch.dead_letter_channel)
     return out + dead_letter_path(topology, channel)
+
+
+# What a channel is to a flow: the step whose retries it carries, whether it is a
+# dead-letter channel, the steps it is the channel of.
+Route = tuple[int | None, bool, list[int] | None]
+
+
+@dataclass
+class FlowRoutes:
+    """Which channels are a flow's steps, which carry its retries and which its dead letters:
+    the one map the checker, the correlator and the pytest API share."""
+
+    steps: dict[str, list[int]]  # channel -> the steps it is the channel of
+    # Channels a step's retries pass through: its declared retry channels, and the
+    # dead-letter exchange of a queue whose dead letters all go to those (the
+    # RabbitMQ delay-queue pattern: reject -> DLX -> retry queue with TTL -> back).
+    retry_of: dict[str, int]
+    retry_declared: set[str]
+    retry_visible: list[bool]  # per step: does it declare retry channels?
+    dead: set[str]  # channels where a message of the flow is a dead letter
+    leads_to: dict[str, set[str]]  # dead-letter exchange -> the queues it reaches
+    carriers: list[list[str]]  # per step: the channels that carry its message
+    watched: set[str] = field(default_factory=set)  # every channel above
+    route: dict[str, Route] = field(default_factory=dict)  # channel -> what it is to the flow
+
+
+def flow_routes(topology: Topology, flow: Flow) -> FlowRoutes:
+    """The route map of ``flow``: its steps', retries' and dead letters' channels."""
+    routes = FlowRoutes({}, {}, set(), [], {r.channel for r in flow.dead_letters}, {}, [])
+    for i, step in enumerate(flow.steps):
+        routes.steps.setdefault(step.channel, []).append(i)
+        routes.carriers.append(carriers(topology, step.channel))
+        ch = topology.channels.get(step.channel)
+        declared = list(ch.retry_channels) if ch is not None else []
+        routes.retry_visible.append(bool(declared))
+        for r in declared:
+            routes.retry_of.setdefault(r, i)
+            routes.retry_declared.add(r)
+        if ch is not None and ch.dead_letter_channel:
+            routes.dead.add(ch.dead_letter_channel)
+        path = dead_letter_path(topology, step.channel)
+        if path:
+            dlx, reached = path[0], path[1:]
+            if reached and all(q in declared for q in reached):
+                routes.retry_of.setdefault(dlx, i)
+            else:
+                routes.dead.add(dlx)
+                routes.dead.update(q for q in reached if q not in declared)
+                routes.leads_to.setdefault(dlx, set()).update(reached)
+    routes.dead -= set(routes.retry_of)
+    routes.watched = set(routes.steps) | routes.dead | set(routes.retry_of)
+    routes.route = {
+        ch: (routes.retry_of.get(ch), ch in routes.dead, routes.steps.get(ch))
+        for ch in routes.watched
+    }
+    return routes

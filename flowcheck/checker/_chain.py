@@ -1,0 +1,101 @@
+"""One chain's state while it is open, and where its messages stood in the brokers' orders."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowcheck.observations import Observation
+
+# Where a message stood in one broker order: (which order, place in it). Places are
+# comparable only within one order: a Kafka partition (offset), a Redis stream (entry
+# id), or the order in which the observations of one channel (of one kind) were fed.
+Order = tuple[Any, ...]
+Places = dict[Order, tuple[int, ...]]
+RANK = {"offset": 0, "entry": 1, "fed": 2}  # the broker's own orders first
+
+
+def identity(obs: Observation) -> tuple[Any, ...]:
+    """What makes two observations the same message at one channel.
+
+    The broker's position first: a consumer that republishes a message it already
+    processed copies its x-flowcheck-id, but the copy gets a new offset or entry id.
+    """
+    if obs.offset is not None:
+        return ("kafka", obs.partition, obs.offset)
+    if obs.entry_id is not None:
+        return ("stream", obs.entry_id)
+    if obs.fc_id is not None:
+        return ("fc", obs.fc_id)
+    return ("obs", id(obs))  # a RabbitMQ copy without an id: each one is its own message
+
+
+def which(
+    arrived: Mapping[tuple[Any, ...], Observation], ident: tuple[Any, ...], obs: Observation
+) -> tuple[Any, ...] | None:
+    """The identity under which this message already arrived, None if it has not. Copies of
+    one message with and without a broker position (flowcheck's publish and a tap without
+    one) are the same message."""
+    if ident in arrived:
+        return ident
+    fc = obs.fc_id
+    if fc is None or not arrived:
+        return None
+    if ident[0] == "fc":
+        return next((k for k, o in arrived.items() if o.fc_id == fc), None)
+    return ("fc", fc) if ("fc", fc) in arrived else None
+
+
+def place(obs: Observation, seq: int) -> tuple[Order, tuple[int, ...]]:
+    """Where ``obs`` stands in its broker's order; ``seq`` is its place in the feed."""
+    if obs.offset is not None:
+        return ("offset", obs.channel, obs.partition), (obs.offset,)
+    if obs.entry_id is not None:
+        ms, _, n = obs.entry_id.partition("-")
+        if ms.isdigit() and n.isdigit():
+            return ("entry", obs.channel), (int(ms), int(n))
+    # One tap reads one channel in its broker's order (a RabbitMQ queue delivers in
+    # order); flowcheck's own publishes are another order, in publish-confirm order.
+    return ("fed", obs.channel, obs.kind.value), (seq,)
+
+
+def compare(a: Places, b: Places) -> int | None:
+    """-1 if ``a`` came first, 1 if ``b`` did, in an order both have a place in; None when
+    no order holds both, or they tie: a tie decides nothing."""
+    for order in sorted(a.keys() & b.keys(), key=lambda o: (RANK[o[0]], repr(o))):
+        x, y = a[order], b[order]
+        if x != y:
+            return -1 if x < y else 1
+    return None
+
+
+def merged(places: Mapping[tuple[Any, ...], Places]) -> Places:
+    """The first place of any of a step's messages, per order."""
+    out: Places = {}
+    for per in places.values():
+        for order, at in per.items():
+            if order not in out or at < out[order]:
+                out[order] = at
+    return out
+
+
+@dataclass
+class Chain:
+    key: str
+    first_ns: int
+    arrivals: list[dict[tuple[Any, ...], Observation]]  # per step: message -> first arrival
+    retry_arrivals: list[list[Observation]]  # per step: arrivals on its retry channels
+    deliveries: list[list[Observation]]  # per step: DELIVERED / REDELIVERED evidence
+    consumed: list[bool]
+    dead: list[Observation] = field(default_factory=list)
+    unroutable: Observation | None = None
+    sample: Observation | None = None
+    sample_first: bool = False
+    timeline: list[Observation] = field(default_factory=list)
+    # per step: message -> its place in each broker order it was seen in (ordered flows)
+    places: list[dict[tuple[Any, ...], Places]] = field(default_factory=list)
+
+    def reached(self) -> int:
+        """Index of the last step with an arrival, -1 if none."""
+        return max((i for i, a in enumerate(self.arrivals) if a), default=-1)

@@ -1,0 +1,116 @@
+"""Delivery: a chain that never completed (lost, stuck, unroutable, or seen first past its
+first step), and messages delivered more often than the flow's delivery guarantee allows."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from flowcheck.checker._chain import Chain
+from flowcheck.checker._hist import Span
+from flowcheck.checker.verdict import Cause, FindingKind
+from flowcheck.checker.window import GRACE_NS
+from flowcheck.topology._types import format_duration
+from flowcheck.topology.model import DeadLetterRule
+
+if TYPE_CHECKING:
+    from flowcheck.checker._flow import FlowState
+
+
+def incomplete(state: FlowState, chain: Chain, ended: bool) -> bool:
+    """Judge a chain that did not reach every step; True if it cannot be decided yet."""
+    reached = chain.reached()
+    dropped = chain.unroutable is not None and reached <= 0
+    labels = state.labels
+    # The broker drops an unroutable message at once: no need to wait for a deadline.
+    if (ended or state.gap_during(chain)) and not dropped:
+        return True
+    if not chain.arrivals[0] and not dropped:
+        if chain.first_ns - state.start_ns <= state.window_ns:
+            return True  # it may have started before the recording did
+        first = next(iter(chain.arrivals[reached].values())) if reached >= 0 else chain.timeline[0]
+        state.add(
+            state.finding(
+                FindingKind.UNEXPECTED,
+                chain,
+                f"seen at {labels[max(reached, 0)]!r} but never at the first step {labels[0]!r}",
+                step=max(reached, 0),
+                seen=[first],
+            )
+        )
+        return False
+    steps = state.flow.steps
+    nxt = reached + 1
+    if reached < 0 and chain.unroutable is not None:
+        # Published to the step's channel but routed nowhere: the next step never came.
+        at = state.channel_steps.get(chain.unroutable.channel, [0])[0]
+        nxt = min(at + 1, len(steps) - 1)
+    while nxt < len(steps) and len(chain.arrivals[nxt]) >= steps[nxt].count:
+        nxt += 1  # a fan-out step may have some but not all of its messages
+    if nxt >= len(steps):
+        nxt = next(
+            i
+            for i, (a, s) in enumerate(zip(chain.arrivals, steps, strict=True))
+            if len(a) < s.count
+        )
+    last = chain.timeline[-1]
+    if chain.unroutable is not None:
+        cause, why = (
+            Cause.UNROUTABLE,
+            f"unroutable at {chain.unroutable.channel!r} ({chain.unroutable.reason or 'no route'})",
+        )
+        seen = [chain.unroutable]
+    elif (
+        reached >= 0
+        and chain.deliveries[reached]
+        and not chain.consumed[reached]
+        and state.acks_visible[reached]
+    ):
+        d = chain.deliveries[reached][-1]
+        cause, why = (
+            Cause.STUCK_PENDING,
+            f"stuck at {labels[reached]!r}: delivered {d.delivery_count or 1} time(s), never acknowledged",
+        )
+        seen = [d]
+    else:
+        deadline = format_duration(timedelta(seconds=(state.window_ns - GRACE_NS) / 1e9))
+        cause, why = (
+            Cause.TIMED_OUT,
+            f"timed out after {labels[reached]!r}: no {labels[nxt]!r} within {deadline}",
+        )
+        seen = [last]
+    state.add(
+        state.finding(
+            FindingKind.LOST,
+            chain,
+            why,
+            step=nxt,
+            seen=seen,
+            cause=cause,
+            next_step=labels[nxt],
+        )
+    )
+    return False
+
+
+def applies(state: FlowState) -> bool:
+    return state.flow.delivery != "at-least-once"
+
+
+def check(
+    state: FlowState, chain: Chain, rule: DeadLetterRule | None, spans: list[Span | None]
+) -> None:
+    """More messages at a step than it expects: duplicates, for at-most/exactly-once."""
+    flow = state.flow
+    for i, (arrived, step) in enumerate(zip(chain.arrivals, flow.steps, strict=True)):
+        if len(arrived) > state.need[i]:
+            extra = list(arrived.values())
+            state.add(
+                state.finding(
+                    FindingKind.DUPLICATED,
+                    chain,
+                    f"{len(arrived)} messages at {state.labels[i]!r}, expected {step.count} ({flow.delivery})",
+                    step=i,
+                    seen=extra[:5],
+                )
+            )
