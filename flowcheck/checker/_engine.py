@@ -219,7 +219,7 @@ class Checker:
             )
         return Verdict(
             passed=all(f.passed for f in flows) and not self.other and (allow or not unjudged),
-            observations=self.count,
+            observations=self.count - len(self.gaps),  # a gap record is no observation
             topology=self.topology.name,
             gaps=[seen(g, self.start_ns or 0) for g in self.gaps],
             flows=flows,

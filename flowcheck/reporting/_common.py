@@ -158,11 +158,6 @@ def plural(n: int, word: str, many: str | None = None) -> str:
     return f"{n} {word if n == 1 else (many or word + 's')}"
 
 
-def observed(verdict: Verdict) -> int:
-    """The observations the checker read: a tap gap record is none (it is counted apart)."""
-    return verdict.observations - len(verdict.gaps)
-
-
 def flow_counts(flow: FlowVerdict) -> str:
     return (
         f"{plural(flow.chains, 'chain')}: {flow.succeeded} succeeded, {flow.failed} failed, "

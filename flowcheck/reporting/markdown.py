@@ -19,7 +19,6 @@ from flowcheck.reporting._common import (
     late_note,
     listed_total,
     ms,
-    observed,
     over_budget,
     plural,
     recording_text,
@@ -97,7 +96,7 @@ def _about(verdict: Verdict) -> list[str]:
         if failed
         else f"{plural(len(verdict.flows), 'flow')} passed"
     )
-    parts = [flows, plural(observed(verdict), "observation")]
+    parts = [flows, plural(verdict.observations, "observation")]
     if verdict.findings:
         parts.append(plural(len(verdict.findings), "finding") + " outside any flow")
     unjudged = len(all_unjudged(verdict))

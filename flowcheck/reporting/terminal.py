@@ -34,7 +34,6 @@ from flowcheck.reporting._common import (
     late_note,
     listed_total,
     ms,
-    observed,
     other_findings,
     over_budget,
     plural,
@@ -116,7 +115,7 @@ def _summary(verdict: Verdict) -> Text:
     unjudged = len(all_unjudged(verdict))
     if unjudged:
         what += f", {unjudged} unjudged" + (" (allowed)" if verdict.allow_unjudged else "")
-    about = [plural(observed(verdict), "observation")]
+    about = [plural(verdict.observations, "observation")]
     if verdict.gaps:
         about.append(plural(len(verdict.gaps), "tap gap"))
     return Text.assemble(
