@@ -22,7 +22,7 @@ import pamqp.encode
 import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractIncomingMessage
-from harness import AmqpScope
+from harness import AmqpScope, rabbitmq_vhost, rabbitmqctl
 from pamqp.commands import Basic
 from pamqp.common import Arguments
 
@@ -73,12 +73,6 @@ flows:
 """
 
 
-async def rabbitmqctl(*args: str) -> str:
-    """Run ``rabbitmqctl`` on the local node; its standard output."""
-    result = await anyio.run_process(["rabbitmqctl", "-q", *args])
-    return result.stdout.decode()
-
-
 async def close_connections_named(name: str) -> int:
     """Close, from the broker side, every connection whose connection_name is ``name``."""
     listing = await rabbitmqctl(
@@ -97,20 +91,17 @@ async def close_connections_named(name: str) -> int:
 
 
 @pytest_asyncio.fixture
-async def firehose(rabbitmq_url: str) -> AsyncIterator[None]:
-    """RabbitMQ's firehose (``trace_on``) for the default vhost, for this test only."""
-    await rabbitmqctl("trace_on")
-    try:
-        yield
-    finally:
-        await rabbitmqctl("trace_off")
+async def firehose(rabbitmq_url: str, unique: str) -> AsyncIterator[str]:
+    """The URL of a virtual host of this test's own with RabbitMQ's firehose
+    (``trace_on``) on: the firehose is per virtual host, so no other test or process
+    sees it, and deleting the virtual host ends it."""
+    async with rabbitmq_vhost(rabbitmq_url, unique) as url:
+        await rabbitmqctl("trace_on", "-p", unique)
+        yield url
 
 
-@pytest.mark.usefixtures("firehose")
-async def test_delivery_limit_dead_letters_after_redeliveries(
-    rabbitmq_url: str, unique: str
-) -> None:
-    topology = load(DEAD_LETTER_YAML.format(p=unique), FC_URL=rabbitmq_url)
+async def test_delivery_limit_dead_letters_after_redeliveries(firehose: str, unique: str) -> None:
+    topology = load(DEAD_LETTER_YAML.format(p=unique), FC_URL=firehose)
     # What the system's consumer was handed: (redelivered, x-delivery-count) per delivery.
     deliveries: list[tuple[bool | None, object]] = []
 
@@ -123,7 +114,7 @@ async def test_delivery_limit_dead_letters_after_redeliveries(
         memory = Memory()
         async with Tracer(topology, [memory]) as tracer:
             sent = await tracer.publish("jobs", order(1), routing_key="job")
-            connection = await aio_pika.connect(rabbitmq_url)
+            connection = await aio_pika.connect(firehose)
             try:
                 channel = await connection.channel()
                 await channel.set_qos(prefetch_count=1)
@@ -131,14 +122,14 @@ async def test_delivery_limit_dead_letters_after_redeliveries(
                 await queue.consume(refuse)
 
                 def settled(items: list[Observation]) -> bool:
-                    firehose = [
+                    traced = [
                         o
                         for o in items
                         if o.channel == "work" and o.kind in (Kind.DELIVERED, Kind.REDELIVERED)
                     ]
                     return (
                         sent.fc_id in ids(items, Kind.DEAD_LETTERED, "dlq")
-                        and len(firehose) >= len(deliveries) >= 2
+                        and len(traced) >= len(deliveries) >= 2
                     )
 
                 await memory.wait_for(settled, WITHIN)
@@ -180,17 +171,14 @@ flows:
 """
 
 
-@pytest.mark.usefixtures("firehose")
-async def test_the_firehose_shows_publishes_straight_to_a_queue(
-    rabbitmq_url: str, unique: str
-) -> None:
-    topology = load(STRAIGHT_YAML.format(p=unique), FC_URL=rabbitmq_url)
+async def test_the_firehose_shows_publishes_straight_to_a_queue(firehose: str, unique: str) -> None:
+    topology = load(STRAIGHT_YAML.format(p=unique), FC_URL=firehose)
     async with cleaned(topology, "rabbit") as ad:
         await ad.apply()
         memory = Memory()
         async with Tracer(topology, [memory]):
             # As a system publishes to a work queue: through the default exchange.
-            connection = await aio_pika.connect(rabbitmq_url)
+            connection = await aio_pika.connect(firehose)
             try:
                 channel = await connection.channel()
                 for n, queue in enumerate(("inbox", "elsewhere", "inbox")):
