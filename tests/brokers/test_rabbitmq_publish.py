@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import anyio.abc
 import pytest
+from harness import rabbitmqctl
 
 from flowcheck.brokers import rabbitmq
 from flowcheck.brokers.rabbitmq import RESENT_HEADER, RabbitMQAdapter
@@ -29,7 +30,7 @@ from flowcheck.topology.model import RabbitMQ
 from flowcheck.tracer import Memory, Tracer
 
 from .conftest import RABBITMQ_YAML, WITHIN, cleaned, ids, load, of, order, rabbitmq_kit
-from .test_rabbitmq import close_connections_named, rabbitmqctl
+from .test_rabbitmq import close_connections_named
 
 CLOSES = 2  # connection losses each test makes at least
 MAX_CLOSES = 6  # ... and at most, until one of them cost a publish its confirm
