@@ -786,10 +786,9 @@ class KafkaAdapter(Adapter):
                 try:
                     with anyio.fail_after(HEALTH_POLL * 2):
                         topics = await self.admin.list_topics()
-                    back = self.down is not None
-                    self.came_back(channels, sink)
+                    back = self.came_back(channels, sink)
                 except (kafka_errors.KafkaError, TimeoutError, OSError) as exc:
-                    if self.down is None:
+                    if self.watching:
                         self.went_down(f"Kafka did not answer ({type(exc).__name__})")
                 else:
                     if answered is not None:

@@ -26,8 +26,9 @@ from harness import AmqpScope, rabbitmq_vhost, rabbitmqctl
 from pamqp.commands import Basic
 from pamqp.common import Arguments
 
-from flowcheck.brokers import rabbitmq
 from flowcheck.brokers.rabbitmq import RabbitMQAdapter
+from flowcheck.brokers.rabbitmq import _parse as rabbitmq_parse
+from flowcheck.brokers.rabbitmq._plan import seen_through_exchanges
 from flowcheck.checker import FindingKind
 from flowcheck.errors import BrokerAuthError, BrokerError
 from flowcheck.observations import TEXT_CAP, Kind, Observation, encode
@@ -558,8 +559,8 @@ async def test_queues_are_seen_through_their_exchanges_or_their_own_twin(
         await ad.apply()
         # A topic-bound queue needs no twin; a headers-bound one, or one whose exchange
         # is not tapped, does.
-        assert ad._seen_through_exchanges(list(topology.channels)) == {"inbox"}
-        assert ad._seen_through_exchanges(["inbox"]) == set()
+        assert seen_through_exchanges(topology, list(topology.channels)) == {"inbox"}
+        assert seen_through_exchanges(topology, ["inbox"]) == set()
 
         memory = Memory()
         async with Tracer(topology, [memory]) as tracer:
@@ -714,6 +715,7 @@ async def test_every_amqp_table_type_and_odd_properties_of_other_publishers(
 def test_lenient_amqp_decoding_is_the_taps_alone() -> None:
     # A system under test in the same process (pytest) must fail on such a frame as
     # it would without flowcheck: only the tap's own connections decode it anyway.
+    rabbitmq_parse.install_lenient()  # as a tap does when it starts
     odd = b"\x02\xff\xfe"
     with pytest.raises(UnicodeDecodeError):
         pamqp.decode.METHODS["shortstr"](odd)
@@ -721,7 +723,7 @@ def test_lenient_amqp_decoding_is_the_taps_alone() -> None:
         pamqp.decode.METHODS["timestamp"]((2**63 - 1).to_bytes(8, "big"))
 
     def in_a_tap() -> tuple[Any, Any]:
-        rabbitmq._lenient.set(True)
+        rabbitmq_parse.lenient.set(True)
         return (
             pamqp.decode.METHODS["shortstr"](odd),
             pamqp.decode.METHODS["timestamp"]((2**63 - 1).to_bytes(8, "big")),
