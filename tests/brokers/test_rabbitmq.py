@@ -9,9 +9,13 @@ import contextvars
 import datetime
 import decimal
 import json
+import os
 import shutil
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -22,6 +26,7 @@ import pamqp.encode
 import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractIncomingMessage
+from anyio.streams.text import TextReceiveStream
 from harness import AmqpScope, rabbitmq_vhost, rabbitmqctl
 from pamqp.commands import Basic
 from pamqp.common import Arguments
@@ -34,6 +39,7 @@ from flowcheck.errors import BrokerAuthError, BrokerError
 from flowcheck.observations import TEXT_CAP, Kind, Observation, encode
 from flowcheck.redact import MASK
 from flowcheck.testing import FlowAssertionError, Flowcheck
+from flowcheck.trace import Reader
 from flowcheck.tracer import Memory, Tracer
 
 from .conftest import (
@@ -496,6 +502,64 @@ async def test_tap_reports_gap_and_resumes_after_losing_its_connection(
         assert gap.reason
     for channel in ("events", "inbox"):
         assert ids(memory.items, Kind.ROUTED, channel) == [before.fc_id, after.fc_id]
+
+
+async def test_record_says_when_the_tap_loses_its_connection_for_a_moment(
+    rabbitmq_url: str, unique: str, tmp_path: Path
+) -> None:
+    """A connection closed and reopened at once (a blip far shorter than `flowcheck
+    record`'s refresh) is still announced, down and back, and its gap recorded. In a
+    virtual host of its own, so that every tap connection there is this recording's."""
+    out = tmp_path / "trace.jsonl"
+    path = tmp_path / "topology.yaml"
+    async with rabbitmq_vhost(rabbitmq_url, unique) as url:
+        path.write_text(RABBITMQ_YAML.format(p=unique))
+        cmd = [sys.executable, "-m", "flowcheck", "record", str(path), "--out", str(out)]
+        cmd.append("--apply")
+        said: list[str] = []
+        async with await anyio.open_process(cmd, env={**os.environ, "FC_URL": url}) as proc:
+            assert proc.stderr is not None
+            lines = TextReceiveStream(proc.stderr)
+
+            async def wait_for(text: str) -> None:
+                with anyio.fail_after(WITHIN):
+                    async for chunk in lines:
+                        said.extend(chunk.splitlines())
+                        if text in chunk:
+                            return
+
+            try:
+                await wait_for("every tap is watching")
+                assert await close_connections_in(unique, "flowcheck-tap-") == 1
+                await wait_for("rabbit: tap down, recording a gap: connection to RabbitMQ lost")
+                await wait_for("rabbit: tap watching again after ")
+            finally:
+                proc.send_signal(signal.SIGINT)
+                with anyio.fail_after(WITHIN):
+                    rc = await proc.wait()
+    assert rc == 0, "\n".join(said)
+    gaps = [o for o in Reader(str(out)) if o.kind is Kind.GAP]
+    assert sorted(g.channel for g in gaps) == ["events", "inbox"]
+    for gap in gaps:
+        assert gap.until_ns is not None
+        assert gap.reason == "connection to RabbitMQ lost"
+
+
+async def close_connections_in(vhost: str, prefix: str) -> int:
+    """Close, from the broker side, the connections of ``vhost`` whose connection_name
+    starts with ``prefix``."""
+    listing = await rabbitmqctl(
+        "list_connections", "pid", "vhost", "client_properties", "--no-table-headers"
+    )
+    marker = f'{{"connection_name","{prefix}'
+    doomed = [
+        pid
+        for pid, where, properties in (line.split("\t", 2) for line in listing.splitlines())
+        if where == vhost and marker in properties
+    ]
+    for pid in doomed:
+        await rabbitmqctl("close_connection", pid, "flowcheck test: a blip")
+    return len(doomed)
 
 
 async def test_a_virtual_host_that_does_not_exist_is_a_clear_error(
