@@ -8,7 +8,6 @@ client's errors into :mod:`flowcheck.errors` and report what they see as
 from __future__ import annotations
 
 import abc
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -143,7 +142,7 @@ class Adapter(abc.ABC):
         SHOWN_FOR_NS is still shown until that long after it began: the tap watches again
         already, and its gap is recorded with its true end."""
         if self._down is None and self._shown is not None:
-            if time.monotonic_ns() - self._shown[0] < SHOWN_FOR_NS:
+            if now()[0] - self._shown[0] < SHOWN_FOR_NS:
                 return self._shown
             self._shown = None
         return self._down
