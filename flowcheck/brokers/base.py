@@ -34,6 +34,7 @@ from flowcheck.topology.model import Broker, Topology
 
 Sink = Callable[[Observation], None]
 C = TypeVar("C")
+B = TypeVar("B", bound=Broker)
 
 RECONNECT_MAX = 2.0  # seconds between reconnection attempts, at most
 # An outage shorter than this stays in Adapter.down until this long after it began:
@@ -68,8 +69,9 @@ class Adapter(abc.ABC):
         self.config: Broker = topology.brokers[name]
         self.correlator = correlator or Correlator(topology)
         self._key_fns = self.correlator.key_fns
-        # Broker-side name of each of this broker's channels.
+        # Broker-side name of each of this broker's channels, and back.
         self._names = {k: self.physical(k) for k in self.channels()}
+        self._by_physical = {v: k for k, v in self._names.items()}
         # Tells this adapter's connections apart from every other flowcheck's on the broker.
         self.instance = new_id()[:12]
         # While the tap cannot watch: since when (monotonic ns) and why. Gaps come from it.
@@ -88,6 +90,21 @@ class Adapter(abc.ABC):
 
     def physical(self, channel: str) -> str:
         return self.topology.channel_name(channel)
+
+    def settings(self, kind: type[B]) -> B:
+        """This broker's part of the topology, as the ``kind`` it must be."""
+        if not isinstance(self.config, kind):
+            raise TypeError(f"{self.name} is a {type(self.config).__name__}, not a {kind.__name__}")
+        return self.config
+
+    def dead_letter_origins(self) -> dict[str, str]:
+        """Channel that holds dead letters -> the channel whose dead letters it holds, for
+        brokers whose dead letters a channel of the topology names (Kafka, Redis)."""
+        return {
+            dead: key
+            for key, ch in self.topology.channels.items()
+            if (dead := getattr(ch, "dead_letter", None)) and isinstance(dead, str)
+        }
 
     @abc.abstractmethod
     async def connect(self) -> None: ...

@@ -34,15 +34,15 @@ from aiokafka.structs import TopicPartition  # noqa: E402
 from flowcheck.brokers.kafka import _parse, _plan  # noqa: E402
 from flowcheck.brokers.kafka._parse import (  # noqa: E402
     BINARY_INT_HEADERS,
+    Evidence,
+    Logs,
+    Mark,
     decode_header,
+    fingerprint,
+    judge,
+    named,
+    since,
 )
-from flowcheck.brokers.kafka._parse import Evidence as _Evidence  # noqa: E402
-from flowcheck.brokers.kafka._parse import Logs as _Logs  # noqa: E402
-from flowcheck.brokers.kafka._parse import Mark as _Mark  # noqa: E402
-from flowcheck.brokers.kafka._parse import fingerprint as _fingerprint  # noqa: E402
-from flowcheck.brokers.kafka._parse import judge as _judge  # noqa: E402
-from flowcheck.brokers.kafka._parse import named as _named  # noqa: E402
-from flowcheck.brokers.kafka._parse import since as _since  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +106,10 @@ class KafkaAdapter(Adapter):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        cfg = self.config
-        assert isinstance(cfg, Kafka)
-        self.cfg = cfg
+        self.cfg = self.settings(Kafka)
         self.admin: Any = None
         self.producer: Any = None
-        self._by_physical = {v: k for k, v in self._names.items()}
-        self._origin = {
-            ch.dead_letter: k
-            for k, ch in self.topology.channels.items()
-            if isinstance(ch, Topic) and ch.dead_letter
-        }
+        self._origin = self.dead_letter_origins()
 
     # ------------------------------------------------------------ connection
 
@@ -162,9 +155,9 @@ class KafkaAdapter(Adapter):
                 self.name, f"{self._where()}: permission denied ({type(exc).__name__})"
             )
         if isinstance(exc, (kafka_errors.KafkaConnectionError, TimeoutError, OSError)):
-            return BrokerUnreachable(self.name, f"cannot reach {self._where()} ({_named(exc)})")
+            return BrokerUnreachable(self.name, f"cannot reach {self._where()} ({named(exc)})")
         if isinstance(exc, kafka_errors.KafkaError):
-            return BrokerError(self.name, f"{self._where()}: {_named(exc)}")
+            return BrokerError(self.name, f"{self._where()}: {named(exc)}")
         return exc
 
     async def _start(self, client: Any) -> None:
@@ -380,10 +373,10 @@ class KafkaAdapter(Adapter):
                     consumer.seek(tp, ends[tp])
             except kafka_errors.KafkaError as exc:
                 raise self._translate(exc) from None
-            state = _Evidence(_plan.consumer_groups(self.topology, channels))
+            state = Evidence(_plan.consumer_groups(self.topology, channels))
             start = now()
-            ahead = {tp: _Mark(ends[tp], int(start[1] * 1000), None) for tp in tps}
-            logs = _Logs()
+            ahead = {tp: Mark(ends[tp], int(start[1] * 1000), None) for tp in tps}
+            logs = Logs()
 
             def take(batches: dict[Any, list[Any]]) -> None:
                 # One time for the batch: its records arrived together, and a
@@ -399,7 +392,7 @@ class KafkaAdapter(Adapter):
                             state.seen(key, rec.partition, obs)
                     if records:
                         last = records[-1]
-                        ahead[tp] = _Mark(last.offset + 1, last.timestamp, _fingerprint(last))
+                        ahead[tp] = Mark(last.offset + 1, last.timestamp, fingerprint(last))
 
             # Reads the record before the tap's position in each partition, when asked.
             probe = aiokafka.AIOKafkaConsumer(**self._tap_args())
@@ -456,8 +449,8 @@ class KafkaAdapter(Adapter):
     async def _suspect(
         self,
         probe: Any,
-        logs: _Logs,
-        ahead: dict[Any, _Mark],
+        logs: Logs,
+        ahead: dict[Any, Mark],
         topics: set[str],
         back: bool,
     ) -> None:
@@ -483,9 +476,9 @@ class KafkaAdapter(Adapter):
         tps: set[Any],
         probe: Any,
         consumer: Any,
-        logs: _Logs,
-        ahead: dict[Any, _Mark],
-        state: _Evidence,
+        logs: Logs,
+        ahead: dict[Any, Mark],
+        state: Evidence,
         sink: Sink,
         started: int,
     ) -> set[Any]:
@@ -526,22 +519,22 @@ class KafkaAdapter(Adapter):
             # None: no record observed yet, or none at that offset now (compacted away, or
             # the log ends before it): the bounds tell.
             seen = found.get(tp)
-            why = _judge(mark.next, begins[tp], ends[tp], None if seen is None else False)
+            why = judge(mark.next, begins[tp], ends[tp], None if seen is None else False)
             if why is None:
                 continue
             held.add(tp)
             consumer.seek(tp, begins[tp])
             mono, wall = now()
-            ahead[tp] = _Mark(begins[tp], int(wall * 1000), None)
+            ahead[tp] = Mark(begins[tp], int(wall * 1000), None)
             key = self._by_physical[tp.topic]
             state.forget(key, tp.partition)  # commits of the new log are not about those
             reason = f"partition {tp.partition} of {tp.topic}: {why}"
             log.warning("%s: %s", self.name, reason)  # `flowcheck record` prints it
-            sink(self.gap(key, _since(started, mark.ms), mono, reason))
+            sink(self.gap(key, since(started, mark.ms), mono, reason))
         return held
 
     @staticmethod
-    def _hold(consumer: Any, logs: _Logs, ahead: dict[Any, _Mark], tps: list[Any]) -> set[Any]:
+    def _hold(consumer: Any, logs: Logs, ahead: dict[Any, Mark], tps: list[Any]) -> set[Any]:
         """Leave ``tps`` unread until a check gets through."""
         for tp in tps:
             consumer.seek(tp, ahead[tp].next)
@@ -584,7 +577,7 @@ class KafkaAdapter(Adapter):
                     for tp, records in batches.items():
                         if records and tp not in found:
                             first = records[0]
-                            found[tp] = _fingerprint(first) if first.offset == wanted[tp] else None
+                            found[tp] = fingerprint(first) if first.offset == wanted[tp] else None
                             probe.pause(tp)
         finally:
             probe.pause(*wanted)  # no reading in the background until the next check
@@ -597,7 +590,7 @@ class KafkaAdapter(Adapter):
     async def _drop_unreadable(
         self,
         consumer: Any,
-        ahead: dict[Any, _Mark],
+        ahead: dict[Any, Mark],
         take: Callable[[dict[Any, list[Any]]], None],
         sink: Sink,
         started: int,
@@ -640,14 +633,14 @@ class KafkaAdapter(Adapter):
         consumer.resume(*(tp for tp in tps if tp != bad))
         # Unwatched since the unreadable record was written, at the earliest after the
         # last one observed there.
-        since = _since(started, ahead[bad].ms)
+        unwatched = since(started, ahead[bad].ms)
         reason = (
             f"partition {bad.partition} of {bad.topic}: the record at offset {offset} has"
             " a header name that is not UTF-8, which the Kafka client cannot read;"
             " the tap stopped reading this partition"
         )
         log.warning("%s: %s", self.name, reason)  # `flowcheck record` prints it
-        sink(self.gap(self._by_physical[bad.topic], since, None, reason))
+        sink(self.gap(self._by_physical[bad.topic], unwatched, None, reason))
 
     def _tap_args(self) -> dict[str, Any]:
         """The tap's consumer: group-less, so it takes no record from any group."""
@@ -685,7 +678,7 @@ class KafkaAdapter(Adapter):
             reason=reason,
         )
 
-    async def _poll_offsets(self, state: _Evidence, sink: Sink) -> None:
+    async def _poll_offsets(self, state: Evidence, sink: Sink) -> None:
         """Turn the groups' committed offsets into CONSUMED evidence for the records seen.
 
         A consumer that names the group but never subscribes reads its commits

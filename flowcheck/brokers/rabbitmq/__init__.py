@@ -51,8 +51,14 @@ RESENT_HEADER = "x-flowcheck-resent"
 _LOST = (ConnectionError, RuntimeError, TimeoutError)
 _reason = _parse.reason
 
-__all__ = ["ADAPTER", "CONFIRM_WITHIN", "RECONNECT_WITHIN", "RESENT_HEADER", "RabbitMQAdapter"]
-__all__ += ["queue_arguments"]
+__all__ = [
+    "ADAPTER",
+    "CONFIRM_WITHIN",
+    "RECONNECT_WITHIN",
+    "RESENT_HEADER",
+    "RabbitMQAdapter",
+    "queue_arguments",
+]
 
 
 class RabbitMQAdapter(Adapter):
@@ -60,8 +66,7 @@ class RabbitMQAdapter(Adapter):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        cfg = self.config
-        assert isinstance(cfg, RabbitMQ)
+        cfg = self.settings(RabbitMQ)
         self.url = cfg.url.get_secret_value()
         self.vhost = cfg.vhost
         self.read_interval = cfg.tap_read_interval.total_seconds()
@@ -69,7 +74,6 @@ class RabbitMQAdapter(Adapter):
         self._publish_channel: Any = None
         self._stale = False  # the client connection was given up, closed or not
         self._reconnecting: anyio.Lock | None = None  # made in the event loop, when needed
-        self._by_physical = {self._names[k]: k for k in self._names}
         # Queues that some queue dead-letters into: messages with x-death there are dead letters.
         self._dead_letter_queues = _plan.dead_letter_targets(self.topology)
         self._past_limit = functools.partial(_plan.past_limit, self.topology)
@@ -181,31 +185,18 @@ class RabbitMQAdapter(Adapter):
 
     async def apply(self, channels: Sequence[str] | None = None) -> list[Drift]:
         keys = list(channels) if channels is not None else self.channels()
-        exchanges = [
-            (k, self.topology.channels[k])
-            for k in keys
-            if isinstance(self.topology.channels[k], Exchange)
-        ]
-        queues = [
-            (k, self.topology.channels[k])
-            for k in keys
-            if isinstance(self.topology.channels[k], Queue)
-        ]
+        # Exchanges first: the queues' bindings and dead-letter routes name them.
+        exchanges = [(k, c) for k in keys if isinstance(c := self.topology.channels[k], Exchange)]
+        queues = [(k, c) for k in keys if isinstance(c := self.topology.channels[k], Queue)]
+        declares = [(k, *_plan.exchange_spec(c, self._names), self._exchange) for k, c in exchanges]
+        declares += [(k, *_plan.queue_spec(c, self._names), self._queue) for k, c in queues]
         drift: list[Drift] = []
         ch = await self._channel()
         try:
-            for key, ex in exchanges:
-                assert isinstance(ex, Exchange)
-                spec, args = _plan.exchange_spec(ex, self._names)
-                ch, d = await self._declare(ch, key, spec, args, self._exchange)
+            for key, spec, args, declare in declares:
+                ch, d = await self._declare(ch, key, spec, args, declare)
                 drift += d
             for key, q in queues:
-                assert isinstance(q, Queue)
-                spec, args = _plan.queue_spec(q, self._names)
-                ch, d = await self._declare(ch, key, spec, args, self._queue)
-                drift += d
-            for key, q in queues:
-                assert isinstance(q, Queue)
                 queue = await ch.get_queue(self._names[key], ensure=False)
                 for exchange, rk, arguments in _plan.queue_bindings(q, self._names):
                     await queue.bind(exchange, routing_key=rk, arguments=arguments)

@@ -48,8 +48,15 @@ IDLE_POLL = 1.0  # between polls while no entry the tap read waits for a group
 COUNT_EVERY = 1.0  # seconds between counts of entries deleted before the tap read them
 _LOST = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)  # the tap reconnects
 
-__all__ = ["ADAPTER", "REPLY_OPTIONS", "RedisAdapter", "entry_ms", "id_key", "own_options"]
-__all__ += ["pause"]
+__all__ = [
+    "ADAPTER",
+    "REPLY_OPTIONS",
+    "RedisAdapter",
+    "entry_ms",
+    "id_key",
+    "own_options",
+    "pause",
+]
 
 
 class RedisAdapter(Adapter):
@@ -57,18 +64,12 @@ class RedisAdapter(Adapter):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        cfg = self.config
-        assert isinstance(cfg, Redis)
+        cfg = self.settings(Redis)
         self.url = cfg.url.get_secret_value()
         self.db = cfg.db
         self.read_interval = cfg.tap_read_interval.total_seconds()
         self.client: Any = None
-        # dead-letter stream -> the stream whose dead letters it holds
-        self._origin = {
-            ch.dead_letter: k
-            for k, ch in self.topology.channels.items()
-            if isinstance(ch, Stream) and ch.dead_letter
-        }
+        self._origin = self.dead_letter_origins()
 
     def _stream(self, key: str) -> Stream:
         ch = self.topology.channels[key]
