@@ -558,7 +558,7 @@ async def close_connections_in(vhost: str, prefix: str) -> int:
         if where == vhost and marker in properties
     ]
     for pid in doomed:
-        await rabbitmqctl("close_connection", pid, "flowcheck test: a blip")
+        await rabbitmqctl("close_connection", pid, "flowcheck test: simulated network loss")
     return len(doomed)
 
 

@@ -22,6 +22,7 @@ from flowcheck.brokers.kafka import _plan as kafka_plan
 from flowcheck.brokers.rabbitmq import _parse as rabbit_parse
 from flowcheck.brokers.rabbitmq import _plan as rabbit_plan
 from flowcheck.brokers.redis import _parse as redis_parse
+from flowcheck.brokers.redis import _plan as redis_plan
 from flowcheck.errors import BrokerUnreachable
 from flowcheck.observations import Kind, Observation
 from flowcheck.topology.model import Exchange, Queue, Topic, Topology
@@ -241,9 +242,9 @@ def test_the_firehose_reads_deliveries_redeliveries_and_unroutable_publishes() -
 
 def test_redis_urls_lose_the_options_that_change_replies() -> None:
     url = "redis://h:1/0?protocol=3&decode_responses=true&health_check_interval=2"
-    assert redis_parse.own_options(url) == "redis://h:1/0?health_check_interval=2"
-    assert redis_parse.own_options("redis://h/0?protocol=3") == "redis://h/0"
-    assert redis_parse.own_options("redis://h/0") == "redis://h/0"
+    assert redis_plan.own_options(url) == "redis://h:1/0?health_check_interval=2"
+    assert redis_plan.own_options("redis://h/0?protocol=3") == "redis://h/0"
+    assert redis_plan.own_options("redis://h/0") == "redis://h/0"
 
 
 def test_a_stream_entry_reads_as_routed_or_dead_lettered() -> None:

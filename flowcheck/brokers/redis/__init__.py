@@ -26,18 +26,16 @@ redis_asyncio = require("redis.asyncio")
 from redis import exceptions as redis_errors  # noqa: E402 - after the dependency check
 
 from flowcheck.brokers.redis._parse import (  # noqa: E402
-    REPLY_OPTIONS,
     deleted,
     entry_ms,
     field,
     id_key,
     not_streams,
-    own_options,
-    pause,
     pending_evidence,
     read_entry,
 )
 from flowcheck.brokers.redis._parse import text as _s  # noqa: E402
+from flowcheck.brokers.redis._plan import REPLY_OPTIONS, own_options, pause  # noqa: E402
 
 log = logging.getLogger(__name__)
 

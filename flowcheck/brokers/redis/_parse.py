@@ -7,25 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
 
 from flowcheck.observations import Kind
 
-# URL options that would change the replies flowcheck reads: it sets them itself.
-REPLY_OPTIONS = frozenset({"protocol", "decode_responses", "encoding", "encoding_errors"})
 # Fields a dead-letter entry may carry to say why and after how many deliveries.
 REASON_FIELDS = ("reason", "error", "exception")
 COUNT_FIELDS = ("delivery_count", "deliveries", "attempts")
-
-
-def own_options(url: str) -> str:
-    """``url`` without REPLY_OPTIONS in its query (redis-py lets the URL's win)."""
-    base, _, query = url.partition("?")
-    pairs = parse_qsl(query, keep_blank_values=True)
-    if all(k not in REPLY_OPTIONS for k, _ in pairs):
-        return url
-    kept = [(k, v) for k, v in pairs if k not in REPLY_OPTIONS]
-    return f"{base}?{urlencode(kept)}" if kept else base
 
 
 def entry_ms(entry_id: str) -> int:
@@ -132,18 +119,6 @@ def field(reply: Any, name: str) -> int | None:
 def not_streams(wrong: Mapping[str, str]) -> str:
     keys = ", ".join(f"{name!r} holds a {kind}" for name, kind in sorted(wrong.items()))
     return f"cannot tap keys that are not streams: {keys}"
-
-
-def pause(started: float, now: float, interval: float) -> float:
-    """Seconds to wait before the next read, so that reads start ``interval`` apart.
-
-    While entries keep coming, each read would bring one or two, and a read costs
-    the tap far more than an entry: waiting gathers them. A read that blocked
-    until its entry came started long ago, so a sparse entry is never held back;
-    after a full batch the caller reads again at once, so the rate is not capped.
-    The price: an entry may be observed up to ``interval`` late.
-    """
-    return max(0.0, started + interval - now)
 
 
 def text(value: Any) -> str:
