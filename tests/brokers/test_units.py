@@ -7,6 +7,8 @@ is tested end to end against the real brokers in the other modules.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -456,3 +458,17 @@ def test_a_brief_outage_stays_shown_after_the_tap_is_back(
     ad.went_down("again")
     assert not ad.watching
     assert ad.down == (clock[0], "again")
+
+
+def test_importing_the_brokers_patches_nothing() -> None:
+    # A system under test in the same process keeps its libraries as they are until
+    # a tap or client starts.
+    probe = (
+        "import logging, pamqp.decode as d\n"
+        "before = dict(d.METHODS), dict(d.TABLE_MAPPING)\n"
+        "import flowcheck.brokers.kafka, flowcheck.brokers.rabbitmq, flowcheck.brokers.redis\n"
+        "assert (dict(d.METHODS), dict(d.TABLE_MAPPING)) == before\n"
+        "loggers = logging.Logger.manager.loggerDict.items()\n"
+        "assert not [n for n, g in loggers if isinstance(g, logging.Logger) and g.filters]\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True)
