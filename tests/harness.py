@@ -7,6 +7,8 @@
   created and remove it afterwards.
 - forwarder: a broker reached through a local TCP forwarder that a test can cut,
   so that the broker looks down to whatever connects through it.
+- rabbitmq_vhost: a RabbitMQ virtual host of a test's own, for broker state (the
+  firehose) that no other test or process may share.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import aio_pika
 import anyio
@@ -334,3 +336,26 @@ async def forwarder(
         tg.start_soon(serve)
         yield urlunsplit(parts._replace(netloc=f"{login}127.0.0.1:{local_port}")), cut
         await cut()
+
+
+async def rabbitmqctl(*args: str) -> str:
+    """Run ``rabbitmqctl`` on the local node; its standard output."""
+    result = await anyio.run_process(["rabbitmqctl", "-q", *args])
+    return result.stdout.decode()
+
+
+@asynccontextmanager
+async def rabbitmq_vhost(url: str, name: str) -> AsyncIterator[str]:
+    """A fresh virtual host ``name`` that ``url``'s user may use fully: the URL for it.
+
+    Deleted afterwards, with everything in it; the broker's other virtual hosts are
+    never touched.
+    """
+    await rabbitmqctl("add_vhost", name)
+    try:
+        user = unquote(urlsplit(url).username or "guest")
+        await rabbitmqctl("set_permissions", "-p", name, user, ".*", ".*", ".*")
+        yield urlunsplit(urlsplit(url)._replace(path="/" + quote(name, safe="")))
+    finally:
+        with anyio.CancelScope(shield=True):
+            await rabbitmqctl("delete_vhost", name)

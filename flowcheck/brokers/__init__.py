@@ -1,4 +1,18 @@
-"""Broker adapters, one module per broker, loaded only when used."""
+"""Broker adapters, one package per broker, loaded only when used.
+
+Each broker has the same inner shape:
+
+- ``<broker>/__init__.py``: the adapter, the only code here that talks to the
+  broker (connect, apply, publish, tap, delete);
+- ``<broker>/_plan.py``: what to declare and bind, from the topology alone;
+- ``<broker>/_parse.py``: how the broker's messages and answers read (a message
+  becomes the fields of an observation, a refusal becomes drift);
+
+both pure, tested without a broker. :mod:`flowcheck.brokers.base` holds what
+they share: the interface, observations, outages and the tap's reconnect loop.
+Patches to a client library are installed when a broker is first used, never
+at import.
+"""
 
 from __future__ import annotations
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import abc
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import anyio
 
 from flowcheck.correlate import Correlator
+from flowcheck.errors import BrokerUnreachable
 from flowcheck.observations import (
     ID_HEADER,
     TEXT_CAP,
@@ -32,6 +33,14 @@ from flowcheck.observations import (
 from flowcheck.topology.model import Broker, Topology
 
 Sink = Callable[[Observation], None]
+C = TypeVar("C")
+B = TypeVar("B", bound=Broker)
+
+RECONNECT_MAX = 2.0  # seconds between reconnection attempts, at most
+# An outage shorter than this stays in Adapter.down until this long after it began:
+# whoever polls ``down`` (`flowcheck record` says "tap down" from it four times a
+# second) sees a connection that was lost and reopened at once, not only the gap.
+SHOWN_FOR_NS = 500_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,12 +69,14 @@ class Adapter(abc.ABC):
         self.config: Broker = topology.brokers[name]
         self.correlator = correlator or Correlator(topology)
         self._key_fns = self.correlator.key_fns
-        # Broker-side name of each of this broker's channels.
+        # Broker-side name of each of this broker's channels, and back.
         self._names = {k: self.physical(k) for k in self.channels()}
+        self._by_physical = {v: k for k, v in self._names.items()}
         # Tells this adapter's connections apart from every other flowcheck's on the broker.
         self.instance = new_id()[:12]
         # While the tap cannot watch: since when (monotonic ns) and why. Gaps come from it.
-        self.down: tuple[int, str] | None = None
+        self._down: tuple[int, str] | None = None
+        self._shown: tuple[int, str] | None = None  # the last outage, for SHOWN_FOR_NS
         self._down_changed: anyio.Event | None = None
 
     def connection_name(self, purpose: str) -> str:
@@ -79,6 +90,21 @@ class Adapter(abc.ABC):
 
     def physical(self, channel: str) -> str:
         return self.topology.channel_name(channel)
+
+    def settings(self, kind: type[B]) -> B:
+        """This broker's part of the topology, as the ``kind`` it must be."""
+        if not isinstance(self.config, kind):
+            raise TypeError(f"{self.name} is a {type(self.config).__name__}, not a {kind.__name__}")
+        return self.config
+
+    def dead_letter_origins(self) -> dict[str, str]:
+        """Channel that holds dead letters -> the channel whose dead letters it holds, for
+        brokers whose dead letters a channel of the topology names (Kafka, Redis)."""
+        return {
+            dead: key
+            for key, ch in self.topology.channels.items()
+            if (dead := getattr(ch, "dead_letter", None)) and isinstance(dead, str)
+        }
 
     @abc.abstractmethod
     async def connect(self) -> None: ...
@@ -125,39 +151,110 @@ class Adapter(abc.ABC):
     ) -> None:
         await self.close()
 
-    # ------------------------------------------------------------ helpers for subclasses
+    # ------------------------------------------------------------ outages
+
+    @property
+    def down(self) -> tuple[int, str] | None:
+        """While the tap cannot watch: (since, monotonic ns; why). An outage shorter than
+        SHOWN_FOR_NS is still shown until that long after it began: the tap watches again
+        already, and its gap is recorded with its true end."""
+        if self._down is None and self._shown is not None:
+            if now()[0] - self._shown[0] < SHOWN_FOR_NS:
+                return self._shown
+            self._shown = None
+        return self._down
 
     async def down_changed(self) -> None:
-        """Return when :attr:`down` next changes."""
+        """Return when the tap next goes down or comes back."""
         if self._down_changed is None:
             self._down_changed = anyio.Event()
         await self._down_changed.wait()
 
     def _set_down(self, value: tuple[int, str] | None) -> None:
-        self.down = value
+        self._shown = self._down if value is None else None
+        self._down = value
         changed, self._down_changed = self._down_changed, None
         if changed is not None:
             changed.set()
 
     def went_down(self, reason: str) -> None:
         """The tap stopped watching; while it stays down, the newest reason replaces the last."""
-        self._set_down((self.down[0] if self.down else now()[0], reason))
+        self._set_down((self._down[0] if self._down else now()[0], reason))
 
-    def came_back(self, channels: Sequence[str], sink: Sink) -> None:
-        """The tap watches again: record the gap on each of ``channels``."""
-        if self.down is not None:
-            (since, reason), (end, _) = self.down, now()
-            for key in channels:
-                sink(self.gap(key, since, end, reason))
-            self._set_down(None)
+    @property
+    def watching(self) -> bool:
+        """Is the tap watching now (whatever :attr:`down` still shows)?"""
+        return self._down is None
+
+    def came_back(self, channels: Sequence[str], sink: Sink) -> bool:
+        """The tap watches again: record the gap on each of ``channels``. Was it down?"""
+        if self._down is None:
+            return False
+        (since, reason), (end, _) = self._down, now()
+        for key in channels:
+            sink(self.gap(key, since, end, reason))
+        self._set_down(None)
+        return True
 
     def stopped_down(self, channels: Sequence[str], sink: Sink) -> None:
         """The tap ends while down: its gap runs to the end of the recording."""
-        if self.down is not None:
-            since, reason = self.down
+        if self._down is not None:
+            since, reason = self._down
             for key in channels:
                 sink(self.gap(key, since, None, reason))
             self._set_down(None)
+        self._shown = None
+
+    @staticmethod
+    async def reopen(
+        open_: Callable[[], Awaitable[C]], failed: Callable[[BrokerUnreachable], None]
+    ) -> C:
+        """``open_()``, retried with growing pauses while the broker cannot be reached;
+        ``failed`` hears of each failed attempt and may raise."""
+        delay = 0.1
+        while True:
+            try:
+                return await open_()
+            except BrokerUnreachable as exc:
+                failed(exc)
+                await anyio.sleep(delay)  # back off before the next attempt
+                delay = min(delay * 2, RECONNECT_MAX)
+
+    async def reconnecting(
+        self,
+        channels: Sequence[str],
+        sink: Sink,
+        open_: Callable[[], Awaitable[C]],
+        watch: Callable[[C, Callable[[], None]], Awaitable[str]],
+        close: Callable[[C], Awaitable[None]],
+    ) -> None:
+        """A tap's life, the same on every broker that pushes to a connection: open one
+        (while the broker cannot be reached, retry; the first attempt must succeed),
+        ``watch(conn, watching)`` through it until it is lost (it calls ``watching()``
+        once it watches, and returns why it stopped), close it, record the outage.
+        Until cancelled; a tap that ends while down records its gap to the end."""
+
+        def failed(exc: BrokerUnreachable) -> None:
+            if self._down is None:
+                raise exc  # cannot start at all: that is the caller's problem
+            self.went_down(str(exc))
+
+        def watching() -> None:
+            self.came_back(channels, sink)
+
+        try:
+            while True:
+                conn = await self.reopen(open_, failed)
+                try:
+                    reason = await watch(conn, watching)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await close(conn)
+                self.went_down(reason)
+        finally:
+            self.stopped_down(channels, sink)
+
+    # ------------------------------------------------------------ helpers for subclasses
 
     def gap(self, channel: str, start: int, end: int | None, reason: str) -> Observation:
         """A GAP: the tap did not watch ``channel`` from ``start`` to ``end`` (monotonic ns;

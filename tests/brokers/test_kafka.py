@@ -23,7 +23,8 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from harness import KafkaScope
 
 from flowcheck.brokers import adapter as make_adapter
-from flowcheck.brokers.kafka import KafkaAdapter, _judge
+from flowcheck.brokers.kafka import KafkaAdapter
+from flowcheck.brokers.kafka._parse import judge as _judge
 from flowcheck.devkafka import LocalKafka
 from flowcheck.errors import BrokerError, BrokerUnreachable
 from flowcheck.observations import TEXT_CAP, Kind, Observation, encode

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
-from flowcheck.brokers._paced import FULL, PacedReads
+from flowcheck.brokers.rabbitmq._paced import FULL, PacedReads
 from flowcheck.topology import loads
 
 DEADLINE = 10  # seconds for anything that should happen at once

@@ -9,9 +9,13 @@ import contextvars
 import datetime
 import decimal
 import json
+import os
 import shutil
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -22,17 +26,20 @@ import pamqp.encode
 import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractIncomingMessage
-from harness import AmqpScope
+from anyio.streams.text import TextReceiveStream
+from harness import AmqpScope, rabbitmq_vhost, rabbitmqctl
 from pamqp.commands import Basic
 from pamqp.common import Arguments
 
-from flowcheck.brokers import rabbitmq
 from flowcheck.brokers.rabbitmq import RabbitMQAdapter
+from flowcheck.brokers.rabbitmq import _parse as rabbitmq_parse
+from flowcheck.brokers.rabbitmq._plan import seen_through_exchanges
 from flowcheck.checker import FindingKind
 from flowcheck.errors import BrokerAuthError, BrokerError
 from flowcheck.observations import TEXT_CAP, Kind, Observation, encode
 from flowcheck.redact import MASK
 from flowcheck.testing import FlowAssertionError, Flowcheck
+from flowcheck.trace import Reader
 from flowcheck.tracer import Memory, Tracer
 
 from .conftest import (
@@ -73,12 +80,6 @@ flows:
 """
 
 
-async def rabbitmqctl(*args: str) -> str:
-    """Run ``rabbitmqctl`` on the local node; its standard output."""
-    result = await anyio.run_process(["rabbitmqctl", "-q", *args])
-    return result.stdout.decode()
-
-
 async def close_connections_named(name: str) -> int:
     """Close, from the broker side, every connection whose connection_name is ``name``."""
     listing = await rabbitmqctl(
@@ -97,20 +98,17 @@ async def close_connections_named(name: str) -> int:
 
 
 @pytest_asyncio.fixture
-async def firehose(rabbitmq_url: str) -> AsyncIterator[None]:
-    """RabbitMQ's firehose (``trace_on``) for the default vhost, for this test only."""
-    await rabbitmqctl("trace_on")
-    try:
-        yield
-    finally:
-        await rabbitmqctl("trace_off")
+async def firehose(rabbitmq_url: str, unique: str) -> AsyncIterator[str]:
+    """The URL of a virtual host of this test's own with RabbitMQ's firehose
+    (``trace_on``) on: the firehose is per virtual host, so no other test or process
+    sees it, and deleting the virtual host ends it."""
+    async with rabbitmq_vhost(rabbitmq_url, unique) as url:
+        await rabbitmqctl("trace_on", "-p", unique)
+        yield url
 
 
-@pytest.mark.usefixtures("firehose")
-async def test_delivery_limit_dead_letters_after_redeliveries(
-    rabbitmq_url: str, unique: str
-) -> None:
-    topology = load(DEAD_LETTER_YAML.format(p=unique), FC_URL=rabbitmq_url)
+async def test_delivery_limit_dead_letters_after_redeliveries(firehose: str, unique: str) -> None:
+    topology = load(DEAD_LETTER_YAML.format(p=unique), FC_URL=firehose)
     # What the system's consumer was handed: (redelivered, x-delivery-count) per delivery.
     deliveries: list[tuple[bool | None, object]] = []
 
@@ -123,7 +121,7 @@ async def test_delivery_limit_dead_letters_after_redeliveries(
         memory = Memory()
         async with Tracer(topology, [memory]) as tracer:
             sent = await tracer.publish("jobs", order(1), routing_key="job")
-            connection = await aio_pika.connect(rabbitmq_url)
+            connection = await aio_pika.connect(firehose)
             try:
                 channel = await connection.channel()
                 await channel.set_qos(prefetch_count=1)
@@ -131,14 +129,14 @@ async def test_delivery_limit_dead_letters_after_redeliveries(
                 await queue.consume(refuse)
 
                 def settled(items: list[Observation]) -> bool:
-                    firehose = [
+                    traced = [
                         o
                         for o in items
                         if o.channel == "work" and o.kind in (Kind.DELIVERED, Kind.REDELIVERED)
                     ]
                     return (
                         sent.fc_id in ids(items, Kind.DEAD_LETTERED, "dlq")
-                        and len(firehose) >= len(deliveries) >= 2
+                        and len(traced) >= len(deliveries) >= 2
                     )
 
                 await memory.wait_for(settled, WITHIN)
@@ -180,17 +178,14 @@ flows:
 """
 
 
-@pytest.mark.usefixtures("firehose")
-async def test_the_firehose_shows_publishes_straight_to_a_queue(
-    rabbitmq_url: str, unique: str
-) -> None:
-    topology = load(STRAIGHT_YAML.format(p=unique), FC_URL=rabbitmq_url)
+async def test_the_firehose_shows_publishes_straight_to_a_queue(firehose: str, unique: str) -> None:
+    topology = load(STRAIGHT_YAML.format(p=unique), FC_URL=firehose)
     async with cleaned(topology, "rabbit") as ad:
         await ad.apply()
         memory = Memory()
         async with Tracer(topology, [memory]):
             # As a system publishes to a work queue: through the default exchange.
-            connection = await aio_pika.connect(rabbitmq_url)
+            connection = await aio_pika.connect(firehose)
             try:
                 channel = await connection.channel()
                 for n, queue in enumerate(("inbox", "elsewhere", "inbox")):
@@ -509,6 +504,64 @@ async def test_tap_reports_gap_and_resumes_after_losing_its_connection(
         assert ids(memory.items, Kind.ROUTED, channel) == [before.fc_id, after.fc_id]
 
 
+async def test_record_says_when_the_tap_loses_its_connection_for_a_moment(
+    rabbitmq_url: str, unique: str, tmp_path: Path
+) -> None:
+    """A connection closed and reopened at once (a blip far shorter than `flowcheck
+    record`'s refresh) is still announced, down and back, and its gap recorded. In a
+    virtual host of its own, so that every tap connection there is this recording's."""
+    out = tmp_path / "trace.jsonl"
+    path = tmp_path / "topology.yaml"
+    async with rabbitmq_vhost(rabbitmq_url, unique) as url:
+        path.write_text(RABBITMQ_YAML.format(p=unique))
+        cmd = [sys.executable, "-m", "flowcheck", "record", str(path), "--out", str(out)]
+        cmd.append("--apply")
+        said: list[str] = []
+        async with await anyio.open_process(cmd, env={**os.environ, "FC_URL": url}) as proc:
+            assert proc.stderr is not None
+            lines = TextReceiveStream(proc.stderr)
+
+            async def wait_for(text: str) -> None:
+                with anyio.fail_after(WITHIN):
+                    async for chunk in lines:
+                        said.extend(chunk.splitlines())
+                        if text in chunk:
+                            return
+
+            try:
+                await wait_for("every tap is watching")
+                assert await close_connections_in(unique, "flowcheck-tap-") == 1
+                await wait_for("rabbit: tap down, recording a gap: connection to RabbitMQ lost")
+                await wait_for("rabbit: tap watching again after ")
+            finally:
+                proc.send_signal(signal.SIGINT)
+                with anyio.fail_after(WITHIN):
+                    rc = await proc.wait()
+    assert rc == 0, "\n".join(said)
+    gaps = [o for o in Reader(str(out)) if o.kind is Kind.GAP]
+    assert sorted(g.channel for g in gaps) == ["events", "inbox"]
+    for gap in gaps:
+        assert gap.until_ns is not None
+        assert gap.reason == "connection to RabbitMQ lost"
+
+
+async def close_connections_in(vhost: str, prefix: str) -> int:
+    """Close, from the broker side, the connections of ``vhost`` whose connection_name
+    starts with ``prefix``."""
+    listing = await rabbitmqctl(
+        "list_connections", "pid", "vhost", "client_properties", "--no-table-headers"
+    )
+    marker = f'{{"connection_name","{prefix}'
+    doomed = [
+        pid
+        for pid, where, properties in (line.split("\t", 2) for line in listing.splitlines())
+        if where == vhost and marker in properties
+    ]
+    for pid in doomed:
+        await rabbitmqctl("close_connection", pid, "flowcheck test: simulated network loss")
+    return len(doomed)
+
+
 async def test_a_virtual_host_that_does_not_exist_is_a_clear_error(
     rabbitmq_url: str, unique: str
 ) -> None:
@@ -570,8 +623,8 @@ async def test_queues_are_seen_through_their_exchanges_or_their_own_twin(
         await ad.apply()
         # A topic-bound queue needs no twin; a headers-bound one, or one whose exchange
         # is not tapped, does.
-        assert ad._seen_through_exchanges(list(topology.channels)) == {"inbox"}
-        assert ad._seen_through_exchanges(["inbox"]) == set()
+        assert seen_through_exchanges(topology, list(topology.channels)) == {"inbox"}
+        assert seen_through_exchanges(topology, ["inbox"]) == set()
 
         memory = Memory()
         async with Tracer(topology, [memory]) as tracer:
@@ -726,6 +779,7 @@ async def test_every_amqp_table_type_and_odd_properties_of_other_publishers(
 def test_lenient_amqp_decoding_is_the_taps_alone() -> None:
     # A system under test in the same process (pytest) must fail on such a frame as
     # it would without flowcheck: only the tap's own connections decode it anyway.
+    rabbitmq_parse.install_lenient()  # as a tap does when it starts
     odd = b"\x02\xff\xfe"
     with pytest.raises(UnicodeDecodeError):
         pamqp.decode.METHODS["shortstr"](odd)
@@ -733,7 +787,7 @@ def test_lenient_amqp_decoding_is_the_taps_alone() -> None:
         pamqp.decode.METHODS["timestamp"]((2**63 - 1).to_bytes(8, "big"))
 
     def in_a_tap() -> tuple[Any, Any]:
-        rabbitmq._lenient.set(True)
+        rabbitmq_parse.lenient.set(True)
         return (
             pamqp.decode.METHODS["shortstr"](odd),
             pamqp.decode.METHODS["timestamp"]((2**63 - 1).to_bytes(8, "big")),

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import anyio.abc
 import pytest
+from harness import rabbitmq_vhost
 
 from flowcheck.brokers import rabbitmq
 from flowcheck.brokers.rabbitmq import RESENT_HEADER, RabbitMQAdapter
@@ -29,7 +30,7 @@ from flowcheck.topology.model import RabbitMQ
 from flowcheck.tracer import Memory, Tracer
 
 from .conftest import RABBITMQ_YAML, WITHIN, cleaned, ids, load, of, order, rabbitmq_kit
-from .test_rabbitmq import close_connections_named, rabbitmqctl
+from .test_rabbitmq import close_connections_in, close_connections_named
 
 CLOSES = 2  # connection losses each test makes at least
 MAX_CLOSES = 6  # ... and at most, until one of them cost a publish its confirm
@@ -304,11 +305,7 @@ async def test_flowcheck_run_survives_its_connections_being_closed(
     flowcheck connection there is this run's: its publishing connection closed, or
     every one of its connections (the tap's too)."""
     vhost = unique
-    await rabbitmqctl("add_vhost", vhost)
-    try:
-        user = urlsplit(rabbitmq_url).username or "guest"
-        await rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
-        url = urlunsplit(urlsplit(rabbitmq_url)._replace(path=f"/{vhost}"))
+    async with rabbitmq_vhost(rabbitmq_url, vhost) as url:
         topology = tmp_path / "topology.yaml"
         text = RABBITMQ_YAML.format(p=unique).replace("${FC_URL}", "${FC_RUN_URL}")
         # A short deadline: a chain a tap gap leaves unknown is waited for that long.
@@ -356,8 +353,6 @@ async def test_flowcheck_run_survives_its_connections_being_closed(
                         if b"published;" in stderr:
                             break
                     await proc.wait()
-    finally:
-        await rabbitmqctl("delete_vhost", vhost)
     out = stdout.decode() + stderr.decode()
     assert closes >= 1, out  # the run was still publishing when its connection was closed
     assert "Traceback" not in out
@@ -448,18 +443,9 @@ async def test_flowcheck_run_whose_broker_goes_away_is_exit_3(
 async def _close_connections(vhost: str, purpose: str) -> int:
     """Close flowcheck's ``purpose`` connections in ``vhost`` ("every": all of them);
     how many there were."""
-    name = "flowcheck-" if purpose == "every" else f"flowcheck-{purpose}-"
-    listing = await rabbitmqctl(
-        "list_connections", "pid", "vhost", "client_properties", "--no-table-headers"
+    return await close_connections_in(
+        vhost, "flowcheck-" if purpose == "every" else f"flowcheck-{purpose}-"
     )
-    doomed = [
-        pid
-        for pid, host, properties in (line.split("\t", 2) for line in listing.splitlines())
-        if host == vhost and f'{{"connection_name","{name}' in properties
-    ]
-    for pid in doomed:
-        await rabbitmqctl("close_connection", pid, "flowcheck test: simulated network loss")
-    return len(doomed)
 
 
 def _environ() -> dict[str, str]:

@@ -11,9 +11,7 @@ when it is off its binding simply receives nothing.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
-import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -27,28 +25,20 @@ from flowcheck.observations import ID_HEADER, Kind, Observation
 from flowcheck.propagation import producer_span
 from flowcheck.redact import redact_url
 from flowcheck.topology.model import Exchange, Queue, RabbitMQ
-from flowcheck.topology.routing import bound_queues, dead_letter_path
+from flowcheck.topology.routing import bound_queues
 
 aio_pika = require("aio_pika")
 from aio_pika import exceptions as amqp_errors  # noqa: E402 - after the dependency check
 from aiormq import exceptions as aiormq_errors  # noqa: E402
 from aiormq.abc import DeliveredMessage  # noqa: E402
-from pamqp import decode as amqp_decode  # noqa: E402
 
-from flowcheck.brokers._paced import paced_connection  # noqa: E402
+from flowcheck.brokers.rabbitmq import _parse, _plan  # noqa: E402
+from flowcheck.brokers.rabbitmq._paced import paced_connection  # noqa: E402
+from flowcheck.brokers.rabbitmq._parse import Reading  # noqa: E402
+from flowcheck.brokers.rabbitmq._plan import queue_arguments  # noqa: E402
 
 TRACE_EXCHANGE = "amq.rabbitmq.trace"
-# RabbitMQ's answer to a declare that differs from what exists. A side is "none" (not
-# set), 'v' or "the value 'v' of type 't'"; values may hold spaces.
-_SIDE = r"(?:(?P<{0}none>none)|the value '(?P<{0}typed>.*?)' of type '(?P<{0}type>[^']+)'|'(?P<{0}plain>.*?)')"
-_INEQUIVALENT = re.compile(
-    r"inequivalent arg '(?P<arg>[^']+)' for (?:queue|exchange) '.*?' in vhost '.*?': "
-    rf"received {_SIDE.format('want_')} but current is {_SIDE.format('have_')}$"
-)
-_INT_TYPES = frozenset({"byte", "unsignedbyte", "short", "unsignedshort", "signedint"})
-_INT_TYPES |= {"unsignedint", "long", "timestamp"}
 PROBES = 16  # declares per channel to find each setting that differs, at most
-RECONNECT_MAX = 2.0  # seconds between reconnection attempts, at most
 RECONNECT_WITHIN = 30.0  # seconds a publish waits for a lost broker to come back
 CONFIRM_WITHIN = 30.0  # seconds a publish waits for the broker's confirm
 # Marks a message sent again because its connection was lost before the broker
@@ -59,69 +49,16 @@ RESENT_HEADER = "x-flowcheck-resent"
 # (aiormq says "<Connection ...> closed" with a plain RuntimeError, before aio-pika's
 # connection knows), or silent (no confirm in time).
 _LOST = (ConnectionError, RuntimeError, TimeoutError)
+_reason = _parse.reason
 
-
-# pamqp fails a whole frame on a value it cannot decode, and aiormq then drops the
-# connection: the tap would lose every copy its exclusive twins held. These decode
-# such values instead, but only on the tap's own connections: aiormq's tasks for a
-# connection inherit the context it was opened in, and the tap marks its own. Any
-# other connection in the process (a system under test, in pytest) decodes as before.
-_decode_timestamp = amqp_decode.timestamp
-_decode_short_str = amqp_decode.short_str
-_lenient: contextvars.ContextVar[bool] = contextvars.ContextVar("_lenient", default=False)
-
-
-def _timestamp(value: bytes) -> tuple[int, Any]:
-    """An AMQP timestamp as pamqp decodes it (a datetime), or, on a tap's connection, its
-    number when no datetime can hold it: past the year 9999, as a publisher writing
-    microseconds sends."""
-    try:
-        return _decode_timestamp(value)
-    except (ValueError, OverflowError, OSError):
-        if not _lenient.get():
-            raise
-        return 8, int.from_bytes(value[:8], "big")
-
-
-def _short_str(value: bytes) -> tuple[int, str]:
-    """A short string (message_id, correlation_id, routing key, ...) as pamqp decodes it,
-    or, on a tap's connection, with replacement characters when it is not UTF-8, as a
-    Go or C client may send."""
-    try:
-        return _decode_short_str(value)
-    except UnicodeDecodeError:
-        if not _lenient.get():
-            raise
-        length = value[0]
-        return length + 1, value[1 : length + 1].decode("utf-8", errors="replace")
-
-
-amqp_decode.METHODS["timestamp"] = _timestamp
-amqp_decode.TABLE_MAPPING[b"T"] = _timestamp
-amqp_decode.METHODS["shortstr"] = _short_str
-
-
-def queue_arguments(q: Queue, physical: Mapping[str, str]) -> dict[str, Any]:
-    """The x-arguments that declare ``q`` as the topology describes it."""
-    args: dict[str, Any] = {}
-    if q.type == "quorum":
-        args["x-queue-type"] = "quorum"
-    if q.delivery_limit is not None:
-        args["x-delivery-limit"] = q.delivery_limit
-    if q.ttl is not None:
-        args["x-message-ttl"] = int(q.ttl.total_seconds() * 1000)
-    if q.max_length is not None:
-        args["x-max-length"] = q.max_length
-    if q.overflow is not None:
-        args["x-overflow"] = q.overflow
-    if q.dead_letter is not None:
-        args["x-dead-letter-exchange"] = physical.get(
-            q.dead_letter.exchange, q.dead_letter.exchange
-        )
-        if q.dead_letter.key is not None:
-            args["x-dead-letter-routing-key"] = q.dead_letter.key
-    args.update(q.arguments)
-    return args
+__all__ = [
+    "ADAPTER",
+    "CONFIRM_WITHIN",
+    "RECONNECT_WITHIN",
+    "RESENT_HEADER",
+    "RabbitMQAdapter",
+    "queue_arguments",
+]
 
 
 class RabbitMQAdapter(Adapter):
@@ -129,8 +66,7 @@ class RabbitMQAdapter(Adapter):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        cfg = self.config
-        assert isinstance(cfg, RabbitMQ)
+        cfg = self.settings(RabbitMQ)
         self.url = cfg.url.get_secret_value()
         self.vhost = cfg.vhost
         self.read_interval = cfg.tap_read_interval.total_seconds()
@@ -138,9 +74,9 @@ class RabbitMQAdapter(Adapter):
         self._publish_channel: Any = None
         self._stale = False  # the client connection was given up, closed or not
         self._reconnecting: anyio.Lock | None = None  # made in the event loop, when needed
-        self._by_physical = {self._names[k]: k for k in self._names}
         # Queues that some queue dead-letters into: messages with x-death there are dead letters.
-        self._dead_letter_queues = self._dead_letter_targets()
+        self._dead_letter_queues = _plan.dead_letter_targets(self.topology)
+        self._past_limit = functools.partial(_plan.past_limit, self.topology)
 
     # ------------------------------------------------------------ connection
 
@@ -190,18 +126,6 @@ class RabbitMQAdapter(Adapter):
             return self.vhost
         return unquote(urlsplit(self.url).path[1:]) or "/"  # as aio-pika reads the URL
 
-    async def _reopen(self, purpose: str, failed: Callable[[BrokerUnreachable], None]) -> Any:
-        """A new ``purpose`` connection, retried with growing pauses while the broker
-        cannot be reached; ``failed`` hears of each failed attempt and may raise."""
-        delay = 0.1
-        while True:
-            try:
-                return await self._open(purpose)
-            except BrokerUnreachable as exc:
-                failed(exc)
-                await anyio.sleep(delay)  # back off before the next attempt
-                delay = min(delay * 2, RECONNECT_MAX)
-
     async def connect(self) -> None:
         self.connection = await self._open("client")
         self._stale = False
@@ -229,7 +153,7 @@ class RabbitMQAdapter(Adapter):
                 deadline = anyio.current_time() + RECONNECT_WITHIN
             failures: list[BrokerUnreachable] = []
             with anyio.move_on_after(deadline - anyio.current_time()):
-                self.connection = await self._reopen("client", failures.append)
+                self.connection = await self.reopen(lambda: self._open("client"), failures.append)
                 self._stale = False
                 return self.connection
         last = (
@@ -261,42 +185,21 @@ class RabbitMQAdapter(Adapter):
 
     async def apply(self, channels: Sequence[str] | None = None) -> list[Drift]:
         keys = list(channels) if channels is not None else self.channels()
-        exchanges = [
-            (k, self.topology.channels[k])
-            for k in keys
-            if isinstance(self.topology.channels[k], Exchange)
-        ]
-        queues = [
-            (k, self.topology.channels[k])
-            for k in keys
-            if isinstance(self.topology.channels[k], Queue)
-        ]
+        # Exchanges first: the queues' bindings and dead-letter routes name them.
+        exchanges = [(k, c) for k in keys if isinstance(c := self.topology.channels[k], Exchange)]
+        queues = [(k, c) for k in keys if isinstance(c := self.topology.channels[k], Queue)]
+        declares = [(k, *_plan.exchange_spec(c, self._names), self._exchange) for k, c in exchanges]
+        declares += [(k, *_plan.queue_spec(c, self._names), self._queue) for k, c in queues]
         drift: list[Drift] = []
         ch = await self._channel()
         try:
-            for key, ex in exchanges:
-                assert isinstance(ex, Exchange)
-                args = {}
-                if ex.alternate:
-                    args["alternate-exchange"] = self._names.get(ex.alternate, ex.alternate)
-                spec = {"type": ex.type, "durable": ex.durable}
-                ch, d = await self._declare(ch, key, spec, args, self._exchange)
+            for key, spec, args, declare in declares:
+                ch, d = await self._declare(ch, key, spec, args, declare)
                 drift += d
             for key, q in queues:
-                assert isinstance(q, Queue)
-                spec = {"durable": q.durable or q.type == "quorum"}
-                args = queue_arguments(q, self._names)
-                ch, d = await self._declare(ch, key, spec, args, self._queue)
-                drift += d
-            for key, q in queues:
-                assert isinstance(q, Queue)
                 queue = await ch.get_queue(self._names[key], ensure=False)
-                for b in q.bindings:
-                    await queue.bind(
-                        self._names.get(b.exchange, b.exchange),
-                        routing_key=b.key,
-                        arguments=dict(b.arguments) or None,
-                    )
+                for exchange, rk, arguments in _plan.queue_bindings(q, self._names):
+                    await queue.bind(exchange, routing_key=rk, arguments=arguments)
         except aiormq_errors.ChannelAccessRefused as exc:
             raise BrokerAuthError(self.name, f"permission denied: {_reason(exc)}") from None
         except amqp_errors.AMQPError as exc:
@@ -339,18 +242,16 @@ class RabbitMQAdapter(Adapter):
             except amqp_errors.ChannelPreconditionFailed as exc:
                 ch = await self._channel()  # the broker closed the last one
                 text = _reason(exc)
-                m = _INEQUIVALENT.search(text)
-                arg: str = m["arg"] if m else ""
-                if m is None and not drift:
+                differs = _parse.differing(text, {**args, **spec})
+                if differs is None and not drift:
                     # Not a difference from what exists but a declaration the broker
                     # refuses (an invalid argument): nothing to carry on with.
                     await ch.close()
                     kind = type(self.topology.channels[key]).__name__.lower()
                     raise BrokerError(self.name, f"cannot declare {kind} {key!r}: {text}") from None
-                if m is None or any(d.setting == arg for d in drift):
+                if differs is None or any(d.setting == differs[0] for d in drift):
                     return ch, drift  # cannot declare it as the broker has it: this is all
-                want = spec.get(arg, args.get(arg))
-                have = _side(m, "have_", want)
+                arg, want, have = differs
                 drift.append(Drift(key, arg, want, have))
                 if arg in spec:
                     spec[arg] = have
@@ -475,117 +376,40 @@ class RabbitMQAdapter(Adapter):
 
     # ------------------------------------------------------------ tap
 
-    def _dead_letter_targets(self) -> set[str]:
-        """Queues that some queue's dead letters reach."""
-        return {
-            q for key in self.topology.channels for q in dead_letter_path(self.topology, key)[1:]
-        }
-
-    def _tap_bindings(self, key: str) -> list[tuple[str, str, dict[str, Any] | None]]:
-        """(exchange, routing key, arguments) bindings for the twin of channel ``key``."""
-        ch = self.topology.channels[key]
-        if isinstance(ch, Queue):
-            return [
-                (self._names.get(b.exchange, b.exchange), b.key, dict(b.arguments) or None)
-                for b in ch.bindings
-            ]
-        assert isinstance(ch, Exchange)
-        name = self._names[key]
-        routes = [
-            (b.key, dict(b.arguments) or None)
-            for q in self.topology.channels.values()
-            if isinstance(q, Queue)
-            for b in q.bindings
-            if b.exchange == key
-        ]
-        routes += [
-            (q.dead_letter.key, None)
-            for q in self.topology.channels.values()
-            if isinstance(q, Queue)
-            and q.dead_letter
-            and q.dead_letter.exchange == key
-            and q.dead_letter.key
-        ]
-        if ch.alternate is not None:
-            # A twin bound to everything would make every publish routable, and the
-            # broker would never hand one to the alternate exchange: bind it only where
-            # the topology routes, and let the alternate exchange's own tap see the rest.
-            return sorted({(name, k, a) for k, a in routes if a is None}) + [
-                (name, k, a) for k, a in routes if a is not None
-            ]
-        if ch.type == "topic":
-            return [(name, "#", None)]
-        if ch.type in ("fanout", "headers"):
-            return [(name, "", None)]
-        # direct: every key the topology routes through this exchange
-        return [(name, k, None) for k in sorted({k for k, _ in routes})]
-
     async def tap(
         self, channels: Sequence[str], sink: Sink, *, ready: anyio.Event | None = None
     ) -> None:
-        _lenient.set(True)  # this task's connections, and aiormq's tasks for them
+        _parse.install_lenient()
+        _parse.lenient.set(True)  # this task's connections, and aiormq's tasks for them
         started = False
 
-        def failed(exc: BrokerUnreachable) -> None:
-            if self.down is None:
-                raise exc  # cannot start at all: that is the caller's problem
-            self.went_down(str(exc))
+        async def watch(conn: Any, watching: Callable[[], None]) -> str:
+            nonlocal started
+            closed = anyio.Event()
+            conn.close_callbacks.add(lambda *_: closed.set())
+            try:
+                await self._start_twins(conn, channels, sink)
+                conn.pace()
+                watching()
+                started = True
+                if ready is not None:
+                    ready.set()
+                await closed.wait()
+                return "connection to RabbitMQ lost"
+            except amqp_errors.AMQPError as exc:
+                if not started and isinstance(exc, amqp_errors.ChannelNotFoundEntity):
+                    # e.g. an exchange never declared: retrying cannot help
+                    raise BrokerError(
+                        self.name, f"cannot tap: {_reason(exc)}; run apply first"
+                    ) from None
+                return f"tap failed: {_reason(exc)}"
 
-        try:
-            while True:
-                conn = await self._reopen("tap", failed)
-                closed = anyio.Event()
-                conn.close_callbacks.add(lambda *_, ev=closed: ev.set())
-                try:
-                    await self._start_twins(conn, channels, sink)
-                    conn.pace()
-                    self.came_back(channels, sink)
-                    started = True
-                    if ready is not None:
-                        ready.set()
-                    await closed.wait()
-                    reason = "connection to RabbitMQ lost"
-                except amqp_errors.AMQPError as exc:
-                    if not started and isinstance(exc, amqp_errors.ChannelNotFoundEntity):
-                        # e.g. an exchange never declared: retrying cannot help
-                        raise BrokerError(
-                            self.name, f"cannot tap: {_reason(exc)}; run apply first"
-                        ) from None
-                    reason = f"tap failed: {_reason(exc)}"
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        if not conn.is_closed:
-                            conn.pace(False)
-                            await conn.close()
-                self.went_down(reason)
-        finally:
-            self.stopped_down(channels, sink)
+        async def close(conn: Any) -> None:
+            if not conn.is_closed:
+                conn.pace(False)
+                await conn.close()
 
-    def _seen_through_exchanges(self, channels: Sequence[str]) -> set[str]:
-        """The queues among ``channels`` whose copies the twins of their exchanges see.
-
-        A twin of an exchange receives every message the topology routes through it,
-        so a queue bound only to tapped topic, direct or fanout exchanges needs no twin
-        of its own: which queues a message reached follows from its routing key, as
-        the broker decides it. That halves what the broker delivers to the tap, and one
-        delivery costs the tap far more than one observation. Headers bindings match on
-        headers: such a queue keeps its twin.
-        """
-        tapped = set(channels)
-        out: set[str] = set()
-        for key in channels:
-            q = self.topology.channels[key]
-            if not isinstance(q, Queue) or not q.bindings:
-                continue
-            if all(
-                b.exchange in tapped
-                and not b.arguments
-                and isinstance(ex := self.topology.channels[b.exchange], Exchange)
-                and ex.type in ("topic", "direct", "fanout")
-                for b in q.bindings
-            ):
-                out.add(key)
-        return out
+        await self.reconnecting(channels, sink, lambda: self._open("tap"), watch, close)
 
     async def _start_twins(self, conn: Any, channels: Sequence[str], sink: Sink) -> None:
         ch = await conn.channel(publisher_confirms=False)
@@ -594,9 +418,9 @@ class RabbitMQAdapter(Adapter):
         # sixth of the tap's time; the tap only reads. no_ack: the broker pushes
         # without waiting for acks (prefetch does not apply to no_ack consumers).
         amqp = await ch.get_underlay_channel()
-        derived = self._seen_through_exchanges(channels)
+        derived = _plan.seen_through_exchanges(self.topology, channels)
         for key in channels:
-            bindings = [] if key in derived else self._tap_bindings(key)
+            bindings = [] if key in derived else _plan.tap_bindings(self.topology, self._names, key)
             if not bindings:  # seen through an exchange's twin, or nothing routes there
                 continue
             twin = await ch.declare_queue(exclusive=True, auto_delete=True)
@@ -604,23 +428,14 @@ class RabbitMQAdapter(Adapter):
                 await twin.bind(exchange, routing_key=rk, arguments=args)
             await amqp.basic_consume(twin.name, self._on_twin(key, sink, derived), no_ack=True)
         firehose = await ch.declare_queue(exclusive=True, auto_delete=True)
-        for key in channels:
-            kind = "deliver" if isinstance(self.topology.channels[key], Queue) else "publish"
-            await firehose.bind(TRACE_EXCHANGE, routing_key=f"{kind}.{self._names[key]}")
-        # A queue without bindings is published to straight, through the default exchange,
-        # which takes none: only the firehose shows those publishes ("publish." is its key).
-        direct = {
-            self._names[k]: k
-            for k in channels
-            if isinstance(q := self.topology.channels[k], Queue) and not q.bindings
-        }
-        if direct:
-            # The firehose names the queue a publish was for, even when there is none, so
-            # the queues must exist for those publishes to have reached them (NOT_FOUND: the
-            # tap stops, "run apply first").
-            for name in direct:
-                await ch.declare_queue(name, passive=True)
-            await firehose.bind(TRACE_EXCHANGE, routing_key="publish.")
+        direct = _plan.straight_queues(self.topology, self._names, channels)
+        # The firehose names the queue a publish was for, even when there is none, so
+        # the queues must exist for those publishes to have reached them (NOT_FOUND: the
+        # tap stops, "run apply first").
+        for name in direct:
+            await ch.declare_queue(name, passive=True)
+        for rk in _plan.firehose_keys(self.topology, self._names, channels):
+            await firehose.bind(TRACE_EXCHANGE, routing_key=rk)
         await amqp.basic_consume(firehose.name, self._on_firehose(sink, direct), no_ack=True)
 
     def _on_twin(self, key: str, sink: Sink, derived: set[str]) -> Any:
@@ -646,58 +461,19 @@ class RabbitMQAdapter(Adapter):
 
         return on_message
 
-    def _past_limit(self, origin: str | None) -> int | None:
-        """Deliveries of a message a quorum queue dead-lettered for its delivery limit: the
-        broker does so once the message was returned more times than the limit, after
-        limit + 1 deliveries. The limit is the topology's, which apply and drift keep
-        equal to the broker's."""
-        ch = self.topology.channels.get(origin or "")
-        if isinstance(ch, Queue) and ch.delivery_limit is not None:
-            return ch.delivery_limit + 1
-        return None
-
     def _observe_copy(
         self, key: str, msg: DeliveredMessage, sink: Sink, *, unroutable: bool = False
     ) -> None:
         """Report the copy of ``msg`` that reached channel ``key``."""
-        props = msg.header.properties
-        headers: Mapping[str, Any] = props.headers or {}
-        deaths = headers.get("x-death")
-        kind = Kind.ROUTED
-        reason = origin = None
-        number: int | None = None
-        if unroutable:
-            kind = Kind.UNROUTABLE
-            reason = "no queue of the topology is bound for this routing key"
-        if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
-            latest = deaths[0]
-            # delivery_count is the number of the delivery an observation stands for.
-            # x-death's count counts deaths, not deliveries: back on a work queue after
-            # a dead-letter round trip, this is arrival number count + 1.
-            number = _int(latest.get("count")) + 1
-            if key in self._dead_letter_queues:
-                kind = Kind.DEAD_LETTERED
-                reason = _str(latest.get("reason"))
-                q = _str(latest.get("queue"))
-                origin = self._by_physical.get(q or "", q)
-                # Failed deliveries before the death, if the broker says; else unknown.
-                count = headers.get("x-delivery-count")
-                number = _int(count) if count is not None else None
-                if number is None and reason == "delivery_limit":
-                    number = self._past_limit(origin)
-        sink(
-            self.observe(
-                kind,
-                key,
-                body=msg.body,
-                headers=headers,
-                properties=_props(props),
-                routing_key=msg.routing_key,
-                delivery_count=number,
-                reason=reason,
-                origin=origin,
-            )
+        reading = _parse.read_copy(
+            msg.header.properties,
+            msg.routing_key,
+            dead_letters=key in self._dead_letter_queues,
+            by_physical=self._by_physical,
+            past_limit=self._past_limit,
+            unroutable=unroutable,
         )
+        sink(self._observe(key, msg.body, reading))
 
     def _on_firehose(self, sink: Sink, direct: Mapping[str, str]) -> Any:
         """Deliveries and unroutable publishes; and publishes straight to the ``direct``
@@ -705,57 +481,24 @@ class RabbitMQAdapter(Adapter):
 
         async def on_message(msg: DeliveredMessage) -> None:
             meta: Mapping[str, Any] = msg.header.properties.headers or {}
-            rk = msg.routing_key or ""
-            event, _, name = rk.partition(".")
-            routing = meta.get("routing_keys") or []
-            straight = event == "publish" and not name  # the default exchange's key: a queue
-            if straight:
-                key = direct.get((_str(routing[0]) if routing else None) or "")
-            else:
-                key = self._by_physical.get(name)
-            if key is None:
-                return
-            props = meta.get("properties") or {}
-            headers = dict(props.get("headers") or {}) if isinstance(props, Mapping) else {}
-            number: int | None = None
-            reason = None
-            if event == "deliver":
-                redelivered = bool(meta.get("redelivered"))
-                count = headers.get("x-delivery-count")
-                kind = (
-                    Kind.REDELIVERED
-                    if redelivered or (count is not None and _int(count) > 0)
-                    else Kind.DELIVERED
-                )
-                # x-delivery-count counts earlier failed deliveries: this is delivery number
-                # count + 1. Without it, a first delivery is number 1; a classic queue's
-                # redelivery does not say which number it is.
-                if count is not None:
-                    number = _int(count) + 1
-                elif kind is Kind.DELIVERED:
-                    number = 1
-            elif event == "publish" and meta.get("routed_queues") == []:
-                kind = Kind.UNROUTABLE
-                reason = "NO_ROUTE"
-            elif straight:
-                kind = Kind.ROUTED
-            else:
-                return  # publishes that were routed are already seen by the twins
-            mid = props.get("message_id") if isinstance(props, Mapping) else None
-            sink(
-                self.observe(
-                    kind,
-                    key,
-                    body=msg.body,
-                    headers=headers,
-                    properties={"message_id": mid},
-                    routing_key=_str(routing[0]) if routing else None,
-                    delivery_count=number,
-                    reason=reason,
-                )
-            )
+            read = _parse.read_firehose(meta, msg.routing_key or "", self._by_physical, direct)
+            if read is not None:
+                sink(self._observe(read[0], msg.body, read[1]))
 
         return on_message
+
+    def _observe(self, key: str, body: bytes, r: Reading) -> Observation:
+        return self.observe(
+            r.kind,
+            key,
+            body=body,
+            headers=r.headers,
+            properties=r.properties,
+            routing_key=r.routing_key,
+            delivery_count=r.delivery_count,
+            reason=r.reason,
+            origin=r.origin,
+        )
 
     # ------------------------------------------------------------ delete
 
@@ -777,60 +520,6 @@ def _gone(conn: Any) -> bool:
     """Is aio-pika's connection ``conn`` closed? aiormq's beneath it knows first."""
     transport = conn.transport
     return bool(conn.is_closed or transport is None or transport.connection.is_closed)
-
-
-def _props(p: Any) -> dict[str, Any]:
-    """The AMQP properties correlation rules may read, by their topology names."""
-    return {
-        "message_id": p.message_id,
-        "correlation_id": p.correlation_id,
-        "app_id": p.app_id,
-        "type": p.message_type,
-        "user_id": p.user_id,
-        "reply_to": p.reply_to,
-    }
-
-
-def _side(m: re.Match[str], side: str, ours: Any) -> Any:
-    """One side of an inequivalent-arg answer as a value: None where it is not set.
-
-    The broker names the type only when the other side is not set; otherwise the
-    value is read as the same kind as ``ours``, or, where it reads the same as
-    ``ours`` (so differs only in type), as the kind it looks like.
-    """
-    if m[f"{side}none"]:
-        return None
-    if m[f"{side}type"] is not None:
-        text, kind = m[f"{side}typed"], m[f"{side}type"]
-        if kind in _INT_TYPES and re.fullmatch(r"-?\d+", text):
-            return int(text)
-        if kind == "bool" and text in ("true", "false"):
-            return text == "true"
-        return text
-    text = m[f"{side}plain"]
-    if isinstance(ours, bool) or (str(ours).lower() == text and text in ("true", "false")):
-        return text == "true" if text in ("true", "false") else text
-    if (isinstance(ours, int) or str(ours) == text) and re.fullmatch(r"-?\d+", text):
-        return int(text)
-    return text
-
-
-def _reason(exc: BaseException) -> str:
-    text = " ".join(str(a) for a in exc.args if a is not None) or type(exc).__name__
-    return text.replace("\n", " ")
-
-
-def _int(value: Any) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return 0
-
-
-def _str(value: Any) -> str | None:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return None if value is None else str(value)
 
 
 ADAPTER = RabbitMQAdapter

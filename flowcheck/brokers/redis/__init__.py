@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
 
 import anyio
 
@@ -26,6 +25,18 @@ from flowcheck.topology.model import Redis, Stream
 redis_asyncio = require("redis.asyncio")
 from redis import exceptions as redis_errors  # noqa: E402 - after the dependency check
 
+from flowcheck.brokers.redis._parse import (  # noqa: E402
+    deleted,
+    entry_ms,
+    field,
+    id_key,
+    not_streams,
+    pending_evidence,
+    read_entry,
+)
+from flowcheck.brokers.redis._parse import text as _s  # noqa: E402
+from flowcheck.brokers.redis._plan import REPLY_OPTIONS, own_options, pause  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 BLOCK_MS = 500  # XREAD block time: bounds how long a stop waits
@@ -33,35 +44,17 @@ BATCH = 1000
 PEL_POLL = 0.1  # seconds between Pending Entries List polls
 IDLE_POLL = 1.0  # between polls while no entry the tap read waits for a group
 COUNT_EVERY = 1.0  # seconds between counts of entries deleted before the tap read them
-RECONNECT_MAX = 2.0
 _LOST = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)  # the tap reconnects
-# Fields a dead-letter entry may carry to say why and after how many deliveries.
-REASON_FIELDS = ("reason", "error", "exception")
-COUNT_FIELDS = ("delivery_count", "deliveries", "attempts")
 
-
-# URL options that would change the replies flowcheck reads: it sets them itself.
-REPLY_OPTIONS = frozenset({"protocol", "decode_responses", "encoding", "encoding_errors"})
-
-
-def own_options(url: str) -> str:
-    """``url`` without REPLY_OPTIONS in its query (redis-py lets the URL's win)."""
-    base, _, query = url.partition("?")
-    pairs = parse_qsl(query, keep_blank_values=True)
-    if all(k not in REPLY_OPTIONS for k, _ in pairs):
-        return url
-    kept = [(k, v) for k, v in pairs if k not in REPLY_OPTIONS]
-    return f"{base}?{urlencode(kept)}" if kept else base
-
-
-def entry_ms(entry_id: str) -> int:
-    """The server's millisecond clock, from an entry id ``<ms>-<seq>``."""
-    return int(entry_id.split("-", 1)[0])
-
-
-def id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+__all__ = [
+    "ADAPTER",
+    "REPLY_OPTIONS",
+    "RedisAdapter",
+    "entry_ms",
+    "id_key",
+    "own_options",
+    "pause",
+]
 
 
 class RedisAdapter(Adapter):
@@ -69,18 +62,12 @@ class RedisAdapter(Adapter):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        cfg = self.config
-        assert isinstance(cfg, Redis)
+        cfg = self.settings(Redis)
         self.url = cfg.url.get_secret_value()
         self.db = cfg.db
         self.read_interval = cfg.tap_read_interval.total_seconds()
         self.client: Any = None
-        # dead-letter stream -> the stream whose dead letters it holds
-        self._origin = {
-            ch.dead_letter: k
-            for k, ch in self.topology.channels.items()
-            if isinstance(ch, Stream) and ch.dead_letter
-        }
+        self._origin = self.dead_letter_origins()
 
     def _stream(self, key: str) -> Stream:
         ch = self.topology.channels[key]
@@ -199,46 +186,35 @@ class RedisAdapter(Adapter):
     ) -> None:
         state = _TapState(channels={k: self._names[k] for k in channels})
         started = False
-        delay = 0.1
-        try:
-            while True:
-                try:
-                    client = await self._open("tap")
-                except BrokerUnreachable as exc:
-                    if not started:
-                        raise
-                    self.went_down(str(exc))
-                    await anyio.sleep(delay)  # back off before reconnecting
-                    delay = min(delay * 2, RECONNECT_MAX)
-                    continue
-                delay = 0.1
-                reason = "the tap stopped reading"
-                try:
-                    if not started:
-                        if wrong := await state.start(client):
-                            raise BrokerError(self.name, _not_streams(wrong))
-                        started = True
-                    self.came_back(channels, sink)
-                    if ready is not None:
-                        ready.set()
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(self._read, client, state, sink)
-                        tg.start_soon(self._poll_pending, client, state, sink)
-                except _LOST as exc:
-                    reason = f"connection to Redis lost ({exc})"
-                except BaseExceptionGroup as group:
-                    lost = group.subgroup(_LOST)
-                    if lost is None or group.subgroup(
-                        lambda e: not isinstance(e, (*_LOST, BaseExceptionGroup))
-                    ):
-                        raise
-                    reason = f"connection to Redis lost ({lost.exceptions[0]})"
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await client.aclose()
-                self.went_down(reason)
-        finally:
-            self.stopped_down(channels, sink)
+
+        async def watch(client: Any, watching: Callable[[], None]) -> str:
+            nonlocal started
+            try:
+                if not started:
+                    if wrong := await state.start(client):
+                        raise BrokerError(self.name, not_streams(wrong))
+                    started = True
+                watching()
+                if ready is not None:
+                    ready.set()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._read, client, state, sink)
+                    tg.start_soon(self._poll_pending, client, state, sink)
+            except _LOST as exc:
+                return f"connection to Redis lost ({exc})"
+            except BaseExceptionGroup as group:
+                lost = group.subgroup(_LOST)
+                if lost is None or group.subgroup(
+                    lambda e: not isinstance(e, (*_LOST, BaseExceptionGroup))
+                ):
+                    raise
+                return f"connection to Redis lost ({lost.exceptions[0]})"
+            return "the tap stopped reading"
+
+        async def close(client: Any) -> None:
+            await client.aclose()
+
+        await self.reconnecting(channels, sink, lambda: self._open("tap"), watch, close)
 
     async def _read(self, client: Any, state: _TapState, sink: Sink) -> None:
         by_name = {v: k for k, v in state.channels.items()}
@@ -339,10 +315,10 @@ class RedisAdapter(Adapter):
         for name, info in zip(names, infos, strict=True):
             if got[name] >= BATCH or isinstance(info, redis_errors.ResponseError):
                 continue  # more entries wait, or no stream yet: the count would be early
-            added = _field(info, "entries-added")
+            added = field(info, "entries-added")
             if added is None or name not in state.added:
                 continue
-            missed = added - state.added[name] - state.read.get(name, 0)
+            missed = deleted(added, state.added[name], state.read.get(name, 0))
             if missed > state.missed.get(name, 0):
                 since = state.counted_at.get(name, state.started_ns)
                 new = missed - state.missed.get(name, 0)
@@ -364,31 +340,10 @@ class RedisAdapter(Adapter):
         payload_field: str,
         at: tuple[int, float] | None = None,
     ) -> Observation:
-        """The observation of an entry; ``fields`` as Redis gives them: name, value, ...
-        (a repeated name: the last value counts)."""
-        body: Any = None  # an entry without the payload field has no payload
-        headers: dict[str, str] = {}
-        pairs = iter(fields)
-        # Decoded inline, pairs taken straight from the reply: this runs for every entry.
-        for k, v in zip(pairs, pairs, strict=True):
-            name = k.decode("utf-8", errors="replace") if type(k) is bytes else _s(k)
-            if name == payload_field:
-                body = v
-            else:
-                headers[name] = v.decode("utf-8", errors="replace") if type(v) is bytes else _s(v)
-        if body is not None and type(body) is not bytes:
-            body = str(body).encode()
-        kind = Kind.ROUTED
-        origin = reason = None
-        count: int | None = None
-        if key in self._origin:
-            kind = Kind.DEAD_LETTERED
-            origin = self._origin[key]
-            reason = next((headers[f] for f in REASON_FIELDS if f in headers), None)
-            text = next((headers[f] for f in COUNT_FIELDS if f in headers), None)
-            # Other writers' counts: str.isdigit takes "²", int() does not, nor 5000 digits.
-            if text is not None and text.isascii() and text.isdigit() and len(text) < 19:
-                count = int(text)
+        """The observation of an entry; ``fields`` as Redis gives them: name, value, ..."""
+        body, headers, kind, count, origin, reason = read_entry(
+            fields, payload_field, self._origin.get(key)
+        )
         return self.observe(
             kind,
             key,
@@ -448,7 +403,6 @@ class RedisAdapter(Adapter):
         info = next((i for i in infos if _s(i.get("name")) == group), None)
         if info is None:
             return
-        last_delivered = id_key(_s(info.get("last-delivered-id")) or "0-0")
         pending: dict[str, tuple[int, str]] = {}
         while True:
             for row in rows:
@@ -461,36 +415,11 @@ class RedisAdapter(Adapter):
                 name, group, min=f"{ms}-{seq + 1}", max="+", count=BATCH
             )
         seen = state.unacked.setdefault((key, group), {})
-        read_up_to = id_key(state.last.get(name, "0-0"))
-        for eid, (count, consumer) in pending.items():
-            if id_key(eid) > read_up_to:
-                # Not read by the tap yet: wait for it, so the evidence carries the
-                # entry's identity (fc_id, keys) and is reported once.
-                continue
-            before = seen.get(eid, 0)
-            if count > before:
-                kind = Kind.DELIVERED if count == 1 else Kind.REDELIVERED
-                sink(
-                    self._evidence(
-                        state,
-                        kind,
-                        key,
-                        eid,
-                        group,
-                        delivery_count=count,
-                        reason=None if count == 1 else f"consumer {consumer}",
-                    )
-                )
-                seen[eid] = count
-        for eid in [e for e in seen if e not in pending and id_key(e) <= last_delivered]:
-            if seen[eid] == 0:  # delivered and acknowledged between two polls
-                sink(self._evidence(state, Kind.DELIVERED, key, eid, group, delivery_count=1))
-            sink(
-                self._evidence(
-                    state, Kind.CONSUMED, key, eid, group, delivery_count=max(seen[eid], 1)
-                )
-            )
-            del seen[eid]
+        last_delivered = _s(info.get("last-delivered-id")) or "0-0"
+        events, acked = pending_evidence(pending, seen, state.last.get(name, "0-0"), last_delivered)
+        for kind, eid, count, reason in events:
+            sink(self._evidence(state, kind, key, eid, group, delivery_count=count, reason=reason))
+        for eid in acked:
             if not any(eid in other for other in state.unacked.values()):
                 state.identity.pop(eid, None)
 
@@ -563,42 +492,6 @@ class _TapState:
                 else:
                     self.added[name] = int(added)
         return wrong
-
-
-def _field(reply: Any, name: str) -> int | None:
-    """An integer field of a raw XINFO STREAM reply (name, value, ... as bytes, which the
-    tap's connections always read); None if absent."""
-    if not isinstance(reply, list):
-        return None
-    want = name.encode()
-    for i in range(0, len(reply) - 1, 2):
-        if reply[i] == want:
-            value = reply[i + 1]
-            return value if isinstance(value, int) else None
-    return None
-
-
-def _not_streams(wrong: Mapping[str, str]) -> str:
-    keys = ", ".join(f"{name!r} holds a {kind}" for name, kind in sorted(wrong.items()))
-    return f"cannot tap keys that are not streams: {keys}"
-
-
-def pause(started: float, now: float, interval: float) -> float:
-    """Seconds to wait before the next read, so that reads start ``interval`` apart.
-
-    While entries keep coming, each read would bring one or two, and a read costs
-    the tap far more than an entry: waiting gathers them. A read that blocked
-    until its entry came started long ago, so a sparse entry is never held back;
-    after a full batch the caller reads again at once, so the rate is not capped.
-    The price: an entry may be observed up to ``interval`` late.
-    """
-    return max(0.0, started + interval - now)
-
-
-def _s(value: Any) -> str:
-    if type(value) is bytes:  # what the client returns, unless it was told to decode
-        return value.decode("utf-8", errors="replace")
-    return value if type(value) is str else str(value)
 
 
 ADAPTER = RedisAdapter

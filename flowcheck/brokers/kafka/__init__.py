@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any, NamedTuple
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -31,6 +31,19 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
 from aiokafka.conn import create_conn  # noqa: E402
 from aiokafka.structs import TopicPartition  # noqa: E402
 
+from flowcheck.brokers.kafka import _parse, _plan  # noqa: E402
+from flowcheck.brokers.kafka._parse import (  # noqa: E402
+    BINARY_INT_HEADERS,
+    Evidence,
+    Logs,
+    Mark,
+    decode_header,
+    fingerprint,
+    judge,
+    named,
+    since,
+)
+
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 15.0
@@ -39,16 +52,8 @@ BATCH = 1000
 OFFSETS_POLL = 0.5  # seconds between committed-offset polls
 HEALTH_POLL = 1.0  # seconds between broker health checks (gap detection)
 CHECK_WAIT = 5.0  # seconds a check may wait for the broker's answers
-# Spring retry headers hold big-endian binary integers.
-BINARY_INT_HEADERS = frozenset(
-    {
-        "retry_topic-attempts",
-        "retry_topic-backoff-timestamp",
-        "kafka_dlt-original-partition",
-        "kafka_dlt-original-offset",
-        "kafka_dlt-original-timestamp",
-    }
-)
+
+__all__ = ["ADAPTER", "BINARY_INT_HEADERS", "KafkaAdapter", "decode_header"]
 
 
 # Errors that mean the broker would not take flowcheck's login.
@@ -59,14 +64,6 @@ _LOGIN_ERRORS = (
     kafka_errors.UnsupportedSaslMechanismError,  # the listener does not offer this mechanism
     kafka_errors.IllegalSaslStateError,  # e.g. SASL sent to a PLAINTEXT listener
 )
-
-
-def decode_header(name: str, value: bytes | None) -> Any:
-    if value is None:
-        return None
-    if name in BINARY_INT_HEADERS and 1 <= len(value) <= 8 and not value.isdigit():
-        return int.from_bytes(value, "big", signed=True)
-    return value.decode("utf-8", errors="replace")
 
 
 class _Held:
@@ -92,10 +89,16 @@ class _Hold(logging.Filter):
         return False
 
 
-# A logger's filters do not see its children's records: filter each of aiokafka's.
-for _name, _logger in list(logging.Logger.manager.loggerDict.items()):
-    if _name.startswith("aiokafka") and isinstance(_logger, logging.Logger):
-        _logger.addFilter(_Hold())
+def _hold_logs() -> None:
+    """Put a _Hold on aiokafka's loggers (once; each client start does so): a logger's
+    filters do not see its children's records, so each of them gets one."""
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if (
+            name.startswith("aiokafka")
+            and isinstance(logger, logging.Logger)
+            and not any(isinstance(f, _Hold) for f in logger.filters)
+        ):
+            logger.addFilter(_Hold())
 
 
 class KafkaAdapter(Adapter):
@@ -103,17 +106,10 @@ class KafkaAdapter(Adapter):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        cfg = self.config
-        assert isinstance(cfg, Kafka)
-        self.cfg = cfg
+        self.cfg = self.settings(Kafka)
         self.admin: Any = None
         self.producer: Any = None
-        self._by_physical = {v: k for k, v in self._names.items()}
-        self._origin = {
-            ch.dead_letter: k
-            for k, ch in self.topology.channels.items()
-            if isinstance(ch, Topic) and ch.dead_letter
-        }
+        self._origin = self.dead_letter_origins()
 
     # ------------------------------------------------------------ connection
 
@@ -159,12 +155,13 @@ class KafkaAdapter(Adapter):
                 self.name, f"{self._where()}: permission denied ({type(exc).__name__})"
             )
         if isinstance(exc, (kafka_errors.KafkaConnectionError, TimeoutError, OSError)):
-            return BrokerUnreachable(self.name, f"cannot reach {self._where()} ({_named(exc)})")
+            return BrokerUnreachable(self.name, f"cannot reach {self._where()} ({named(exc)})")
         if isinstance(exc, kafka_errors.KafkaError):
-            return BrokerError(self.name, f"{self._where()}: {_named(exc)}")
+            return BrokerError(self.name, f"{self._where()}: {named(exc)}")
         return exc
 
     async def _start(self, client: Any) -> None:
+        _hold_logs()
         held = _Held()
         token = _holding.set(held)
         try:
@@ -255,15 +252,7 @@ class KafkaAdapter(Adapter):
         wanted = [n for n in names if n in existing]
         if not wanted:
             return {}
-        described = await self.admin.describe_topics(wanted)
-        return {
-            d["topic"]: (
-                len(d["partitions"]),
-                max((len(p.get("replicas") or ()) for p in d["partitions"]), default=0),
-            )
-            for d in described
-            if not d.get("error_code")
-        }
+        return _plan.shapes(await self.admin.describe_topics(wanted))
 
     async def apply(self, channels: Sequence[str] | None = None) -> list[Drift]:
         keys = list(channels) if channels is not None else self.channels()
@@ -276,12 +265,7 @@ class KafkaAdapter(Adapter):
                 assert isinstance(t, Topic)
                 name = self._names[key]
                 if name in have:
-                    partitions, replication = have[name]
-                    if partitions != t.partitions:
-                        drift.append(Drift(key, "partitions", t.partitions, partitions))
-                    # Unset, the topology leaves the factor to the broker: nothing to differ.
-                    if t.replication is not None and replication != t.replication:
-                        drift.append(Drift(key, "replication", t.replication, replication))
+                    drift += _plan.topic_drift(key, t, *have[name])
                 else:
                     new.append(
                         NewTopic(
@@ -311,19 +295,9 @@ class KafkaAdapter(Adapter):
 
     @staticmethod
     def _refused(response: Any) -> dict[str, str]:
-        """The topics a CreateTopics response refused, with why.
-
-        The admin client returns per-topic errors in the response instead of raising
-        them; one created meanwhile by someone else is fine.
-        """
-        refused: dict[str, str] = {}
-        for topic, code, *message in response.topic_errors:
-            if code in (0, kafka_errors.TopicAlreadyExistsError.errno):
-                continue
-            error = kafka_errors.for_code(code)
-            text = message[0] if message and message[0] else error.description
-            refused[topic] = f"{error.message} ({text})"
-        return refused
+        return _parse.refused(
+            response.topic_errors, kafka_errors.TopicAlreadyExistsError.errno, kafka_errors.for_code
+        )
 
     async def _await_topics(self, names: list[str]) -> None:
         """Wait until the new topics show up in metadata with all their partitions."""
@@ -399,10 +373,10 @@ class KafkaAdapter(Adapter):
                     consumer.seek(tp, ends[tp])
             except kafka_errors.KafkaError as exc:
                 raise self._translate(exc) from None
-            state = _Evidence(self._groups(channels))
+            state = Evidence(_plan.consumer_groups(self.topology, channels))
             start = now()
-            ahead = {tp: _Mark(ends[tp], int(start[1] * 1000), None) for tp in tps}
-            logs = _Logs()
+            ahead = {tp: Mark(ends[tp], int(start[1] * 1000), None) for tp in tps}
+            logs = Logs()
 
             def take(batches: dict[Any, list[Any]]) -> None:
                 # One time for the batch: its records arrived together, and a
@@ -418,7 +392,7 @@ class KafkaAdapter(Adapter):
                             state.seen(key, rec.partition, obs)
                     if records:
                         last = records[-1]
-                        ahead[tp] = _Mark(last.offset + 1, last.timestamp, _fingerprint(last))
+                        ahead[tp] = Mark(last.offset + 1, last.timestamp, fingerprint(last))
 
             # Reads the record before the tap's position in each partition, when asked.
             probe = aiokafka.AIOKafkaConsumer(**self._tap_args())
@@ -475,8 +449,8 @@ class KafkaAdapter(Adapter):
     async def _suspect(
         self,
         probe: Any,
-        logs: _Logs,
-        ahead: dict[Any, _Mark],
+        logs: Logs,
+        ahead: dict[Any, Mark],
         topics: set[str],
         back: bool,
     ) -> None:
@@ -502,9 +476,9 @@ class KafkaAdapter(Adapter):
         tps: set[Any],
         probe: Any,
         consumer: Any,
-        logs: _Logs,
-        ahead: dict[Any, _Mark],
-        state: _Evidence,
+        logs: Logs,
+        ahead: dict[Any, Mark],
+        state: Evidence,
         sink: Sink,
         started: int,
     ) -> set[Any]:
@@ -545,22 +519,22 @@ class KafkaAdapter(Adapter):
             # None: no record observed yet, or none at that offset now (compacted away, or
             # the log ends before it): the bounds tell.
             seen = found.get(tp)
-            why = _judge(mark.next, begins[tp], ends[tp], None if seen is None else False)
+            why = judge(mark.next, begins[tp], ends[tp], None if seen is None else False)
             if why is None:
                 continue
             held.add(tp)
             consumer.seek(tp, begins[tp])
             mono, wall = now()
-            ahead[tp] = _Mark(begins[tp], int(wall * 1000), None)
+            ahead[tp] = Mark(begins[tp], int(wall * 1000), None)
             key = self._by_physical[tp.topic]
             state.forget(key, tp.partition)  # commits of the new log are not about those
             reason = f"partition {tp.partition} of {tp.topic}: {why}"
             log.warning("%s: %s", self.name, reason)  # `flowcheck record` prints it
-            sink(self.gap(key, _since(started, mark.ms), mono, reason))
+            sink(self.gap(key, since(started, mark.ms), mono, reason))
         return held
 
     @staticmethod
-    def _hold(consumer: Any, logs: _Logs, ahead: dict[Any, _Mark], tps: list[Any]) -> set[Any]:
+    def _hold(consumer: Any, logs: Logs, ahead: dict[Any, Mark], tps: list[Any]) -> set[Any]:
         """Leave ``tps`` unread until a check gets through."""
         for tp in tps:
             consumer.seek(tp, ahead[tp].next)
@@ -603,7 +577,7 @@ class KafkaAdapter(Adapter):
                     for tp, records in batches.items():
                         if records and tp not in found:
                             first = records[0]
-                            found[tp] = _fingerprint(first) if first.offset == wanted[tp] else None
+                            found[tp] = fingerprint(first) if first.offset == wanted[tp] else None
                             probe.pause(tp)
         finally:
             probe.pause(*wanted)  # no reading in the background until the next check
@@ -616,7 +590,7 @@ class KafkaAdapter(Adapter):
     async def _drop_unreadable(
         self,
         consumer: Any,
-        ahead: dict[Any, _Mark],
+        ahead: dict[Any, Mark],
         take: Callable[[dict[Any, list[Any]]], None],
         sink: Sink,
         started: int,
@@ -659,14 +633,14 @@ class KafkaAdapter(Adapter):
         consumer.resume(*(tp for tp in tps if tp != bad))
         # Unwatched since the unreadable record was written, at the earliest after the
         # last one observed there.
-        since = _since(started, ahead[bad].ms)
+        unwatched = since(started, ahead[bad].ms)
         reason = (
             f"partition {bad.partition} of {bad.topic}: the record at offset {offset} has"
             " a header name that is not UTF-8, which the Kafka client cannot read;"
             " the tap stopped reading this partition"
         )
         log.warning("%s: %s", self.name, reason)  # `flowcheck record` prints it
-        sink(self.gap(self._by_physical[bad.topic], since, None, reason))
+        sink(self.gap(self._by_physical[bad.topic], unwatched, None, reason))
 
     def _tap_args(self) -> dict[str, Any]:
         """The tap's consumer: group-less, so it takes no record from any group."""
@@ -683,45 +657,11 @@ class KafkaAdapter(Adapter):
             fetch_max_wait_ms=self.cfg.tap_fetch_wait // timedelta(milliseconds=1),
         )
 
-    def _groups(self, channels: Sequence[str]) -> dict[str, list[str]]:
-        """Consumer groups the topology's services use, per tapped channel."""
-        out: dict[str, list[str]] = {}
-        for svc in self.topology.services.values():
-            for c in svc.consumes:
-                if (
-                    c.channel in channels
-                    and c.group
-                    and c.group not in out.setdefault(c.channel, [])
-                ):
-                    out[c.channel].append(c.group)
-        return out
-
     def _record(self, key: str, rec: Any, at: tuple[int, float] | None = None) -> Observation:
-        headers = (
-            {
-                # Decoded inline: a call per header cost more than the decoding.
-                k: v.decode("utf-8", errors="replace")
-                if v is not None and k not in BINARY_INT_HEADERS
-                else decode_header(k, v)
-                for k, v in rec.headers
-            }
-            if rec.headers
-            else {}
+        headers = _parse.read_headers(rec.headers)
+        kind, origin, reason, count = _parse.read_dead_letter(
+            headers, self._origin.get(key), self._by_physical
         )
-        kind = Kind.ROUTED
-        origin = reason = None
-        if key in self._origin:
-            kind = Kind.DEAD_LETTERED
-            original = headers.get("kafka_dlt-original-topic")
-            origin = (
-                self._by_physical.get(str(original), self._origin[key])
-                if original
-                else self._origin[key]
-            )
-            reason = headers.get("kafka_dlt-exception-fqcn") or headers.get(
-                "kafka_dlt-exception-message"
-            )
-        attempts = headers.get("retry_topic-attempts")
         ts = rec.timestamp
         return self.observe(
             kind,
@@ -733,12 +673,12 @@ class KafkaAdapter(Adapter):
             partition=rec.partition,
             offset=rec.offset,
             broker_ms=ts if ts is not None and ts >= 0 else None,
-            delivery_count=attempts if isinstance(attempts, int) else None,
+            delivery_count=count,
             origin=origin,
             reason=reason,
         )
 
-    async def _poll_offsets(self, state: _Evidence, sink: Sink) -> None:
+    async def _poll_offsets(self, state: Evidence, sink: Sink) -> None:
         """Turn the groups' committed offsets into CONSUMED evidence for the records seen.
 
         A consumer that names the group but never subscribes reads its commits
@@ -786,10 +726,9 @@ class KafkaAdapter(Adapter):
                 try:
                     with anyio.fail_after(HEALTH_POLL * 2):
                         topics = await self.admin.list_topics()
-                    back = self.down is not None
-                    self.came_back(channels, sink)
+                    back = self.came_back(channels, sink)
                 except (kafka_errors.KafkaError, TimeoutError, OSError) as exc:
-                    if self.down is None:
+                    if self.watching:
                         self.went_down(f"Kafka did not answer ({type(exc).__name__})")
                 else:
                     if answered is not None:
@@ -816,100 +755,9 @@ class KafkaAdapter(Adapter):
             raise self._translate(exc) from None
 
 
-class _Mark(NamedTuple):
-    """Where the tap is in one partition."""
-
-    next: int  # the next offset not yet observed
-    ms: int  # broker time of the last record observed there (ms; the tap's start until one is)
-    # The fingerprint of the record before ``next`` (at the start, the one there then);
-    # None: not known.
-    last: tuple[int, int, int] | None
-
-
-def _fingerprint(rec: Any) -> tuple[int, int, int]:
-    """Tells a record from another at the same offset of a replaced log."""
-    return (rec.timestamp, hash(rec.key), hash(rec.value))
-
-
-class _Logs:
-    """Partitions whose logs the tap must check before it takes more of their records."""
-
-    def __init__(self) -> None:
-        self.suspect: set[Any] = set()  # checked even without new records
-        self.missing: set[str] = set()  # topics the last health poll did not list
-
-
-def _judge(position: int, begin: int, end: int, same: bool | None) -> str | None:
-    """Why the tap cannot read on from ``position`` (the next offset it has not observed),
-    given the log's bounds now (``begin``, ``end``: first offset, next offset to write) and
-    whether the record before ``position`` is still the one that was there (None: not
-    known); None if it can."""
-    again = f"; the tap reads it again from offset {begin}, where it now starts"
-    cause = (
-        ": the log was replaced or truncated (a topic re-created, a broker restarted"
-        " without its data)" + again
-    )
-    if end < position:
-        return f"the log ends at offset {end}, before the tap's position {position}{cause}"
-    if begin > position:
-        return (
-            f"the log starts at offset {begin}, after the tap's position {position}:"
-            f" records {position} to {begin - 1} were deleted before the tap read them"
-            f" (retention, a replaced log); the tap reads on from offset {begin}"
-        )
-    if same is False:
-        return (
-            f"the record at offset {position - 1} is not the one that was there"
-            f" (the log ends at offset {end}){cause}"
-        )
-    return None
-
-
-class _Evidence:
-    """Records the tap has seen, per partition, until a group's committed offset passes them."""
-
-    def __init__(self, groups: dict[str, list[str]]) -> None:
-        self.groups = groups
-        # (channel, group, partition) -> observations not yet committed, in offset order
-        self.open: dict[tuple[str, str, int], list[Observation]] = {}
-
-    def seen(self, key: str, partition: int, obs: Observation) -> None:
-        for group in self.groups[key]:
-            self.open.setdefault((key, group, partition), []).append(obs)
-
-    def forget(self, key: str, partition: int) -> None:
-        """Drop what is open on a partition whose log was replaced."""
-        for group in self.groups.get(key, ()):
-            self.open.pop((key, group, partition), None)
-
-    def committed(self, key: str, group: str, partition: int, offset: int) -> list[Observation]:
-        """Observations whose offset is below ``offset`` (the next one the group will read)."""
-        pending = self.open.get((key, group, partition))
-        if not pending:
-            return []
-        n = 0
-        while n < len(pending) and (pending[n].offset or 0) < offset:
-            n += 1
-        done, self.open[(key, group, partition)] = pending[:n], pending[n:]
-        return done
-
-
-def _named(exc: BaseException) -> str:
-    """``Class: text``; aiokafka's own text often starts with the class name already."""
-    text, kind = str(exc), type(exc).__name__
-    return text if text.startswith(kind) else f"{kind}: {text}"
-
-
 def _stamp() -> dict[str, Any]:
     mono, wall = now()
     return {"mono_ns": mono, "wall": wall}
-
-
-def _since(started: int, ms: int) -> int:
-    """When the tap stopped watching, as monotonic ns: when the broker stamped the last
-    record it observed (``ms``), but not before the tap started."""
-    mono, wall = now()
-    return max(started, mono - max(0, int((wall * 1000 - ms) * 1e6)))
 
 
 def _path(base: str, value: str | None) -> str | None:

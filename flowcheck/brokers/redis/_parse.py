@@ -1,0 +1,127 @@
+"""How Redis's replies read, for the Redis adapter: no I/O.
+
+Replies are as the adapter's connections read them: RESP2, bytes not decoded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any
+
+from flowcheck.observations import Kind
+
+# Fields a dead-letter entry may carry to say why and after how many deliveries.
+REASON_FIELDS = ("reason", "error", "exception")
+COUNT_FIELDS = ("delivery_count", "deliveries", "attempts")
+
+
+def entry_ms(entry_id: str) -> int:
+    """The server's millisecond clock, from an entry id ``<ms>-<seq>``."""
+    return int(entry_id.split("-", 1)[0])
+
+
+def id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def read_entry(
+    fields: Sequence[Any], payload_field: str, dead_letter_of: str | None
+) -> tuple[bytes | None, dict[str, str], Kind, int | None, str | None, str | None]:
+    """(body, headers, kind, delivery count, origin, reason) of a stream entry whose
+    ``fields`` are as Redis gives them: name, value, ... (a repeated name: the last value
+    counts). ``dead_letter_of``: the stream whose dead letters this stream holds."""
+    body: Any = None  # an entry without the payload field has no payload
+    headers: dict[str, str] = {}
+    pairs = iter(fields)
+    # Decoded inline, pairs taken straight from the reply: this runs for every entry.
+    for k, v in zip(pairs, pairs, strict=True):
+        name = k.decode("utf-8", errors="replace") if type(k) is bytes else text(k)
+        if name == payload_field:
+            body = v
+        else:
+            headers[name] = v.decode("utf-8", errors="replace") if type(v) is bytes else text(v)
+    if body is not None and type(body) is not bytes:
+        body = str(body).encode()
+    if dead_letter_of is None:
+        return body, headers, Kind.ROUTED, None, None, None
+    reason = next((headers[f] for f in REASON_FIELDS if f in headers), None)
+    count_text = next((headers[f] for f in COUNT_FIELDS if f in headers), None)
+    count: int | None = None
+    # Other writers' counts: str.isdigit takes "²", int() does not, nor 5000 digits.
+    if (
+        count_text is not None
+        and count_text.isascii()
+        and count_text.isdigit()
+        and len(count_text) < 19
+    ):
+        count = int(count_text)
+    return body, headers, Kind.DEAD_LETTERED, count, dead_letter_of, reason
+
+
+Evidence = tuple[Kind, str, int, str | None]  # kind, entry id, delivery count, reason
+
+
+def pending_evidence(
+    pending: Mapping[str, tuple[int, str]],
+    seen: MutableMapping[str, int],
+    read_up_to: str,
+    last_delivered: str,
+) -> tuple[list[Evidence], list[str]]:
+    """What one poll of a group's Pending Entries List says, and the entries it found
+    acknowledged.
+
+    ``pending``: entry id -> (times delivered, consumer); ``seen``: entry id -> deliveries
+    reported so far (0: read by the tap, not yet seen pending), brought up to date;
+    ``read_up_to``: the last id the tap read (entries past it wait, so that the evidence
+    carries the entry's identity and is reported once); ``last_delivered``: the group's
+    last-delivered-id (an entry the tap read that is neither pending nor past it was
+    acknowledged)."""
+    out: list[Evidence] = []
+    read = id_key(read_up_to)
+    for eid, (count, consumer) in pending.items():
+        if id_key(eid) > read:
+            continue
+        if count > seen.get(eid, 0):
+            kind = Kind.DELIVERED if count == 1 else Kind.REDELIVERED
+            out.append((kind, eid, count, None if count == 1 else f"consumer {consumer}"))
+            seen[eid] = count
+    delivered = id_key(last_delivered)
+    acked = [e for e in seen if e not in pending and id_key(e) <= delivered]
+    for eid in acked:
+        if seen[eid] == 0:  # delivered and acknowledged between two polls
+            out.append((Kind.DELIVERED, eid, 1, None))
+        out.append((Kind.CONSUMED, eid, max(seen[eid], 1), None))
+        del seen[eid]
+    return out, acked
+
+
+def deleted(added: int, added_at_start: int, read: int) -> int:
+    """Entries of a stream deleted (trimmed by MAXLEN or MINID, or XDEL) before the tap
+    read them: ``added`` ever (XINFO's entries-added), less those added before the tap
+    started, less those it read, counted just after a read that took all there was."""
+    return added - added_at_start - read
+
+
+def field(reply: Any, name: str) -> int | None:
+    """An integer field of a raw XINFO STREAM reply (name, value, ... as bytes, which the
+    tap's connections always read); None if absent."""
+    if not isinstance(reply, list):
+        return None
+    want = name.encode()
+    for i in range(0, len(reply) - 1, 2):
+        if reply[i] == want:
+            value = reply[i + 1]
+            return value if isinstance(value, int) else None
+    return None
+
+
+def not_streams(wrong: Mapping[str, str]) -> str:
+    keys = ", ".join(f"{name!r} holds a {kind}" for name, kind in sorted(wrong.items()))
+    return f"cannot tap keys that are not streams: {keys}"
+
+
+def text(value: Any) -> str:
+    if type(value) is bytes:  # what the client returns, unless it was told to decode
+        return value.decode("utf-8", errors="replace")
+    return value if type(value) is str else str(value)
