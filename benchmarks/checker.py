@@ -927,7 +927,8 @@ def print_size(size: dict[str, Any]) -> None:
     if vs is not None:
         print(
             f"flowcheck / baseline: time {vs['time']:.3f} (median of round ratios "
-            f"{vs['time_paired']:.3f}), cpu {vs['cpu']:.3f}, peak RSS {vs['rss']:.3f}; "
+            f"{vs['time_paired']:.3f}), cpu {vs['cpu']:.3f} ({vs['cpu_paired']:.3f}), "
+            f"peak RSS {vs['rss']:.3f}; "
             f"times {vs['rounds']}"
         )
         same = size["verdicts_agree"]
@@ -1199,13 +1200,14 @@ def versus(now: list[Run], before: list[Run]) -> dict[str, Any]:
     def ratio(f: Callable[[Run], float]) -> float:
         return round(statistics.median(map(f, now)) / statistics.median(map(f, before)), 3)
 
-    paired = [a.seconds / b.seconds for a, b in zip(now, before, strict=False)]
+    pairs = list(zip(now, before, strict=False))
     return {
         "time": ratio(lambda r: r.seconds),
-        "time_paired": round(statistics.median(paired), 3),
+        "time_paired": round(statistics.median(a.seconds / b.seconds for a, b in pairs), 3),
         "cpu": ratio(lambda r: r.cpu_s),
+        "cpu_paired": round(statistics.median(a.cpu_s / b.cpu_s for a, b in pairs), 3),
         "rss": ratio(lambda r: r.maxrss_mib),
-        "rounds": [f"{a.seconds:.2f}/{b.seconds:.2f}" for a, b in zip(now, before, strict=False)],
+        "rounds": [f"{a.seconds:.2f}/{b.seconds:.2f}" for a, b in pairs],
     }
 
 
