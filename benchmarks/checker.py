@@ -733,39 +733,65 @@ class Tree:
     label: str
 
 
-def check(tree: Tree, rec: Recording) -> Run:
-    """`python -m flowcheck check TOPOLOGY TRACE --report-dir DIR` from ``tree``, end to end:
-    wall time from spawn to exit. Anything but a verdict stops the benchmark."""
+def checks(trees: list[Tree], rec: Recording) -> list[Run]:
+    """`python -m flowcheck check TOPOLOGY TRACE --report-dir DIR` from each tree, all
+    started at once (one tree: alone), each timed end to end: wall time from spawn to
+    exit. Anything but a verdict stops the benchmark."""
     with tempfile.TemporaryDirectory(prefix="fc-bench-") as tmp:
-        reports = os.path.join(tmp, "reports")
-        argv = ["check", str(rec.topology), str(rec.trace), "--report-dir", reports]
-        cmd = [sys.executable, "-m", "flowcheck", *argv]
-        env = {**os.environ, "PYTHONPATH": str(tree.path), "PYTHONHASHSEED": "0"}
-        out, err = os.path.join(tmp, "stdout.txt"), os.path.join(tmp, "stderr.txt")
-        # In the tree: `python -m` puts the working directory first on sys.path.
-        code, wall, usage = _wait(cmd, env, out, err, cwd=tree.path)
-        shown = f"`PYTHONPATH={tree.path} python -m flowcheck {shlex.join(argv)}` ({tree.label})"
-        if code not in VERDICTS:
-            raise BenchError(f"{shown} exited {code}, no verdict:\n{_tail(err) or _tail(out)}")
-        if "warning" in Path(err).read_text(errors="replace"):
-            raise BenchError(
-                f"{shown} warned; the recording is not what it should be:\n{_tail(err)}"
+        started: dict[int, tuple[Tree, float, str, str, str, list[str]]] = {}
+        for n, tree in enumerate(trees):
+            reports = os.path.join(tmp, f"reports-{n}")
+            argv = ["check", str(rec.topology), str(rec.trace), "--report-dir", reports]
+            env = {**os.environ, "PYTHONPATH": str(tree.path), "PYTHONHASHSEED": "0"}
+            out, err = os.path.join(tmp, f"stdout-{n}.txt"), os.path.join(tmp, f"stderr-{n}.txt")
+            with open(out, "wb") as fo, open(err, "wb") as fe:
+                t0 = time.perf_counter()
+                # In the tree: `python -m` puts the working directory first on sys.path.
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "flowcheck", *argv],
+                    stdout=fo,
+                    stderr=fe,
+                    env=env,
+                    cwd=tree.path,
+                )
+            started[proc.pid] = (tree, t0, reports, out, err, argv)
+        ended: dict[int, tuple[int, float, Any]] = {}
+        while len(ended) < len(started):
+            pid, status, usage = os.wait4(-1, 0)  # whichever ends first: its own end time
+            if pid in started:
+                wall = time.perf_counter() - started[pid][1]
+                ended[pid] = (os.waitstatus_to_exitcode(status), wall, usage)
+        runs = []
+        for pid, (tree, _, reports, out, err, argv) in started.items():
+            code, wall, usage = ended[pid]
+            shown = (
+                f"`PYTHONPATH={tree.path} python -m flowcheck {shlex.join(argv)}` ({tree.label})"
             )
-        written = Path(reports) / "verdict.json"
-        verdict = _find_verdict(json.loads(written.read_text())) if written.exists() else None
-        counts = _counts(verdict) if verdict is not None else None
-        if verdict is None or counts is None:
-            raise BenchError(f"{shown} exited {code} but wrote no verdict of flow {FLOW!r}")
-    return Run(
-        mode=tree.mode,
-        observations=int(verdict.get("observations") or rec.meta["observations"]),
-        seconds=wall,
-        cpu_s=usage.ru_utime + usage.ru_stime,
-        process_s=wall,
-        process_cpu_s=usage.ru_utime + usage.ru_stime,
-        maxrss_mib=usage.ru_maxrss / 2**10,  # KiB on Linux
-        extra={"exit_code": code, "counts": counts},
-    )
+            if code not in VERDICTS:
+                raise BenchError(f"{shown} exited {code}, no verdict:\n{_tail(err) or _tail(out)}")
+            if "warning" in Path(err).read_text(errors="replace"):
+                raise BenchError(
+                    f"{shown} warned; the recording is not what it should be:\n{_tail(err)}"
+                )
+            written = Path(reports) / "verdict.json"
+            verdict = _find_verdict(json.loads(written.read_text())) if written.exists() else None
+            counts = _counts(verdict) if verdict is not None else None
+            if verdict is None or counts is None:
+                raise BenchError(f"{shown} exited {code} but wrote no verdict of flow {FLOW!r}")
+            cpu = usage.ru_utime + usage.ru_stime
+            runs.append(
+                Run(
+                    mode=tree.mode,
+                    observations=int(verdict.get("observations") or rec.meta["observations"]),
+                    seconds=wall,
+                    cpu_s=cpu,
+                    process_s=wall,
+                    process_cpu_s=cpu,
+                    maxrss_mib=usage.ru_maxrss / 2**10,  # KiB on Linux
+                    extra={"exit_code": code, "counts": counts},
+                )
+            )
+    return runs
 
 
 def git(*args: str) -> str:
@@ -1124,11 +1150,17 @@ def _bench(
             next_round = 0.0
             # Interleaved, so drifting machine load hits every mode alike; every other
             # round in reverse, so neither of two versions always runs first.
-            for mode in modes if round_ % 2 == 0 else reversed(modes):
+            order = modes if round_ % 2 == 0 else modes[::-1]
+            together = [trees[m] for m in order if m in trees] if args.together else []
+            done = {r.mode: r for r in checks(together, rec)} if round_ < args.rounds else {}
+            for mode in order:
                 wanted = args.naive_rounds if mode == "naive" else args.rounds
                 if mode in skipped or round_ >= wanted:
                     continue
-                run = check(trees[mode], rec) if mode in trees else spawn(mode, rec)
+                if mode in done:
+                    run = done[mode]
+                else:
+                    run = checks([trees[mode]], rec)[0] if mode in trees else spawn(mode, rec)
                 runs[mode].append(run)
                 spent += run.process_s
                 if round_ + 1 < wanted:
@@ -1268,6 +1300,12 @@ def main() -> None:
         metavar="REF",
         help="also run `flowcheck check` of git REF's flowcheck package (exported to a "
         "temporary directory), alternating with this tree's on the same recordings",
+    )
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="start this tree's and the baseline's `flowcheck check` at the same time in each "
+        "round (one core each), so both meet the same machine load; default: one after the other",
     )
     parser.add_argument("--profile", metavar="SIZE", help="cProfile the checker on one size")
     parser.add_argument("--child", help=argparse.SUPPRESS)
