@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import hashlib
 import heapq
 import io
 import itertools
@@ -317,7 +318,9 @@ def generate(workdir: Path, n: int, chain_rate: float, seed: int = 1) -> Recordi
     topo = workdir / "shop.yaml"
     if not topo.exists() or topo.read_text() != text:
         topo.write_text(text)
-    stem = f"shop-{n}-r{chain_rate:g}-s{seed}-v{GEN_VERSION}"
+    # A changed topology is a new recording: its header holds the topology's hash.
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    stem = f"shop-{n}-r{chain_rate:g}-s{seed}-v{GEN_VERSION}-{digest}"
     trace = workdir / f"{stem}.trace.jsonl"
     meta_path = workdir / f"{stem}.meta.json"
     if trace.exists() and meta_path.exists():
