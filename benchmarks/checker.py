@@ -1,17 +1,19 @@
-"""Checker throughput and peak memory on generated recordings, beside a naive
-baseline and the bare cost of reading the file.
+"""`flowcheck check` end to end on generated recordings: its throughput and peak memory,
+beside a naive checker and the bare cost of reading the file, or beside another version
+of flowcheck (``--baseline REF``).
 
-Recordings are generated once (and cached) from the shop's happy path: an order
-on a RabbitMQ exchange, its billing queue, a Kafka topic and a Redis stream,
-correlated by ``$.order_id``, with the observations the taps produce
-(PUBLISHED / ROUTED / DELIVERED / CONSUMED). Chains start at a steady rate, so
-the number of open chains stays about the same however long the recording is;
-a small share of them are lost, duplicated or late, and a few orders break the
-billing queue's schema, so the checker has findings to produce.
+Recordings are generated once (and cached) for the shop topology of the checker's
+property tests (``SHOP_YAML`` in tests/checker/generate.py): an order on a RabbitMQ
+exchange, its billing queue, a Kafka topic keyed by customer and a Redis stream,
+correlated by ``$.id``, with the observations the taps produce (PUBLISHED / ROUTED /
+DELIVERED / CONSUMED) and the recorder's header and end record. Chains start at a
+steady rate, so the number of open chains stays about the same however long the
+recording is; a small share of them are lost, duplicated or late, and a few orders
+break the exchange's schema, so the checker has findings to produce.
 
-For each size, every measurement runs in a fresh process (its peak RSS is its
-own) and is repeated ``--rounds`` times (the naive baseline ``--naive-rounds``;
-``--budget`` minutes may cut rounds past the first); the tables give medians:
+For each size, every measurement runs in a fresh process and is repeated ``--rounds``
+times (the naive baseline ``--naive-rounds``; ``--budget`` minutes may cut rounds past
+the first), modes interleaved; the tables give medians:
 
     parse      json.loads on every line (the standard library): the bare cost of parsing
                the file, what any Python tool that reads it pays; the 2x target's yardstick
@@ -19,18 +21,21 @@ own) and is repeated ``--rounds`` times (the naive baseline ``--naive-rounds``;
                typed observations, the part of `flowcheck check` that is not checking
     naive      what one writes first: every observation in a list, grouped by key in
                dicts, everything sorted, percentiles by sorting all latencies
-    flowcheck  `flowcheck check` end to end when the command exists, else the Python API
-               (Reader -> Checker.feed -> finish -> verdict JSON)
+    flowcheck  `python -m flowcheck check TOPOLOGY TRACE --report-dir DIR` with this tree on
+               PYTHONPATH: wall time from spawn to exit (interpreter start included)
+    baseline   the same command with git REF's flowcheck package on PYTHONPATH
 
-    .venv/bin/python benchmarks/checker.py [--sizes 100000,1000000,4000000] [--rounds 3]
-        [--naive-rounds 1] [--budget 15] [--workdir DIR] [--chain-rate 250]
-        [--modes read,naive,flowcheck] [--flowcheck auto|cli|api]
-        [--cli-args "check {topology} {trace} --format json"]
-    .venv/bin/python benchmarks/checker.py --profile 1000000   # cProfile of the checker
+`flowcheck check` must give a verdict (exit 0 or 1) without warnings; anything else
+(exit 2: a bad topology or trace, 3: a tap gap) stops the benchmark with its message.
 
-Seconds are the work inside the child process (after imports); "process s" is
-the whole child from spawn to exit, interpreter start included. The last line
-is JSON with every figure.
+    PYTHONPATH=. .venv/bin/python benchmarks/checker.py [--sizes 100000,1000000,4000000]
+        [--rounds 3] [--naive-rounds 1] [--budget 15] [--workdir DIR] [--chain-rate 250]
+        [--modes parse,read,naive,flowcheck] [--baseline REF]
+    PYTHONPATH=. .venv/bin/python benchmarks/checker.py --profile 1000000   # cProfile
+
+For parse, read and naive, seconds are the work inside the child process (after
+imports); "process s" is the whole child from spawn to exit. The last line is JSON with
+every figure.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import hashlib
 import heapq
 import io
 import itertools
@@ -53,6 +59,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zlib
@@ -62,105 +69,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FLOW = "order-to-shipment"
-GEN_VERSION = 1  # bump when the generated files change: cached files are then regenerated
+ROOT = Path(__file__).resolve().parents[1]  # the repository: the tree measured by default
+FLOW = "order"
+GEN_VERSION = 2  # bump when the generated files change: cached files are then regenerated
 DEFAULT_SIZES = (100_000, 1_000_000, 4_000_000)
-PROBE_SIZE = 2_000  # observations in the recording `flowcheck check` is tried on first
 DEFAULT_CHAIN_RATE = 250.0  # chains started per second of recording
-WINDOW_S = 12.0  # the flow's deadline (10s) + the checker's grace (2s): how long a chain stays open
-MODES = ("parse", "read", "naive", "flowcheck")
+WINDOW_S = 8.0  # the flow's deadline (6s) + the checker's grace (2s): how long a chain stays open
+CUSTOMER_EVERY_S = (
+    10.0  # a customer's next order this long after its last: ordered, never overlapping
+)
+MODES = ("parse", "read", "naive", "flowcheck", "baseline")
 MS = 1_000_000  # ns
 MONO0 = 7_200_000_000_000  # the recording's monotonic clock at its start (2 hours of uptime)
 WALL0 = 1_750_000_000.0  # and the wall clock then
 
-# The shop's channels (topologies/shop.yaml) with its happy-path flow only.
-TOPOLOGY = """\
-# Written by benchmarks/checker.py: the shop's channels with its happy-path flow.
-version: 1
-name: shop-bench
 
-brokers:
-  rabbit: {kind: rabbitmq, url: "amqp://guest:guest@127.0.0.1:5672/"}
-  kafka: {kind: kafka, bootstrap: "127.0.0.1:9092"}
-  redis: {kind: redis, url: "redis://127.0.0.1:6379/0"}
+def shop_yaml() -> str:
+    """The shop topology of the checker's property tests: one definition for both."""
+    sys.path.insert(0, str(ROOT / "tests" / "checker"))
+    from generate import SHOP_YAML
 
-channels:
-  shop.orders: {broker: rabbit, kind: exchange, type: topic}
-  billing.orders:
-    broker: rabbit
-    kind: queue
-    type: quorum
-    bindings:
-      - {exchange: shop.orders, key: order.placed}
-    delivery_limit: 3
-    dead_letter: {exchange: shop.dlx, key: billing.orders}
-    schema:
-      json:
-        type: object
-        required: [order_id, amount]
-        properties:
-          order_id: {type: string}
-          amount: {type: number}
-  shop.dlx: {broker: rabbit, kind: exchange, type: direct}
-  billing.orders.dlq:
-    broker: rabbit
-    kind: queue
-    bindings:
-      - {exchange: shop.dlx, key: billing.orders}
-  payments:
-    broker: kafka
-    kind: topic
-    partitions: 3
-    key: $.order_id
-    retry: [payments-retry]
-    dead_letter: payments-dlt
-  payments-retry: {broker: kafka, kind: topic, partitions: 3}
-  payments-dlt: {broker: kafka, kind: topic}
-  shipments:
-    broker: redis
-    kind: stream
-    groups: [shipping]
-    delivery_limit: 3
-    dead_letter: shipments-dead
-  shipments-dead: {broker: redis, kind: stream}
+    return SHOP_YAML
 
-services:
-  checkout:
-    publishes: [shop.orders]
-  billing:
-    consumes: [billing.orders]
-    publishes: [payments]
-  payments-worker:
-    consumes: [{channel: payments, group: payments-worker}]
-    publishes: [shipments]
-  shipping:
-    consumes: [{channel: shipments, group: shipping}]
-
-flows:
-  order-to-shipment:
-    correlate: $.order_id
-    steps:
-      - channel: shop.orders
-        match: {routing_key: order.placed}
-      - channel: billing.orders
-        latency: {p99: 200ms}
-      - channel: payments
-        latency: {p99: 500ms}
-      - channel: shipments
-        deadline: 5s
-    deadline: 10s
-    ordering: per-key
-    delivery: exactly-once
-    latency: {p50: 500ms, p95: 2s, p99: 4s, max: 8s}
-    success_rate: 99%
-    error_rate: 1%
-"""
 
 # Share of chains with each defect (one defect a chain at most), and the rest.
 LOST_AT_BILLING = 0.002  # billed never: no payments record
 LOST_AT_PAYMENTS = 0.002  # paid, never shipped
 DUPLICATED = 0.002  # the payment published twice (a producer retry): exactly-once broken
-LATE = 0.002  # shipped 5.2-7s after the payment: the step's 5s deadline missed
+LATE = 0.002  # shipped 2.6-3.4s after the payment: the step's 2.5s deadline missed
 SCHEMA_BROKEN = 0.001  # the order has no amount: a schema finding, the chain itself succeeds
 PUBLISHED_BY_FLOWCHECK = 0.1  # orders flowcheck published itself (PUBLISHED + fc_id)
 
@@ -223,7 +159,7 @@ def _line(tag: int, ns: int, o: _Order, pos: _Positions) -> str:
     head = f'"mono_ns":{ns},"wall":{wall!r}'
     if tag <= QDEL:  # RabbitMQ: the exchange and queue twins, the firehose delivery
         kind = "published" if tag == PUB else "delivered" if tag == QDEL else "routed"
-        channel = "shop.orders" if tag in (PUB, EX) else "billing.orders"
+        channel = "orders" if tag in (PUB, EX) else "billing"
         end = ',"delivery_count":1}' if tag == QDEL else "}"
         return f'{{"kind":"{kind}","broker":"rabbit","channel":"{channel}",{head},{o.rabbit}{end}'
     if tag <= PAY2C:  # Kafka: the record, then the group's commit past it
@@ -231,9 +167,7 @@ def _line(tag: int, ns: int, o: _Order, pos: _Positions) -> str:
             o.offsets.append(pos.offset(o.partition))
             o.pay_ms.append(int(wall * 1000))
         n = 0 if tag in (PAY, PAYC) else 1
-        kind, group = (
-            ("routed", "") if tag in (PAY, PAY2) else ("consumed", '"group":"payments-worker",')
-        )
+        kind, group = ("routed", "") if tag in (PAY, PAY2) else ("consumed", '"group":"payments",')
         return (
             f'{{"kind":"{kind}","broker":"kafka","channel":"payments",{head},'
             f'"broker_ms":{o.pay_ms[n]},{o.pay_head}{o.offsets[n]},{group}{o.pay_tail}'
@@ -261,7 +195,7 @@ def _iso(ns: int) -> str:
 
 
 def _chain(
-    i: int, t0: int, rng: random.Random, defects: Counter[str]
+    i: int, t0: int, customer: str, rng: random.Random, defects: Counter[str]
 ) -> tuple[_Order, list[tuple[int, int]]]:
     """One order's chain starting at ``t0``: its state and its (time, tag) events."""
     oid = f"ord-{i:08d}-{rng.getrandbits(24):06x}"
@@ -270,36 +204,38 @@ def _chain(
     def tp() -> str:
         return f"00-{trace}-{rng.getrandbits(64):016x}-01"
 
-    published = rng.random() < PUBLISHED_BY_FLOWCHECK
+    broken = rng.random() < SCHEMA_BROKEN
+    # A broken order is never flowcheck's own: one arrival on the exchange, one finding.
+    published = not broken and rng.random() < PUBLISHED_BY_FLOWCHECK
     fc_id = f"{rng.getrandbits(128):032x}" if published else None
     address = {
-        "name": f"Customer {i % 9973}",
+        "name": f"Customer {customer}",
         "street": f"{1 + i % 180} Market Street",
         "city": rng.choice(("Berlin", "Lyon", "Porto", "Turin", "Utrecht")),
         "zip": f"{rng.randrange(10000, 99999)}",
     }
     amount = round(rng.uniform(5, 400), 2)
     order: dict[str, Any] = {
-        "order_id": oid,
+        "id": oid,
         "revision": 1,
-        "customer": f"cust-{rng.randrange(100_000):05d}",
+        "customer": customer,
         "amount": amount,
         "currency": "EUR",
         "card": "4242424242424242",
         "address": address,
-        "poison": False,
         "placed_at": _iso(t0),
     }
-    if rng.random() < SCHEMA_BROKEN:
+    if broken:
         del order["amount"]
         defects["schema"] += 1
-    order_headers = {"order_id": oid, "traceparent": tp()}
+    order_headers = {"traceparent": tp()}
     if fc_id is not None:
         order_headers["x-flowcheck-id"] = fc_id
     order_body = json.dumps(order)
     pay_body = json.dumps(
         {
-            "order_id": oid,
+            "id": oid,
+            "customer": customer,
             "amount": amount,
             "currency": "EUR",
             "status": "approved",
@@ -308,23 +244,29 @@ def _chain(
         }
     )
     ship_body = json.dumps(
-        {"order_id": oid, "address": address, "carrier": "dhl", "created_at": _iso(t0 + 80 * MS)}
+        {
+            "id": oid,
+            "customer": customer,
+            "address": address,
+            "carrier": "dhl",
+            "created_at": _iso(t0 + 80 * MS),
+        }
     )
     message_id = fc_id or f"{rng.getrandbits(128):032x}"
     keys = _json({FLOW: oid})
-    partition = zlib.crc32(oid.encode()) % 3
+    partition = zlib.crc32(customer.encode()) % 3  # the payments topic is keyed by customer
     o = _Order(
         partition=partition,
         rabbit=(f'"fc_id":"{fc_id}",' if fc_id else "")
         + f'"message_id":"{message_id}","trace_id":"{trace}","keys":{keys},'
         + f'"routing_key":"order.placed","headers":{_json(order_headers)},'
         + f'"payload":{_json(order_body)},"size":{len(order_body)}',
-        pay_head=f'"trace_id":"{trace}","keys":{keys},"kafka_key":{_json(oid)},'
+        pay_head=f'"trace_id":"{trace}","keys":{keys},"kafka_key":{_json(customer)},'
         + f'"partition":{partition},"offset":',
-        pay_tail=f'"headers":{_json({"order_id": oid, "traceparent": tp()})},'
+        pay_tail=f'"headers":{_json({"traceparent": tp()})},'
         + f'"payload":{_json(pay_body)},"size":{len(pay_body)}}}',
         ship_head=f'"trace_id":"{trace}","keys":{keys},"entry_id":"',
-        ship_tail=f'"headers":{_json({"order_id": oid, "traceparent": tp()})},'
+        ship_tail=f'"headers":{_json({"traceparent": tp()})},'
         + f'"payload":{_json(ship_body)},"size":{len(ship_body)}}}',
     )
     ev: list[tuple[int, int]] = []
@@ -341,7 +283,7 @@ def _chain(
         defects["lost"] += 1
         return o, ev
     u -= LOST_AT_BILLING
-    t += int(min(rng.lognormvariate(math.log(15 * MS), 0.6), 3000 * MS))
+    t += int(min(rng.lognormvariate(math.log(15 * MS), 0.6), 2000 * MS))
     ev.append((t, PAY))
     ev.append((t + rng.randint(100 * MS, 1100 * MS), PAYC))
     if u < DUPLICATED:
@@ -356,9 +298,9 @@ def _chain(
     u -= LOST_AT_PAYMENTS
     if u < LATE:
         defects["late"] += 1
-        t += rng.randint(5200 * MS, 7000 * MS)
+        t += rng.randint(2600 * MS, 3400 * MS)
     else:
-        t += int(min(rng.lognormvariate(math.log(40 * MS), 0.7), 3000 * MS))
+        t += int(min(rng.lognormvariate(math.log(40 * MS), 0.7), 2000 * MS))
     ev.append((t, SHIP))
     t += rng.randint(50 * MS, 600 * MS)
     ev.append((t, SHIPD))
@@ -368,13 +310,17 @@ def _chain(
 
 def generate(workdir: Path, n: int, chain_rate: float, seed: int = 1) -> Recording:
     """A recording of exactly ``n`` observations (cached in ``workdir``) and its topology."""
+    from flowcheck.topology import loads
     from flowcheck.trace import Header, topology_hash
 
     workdir.mkdir(parents=True, exist_ok=True)
-    topo = workdir / "shop-bench.yaml"
-    if not topo.exists() or topo.read_text() != TOPOLOGY:
-        topo.write_text(TOPOLOGY)
-    stem = f"shop-{n}-r{chain_rate:g}-s{seed}-v{GEN_VERSION}"
+    text = shop_yaml()
+    topo = workdir / "shop.yaml"
+    if not topo.exists() or topo.read_text() != text:
+        topo.write_text(text)
+    # A changed topology is a new recording: its header holds the topology's hash.
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    stem = f"shop-{n}-r{chain_rate:g}-s{seed}-v{GEN_VERSION}-{digest}"
     trace = workdir / f"{stem}.trace.jsonl"
     meta_path = workdir / f"{stem}.meta.json"
     if trace.exists() and meta_path.exists():
@@ -384,8 +330,9 @@ def generate(workdir: Path, n: int, chain_rate: float, seed: int = 1) -> Recordi
     rng = random.Random(seed)
     defects: Counter[str] = Counter()
     pos = _Positions()
+    # As the recorder writes it: the topology's name, which `flowcheck check` matches.
     header = Header(
-        topology=str(topo),
+        topology=loads(text).name,
         topology_sha256=topology_hash(str(topo)),
         started=WALL0,
         started_mono_ns=MONO0,
@@ -393,6 +340,8 @@ def generate(workdir: Path, n: int, chain_rate: float, seed: int = 1) -> Recordi
     heap: list[tuple[int, int, int, _Order]] = []
     seq = itertools.count()
     written = scheduled = chains = 0
+    last_ns = MONO0
+    customers = max(1, round(chain_rate * CUSTOMER_EVERY_S))
     t = MONO0 + 1_000 * MS
     tmp = trace.with_suffix(".partial")
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -400,13 +349,16 @@ def generate(workdir: Path, n: int, chain_rate: float, seed: int = 1) -> Recordi
         out: list[str] = []
         while scheduled < n:
             while heap and heap[0][0] < t:  # every later chain starts at t or after
-                ns, _, tag, o = heapq.heappop(heap)
-                out.append(_line(tag, ns, o, pos))
+                last_ns, _, tag, o = heapq.heappop(heap)
+                out.append(_line(tag, last_ns, o, pos))
                 written += 1
             if len(out) >= 10_000:
                 fh.write("\n".join(out) + "\n")
                 out.clear()
-            o, events = _chain(chains, t, rng, defects)
+            # Customers take turns: each one's orders are CUSTOMER_EVERY_S apart, so the
+            # flow's per-partition-key ordering holds and is judged on every chain.
+            customer = f"cust-{chains % customers:06d}"
+            o, events = _chain(chains, t, customer, rng, defects)
             chains += 1
             for ns, tag in events:
                 heapq.heappush(heap, (ns, next(seq), tag, o))
@@ -414,11 +366,13 @@ def generate(workdir: Path, n: int, chain_rate: float, seed: int = 1) -> Recordi
             t += max(1, int(rng.expovariate(chain_rate) * 1e9))
         # The recording stops after the n-th observation: the last chains are cut short.
         while heap and written < n:
-            ns, _, tag, o = heapq.heappop(heap)
-            out.append(_line(tag, ns, o, pos))
+            last_ns, _, tag, o = heapq.heappop(heap)
+            out.append(_line(tag, last_ns, o, pos))
             written += 1
-        if out:
-            fh.write("\n".join(out) + "\n")
+        # The recording was stopped then, on purpose: its end record, as the recorder writes it.
+        wall = round(WALL0 + (last_ns - MONO0) / 1e9, 6)
+        out.append(_json({"ended": "stopped", "mono_ns": last_ns, "wall": wall}))
+        fh.write("\n".join(out) + "\n")
     _validate_sample(tmp, 2_000)
     meta = {
         "observations": n,
@@ -658,11 +612,10 @@ def _maxrss_mib() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-def child(mode: str, topology: str, trace: str, result: str, cli_argv: list[str]) -> None:
-    """Run one measurement in this (fresh) process and write its figures to ``result``."""
+def child(mode: str, topology: str, trace: str, result: str) -> None:
+    """Run one baseline measurement in this (fresh) process; write its figures to ``result``."""
     # The same imports for every mode, before the clock starts.
     import flowcheck.checker
-    import flowcheck.cli
     import flowcheck.topology
     import flowcheck.trace
 
@@ -674,8 +627,9 @@ def child(mode: str, topology: str, trace: str, result: str, cli_argv: list[str]
         with open(trace, "rb") as fh:
             fh.readline()  # the header
             for line in fh:
-                json.loads(line)
-                n += 1
+                if not line.startswith(b'{"ended"'):  # the end record
+                    json.loads(line)
+                    n += 1
         out |= {"observations": n}
     elif mode == "read":
         reader = flowcheck.trace.Reader(trace)
@@ -686,56 +640,22 @@ def child(mode: str, topology: str, trace: str, result: str, cli_argv: list[str]
     elif mode == "naive":
         n, flows = naive_check(topology, trace)
         out |= {"observations": n, "counts": flows.get(FLOW)}
-    elif mode in ("api", "profile"):
-        profiler = cProfile.Profile() if mode == "profile" else None
-        if profiler is not None:
-            profiler.enable()
+    elif mode == "profile":
+        profiler = cProfile.Profile()
+        profiler.enable()
         topo = flowcheck.topology.load(topology)
         reader = flowcheck.trace.Reader(trace)
         checker = flowcheck.checker.Checker(topo, start_ns=reader.header.started_mono_ns)
         for obs in reader:
             checker.feed(obs)
         verdict = checker.finish()
-        text = verdict.model_dump_json()
-        if profiler is not None:
-            profiler.disable()
-            buf = io.StringIO()
-            stats = pstats.Stats(profiler, stream=buf)
-            stats.sort_stats("tottime").print_stats(30)
-            stats.sort_stats("cumulative").print_stats(30)
-            out["profile"] = buf.getvalue()
-        out |= {"observations": verdict.observations, "counts": _counts(json.loads(text))}
-    elif mode == "cli":
-        # The console entry point, in this process: stdout (the verdict) goes to a file.
-        target = result + ".stdout"
-        sys.stdout.flush()
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        saved = os.dup(1)
-        os.dup2(fd, 1)
-        os.close(fd)
-        code: int | str | None = 0
-        try:
-            flowcheck.cli.main(cli_argv)
-        except SystemExit as exc:
-            code = exc.code
-        finally:
-            sys.stdout.flush()
-            os.dup2(saved, 1)
-            os.close(saved)
-        text = Path(target).read_text(encoding="utf-8", errors="replace")
-        verdict_doc: dict[str, Any] | None = None
-        with contextlib.suppress(ValueError):
-            verdict_doc = _find_verdict(json.loads(text))
-        written = Path(result).parent / "reports" / "verdict.json"  # --report-dir {reports}
-        if verdict_doc is None and written.exists():
-            with contextlib.suppress(ValueError):
-                verdict_doc = _find_verdict(json.loads(written.read_text(encoding="utf-8")))
-        out |= {
-            "exit_code": code,
-            "observations": verdict_doc.get("observations") if verdict_doc else None,
-            "counts": _counts(verdict_doc) if verdict_doc else None,
-            "output_head": text[:300] if verdict_doc is None else None,
-        }
+        verdict.model_dump_json()
+        profiler.disable()
+        buf = io.StringIO()
+        stats = pstats.Stats(profiler, stream=buf)
+        stats.sort_stats("tottime").print_stats(30)
+        stats.sort_stats("cumulative").print_stats(30)
+        out |= {"observations": verdict.observations, "profile": buf.getvalue()}
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     out["work_s"] = time.perf_counter() - wall0
@@ -745,107 +665,165 @@ def child(mode: str, topology: str, trace: str, result: str, cli_argv: list[str]
     Path(result).write_text(json.dumps(out))
 
 
-class ChildFailed(Exception):
-    """A measurement's process failed; the message says how."""
+class BenchError(SystemExit):
+    """The benchmark cannot measure what it says: it stops with this message."""
 
 
 @dataclass
 class Run:
-    """One measurement: the child's own figures and the process as the parent saw it."""
+    """One measurement: the process as the parent saw it, and the child's own figures."""
 
     mode: str
     observations: int
-    work_s: float
-    cpu_s: float
-    maxrss_mib: float
-    process_s: float
+    seconds: float  # what is measured: `flowcheck check` spawn to exit; else the work after imports
+    cpu_s: float  # CPU time of the same span
+    process_s: float  # spawn to exit, interpreter start included
     process_cpu_s: float
+    maxrss_mib: float
     extra: dict[str, Any]
 
 
-def spawn(mode: str, rec: Recording, template: list[str]) -> Run:
-    """Run ``mode`` in a fresh interpreter; wait4 gives its own CPU time and peak RSS."""
+def _wait(
+    cmd: list[str], env: dict[str, str] | None, stdout: str, stderr: str, cwd: Path | None = None
+) -> tuple[int, float, Any]:
+    """Run ``cmd``; its exit code, wall seconds, and resource usage (wait4: its own)."""
+    with open(stdout, "wb") as out, open(stderr, "wb") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    return os.waitstatus_to_exitcode(status), wall, usage
+
+
+def _tail(path: str, lines: int = 12) -> str:
+    return "\n".join(Path(path).read_text(errors="replace").strip().splitlines()[-lines:])
+
+
+def spawn(mode: str, rec: Recording) -> Run:
+    """Run a baseline ``mode`` (parse, read, naive, profile) in a fresh interpreter."""
     with tempfile.TemporaryDirectory(prefix="fc-bench-") as tmp:
         result = os.path.join(tmp, "result.json")
-        reports = os.path.join(tmp, "reports")
-        cli_argv = [
-            a.format(topology=rec.topology, trace=rec.trace, reports=reports) for a in template
-        ]
-        errors = os.path.join(tmp, "stderr.txt")
-        cmd = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--child",
-            mode,
-            "--topology",
-            str(rec.topology),
-            "--trace",
-            str(rec.trace),
-            "--result",
-            result,
-            "--cli-argv",
-            json.dumps(cli_argv),
-        ]
-        with open(errors, "wb") as err:
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-            _, status, usage = os.wait4(proc.pid, 0)
-            process_s = time.perf_counter() - t0
-            proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0 or not os.path.exists(result):
-            tail = Path(errors).read_text(errors="replace")[-3000:]
-            raise ChildFailed(f"{mode} on {rec.trace} failed (exit {proc.returncode}):\n{tail}")
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", mode]
+        cmd += ["--topology", str(rec.topology), "--trace", str(rec.trace), "--result", result]
+        err = os.path.join(tmp, "stderr.txt")
+        code, wall, usage = _wait(cmd, None, os.devnull, err)
+        if code != 0 or not os.path.exists(result):
+            raise BenchError(f"{mode} on {rec.trace} failed (exit {code}):\n{_tail(err)}")
         out: dict[str, Any] = json.loads(Path(result).read_text())
-    if mode == "cli" and out.get("exit_code") not in (0, 1, None):
-        raise ChildFailed(
-            f"`flowcheck {shlex.join(cli_argv)}` exited {out['exit_code']}: {out.get('output_head')}"
-        )
     return Run(
         mode=mode,
         observations=int(out.get("observations") or rec.meta["observations"]),
-        work_s=float(out.pop("work_s")),
+        seconds=float(out.pop("work_s")),
         cpu_s=float(out.pop("cpu_s")),
-        maxrss_mib=float(out.pop("maxrss_mib")),
-        process_s=process_s,
+        process_s=wall,
         process_cpu_s=usage.ru_utime + usage.ru_stime,
+        maxrss_mib=float(out.pop("maxrss_mib")),
         extra=out,
     )
 
 
 # ------------------------------------------------------------------ the flowcheck command
 
+VERDICTS = (0, 1)  # `flowcheck check`: 0 every flow passed, 1 one failed; any other: no verdict
 
-def cli_help() -> str | None:
-    """``flowcheck check --help``, or None when there is no such command."""
+
+@dataclass(frozen=True)
+class Tree:
+    """A flowcheck source tree `flowcheck check` runs from (PYTHONPATH)."""
+
+    mode: str  # flowcheck (the tree the benchmark is in) or baseline (--baseline REF)
+    path: Path
+    label: str
+
+
+def checks(trees: list[Tree], rec: Recording) -> list[Run]:
+    """`python -m flowcheck check TOPOLOGY TRACE --report-dir DIR` from each tree, all
+    started at once (one tree: alone), each timed end to end: wall time from spawn to
+    exit. Anything but a verdict stops the benchmark."""
+    with tempfile.TemporaryDirectory(prefix="fc-bench-") as tmp:
+        started: dict[int, tuple[Tree, float, str, str, str, list[str]]] = {}
+        for n, tree in enumerate(trees):
+            reports = os.path.join(tmp, f"reports-{n}")
+            argv = ["check", str(rec.topology), str(rec.trace), "--report-dir", reports]
+            env = {**os.environ, "PYTHONPATH": str(tree.path), "PYTHONHASHSEED": "0"}
+            out, err = os.path.join(tmp, f"stdout-{n}.txt"), os.path.join(tmp, f"stderr-{n}.txt")
+            with open(out, "wb") as fo, open(err, "wb") as fe:
+                t0 = time.perf_counter()
+                # In the tree: `python -m` puts the working directory first on sys.path.
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "flowcheck", *argv],
+                    stdout=fo,
+                    stderr=fe,
+                    env=env,
+                    cwd=tree.path,
+                )
+            started[proc.pid] = (tree, t0, reports, out, err, argv)
+        ended: dict[int, tuple[int, float, Any]] = {}
+        while len(ended) < len(started):
+            pid, status, usage = os.wait4(-1, 0)  # whichever ends first: its own end time
+            if pid in started:
+                wall = time.perf_counter() - started[pid][1]
+                ended[pid] = (os.waitstatus_to_exitcode(status), wall, usage)
+        runs = []
+        for pid, (tree, _, reports, out, err, argv) in started.items():
+            code, wall, usage = ended[pid]
+            shown = (
+                f"`PYTHONPATH={tree.path} python -m flowcheck {shlex.join(argv)}` ({tree.label})"
+            )
+            if code not in VERDICTS:
+                raise BenchError(f"{shown} exited {code}, no verdict:\n{_tail(err) or _tail(out)}")
+            if "warning" in Path(err).read_text(errors="replace"):
+                raise BenchError(
+                    f"{shown} warned; the recording is not what it should be:\n{_tail(err)}"
+                )
+            written = Path(reports) / "verdict.json"
+            verdict = _find_verdict(json.loads(written.read_text())) if written.exists() else None
+            counts = _counts(verdict) if verdict is not None else None
+            if verdict is None or counts is None:
+                raise BenchError(f"{shown} exited {code} but wrote no verdict of flow {FLOW!r}")
+            cpu = usage.ru_utime + usage.ru_stime
+            runs.append(
+                Run(
+                    mode=tree.mode,
+                    observations=int(verdict.get("observations") or rec.meta["observations"]),
+                    seconds=wall,
+                    cpu_s=cpu,
+                    process_s=wall,
+                    process_cpu_s=cpu,
+                    maxrss_mib=usage.ru_maxrss / 2**10,  # KiB on Linux
+                    extra={"exit_code": code, "counts": counts},
+                )
+            )
+    return runs
+
+
+def git(*args: str) -> str:
     proc = subprocess.run(
-        [sys.executable, "-m", "flowcheck", "check", "--help"],
-        capture_output=True,
-        text=True,
-        check=False,
+        ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
     )
-    return proc.stdout if proc.returncode == 0 else None
+    if proc.returncode != 0:
+        raise BenchError(f"git {' '.join(args)}: {proc.stderr.strip()}")
+    return proc.stdout.strip()
 
 
-def cli_template(help_text: str) -> list[str]:
-    """Arguments for `flowcheck check` from its help: positionals in order, JSON output."""
-    usage = re.search(r"Usage:.*?check\s+(.*)", help_text)
-    positionals = re.findall(r"\b[A-Z][A-Z_]+\b", usage.group(1)) if usage else []
-    positionals = [p for p in positionals if p != "OPTIONS"]
-    args = ["check"]
-    if len(positionals) >= 2 or not positionals:
-        first_trace = bool(positionals) and "TRACE" in positionals[0]
-        args += ["{trace}", "{topology}"] if first_trace else ["{topology}", "{trace}"]
-    elif "TRACE" in positionals[0] and "--topology" in help_text:
-        args += ["--topology", "{topology}", "{trace}"]
-    else:
-        args += ["{topology}", "{trace}"]
-    if "--format" in help_text:
-        args += ["--format", "json"]
-    elif "--json" in help_text:
-        args += ["--json"]
-    elif "--report-dir" in help_text:
-        args += ["--report-dir", "{reports}"]  # the verdict is read from reports/verdict.json
-    return args
+def current_tree() -> Tree:
+    """The tree this script is in, as it is on disk (uncommitted changes included)."""
+    head = git("rev-parse", "--short", "HEAD")
+    dirty = " + uncommitted changes" if git("status", "--porcelain", "--", "flowcheck") else ""
+    return Tree("flowcheck", ROOT, f"this tree, {head}{dirty}")
+
+
+def export(ref: str, into: Path) -> Tree:
+    """``ref``'s flowcheck package, exported (git archive) into ``into``."""
+    sha = git("rev-parse", "--verify", f"{ref}^{{commit}}")
+    data = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", sha, "flowcheck"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(into, filter="data")
+    return Tree("baseline", into, f"--baseline {ref} = {sha[:10]}")
 
 
 # ------------------------------------------------------------------ reporting
@@ -856,7 +834,7 @@ def median_run(runs: list[Run]) -> dict[str, Any]:
         return statistics.median(f(r) for r in runs)
 
     n = runs[0].observations
-    work = med(lambda r: r.work_s)
+    work = med(lambda r: r.seconds)
     cpu = med(lambda r: r.cpu_s)
     return {
         "observations": n,
@@ -868,7 +846,12 @@ def median_run(runs: list[Run]) -> dict[str, Any]:
         "process_s": round(med(lambda r: r.process_s), 3),
         "process_cpu_s": round(med(lambda r: r.process_cpu_s), 3),
         "rounds": [
-            {"seconds": round(r.work_s, 3), "peak_rss_mib": round(r.maxrss_mib, 1)} for r in runs
+            {
+                "seconds": round(r.seconds, 3),
+                "cpu_s": round(r.cpu_s, 3),
+                "peak_rss_mib": round(r.maxrss_mib, 1),
+            }
+            for r in runs
         ],
     }
 
@@ -928,7 +911,7 @@ def fmt_n(n: float) -> str:
     return f"{n:,.0f}"
 
 
-def print_size(size: dict[str, Any], via: str) -> None:
+def print_size(size: dict[str, Any]) -> None:
     meta = size["recording"]
     print()
     print(
@@ -936,14 +919,13 @@ def print_size(size: dict[str, Any], via: str) -> None:
         f"~{fmt_n(min(meta['open_chains'], meta['chains']))} open at a time, {meta['bytes'] / 2**20:,.1f} MiB file, "
         f"defects injected {meta['defects_injected']}; medians of {size['rounds_run']} round(s)"
     )
-    print(f"{'':<16}{'seconds':>10}{'obs/s':>12}{'cpu s':>9}{'peak RSS MiB':>14}{'process s':>11}")
+    print(f"{'':<12}{'seconds':>10}{'obs/s':>12}{'cpu s':>9}{'peak RSS MiB':>14}{'process s':>11}")
     for mode, r in size["results"].items():
-        label = f"{mode} ({via})" if mode == "flowcheck" else mode
         if r is None:
-            print(f"{label:<16}{'skipped':>10}  {size.get('skipped', {}).get(mode, '')}")
+            print(f"{mode:<12}{'skipped':>10}  {size.get('skipped', {}).get(mode, '')}")
             continue
         print(
-            f"{label:<16}{r['seconds']:>10.2f}{fmt_n(r['obs_per_s'] or 0):>12}{r['cpu_s']:>9.2f}"
+            f"{mode:<12}{r['seconds']:>10.2f}{fmt_n(r['obs_per_s'] or 0):>12}{r['cpu_s']:>9.2f}"
             f"{r['peak_rss_mib']:>14.1f}{r['process_s']:>11.2f}"
         )
     waited = [
@@ -958,12 +940,32 @@ def print_size(size: dict[str, Any], via: str) -> None:
         )
     ratios = size["ratios"]
     if ratios.get("flowcheck_obs_per_s") is not None:
-        nan = float("nan")
+        parts = [
+            f"flowcheck / {name} time: {ratios[key]:.2f}x"
+            + (" (target <= 2x)" if name == "parse" else "")
+            for name, key in (
+                ("parse", "flowcheck_over_parse"),
+                ("read", "flowcheck_over_read"),
+                ("naive", "flowcheck_over_naive"),
+            )
+            if key in ratios
+        ]
+        parts.append(f"flowcheck {fmt_n(ratios['flowcheck_obs_per_s'])} obs/s (target >= 100,000)")
+        print("; ".join(parts))
+    vs = size.get("vs_baseline")
+    if vs is not None:
         print(
-            f"flowcheck / parse time: {ratios.get('flowcheck_over_parse') or nan:.2f}x (target <= 2x); "
-            f"flowcheck / read time: {ratios.get('flowcheck_over_read') or nan:.2f}x; "
-            f"flowcheck / naive time: {ratios.get('flowcheck_over_naive') or nan:.2f}x; "
-            f"flowcheck {fmt_n(ratios['flowcheck_obs_per_s'])} obs/s (target >= 100,000)"
+            f"flowcheck / baseline: time {vs['time']:.3f} (median of round ratios "
+            f"{vs['time_paired']:.3f}), cpu {vs['cpu']:.3f} ({vs['cpu_paired']:.3f}), "
+            f"best rounds: time {vs['time_best']:.3f}, cpu {vs['cpu_best']:.3f}; "
+            f"peak RSS {vs['rss']:.3f}; "
+            f"times {vs['rounds']}"
+        )
+        same = size["verdicts_agree"]
+        print(
+            "verdicts: the same counts"
+            if same["ok"]
+            else f"verdicts: MISMATCH flowcheck vs baseline: {same['differences']}"
         )
     sanity = size.get("sanity")
     if sanity is not None:
@@ -1057,51 +1059,51 @@ def parse_sizes(text: str) -> list[int]:
     return out
 
 
-def choose_flowcheck(
-    how: str, template: str | None, workdir: Path, chain_rate: float
-) -> tuple[str, list[str], str | None]:
-    """("cli", argument template, None) when `flowcheck check` is used, else ("api", [], why).
-
-    The command is tried once on a small recording first: while it is being written it
-    may exist and still fail, and then (with ``auto``) the API is measured instead.
-    """
-    if how == "api" and not template:
-        return "api", [], "--flowcheck api"
-    if template:
-        args = shlex.split(template)
-    else:
-        help_text = cli_help()
-        if help_text is None:
-            if how == "cli":
-                raise SystemExit("`flowcheck check` does not exist here; use --flowcheck api")
-            return "api", [], "`flowcheck check` does not exist"
-        args = cli_template(help_text)
-    try:
-        run = spawn("cli", generate(workdir, PROBE_SIZE, chain_rate), args)
-    except ChildFailed as exc:
-        if how == "cli" or template:
-            raise SystemExit(f"`flowcheck check` failed on a small recording: {exc}") from None
-        last = str(exc).strip().splitlines()[-1:]
-        return "api", [], f"`flowcheck check` fails here ({' '.join(last)})"
-    if run.extra.get("counts") is None:
-        print(
-            "warning: no verdict JSON from `flowcheck check`: no sanity check against the naive "
-            "baseline (see --cli-args)",
-            file=sys.stderr,
+def _tree_imports(tree: Tree) -> None:
+    """`python -m flowcheck` from ``tree`` must import that tree's package, not an installed one."""
+    env = {**os.environ, "PYTHONPATH": str(tree.path)}
+    code = "import flowcheck; print(flowcheck.__file__)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=tree.path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    where = Path(proc.stdout.strip() or ".").resolve()
+    if proc.returncode != 0 or not where.is_relative_to(tree.path.resolve()):
+        raise BenchError(
+            f"flowcheck from {tree.path} ({tree.label}) imports {where}: {proc.stderr.strip()}"
         )
-    return "cli", args, None
 
 
 def bench(args: argparse.Namespace) -> None:
-    workdir = Path(args.workdir or os.path.join(tempfile.gettempdir(), "flowcheck-bench"))
+    workdir = Path(args.workdir or os.path.join(tempfile.gettempdir(), "flowcheck-bench")).resolve()
     sizes = parse_sizes(args.sizes)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    default_modes = "flowcheck,baseline" if args.baseline else "parse,read,naive,flowcheck"
+    modes = [m.strip() for m in (args.modes or default_modes).split(",") if m.strip()]
     unknown = set(modes) - set(MODES)
     if unknown:
-        raise SystemExit(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
-    via, template, why_api = choose_flowcheck(
-        args.flowcheck, args.cli_args, workdir, args.chain_rate
-    )
+        raise BenchError(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
+    if ("baseline" in modes) != bool(args.baseline):
+        raise BenchError("the baseline mode and --baseline REF go together")
+    with tempfile.TemporaryDirectory(prefix="fc-baseline-") as tmp:
+        trees = {"flowcheck": current_tree()}
+        if args.baseline:
+            trees["baseline"] = export(args.baseline, Path(tmp))
+        for tree in trees.values():
+            _tree_imports(tree)
+        _bench(args, workdir, sizes, modes, trees)
+
+
+def _bench(
+    args: argparse.Namespace,
+    workdir: Path,
+    sizes: list[int],
+    modes: list[str],
+    trees: dict[str, Tree],
+) -> None:
     info = machine()
     print(
         f"machine: {info['platform']}, {info['cores']} cores"
@@ -1109,12 +1111,9 @@ def bench(args: argparse.Namespace) -> None:
         + f", Python {info['python']}; load average {info.get('load_avg')}; "
         f"{info.get('mem_available_gib')} of {info.get('mem_total_gib')} GiB available"
     )
-    if via == "cli":
-        print(f"flowcheck: the CLI, `flowcheck {' '.join(template)}` (in a fresh process)")
-    else:
+    for tree in trees.values():
         print(
-            "flowcheck: the Python API (Reader -> Checker.feed -> finish -> verdict JSON), "
-            f"because {why_api}"
+            f"{tree.mode}: `python -m flowcheck check TOPOLOGY TRACE --report-dir DIR` from {tree.path} ({tree.label})"
         )
     print(
         f"rounds: {args.rounds}, naive {args.naive_rounds} (medians); workdir: {workdir}",
@@ -1152,36 +1151,42 @@ def bench(args: argparse.Namespace) -> None:
                 break
             spent = 0.0
             next_round = 0.0
-            for mode in modes:  # interleaved, so drifting machine load hits every mode alike
+            # Interleaved, so drifting machine load hits every mode alike; every other
+            # round in reverse, so neither of two versions always runs first.
+            order = modes if round_ % 2 == 0 else modes[::-1]
+            together = [trees[m] for m in order if m in trees] if args.together else []
+            done = {r.mode: r for r in checks(together, rec)} if round_ < args.rounds else {}
+            for mode in order:
                 wanted = args.naive_rounds if mode == "naive" else args.rounds
                 if mode in skipped or round_ >= wanted:
                     continue
-                child_mode = via if mode == "flowcheck" else mode
-                run = spawn(child_mode, rec, template)
+                if mode in done:
+                    run = done[mode]
+                else:
+                    run = checks([trees[mode]], rec)[0] if mode in trees else spawn(mode, rec)
                 runs[mode].append(run)
                 spent += run.process_s
                 if round_ + 1 < wanted:
                     next_round += run.process_s
                 print(
-                    f"  {fmt_n(n)} {mode}: {run.work_s:.2f}s, {run.maxrss_mib:.0f} MiB",
+                    f"  {fmt_n(n)} {mode}: {run.seconds:.2f}s, {run.maxrss_mib:.0f} MiB",
                     file=sys.stderr,
                     flush=True,
                 )
                 if mode == "read" and run.extra.get("problems"):
-                    raise SystemExit(f"{rec.trace}: Reader found damaged lines: {run.extra}")
+                    raise BenchError(f"{rec.trace}: Reader found damaged lines: {run.extra}")
             rounds_run += 1
             if round_ == 0:
                 first_round = spent
         if runs.get("naive"):
             rss_per_obs = max(r.maxrss_mib for r in runs["naive"]) / n
         results: dict[str, Any] = {m: (median_run(runs[m]) if runs[m] else None) for m in modes}
-        counts = {m: runs[m][0].extra.get("counts") for m in ("naive", "flowcheck") if runs.get(m)}
+        counts = {m: runs[m][0].extra.get("counts") for m in ("naive", *trees) if runs.get(m)}
         ratios: dict[str, Any] = {}
         fc, rd, nv = results.get("flowcheck"), results.get("read"), results.get("naive")
         pa = results.get("parse")
         if fc:
             ratios["flowcheck_obs_per_s"] = fc["obs_per_s"]
-            ratios["flowcheck_obs_per_s_process"] = round(n / fc["process_s"])
             if pa:
                 ratios["flowcheck_over_parse"] = round(fc["seconds"] / pa["seconds"], 3)
             if rd:
@@ -1200,8 +1205,11 @@ def bench(args: argparse.Namespace) -> None:
         }
         if "naive" in counts and "flowcheck" in counts:
             size["sanity"] = compare(counts["naive"], counts["flowcheck"])
+        if "baseline" in counts and "flowcheck" in counts:
+            size["vs_baseline"] = versus(runs["flowcheck"], runs["baseline"])
+            size["verdicts_agree"] = compare(counts["baseline"], counts["flowcheck"])
         out_sizes.append(size)
-        print_size(size, via)
+        print_size(size)
     rows = growth(out_sizes)
     print_growth(rows)
     print()
@@ -1210,9 +1218,7 @@ def bench(args: argparse.Namespace) -> None:
             {
                 "benchmark": "checker",
                 "machine": info,
-                "flowcheck_via": via,
-                "cli_args": template or None,
-                "api_because": why_api,
+                "trees": {m: {"path": str(t.path), "label": t.label} for m, t in trees.items()},
                 "rounds": args.rounds,
                 "naive_rounds": args.naive_rounds,
                 "chain_rate": args.chain_rate,
@@ -1223,13 +1229,36 @@ def bench(args: argparse.Namespace) -> None:
     )
 
 
+def versus(now: list[Run], before: list[Run]) -> dict[str, Any]:
+    """This tree against the baseline: ratios of medians (< 1: faster, smaller), the
+    median of the rounds' own ratios (each round ran both, one after the other), and the
+    ratio of the best rounds."""
+
+    def ratio(f: Callable[[Run], float], of: Callable[..., float] = statistics.median) -> float:
+        return round(of(map(f, now)) / of(map(f, before)), 3)
+
+    pairs = list(zip(now, before, strict=False))
+    return {
+        "time": ratio(lambda r: r.seconds),
+        "time_paired": round(statistics.median(a.seconds / b.seconds for a, b in pairs), 3),
+        "cpu": ratio(lambda r: r.cpu_s),
+        "cpu_paired": round(statistics.median(a.cpu_s / b.cpu_s for a, b in pairs), 3),
+        # Other work on the machine only ever adds time: the best rounds are the code's own.
+        "time_best": ratio(lambda r: r.seconds, min),
+        "cpu_best": ratio(lambda r: r.cpu_s, min),
+        "rss": ratio(lambda r: r.maxrss_mib),
+        "rounds": [f"{a.seconds:.2f}/{b.seconds:.2f}" for a, b in pairs],
+    }
+
+
 def profile(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir or os.path.join(tempfile.gettempdir(), "flowcheck-bench"))
     rec = generate(workdir, parse_sizes(args.profile)[0], args.chain_rate)
-    run = spawn("profile", rec, [])
+    run = spawn("profile", rec)
     print(
-        f"flowcheck API under cProfile on {fmt_n(run.observations)} observations: "
-        f"{run.work_s:.2f}s (profiling slows it down), {run.maxrss_mib:.0f} MiB"
+        f"the checker (Reader -> Checker.feed -> finish) under cProfile on "
+        f"{fmt_n(run.observations)} observations: {run.seconds:.2f}s (profiling slows it "
+        f"down), {run.maxrss_mib:.0f} MiB"
     )
     print(run.extra["profile"])
 
@@ -1265,27 +1294,31 @@ def main() -> None:
         help=f"chains started per recorded second (open chains ~ rate x {WINDOW_S:g}s)",
     )
     parser.add_argument(
-        "--modes", default=",".join(MODES), help="which of parse,read,naive,flowcheck"
+        "--modes",
+        help="which of parse,read,naive,flowcheck,baseline (default: parse,read,naive,flowcheck; "
+        "with --baseline: flowcheck,baseline)",
     )
     parser.add_argument(
-        "--flowcheck",
-        choices=("auto", "cli", "api"),
-        default="auto",
-        help="auto: `flowcheck check` if it exists, else the Python API",
+        "--baseline",
+        metavar="REF",
+        help="also run `flowcheck check` of git REF's flowcheck package (exported to a "
+        "temporary directory), alternating with this tree's on the same recordings",
     )
     parser.add_argument(
-        "--cli-args",
-        help='arguments for the flowcheck command, e.g. "check {topology} {trace} --format json"',
+        "--together",
+        action="store_true",
+        help="start this tree's and the baseline's `flowcheck check` at the same time in each "
+        "round (one core each), so both meet the same machine load; default: one after the other",
     )
     parser.add_argument("--profile", metavar="SIZE", help="cProfile the checker on one size")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--topology", help=argparse.SUPPRESS)
     parser.add_argument("--trace", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    parser.add_argument("--cli-argv", default="[]", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))  # this tree's flowcheck, whatever else is installed
     if args.child:
-        child(args.child, args.topology, args.trace, args.result, json.loads(args.cli_argv))
+        child(args.child, args.topology, args.trace, args.result)
     elif args.profile:
         profile(args)
     else:

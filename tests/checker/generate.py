@@ -133,6 +133,8 @@ class Shape:
         return self.backoff_ms[n - 1] * (1 - self.jitter) - TOLERANCE_MS
 
 
+# The shop, the one definition of it: benchmarks/checker.py generates its recordings for
+# this topology too (its channels, correlation, schemas and deadlines).
 SHOP_YAML = """
 name: shop
 brokers:
