@@ -104,7 +104,9 @@ class Chain:
         self.attempts: dict[str, int] = {}  # order -> attempts at charge
         self._lock = threading.Lock()
         self._duplicated = False
-        app = Celery(f"{prefix}shop", broker=url, set_as_current=False)
+        # An in-memory result backend: Celery records a rejected task's failure there
+        # before it rejects the message (without one the reject never happens).
+        app = Celery(f"{prefix}shop", broker=url, backend="cache+memory://", set_as_current=False)
         dead_letter = {
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": self.dead_queue,
@@ -114,7 +116,6 @@ class Chain:
                 _queue(self.queues[RESERVE]),
                 _queue(self.queues[CHARGE], dead_letter),
                 _queue(self.queues[SHIP]),
-                _queue(self.dead_queue),
             ],
             task_routes={f"{prefix}{n}": {"queue": q} for n, q in self.queues.items()},
             task_acks_late=True,  # a rejected task is dead-lettered, not dropped
@@ -126,21 +127,22 @@ class Chain:
         self.app = app
 
         # Celery binds plain functions only (task first): wrap the methods.
-        @app.task(name=f"{prefix}{RESERVE}", bind=True)  # type: ignore[untyped-decorator]
+        @app.task(name=f"{prefix}{RESERVE}", bind=True, shared=False)  # type: ignore[untyped-decorator]
         def reserve(task: Any, order: dict[str, Any]) -> dict[str, Any]:
             return self._reserve(task, order)
 
-        @app.task(name=f"{prefix}{CHARGE}", bind=True, max_retries=MAX_RETRIES)  # type: ignore[untyped-decorator]
+        @app.task(name=f"{prefix}{CHARGE}", bind=True, shared=False, max_retries=MAX_RETRIES)  # type: ignore[untyped-decorator]
         def charge(task: Any, order: dict[str, Any]) -> dict[str, Any]:
             return self._charge(task, order)
 
-        @app.task(name=f"{prefix}{SHIP}", bind=True)  # type: ignore[untyped-decorator]
+        @app.task(name=f"{prefix}{SHIP}", bind=True, shared=False)  # type: ignore[untyped-decorator]
         def ship(task: Any, order: dict[str, Any]) -> dict[str, Any]:
             return self._ship(task, order)
 
         self.reserve, self.charge, self.ship = reserve, charge, ship
         with app.connection_for_write() as conn:
-            for queue in app.conf.task_queues:
+            # The dead-letter queue is not one of the task queues: no worker consumes it.
+            for queue in [*app.conf.task_queues, _queue(self.dead_queue)]:
                 queue.bind(conn.default_channel).declare()
 
     # ------------------------------------------------------------ the tasks
