@@ -32,7 +32,7 @@ from typing import Any
 from celery import Celery, chain  # type: ignore[import-untyped]
 from celery.contrib.testing.worker import start_worker  # type: ignore[import-untyped]
 from celery.exceptions import Ignore, Reject  # type: ignore[import-untyped]
-from kombu.entity import Queue
+from kombu.entity import Exchange, Queue
 
 RESERVE = "celery.reserve"
 CHARGE = "celery.charge"
@@ -85,7 +85,12 @@ class Outcomes:
 
 
 def _queue(name: str, arguments: dict[str, str] | None = None) -> Queue:
-    queue: Queue = Queue(name, queue_arguments=arguments)  # type: ignore[no-untyped-call]
+    """A queue as Celery makes one for a queue name: bound to a direct exchange of the
+    same name (which Celery then bypasses, publishing through the default exchange)."""
+    exchange = Exchange(name, type="direct")  # type: ignore[no-untyped-call]
+    queue: Queue = Queue(  # type: ignore[no-untyped-call]
+        name, exchange, routing_key=name, queue_arguments=arguments
+    )
     return queue
 
 

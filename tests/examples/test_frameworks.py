@@ -19,7 +19,7 @@ import asyncio
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -292,3 +292,71 @@ async def test_a_missing_dead_letter_is_missing(
 END = {"celery_chain.yaml": "shipped", "dramatiq_pipeline.yaml": "stored"}
 SECOND = {"celery_chain.yaml": "celery.charge", "dramatiq_pipeline.yaml": "dramatiq.store"}
 LAST = {"celery_chain.yaml": "celery.ship", "dramatiq_pipeline.yaml": "dramatiq.store"}
+
+
+WRONG_PATH = """\
+version: 1
+name: celery-chain-wrong-path
+brokers:
+  rabbit: {kind: rabbitmq, url: "${FLOWCHECK_RABBITMQ_URL}"}
+channels:
+  celery.reserve.x: {broker: rabbit, kind: exchange, type: direct, name: celery.reserve}
+  celery.charge.x: {broker: rabbit, kind: exchange, type: direct, name: celery.charge}
+  celery.ship.x: {broker: rabbit, kind: exchange, type: direct, name: celery.ship}
+  celery.reserve: {broker: rabbit, kind: queue, bindings: [{exchange: celery.reserve.x, key: celery.reserve}]}
+  celery.charge: {broker: rabbit, kind: queue, bindings: [{exchange: celery.charge.x, key: celery.charge}]}
+  celery.ship: {broker: rabbit, kind: queue, bindings: [{exchange: celery.ship.x, key: celery.ship}]}
+flows:
+  order-shipped:
+    correlate: $[0][0].order_id
+    deadline: 2s
+    steps: [celery.reserve, celery.charge, celery.ship]
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=Misjudged,
+    reason="deliveries reach the queues by a path the topology does not declare (Celery "
+    "publishes through the default exchange, not the exchanges the queues are bound to): "
+    "check() fails only with 'no chain decided', 'chains still open', and never says that "
+    "deliveries came without routes",
+)
+async def test_a_topology_that_watches_the_wrong_path_says_so(
+    vhost_url: str, unique: str, tmp_path: Path
+) -> None:
+    """The queues bound to the exchanges Celery declares for them, as a user reading
+    the broker would write it; but Celery publishes through the default exchange."""
+    path = tmp_path / "wrong-path.yaml"
+    path.write_text(WRONG_PATH)
+    r = await run(replace(CELERY, topology=str(path)), vhost_url, f"{unique}.", HEALTHY)
+    assert r.report, "check() passed on a topology that saw no publish"
+    if "deliver" not in r.report:
+        raise Misjudged(f"the report does not say deliveries came without routes:\n{r.report}")
+
+
+@pytest.fixture(scope="module")
+def dark_url(rabbitmq_url: str) -> Iterator[str]:
+    """A virtual host of this module's own with the firehose off (as it is by default)."""
+    vhost = unique_prefix("frameworks-dark")
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        user = urlsplit(rabbitmq_url).username or "guest"
+        rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        yield urlunsplit(urlsplit(rabbitmq_url)._replace(path=f"/{vhost}"))
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=Misjudged,
+    reason="with the firehose off, publishes straight to a queue are invisible: check() "
+    "says 'no chain was seen (nothing published or routed to its steps)', not that the "
+    "topology needs the firehose (rabbitmqctl trace_on)",
+)
+async def test_without_the_firehose_the_check_says_it_is_needed(dark_url: str, unique: str) -> None:
+    r = await run(DRAMATIQ, dark_url, f"{unique}.", HEALTHY)
+    assert r.report, "check() passed without seeing anything"
+    if "firehose" not in r.report:
+        raise Misjudged(f"the report does not name the firehose:\n{r.report}")
