@@ -16,7 +16,9 @@ each reason says what is missing. They turn into passes when it is not.
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -360,3 +362,38 @@ async def test_without_the_firehose_the_check_says_it_is_needed(dark_url: str, u
     assert r.report, "check() passed without seeing anything"
     if "firehose" not in r.report:
         raise Misjudged(f"the report does not name the firehose:\n{r.report}")
+
+
+def test_flowcheck_imports_no_framework() -> None:
+    """The frameworks are the examples' business: flowcheck's own modules never import them."""
+    pattern = re.compile(r"^\s*(?:from|import)\s+(celery|dramatiq|faststream|kombu|pika)\b", re.M)
+    found = [
+        f"{path.relative_to(ROOT)}: {m.group(1)}"
+        for path in sorted((ROOT / "flowcheck").rglob("*.py"))
+        for m in pattern.finditer(path.read_text())
+    ]
+    assert found == []
+
+
+@pytest.mark.parametrize("module", ["celery_chain", "dramatiq_pipeline"])
+def test_the_example_runs_from_the_command_line(
+    module: str, rabbitmq_url: str, unique: str
+) -> None:
+    """``python -m examples.<module>``, as docs/recipes.md runs it next to ``flowcheck record``."""
+    cmd = [sys.executable, "-m", f"examples.{module}", "--prefix", f"{unique}."]
+    cmd += ["--url", rabbitmq_url, "--orders", "2", "--fault", "duplicate=o-1", "--remove"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    end = "shipped" if module == "celery_chain" else "stored"
+    assert lines[:4] == [
+        f"o-0: {end} (1 attempt(s) at {RETRYING[module]})",
+        f"o-1: {end}, {end} ({2 if module == 'dramatiq_pipeline' else 1} attempt(s) at "
+        f"{RETRYING[module]})",
+        f"f-0: {end} (2 attempt(s) at {RETRYING[module]})",
+        f"p-0: dead (3 attempt(s) at {RETRYING[module]})",
+    ]
+    assert lines[4].endswith(": 1"), lines[4]  # the poison order's dead letter
+
+
+RETRYING = {"celery_chain": "charge", "dramatiq_pipeline": "store"}
