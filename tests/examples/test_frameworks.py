@@ -1,0 +1,399 @@
+"""Real task frameworks on the real RabbitMQ, judged by flowcheck: the Celery chain
+(examples/celery_chain) and the Dramatiq pipeline (examples/dramatiq_pipeline).
+
+Both frameworks publish straight to their queues through the default exchange,
+which only RabbitMQ's firehose shows; the firehose is turned on in a virtual
+host this module owns (never the default one, which other tests share), and
+deleted after. Each test runs its own system under a unique prefix: it places
+orders, waits for the system to say what became of each one (an event, with a
+deadline), then lets ``FlowSession.check`` judge what the taps saw, and
+compares the findings with the fault it switched on.
+
+Tests marked ``xfail(strict=True)`` are where flowcheck judges wrong today;
+each reason says what is missing. They turn into passes when it is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+from harness import unique_prefix
+
+import flowcheck
+from flowcheck.checker import Finding, FindingKind
+from flowcheck.testing import FlowAssertionError, FlowSession
+
+ROOT = Path(__file__).resolve().parents[2]
+WITHIN = 20.0  # seconds; the runs take well under one, this only bounds a failure
+# The system has finished when flowcheck judges: this bounds only the wait for the
+# taps' last copies, and must exceed the flows' deadline (2s) for a lost chain.
+CHECK_WITHIN = 3.0
+REPEATS = 5  # clean runs in a row, each with zero findings
+
+celery_chain = pytest.importorskip("examples.celery_chain")
+dramatiq_pipeline = pytest.importorskip("examples.dramatiq_pipeline")
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def vhost_url(rabbitmq_url: str) -> Iterator[str]:
+    """A virtual host of this module's own, with the firehose on; deleted after."""
+    vhost = unique_prefix("frameworks")
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        user = urlsplit(rabbitmq_url).username or "guest"
+        rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        rabbitmqctl("trace_on", "-p", vhost)
+        yield urlunsplit(urlsplit(rabbitmq_url)._replace(path=f"/{vhost}"))
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+@dataclass
+class Order:
+    order_id: str
+    amount: float
+    kind: str = "healthy"  # or "flaky": fails its first attempt
+
+
+@dataclass
+class Run:
+    """What one run of a system gave: flowcheck's findings, and the system's own account."""
+
+    findings: list[Finding]
+    unjudged: list[str]
+    ends: list[tuple[str, str]]  # (order, how it ended), from the system
+    attempts: dict[str, int]  # order -> attempts at the retrying step
+    dead_letters: int  # messages in the dead-letter queue at the end
+    report: str = ""
+
+    def kinds(self, order_id: str | None = None) -> set[FindingKind]:
+        """Finding kinds about chains (all, or ``order_id``'s)."""
+        return {
+            f.kind
+            for f in self.findings
+            if f.kind is not FindingKind.THRESHOLD and (order_id is None or f.key == order_id)
+        }
+
+
+@dataclass
+class System:
+    """One framework example behind the same few calls."""
+
+    topology: str
+    make: Callable[[str, str, dict[Any, str]], Any]
+    dead_queue: Callable[[Any], str]
+    start: Callable[[Any, ExitStack], None]
+
+
+def _celery_start(chain: Any, stack: ExitStack) -> None:
+    stack.enter_context(chain.running())
+
+
+def _dramatiq_start(pipeline: Any, stack: ExitStack) -> None:
+    pipeline.start()
+    stack.callback(pipeline.stop)
+
+
+CELERY = System(
+    "celery_chain.yaml",
+    lambda url, prefix, faults: celery_chain.Chain(url, prefix, faults=faults),
+    lambda chain: chain.dead_queue,
+    _celery_start,
+)
+DRAMATIQ = System(
+    "dramatiq_pipeline.yaml",
+    lambda url, prefix, faults: dramatiq_pipeline.Pipeline(url, prefix, faults=faults),
+    lambda pipeline: f"{pipeline.store_queue}.XQ",
+    _dramatiq_start,
+)
+
+
+async def run(
+    system: System,
+    url: str,
+    prefix: str,
+    orders: Sequence[Order],
+    faults: dict[Any, str] | None = None,
+    *,
+    twice: Sequence[str] = (),
+) -> Run:
+    """Run ``system`` on ``orders`` under flowcheck; ``twice``: orders that end twice."""
+    topology = flowcheck.load(
+        str(ROOT / "topologies" / system.topology), env={"FLOWCHECK_RABBITMQ_URL": url}
+    )
+    app = await asyncio.to_thread(system.make, url, prefix, dict(faults or {}))
+    try:
+        # The frameworks declare their own queues (with their dead-letter arguments).
+        async with FlowSession(topology, prefix=prefix, apply=False, deadline=WITHIN) as fc:
+            stack = ExitStack()
+            await asyncio.to_thread(system.start, app, stack)
+            try:
+                for o in orders:
+                    await asyncio.to_thread(app.place, o.order_id, o.amount, o.kind)
+                once = [o.order_id for o in orders if o.order_id not in twice]
+                ended = await asyncio.to_thread(app.outcomes.wait, once, WITHIN)
+                ended &= await asyncio.to_thread(app.outcomes.wait, twice, WITHIN, ends=2)
+                assert ended, f"the system did not finish in {WITHIN}s: {app.outcomes.ends}"
+                findings: list[Finding] = []
+                unjudged: list[str] = []
+                report = ""
+                try:
+                    await fc.check(within=CHECK_WITHIN)
+                except FlowAssertionError as exc:
+                    findings = list(exc.findings)
+                    unjudged = [u.expectation for u in exc.unjudged]
+                    report = str(exc)
+            finally:
+                await asyncio.to_thread(stack.close)  # workers stopped: acks and nacks sent
+            dead = await asyncio.to_thread(app.queue_depth, system.dead_queue(app))
+            return Run(
+                findings, unjudged, list(app.outcomes.ends), dict(app.attempts), dead, report
+            )
+    finally:
+        await asyncio.to_thread(app.close)
+
+
+HEALTHY = [Order(f"o-{n}", 10.0 + n) for n in range(4)]
+FLAKY = Order("f-1", 5.0, "flaky")  # fails its first attempt, then passes
+POISON = Order("p-1", -1.0)  # fails every attempt: dead-lettered after the last
+
+SYSTEMS = pytest.mark.parametrize("system", [CELERY, DRAMATIQ], ids=["celery", "dramatiq"])
+
+
+class Misjudged(AssertionError):
+    """flowcheck's findings are not the ones the run calls for."""
+
+
+def fault(system: System, name: str) -> Any:
+    module = celery_chain if system is CELERY else dramatiq_pipeline
+    return module.Fault(name)
+
+
+def expect(r: Run, wanted: dict[str, set[FindingKind]]) -> None:
+    """The findings are exactly ``wanted`` (order -> kinds), nothing unjudged."""
+    got = {o: r.kinds(o) for o in {f.key or "" for f in r.findings}}
+    got = {o: k for o, k in got.items() if k}
+    if got != wanted or r.unjudged:
+        raise Misjudged(f"findings {got}, expected {wanted}; unjudged {r.unjudged}\n{r.report}")
+
+
+# Gaps of today's flowcheck, each marked where it makes a test fail.
+RETRY_IS_DUPLICATE = (
+    "a retry that re-publishes (Celery self.retry: same task id, header retries+1; "
+    "Dramatiq: through <queue>.DQ, same body message_id, options.retries+1) arrives "
+    "at the step as a second routed message and is judged DUPLICATED, though the "
+    "step declares retry: {max_attempts: 3}"
+)
+NO_DEFAULT_DEAD_LETTER = (
+    "a dead letter through the default exchange (x-dead-letter-exchange: '' into "
+    "<queue>.XQ / <queue>.dead) cannot be declared (no dead_letter route names the "
+    "default exchange, so no dead_letters rule may end there) and the broker gives "
+    "no firehose record of it (only the dead-letter queue's depth)"
+)
+
+
+@SYSTEMS
+async def test_clean_runs_without_retries_give_no_findings(
+    system: System, vhost_url: str, unique: str
+) -> None:
+    for n in range(REPEATS):
+        r = await run(system, vhost_url, f"{unique}.{n}.", HEALTHY)
+        assert sorted(r.ends) == [(o.order_id, END[system.topology]) for o in HEALTHY]
+        assert r.dead_letters == 0
+        expect(r, {})
+
+
+@SYSTEMS
+@pytest.mark.xfail(strict=True, raises=Misjudged, reason=RETRY_IS_DUPLICATE)
+async def test_clean_runs_with_a_retry_give_no_findings(
+    system: System, vhost_url: str, unique: str
+) -> None:
+    for n in range(REPEATS):
+        r = await run(system, vhost_url, f"{unique}.{n}.", [*HEALTHY, FLAKY])
+        assert r.attempts[FLAKY.order_id] == 2
+        assert r.dead_letters == 0
+        expect(r, {})
+
+
+@SYSTEMS
+@pytest.mark.xfail(
+    strict=True, raises=Misjudged, reason=f"{NO_DEFAULT_DEAD_LETTER}; and {RETRY_IS_DUPLICATE}"
+)
+async def test_clean_runs_with_a_dead_letter_give_no_findings(
+    system: System, vhost_url: str, unique: str
+) -> None:
+    for n in range(REPEATS):
+        r = await run(system, vhost_url, f"{unique}.{n}.", [*HEALTHY, FLAKY, POISON])
+        assert r.attempts[POISON.order_id] == 3
+        assert r.dead_letters == 1
+        expect(r, {})
+
+
+@SYSTEMS
+async def test_a_lost_message_is_lost(system: System, vhost_url: str, unique: str) -> None:
+    r = await run(system, vhost_url, f"{unique}.", HEALTHY, {fault(system, "lose"): "o-1"})
+    assert ("o-1", "lost") in r.ends
+    expect(r, {"o-1": {FindingKind.LOST}})
+    (lost,) = r.findings
+    assert lost.step == SECOND[system.topology]
+
+
+@SYSTEMS
+async def test_a_duplicate_is_duplicated(system: System, vhost_url: str, unique: str) -> None:
+    faults = {fault(system, "duplicate"): "o-1"}
+    r = await run(system, vhost_url, f"{unique}.", HEALTHY, faults, twice=["o-1"])
+    expect(r, {"o-1": {FindingKind.DUPLICATED}})
+    (duplicated,) = r.findings
+    assert duplicated.step == LAST[system.topology]
+
+
+@SYSTEMS
+@pytest.mark.xfail(
+    strict=True,
+    raises=Misjudged,
+    reason=f"4 attempts where 3 are allowed should be RETRIES; {RETRY_IS_DUPLICATE}",
+)
+async def test_too_many_retries_are_too_many(system: System, vhost_url: str, unique: str) -> None:
+    faults = {fault(system, "too_many_retries"): "o-1"}
+    r = await run(system, vhost_url, f"{unique}.", HEALTHY, faults)
+    assert r.attempts["o-1"] == 4
+    expect(r, {"o-1": {FindingKind.RETRIES}})
+
+
+@SYSTEMS
+@pytest.mark.xfail(
+    strict=True,
+    raises=Misjudged,
+    reason=f"a poison order given up without a dead letter should be DEAD_LETTER (missing); "
+    f"{NO_DEFAULT_DEAD_LETTER}; and {RETRY_IS_DUPLICATE}",
+)
+async def test_a_missing_dead_letter_is_missing(
+    system: System, vhost_url: str, unique: str
+) -> None:
+    faults = {fault(system, "no_dead_letter"): POISON.order_id}
+    r = await run(system, vhost_url, f"{unique}.", [*HEALTHY, POISON], faults)
+    assert (POISON.order_id, "given up") in r.ends
+    assert r.dead_letters == 0
+    expect(r, {POISON.order_id: {FindingKind.DEAD_LETTER}})
+
+
+END = {"celery_chain.yaml": "shipped", "dramatiq_pipeline.yaml": "stored"}
+SECOND = {"celery_chain.yaml": "celery.charge", "dramatiq_pipeline.yaml": "dramatiq.store"}
+LAST = {"celery_chain.yaml": "celery.ship", "dramatiq_pipeline.yaml": "dramatiq.store"}
+
+
+WRONG_PATH = """\
+version: 1
+name: celery-chain-wrong-path
+brokers:
+  rabbit: {kind: rabbitmq, url: "${FLOWCHECK_RABBITMQ_URL}"}
+channels:
+  celery.reserve.x: {broker: rabbit, kind: exchange, type: direct, name: celery.reserve}
+  celery.charge.x: {broker: rabbit, kind: exchange, type: direct, name: celery.charge}
+  celery.ship.x: {broker: rabbit, kind: exchange, type: direct, name: celery.ship}
+  celery.reserve: {broker: rabbit, kind: queue, bindings: [{exchange: celery.reserve.x, key: celery.reserve}]}
+  celery.charge: {broker: rabbit, kind: queue, bindings: [{exchange: celery.charge.x, key: celery.charge}]}
+  celery.ship: {broker: rabbit, kind: queue, bindings: [{exchange: celery.ship.x, key: celery.ship}]}
+flows:
+  order-shipped:
+    correlate: $[0][0].order_id
+    deadline: 2s
+    steps: [celery.reserve, celery.charge, celery.ship]
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=Misjudged,
+    reason="deliveries reach the queues by a path the topology does not declare (Celery "
+    "publishes through the default exchange, not the exchanges the queues are bound to): "
+    "check() fails only with 'no chain decided', 'chains still open', and never says that "
+    "deliveries came without routes",
+)
+async def test_a_topology_that_watches_the_wrong_path_says_so(
+    vhost_url: str, unique: str, tmp_path: Path
+) -> None:
+    """The queues bound to the exchanges Celery declares for them, as a user reading
+    the broker would write it; but Celery publishes through the default exchange."""
+    path = tmp_path / "wrong-path.yaml"
+    path.write_text(WRONG_PATH)
+    r = await run(replace(CELERY, topology=str(path)), vhost_url, f"{unique}.", HEALTHY)
+    assert r.report, "check() passed on a topology that saw no publish"
+    if "deliver" not in r.report:
+        raise Misjudged(f"the report does not say deliveries came without routes:\n{r.report}")
+
+
+@pytest.fixture(scope="module")
+def dark_url(rabbitmq_url: str) -> Iterator[str]:
+    """A virtual host of this module's own with the firehose off (as it is by default)."""
+    vhost = unique_prefix("frameworks-dark")
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        user = urlsplit(rabbitmq_url).username or "guest"
+        rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        yield urlunsplit(urlsplit(rabbitmq_url)._replace(path=f"/{vhost}"))
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=Misjudged,
+    reason="with the firehose off, publishes straight to a queue are invisible: check() "
+    "says 'no chain was seen (nothing published or routed to its steps)', not that the "
+    "topology needs the firehose (rabbitmqctl trace_on)",
+)
+async def test_without_the_firehose_the_check_says_it_is_needed(dark_url: str, unique: str) -> None:
+    r = await run(DRAMATIQ, dark_url, f"{unique}.", HEALTHY)
+    assert r.report, "check() passed without seeing anything"
+    if "firehose" not in r.report:
+        raise Misjudged(f"the report does not name the firehose:\n{r.report}")
+
+
+def test_flowcheck_imports_no_framework() -> None:
+    """The frameworks are the examples' business: flowcheck's own modules never import them."""
+    pattern = re.compile(r"^\s*(?:from|import)\s+(celery|dramatiq|faststream|kombu|pika)\b", re.M)
+    found = [
+        f"{path.relative_to(ROOT)}: {m.group(1)}"
+        for path in sorted((ROOT / "flowcheck").rglob("*.py"))
+        for m in pattern.finditer(path.read_text())
+    ]
+    assert found == []
+
+
+@pytest.mark.parametrize("module", ["celery_chain", "dramatiq_pipeline"])
+def test_the_example_runs_from_the_command_line(
+    module: str, rabbitmq_url: str, unique: str
+) -> None:
+    """``python -m examples.<module>``, as docs/recipes.md runs it next to ``flowcheck record``."""
+    cmd = [sys.executable, "-m", f"examples.{module}", "--prefix", f"{unique}."]
+    cmd += ["--url", rabbitmq_url, "--orders", "2", "--fault", "duplicate=o-1", "--remove"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    end = "shipped" if module == "celery_chain" else "stored"
+    assert lines[:4] == [
+        f"o-0: {end} (1 attempt(s) at {RETRYING[module]})",
+        f"o-1: {end}, {end} ({2 if module == 'dramatiq_pipeline' else 1} attempt(s) at "
+        f"{RETRYING[module]})",
+        f"f-0: {end} (2 attempt(s) at {RETRYING[module]})",
+        f"p-0: dead (3 attempt(s) at {RETRYING[module]})",
+    ]
+    assert lines[4].endswith(": 1"), lines[4]  # the poison order's dead letter
+
+
+RETRYING = {"celery_chain": "charge", "dramatiq_pipeline": "store"}
