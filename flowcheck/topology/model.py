@@ -16,10 +16,13 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     GetJsonSchemaHandler,
+    PrivateAttr,
     SecretStr,
     StringConstraints,
+    Tag,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -342,13 +345,129 @@ class Correlate(Model):
         return next(iter(self.model_fields_set))
 
 
+def _bound(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected a number or a string, got {_what(value)}")
+    return value
+
+
+def _what(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a yes/no value"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return "nothing (null)" if value is None else repr(value)
+
+
+Bound = Annotated[int | float | str, BeforeValidator(_bound)]
+
+
+class Condition(Model):
+    """Tests on one header, payload field or record key; all that are given must hold."""
+
+    _OPS: ClassVar[tuple[str, ...]] = (
+        "eq",
+        "ne",
+        "lt",
+        "lte",
+        "gt",
+        "gte",
+        "prefix",
+        "suffix",
+        "regex",
+        "in",
+        "not_in",
+        "exists",
+    )
+
+    eq: Any = Field(None, description="equals this value")
+    ne: Any = Field(None, description="does not equal this value (an absent value included)")
+    lt: Bound | None = Field(None, description="below this number, or before this string")
+    lte: Bound | None = Field(None, description="at most this")
+    gt: Bound | None = Field(None, description="above this")
+    gte: Bound | None = Field(None, description="at least this")
+    prefix: str | None = Field(None, description="a string that starts with this")
+    suffix: str | None = Field(None, description="a string that ends with this")
+    regex: str | None = Field(
+        None, description="a string in which this regular expression finds a match"
+    )
+    in_: list[Any] | None = Field(
+        None, alias="in", min_length=1, description="equals one of these values"
+    )
+    not_in: list[Any] | None = Field(
+        None, description="equals none of these values (an absent value included)"
+    )
+    exists: bool | None = Field(None, description="is present (true) or absent (false)")
+    _pattern: re.Pattern[str] | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _sound(self) -> Condition:
+        given = self.model_fields_set
+        if not given:
+            raise ValueError(f"give at least one of {', '.join(self._OPS)}")
+        bounds = [n for n in ("lt", "lte", "gt", "gte") if n in given]
+        if len({type(getattr(self, n)) is str for n in bounds}) > 1:
+            raise ValueError(
+                f"{' and '.join(bounds)}: compare with numbers or with strings, not both"
+            )
+        if self.exists is None and "exists" in given:
+            raise ValueError("exists: expected true or false")
+        if self.exists is False and len(given) > 1:
+            raise ValueError("exists: false holds only for an absent value; give no other test")
+        if self.regex is not None:
+            self._pattern = re.compile(self.regex)
+        return self
+
+    @field_validator("in_", "not_in")
+    @classmethod
+    def _plain(cls, value: list[Any] | None) -> list[Any] | None:
+        for item in value or ():
+            if isinstance(item, dict | list):
+                raise ValueError(f"list plain values, not {_what(item)}; use eq for one mapping")
+        return value
+
+    @field_validator("regex")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a regular expression: {exc}") from None
+        return value
+
+    @property
+    def pattern(self) -> re.Pattern[str] | None:
+        """``regex`` compiled once, when the topology is loaded."""
+        return self._pattern
+
+
+def _tag(value: Any) -> str:
+    return "Condition" if isinstance(value, dict | Condition) else "value"
+
+
+# A plain value (equality) or, written as a mapping, a Condition.
+HeaderTest = Annotated[
+    Annotated[Condition, Tag("Condition")] | Annotated[Scalar, Tag("value")], Discriminator(_tag)
+]
+PayloadTest = Annotated[
+    Annotated[Condition, Tag("Condition")] | Annotated[Any, Tag("value")], Discriminator(_tag)
+]
+KeyTest = Annotated[
+    Annotated[Condition, Tag("Condition")] | Annotated[str, Tag("value")], Discriminator(_tag)
+]
+
+
 class Match(Model):
     """Which messages a step (or dead-letter rule) is about; all conditions must hold."""
 
-    headers: dict[str, Scalar] = Field(default_factory=dict)
-    payload: dict[JsonPath, Any] = Field(default_factory=dict)
+    headers: dict[str, HeaderTest] = Field(default_factory=dict)
+    payload: dict[JsonPath, PayloadTest] = Field(default_factory=dict)
     routing_key: str | None = Field(None, description="RabbitMQ routing key pattern (* and #)")
-    key: str | None = Field(None, description="Kafka record key")
+    key: KeyTest | None = Field(None, description="Kafka record key")
+    _test: Any = PrivateAttr(None)  # the compiled test, made on first use by the checker
 
     @model_validator(mode="after")
     def _some(self) -> Match:
