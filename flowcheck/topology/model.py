@@ -453,7 +453,9 @@ HeaderTest = Annotated[
     Annotated[Condition, Tag("Condition")] | Annotated[Scalar, Tag("value")], Discriminator(_tag)
 ]
 PayloadTest = Annotated[
-    Annotated[Condition, Tag("Condition")] | Annotated[Any, Tag("value")], Discriminator(_tag)
+    Annotated[Condition, Tag("Condition")]
+    | Annotated[Any, Tag("value"), WithJsonSchema({"not": {"type": "object"}})],
+    Discriminator(_tag),
 ]
 KeyTest = Annotated[
     Annotated[Condition, Tag("Condition")] | Annotated[str, Tag("value")], Discriminator(_tag)
@@ -564,6 +566,9 @@ class Gate(Model):
 
 class Topology(Model):
     """A whole topology file."""
+
+    # Top-level x- keys are ignored by the loader (YAML anchors to share); editors too.
+    model_config = ConfigDict(json_schema_extra={"patternProperties": {"^x-": {}}})
 
     version: Literal[1] = 1
     name: str | None = None
