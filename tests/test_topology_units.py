@@ -535,6 +535,21 @@ def test_topology_built_in_python_round_trips_through_yaml() -> None:
     assert "p99: 1.5s" in text
 
 
+def test_match_tests_round_trip_through_yaml() -> None:
+    """Exactly the operators given are dumped: `ne: null` is a test, not a default."""
+    match = Match.model_validate(
+        {
+            "headers": {"account": {"prefix": "X-"}, "tries": 2},
+            "payload": {"$.a": {"ne": None}, "$.b": {"in": [1, "b"]}, "$.c": {"eq": {"k": 1}}},
+            "key": {"regex": "7$"},
+        }
+    )
+    data = match.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    assert data["payload"]["$.a"] == {"ne": None}
+    assert data["payload"]["$.b"] == {"in": [1, "b"]}
+    assert Match.model_validate(yaml.safe_load(yaml.safe_dump(data))) == match
+
+
 def test_models_validate_on_construction() -> None:
     with pytest.raises(ValueError, match="give exactly one of traceparent"):
         Correlate(header="x", json_path="$.a")

@@ -12,7 +12,7 @@ from typing import Any
 
 from flowcheck.observations import Observation, payload_json
 from flowcheck.topology._types import path_segments
-from flowcheck.topology.model import Condition, Match
+from flowcheck.topology.model import Compiled, Condition, Match
 from flowcheck.topology.routing import topic_matches
 
 Test = Callable[[Observation, Any], bool]
@@ -28,10 +28,10 @@ def matches(match: Match | None, obs: Observation, parsed: Any = None) -> bool:
     """
     if match is None:
         return True
-    test = match.__pydantic_private__["_test"]  # type: ignore[index]
-    if test is None:
-        test = match.__pydantic_private__["_test"] = compile_match(match)  # type: ignore[index]
-    return test(obs, parsed)  # type: ignore[no-any-return]
+    slot: Compiled = match.__pydantic_private__["_compiled"]  # type: ignore[index]
+    if slot.owner is not match:
+        slot.test, slot.owner = compile_match(match), match
+    return slot.test(obs, parsed)  # type: ignore[no-any-return]
 
 
 def compile_match(match: Match) -> Test:

@@ -21,10 +21,13 @@ from pydantic import (
     GetJsonSchemaHandler,
     PrivateAttr,
     SecretStr,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     Tag,
     WithJsonSchema,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
@@ -438,6 +441,19 @@ class Condition(Model):
                 raise ValueError(f"{value!r} is not a regular expression: {exc}") from None
         return value
 
+    @model_serializer(mode="wrap")
+    def _given(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
+        # Exactly the operators given: `eq: null` is a test, not a default to leave out
+        # (a given operator missing from what the handler made was left out for being null).
+        data = handler(self)
+        given = self.model_fields_set
+        return {
+            key: data.get(key)
+            for name, field in type(self).model_fields.items()
+            if name in given
+            for key in [(field.alias or name) if info.by_alias else name]
+        }
+
     @property
     def pattern(self) -> re.Pattern[str] | None:
         """``regex`` compiled once, when the topology is loaded."""
@@ -462,6 +478,22 @@ KeyTest = Annotated[
 ]
 
 
+class Compiled:
+    """Where the checker keeps a match's test, compiled on first use. Not part of the
+    match: equal to any other, and for its ``owner`` only (a copy compiles its own)."""
+
+    __slots__ = ("owner", "test")
+
+    def __init__(self) -> None:
+        self.owner: object = None
+        self.test: Any = None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Compiled)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class Match(Model):
     """Which messages a step (or dead-letter rule) is about; all conditions must hold."""
 
@@ -469,7 +501,7 @@ class Match(Model):
     payload: dict[JsonPath, PayloadTest] = Field(default_factory=dict)
     routing_key: str | None = Field(None, description="RabbitMQ routing key pattern (* and #)")
     key: KeyTest | None = Field(None, description="Kafka record key")
-    _test: Any = PrivateAttr(None)  # the compiled test, made on first use by the checker
+    _compiled: Compiled = PrivateAttr(default_factory=lambda: Compiled())
 
     @model_validator(mode="after")
     def _some(self) -> Match:

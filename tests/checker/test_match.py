@@ -192,14 +192,21 @@ def test_parsed_payload_is_used() -> None:
     assert matches(m, obs({"amount": 5}), {"amount": -5})
 
 
-def test_compiled_once() -> None:
-    m = Match.model_validate({"payload": {"$.id": {"regex": "7$"}}})
+def test_compiled_once_and_never_part_of_equality() -> None:
+    spec = {"payload": {"$.id": {"regex": "7$"}}}
+    m = Match.model_validate(spec)
     assert m.payload["$.id"].pattern is not None
     assert matches(m, obs({"id": "17"}))
-    first = m.__pydantic_private__["_test"]  # type: ignore[index]
+    slot = m.__pydantic_private__["_compiled"]  # type: ignore[index]
+    first = slot.test
     assert first is not None
     assert not matches(m, obs({"id": "71"}))
-    assert m.__pydantic_private__["_test"] is first  # type: ignore[index]
+    assert slot.test is first
+    assert m == Match.model_validate(spec)  # one compiled, the other not
+    # A copy with other conditions shares the slot object but not its test.
+    other = m.model_copy(update={"payload": {"$.id": "71"}})
+    assert matches(other, obs({"id": "71"}))
+    assert matches(m, obs({"id": "17"}))
 
 
 def test_no_match_always_holds() -> None:
