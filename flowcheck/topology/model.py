@@ -370,21 +370,6 @@ Bound = Annotated[int | float | str, BeforeValidator(_bound)]
 class Condition(Model):
     """Tests on one header, payload field or record key; all that are given must hold."""
 
-    _OPS: ClassVar[tuple[str, ...]] = (
-        "eq",
-        "ne",
-        "lt",
-        "lte",
-        "gt",
-        "gte",
-        "prefix",
-        "suffix",
-        "regex",
-        "in",
-        "not_in",
-        "exists",
-    )
-
     eq: Any = Field(None, description="equals this value")
     ne: Any = Field(None, description="does not equal this value (an absent value included)")
     lt: Bound | None = Field(None, description="below this number, or before this string")
@@ -409,7 +394,8 @@ class Condition(Model):
     def _sound(self) -> Condition:
         given = self.model_fields_set
         if not given:
-            raise ValueError(f"give at least one of {', '.join(self._OPS)}")
+            ops = (f.alias or n for n, f in type(self).model_fields.items())
+            raise ValueError(f"give at least one of {', '.join(ops)}")
         bounds = [n for n in ("lt", "lte", "gt", "gte") if n in given]
         if len({type(getattr(self, n)) is str for n in bounds}) > 1:
             raise ValueError(
@@ -501,7 +487,7 @@ class Match(Model):
     payload: dict[JsonPath, PayloadTest] = Field(default_factory=dict)
     routing_key: str | None = Field(None, description="RabbitMQ routing key pattern (* and #)")
     key: KeyTest | None = Field(None, description="Kafka record key")
-    _compiled: Compiled = PrivateAttr(default_factory=lambda: Compiled())
+    _compiled: Compiled = PrivateAttr(default_factory=Compiled)
 
     @model_validator(mode="after")
     def _some(self) -> Match:
