@@ -44,7 +44,9 @@ def validate(doc: _yaml.Document) -> Topology | None:
     raws: dict[str, Any] = {section: data.get(section) for section in SECTIONS}
     for key in data:
         if key not in _TOP:
-            hint = suggest(key, _TOP) or f"; the top-level keys are {listing(_TOP)}"
+            hint = suggest(key, _TOP) or (
+                f"; the top-level keys are {listing(_TOP)}, and x-… keys, which are ignored"
+            )
             doc.problem((key,), f"unknown top-level key {key!r}{hint}", key=True)
             close = closest(key, _TOP)
             misspelt.add(close)
