@@ -402,6 +402,41 @@ def test_loads_never_raises_anything_else() -> None:
             flowcheck.loads(text)
 
 
+def test_top_level_x_keys_are_ignored() -> None:
+    text = """
+x-queue: &queue {broker: rabbit, kind: queue, type: quorum}
+x-note: [anything, {at: all}]
+brokers: {rabbit: {kind: rabbitmq}}
+channels:
+  orders: {broker: rabbit, kind: exchange, type: topic}
+  billing:
+    <<: *queue
+    bindings: [{exchange: orders, key: "#"}]
+"""
+    topology = flowcheck.loads(text)
+    billing = topology.channels["billing"]
+    assert isinstance(billing, Queue)
+    assert billing.type == "quorum"
+    assert set(topology.channels) == {"orders", "billing"}
+
+
+def test_x_keys_inside_sections_are_names() -> None:
+    text = """
+brokers: {rabbit: {kind: rabbitmq}}
+channels:
+  x-orders: {broker: rabbit, kind: exchange, type: topic}
+  x-billing: {broker: rabbit, kind: queue, bindings: [{exchange: x-orders, key: "#"}]}
+flows:
+  f: {correlate: $.id, steps: [x-orders, x-billing], x-note: 1}
+"""
+    with pytest.raises(TopologyError) as info:
+        flowcheck.loads(text, file="inline.yaml")
+    assert [p.message for p in info.value.problems] == [
+        "flows.f: unknown key 'x-note'; valid keys here: correlate, dead_letters, deadline, "
+        "delivery, description, error_rate, latency, ordering, retry, steps, success_rate"
+    ]
+
+
 def test_load_and_check_file() -> None:
     topology = flowcheck.load(str(SHOP), env={})
     assert set(topology.flows) == {
@@ -498,6 +533,21 @@ def test_topology_built_in_python_round_trips_through_yaml() -> None:
     assert again == topology
     assert "deadline: 30s" in text
     assert "p99: 1.5s" in text
+
+
+def test_match_tests_round_trip_through_yaml() -> None:
+    """Exactly the operators given are dumped: `ne: null` is a test, not a default."""
+    match = Match.model_validate(
+        {
+            "headers": {"account": {"prefix": "X-"}, "tries": 2},
+            "payload": {"$.a": {"ne": None}, "$.b": {"in": [1, "b"]}, "$.c": {"eq": {"k": 1}}},
+            "key": {"regex": "7$"},
+        }
+    )
+    data = match.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    assert data["payload"]["$.a"] == {"ne": None}
+    assert data["payload"]["$.b"] == {"in": [1, "b"]}
+    assert Match.model_validate(yaml.safe_load(yaml.safe_dump(data))) == match
 
 
 def test_models_validate_on_construction() -> None:

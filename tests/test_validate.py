@@ -465,6 +465,12 @@ def test_shipped_topologies_match_the_schema(path: Path) -> None:
         ("channels: {orders: {broker: rabbit, kind: exchnage}}", "channels/orders"),
         ("flows: {f: {correlate: traceparent, steps: [orders], deadline: 30}}", "flows/f/deadline"),
         ("flows: {f: {correlate: traceparent, steps: [orders], retries: 2}}", "flows/f"),
+        (
+            "flows: {f: {correlate: traceparent, steps: "
+            "[{channel: orders, match: {payload: {$.a: {below: 0}}}}]}}",
+            "flows/f/steps/0",
+        ),
+        ("x-ok: 1\nextra: 1", ""),
     ],
 )
 def test_schema_rejects_what_validate_rejects(snippet: str, where: str) -> None:
@@ -478,6 +484,34 @@ def test_schema_rejects_what_validate_rejects(snippet: str, where: str) -> None:
         "/".join(map(str, e.absolute_path)) for e in Draft202012Validator(schema).iter_errors(data)
     }
     assert where in paths
+
+
+def test_schema_accepts_match_tests_and_x_keys() -> None:
+    schema = json.loads(run("schema").stdout)
+    data = yaml.safe_load(
+        """
+x-anchors: {any: thing}
+brokers: {kafka: {kind: kafka}}
+channels: {pay: {broker: kafka, kind: topic}}
+flows:
+  f:
+    correlate: kafka_key
+    steps:
+      - channel: pay
+        match:
+          payload:
+            $.amount: {gte: 0, lt: 100}
+            $.id: {regex: "7$"}
+            $.kind: {in: [a, 1, true]}
+            $.meta: {eq: {a: 1}}
+            $.plain: [1, 2]
+            $.null: null
+          headers: {account: {prefix: X}, x-retry: {exists: true}, plain: 3}
+          key: {suffix: "-7"}
+"""
+    )
+    errors = [e.message for e in Draft202012Validator(schema).iter_errors(data)]
+    assert errors == []
 
 
 # ---------------------------------------------------------------- docs/validate.md

@@ -26,12 +26,14 @@ from flowcheck.topology.model import (
     CHANNEL_KINDS,
     Broker,
     Channel,
+    Condition,
     Correlate,
     DeadLetterRule,
     Exchange,
     Flow,
     Kafka,
     Latency,
+    Match,
     Queue,
     RabbitMQ,
     Redis,
@@ -46,6 +48,24 @@ from flowcheck.topology.routing import routes
 RABBIT_REASONS = ("rejected", "expired", "maxlen", "delivery_limit")
 _KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _JSON_TYPES = ("array", "boolean", "integer", "null", "number", "object", "string")
+
+
+def _operands(test: Condition) -> Iterable[tuple[tuple[str | int, ...], Any]]:
+    """The values ``test`` compares for equality, with their place under it."""
+    for name in ("eq", "ne"):
+        if name in test.model_fields_set:
+            yield (name,), getattr(test, name)
+    for name, items in (("in", test.in_), ("not_in", test.not_in)):
+        for i, item in enumerate(items or ()):
+            yield (name, i), item
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, dict | list):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    return repr(value)
 
 
 class Checker:
@@ -418,6 +438,8 @@ class Checker:
             self.check_dead_letter((*path, "dead_letters", i), flow, rule, steps, labels)
 
     def check_step(self, path: Path, flow: Flow, step: Step, ch: Channel | None) -> None:
+        if step.match is not None:
+            self.check_match((*path, "match"), step.match)
         if ch is not None:
             rule = step.correlate or flow.correlate
             self.check_correlate(path, step.channel, rule, ch, step.correlate is not None)
@@ -441,6 +463,29 @@ class Checker:
         self.check_latency((*path, "latency"), step.latency, step.deadline, "step deadline")
         if step.retry is not None:
             self.check_retry((*path, "retry"), step.retry.backoff)
+
+    def check_match(self, path: Path, match: Match) -> None:
+        """Operands a header or a record key could never equal."""
+        for name, test in match.headers.items():
+            if isinstance(test, Condition):
+                for key, value in _operands(test):
+                    if not isinstance(value, str | int | float):  # bool is an int
+                        hint = "; for an absent header write exists: false" if value is None else ""
+                        self.error(
+                            (*path, "headers", name, *key),
+                            f"a header holds a string, number or boolean, not {_kind(value)}{hint}",
+                        )
+        if isinstance(match.key, Condition):
+            bounds = [(n,) for n in ("lt", "lte", "gt", "gte") if n in match.key.model_fields_set]
+            for key, value in [
+                *_operands(match.key),
+                *((b, getattr(match.key, b[0])) for b in bounds),
+            ]:
+                if not isinstance(value, str):
+                    self.error(
+                        (*path, "key", *key),
+                        f"a record key is text: compare it with a string, not {_kind(value)}",
+                    )
 
     def check_correlate(
         self, path: Path, name: str, rule: Correlate, ch: Channel, own: bool
@@ -498,6 +543,7 @@ class Checker:
         steps: list[tuple[Step, Channel | None]],
         labels: dict[str, int],
     ) -> None:
+        self.check_match((*path, "when"), rule.when)
         target = self.channel((*path, "channel"), rule.channel, CHANNEL_KINDS)
         if target is None:
             return

@@ -82,8 +82,10 @@ def _models_at(root: Any, loc: Sequence[str | int]) -> list[type[BaseModel]]:
     return [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
 
 
-def data_path(data: Any, loc: Sequence[str | int]) -> Path:
-    """Drop the parts of ``loc`` that are not in the data (union tags, type names)."""
+def data_path(data: Any, loc: Sequence[str | int], *, named: bool = True) -> Path:
+    """Drop the parts of ``loc`` that are not in the data (union tags, type names).
+
+    ``named``: keep a last part that is not in the data (a missing or unknown key)."""
     path: list[str | int] = []
     node = data
     for step in loc:
@@ -91,7 +93,7 @@ def data_path(data: Any, loc: Sequence[str | int]) -> Path:
             node = node[step]
         elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
             node = node[step]
-        elif isinstance(node, dict) and step == loc[-1]:
+        elif named and isinstance(node, dict) and step == loc[-1]:
             pass  # a missing or unknown key: keep it so the message can name it
         else:
             continue
@@ -141,7 +143,9 @@ def report(doc: Document, root: Any, prefix: Path, errors: Sequence[ErrorDetails
             misspelt.add((*err["loc"][:-1], close))
     for err in errors:
         loc = (*prefix, *err["loc"])
-        path = data_path(doc.data, doc.written(loc))
+        # A model's own check (value_error) is about the model, not a key of it.
+        named = err["type"] in ("extra_forbidden", "missing")
+        path = data_path(doc.data, doc.written(loc), named=named)
         if any(path[:n] in doc.unset for n in range(len(path) + 1)):
             continue  # an unset environment variable, reported where it is read
         kind = err["type"]
@@ -157,6 +161,8 @@ def report(doc: Document, root: Any, prefix: Path, errors: Sequence[ErrorDetails
             keys = _keys(model) if model else {}
             bad = str(loc[-1])
             hint = suggest(bad, keys) or (f"; valid keys here: {listing(keys)}" if keys else "")
+            if model is not None and model.__name__ == "Condition" and not suggest(bad, keys):
+                hint += "; to compare with a mapping, write {eq: {...}}"
             where = dotted(path[:-1]) or "topology"
             message, key = f"{where}: unknown key {bad!r}{hint}", True
         elif kind == "missing":

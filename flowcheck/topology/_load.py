@@ -38,11 +38,15 @@ def validate(doc: _yaml.Document) -> Topology | None:
             (), "a topology is a mapping with the keys brokers, channels, services and flows"
         )
         return None
+    # Keys starting with x- hold YAML anchors to share (the Compose convention).
+    data = {key: value for key, value in data.items() if not _extension(key)}
     misspelt: set[str | None] = set()
     raws: dict[str, Any] = {section: data.get(section) for section in SECTIONS}
     for key in data:
         if key not in _TOP:
-            hint = suggest(key, _TOP) or f"; the top-level keys are {listing(_TOP)}"
+            hint = suggest(key, _TOP) or (
+                f"; the top-level keys are {listing(_TOP)}, and x-… keys, which are ignored"
+            )
             doc.problem((key,), f"unknown top-level key {key!r}{hint}", key=True)
             close = closest(key, _TOP)
             misspelt.add(close)
@@ -103,6 +107,10 @@ def validate(doc: _yaml.Document) -> Topology | None:
     except ValidationError as exc:  # the keys no section covers, like 'name'
         report(doc, Topology, (), exc.errors())
         return None
+
+
+def _extension(key: Any) -> bool:
+    return isinstance(key, str) and key.startswith("x-")
 
 
 def _salvage(

@@ -16,12 +16,18 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     GetJsonSchemaHandler,
+    PrivateAttr,
     SecretStr,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
     StringConstraints,
+    Tag,
     WithJsonSchema,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
@@ -465,13 +471,146 @@ class Correlate(Model):
         return next(iter(self.model_fields_set))
 
 
+def _bound(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected a number or a string, got {_what(value)}")
+    return value
+
+
+def _what(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a yes/no value"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return "nothing (null)" if value is None else repr(value)
+
+
+Bound = Annotated[int | float | str, BeforeValidator(_bound)]
+
+
+class Condition(Model):
+    """Tests on one header, payload field or record key; all that are given must hold."""
+
+    eq: Any = Field(None, description="equals this value")
+    ne: Any = Field(None, description="does not equal this value (an absent value included)")
+    lt: Bound | None = Field(None, description="below this number, or before this string")
+    lte: Bound | None = Field(None, description="at most this")
+    gt: Bound | None = Field(None, description="above this")
+    gte: Bound | None = Field(None, description="at least this")
+    prefix: str | None = Field(None, description="a string that starts with this")
+    suffix: str | None = Field(None, description="a string that ends with this")
+    regex: str | None = Field(
+        None, description="a string in which this regular expression finds a match"
+    )
+    in_: list[Any] | None = Field(
+        None, alias="in", min_length=1, description="equals one of these values"
+    )
+    not_in: list[Any] | None = Field(
+        None, description="equals none of these values (an absent value included)"
+    )
+    exists: bool | None = Field(None, description="is present (true) or absent (false)")
+    _pattern: re.Pattern[str] | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _sound(self) -> Condition:
+        given = self.model_fields_set
+        if not given:
+            ops = (f.alias or n for n, f in type(self).model_fields.items())
+            raise ValueError(f"give at least one of {', '.join(ops)}")
+        bounds = [n for n in ("lt", "lte", "gt", "gte") if n in given]
+        if len({type(getattr(self, n)) is str for n in bounds}) > 1:
+            raise ValueError(
+                f"{' and '.join(bounds)}: compare with numbers or with strings, not both"
+            )
+        if self.exists is None and "exists" in given:
+            raise ValueError("exists: expected true or false")
+        if self.exists is False and len(given) > 1:
+            raise ValueError("exists: false holds only for an absent value; give no other test")
+        if self.regex is not None:
+            self._pattern = re.compile(self.regex)
+        return self
+
+    @field_validator("in_", "not_in")
+    @classmethod
+    def _plain(cls, value: list[Any] | None) -> list[Any] | None:
+        for item in value or ():
+            if isinstance(item, dict | list):
+                raise ValueError(f"list plain values, not {_what(item)}; use eq for one mapping")
+        return value
+
+    @field_validator("regex")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a regular expression: {exc}") from None
+        return value
+
+    @model_serializer(mode="wrap")
+    def _given(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
+        # Exactly the operators given: `eq: null` is a test, not a default to leave out
+        # (a given operator missing from what the handler made was left out for being null).
+        data = handler(self)
+        given = self.model_fields_set
+        return {
+            key: data.get(key)
+            for name, field in type(self).model_fields.items()
+            if name in given
+            for key in [(field.alias or name) if info.by_alias else name]
+        }
+
+    @property
+    def pattern(self) -> re.Pattern[str] | None:
+        """``regex`` compiled once, when the topology is loaded."""
+        return self._pattern
+
+
+def _tag(value: Any) -> str:
+    return "Condition" if isinstance(value, dict | Condition) else "value"
+
+
+# A plain value (equality) or, written as a mapping, a Condition.
+HeaderTest = Annotated[
+    Annotated[Condition, Tag("Condition")] | Annotated[Scalar, Tag("value")], Discriminator(_tag)
+]
+PayloadTest = Annotated[
+    Annotated[Condition, Tag("Condition")]
+    | Annotated[Any, Tag("value"), WithJsonSchema({"not": {"type": "object"}})],
+    Discriminator(_tag),
+]
+KeyTest = Annotated[
+    Annotated[Condition, Tag("Condition")] | Annotated[str, Tag("value")], Discriminator(_tag)
+]
+
+
+class Compiled:
+    """Where the checker keeps a match's test, compiled on first use. Not part of the
+    match: equal to any other, and for its ``owner`` only (a copy compiles its own)."""
+
+    __slots__ = ("owner", "test")
+
+    def __init__(self) -> None:
+        self.owner: object = None
+        self.test: Any = None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Compiled)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class Match(Model):
     """Which messages a step (or dead-letter rule) is about; all conditions must hold."""
 
-    headers: dict[str, Scalar] = Field(default_factory=dict)
-    payload: dict[JsonPath, Any] = Field(default_factory=dict)
+    headers: dict[str, HeaderTest] = Field(default_factory=dict)
+    payload: dict[JsonPath, PayloadTest] = Field(default_factory=dict)
     routing_key: str | None = Field(None, description="RabbitMQ routing key pattern (* and #)")
-    key: str | None = Field(None, description="Kafka record key")
+    key: KeyTest | None = Field(None, description="Kafka record key")
+    _compiled: Compiled = PrivateAttr(default_factory=Compiled)
 
     @model_validator(mode="after")
     def _some(self) -> Match:
@@ -568,6 +707,9 @@ class Gate(Model):
 
 class Topology(Model):
     """A whole topology file."""
+
+    # Top-level x- keys are ignored by the loader (YAML anchors to share); editors too.
+    model_config = ConfigDict(json_schema_extra={"patternProperties": {"^x-": {}}})
 
     version: Literal[1] = 1
     name: str | None = None
