@@ -23,7 +23,7 @@ SECTIONS: dict[str, Any] = {
     "flows": Flow,
 }
 REQUIRED = ("brokers", "channels")
-_TOP = ("version", "name", *SECTIONS, "gate")
+_TOP = ("version", "name", *SECTIONS, "gate", "redact")
 _ADAPTERS = {section: TypeAdapter(tp) for section, tp in SECTIONS.items()}
 _NAME: TypeAdapter[str] = TypeAdapter(Name)
 
