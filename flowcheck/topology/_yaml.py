@@ -261,6 +261,13 @@ def _decode(raw: bytes, file: str) -> str:
 
 
 def _yaml_problem(exc: yaml.YAMLError, text: str) -> _Fatal:
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow
+        before = text[: exc.position]
+        line, column = before.count("\n") + 1, exc.position - (before.rfind("\n") + 1) + 1
+        char = exc.character if isinstance(exc.character, str) else chr(exc.character)
+        return _Fatal(
+            line, column, f"the character U+{ord(char):04X} is not allowed in YAML ({exc.reason})"
+        )
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     line, column = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
     problem = str(getattr(exc, "problem", None) or exc)
