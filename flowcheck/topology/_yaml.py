@@ -72,10 +72,18 @@ class Document:
     def problem(self, path: Path, message: str, *, key: bool = False, warn: bool = False) -> None:
         at = self.pos(self.written(path), key=key)
         severity = "warning" if warn else "error"
-        self.problems.append(Problem(self.file, at.line, at.column, message, severity))
+        self.problems.append(Problem(self.file, at.line, at.column, one_line(message), severity))
 
     def is_secret(self, path: Path) -> bool:
         return any(path[:n] in self.secret for n in range(len(path) + 1))
+
+
+def one_line(message: str) -> str:
+    """``message`` with line breaks and other unprintable characters (which names and values
+    quoted from the file may hold) escaped: one problem, one line."""
+    if message.isprintable():
+        return message
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message)
 
 
 def dotted(path: Path) -> str:
@@ -335,7 +343,7 @@ def parse(
             )
     except _Fatal as fatal:
         doc.data = None
-        doc.problems.append(Problem(file, fatal.line, fatal.column, fatal.message))
+        doc.problems.append(Problem(file, fatal.line, fatal.column, one_line(fatal.message)))
     return doc
 
 

@@ -22,3 +22,11 @@ def test_a_control_character_is_one_located_line(text: str | bytes, where: str) 
     assert str(info.value) == f"{where} the character U+001B is not allowed in YAML " + (
         "(control characters are not allowed)"
     )
+
+
+def test_a_name_with_a_line_break_stays_on_its_problem_s_line() -> None:
+    with pytest.raises(TopologyError) as info:
+        loads('brokers: {"a\\nb": {kind: redis}, "c\\x85": []}\nchannels: {}\n')
+    lines = str(info.value).splitlines()
+    assert all(line.startswith("<string>:") for line in lines), lines
+    assert any("a\\nb" in line for line in lines), lines
