@@ -113,3 +113,17 @@ def test_every_name_that_looks_like_a_credential_is_looked_at(name: str) -> None
     assert cut_payload(json.dumps({name: "hidden"}).encode())[0] == json.dumps(
         {name: MASK}, separators=(",", ":")
     )
+
+
+def test_a_rule_reading_a_masked_path_is_warned_of() -> None:
+    from flowcheck.topology._load import validate
+    from flowcheck.topology._yaml import parse
+
+    doc = parse(TOPOLOGY + "redact:\n  payload: [$.auth_method]\n", "<string>")
+    assert validate(doc) is not None
+    [warning] = doc.problems
+    assert (warning.severity, warning.line) == ("warning", 10)
+    assert str(warning).endswith(
+        "warning: flows.orders.steps[0].match.payload: $.auth_method is masked "
+        "(redact.payload), so this rule never sees its value"
+    )
