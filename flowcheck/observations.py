@@ -129,7 +129,9 @@ def cut_payload(body: bytes, redaction: Redaction = PLAIN) -> tuple[str, int, st
 def masked_payload(body: bytes, redaction: Redaction = PLAIN) -> bytes:
     """``body`` with the values of its JSON fields whose names look like credentials, and
     of ``redaction``'s paths, masked; a body that is not JSON as it is."""
-    if not redaction.may_hide(body):  # most bodies: no parsing
+    # Most bodies: no parsing. Only what is kept can show a secret, and a value is kept
+    # only with its name: a big body whose kept part names none is recorded as it is.
+    if not redaction.may_hide(body if len(body) <= PAYLOAD_CAP else body[:PAYLOAD_CAP]):
         return body
     try:
         masked = redaction.payload(parse_json(body))

@@ -89,7 +89,10 @@ class Redaction:
     def __post_init__(self) -> None:
         names = {str(s).lower().encode() for p in self.paths for s in p if isinstance(s, str)}
         # A key written with \u escapes would slip past a plain search: look closer then.
-        object.__setattr__(self, "_hint", _any_of({*_SECRET_HINTS, b"\\u", *names}))
+        hint = _any_of({*_SECRET_HINTS, b"\\u", *names})
+        if any(not any(isinstance(s, str) for s in p) for p in self.paths):  # like $[0]
+            hint = re.compile(b"")  # no name to look for: look through every body
+        object.__setattr__(self, "_hint", hint)
 
     def header(self, name: str) -> bool:
         """Is ``name`` a header to mask?"""

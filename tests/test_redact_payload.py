@@ -127,3 +127,13 @@ def test_a_rule_reading_a_masked_path_is_warned_of() -> None:
         "warning: flows.orders.steps[0].match.payload: $.auth_method is masked "
         "(redact.payload), so this rule never sees its value"
     )
+
+
+def test_a_path_without_names_and_a_secret_past_the_cut() -> None:
+    rules = redaction(flowcheck.loads(TOPOLOGY + "redact:\n  payload: ['$[1]']\n"))
+    assert json.loads(cut_payload(b'["a", "b"]', rules)[0]) == ["a", MASK]
+    # Past the cut nothing is kept: the body is not even parsed, and the kept part is as sent.
+    body = json.dumps({"pad": "x" * PAYLOAD_CAP, "password": "hidden"}).encode()
+    payload, size, digest = cut_payload(body)
+    assert payload == body[:PAYLOAD_CAP].decode()
+    assert (size, digest) == (len(body), hashlib.sha256(body).hexdigest())
