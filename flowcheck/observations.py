@@ -1,8 +1,10 @@
 """The one record every part of flowcheck speaks: what was seen, where, and when.
 
 Brokers produce observations, the tracer writes them to trace files, the
-checker reads them. An observation never holds a secret (headers are redacted)
-nor an unbounded payload (big ones are cut, keeping their size and hash).
+checker reads them. An observation never holds a secret (headers and JSON payload
+fields whose names look like credentials are masked, and what the topology's
+``redact`` lists) nor an unbounded payload (big ones are cut, keeping their size and
+hash). Correlation keys are read from the message before masking.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ import json
 import time
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from flowcheck.redact import MASK, SECRET_NAME, is_secret_name
+from flowcheck.redact import MASK, PLAIN, SECRET_NAME, UNCHANGED, Redaction, is_secret_name
+from flowcheck.topology._types import path_segments
+
+if TYPE_CHECKING:
+    from flowcheck.topology.model import Topology
 
 # Header flowcheck adds to every message it publishes.
 ID_HEADER = "x-flowcheck-id"
@@ -105,16 +111,56 @@ def now() -> tuple[int, float]:
     return time.monotonic_ns(), time.time()
 
 
-def cut_payload(body: bytes) -> tuple[str, int, str | None]:
-    """(payload, size, sha256) of a message body: the text cut at PAYLOAD_CAP, and the
-    hash of the whole only when it was cut."""
+def cut_payload(body: bytes, redaction: Redaction = PLAIN) -> tuple[str, int, str | None]:
+    """(payload, size, sha256) of a message body: the text, secrets masked, cut at
+    PAYLOAD_CAP; ``size`` and ``sha256`` are of the body as sent (identity is not changed
+    by masking), the hash given only when the text was cut."""
     size = len(body)
-    if size <= PAYLOAD_CAP:
-        return body.decode("utf-8", errors="replace"), size, None
+    kept = masked_payload(body, redaction)
+    if size <= PAYLOAD_CAP and len(kept) <= PAYLOAD_CAP:
+        return kept.decode("utf-8", errors="replace"), size, None
     return (
-        body[:PAYLOAD_CAP].decode("utf-8", errors="replace"),
+        kept[:PAYLOAD_CAP].decode("utf-8", errors="replace"),
         size,
         hashlib.sha256(body).hexdigest(),
+    )
+
+
+def masked_payload(body: bytes, redaction: Redaction = PLAIN) -> bytes:
+    """``body`` with the values of its JSON fields whose names look like credentials, and
+    of ``redaction``'s paths, masked; a body that is not JSON as it is."""
+    # Most bodies: no parsing. Only what is kept can show a secret, and a value is kept
+    # only with its name: a big body whose kept part names none is recorded as it is.
+    if not redaction.may_hide(body if len(body) <= PAYLOAD_CAP else body[:PAYLOAD_CAP]):
+        return body
+    try:
+        masked = redaction.payload(parse_json(body))
+    except (TooDeep, RecursionError):
+        return MASK.encode()  # too deep to look through: it may hide anything
+    except ValueError:
+        return body  # not JSON
+    if masked is UNCHANGED:
+        return body
+    try:
+        return msgspec.json.encode(masked)
+    except (TypeError, OverflowError):  # an integer over 64 bits, from json.loads
+        return json.dumps(masked, ensure_ascii=False).encode(errors="backslashreplace")
+
+
+def redaction(topology: Topology) -> Redaction:
+    """The topology's ``redact`` settings, with the payload paths its rules read kept."""
+    keep = {
+        path_segments(path)
+        for flow in topology.flows.values()
+        for match in [*(s.match for s in flow.steps), *(d.when for d in flow.dead_letters)]
+        if match is not None
+        for path in match.payload
+    }
+    settings = topology.redact
+    return Redaction(
+        paths=frozenset(path_segments(p) for p in settings.payload),
+        headers=frozenset(h.lower() for h in settings.headers),
+        keep=frozenset(keep) - {path_segments(p) for p in settings.payload},
     )
 
 
@@ -136,18 +182,20 @@ def fit_text(text: str, cap: int = TEXT_CAP) -> str:
 _PLAIN = frozenset({str, int, float, bool, type(None)})  # JSON-safe as they are
 
 
-def clean_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
-    """Headers made JSON-safe (bytes decoded, nested values kept) with secrets masked, and
-    bounded: names and values cut at TEXT_CAP, at most HEADERS_KEPT of them."""
+def clean_headers(headers: Mapping[str, Any], redaction: Redaction = PLAIN) -> dict[str, Any]:
+    """Headers made JSON-safe (bytes decoded, nested values kept) with secrets masked (names
+    that look like credentials, and ``redaction``'s), and bounded: names and values cut at
+    TEXT_CAP, at most HEADERS_KEPT of them."""
     if len(headers) > HEADERS_KEPT:  # a Redis entry with thousands of fields, say
-        return _fewer(headers)
+        return _fewer(headers, redaction)
+    extra = redaction.headers
     out: dict[str, Any] = {}
     # One pass, plain values as they are: this runs for every message a tap sees.
     for k, v in headers.items():
         name = k if type(k) is str else str(k)
         if len(name) > TEXT_CAP:  # judged whole (the secret may be past the cut), kept cut
             out[fit_text(name)] = MASK if SECRET_NAME.search(name) else _jsonable(v)
-        elif is_secret_name(name):
+        elif is_secret_name(name) or (extra and name.lower() in extra):
             out[name] = MASK
         elif type(v) is str:
             out[name] = v if len(v) <= TEXT_CAP and v[:1] not in _JSONISH else _text(v)
@@ -202,9 +250,9 @@ def _mask(doc: Any) -> Any:
     return _UNCHANGED
 
 
-def _fewer(headers: Mapping[str, Any]) -> dict[str, Any]:
+def _fewer(headers: Mapping[str, Any], redaction: Redaction) -> dict[str, Any]:
     kept = dict(itertools.islice(headers.items(), HEADERS_KEPT))
-    return {**clean_headers(kept), LEFT_OUT: len(headers) - len(kept)}
+    return {**clean_headers(kept, redaction), LEFT_OUT: len(headers) - len(kept)}
 
 
 def _jsonable(value: Any) -> Any:

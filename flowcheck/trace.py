@@ -14,7 +14,6 @@ and a reader that predates it skips the line as damaged and reads the rest.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ import msgspec
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from flowcheck.errors import FlowcheckError, UsageError
-from flowcheck.observations import Observation, decode, encode, now
+from flowcheck.observations import Observation, TooDeep, decode, encode, now, parse_json
 
 FORMAT = "flowcheck-trace"
 VERSION = 1
@@ -176,10 +175,14 @@ class Reader:
         except OSError as exc:
             raise TraceError(f"{self.path}: cannot read ({exc.strerror})") from None
         try:
-            raw: Any = json.loads(first)
+            raw: Any = parse_json(first)
             if not isinstance(raw, dict) or raw.get("format") != FORMAT:
                 raise ValueError
             self.header = Header.model_validate(raw)
+        except (TooDeep, RecursionError):  # pydantic too may recurse through a deep extra
+            raise TraceError(
+                f"{self.path}: not a flowcheck trace (its first line is JSON nested too deeply)"
+            ) from None
         except (ValueError, ValidationError):
             raise TraceError(
                 f"{self.path}: not a flowcheck trace (its first line is not a trace header)"

@@ -217,3 +217,22 @@ def test_damaged_or_misplaced_end_record_is_named(tmp_path: Path) -> None:
     assert reader.end is None
     assert reader.problems == [(4, "an observation after the end record")]
     assert end_line == b'{"ended":"stopped","mono_ns":5,"wall":6.0}\n'
+
+
+@pytest.mark.parametrize("command", ["inspect", "check"])
+def test_a_deeply_nested_header_is_one_clear_error(tmp_path: Path, command: str) -> None:
+    from click.testing import CliRunner
+
+    from flowcheck.cli import cli
+
+    deep = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / "deep.jsonl"
+    header = {"format": "flowcheck-trace", "started": 0, "started_mono_ns": 0}
+    path.write_text(json.dumps(header)[:-1] + f', "x": {deep}}}\n')
+    args = [str(path)] if command == "inspect" else ["topologies/shop.yaml", str(path)]
+    result = CliRunner().invoke(cli, [command, *args])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.stderr.strip().splitlines() == [
+        f"flowcheck: {path}: not a flowcheck trace (its first line is JSON nested too deeply)"
+    ]

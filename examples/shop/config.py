@@ -98,6 +98,11 @@ class Names:
             shipping_group=n("shipping"),
         )
 
+    def redis_client(self, service: str) -> str:
+        """The name ``service``'s Redis connections carry (CLIENT SETNAME): what tells them
+        apart in CLIENT LIST."""
+        return f"{self.prefix}shop-{service}"
+
     def mapping(self) -> dict[str, str]:
         """shop.yaml name → broker-side name, for channels and groups alike."""
         logical = Names.for_prefix("")

@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
 from .config import Settings
+from .infra import connect_redis
 from .messages import (
     ORDER_ID_HEADER,
     TRACE_HEADERS,
@@ -75,7 +76,7 @@ class PaymentsWorker:
     async def run(self) -> None:
         names, brokers = self.settings.names, self.settings.brokers
         async with AsyncExitStack() as stack:
-            redis = Redis.from_url(brokers.redis_url)
+            redis = connect_redis(self.settings, self.name)
             stack.push_async_callback(redis.aclose)
             self._producer = AIOKafkaProducer(bootstrap_servers=brokers.kafka_bootstrap, acks="all")
             stack.push_async_callback(self._producer.stop)

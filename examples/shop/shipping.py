@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT, StreamIdT
 
 from .config import Fault, Settings
+from .infra import connect_redis
 from .messages import TRACE_HEADERS, BadMessage, decode, text
 from .stats import Event, Stats, checkpoint
 
@@ -62,7 +63,7 @@ class Shipping:
 
     async def run(self) -> None:
         # RESP2 explicitly: the reply shapes unpacked below are RESP2's.
-        redis = Redis.from_url(self.settings.brokers.redis_url, decode_responses=True, protocol=2)
+        redis = connect_redis(self.settings, self.name, decode_responses=True, protocol=2)
         try:
             self.ready.set()
             # Block no longer than the claim interval, so stuck entries are picked up on time.

@@ -28,6 +28,7 @@ from flowcheck.observations import (
     cut_payload,
     fit_text,
     now,
+    redaction,
     trace_id_of,
 )
 from flowcheck.topology.model import Broker, Topology
@@ -69,6 +70,7 @@ class Adapter(abc.ABC):
         self.config: Broker = topology.brokers[name]
         self.correlator = correlator or Correlator(topology)
         self._key_fns = self.correlator.key_fns
+        self._redaction = redaction(topology)  # applied after the keys are read
         # Broker-side name of each of this broker's channels, and back.
         self._names = {k: self.physical(k) for k in self.channels()}
         self._by_physical = {v: k for k, v in self._names.items()}
@@ -305,7 +307,7 @@ class Adapter(abc.ABC):
         digest: str | None = None
         size = 0
         if body is not None:
-            payload, size, digest = cut_payload(body)
+            payload, size, digest = cut_payload(body, self._redaction)
         key_fn = self._key_fns.get(channel)
         # Rules read the whole body: a payload path must still resolve when the
         # observation keeps only the first PAYLOAD_CAP bytes.
@@ -335,7 +337,7 @@ class Adapter(abc.ABC):
             offset,
             entry_id,
             group,
-            clean_headers(hdrs) if hdrs else {},
+            clean_headers(hdrs, self._redaction) if hdrs else {},
             payload,
             size,
             digest,

@@ -23,7 +23,7 @@ SECTIONS: dict[str, Any] = {
     "flows": Flow,
 }
 REQUIRED = ("brokers", "channels")
-_TOP = ("version", "name", *SECTIONS, "gate")
+_TOP = ("version", "name", *SECTIONS, "gate", "redact")
 _ADAPTERS = {section: TypeAdapter(tp) for section, tp in SECTIONS.items()}
 _NAME: TypeAdapter[str] = TypeAdapter(Name)
 
@@ -103,10 +103,36 @@ def validate(doc: _yaml.Document) -> Topology | None:
     if any(p.severity == "error" for p in doc.problems):
         return None
     try:
-        return Topology.model_validate(data)
+        topology = Topology.model_validate(data)
     except ValidationError as exc:  # the keys no section covers, like 'name'
         report(doc, Topology, (), exc.errors())
         return None
+    _check_redact(doc, topology)
+    return topology
+
+
+def _check_redact(doc: _yaml.Document, topology: Topology) -> None:
+    """Warn of a ``match`` that reads a payload path ``redact`` masks: it never sees it."""
+    masked = set(topology.redact.payload)
+    if not masked:
+        return
+    for fname, flow in topology.flows.items():
+        rules: list[tuple[Path, Any]] = [
+            (("flows", fname, "steps", i, "match"), step.match) for i, step in enumerate(flow.steps)
+        ]
+        rules += [
+            (("flows", fname, "dead_letters", i, "when"), rule.when)
+            for i, rule in enumerate(flow.dead_letters)
+        ]
+        for at, match in rules:
+            for path in masked & set(match.payload if match is not None else ()):
+                doc.problem(
+                    (*at, "payload", path),
+                    f"{_yaml.dotted((*at, 'payload'))}: {path} is masked (redact.payload), "
+                    "so this rule never sees its value",
+                    key=True,
+                    warn=True,
+                )
 
 
 def _extension(key: Any) -> bool:

@@ -72,10 +72,18 @@ class Document:
     def problem(self, path: Path, message: str, *, key: bool = False, warn: bool = False) -> None:
         at = self.pos(self.written(path), key=key)
         severity = "warning" if warn else "error"
-        self.problems.append(Problem(self.file, at.line, at.column, message, severity))
+        self.problems.append(Problem(self.file, at.line, at.column, one_line(message), severity))
 
     def is_secret(self, path: Path) -> bool:
         return any(path[:n] in self.secret for n in range(len(path) + 1))
+
+
+def one_line(message: str) -> str:
+    """``message`` with line breaks and other unprintable characters (which names and values
+    quoted from the file may hold) escaped: one problem, one line."""
+    if message.isprintable():
+        return message
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message)
 
 
 def dotted(path: Path) -> str:
@@ -261,6 +269,13 @@ def _decode(raw: bytes, file: str) -> str:
 
 
 def _yaml_problem(exc: yaml.YAMLError, text: str) -> _Fatal:
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow
+        before = text[: exc.position]
+        line, column = before.count("\n") + 1, exc.position - (before.rfind("\n") + 1) + 1
+        char = exc.character if isinstance(exc.character, str) else chr(exc.character)
+        return _Fatal(
+            line, column, f"the character U+{ord(char):04X} is not allowed in YAML ({exc.reason})"
+        )
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     line, column = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
     problem = str(getattr(exc, "problem", None) or exc)
@@ -328,7 +343,7 @@ def parse(
             )
     except _Fatal as fatal:
         doc.data = None
-        doc.problems.append(Problem(file, fatal.line, fatal.column, fatal.message))
+        doc.problems.append(Problem(file, fatal.line, fatal.column, one_line(fatal.message)))
     return doc
 
 

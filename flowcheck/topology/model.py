@@ -705,6 +705,18 @@ class Gate(Model):
     )
 
 
+class Redact(Model):
+    """Secrets to mask in what flowcheck records (trace files, reports), besides the header
+    names and JSON payload fields whose names look like credentials, which always are."""
+
+    payload: list[JsonPath] = Field(
+        default_factory=list, description="payload paths to mask, like $.card.number"
+    )
+    headers: list[Annotated[str, StringConstraints(min_length=1)]] = Field(
+        default_factory=list, description="header names to mask, in any case"
+    )
+
+
 class Topology(Model):
     """A whole topology file."""
 
@@ -718,6 +730,7 @@ class Topology(Model):
     services: dict[Name, Service] = Field(default_factory=dict)
     flows: dict[Name, Flow] = Field(default_factory=dict)
     gate: Gate = Field(default_factory=Gate)
+    redact: Redact = Field(default_factory=Redact)
 
     def tap_late(self, channel: str) -> tuple[timedelta, str] | None:
         """How late a tap may see a message on ``channel``, and the setting that makes it so;

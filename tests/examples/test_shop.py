@@ -460,3 +460,32 @@ async def test_stats_wait_ends_when_the_condition_holds() -> None:
     await waiting
     with pytest.raises(TimeoutError):
         await stats.wait_for(lambda s: False, 0.01)
+
+
+# --- Survives what production throws at it.
+
+
+async def kill_redis_client(redis: Redis, name: str) -> str:
+    """Kill the one connection named ``name`` (CLIENT KILL ID: no other client is touched);
+    returns its id."""
+    clients = [c for c in await redis.client_list() if c.get("name") == name]
+    assert len(clients) == 1, clients
+    killed = str(clients[0]["id"])
+    assert await redis.client_kill_filter(_id=killed) == 1
+    return killed
+
+
+@pytest.mark.parametrize("service", [Service.SHIPPING, Service.PAYMENTS])
+async def test_a_dropped_redis_connection_is_reconnected(
+    settings: Settings, redis_client: Redis, service: Service
+) -> None:
+    name = settings.names.redis_client(service)
+    async with running(settings) as shop:
+        await shop.place_orders(2)
+        await shop.wait_for(lambda s: s.total(Event.SHIPPED) == 2, within=DEADLINE)
+        killed = await kill_redis_client(redis_client, name)
+        await shop.place_orders(3)
+        await shop.wait_for(lambda s: s.total(Event.SHIPPED) == 5, within=DEADLINE)
+        now = [str(c["id"]) for c in await redis_client.client_list() if c.get("name") == name]
+        assert now
+        assert killed not in now
