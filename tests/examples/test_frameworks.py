@@ -356,6 +356,51 @@ async def test_a_healthy_order_given_up_gave_up(
     assert "after 3 attempts" in gave_up.message
 
 
+# The other two ways to tell a retry from a second message: Celery keeps the task id
+# (header id) across retries; Dramatiq's retries pass through <queue>.DQ.
+BY_ID = (
+    "celery_chain.yaml",
+    "retry: {max_attempts: 3, counter: {header: retries}}",
+    "retry: {max_attempts: 3, id: {header: id}}",
+)
+BY_DELAY_QUEUE = (
+    "dramatiq_pipeline.yaml",
+    "retry: {max_attempts: 3, counter: $.options.retries}",
+    "retry: {max_attempts: 3}",
+)
+
+
+def retried_by(system: System, tmp_path: Path, how: tuple[str, str, str]) -> System:
+    name, counter, other = how
+    text = (ROOT / "topologies" / name).read_text()
+    assert counter in text
+    text = text.replace(counter, other)
+    if how is BY_DELAY_QUEUE:
+        old = "  dramatiq.store: {broker: rabbit, kind: queue}"
+        new = "  dramatiq.store: {broker: rabbit, kind: queue, retry: [dramatiq.store.DQ]}"
+        text = text.replace(old, new + "\n  dramatiq.store.DQ: {broker: rabbit, kind: queue}")
+    path = tmp_path / name
+    path.write_text(text)
+    return replace(system, topology=str(path))
+
+
+@pytest.mark.parametrize(
+    ("system", "how"), [(CELERY, BY_ID), (DRAMATIQ, BY_DELAY_QUEUE)], ids=["id", "delay-queue"]
+)
+async def test_retries_told_by_id_or_delay_queue(
+    system: System, how: tuple[str, str, str], vhost_url: str, unique: str, tmp_path: Path
+) -> None:
+    told = retried_by(system, tmp_path, how)
+    for n in range(REPEATS):
+        r = await run(told, vhost_url, f"{unique}.{n}.", [*HEALTHY, FLAKY])
+        assert r.attempts[FLAKY.order_id] == 2
+        expect(r, {})
+    faults = {fault(system, "too_many_retries"): "o-1"}
+    r = await run(told, vhost_url, f"{unique}.many.", HEALTHY, faults)
+    assert r.attempts["o-1"] == 4
+    expect(r, {"o-1": {FindingKind.RETRIES}})
+
+
 END = {"celery_chain.yaml": "shipped", "dramatiq_pipeline.yaml": "stored"}
 SECOND = {"celery_chain.yaml": "celery.charge", "dramatiq_pipeline.yaml": "dramatiq.store"}
 LAST = {"celery_chain.yaml": "celery.ship", "dramatiq_pipeline.yaml": "dramatiq.store"}
