@@ -433,7 +433,7 @@ flows:
         flowcheck.loads(text, file="inline.yaml")
     assert [p.message for p in info.value.problems] == [
         "flows.f: unknown key 'x-note'; valid keys here: correlate, dead_letters, deadline, "
-        "delivery, description, error_rate, latency, ordering, retry, steps, success_rate"
+        "delivery, description, error_rate, gives_up, latency, ordering, retry, steps, success_rate"
     ]
 
 

@@ -10,7 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from flowcheck.checker import _dead_letters, _deadlines, _delivery, _latency, _ordering, _retries
+from flowcheck.checker import (
+    _dead_letters,
+    _deadlines,
+    _delivery,
+    _gives_up,
+    _latency,
+    _ordering,
+    _retries,
+)
 from flowcheck.checker._chain import Chain
 from flowcheck.checker._hist import Span
 from flowcheck.topology.model import DeadLetterRule
@@ -49,8 +57,13 @@ def decide(state: FlowState, chain: Chain, *, ended: bool) -> None:
     spans = state.spans(chain)
     # Its fate first: where it ended, or that this cannot be known yet (undecided).
     state.ended_well = True
+    # A give-up rule applies to a chain no dead-letter rule claims.
+    give = state.giving = state.give_up_for(chain) if rule is None and state.gives_up else None
+    fate = None if give is None else _gives_up.expected(state, chain, give, ended)
     if rule is not None:
         undecided = _dead_letters.poison(state, chain, rule, ended)
+    elif fate is not None:
+        undecided = fate
     elif chain.dead:
         _dead_letters.healthy(state, chain)
         undecided = state.ended_well = False
@@ -63,6 +76,7 @@ def decide(state: FlowState, chain: Chain, *, ended: bool) -> None:
         for run in state.checks:
             run(state, chain, rule, spans)
     failed = state.chain_failures > before
+    state.giving = None
     if not failed:  # a failed chain fails the flow's threshold whatever went unjudged
         state.unjudged.update(state.deciding)
     state.deciding = None

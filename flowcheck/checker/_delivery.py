@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from flowcheck.checker import _attempts, _gives_up
 from flowcheck.checker._chain import Chain
 from flowcheck.checker._hist import Span
 from flowcheck.checker.verdict import Cause, FindingKind
@@ -72,6 +73,8 @@ def incomplete(state: FlowState, chain: Chain, ended: bool) -> bool:
             f"stuck at {labels[reached]!r}: delivered {d.delivery_count or 1} time(s), never acknowledged",
         )
         seen = [d]
+    elif reached >= 0 and state.has_policy and _gives_up.healthy(state, chain, reached, nxt):
+        return False  # attempted several times, then nothing: given up, not lost
     else:
         deadline = format_duration(timedelta(seconds=(state.window_ns - GRACE_NS) / 1e9))
         cause, why = (
@@ -94,23 +97,39 @@ def incomplete(state: FlowState, chain: Chain, ended: bool) -> bool:
 
 
 def applies(state: FlowState) -> bool:
-    return state.flow.delivery != "at-least-once"
+    return any(d != "at-least-once" for d in state.delivery)
 
 
 def check(
     state: FlowState, chain: Chain, rule: DeadLetterRule | None, spans: list[Span | None]
 ) -> None:
-    """More messages at a step than it expects: duplicates, for at-most/exactly-once."""
-    flow = state.flow
-    for i, (arrived, step) in enumerate(zip(chain.arrivals, flow.steps, strict=True)):
+    """More messages at a step than it expects: duplicates, for at-most/exactly-once (the
+    step's own guarantee, else the flow's). An attempt counted twice is one too."""
+    for i, (arrived, step) in enumerate(zip(chain.arrivals, state.flow.steps, strict=True)):
+        delivery = state.delivery[i]
+        if delivery == "at-least-once":
+            continue
         if len(arrived) > state.need[i]:
             extra = list(arrived.values())
             state.add(
                 state.finding(
                     FindingKind.DUPLICATED,
                     chain,
-                    f"{len(arrived)} messages at {state.labels[i]!r}, expected {step.count} ({flow.delivery})",
+                    f"{len(arrived)} messages at {state.labels[i]!r}, expected {step.count} ({delivery})",
                     step=i,
                     seen=extra[:5],
                 )
             )
+        elif state.retried:
+            for same in _attempts.duplicates(state, chain, i):
+                state.add(
+                    state.finding(
+                        FindingKind.DUPLICATED,
+                        chain,
+                        f"attempt {same[0].delivery_count} came {len(same)} times at "
+                        f"{state.labels[i]!r} (its retry counter says so), expected {step.count} ({delivery})",
+                        step=i,
+                        seen=same[:5],
+                    )
+                )
+                break

@@ -14,14 +14,14 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
-from flowcheck.checker import _decide, _thresholds
+from flowcheck.checker import _attempts, _decide, _thresholds
 from flowcheck.checker._chain import Chain, Places, identity, place, which
 from flowcheck.checker._hist import Hist, Span, span
 from flowcheck.checker._match import matches
 from flowcheck.checker.verdict import CHAIN_KINDS, Finding, FindingKind, FlowVerdict, Seen
 from flowcheck.checker.window import DEFAULT_WINDOW, GRACE_NS
 from flowcheck.observations import Kind, Observation, payload_json
-from flowcheck.topology.model import DeadLetterRule, Flow, Topology
+from flowcheck.topology.model import DeadLetterRule, Flow, GiveUpRule, Topology
 from flowcheck.topology.routing import Route, flow_routes
 
 MAX_FINDINGS = 100  # per flow, kept with their timelines; the rest without (memory)
@@ -78,6 +78,8 @@ class FlowState:
         self.route: dict[str, Route] = routes.route
         self.n = len(flow.steps)
         self.rules_read_payload = any(r.when.payload for r in flow.dead_letters)
+        self.gives_up = flow.gives_up
+        self.giving: GiveUpRule | None = None  # the give-up rule of the chain being decided
         self.deadline_ns = [None if s.deadline is None else ns(s.deadline) for s in flow.steps]
         self.flow_deadline_ns = None if flow.deadline is None else ns(flow.deadline)
         self.match = [s.match for s in flow.steps]
@@ -96,6 +98,14 @@ class FlowState:
         ]
         self.policies = [s.retry or flow.retry for s in flow.steps]
         self.has_policy = any(p is not None for p in self.policies)
+        self.delivery = [s.delivery or flow.delivery for s in flow.steps]
+        # Per step: how a retry the application re-publishes is told from a second message
+        # (its counter, its id, or a passage through the step's retry channels); None:
+        # every arrival is a message. ``retried``: some step has one (feed asks only then).
+        self.retry_marks = [
+            _attempts.mark(p, self.retry_visible[i]) for i, p in enumerate(self.policies)
+        ]
+        self.retried = any(m is not None for m in self.retry_marks)
         # Steps whose attempts only the consumer group's deliveries show (a stream's
         # pending list, polled): a run waits for that evidence before it may end.
         self.await_deliveries = [
@@ -192,6 +202,8 @@ class FlowState:
                 chain.places[target].setdefault(known or ident, {}).setdefault(order, at)
             if known is not None:
                 return opened  # the same message seen again (published, then routed)
+            if self.retried and _attempts.again(self, chain, target, obs):
+                return opened  # a later attempt of a message already here
             chain.arrivals[target][ident] = obs
             # Dead-letter rules look at the message as it entered the flow.
             if chain.sample is None or (target == 0 and not chain.sample_first):
@@ -298,6 +310,16 @@ class FlowState:
             return None
         parsed = payload_json(sample.payload) if self.rules_read_payload else None
         return next((r for r in self.flow.dead_letters if matches(r.when, sample, parsed)), None)
+
+    def give_up_for(self, chain: Chain) -> GiveUpRule | None:
+        """The give-up rule the chain's message (as it entered the flow) matches."""
+        sample = chain.sample
+        if sample is None:
+            return None
+        parsed = (
+            payload_json(sample.payload) if any(r.when.payload for r in self.gives_up) else None
+        )
+        return next((r for r in self.gives_up if matches(r.when, sample, parsed)), None)
 
     def complete(self, chain: Chain) -> bool:
         return all(len(a) >= need for a, need in zip(chain.arrivals, self.need, strict=True))

@@ -20,7 +20,11 @@ _DEAD_LETTERED = Kind.DEAD_LETTERED
 
 
 def applies(state: FlowState) -> bool:
-    return state.has_policy or any(r.attempts is not None for r in state.flow.dead_letters)
+    return (
+        state.has_policy
+        or any(r.attempts is not None for r in state.flow.dead_letters)
+        or bool(state.gives_up)
+    )
 
 
 def check(
@@ -30,6 +34,31 @@ def check(
         policies(state, chain, rule)
     elif rule is not None and rule.attempts is not None:
         rule_attempts(state, chain, rule, rule.attempts)
+    give = state.giving
+    if give is not None and state.policies[at := state.labels.index(give.step)] is None:
+        given_up(state, chain, at, give.attempts)
+
+
+def given_up(state: FlowState, chain: Chain, at: int, want: int) -> None:
+    """A give-up rule's ``attempts`` at a step without a retry policy."""
+    if not (chain.arrivals[at] or chain.retry_arrivals[at]):
+        return  # never got there: lost, not this
+    n = attempts(state, chain, at)
+    label = state.labels[at]
+    if n is None:
+        state.unjudge(
+            "retries", f"give up after {want} attempts at {label!r}", unseen(state, chain, at)
+        )
+    elif n != want:
+        state.add(
+            state.finding(
+                FindingKind.RETRIES,
+                chain,
+                f"given up after {n} attempts at {label!r}; expected {want}",
+                step=at,
+                seen=(chain.retry_arrivals[at] or chain.deliveries[at])[-1:],
+            )
+        )
 
 
 def attempts(state: FlowState, chain: Chain, i: int) -> int | None:
@@ -81,11 +110,16 @@ def policies(state: FlowState, chain: Chain, rule: DeadLetterRule | None) -> Non
             and (rule.step is None or rule.step == labels[i])
             and any(d.channel == rule.channel for d in chain.dead)
         )
+        give = state.giving
+        # Exactly this many: a give-up rule's at its step, else the policy's own.
+        exact = give.attempts if give is not None and give.step == labels[i] else policy.attempts
         n = attempts(state, chain, i)
         if n is None:
             where = labels[i]
             why = unseen(state, chain, i)
-            state.unjudge("retries", f"retry max_attempts {policy.max_attempts} at {where!r}", why)
+            state.unjudge("retries", f"retry {policy.text()} at {where!r}", why)
+            if exact is not None and give is not None and give.step == where:
+                state.unjudge("retries", f"give up after {exact} attempts at {where!r}", why)
             if rule is not None and rule.attempts is not None and expected_exact:
                 state.unjudge(
                     "retries",
@@ -95,19 +129,32 @@ def policies(state: FlowState, chain: Chain, rule: DeadLetterRule | None) -> Non
             if policy.backoff is not None:
                 state.unjudge("retries", f"retry backoff at {where!r}", why)
             continue
-        if n > policy.max_attempts:
+        if n > policy.most:
             state.add(
                 state.finding(
                     FindingKind.RETRIES,
                     chain,
-                    f"{n} attempts at {labels[i]!r}; the retry policy allows {policy.max_attempts}",
+                    f"{n} attempts at {labels[i]!r}; the retry policy allows {policy.most}",
                     step=i,
                     seen=chain.deliveries[i][-1:] or chain.retry_arrivals[i][-1:],
                 )
             )
+        elif exact is not None and n != exact and not expected_exact:
+            given = give is not None and give.step == labels[i]
+            state.add(
+                state.finding(
+                    FindingKind.RETRIES,
+                    chain,
+                    f"given up after {n} attempts at {labels[i]!r}; expected {exact}"
+                    if given
+                    else f"{n} attempts at {labels[i]!r}; the retry policy gives exactly {exact}",
+                    step=i,
+                    seen=chain.retry_arrivals[i][-1:] or chain.deliveries[i][-1:],
+                )
+            )
         elif (
             expected_exact
-            and n < policy.max_attempts
+            and n < policy.most
             and (rule is None or rule.attempts is None)
             and (rule is None or rule.step is not None or state.n == 1)
         ):
@@ -115,7 +162,7 @@ def policies(state: FlowState, chain: Chain, rule: DeadLetterRule | None) -> Non
                 state.finding(
                     FindingKind.RETRIES,
                     chain,
-                    f"dead-lettered after {n} attempts at {labels[i]!r}; the retry policy gives {policy.max_attempts}",
+                    f"dead-lettered after {n} attempts at {labels[i]!r}; the retry policy gives {policy.most}",
                     step=i,
                     seen=chain.dead[:1],
                 )

@@ -100,6 +100,7 @@ def verdict(state: FlowState, allow_unjudged: bool) -> FlowVerdict:
         failed=counts["failed"],
         unknown=counts["unknown"],
         dead_lettered=counts["dead_lettered"],
+        gave_up=counts["gave_up"],
         checks=checks,
         latency=lat,
         # Findings about the whole flow first: never behind the chains' many.

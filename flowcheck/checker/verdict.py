@@ -21,6 +21,7 @@ class FindingKind(StrEnum):
     RETRIES = "retries"  # too many or too few attempts
     BACKOFF = "backoff"  # attempts closer together than the backoff allows
     DEAD_LETTER = "dead_letter"  # missing, wrong place, wrong reason, or a healthy one
+    GIVE_UP = "give_up"  # a healthy message given up after several attempts, or an expected give-up that went on
     SCHEMA = "schema"  # a payload that breaks its channel's schema
     LATENCY = "latency"  # a percentile over its budget
     THRESHOLD = "threshold"  # success or error rate outside its bound
@@ -37,12 +38,13 @@ CHAIN_KINDS = {
     FindingKind.RETRIES,
     FindingKind.BACKOFF,
     FindingKind.DEAD_LETTER,
+    FindingKind.GIVE_UP,
 }
 
 
 # The checks of every flow (JUnit test cases), and the finding kinds each one judges.
 CHECKS = {
-    "chains": {FindingKind.LOST, FindingKind.THRESHOLD},
+    "chains": {FindingKind.LOST, FindingKind.GIVE_UP, FindingKind.THRESHOLD},
     "delivery": {FindingKind.DUPLICATED, FindingKind.UNEXPECTED},
     "ordering": {FindingKind.REORDERED},
     "deadlines": {FindingKind.LATE},
@@ -186,6 +188,7 @@ class FlowVerdict(BaseModel):
     failed: int
     unknown: int = Field(description="chains a tap gap or the end of the recording left undecided")
     dead_lettered: int
+    gave_up: int = Field(0, description="chains a step gave up on, with no dead letter")
     checks: list[Check]
     latency: list[Latency]
     findings: list[Finding]

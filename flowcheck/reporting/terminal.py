@@ -189,6 +189,8 @@ def _passing(flows: list[FlowVerdict], *, allowed: bool) -> Table:
             parts.append(f"{flow.unknown} unknown")
         if flow.dead_lettered:
             parts.append(f"{flow.dead_lettered} dead-lettered")
+        if flow.gave_up:
+            parts.append(f"{flow.gave_up} gave up")
         e2e = next((lat for lat in flow.latency if lat.hop == "end-to-end"), None)
         if e2e is not None and e2e.stats.count:
             parts.append(f"end-to-end p99 {ms(e2e.stats.p99_ms)}ms")

@@ -829,6 +829,8 @@ def _counts(fv: FlowVerdict) -> str:
         parts.append(f"{fv.unknown} unknown")
     if fv.dead_lettered:
         parts.append(f"{fv.dead_lettered} dead-lettered")
+    if fv.gave_up:
+        parts.append(f"{fv.gave_up} gave up")
     if fv.unjudged:
         parts.append(f"{len(fv.unjudged)} unjudged")
     return ", ".join(parts)

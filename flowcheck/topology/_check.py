@@ -37,6 +37,7 @@ from flowcheck.topology.model import (
     Queue,
     RabbitMQ,
     Redis,
+    RetryPolicy,
     Schema,
     Service,
     Step,
@@ -309,10 +310,12 @@ class Checker:
             )
         for i, r in enumerate(q.retry):
             rq = self.channel((*path, "retry", i), r, ["queue"], q.broker)
-            if isinstance(rq, Queue) and (rq.ttl is None or rq.dead_letter is None):
+            # A delay queue without a ttl is consumed by the application, which publishes
+            # the message back itself (Dramatiq's <queue>.DQ); one with a ttl must lead back.
+            if isinstance(rq, Queue) and rq.ttl is not None and rq.dead_letter is None:
                 self.error(
                     (*path, "retry", i),
-                    f"retry queue {r!r} needs ttl and dead_letter, or messages never come back",
+                    f"retry queue {r!r} has a ttl but no dead_letter: expired messages never come back",
                 )
 
     def bound_queues(self, exchange: str, key: str | None) -> list[str]:
@@ -436,6 +439,37 @@ class Checker:
             self.error((*path, "ordering"), "per-partition-key needs a Kafka topic among the steps")
         for i, rule in enumerate(flow.dead_letters):
             self.check_dead_letter((*path, "dead_letters", i), flow, rule, steps, labels)
+        for i, give in enumerate(flow.gives_up):
+            gpath = (*path, "gives_up", i)
+            self.check_match((*gpath, "when"), give.when)
+            if give.step not in labels:
+                self.error(
+                    (*gpath, "step"), f"flow has no step {give.step!r}{suggest(give.step, labels)}"
+                )
+                continue
+            step = flow.steps[labels[give.step]]
+            policy = step.retry or flow.retry
+            if policy is not None:
+                self.check_attempts((*gpath, "attempts"), give.attempts, policy)
+            elif give.attempts > 1:
+                self.error(
+                    (*gpath, "attempts"),
+                    f"{give.attempts} attempts expected, but step {give.step!r} has no retry "
+                    "policy: declare one with 'retry'",
+                )
+
+    def check_attempts(self, path: Path, want: int, policy: RetryPolicy) -> None:
+        """An exact count of attempts (a dead letter's, a give-up's) the policy allows."""
+        if policy.attempts is not None and want != policy.attempts:
+            self.error(
+                path,
+                f"{want} attempts expected, but the retry policy gives exactly {policy.attempts}",
+            )
+        elif want > policy.most:
+            self.error(
+                path,
+                f"{want} attempts expected, but the retry policy allows at most {policy.most}",
+            )
 
     def check_step(self, path: Path, flow: Flow, step: Step, ch: Channel | None) -> None:
         if step.match is not None:
@@ -576,12 +610,8 @@ class Checker:
             return
         step, src = routed[0]
         policy = step.retry or flow.retry
-        if rule.attempts is not None and policy is not None and rule.attempts > policy.max_attempts:
-            self.error(
-                (*path, "attempts"),
-                f"{rule.attempts} attempts expected, but the retry policy allows at most "
-                f"{policy.max_attempts}",
-            )
+        if rule.attempts is not None and policy is not None:
+            self.check_attempts((*path, "attempts"), rule.attempts, policy)
         limit = _dead_letter_delivery(src)
         if rule.attempts is not None and limit is not None and rule.attempts != limit:
             self.error(

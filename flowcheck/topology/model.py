@@ -635,11 +635,76 @@ class Backoff(Model):
     jitter: Ratio = 0.0
 
 
+class Locator(Model):
+    """Where a message carries a value: one header, or one payload path."""
+
+    _shorthands = (
+        {"type": "string", "description": "a header name, or a payload path like $.retries"},
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"payload": value} if value.startswith("$") else {"header": value}
+        return value
+
+    header: str | None = None
+    payload: JsonPath | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Locator:
+        if (self.header is None) == (self.payload is None):
+            raise ValueError("give exactly one of header or payload")
+        return self
+
+
+class RetryCounter(Locator):
+    """A retry counter the framework carries: ``first`` on the first attempt (or absent),
+    one higher on each retry."""
+
+    first: Annotated[Whole, Field(ge=0)] = Field(
+        0, description="its value on the first attempt (an absent counter counts as this)"
+    )
+
+
 class RetryPolicy(Model):
-    max_attempts: Annotated[Whole, Field(ge=1)] = Field(
-        description="deliveries in all, the first one included"
+    max_attempts: Annotated[Whole, Field(ge=1)] | None = Field(
+        None, description="at most this many deliveries, the first one included"
+    )
+    attempts: Annotated[Whole, Field(ge=1)] | None = Field(
+        None, description="exactly this many deliveries, the first one included"
     )
     backoff: Backoff | None = None
+    counter: RetryCounter | None = Field(
+        None, description="a re-published retry carries this counter: an attempt, not a duplicate"
+    )
+    id: Locator | None = Field(
+        None, description="a re-published retry keeps this id: an attempt, not a duplicate"
+    )
+
+    @model_validator(mode="after")
+    def _sound(self) -> RetryPolicy:
+        if self.max_attempts is None and self.attempts is None:
+            raise ValueError("give max_attempts (at most) or attempts (exactly)")
+        if self.max_attempts is not None and self.attempts is not None:
+            raise ValueError("give max_attempts (at most) or attempts (exactly), not both")
+        if self.counter is not None and self.id is not None:
+            raise ValueError("give counter or id, not both: a counter also tells duplicates apart")
+        return self
+
+    @property
+    def most(self) -> int:
+        """The most attempts allowed."""
+        return self.attempts or self.max_attempts or 1
+
+    @property
+    def exact(self) -> bool:
+        return self.attempts is not None
+
+    def text(self) -> str:
+        """The limit as the topology says it: "max_attempts 3" or "attempts 2"."""
+        return f"attempts {self.attempts}" if self.exact else f"max_attempts {self.max_attempts}"
 
 
 class Latency(Model):
@@ -658,6 +723,9 @@ class Latency(Model):
         return self
 
 
+Delivery = Literal["exactly-once", "at-least-once", "at-most-once"]
+
+
 class Step(Model):
     _expand = _shorthand("channel")
     _shorthands = ({"type": "string", "description": "the channel"},)
@@ -669,6 +737,7 @@ class Step(Model):
     latency: Latency | None = Field(None, description="budget for the hop from the previous step")
     correlate: Correlate | None = Field(None, description="overrides the flow's rule here")
     retry: RetryPolicy | None = None
+    delivery: Delivery | None = Field(None, description="overrides the flow's guarantee here")
 
 
 class DeadLetterRule(Model):
@@ -683,6 +752,17 @@ class DeadLetterRule(Model):
     )
 
 
+class GiveUpRule(Model):
+    """Messages matching ``when`` stop at ``step`` after exactly ``attempts`` attempts, with
+    no dead letter (the framework acks them, or stores an error result)."""
+
+    when: Match
+    step: str = Field(description="the step whose consumer gives up on them")
+    attempts: Annotated[Whole, Field(ge=1)] = Field(
+        description="deliveries before giving up, the first one included"
+    )
+
+
 class Flow(Model):
     description: str | None = None
     correlate: Correlate
@@ -691,7 +771,10 @@ class Flow(Model):
     ordering: Literal["none", "per-key", "per-partition-key"] = "none"
     retry: RetryPolicy | None = None
     dead_letters: list[DeadLetterRule] = Field(default_factory=list)
-    delivery: Literal["exactly-once", "at-least-once", "at-most-once"] = "exactly-once"
+    gives_up: list[GiveUpRule] = Field(
+        default_factory=list, description="which messages a step gives up on, with no dead letter"
+    )
+    delivery: Delivery = "exactly-once"
     latency: Latency | None = Field(None, description="end-to-end budget")
     success_rate: Ratio | None = Field(None, description="at least this share of chains complete")
     error_rate: Ratio | None = Field(None, description="at most this share of chains fail")
