@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from history import MS, START, History
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flowcheck.checker import Verdict, check
 from flowcheck.topology import Topology, loads
@@ -169,3 +171,49 @@ def test_headers_and_one_global_sequence() -> None:
         v.flows[0].findings[0].message
         == "seq 3 (chain 'k3') came after seq 4 (chain 'k2') at 'orders'"
     )
+
+
+# ---------------------------------------------------------------- against a naive model
+
+
+def naive(sends: list[tuple[str, int]]) -> set[tuple[str, str | None, str]]:
+    """Every message with a lower seq than its entity's message just before it; every
+    seq missing between an entity's lowest and highest, written as ranges."""
+    out: set[tuple[str, str | None, str]] = set()
+    last: dict[str, int] = {}
+    for acct, seq in sends:
+        if acct in last and seq < last[acct]:
+            out.add(("reordered", f"{acct}-{seq}", f"after {last[acct]}"))
+        last[acct] = seq
+    for acct in sorted(last):
+        seen = {s for a, s in sends if a == acct}
+        missing = [n for n in range(min(seen), max(seen) + 1) if n not in seen]
+        runs: list[list[int]] = []
+        for n in missing:
+            if runs and runs[-1][1] == n - 1:
+                runs[-1][1] = n
+            else:
+                runs.append([n, n])
+        if runs:
+            text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+            out.add(("sequence_gap", None, f"'{acct}': seq {text} never"))
+    return out
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 15)), unique=True, max_size=30))
+def test_findings_match_a_naive_model(sends: list[tuple[str, int]]) -> None:
+    t = loads(TOP.replace("steps: [orders, ledger]", "steps: [orders]").replace(" AT", ""))
+    h = History()
+    for n, (acct, seq) in enumerate(sends):
+        body = {"id": f"{acct}-{seq}", "account": acct, "seq": seq}
+        h.at(n).routed("orders", f"{acct}-{seq}", body, partition=0, offset=n)
+    got = set()
+    for f in run(t, h).flows[0].findings:
+        if f.kind.value == "reordered":
+            got.add(
+                ("reordered", f.key, f"after {f.message.split('came after seq ')[1].split()[0]}")
+            )
+        else:
+            got.add((f.kind.value, f.key, f.message.split("$.account ")[1].split(" reached")[0]))
+    assert got == naive(sends)
