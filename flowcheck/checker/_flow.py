@@ -194,7 +194,7 @@ class FlowState:
                 order, at = place(obs, seq)
                 chain.places[target].setdefault(known or ident, {}).setdefault(order, at)
             by_seq = self.by_seq
-            if by_seq is not None and by_seq.steps[target]:
+            if by_seq is not None and (by_seq.steps[target] or by_seq.poisonable):
                 by_seq.feed(chain, target, obs, known is None, seq)
             if known is not None:
                 return opened  # the same message seen again (published, then routed)

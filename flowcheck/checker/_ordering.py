@@ -35,7 +35,7 @@ def check(
     state: FlowState, chain: Chain, rule: DeadLetterRule | None, spans: list[Span | None]
 ) -> None:
     if state.by_seq is not None:
-        state.by_seq.check(chain)
+        state.by_seq.check(chain, rule)
         return
     if not chain.arrivals[0]:
         return
@@ -222,15 +222,22 @@ class BySeq:
         self.seen: list[dict[str, Seqs]] = [{} for _ in state.labels]
         # chain key -> its inversions so far: (step, message, observation)
         self.inversions: dict[str, list[tuple[int, str, Observation]]] = {}
+        # open chain -> (entity, seq) of its first message, when a dead-letter rule may
+        # end it early: the steps it is not meant to reach have no gap for its seq
+        self.poisonable = bool(state.flow.dead_letters)
+        self.first: dict[str, tuple[str, int]] = {}
 
     def feed(self, chain: Chain, step: int, obs: Observation, new: bool, feed_seq: int) -> None:
+        judged = self.steps[step]  # else only read for a chain a dead-letter rule may end
+        if not judged and (not new or chain.key in self.first):
+            return
         parsed = payload_json(obs.payload) if self.parse else None
         if self.per is None:
             entity = ""
         else:
             e = value(obs, self.per, parsed)
             if e is MISSING or e is None or isinstance(e, (dict, list, bool)):
-                if new:
+                if new and judged:
                     self.state.unjudge(
                         "ordering",
                         self.what,
@@ -240,10 +247,14 @@ class BySeq:
             entity = str(e)
         n = whole(value(obs, self.seq, parsed))
         if n is None:
-            if new:
+            if new and judged:
                 self.state.unjudge(
                     "ordering", self.what, f"a message had no whole-number {self.names[1]!r}"
                 )
+            return
+        if new and self.poisonable:
+            self.first.setdefault(chain.key, (entity, n))
+        if not judged:
             return
         if new:
             seen = self.seen[step]
@@ -270,10 +281,20 @@ class BySeq:
         if all(m != msg for _, m, _ in found):
             found.append((step, msg, obs))
 
-    def check(self, chain: Chain) -> None:
+    def check(self, chain: Chain, rule: DeadLetterRule | None) -> None:
+        state = self.state
         for step, msg, obs in self.inversions.pop(chain.key, ()):
-            state = self.state
             state.add(state.finding(FindingKind.REORDERED, chain, msg, step=step, seen=[obs]))
+        first = self.first.pop(chain.key, None)
+        if rule is not None and first is not None:
+            # Its dead-letter rule ends it early: the steps it never reached miss nothing.
+            entity, n = first
+            for i, seen in enumerate(self.seen):
+                if self.steps[i] and not chain.arrivals[i]:
+                    if (s := seen.get(entity)) is None:
+                        seen[entity] = Seqs(n)
+                    else:
+                        s.add(n)
 
     def finish(self) -> None:
         """Holes still open at the end of the recording: gaps."""
@@ -296,6 +317,7 @@ class BySeq:
             seen.clear()
         self.last.clear()
         self.inversions.clear()
+        self.first.clear()
 
 
 def ref(field: str) -> tuple[str | int, ...] | str:

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowcheck.checker import Verdict, check
+from flowcheck.observations import Kind
 from flowcheck.topology import Topology, loads
 
 TOP = """
@@ -217,3 +218,50 @@ def test_findings_match_a_naive_model(sends: list[tuple[str, int]]) -> None:
         else:
             got.add((f.kind.value, f.key, f.message.split("$.account ")[1].split(" reached")[0]))
     assert got == naive(sends)
+
+
+DEAD = """
+brokers: {r: {kind: rabbitmq}}
+channels:
+  orders: {broker: r, kind: exchange, type: topic}
+  billing:
+    broker: r
+    kind: queue
+    bindings: [{exchange: orders, key: "#"}]
+    dead_letter: {exchange: dlx, key: b}
+  dlx: {broker: r, kind: exchange, type: direct}
+  dlq: {broker: r, kind: queue, bindings: [{exchange: dlx, key: b}]}
+  done: {broker: r, kind: exchange, type: fanout}
+flows:
+  f:
+    correlate: $.id
+    steps: [orders, billing, done]
+    deadline: 1s
+    ordering: {per: $.account, seq: $.seq, at: [done]}
+    dead_letters:
+      - {when: {payload: {$.poison: true}}, channel: dlq, step: billing}
+"""
+
+
+def test_a_seq_dead_lettered_as_its_rule_says_is_no_gap() -> None:
+    def history(dead: bool) -> History:
+        h = History()
+        for n in (1, 2, 3):
+            body = {"id": f"a-{n}", "account": "a", "seq": n, "poison": n == 2}
+            h.at(n * 10).routed("orders", f"a-{n}", body)
+            h.routed("billing", f"a-{n}", body)
+            if n != 2:
+                h.routed("done", f"a-{n}", body)
+            elif dead:
+                h.add(
+                    Kind.DEAD_LETTERED, "dlq", f"a-{n}", body, reason="rejected", origin="billing"
+                )
+        return h
+
+    v = run(loads(DEAD), history(dead=True))
+    assert found(v) == []
+    assert v.passed
+    # Not dead-lettered: the rule's finding, and still no gap (the rule's message was
+    # never meant to reach 'done').
+    v = run(loads(DEAD), history(dead=False))
+    assert [k for k, _, _ in found(v)] == ["dead_letter"]
