@@ -11,6 +11,7 @@ two places in different orders, or a tie, decide nothing.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from typing import TYPE_CHECKING, Any
 
@@ -176,13 +177,19 @@ class Seqs:
                 self.holes.insert(0, [n + 1, self.lo - 1])
             self.lo = n
         else:
-            for k, (a, b) in enumerate(self.holes):
-                if a <= n <= b:
-                    rest = [[a, n - 1]] if a < n else []
-                    if n < b:
-                        rest.append([n + 1, b])
-                    self.holes[k : k + 1] = rest
-                    return
+            k = bisect.bisect_right(self.holes, n, key=_start) - 1
+            if k < 0:
+                return
+            a, b = self.holes[k]
+            if n <= b:
+                rest = [[a, n - 1]] if a < n else []
+                if n < b:
+                    rest.append([n + 1, b])
+                self.holes[k : k + 1] = rest
+
+
+def _start(hole: list[int]) -> int:
+    return hole[0]
 
 
 def value(obs: Observation, ref: tuple[str | int, ...] | str, parsed: Any) -> Any:
