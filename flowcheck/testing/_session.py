@@ -642,7 +642,8 @@ class FlowSession:
 
         Waits until every chain seen (and every key published) has reached its
         end and the taps have seen every message this test published, at most
-        ``within``; chains still open then count as lost. Then keeps watching for
+        ``within``; chains still open then count as lost. A chain decided lost at its
+        deadline (with the taps' grace) is not waited for. Then keeps watching for
         each flow's settle time (``settle``, default :meth:`settle_for`) past its
         last chain, for a late copy the flow forbids; it stops early when one
         comes. A flow named here must have seen at least one chain.
