@@ -142,6 +142,11 @@ class Checker:
             self.now = now_ns
             self.next_expiry = min([state.expire(now_ns) for state in self.states], default=now_ns)
 
+    def due(self) -> int | None:
+        """When the window of the next open chain ends (it is decided once time passes
+        it, by :meth:`advance` or a later observation); None when no chain is open."""
+        return min((s.expiry[0][0] for s in self.states if s.expiry), default=None)
+
     def settled(self, flow: str, key: str) -> bool:
         """Has this chain reached its end: every step, or the dead letter it should be?
 

@@ -14,14 +14,14 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
-from flowcheck.checker import _attempts, _decide, _thresholds
+from flowcheck.checker import _attempts, _decide, _ordering, _thresholds
 from flowcheck.checker._chain import Chain, Places, identity, place, which
 from flowcheck.checker._hist import Hist, Span, span
 from flowcheck.checker._match import matches
 from flowcheck.checker.verdict import CHAIN_KINDS, Finding, FindingKind, FlowVerdict, Seen
 from flowcheck.checker.window import DEFAULT_WINDOW, GRACE_NS
 from flowcheck.observations import Kind, Observation, payload_json
-from flowcheck.topology.model import DeadLetterRule, Flow, GiveUpRule, Topology
+from flowcheck.topology.model import DeadLetterRule, Flow, GiveUpRule, SeqOrdering, Topology
 from flowcheck.topology.routing import Route, flow_routes
 
 MAX_FINDINGS = 100  # per flow, kept with their timelines; the rest without (memory)
@@ -92,7 +92,10 @@ class FlowState:
         self.failures_recorded = [ch is not None and ch.failures_recorded for ch in chans]
         self.late = [topology.tap_late(s.channel) for s in flow.steps]
         self.late_ms = [0.0 if t is None else t[0].total_seconds() * 1000 for t in self.late]
-        self.ordered = flow.ordering != "none"
+        self.ordered = flow.ordering in ("per-key", "per-partition-key")
+        self.by_seq = (
+            _ordering.BySeq(self, flow.ordering) if isinstance(flow.ordering, SeqOrdering) else None
+        )
         self.partitioned_steps = [
             i for i, ch in enumerate(chans) if ch is not None and ch.partitioned
         ]
@@ -200,6 +203,9 @@ class FlowState:
             if self.ordered:  # every copy tells the message's place in its own order
                 order, at = place(obs, seq)
                 chain.places[target].setdefault(known or ident, {}).setdefault(order, at)
+            by_seq = self.by_seq
+            if by_seq is not None and (by_seq.steps[target] or by_seq.poisonable):
+                by_seq.feed(chain, target, obs, known is None, seq)
             if known is not None:
                 return opened  # the same message seen again (published, then routed)
             if self.retried and _attempts.again(self, chain, target, obs):
@@ -235,6 +241,8 @@ class FlowState:
             ended = chain.first_ns + self.window_ns > end_ns
             _decide.decide(self, chain, ended=ended)
         self.chains.clear()
+        if self.by_seq is not None:
+            self.by_seq.finish()
 
     # ------------------------------------------------------------ recording findings
 

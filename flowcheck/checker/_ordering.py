@@ -1,6 +1,9 @@
 """Ordering: messages keep their order, per chain (several messages of one key) and, for
 ``per-partition-key``, across the chains of one Kafka record key.
 
+Or, declared with a sequence field, messages of one entity arrive in increasing sequence
+numbers at each step (:class:`BySeq`).
+
 Order comes from the brokers' own orders (Kafka offsets within a partition, Redis entry
 ids within a stream, the order one tap read a channel in), never from tap read times;
 two places in different orders, or a tie, decide nothing.
@@ -8,26 +11,33 @@ two places in different orders, or a tie, decide nothing.
 
 from __future__ import annotations
 
+import bisect
 import itertools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from flowcheck.checker._chain import RANK, Chain, compare, merged
+from flowcheck.checker._chain import RANK, Chain, Order, compare, merged, place
 from flowcheck.checker._hist import Span
-from flowcheck.checker.verdict import FindingKind
-from flowcheck.observations import Observation
-from flowcheck.topology.model import DeadLetterRule
+from flowcheck.checker._match import MISSING
+from flowcheck.checker._match import _walk as walk
+from flowcheck.checker.verdict import Finding, FindingKind
+from flowcheck.observations import Observation, payload_json
+from flowcheck.topology._types import path_segments
+from flowcheck.topology.model import DeadLetterRule, SeqOrdering
 
 if TYPE_CHECKING:
     from flowcheck.checker._flow import FlowState
 
 
 def applies(state: FlowState) -> bool:
-    return state.ordered
+    return state.ordered or state.by_seq is not None
 
 
 def check(
     state: FlowState, chain: Chain, rule: DeadLetterRule | None, spans: list[Span | None]
 ) -> None:
+    if state.by_seq is not None:
+        state.by_seq.check(chain, rule)
+        return
     if not chain.arrivals[0]:
         return
     if len(chain.arrivals[0]) > 1:  # one message at the first step has nothing to overtake
@@ -139,3 +149,183 @@ def within(state: FlowState, chain: Chain) -> None:
                     )
                 )
                 return
+
+
+# ---------------------------------------------------------------- by a sequence field
+#
+# Per step and entity: the last message in each broker order (its place, seq and chain),
+# for inversions; and the seqs seen as a range with the holes still open in it, for gaps.
+# Both are a few numbers per entity, whatever the number of messages.
+
+
+class Seqs:
+    """The sequence numbers seen of one entity at one step: ``lo``..``hi`` but ``holes``."""
+
+    __slots__ = ("hi", "holes", "lo")
+
+    def __init__(self, n: int) -> None:
+        self.lo = self.hi = n
+        self.holes: list[list[int]] = []  # [first, last] missing, in increasing order
+
+    def add(self, n: int) -> None:
+        if n > self.hi:
+            if n > self.hi + 1:
+                self.holes.append([self.hi + 1, n - 1])
+            self.hi = n
+        elif n < self.lo:
+            if n < self.lo - 1:
+                self.holes.insert(0, [n + 1, self.lo - 1])
+            self.lo = n
+        else:
+            k = bisect.bisect_right(self.holes, n, key=_start) - 1
+            if k < 0:
+                return
+            a, b = self.holes[k]
+            if n <= b:
+                rest = [[a, n - 1]] if a < n else []
+                if n < b:
+                    rest.append([n + 1, b])
+                self.holes[k : k + 1] = rest
+
+
+def _start(hole: list[int]) -> int:
+    return hole[0]
+
+
+def value(obs: Observation, ref: tuple[str | int, ...] | str, parsed: Any) -> Any:
+    """A payload path's value (``ref`` as segments) or a header's; MISSING if absent."""
+    if isinstance(ref, str):
+        return obs.headers.get(ref, MISSING)
+    return walk(parsed, ref)
+
+
+def whole(v: Any) -> int | None:
+    """A sequence number: a whole number, or text of one (headers travel as text)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if isinstance(v, str):
+        try:
+            return int(v)
+        except ValueError:
+            return None
+    return None
+
+
+class BySeq:
+    """Ordering by a sequence field, fed each copy of each message at its steps."""
+
+    def __init__(self, state: FlowState, rule: SeqOrdering) -> None:
+        self.state = state
+        self.per = None if rule.per is None else ref(rule.per)
+        self.seq = ref(rule.seq)
+        self.parse = not (
+            isinstance(self.seq, str) and (self.per is None or isinstance(self.per, str))
+        )
+        self.steps = [rule.at is None or label in rule.at for label in state.labels]
+        self.what = f"ordering by {rule.seq}" + (f" per {rule.per}" if rule.per else "")
+        self.names = (rule.per or "", rule.seq)
+        # (step, order) -> entity -> (place, seq, chain key) of the latest message there
+        self.last: dict[tuple[int, Order], dict[str, tuple[tuple[int, ...], int, str]]] = {}
+        self.seen: list[dict[str, Seqs]] = [{} for _ in state.labels]
+        # chain key -> its inversions so far: (step, message, observation)
+        self.inversions: dict[str, list[tuple[int, str, Observation]]] = {}
+        # open chain -> (entity, seq) of its first message, when a dead-letter rule may
+        # end it early: the steps it is not meant to reach have no gap for its seq
+        self.poisonable = bool(state.flow.dead_letters)
+        self.first: dict[str, tuple[str, int]] = {}
+
+    def feed(self, chain: Chain, step: int, obs: Observation, new: bool, feed_seq: int) -> None:
+        judged = self.steps[step]  # else only read for a chain a dead-letter rule may end
+        if not judged and (not new or chain.key in self.first):
+            return
+        parsed = payload_json(obs.payload) if self.parse else None
+        if self.per is None:
+            entity = ""
+        else:
+            e = value(obs, self.per, parsed)
+            if e is MISSING or e is None or isinstance(e, (dict, list, bool)):
+                if new and judged:
+                    self.state.unjudge(
+                        "ordering",
+                        self.what,
+                        f"a message had no {self.names[0]!r} (text or number)",
+                    )
+                return
+            entity = str(e)
+        n = whole(value(obs, self.seq, parsed))
+        if n is None:
+            if new and judged:
+                self.state.unjudge(
+                    "ordering", self.what, f"a message had no whole-number {self.names[1]!r}"
+                )
+            return
+        if new and self.poisonable:
+            self.first.setdefault(chain.key, (entity, n))
+        if not judged:
+            return
+        if new:
+            seen = self.seen[step]
+            if (s := seen.get(entity)) is None:
+                seen[entity] = Seqs(n)
+            else:
+                s.add(n)
+        order, at = place(obs, feed_seq)
+        last = self.last.setdefault((step, order), {})
+        before = last.get(entity)
+        if before is None or at > before[0]:
+            last[entity] = (at, n, chain.key)
+        if before is None or at == before[0] or n == before[1]:
+            return  # a tie in broker order decides nothing; a repeated seq is delivery's
+        if (at > before[0]) == (n > before[1]):
+            return
+        hi, lo = (before, (at, n, chain.key)) if at > before[0] else ((at, n, chain.key), before)
+        who = f"{self.names[0]} {entity!r}: " if self.per is not None else ""
+        msg = (
+            f"{who}seq {lo[1]} (chain {lo[2]!r}) came after seq {hi[1]} (chain {hi[2]!r}) "
+            f"at {self.state.labels[step]!r}"
+        )
+        found = self.inversions.setdefault(chain.key, [])
+        if all(m != msg for _, m, _ in found):
+            found.append((step, msg, obs))
+
+    def check(self, chain: Chain, rule: DeadLetterRule | None) -> None:
+        state = self.state
+        for step, msg, obs in self.inversions.pop(chain.key, ()):
+            state.add(state.finding(FindingKind.REORDERED, chain, msg, step=step, seen=[obs]))
+        first = self.first.pop(chain.key, None)
+        if rule is not None and first is not None:
+            # Its dead-letter rule ends it early: the steps it never reached miss nothing.
+            entity, n = first
+            for i, seen in enumerate(self.seen):
+                if self.steps[i] and not chain.arrivals[i]:
+                    if (s := seen.get(entity)) is None:
+                        seen[entity] = Seqs(n)
+                    else:
+                        s.add(n)
+
+    def finish(self) -> None:
+        """Holes still open at the end of the recording: gaps."""
+        state = self.state
+        for step, seen in enumerate(self.seen):
+            for entity, s in seen.items():
+                if not s.holes:
+                    continue
+                missing = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in s.holes)
+                who = f"{self.names[0]} {entity!r}: " if self.per is not None else ""
+                state.add(
+                    Finding(
+                        kind=FindingKind.SEQUENCE_GAP,
+                        flow=state.name,
+                        step=state.labels[step],
+                        message=f"{who}seq {missing} never reached {state.labels[step]!r} "
+                        f"(seen {s.lo} to {s.hi})",
+                    )
+                )
+            seen.clear()
+        self.last.clear()
+        self.inversions.clear()
+        self.first.clear()
+
+
+def ref(field: str) -> tuple[str | int, ...] | str:
+    return path_segments(field) if field.startswith("$") else field

@@ -17,6 +17,7 @@ class FindingKind(StrEnum):
     DUPLICATED = "duplicated"  # more messages at a step than the flow allows
     UNEXPECTED = "unexpected"  # a chain seen mid-way that never started
     REORDERED = "reordered"  # two messages of one ordering key swapped
+    SEQUENCE_GAP = "sequence_gap"  # sequence numbers of an entity never seen at a step
     LATE = "late"  # a step or the chain came after its deadline
     RETRIES = "retries"  # too many or too few attempts
     BACKOFF = "backoff"  # attempts closer together than the backoff allows
@@ -46,7 +47,7 @@ CHAIN_KINDS = {
 CHECKS = {
     "chains": {FindingKind.LOST, FindingKind.GIVE_UP, FindingKind.THRESHOLD},
     "delivery": {FindingKind.DUPLICATED, FindingKind.UNEXPECTED},
-    "ordering": {FindingKind.REORDERED},
+    "ordering": {FindingKind.REORDERED, FindingKind.SEQUENCE_GAP},
     "deadlines": {FindingKind.LATE},
     "retries": {FindingKind.RETRIES, FindingKind.BACKOFF},
     "dead letters": {FindingKind.DEAD_LETTER, FindingKind.CONFIG},

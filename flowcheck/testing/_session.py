@@ -333,6 +333,32 @@ class FlowSession:
         self._alive()
         return done()
 
+    async def _until_decided(self, done: Callable[[], bool], limit: float) -> bool:
+        """:meth:`_wait` for a test of chains that a deadline can decide: it also wakes when
+        the checker's next chain is due, and lets its clock reach that time (a chain lost
+        at its deadline brings no observation that would wake the wait)."""
+        __tracebackhide__ = True
+        checker = self._checker
+        assert checker is not None
+        give_up = now()[0] + int(limit * 1e9)
+        while True:
+            at = now()[0]
+            checker.advance(at)
+            left = give_up - at
+            if left <= 0:
+                self._alive()
+                return done()
+            due = checker.due()
+            wake = give_up if due is None else min(give_up, max(due + 1, at + 1))
+
+            def woken(planned: int | None = due) -> bool:
+                # A chain opened meanwhile may be due before the one planned for.
+                soon = checker.due()
+                return done() or (soon is not None and (planned is None or soon < planned))
+
+            if await self._wait(woken, (wake - at) / 1e9) and done():
+                return True
+
     def _limit(self, within: Within | None) -> float:
         __tracebackhide__ = True
         return self.deadline if within is None else seconds_of(within, "within")
@@ -616,7 +642,8 @@ class FlowSession:
 
         Waits until every chain seen (and every key published) has reached its
         end and the taps have seen every message this test published, at most
-        ``within``; chains still open then count as lost. Then keeps watching for
+        ``within``; chains still open then count as lost. A chain decided lost at its
+        deadline (with the taps' grace) is not waited for. Then keeps watching for
         each flow's settle time (``settle``, default :meth:`settle_for`) past its
         last chain, for a late copy the flow forbids; it stops early when one
         comes. A flow named here must have seen at least one chain.
@@ -646,7 +673,7 @@ class FlowSession:
         limit = self._limit(within)
         quiet = {f: self.settle_for(f, settle) for f in names}
         give_up = now()[0] + int(limit * 1e9)
-        while await self._wait(settled, max(0.0, (give_up - now()[0]) / 1e9)):
+        while await self._until_decided(settled, max(0.0, (give_up - now()[0]) / 1e9)):
             # Every chain has reached its end: watch for the settle time past the last one
             # seen, for a late copy that breaks what its flow declares.
             until = max(

@@ -39,6 +39,7 @@ from flowcheck.topology.model import (
     Redis,
     RetryPolicy,
     Schema,
+    SeqOrdering,
     Service,
     Step,
     Stream,
@@ -437,6 +438,15 @@ class Checker:
             self.check_retry((*path, "retry"), flow.retry.backoff)
         if flow.ordering == "per-partition-key" and not any(isinstance(c, Topic) for _, c in steps):
             self.error((*path, "ordering"), "per-partition-key needs a Kafka topic among the steps")
+        if isinstance(flow.ordering, SeqOrdering):
+            for i, label in enumerate(flow.ordering.at or ()):
+                if label not in labels:
+                    self.error(
+                        (*path, "ordering", "at", i),
+                        f"no step is called {label!r}{suggest(label, list(labels))}",
+                    )
+            if flow.ordering.per == flow.ordering.seq:
+                self.error((*path, "ordering", "seq"), "'seq' and 'per' name the same field")
         for i, rule in enumerate(flow.dead_letters):
             self.check_dead_letter((*path, "dead_letters", i), flow, rule, steps, labels)
         for i, give in enumerate(flow.gives_up):

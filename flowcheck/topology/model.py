@@ -40,6 +40,7 @@ from flowcheck.topology._types import (
     Duration,
     JsonPath,
     Ratio,
+    check_path,
     parse_duration,
 )
 
@@ -763,12 +764,61 @@ class GiveUpRule(Model):
     )
 
 
+def _field(value: Any) -> Any:
+    # A payload path when it starts with $, else a header name (as ``match`` has them).
+    if isinstance(value, str) and value.startswith("$"):
+        return check_path(value)
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a payload path like $.seq or a header name")
+    return value
+
+
+FieldRef = Annotated[
+    str,
+    BeforeValidator(_field),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "minLength": 1,
+            "description": "a payload path like $.account, or a header name",
+            "examples": ["$.account", "x-seq"],
+        }
+    ),
+]
+
+
+class SeqOrdering(Model):
+    """Messages of one entity arrive in increasing sequence numbers, in broker order."""
+
+    per: FieldRef | None = Field(
+        None, description="the entity (payload path or header); none: one sequence for all"
+    )
+    seq: FieldRef = Field(description="the sequence number (payload path or header): whole numbers")
+    at: list[str] | None = Field(
+        None, min_length=1, description="the step labels where it holds; default: every step"
+    )
+
+
+def _ordering_tag(value: Any) -> str:
+    return "SeqOrdering" if isinstance(value, dict | SeqOrdering) else "name"
+
+
+# One of the named orderings or, written as a mapping, ordering by a sequence field.
+Ordering = Annotated[
+    Annotated[Literal["none", "per-key", "per-partition-key"], Tag("name")]
+    | Annotated[SeqOrdering, Tag("SeqOrdering")],
+    Discriminator(_ordering_tag),
+]
+
+
 class Flow(Model):
     description: str | None = None
     correlate: Correlate
     steps: list[Step] = Field(min_length=1)
     deadline: Duration | None = Field(None, description="end to end, first step to last")
-    ordering: Literal["none", "per-key", "per-partition-key"] = "none"
+    ordering: Ordering = Field(
+        "none", description="none, per-key, per-partition-key, or by a sequence field"
+    )
     retry: RetryPolicy | None = None
     dead_letters: list[DeadLetterRule] = Field(default_factory=list)
     gives_up: list[GiveUpRule] = Field(

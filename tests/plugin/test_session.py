@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import pytest
 from redis.asyncio import Redis
 
 import flowcheck
 from flowcheck.observations import Kind
-from flowcheck.testing import FlowSession
+from flowcheck.testing import FlowAssertionError, FlowSession
 from flowcheck.trace import Reader
 
 TOPOLOGY = """\
@@ -40,3 +42,36 @@ async def test_the_drift_a_session_finds_is_kept_and_recorded(
     drift = [o for o in Reader(str(trace)) if o.kind is Kind.DRIFT]
     assert [(o.broker, o.channel) for o in drift] == [("redis", "jobs")]
     assert drift[0].reason == str(fc.drift[0])
+
+
+LOST = """\
+version: 1
+name: lost
+brokers:
+  redis: {{kind: redis, url: '{url}'}}
+channels:
+  jobs: {{broker: redis, kind: stream}}
+  events: {{broker: redis, kind: stream}}
+flows:
+  job-done:
+    correlate: $.job_id
+    steps: [jobs, events]
+    deadline: 200ms
+"""
+
+
+async def test_check_returns_once_a_lost_chain_is_decided(redis_url: str, unique: str) -> None:
+    """A chain that never reaches its last step is decided lost when its window (deadline
+    and the taps' grace) ends; check() fails then, not after the whole ``within``."""
+    topology = flowcheck.loads(LOST.format(url=redis_url))
+    within = 40.0
+    async with FlowSession(topology, prefix=f"{unique}.") as fc:
+        await fc.publish("jobs", {"job_id": "j-1"})
+        start = time.monotonic()
+        with pytest.raises(FlowAssertionError) as failed:
+            await fc.check(within=within)
+        took = time.monotonic() - start
+    assert "lost" in str(failed.value)
+    assert "gave up" not in str(failed.value)
+    # The window is 2.2 s; a busy machine may take longer, never the 40 s of ``within``.
+    assert took < within / 2, f"check() took {took:.1f}s"

@@ -546,15 +546,6 @@ async def test_fault_is_caught_on_every_path(env: Env, fault: Fault) -> None:
     agree(case.seen)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TooSlow,
-    reason="Flowcheck.check() decides a chain lost only when its `within` runs out: the "
-    "session's checker is advanced by observations, never by the clock, so a chain whose "
-    "flow deadline has passed stays open until `within` (and with `within` shorter than "
-    "the deadline, a chain still inside it is called lost, where record -> check and run "
-    "wait for the deadline)",
-)
 async def test_api_check_fails_a_lost_chain_once_its_deadline_has_passed(
     unique: str, rabbitmq_url: str, kafka_bootstrap: str, redis_url: str
 ) -> None:
