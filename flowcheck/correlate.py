@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from flowcheck.observations import TEXT_CAP, as_text, fit_text, payload_json, trace_id_of
-from flowcheck.topology._types import path_segments
+from flowcheck.topology import path_segments
 from flowcheck.topology.model import Correlate, Topology
 from flowcheck.topology.routing import flow_routes
 

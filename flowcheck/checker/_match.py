@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flowcheck.observations import Observation, payload_json
-from flowcheck.topology._types import path_segments
+from flowcheck.topology import path_segments
 from flowcheck.topology.model import Compiled, Condition, Match
 from flowcheck.topology.routing import topic_matches
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from flowcheck.checker import Finding
 from flowcheck.checker.verdict import Unjudged
 from flowcheck.observations import Observation
-from flowcheck.reporting._common import ms as fmt_ms
-from flowcheck.topology._types import parse_duration
+from flowcheck.reporting import ms as fmt_ms
+from flowcheck.topology import parse_duration
 
 
 class Took(timedelta):

@@ -1,6 +1,19 @@
-"""The topology language: models, loading and validation."""
+"""The topology language: models, loading and validation.
+
+Besides the models, the language's value types are public here (durations,
+ratios, JSON paths): the checker, the assertions and the CLI read them too.
+:mod:`flowcheck.topology.document` reads other YAML files (scenarios) the way
+a topology is read.
+"""
 
 from flowcheck.topology._load import check_file, load, loads
+from flowcheck.topology._types import (
+    Duration,
+    format_duration,
+    parse_duration,
+    parse_ratio,
+    path_segments,
+)
 from flowcheck.topology.model import (
     Backoff,
     Binding,
@@ -37,6 +50,7 @@ __all__ = [
     "Correlate",
     "DeadLetterRoute",
     "DeadLetterRule",
+    "Duration",
     "Exchange",
     "Flow",
     "Kafka",
@@ -54,6 +68,10 @@ __all__ = [
     "Topic",
     "Topology",
     "check_file",
+    "format_duration",
     "load",
     "loads",
+    "parse_duration",
+    "parse_ratio",
+    "path_segments",
 ]

@@ -11,7 +11,7 @@ from pydantic_core import ErrorDetails
 
 from flowcheck.errors import Problem, TopologyError
 from flowcheck.topology import _yaml
-from flowcheck.topology._check import Checker
+from flowcheck.topology._check import Validator
 from flowcheck.topology._errors import closest, listing, meant, report, shown, suggest
 from flowcheck.topology._yaml import Path
 from flowcheck.topology.model import Broker, Channel, Flow, Name, Service, Topology
@@ -97,7 +97,7 @@ def validate(doc: _yaml.Document) -> Topology | None:
                 partial = _salvage(doc, adapter, SECTIONS[section], (section, name), entry, exc)
                 if partial is not None:
                     valid[section][name] = partial
-    Checker(
+    Validator(
         doc, valid["brokers"], valid["channels"], valid["services"], valid["flows"], names
     ).run()
     if any(p.severity == "error" for p in doc.problems):
