@@ -59,6 +59,7 @@ PUBLIC = {
         "parse_duration",
         "parse_ratio",
         "path_segments",
+        "path_value",
     ],
     "flowcheck.topology.document": ["Document", "read", "report"],
     "flowcheck.checker": [

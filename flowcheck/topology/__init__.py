@@ -13,6 +13,7 @@ from flowcheck.topology._types import (
     parse_duration,
     parse_ratio,
     path_segments,
+    path_value,
 )
 from flowcheck.topology.model import (
     Backoff,
@@ -74,4 +75,5 @@ __all__ = [
     "parse_duration",
     "parse_ratio",
     "path_segments",
+    "path_value",
 ]
