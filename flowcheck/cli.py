@@ -507,7 +507,9 @@ def _few_collections() -> Iterator[None]:
 @click.argument("topology_file", metavar="TOPOLOGY")
 @click.argument("trace_file", metavar="TRACE")
 @click.option(
-    "--report-dir", default=None, help="Write verdict.json, junit.xml and summary.md here."
+    "--report-dir",
+    default=None,
+    help="Write one file per report format here (verdict.json, junit.xml, ...).",
 )
 @ALLOW_UNJUDGED
 def check(
