@@ -248,7 +248,7 @@ def record(
     from flowcheck.recorder import record as run_record
     from flowcheck.recorder import write_ready
     from flowcheck.reporting.live import RecordView
-    from flowcheck.topology._types import parse_duration
+    from flowcheck.topology import parse_duration
 
     topology = _load_or_exit(topology_file)
     if unknown := [b for b in brokers if b not in topology.brokers]:
@@ -348,7 +348,7 @@ def inspect(
     from rich.console import Console
 
     from flowcheck.timeline import Census, Filter, build
-    from flowcheck.topology._types import parse_duration
+    from flowcheck.topology import parse_duration
     from flowcheck.trace import Reader, TraceError
 
     def ns(value: str | None, hint: str) -> int | None:
@@ -507,7 +507,9 @@ def _few_collections() -> Iterator[None]:
 @click.argument("topology_file", metavar="TOPOLOGY")
 @click.argument("trace_file", metavar="TRACE")
 @click.option(
-    "--report-dir", default=None, help="Write verdict.json, junit.xml and summary.md here."
+    "--report-dir",
+    default=None,
+    help="Write one file per report format here (verdict.json, junit.xml, ...).",
 )
 @ALLOW_UNJUDGED
 def check(

@@ -9,25 +9,14 @@ from typing import Any
 import msgspec
 
 from flowcheck.observations import TEXT_CAP, as_text, fit_text, payload_json, trace_id_of
-from flowcheck.topology._types import path_segments
+from flowcheck.topology import path_segments, path_value
 from flowcheck.topology.model import Correlate, Topology
 from flowcheck.topology.routing import flow_routes
 
 
 def lookup(obj: Any, path: str) -> Any:
     """The value at a payload path (``$.a.b[0]``), or None when it is absent."""
-    return _walk(obj, path_segments(path))
-
-
-def _walk(obj: Any, segments: tuple[str | int, ...]) -> Any:
-    for seg in segments:
-        if isinstance(seg, int):
-            if not isinstance(obj, list) or not -len(obj) <= seg < len(obj):
-                return None
-        elif not isinstance(obj, dict) or seg not in obj:
-            return None
-        obj = obj[seg]
-    return obj
+    return path_value(obj, path_segments(path))
 
 
 _UNPARSED: Any = object()
@@ -122,7 +111,7 @@ def getter(rule: Correlate) -> Getter:
         return lambda m: m.properties.get(prop)
     if rule.json_path is not None:
         segments = path_segments(rule.json_path)
-        return lambda m: _walk(m.document(), segments)
+        return lambda m: path_value(m.document(), segments)
     return lambda m: m.kafka_key
 
 
@@ -193,7 +182,7 @@ class Correlator:
                 if read is not None and body is not None:
                     value = read(body)
                 if value is _UNPARSED:
-                    value = _walk(_document(body, payload), segments)
+                    value = path_value(_document(body, payload), segments)
                 key = _key(value)
                 return {} if key is None else {flow: key}
 

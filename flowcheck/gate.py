@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from flowcheck.checker.verdict import Verdict
-from flowcheck.reporting._common import plural
+from flowcheck.reporting import plural
 
 # passed; failed (a check failed, or an expectation went unjudged); gap (nothing
 # failed, but chains a tap gap hid are unknown: the gate cannot pass what it did not see)

@@ -29,8 +29,7 @@ import pytest
 from flowcheck import __version__, defaults
 from flowcheck.errors import BrokerError, FlowcheckError, TopologyError
 from flowcheck.redact import redact_url
-from flowcheck.topology import Topology, load
-from flowcheck.topology._types import format_duration, parse_duration
+from flowcheck.topology import Topology, format_duration, load, parse_duration
 
 if TYPE_CHECKING:  # imported when a test uses the fixture: pytest starts faster without it
     from flowcheck.testing import FlowSession

@@ -39,9 +39,7 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from flowcheck.errors import TopologyError, UsageError
-from flowcheck.topology import _yaml
-from flowcheck.topology._errors import report
-from flowcheck.topology._types import Duration, format_duration, path_segments
+from flowcheck.topology import Duration, document, format_duration, path_segments
 from flowcheck.topology.model import Model, Topology
 
 NAMES = ("n", "i", "key", "run", "flow")  # the placeholders a template may use
@@ -84,7 +82,7 @@ class Message:
 
 def load(path: str, topology: Topology) -> Scenario:
     """Read and check a scenario file against ``topology``; TopologyError lists every problem."""
-    doc = _yaml.read(path, what="scenario")
+    doc = document.read(path, what="scenario")
     scenario = None
     if doc.data is not None:
         try:
@@ -93,7 +91,7 @@ def load(path: str, topology: Topology) -> Scenario:
             errors = getattr(exc, "errors", None)
             if errors is None:
                 raise
-            report(doc, Scenario, (), errors())
+            document.report(doc, Scenario, (), errors())
     if scenario is not None:
         for i, send in enumerate(scenario.send):
             if send.flow not in topology.flows:

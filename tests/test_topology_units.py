@@ -31,8 +31,11 @@ from flowcheck.topology import (
     Step,
     Topic,
     Topology,
+    format_duration,
+    parse_duration,
+    parse_ratio,
+    path_segments,
 )
-from flowcheck.topology._types import format_duration, parse_duration, parse_ratio, path_segments
 from flowcheck.topology._yaml import parse
 from flowcheck.topology.routing import routes, topic_matches
 

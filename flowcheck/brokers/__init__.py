@@ -22,17 +22,12 @@ from flowcheck.brokers.base import Adapter, Drift, Sink
 from flowcheck.correlate import Correlator
 from flowcheck.topology.model import Topology
 
-_MODULES = {
-    "rabbitmq": "flowcheck.brokers.rabbitmq",
-    "kafka": "flowcheck.brokers.kafka",
-    "redis": "flowcheck.brokers.redis",
-}
-
 
 def adapter(name: str, topology: Topology, correlator: Correlator | None = None) -> Adapter:
-    """The adapter for broker ``name`` of ``topology`` (not yet connected)."""
+    """The adapter for broker ``name`` of ``topology`` (not yet connected): the ``ADAPTER``
+    of the package named by the broker's kind, so a new broker needs no entry here."""
     kind = topology.brokers[name].kind
-    module = importlib.import_module(_MODULES[kind])
+    module = importlib.import_module(f"{__name__}.{kind}")
     cls: type[Adapter] = module.ADAPTER
     return cls(name, topology, correlator)
 

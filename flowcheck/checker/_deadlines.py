@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from flowcheck.checker._chain import Chain
 from flowcheck.checker._hist import Span, on, span
 from flowcheck.checker.verdict import FindingKind
-from flowcheck.topology._types import format_duration
+from flowcheck.topology import format_duration
 from flowcheck.topology.model import DeadLetterRule
 
 if TYPE_CHECKING:

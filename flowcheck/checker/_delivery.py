@@ -11,7 +11,7 @@ from flowcheck.checker._chain import Chain
 from flowcheck.checker._hist import Span
 from flowcheck.checker.verdict import Cause, FindingKind
 from flowcheck.checker.window import GRACE_NS
-from flowcheck.topology._types import format_duration
+from flowcheck.topology import format_duration
 from flowcheck.topology.model import DeadLetterRule
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flowcheck.observations import Observation, payload_json
-from flowcheck.topology._types import path_segments
+from flowcheck.topology import path_segments, path_value
 from flowcheck.topology.model import Compiled, Condition, Match
 from flowcheck.topology.routing import topic_matches
 
@@ -52,7 +52,7 @@ def compile_match(match: Match) -> Test:
         if payload:
             doc = parsed if parsed is not None else payload_json(obs.payload)
             for segments, pred in payload:
-                if not pred(_walk(doc, segments)):
+                if not pred(path_value(doc, segments, MISSING)):
                     return False
         if pattern is not None and not topic_matches(pattern, obs.routing_key or ""):
             return False
@@ -61,17 +61,6 @@ def compile_match(match: Match) -> Test:
         return True
 
     return test
-
-
-def _walk(obj: Any, segments: tuple[str | int, ...]) -> Any:
-    for seg in segments:
-        if isinstance(seg, int):
-            if not isinstance(obj, list) or not -len(obj) <= seg < len(obj):
-                return MISSING
-        elif not isinstance(obj, dict) or seg not in obj:
-            return MISSING
-        obj = obj[seg]
-    return obj
 
 
 def predicate(want: Any, *, text: bool) -> Pred:

@@ -5,7 +5,9 @@
 - :mod:`flowcheck.reporting.junit`: JUnit XML for CI test views;
 - :mod:`flowcheck.reporting.markdown`: a summary for CI job pages.
 
-:func:`write_reports` writes the file formats at once. The terminal reporter is
+:func:`write_reports` writes the file formats at once. ``ms``, ``plural`` and
+``unjudged_text`` are the reporters' wording, shared with the gate and the
+assertions' messages. The terminal reporter is
 not imported here: a CI job that only writes files does not need rich's console.
 """
 
@@ -18,6 +20,7 @@ from pathlib import Path
 from flowcheck.checker.verdict import Verdict
 from flowcheck.errors import UsageError
 from flowcheck.reporting import json, junit, markdown
+from flowcheck.reporting._common import ms, plural, unjudged_text
 
 # format -> (file name in a report directory, writer)
 FORMATS: Mapping[str, tuple[str, Callable[[Verdict], str]]] = {
@@ -73,4 +76,13 @@ def write_reports(
     return written
 
 
-__all__ = ["FORMATS", "json", "junit", "markdown", "write_reports"]
+__all__ = [
+    "FORMATS",
+    "json",
+    "junit",
+    "markdown",
+    "ms",
+    "plural",
+    "unjudged_text",
+    "write_reports",
+]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -10,8 +10,18 @@ from pathlib import Path
 from flowcheck.checker import Finding
 from flowcheck.checker.verdict import Unjudged
 from flowcheck.observations import Observation
-from flowcheck.reporting._common import ms as fmt_ms
-from flowcheck.topology._types import parse_duration
+from flowcheck.reporting import ms as fmt_ms
+from flowcheck.topology import parse_duration
+
+
+def _compared(op: Callable[[timedelta, timedelta], bool]) -> Callable[[Took, object], bool]:
+    """``op`` of timedelta, with the other side read as :meth:`Took._other` reads it."""
+
+    def compare(self: Took, other: object) -> bool:
+        o = self._other(other)
+        return NotImplemented if o is None else op(self, o)
+
+    return compare
 
 
 class Took(timedelta):
@@ -32,36 +42,12 @@ class Took(timedelta):
             return timedelta(seconds=other)
         return None
 
-    def __lt__(self, other: object) -> bool:
-        o = self._other(other)
-        if o is None:
-            return NotImplemented
-        return timedelta.__lt__(self, o)
-
-    def __le__(self, other: object) -> bool:
-        o = self._other(other)
-        if o is None:
-            return NotImplemented
-        return timedelta.__le__(self, o)
-
-    def __gt__(self, other: object) -> bool:
-        o = self._other(other)
-        if o is None:
-            return NotImplemented
-        return timedelta.__gt__(self, o)
-
-    def __ge__(self, other: object) -> bool:
-        o = self._other(other)
-        if o is None:
-            return NotImplemented
-        return timedelta.__ge__(self, o)
-
-    def __eq__(self, other: object) -> bool:
-        o = self._other(other)
-        if o is None:
-            return NotImplemented
-        return timedelta.__eq__(self, o)
-
+    __lt__ = _compared(timedelta.__lt__)
+    __le__ = _compared(timedelta.__le__)
+    __gt__ = _compared(timedelta.__gt__)
+    __ge__ = _compared(timedelta.__ge__)
+    __eq__ = _compared(timedelta.__eq__)
+    __ne__ = _compared(timedelta.__ne__)
     __hash__ = timedelta.__hash__
 
     @property

@@ -22,7 +22,7 @@ from flowcheck.checker.verdict import Seen, Unjudged
 from flowcheck.errors import FlowcheckError, leaf
 from flowcheck.observations import Kind, Observation, now
 from flowcheck.recorder import apply_all, drift_observations
-from flowcheck.reporting._common import unjudged_text
+from flowcheck.reporting import unjudged_text
 from flowcheck.reporting.timeline import indent, rows, text
 from flowcheck.testing._chain import Chain
 from flowcheck.testing._results import FlowAssertionError, HopLatency, Took

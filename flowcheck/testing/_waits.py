@@ -7,7 +7,7 @@ import secrets
 from datetime import timedelta
 
 from flowcheck.errors import UsageError
-from flowcheck.topology._types import format_duration, parse_duration
+from flowcheck.topology import format_duration, parse_duration
 from flowcheck.topology.model import Flow, Topology
 from flowcheck.topology.transform import flow_channels
 

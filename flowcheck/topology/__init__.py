@@ -1,6 +1,20 @@
-"""The topology language: models, loading and validation."""
+"""The topology language: models, loading and validation.
+
+Besides the models, the language's value types are public here (durations,
+ratios, JSON paths): the checker, the assertions and the CLI read them too.
+:mod:`flowcheck.topology.document` reads other YAML files (scenarios) the way
+a topology is read.
+"""
 
 from flowcheck.topology._load import check_file, load, loads
+from flowcheck.topology._types import (
+    Duration,
+    format_duration,
+    parse_duration,
+    parse_ratio,
+    path_segments,
+    path_value,
+)
 from flowcheck.topology.model import (
     Backoff,
     Binding,
@@ -41,6 +55,7 @@ __all__ = [
     "Correlate",
     "DeadLetterRoute",
     "DeadLetterRule",
+    "Duration",
     "Exchange",
     "Flow",
     "GiveUpRule",
@@ -62,6 +77,11 @@ __all__ = [
     "Topic",
     "Topology",
     "check_file",
+    "format_duration",
     "load",
     "loads",
+    "parse_duration",
+    "parse_ratio",
+    "path_segments",
+    "path_value",
 ]

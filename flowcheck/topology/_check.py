@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from jsonschema import SchemaError
-from jsonschema.protocols import Validator
+from jsonschema.protocols import Validator as SchemaValidator
 from jsonschema.validators import Draft202012Validator, validator_for
 
 from flowcheck.topology._errors import closest, suggest
@@ -70,7 +70,7 @@ def _kind(value: Any) -> str:
     return repr(value)
 
 
-class Checker:
+class Validator:
     def __init__(
         self,
         doc: Document,
@@ -348,7 +348,7 @@ class Checker:
     def check_schema(self, path: Path, schema: Schema) -> None:
         if schema.json_schema is not None:
             dialect = schema.json_schema.get("$schema")
-            cls: type[Validator] = Draft202012Validator
+            cls: type[SchemaValidator] = Draft202012Validator
             if isinstance(dialect, str):
                 cls = validator_for(schema.json_schema, default=Draft202012Validator)
             meta = cls.META_SCHEMA.get("$id") or cls.META_SCHEMA.get("id", "")

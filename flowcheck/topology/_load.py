@@ -11,8 +11,16 @@ from pydantic_core import ErrorDetails
 
 from flowcheck.errors import Problem, TopologyError
 from flowcheck.topology import _yaml
-from flowcheck.topology._check import Checker
-from flowcheck.topology._errors import closest, listing, meant, report, shown, suggest
+from flowcheck.topology._check import Validator
+from flowcheck.topology._errors import (
+    closest,
+    data_path,
+    listing,
+    meant,
+    report,
+    shown,
+    suggest,
+)
 from flowcheck.topology._yaml import Path
 from flowcheck.topology.model import Broker, Channel, Flow, Name, Service, Topology
 
@@ -97,7 +105,7 @@ def validate(doc: _yaml.Document) -> Topology | None:
                 partial = _salvage(doc, adapter, SECTIONS[section], (section, name), entry, exc)
                 if partial is not None:
                     valid[section][name] = partial
-    Checker(
+    Validator(
         doc, valid["brokers"], valid["channels"], valid["services"], valid["flows"], names
     ).run()
     if any(p.severity == "error" for p in doc.problems):
@@ -196,11 +204,8 @@ def _respell(data: dict[str, Any], root: Any, errors: list[ErrorDetails]) -> dic
 def _node(data: Any, loc: Path) -> Any:
     """The value at pydantic's location ``loc`` (union tags in it skipped)."""
     node = data
-    for step in loc:
-        if isinstance(node, dict) and step in node:
-            node = node[step]
-        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
-            node = node[step]
+    for step in data_path(data, loc, named=False):
+        node = node[step]
     return node
 
 

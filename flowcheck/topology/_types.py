@@ -127,5 +127,17 @@ def path_segments(path: str) -> tuple[str | int, ...]:
     )
 
 
+def path_value(obj: Any, segments: tuple[str | int, ...], missing: Any = None) -> Any:
+    """The value at ``segments`` (of :func:`path_segments`) in a decoded payload, or ``missing``."""
+    for seg in segments:
+        if isinstance(seg, int):
+            if not isinstance(obj, list) or not -len(obj) <= seg < len(obj):
+                return missing
+        elif not isinstance(obj, dict) or seg not in obj:
+            return missing
+        obj = obj[seg]
+    return obj
+
+
 JSON_PATH_SCHEMA = {"type": "string", "pattern": _PATH.pattern, "examples": ["$.order_id"]}
 JsonPath = Annotated[str, BeforeValidator(check_path), WithJsonSchema(JSON_PATH_SCHEMA)]

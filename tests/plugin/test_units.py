@@ -44,6 +44,8 @@ def test_took_compares_with_durations_numbers_and_timedeltas() -> None:
     assert took <= 0.3125
     assert took >= timedelta(milliseconds=312)
     assert took == "312.5ms"
+    assert (took != "312.5ms") is False
+    assert took != "312ms"
     assert not took < "1us"
     assert repr(took) == "312.5ms"
     assert took.ms == 312.5
