@@ -372,9 +372,13 @@ def test_a_recording_with_no_end_record_lists_the_chains_it_left_unknown() -> No
     assert "no end record" in u.why
     assert not v.passed
     assert finish("unknown", allow=True).passed
+    # An end record says when watching stopped: the chain it cut short is still unjudged.
     stopped = finish("stopped")
-    assert stopped.unjudged == []
-    assert stopped.passed
+    (u,) = stopped.unjudged
+    assert (u.expectation, u.chains) == ("the chains still open when the recording ended", 1)
+    assert "before their deadlines" in u.why
+    assert not stopped.passed
+    assert finish("stopped", allow=True).passed
 
 
 def test_a_dead_letter_seen_on_its_exchange_during_a_gap_is_unknown() -> None:
