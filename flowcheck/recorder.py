@@ -98,6 +98,8 @@ async def record(
     stop = stop or anyio.Event()
     stop_now = stop_now or anyio.Event()
     drain = window(topology).total_seconds() if drain is None else drain
+    if not topology.flows:
+        drain = 0  # no chain to wait for
     connected = anyio.Event()
     counts: Counter[str] = Counter()
     gaps = Counter() if gaps is None else gaps

@@ -101,6 +101,7 @@ async def test_record_then_inspect(
                         apply=True,
                         on_tick=tick,
                         stop=stop,
+                        drain=0,  # it waits for its observations itself
                     )
                 )
 
@@ -434,9 +435,15 @@ flows: {f: {correlate: $.id, steps: [a, b], deadline: 1s}}
     unknown = check(0.5)
     assert unknown.exit_code == 1, unknown.output
     assert "no chain was decided: 1 seen, 1 unknown" in unknown.output
-    decided = check(0.5, 0.6, 0.7)  # one chain completed: something was judged
+    decided = check(0.5, 0.6)  # one chain completed: something was judged
     assert decided.exit_code == 0, decided.output
     assert "no chain was decided" not in decided.output
+    # One more still open at the end: unjudged, not passed in silence.
+    cut = check(0.5, 0.6, 0.7)
+    assert cut.exit_code == 1, cut.output
+    assert "no chain was decided" not in cut.output
+    (u,) = cut.verdict["unjudged"]
+    assert (u["expectation"], u["chains"]) == ("the chains still open when the recording ended", 1)
     # Allowed explicitly, it passes, and still says that it judged nothing.
     allowed = check(0.5, allow=True)
     assert allowed.exit_code == 0, allowed.output
@@ -877,9 +884,12 @@ def test_a_loss_near_the_end_of_a_recording_is_lost_not_unknown(
 
     done, verdict = _check(lossy_file, out, tmp_path / "reports")
     assert done.returncode == 1, done.stdout + done.stderr
+    assert reader.end.stop_mono_ns is not None
     assert verdict["recording"] == {
         "ended": ended,
         "end_ms": pytest.approx((reader.end.mono_ns - reader.header.started_mono_ns) / 1e6),
+        "stop_ms": pytest.approx((reader.end.stop_mono_ns - reader.header.started_mono_ns) / 1e6),
+        "after_stop": 0,
     }
     (flow,) = verdict["flows"]
     assert (flow["failed"], flow["unknown"]) == (1, 0)
