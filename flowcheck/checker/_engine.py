@@ -229,9 +229,15 @@ class Checker:
             unjudged.append(
                 Unjudged(
                     expectation="the chains still open when the recording ended",
-                    why="it ended before their deadlines had passed: whether they would "
-                    "have completed is not known (record on for the flow's window after "
-                    "the last message: `flowcheck record --drain`)",
+                    why=(
+                        "the run ended (its wait capped by the scenario's timeout, at most two "
+                        "windows) before their deadlines had passed: whether they would have "
+                        "completed is not known"
+                        if recording.ended == "run"
+                        else "it ended before their deadlines had passed: whether they would "
+                        "have completed is not known (record on for the flow's window after "
+                        "the last message: `flowcheck record --drain`)"
+                    ),
                     chains=cut,
                 )
             )
