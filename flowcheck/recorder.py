@@ -111,6 +111,8 @@ async def record(
 
     def signalled() -> None:
         how.append(caught.ended or "stopped")
+        if stop.is_set():
+            stop_now.set()  # already stopping (its duration ran out): stop now
         stop.set()
         if not connected.is_set():
             stop_now.set()  # before the taps watch, nothing is in flight: abandon
