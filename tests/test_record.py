@@ -1142,3 +1142,18 @@ def test_record_says_it_is_draining_and_a_second_signal_stops_it(
     # In flight at the stop: unjudged; seen only after it: not judged. Never a pass.
     assert done.returncode == 1, done.stdout + done.stderr
     assert verdict["flows"][0]["failed"] == 0
+
+
+def test_record_drain_options_are_checked_before_connecting(
+    tmp_path: Path, topology_file: Path
+) -> None:
+    out = str(tmp_path / "t.jsonl")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["record", str(topology_file), "--out", out, "--drain", "5"])
+    assert result.exit_code == 2, result.output
+    assert "a duration needs a unit: write 5s or 5ms" in result.output
+    args = ["record", str(topology_file), "--out", out, "--drain", "5s", "--no-drain"]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert "give --drain or --no-drain, not both" in result.output
+    assert not Path(out).exists()
