@@ -210,6 +210,18 @@ def _fail(exc: FlowcheckError) -> NoReturn:
     help="Stop after this long (e.g. 30s, 5m); default: until Ctrl-C.",
 )
 @click.option(
+    "--drain",
+    default=None,
+    metavar="DURATION",
+    help="Once asked to stop, watch this much longer at most for the chains in flight "
+    "(e.g. 5s); default: the topology's longest flow window (deadline + 2s).",
+)
+@click.option(
+    "--no-drain",
+    is_flag=True,
+    help="Stop at once when asked: chains still in flight are left unjudged.",
+)
+@click.option(
     "--apply", "do_apply", is_flag=True, help="Declare the topology's channels first (idempotent)."
 )
 @click.option(
@@ -229,6 +241,8 @@ def record(
     topology_file: str,
     out: str,
     duration: str | None,
+    drain: str | None,
+    no_drain: bool,
     do_apply: bool,
     brokers: Sequence[str],
     ready_file: str | None,
@@ -237,8 +251,10 @@ def record(
 
     Nothing is taken from the system's own consumers. Once every tap is
     watching it prints "flowcheck: ready: every tap is watching" on stderr
-    (and writes --ready-file). Ctrl-C or SIGTERM finishes the file cleanly,
-    with an end record; it is flushed at least every second while recording.
+    (and writes --ready-file). Ctrl-C, SIGTERM or the end of --duration asks it
+    to stop: it watches on until the chains in flight have ended (at most
+    --drain), then finishes the file cleanly, with an end record; a second
+    Ctrl-C stops it at once. The file is flushed at least every second.
     """
     import os
 
@@ -263,6 +279,16 @@ def record(
             seconds = parse_duration(duration).total_seconds()
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--duration") from None
+    drain_s = None  # the topology's window
+    if no_drain and drain is not None:
+        raise click.BadParameter("give --drain or --no-drain, not both", param_hint="--no-drain")
+    if no_drain:
+        drain_s = 0.0
+    elif drain is not None:
+        try:
+            drain_s = parse_duration(drain).total_seconds()
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--drain") from None
     if os.path.lexists(out):
         click.echo(f"flowcheck: {out} already exists; trace files are never overwritten", err=True)
         sys.exit(EXIT_USAGE)
@@ -286,6 +312,15 @@ def record(
         # Stable: scripts wait for this line (docs/running.md).
         console.print(READY_LINE, soft_wrap=True, markup=False, highlight=False)
 
+    def stopping(seconds: float) -> None:
+        console.print(
+            f"flowcheck: stopping: watching up to {seconds:g}s more for chains still in "
+            "flight; press Ctrl-C again to stop now",
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
+        )
+
     async def main() -> dict[str, int]:
         return dict(
             await run_record(
@@ -300,6 +335,8 @@ def record(
                 channels=tapped,
                 on_drift=view.drifted,
                 gaps=view.gaps,
+                drain=drain_s,
+                on_stopping=stopping,
             )
         )
 
@@ -542,7 +579,12 @@ def check(
                 err=True,
             )
         start = reader.header.started_mono_ns
-        checker = Checker(topology, start_ns=start, allow_unjudged=allowing(allow_unjudged))
+        # Chains first seen after the stop was asked are not judged: known before reading.
+        peeked = reader.peek_end()
+        stop = None if peeked is None else peeked.stop_mono_ns
+        checker = Checker(
+            topology, start_ns=start, allow_unjudged=allowing(allow_unjudged), stop_ns=stop
+        )
         with _few_collections():
             for obs in reader:
                 checker.feed(obs)
@@ -560,9 +602,11 @@ def check(
         )
     # The end the trace records, or its last observation: whichever is later.
     end = max(reader.end.mono_ns if reader.end else 0, checker.now)
+    stop = reader.end.stop_mono_ns if reader.end else None
     recording = Recording(
         ended=reader.end.ended if reader.end else "unknown",
         end_ms=round((end - start) / 1e6, 3) if end else None,
+        stop_ms=None if stop is None else round((stop - start) / 1e6, 3),
     )
     verdict = checker.finish(end_ns=end or None, recording=recording)
     if verdict.passed and verdict.flows and not any(f.succeeded or f.failed for f in verdict.flows):

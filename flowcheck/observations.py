@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from flowcheck.redact import MASK, PLAIN, SECRET_NAME, UNCHANGED, Redaction, is_secret_name
-from flowcheck.topology._types import path_segments
+from flowcheck.topology import path_segments
 
 if TYPE_CHECKING:
     from flowcheck.topology.model import Topology

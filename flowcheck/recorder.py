@@ -7,11 +7,13 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import anyio
 
 from flowcheck.brokers import adapter
 from flowcheck.brokers.base import Drift
+from flowcheck.checker import Checker, window
 from flowcheck.errors import UsageError, leaf
 from flowcheck.observations import Kind, Observation, now
 from flowcheck.signals import Caught, watch
@@ -67,11 +69,21 @@ async def record(
     channels: Sequence[str] | None = None,
     on_drift: Callable[[Sequence[Drift]], None] | None = None,
     gaps: Counter[str] | None = None,
+    drain: float | None = None,
+    on_stopping: Callable[[float], None] | None = None,
+    stop_now: anyio.Event | None = None,
 ) -> Counter[str]:
     """Record until ``duration`` seconds pass, ``stop`` is set, or SIGINT/SIGTERM arrives.
 
+    Asked to stop, the taps watch on for up to ``drain`` seconds (default: the
+    topology's longest window, :func:`flowcheck.checker.window`; 0: stop at once) so
+    the chains in flight then are decided, not cut short: until every chain seen
+    before the stop has reached its end, or ``stop_now`` is set, or a second signal
+    comes. ``on_stopping`` hears how long that may take, when it begins.
+
     The trace ends with its end record: when the taps stopped watching, and why
-    (``duration``, ``stopped`` for ``stop`` or SIGTERM, ``interrupted`` for SIGINT).
+    (``duration``, ``stopped`` for ``stop`` or SIGTERM, ``interrupted`` for SIGINT),
+    and when the stop was asked if they watched on after it.
 
     ``channels`` limits the taps (and ``apply``) to those channels. ``on_ready`` is
     called once every tap is watching; every tick, ``on_tick`` with the counts and
@@ -84,6 +96,10 @@ async def record(
     trace file is left.
     """
     stop = stop or anyio.Event()
+    stop_now = stop_now or anyio.Event()
+    drain = window(topology).total_seconds() if drain is None else drain
+    if not topology.flows:
+        drain = 0  # no chain to wait for
     connected = anyio.Event()
     counts: Counter[str] = Counter()
     gaps = Counter() if gaps is None else gaps
@@ -95,7 +111,11 @@ async def record(
 
     def signalled() -> None:
         how.append(caught.ended or "stopped")
+        if stop.is_set():
+            stop_now.set()  # already stopping (its duration ran out): stop now
         stop.set()
+        if not connected.is_set():
+            stop_now.set()  # before the taps watch, nothing is in flight: abandon
 
     async def session() -> None:
         drift = await apply_all(topology, channels) if apply else []
@@ -104,31 +124,54 @@ async def record(
         header = new_header(topology.name, topology_path)
         mono, wall = header.started_mono_ns, header.started
         writer = Writer(out, header)
+        # Fed as the taps see it, to tell when every chain in flight at the stop has ended.
+        checker = Checker(topology, start_ns=mono) if drain > 0 else None
+        sinks = [writer.write, tally] + ([checker.feed] if checker is not None else [])
         try:
             with writer:
                 for obs in drift_observations(topology, drift, mono, wall):
                     writer.write(obs)
-                tracer = Tracer(topology, [writer.write, tally], channels=channels)
+                tracer = Tracer(topology, sinks, channels=channels)
                 async with tracer:
                     connected.set()
                     if on_ready is not None:
                         on_ready()
                     deadline = None if duration is None else time.monotonic() + duration
-                    while not stop.is_set():
-                        with anyio.move_on_after(TICK):
-                            await stop.wait()
+
+                    def refresh() -> None:
                         if writer.due():
                             writer.flush()
                         if on_tick is not None:
                             on_tick(counts)
                         if on_down is not None:
                             on_down({n: ad.down for n, ad in tracer.adapters.items() if ad.down})
+
+                    while not stop.is_set():
+                        with anyio.move_on_after(TICK):
+                            await stop.wait()
+                        refresh()
                         if deadline is not None and time.monotonic() >= deadline:
                             how.append("duration")
                             stop.set()
+                    asked = None
+                    if checker is not None and not stop_now.is_set():
+                        asked = now()[0]
+                        checker.stop_ns = asked  # chains first seen from now on are not judged
+                        if on_stopping is not None:
+                            on_stopping(drain)
+                        until = time.monotonic() + drain
+                        while not stop_now.is_set() and time.monotonic() < until:
+                            # A tap that is down may hide a chain's end: wait the window out.
+                            if not any(ad.down for ad in tracer.adapters.values()):
+                                checker.advance(now()[0])
+                                if _settled(checker):
+                                    break
+                            with anyio.move_on_after(min(TICK, until - time.monotonic())):
+                                await stop_now.wait()
+                            refresh()
                     # Read before the taps close: they watched until now, not until closed.
                     end = now()
-                writer.end(how[0] if how else "stopped", *end)
+                writer.end(how[0] if how else "stopped", *end, stop_mono_ns=asked)
         except BaseException:
             # A recording that never began leaves no file: a header alone would block the retry.
             if not connected.is_set() and writer.count == 0:
@@ -138,7 +181,7 @@ async def record(
     try:
         async with anyio.create_task_group() as tg:
             # Catch Ctrl-C from the very start: before the taps watch, it abandons connecting.
-            await tg.start(watch, caught, signalled)
+            await tg.start(partial(watch, again=stop_now.set), caught, signalled)
             with anyio.CancelScope() as connecting:
                 tg.start_soon(_abandon, stop, connected, connecting)
                 await session()
@@ -146,6 +189,13 @@ async def record(
     except BaseExceptionGroup as group:
         raise leaf(group) from None
     return counts
+
+
+def _settled(checker: Checker) -> bool:
+    """Has every chain still open reached its end (its last step or its dead letter)?"""
+    return all(
+        checker.settled(name, key) for name, st in checker.flows.items() for key in st.chains
+    )
 
 
 async def _abandon(stop: anyio.Event, connected: anyio.Event, scope: anyio.CancelScope) -> None:

@@ -46,16 +46,22 @@ async def watch(
     caught: Caught,
     then: Callable[[], object],
     *,
+    again: Callable[[], object] | None = None,
     task_status: TaskStatus[None] = TASK_STATUS_IGNORED,
 ) -> None:
     """Wait for SIGINT or SIGTERM (for a task group's ``start``: watching once started),
-    note it in ``caught`` and call ``then``."""
+    note it in ``caught`` and call ``then``; with ``again``, keep watching and call it
+    on the next one (a second Ctrl-C: stop now)."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
         async for signum in signals:
+            if caught.signum is not None and again is not None:
+                again()
+                return
             caught.signum = signum
             then()
-            return
+            if again is None:
+                return
 
 
 async def cancel_on_signal(caught: Caught, body: Callable[[], Awaitable[T]]) -> T | None:

@@ -6,7 +6,9 @@ most the last second. The reader keeps every intact line of a damaged file and
 says exactly which lines it could not read.
 
 The end record (``{"ended": "stopped", "mono_ns": ..., "wall": ...}``) says until
-when the taps were watching, and why they stopped; a crash leaves none. It needs
+when the taps were watching, and why they stopped; a crash leaves none. A recording
+that kept watching after it was asked to stop (draining the chains in flight) also
+says when that was (``stop_mono_ns``); chains first seen after it are not judged. It needs
 no new format version: a trace without one reads as before (its end is unknown),
 and a reader that predates it skips the line as damaged and reads the rest.
 """
@@ -44,13 +46,15 @@ CLOCKS = {
 Ended = Literal["stopped", "duration", "interrupted", "run"]
 
 
-class End(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class End(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """The end of a recording: the last line of a trace that was ended on purpose.
-    ``mono_ns`` and ``wall`` are read as the taps stop watching."""
+    ``mono_ns`` and ``wall`` are read as the taps stop watching; ``stop_mono_ns`` when
+    the stop was asked, if the taps watched on after it (optional: older traces lack it)."""
 
     ended: Ended
     mono_ns: int
     wall: float
+    stop_mono_ns: int | None = None
 
 
 _encode_end = msgspec.json.Encoder().encode
@@ -130,9 +134,10 @@ class Writer:
     def due(self) -> bool:
         return time.monotonic() - self._last_flush >= FLUSH_EVERY
 
-    def end(self, ended: Ended, mono_ns: int, wall: float) -> None:
+    def end(self, ended: Ended, mono_ns: int, wall: float, stop_mono_ns: int | None = None) -> None:
         """Write the recording's end as the last line, then close the file."""
-        self._fh.write(_encode_end(End(ended=ended, mono_ns=mono_ns, wall=wall)) + b"\n")
+        end = End(ended=ended, mono_ns=mono_ns, wall=wall, stop_mono_ns=stop_mono_ns)
+        self._fh.write(_encode_end(end) + b"\n")
         self.close()
 
     def close(self) -> None:
@@ -192,6 +197,25 @@ class Reader:
                 f"{self.path}: trace format version {self.header.version} is newer than this "
                 f"flowcheck reads ({VERSION}); upgrade flowcheck"
             )
+
+    def peek_end(self) -> End | None:
+        """The end record, read from the file's last line before iterating (a checker
+        must know when the stop was asked before it reads the chains); None if the last
+        line is not one. Iterating reads it again, and is what counts."""
+        try:
+            with open(self.path, "rb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, size - 4096))
+                tail = fh.read()
+        except OSError:
+            return None
+        last = tail.rstrip(b"\n").rpartition(b"\n")[2]
+        if not tail.endswith(b"\n") or not last.startswith(b'{"ended"'):
+            return None
+        try:
+            return _decode_end(last)
+        except msgspec.DecodeError:
+            return None
 
     def __iter__(self) -> Iterator[Observation]:
         self.end = None

@@ -20,7 +20,7 @@ NETWORK = {"aio_pika", "aiormq", "aiokafka", "redis", "kafka", "httpx", "socket"
 # part of flowcheck -> the other parts it may import (docs/development.md, "The packages")
 MAY_IMPORT: dict[str, set[str]] = {
     "topology": BASE,
-    "observations": BASE,
+    "observations": BASE | {"topology"},
     "propagation": BASE,
     "devkafka": BASE,
     "correlate": BASE | {"topology", "observations"},
@@ -33,7 +33,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "brokers": BASE | {"topology", "observations", "correlate", "propagation"},
     "tracer": BASE | {"topology", "observations", "correlate", "brokers"},
     "signals": BASE | {"trace"},
-    "recorder": BASE | {"topology", "observations", "brokers", "tracer", "trace", "signals"},
+    "recorder": BASE
+    | {"topology", "observations", "brokers", "tracer", "trace", "signals", "checker"},
 }
 MAY_IMPORT["runner"] = MAY_IMPORT["recorder"] | {"recorder", "checker", "scenario", "gate"}
 MAY_IMPORT["testing"] = MAY_IMPORT["runner"] | {"reporting"}

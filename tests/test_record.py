@@ -101,6 +101,7 @@ async def test_record_then_inspect(
                         apply=True,
                         on_tick=tick,
                         stop=stop,
+                        drain=0,  # it waits for its observations itself
                     )
                 )
 
@@ -434,9 +435,15 @@ flows: {f: {correlate: $.id, steps: [a, b], deadline: 1s}}
     unknown = check(0.5)
     assert unknown.exit_code == 1, unknown.output
     assert "no chain was decided: 1 seen, 1 unknown" in unknown.output
-    decided = check(0.5, 0.6, 0.7)  # one chain completed: something was judged
+    decided = check(0.5, 0.6)  # one chain completed: something was judged
     assert decided.exit_code == 0, decided.output
     assert "no chain was decided" not in decided.output
+    # One more still open at the end: unjudged, not passed in silence.
+    cut = check(0.5, 0.6, 0.7)
+    assert cut.exit_code == 1, cut.output
+    assert "no chain was decided" not in cut.output
+    (u,) = cut.verdict["unjudged"]
+    assert (u["expectation"], u["chains"]) == ("the chains still open when the recording ended", 1)
     # Allowed explicitly, it passes, and still says that it judged nothing.
     allowed = check(0.5, allow=True)
     assert allowed.exit_code == 0, allowed.output
@@ -799,15 +806,24 @@ def lossy_file(tmp_path: Path, unique: str, rabbitmq_url: str, redis_url: str) -
 
 def _wait_ready(proc: subprocess.Popen[str]) -> list[str]:
     """stderr up to the recorder's stable ready line (read as a script would)."""
-    assert proc.stderr is not None
     said: list[str] = []
     while "flowcheck: ready: every tap is watching" not in said:
-        readable, _, _ = select.select([proc.stderr], [], [], 30)
-        assert readable, f"the recorder was not ready within 30s: {said}"
-        line = proc.stderr.readline()
-        assert line, f"the recorder ended early: {said}"
-        said.append(line.rstrip("\n"))
+        said += _read_lines(proc, said)
     return said
+
+
+def _read_lines(proc: subprocess.Popen[str], said: list[str]) -> list[str]:
+    """The next whole lines on stderr, read from its file descriptor: a text reader's
+    buffer would hold lines that select() then never reports."""
+    assert proc.stderr is not None
+    fd, data = proc.stderr.fileno(), b""
+    while not data.endswith(b"\n"):
+        readable, _, _ = select.select([fd], [], [], 30)
+        assert readable, f"the recorder said nothing more within 30s: {said}"
+        chunk = os.read(fd, 65536)
+        assert chunk, f"the recorder ended early: {said}"
+        data += chunk
+    return data.decode().splitlines()
 
 
 async def _place(url: str, exchange: str, order_id: str) -> None:
@@ -877,9 +893,12 @@ def test_a_loss_near_the_end_of_a_recording_is_lost_not_unknown(
 
     done, verdict = _check(lossy_file, out, tmp_path / "reports")
     assert done.returncode == 1, done.stdout + done.stderr
+    assert reader.end.stop_mono_ns is not None
     assert verdict["recording"] == {
         "ended": ended,
         "end_ms": pytest.approx((reader.end.mono_ns - reader.header.started_mono_ns) / 1e6),
+        "stop_ms": pytest.approx((reader.end.stop_mono_ns - reader.header.started_mono_ns) / 1e6),
+        "after_stop": 0,
     }
     (flow,) = verdict["flows"]
     assert (flow["failed"], flow["unknown"]) == (1, 0)
@@ -919,4 +938,222 @@ def test_record_ready_file_must_be_new_and_placeable(tmp_path: Path, topology_fi
     )
     assert result.exit_code == 2, result.output
     assert f"cannot create {missing}: no directory {missing.parent}" in result.output
+    assert not Path(out).exists()
+
+
+# ---------------------------------------------------------------- stopping: the drain
+
+
+async def _publish(top_text: str, channel: str, order_id: str) -> None:
+    from flowcheck.brokers import adapter
+
+    top = loads(top_text)
+    async with adapter(top.channels[channel].broker, top) as ad:
+        await ad.publish(
+            channel,
+            json.dumps({"order_id": order_id}).encode(),
+            routing_key="order.placed" if channel == "orders" else None,
+        )
+
+
+Until = Any  # async (condition on the counts) -> None: wait until it holds
+
+
+async def _record_and_stop(
+    topology: Path,
+    out: Path,
+    *,
+    seen: Any,
+    then: Any,
+    drain: float | None = None,
+) -> None:
+    """Record ``topology`` and place one order ("before"); once ``seen(counts)`` holds,
+    ask the recorder to stop, and once it says it is stopping, ``await then(stop_now,
+    until)``; return when the recording has ended."""
+    text = topology.read_text()  # noqa: ASYNC240 - a small local file
+    stop, stop_now, stopping, ready = (anyio.Event() for _ in range(4))
+    waiting: list[tuple[Any, anyio.Event]] = []
+
+    def tick(counts: Counter[str]) -> None:
+        ready.set()
+        for holds, event in waiting:
+            if holds(counts):
+                event.set()
+
+    async def until(holds: Any) -> None:
+        event = anyio.Event()
+        waiting.append((holds, event))
+        with anyio.fail_after(30):
+            await event.wait()
+
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def run() -> None:
+                await record(
+                    loads(text),
+                    str(out),
+                    topology_path=str(topology),
+                    apply=True,
+                    on_tick=tick,
+                    stop=stop,
+                    stop_now=stop_now,
+                    drain=drain,
+                    on_stopping=lambda _: stopping.set(),
+                )
+
+            tg.start_soon(run)
+            with anyio.fail_after(30):
+                await ready.wait()
+            await _publish(text, "orders", "before")
+            await until(seen)
+            stop.set()
+            if drain != 0:  # else it stops at once, saying nothing
+                with anyio.fail_after(30):
+                    await stopping.wait()
+                await then(stop_now, until)
+    finally:
+        await _cleanup(text)
+
+
+async def test_a_stopped_recording_drains_the_chain_in_flight_and_leaves_later_ones_out(
+    tmp_path: Path, topology_file: Path
+) -> None:
+    out = tmp_path / "trace.jsonl"
+    text = topology_file.read_text()  # noqa: ASYNC240 - a small local file
+
+    async def finish(stop_now: anyio.Event, until: Until) -> None:
+        # Asked to stop mid-flight ("before" is at billing, not yet shipped): a new
+        # order comes in after the request, then the system ships the first.
+        await _publish(text, "orders", "after")
+        await until(lambda c: c["orders"] >= 2)  # the taps still watch: they see it
+        await _publish(text, "ship", "before")
+
+    await _record_and_stop(
+        topology_file, out, seen=lambda c: c["billing"] >= 1, then=finish, drain=60
+    )
+    reader = Reader(str(out))
+    list(reader)
+    assert reader.end is not None
+    assert reader.end.stop_mono_ns is not None
+    # It ended when "before" did, not a minute after the stop.
+    assert reader.end.mono_ns - reader.end.stop_mono_ns < 30e9
+    done, verdict = _check(topology_file, out, tmp_path / "reports")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (flow,) = verdict["flows"]
+    # "before" is judged whole; "after" began after the stop: not judged, but said.
+    assert (flow["chains"], flow["succeeded"], flow["unknown"]) == (1, 1, 0)
+    assert verdict["recording"]["after_stop"] == 1
+    assert verdict["unjudged"] == []
+    assert "1 chain first seen after the stop was asked: not judged" in done.stdout
+
+
+async def test_stopping_now_leaves_the_chain_in_flight_unjudged(
+    tmp_path: Path, topology_file: Path
+) -> None:
+    """What a second Ctrl-C does: stop at once, the chain in flight unjudged, not passed."""
+    out = tmp_path / "trace.jsonl"
+
+    async def now(stop_now: anyio.Event, until: Until) -> None:
+        stop_now.set()
+
+    await _record_and_stop(topology_file, out, seen=lambda c: c["billing"] >= 1, then=now, drain=60)
+    done, verdict = _check(topology_file, out, tmp_path / "reports")
+    assert done.returncode == 1, done.stdout + done.stderr
+    (u,) = verdict["unjudged"]
+    assert (u["expectation"], u["chains"]) == ("the chains still open when the recording ended", 1)
+    assert (verdict["flows"][0]["unknown"], verdict["flows"][0]["failed"]) == (1, 0)
+    said = [line for line in done.stderr.splitlines() if "not green only because" in line]
+    assert len(said) == 1
+    assert "the chains still open when the recording ended" in said[0]
+    # Allowed explicitly, it passes: what was left unjudged was said.
+    allowed = await anyio.run_process(
+        [*FLOWCHECK, "check", str(topology_file), str(out), "--allow-unjudged"], check=False
+    )
+    assert allowed.returncode == 0, allowed.stdout.decode()
+
+
+async def test_a_loss_just_before_the_stop_is_caught_after_the_drain(
+    tmp_path: Path, lossy_file: Path
+) -> None:
+    """The case that passed in silence: stopped right after the last order was placed,
+    with no wait for its deadline; the recorder drains it, and check finds it lost."""
+    out = tmp_path / "trace.jsonl"
+
+    async def nothing(stop_now: anyio.Event, until: Until) -> None:
+        pass
+
+    await _record_and_stop(lossy_file, out, seen=lambda c: c["orders"] >= 1, then=nothing)
+    reader = Reader(str(out))
+    list(reader)
+    assert reader.end is not None
+    assert reader.end.stop_mono_ns is not None
+    # The default drain: until the chain's window (1s deadline + 2s grace) is over.
+    first = min(o.mono_ns for o in Reader(str(out)) if o.keys)
+    assert reader.end.mono_ns > first + WINDOW_S * 1e9
+    assert reader.end.mono_ns - reader.end.stop_mono_ns < 20e9
+    done, verdict = _check(lossy_file, out, tmp_path / "reports")
+    assert done.returncode == 1, done.stdout + done.stderr
+    (flow,) = verdict["flows"]
+    assert (flow["failed"], flow["unknown"]) == (1, 0)
+    assert [(f["kind"], f["key"], f["cause"]) for f in flow["findings"]] == [
+        ("lost", "before", "timed_out")
+    ]
+    assert verdict["unjudged"] == []
+    # Without the drain, the same chain is unjudged: never passed.
+    out2 = tmp_path / "nodrain.jsonl"
+    await _record_and_stop(lossy_file, out2, seen=lambda c: c["orders"] >= 1, then=nothing, drain=0)
+    done, verdict = _check(lossy_file, out2, tmp_path / "reports2")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert [u["chains"] for u in verdict["unjudged"]] == [1]
+
+
+def test_record_says_it_is_draining_and_a_second_signal_stops_it(
+    tmp_path: Path, lossy_file: Path, rabbitmq_url: str, unique: str
+) -> None:
+    out = tmp_path / "trace.jsonl"
+    cmd = [*FLOWCHECK, "record", str(lossy_file), "--out", str(out), "--apply", "--drain", "60s"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        said = _wait_ready(proc)
+        anyio.run(_place, rabbitmq_url, f"{unique}.orders", f"{unique}-open")  # never shipped
+        proc.send_signal(signal.SIGINT)
+        assert _read_lines(proc, said)[0] == (
+            "flowcheck: stopping: watching up to 60s more for chains still in flight; "
+            "press Ctrl-C again to stop now"
+        )
+        # The order is in flight, so it would watch a minute: a second Ctrl-C ends it now
+        # (had the taps not seen the order by the first, it has ended already).
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        anyio.run(_cleanup, lossy_file.read_text())
+    assert proc.returncode == 0, stderr
+    assert "observations written to" in stdout
+    reader = Reader(str(out))
+    list(reader)
+    assert reader.end is not None
+    assert reader.end.ended == "interrupted"
+    assert reader.end.stop_mono_ns is not None
+    assert reader.end.mono_ns - reader.end.stop_mono_ns < 20e9
+    done, verdict = _check(lossy_file, out, tmp_path / "reports")
+    # In flight at the stop: unjudged; seen only after it: not judged. Never a pass.
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert verdict["flows"][0]["failed"] == 0
+
+
+def test_record_drain_options_are_checked_before_connecting(
+    tmp_path: Path, topology_file: Path
+) -> None:
+    out = str(tmp_path / "t.jsonl")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["record", str(topology_file), "--out", out, "--drain", "5"])
+    assert result.exit_code == 2, result.output
+    assert "a duration needs a unit: write 5s or 5ms" in result.output
+    args = ["record", str(topology_file), "--out", out, "--drain", "5s", "--no-drain"]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert "give --drain or --no-drain, not both" in result.output
     assert not Path(out).exists()

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flowcheck.checker._chain import Chain
-from flowcheck.checker._match import MISSING, _walk
+from flowcheck.checker._match import MISSING
 from flowcheck.observations import Observation, payload_json
-from flowcheck.topology._types import path_segments
+from flowcheck.topology import path_segments, path_value
 from flowcheck.topology.model import Locator, RetryPolicy
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def value(m: Mark, obs: Observation) -> Any:
     if m.header is not None:
         return obs.headers.get(m.header, MISSING)
     assert m.path is not None
-    return _walk(payload_json(obs.payload), m.path)
+    return path_value(payload_json(obs.payload), m.path, MISSING)
 
 
 def number(m: Mark, obs: Observation) -> int | None:

@@ -39,8 +39,13 @@ class Checker:
         start_ns: int | None = None,
         expected: Mapping[str, Iterable[str]] | None = None,
         allow_unjudged: bool | None = None,
+        stop_ns: int | None = None,
     ) -> None:
         self.topology = topology
+        # When the recording was asked to stop: chains first seen from then on are not
+        # judged (the taps watched on only for the chains already in flight).
+        self.stop_ns = stop_ns
+        self.after_stop: dict[str, set[str]] = {}
         # None: as the topology's gate says.
         self.allow_unjudged = (
             topology.gate.allow_unjudged if allow_unjudged is None else allow_unjudged
@@ -102,9 +107,13 @@ class Checker:
         if watching is None:
             return
         keys = obs.keys
+        stop = self.stop_ns
         for state, route in watching:
             key = keys.get(state.name)
             if key is None:
+                continue
+            if stop is not None and at >= stop and key not in state.chains:
+                self.after_stop.setdefault(state.name, set()).add(key)
                 continue
             if state.feed(obs, key, route, self.count):
                 # A new chain may be due before what was due so far.
@@ -207,8 +216,7 @@ class Checker:
                         message=f"never seen at {state.labels[0]!r}: not published",
                     )
                 )
-        for state in self.flows.values():
-            state.finish(end)
+        cut = sum(state.finish(end) for state in self.flows.values())
         allow = self.allow_unjudged
         flows = [s.verdict(allow) for s in self.flows.values()]
         unjudged = []
@@ -222,6 +230,25 @@ class Checker:
                     chains=unknown,
                 )
             )
+        elif recording is not None and cut:
+            unjudged.append(
+                Unjudged(
+                    expectation="the chains still open when the recording ended",
+                    why=(
+                        "the run ended (its wait capped by the scenario's timeout, at most two "
+                        "windows) before their deadlines had passed: whether they would have "
+                        "completed is not known"
+                        if recording.ended == "run"
+                        else "it ended before their deadlines had passed: whether they would "
+                        "have completed is not known (record on for the flow's window after "
+                        "the last message: `flowcheck record --drain`)"
+                    ),
+                    chains=cut,
+                )
+            )
+        if recording is not None and self.after_stop:
+            after = sum(len(keys) for keys in self.after_stop.values())
+            recording = recording.model_copy(update={"after_stop": after})
         return Verdict(
             passed=all(f.passed for f in flows) and not self.other and (allow or not unjudged),
             observations=self.count - len(self.gaps),  # a gap record is no observation
@@ -244,9 +271,16 @@ def check(
     expected: Mapping[str, Iterable[str]] | None = None,
     allow_unjudged: bool | None = None,
     recording: Recording | None = None,
+    stop_ns: int | None = None,
 ) -> Verdict:
     """Check a whole history at once."""
-    checker = Checker(topology, start_ns=start_ns, expected=expected, allow_unjudged=allow_unjudged)
+    checker = Checker(
+        topology,
+        start_ns=start_ns,
+        expected=expected,
+        allow_unjudged=allow_unjudged,
+        stop_ns=stop_ns,
+    )
     for obs in observations:
         checker.feed(obs)
     return checker.finish(end_ns, recording=recording)

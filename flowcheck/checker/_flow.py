@@ -236,13 +236,19 @@ class FlowState:
                     self.decided.add(key)
         return self.expiry[0][0] if self.expiry else now_ns
 
-    def finish(self, end_ns: int) -> None:
+    def finish(self, end_ns: int) -> int:
+        """Decide every open chain at the recording's end; returns how many of them
+        are unknown because it came before their window was over."""
+        cut = 0
         for chain in list(self.chains.values()):
             ended = chain.first_ns + self.window_ns > end_ns
+            before = self.counts["unknown"]
             _decide.decide(self, chain, ended=ended)
+            cut += ended and self.counts["unknown"] > before
         self.chains.clear()
         if self.by_seq is not None:
             self.by_seq.finish()
+        return cut
 
     # ------------------------------------------------------------ recording findings
 

@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING, Any
 from flowcheck.checker._chain import RANK, Chain, Order, compare, merged, place
 from flowcheck.checker._hist import Span
 from flowcheck.checker._match import MISSING
-from flowcheck.checker._match import _walk as walk
 from flowcheck.checker.verdict import Finding, FindingKind
 from flowcheck.observations import Observation, payload_json
-from flowcheck.topology._types import path_segments
+from flowcheck.topology import path_segments, path_value
 from flowcheck.topology.model import DeadLetterRule, SeqOrdering
 
 if TYPE_CHECKING:
@@ -196,7 +195,7 @@ def value(obs: Observation, ref: tuple[str | int, ...] | str, parsed: Any) -> An
     """A payload path's value (``ref`` as segments) or a header's; MISSING if absent."""
     if isinstance(ref, str):
         return obs.headers.get(ref, MISSING)
-    return walk(parsed, ref)
+    return path_value(parsed, ref, MISSING)
 
 
 def whole(v: Any) -> int | None:

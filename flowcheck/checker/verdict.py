@@ -177,6 +177,14 @@ class Recording(BaseModel):
         description="stopped | duration | interrupted | run | unknown (no end record: crashed)"
     )
     end_ms: float | None = Field(None, description="ms since the recording started")
+    stop_ms: float | None = Field(
+        None,
+        description="when the stop was asked, ms since the recording started, if the taps "
+        "watched on after it for the chains in flight (None: they stopped at once)",
+    )
+    after_stop: int = Field(
+        0, description="chains first seen after the stop was asked: outside it, not judged"
+    )
 
 
 class FlowVerdict(BaseModel):

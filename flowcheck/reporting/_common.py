@@ -195,4 +195,10 @@ def recording_text(rec: Recording) -> str:
     """How the recording ended, in words: ``recording ended: stopped at 61234ms``."""
     at = f" at {ms(rec.end_ms)}ms" if rec.end_ms is not None else ""
     why = " (no end record: the recorder crashed or was killed)" if rec.ended == "unknown" else ""
+    if rec.stop_ms is not None:
+        why += f" (stop asked at {ms(rec.stop_ms)}ms)"
+    if rec.after_stop:
+        why += (
+            f"; {plural(rec.after_stop, 'chain')} first seen after the stop was asked: not judged"
+        )
     return f"recording ended: {rec.ended}{at}{why}"

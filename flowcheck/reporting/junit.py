@@ -143,6 +143,10 @@ def _outside_suite(verdict: Verdict, max_findings: int) -> ET.Element:
         props["recording_ended"] = rec.ended
         if rec.end_ms is not None:
             props["recording_end_ms"] = f"{rec.end_ms:g}"
+        if rec.stop_ms is not None:
+            props["recording_stop_ms"] = f"{rec.stop_ms:g}"
+        if rec.after_stop:
+            props["recording_after_stop"] = rec.after_stop
         out = recording_text(rec) + "\n" + out
     if verdict.unjudged or any(f.unjudged for f in verdict.flows):
         out += f"unjudged expectations: {unjudged_status(verdict)}\n"

@@ -372,9 +372,36 @@ def test_a_recording_with_no_end_record_lists_the_chains_it_left_unknown() -> No
     assert "no end record" in u.why
     assert not v.passed
     assert finish("unknown", allow=True).passed
+    # An end record says when watching stopped: the chain it cut short is still unjudged.
     stopped = finish("stopped")
-    assert stopped.unjudged == []
-    assert stopped.passed
+    (u,) = stopped.unjudged
+    assert (u.expectation, u.chains) == ("the chains still open when the recording ended", 1)
+    assert "before their deadlines" in u.why
+    assert not stopped.passed
+    assert finish("stopped", allow=True).passed
+    (u,) = finish("run").unjudged  # a run whose wait ended before the deadline: the same
+    assert (u.chains, u.why.startswith("the run ended")) == (1, True)
+
+
+def test_chains_first_seen_after_the_stop_are_not_judged() -> None:
+    top = loads(RETRY)
+    h = History()
+    billed(h, "k1", 0, firehose=True)
+    h.at(4_000).routed("orders", "k2")  # in flight when the stop is asked, at 4500ms
+    h.at(4_100).routed("orders", "k5")  # in flight too
+    h.at(4_800).routed("orders", "k3")  # after it
+    h.routed("orders", "k4")
+    h.at(4_900).routed("billing", "k5")  # k5 goes on after the stop: still its chain
+    c = Checker(top, start_ns=START - 1000 * MS, stop_ns=START + 4_500 * MS)
+    for o in h.items:
+        c.feed(o)
+    v = c.finish(START + 5_000 * MS, recording=Recording(ended="stopped", end_ms=6_000.0))
+    assert v.recording is not None
+    assert v.recording.after_stop == 2
+    # k1, k2 and k5; k3 and k4 are not judged. k5 ended after the stop: judged whole.
+    assert (v.flows[0].chains, v.flows[0].succeeded) == (3, 2)
+    (u,) = v.unjudged  # k2, still inside its deadline at the end
+    assert u.chains == 1
 
 
 def test_a_dead_letter_seen_on_its_exchange_during_a_gap_is_unknown() -> None:
