@@ -291,17 +291,7 @@ class Checker:
         if q.overflow == "reject-publish-dlx" and q.dead_letter is None:
             self.error((*path, "overflow"), "reject-publish-dlx needs a dead_letter route")
         if q.dead_letter is not None:
-            dl = self.channel(
-                (*path, "dead_letter", "exchange"), q.dead_letter.exchange, ["exchange"], q.broker
-            )
-            if isinstance(dl, Exchange) and not self.bound_queues(
-                q.dead_letter.exchange, q.dead_letter.key
-            ):
-                self.warn(
-                    (*path, "dead_letter"),
-                    f"no queue bound to {q.dead_letter.exchange!r} receives these dead letters; "
-                    "they will be dropped",
-                )
+            self.check_dead_letter_route((*path, "dead_letter"), q)
         elif q.type == "quorum" and q.delivery_limit is not None:
             self.warn(
                 (*path, "delivery_limit"),
@@ -314,6 +304,34 @@ class Checker:
                     (*path, "retry", i),
                     f"retry queue {r!r} needs ttl and dead_letter, or messages never come back",
                 )
+
+    def check_dead_letter_route(self, path: Path, q: Queue) -> None:
+        """A queue's dead-letter route: an exchange of its broker that some queue receives
+        them from, or a queue of its broker (through the default exchange); and the
+        service that publishes them, when it is the service's own doing."""
+        route = q.dead_letter
+        assert route is not None
+        if route.queue is not None:
+            self.channel((*path, "queue"), route.queue, ["queue"], q.broker)
+        elif route.exchange is not None:
+            dl = self.channel((*path, "exchange"), route.exchange, ["exchange"], q.broker)
+            if isinstance(dl, Exchange) and not self.bound_queues(route.exchange, route.key):
+                self.warn(
+                    path,
+                    f"no queue bound to {route.exchange!r} receives these dead letters; "
+                    "they will be dropped",
+                )
+        if route.published_by is None:
+            return
+        by = (*path, "published_by")
+        if not self.ref(by, "services", route.published_by):
+            return
+        svc = self.services.get(route.published_by)
+        if svc is not None and route.target not in svc.publishes:
+            self.warn(
+                by,
+                f"service {route.published_by!r} does not list {route.target!r} in 'publishes'",
+            )
 
     def bound_queues(self, exchange: str, key: str | None) -> list[str]:
         """Queues that a message sent to ``exchange`` with ``key`` may reach."""
@@ -591,7 +609,13 @@ class Checker:
             )
         if isinstance(src, Queue) and rule.reason is not None:
             rpath = (*path, "reason")
-            if rule.reason not in RABBIT_REASONS:
+            if src.dead_letter is not None and src.dead_letter.published_by is not None:
+                self.error(
+                    rpath,
+                    f"service {src.dead_letter.published_by!r} publishes these dead letters "
+                    "itself: the broker gives them no reason",
+                )
+            elif rule.reason not in RABBIT_REASONS:
                 hint = suggest(rule.reason, RABBIT_REASONS)
                 self.error(
                     rpath,
@@ -616,6 +640,8 @@ class Checker:
             route = src.dead_letter
             if route is None:
                 return False
+            if route.exchange is None:  # straight to a queue, through the default exchange
+                return target == route.target
             return target == route.exchange or target in self.bound_queues(
                 route.exchange, route.key
             )

@@ -477,11 +477,14 @@ class RabbitMQAdapter(Adapter):
 
     def _on_firehose(self, sink: Sink, direct: Mapping[str, str]) -> Any:
         """Deliveries and unroutable publishes; and publishes straight to the ``direct``
-        queues (queue name -> channel), which no twin sees."""
+        queues (queue name -> channel), which no twin sees, and dead letters read there."""
+        dead = frozenset(direct.values()) & self._dead_letter_queues
 
         async def on_message(msg: DeliveredMessage) -> None:
             meta: Mapping[str, Any] = msg.header.properties.headers or {}
-            read = _parse.read_firehose(meta, msg.routing_key or "", self._by_physical, direct)
+            read = _parse.read_firehose(
+                meta, msg.routing_key or "", self._by_physical, direct, dead
+            )
             if read is not None:
                 sink(self._observe(read[0], msg.body, read[1]))
 
