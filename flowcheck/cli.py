@@ -245,6 +245,8 @@ def record(
     import anyio
     from rich.console import Console
 
+    from flowcheck.brokers.base import Drift
+    from flowcheck.errors import DriftError
     from flowcheck.recorder import record as run_record
     from flowcheck.recorder import write_ready
     from flowcheck.reporting.live import RecordView
@@ -286,6 +288,10 @@ def record(
         # Stable: scripts wait for this line (docs/running.md).
         console.print(READY_LINE, soft_wrap=True, markup=False, highlight=False)
 
+    def refuse_drift(drift: Sequence[Drift]) -> None:
+        # A recording of channels other than the topology's would judge another system.
+        raise DriftError(drift)
+
     async def main() -> dict[str, int]:
         return dict(
             await run_record(
@@ -298,7 +304,7 @@ def record(
                 on_ready=ready,
                 on_down=view.status,
                 channels=tapped,
-                on_drift=view.drifted,
+                on_drift=refuse_drift,
                 gaps=view.gaps,
             )
         )

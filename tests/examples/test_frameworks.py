@@ -350,13 +350,6 @@ def dark_url(rabbitmq_url: str) -> Iterator[str]:
         rabbitmqctl("delete_vhost", vhost)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=Misjudged,
-    reason="with the firehose off, publishes straight to a queue are invisible: check() "
-    "says 'no chain was seen (nothing published or routed to its steps)', not that the "
-    "topology needs the firehose (rabbitmqctl trace_on)",
-)
 async def test_without_the_firehose_the_check_says_it_is_needed(dark_url: str, unique: str) -> None:
     r = await run(DRAMATIQ, dark_url, f"{unique}.", HEALTHY)
     assert r.report, "check() passed without seeing anything"

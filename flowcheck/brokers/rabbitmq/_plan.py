@@ -161,3 +161,24 @@ def straight_queues(
         for k in channels
         if isinstance(q := topology.channels[k], Queue) and not q.bindings
     }
+
+
+def firehose_needs(
+    topology: Topology, names: Mapping[str, str], channels: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """What among ``channels`` only the firehose shows: (the queues fed through the default
+    exchange, whose publishes no twin sees; the queues whose deliveries a flow judges,
+    its steps with a retry policy or dead-letter rules that count attempts)."""
+    straight = sorted(straight_queues(topology, names, channels).values())
+    tapped = set(channels)
+    counted: set[str] = set()
+    for flow in topology.flows.values():
+        counting = any(r.attempts is not None for r in flow.dead_letters)
+        for step in flow.steps:
+            if step.channel not in tapped or not isinstance(
+                topology.channels.get(step.channel), Queue
+            ):
+                continue
+            if step.retry is not None or flow.retry is not None or counting:
+                counted.add(step.channel)
+    return straight, sorted(counted)
