@@ -10,7 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from flowcheck.checker import _dead_letters, _deadlines, _delivery, _latency, _ordering, _retries
+from flowcheck.checker import (
+    _dead_letters,
+    _deadlines,
+    _delivery,
+    _latency,
+    _ordering,
+    _paths,
+    _retries,
+)
 from flowcheck.checker._chain import Chain
 from flowcheck.checker._hist import Span
 from flowcheck.topology.model import DeadLetterRule
@@ -32,6 +40,7 @@ CHAIN_CHECKS: tuple[tuple[Callable[[FlowState], bool], ChainCheck], ...] = (
 
 
 def decide(state: FlowState, chain: Chain, *, ended: bool) -> None:
+    _paths.note(state, chain)
     if (
         chain.sample is None
         and not chain.dead

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
-from flowcheck.checker import _decide, _thresholds
+from flowcheck.checker import _decide, _paths, _thresholds
 from flowcheck.checker._chain import Chain, Places, identity, place, which
 from flowcheck.checker._hist import Hist, Span, span
 from flowcheck.checker._match import matches
@@ -117,6 +117,9 @@ class FlowState:
         self.totals: Counter[str] = Counter()
         # (check, expectation, why) -> chains it could not be judged on
         self.unjudged: Counter[tuple[str, str, str]] = Counter()
+        # Steps some chain was seen reaching; chains only delivered from a step, per step.
+        self.reached_steps: set[int] = set()
+        self.unrouted: Counter[int] = Counter()
         self.deciding: list[tuple[str, str, str]] | None = None  # the chain being decided's
         # Did the chain being decided end where it should: complete, or under its dead-letter
         # rule (the latter judged by the dead-letter check)?
@@ -223,6 +226,7 @@ class FlowState:
             ended = chain.first_ns + self.window_ns > end_ns
             _decide.decide(self, chain, ended=ended)
         self.chains.clear()
+        _paths.findings(self)
 
     # ------------------------------------------------------------ recording findings
 

@@ -366,3 +366,22 @@ def test_a_dead_letter_the_service_publishes_is_its_arrival_in_the_parking_queue
     g = next(f for f in v.flows if f.flow == "g")
     assert [(f.kind.value, f.key) for f in g.findings] == [("dead_letter", "p2")]
     assert g.dead_lettered == 1
+
+
+def test_deliveries_from_a_step_no_message_was_seen_reaching_are_unrouted() -> None:
+    top = loads(DEFAULT_EXCHANGE)
+    h = History()
+    for i in range(3):  # delivered from charge, but never seen reaching it
+        h.at(i * 10).add(Kind.DELIVERED, "charge", f"k{i}", delivery_count=1)
+    v = run(top, h)
+    f = next(f for f in v.flows if f.flow == "f")
+    assert [(x.kind.value, x.step) for x in f.findings] == [("unrouted", "charge")]
+    assert "3 chain(s) delivered from 'charge'" in f.findings[0].message
+    assert not f.passed
+    # A recording that starts mid-flight: a delivery of an earlier message is no finding
+    # once the step is seen reached at all.
+    h.at(100).routed("charge", "k9")
+    h.add(Kind.DELIVERED, "charge", "k9", delivery_count=1)
+    h.at(120).routed("ship", "k9")
+    f = next(f for f in run(top, h).flows if f.flow == "f")
+    assert f.findings == []

@@ -316,14 +316,6 @@ flows:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=Misjudged,
-    reason="deliveries reach the queues by a path the topology does not declare (Celery "
-    "publishes through the default exchange, not the exchanges the queues are bound to): "
-    "check() fails only with 'no chain decided', 'chains still open', and never says that "
-    "deliveries came without routes",
-)
 async def test_a_topology_that_watches_the_wrong_path_says_so(
     vhost_url: str, unique: str, tmp_path: Path
 ) -> None:
