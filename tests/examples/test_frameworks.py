@@ -200,9 +200,9 @@ RETRY_IS_DUPLICATE = (
 )
 NO_DEFAULT_DEAD_LETTER = (
     "a dead letter through the default exchange (x-dead-letter-exchange: '' into "
-    "<queue>.XQ / <queue>.dead) cannot be declared (no dead_letter route names the "
-    "default exchange, so no dead_letters rule may end there) and the broker gives "
-    "no firehose record of it (only the dead-letter queue's depth)"
+    "<queue>.XQ / <queue>.dead; declared with dead_letter: {queue: ...}) leaves no "
+    "firehose record: nothing consumes the dead-letter queue here, so the "
+    "dead_letters rule is unjudged, neither met nor missed"
 )
 
 
