@@ -867,7 +867,7 @@ async def test_a_dead_letter_through_the_default_exchange_shows_when_it_is_consu
             try:
                 channel = await connection.channel()
                 # A framework declaring the queue with its own arguments: the same ones.
-                framework = {
+                framework: Arguments = {
                     "x-dead-letter-exchange": "",
                     "x-dead-letter-routing-key": f"{unique}.work.XQ",
                 }
@@ -889,7 +889,8 @@ async def test_a_dead_letter_through_the_default_exchange_shows_when_it_is_consu
                 await dead.consume(park, no_ack=True)
                 with anyio.fail_after(WITHIN):
                     await arrived.wait()
-                assert parked[0].headers["x-death"][0]["reason"] == "rejected"
+                deaths: Any = parked[0].headers["x-death"]
+                assert deaths[0]["reason"] == "rejected"
                 await memory.wait_for(lambda items: bool(of(items, Kind.DEAD_LETTERED)), WITHIN)
             finally:
                 await connection.close()
