@@ -210,7 +210,11 @@ def _fail(exc: FlowcheckError) -> NoReturn:
     help="Stop after this long (e.g. 30s, 5m); default: until Ctrl-C.",
 )
 @click.option(
-    "--apply", "do_apply", is_flag=True, help="Declare the topology's channels first (idempotent)."
+    "--apply",
+    "do_apply",
+    is_flag=True,
+    help="Declare the topology's channels first (idempotent); a channel that exists "
+    "with other settings stops it (exit 3).",
 )
 @click.option(
     "--broker",
