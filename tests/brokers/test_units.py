@@ -543,3 +543,24 @@ def test_the_firehose_reads_a_delivery_from_a_dead_letter_queue_as_the_dead_lett
     )
     assert read is not None
     assert (read[0], read[1].kind) == ("parking", Kind.ROUTED)
+
+
+def test_the_firehose_is_needed_for_straight_queues_and_judged_attempts() -> None:
+    top = load(
+        """
+brokers:
+  rb: {kind: rabbitmq, url: "amqp://guest:guest@127.0.0.1:1/"}
+channels:
+  events: {broker: rb, kind: exchange, type: topic}
+  inbox: {broker: rb, kind: queue, bindings: [{exchange: events, key: "#"}]}
+  store: {broker: rb, kind: queue}
+flows:
+  f:
+    correlate: $.id
+    steps: [events, {channel: inbox, retry: {max_attempts: 3}}]
+"""
+    )
+    names = {k: top.channel_name(k) for k in top.channels}
+    assert rabbit_plan.firehose_needs(top, names, list(top.channels)) == (["store"], ["inbox"])
+    # Only what is tapped: a bound queue without attempts to count needs nothing.
+    assert rabbit_plan.firehose_needs(top, names, ["events"]) == ([], [])
