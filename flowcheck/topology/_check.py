@@ -313,6 +313,12 @@ class Checker:
         assert route is not None
         if route.queue is not None:
             self.channel((*path, "queue"), route.queue, ["queue"], q.broker)
+        elif route.exchange in ("default", "amq.default") and route.exchange not in self.channels:
+            self.error(
+                (*path, "exchange"),
+                f"unknown exchange {route.exchange!r}; for dead letters sent straight to a "
+                "queue through the default exchange, write 'queue: <the dead-letter queue>'",
+            )
         elif route.exchange is not None:
             dl = self.channel((*path, "exchange"), route.exchange, ["exchange"], q.broker)
             if isinstance(dl, Exchange) and not self.bound_queues(route.exchange, route.key):
