@@ -590,12 +590,22 @@ class Checker:
         routed = [
             (s, c) for s, c in sources if c is not None and self.dead_letters_to(c, rule.channel)
         ]
+        parked = False
+        if not routed and rule.channel not in {s.channel for s in flow.steps}:
+            # A parking queue: the step's consuming service publishes what it gives up on.
+            routed = [
+                (s, c)
+                for s, c in sources
+                if c is not None and self.parked_by_consumer(s.channel, rule.channel)
+            ]
+            parked = bool(routed)
         if not routed:
             names = ", ".join(repr(s.name or s.channel) for s, _ in sources)
             self.error(
                 (*path, "channel"),
                 f"no dead-letter route leads from {names} to {rule.channel!r}; "
-                "declare it with 'dead_letter' on the step's channel",
+                "declare it with 'dead_letter' on the step's channel, or list it in "
+                "'publishes' of the service that consumes the step",
             )
             return
         step, src = routed[0]
@@ -615,10 +625,10 @@ class Checker:
             )
         if isinstance(src, Queue) and rule.reason is not None:
             rpath = (*path, "reason")
-            if src.dead_letter is not None and src.dead_letter.published_by is not None:
+            if parked or (src.dead_letter is not None and src.dead_letter.published_by):
                 self.error(
                     rpath,
-                    f"service {src.dead_letter.published_by!r} publishes these dead letters "
+                    "the service that consumes the step publishes these dead letters "
                     "itself: the broker gives them no reason",
                 )
             elif rule.reason not in RABBIT_REASONS:
@@ -640,6 +650,13 @@ class Checker:
                     rpath,
                     f"queue {step.channel!r} has no ttl; only per-message expiry can cause this",
                 )
+
+    def parked_by_consumer(self, channel: str, target: str) -> bool:
+        """Does a service that consumes ``channel`` publish ``target``?"""
+        return any(
+            target in svc.publishes and any(c.channel == channel for c in svc.consumes)
+            for svc in self.services.values()
+        )
 
     def dead_letters_to(self, src: Channel, target: str) -> bool:
         if isinstance(src, Queue):

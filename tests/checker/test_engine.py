@@ -6,6 +6,7 @@ import pytest
 from history import MS, START, History
 
 from flowcheck.checker import Cause, FindingKind, Verdict, check
+from flowcheck.errors import TopologyError
 from flowcheck.observations import Kind, Observation
 from flowcheck.topology import Topology, loads
 
@@ -385,3 +386,24 @@ def test_deliveries_from_a_step_no_message_was_seen_reaching_are_unrouted() -> N
     h.at(120).routed("ship", "k9")
     f = next(f for f in run(top, h).flows if f.flow == "f")
     assert f.findings == []
+
+
+def test_a_parking_queue_the_consuming_service_publishes_is_a_dead_letter_channel() -> None:
+    top = loads(
+        DEFAULT_EXCHANGE.replace(
+            "dead_letter: {queue: parking, published_by: worker}", "name: orders"
+        )
+    )
+    h = History("g")
+    body = {"id": "p1", "poison": True}
+    h.at(0).routed("orders", "p1", body)
+    h.routed("parking", "p1", body)
+    g = next(f for f in run(top, h).flows if f.flow == "g")
+    assert (g.findings, g.dead_lettered) == ([], 1)
+    # A service that does not publish it parks nothing there.
+    with pytest.raises(TopologyError, match="no dead-letter route leads from 'orders', 'ship'"):
+        loads(
+            DEFAULT_EXCHANGE.replace("publishes: [parking, ship]", "publishes: [ship]").replace(
+                "dead_letter: {queue: parking, published_by: worker}", "name: orders"
+            )
+        )
