@@ -222,7 +222,11 @@ def _fail(exc: FlowcheckError) -> NoReturn:
     help="Stop at once when asked: chains still in flight are left unjudged.",
 )
 @click.option(
-    "--apply", "do_apply", is_flag=True, help="Declare the topology's channels first (idempotent)."
+    "--apply",
+    "do_apply",
+    is_flag=True,
+    help="Declare the topology's channels first (idempotent); a channel that exists "
+    "with other settings stops it (exit 3).",
 )
 @click.option(
     "--broker",
@@ -261,6 +265,8 @@ def record(
     import anyio
     from rich.console import Console
 
+    from flowcheck.brokers.base import Drift
+    from flowcheck.errors import DriftError
     from flowcheck.recorder import record as run_record
     from flowcheck.recorder import write_ready
     from flowcheck.reporting.live import RecordView
@@ -321,6 +327,10 @@ def record(
             highlight=False,
         )
 
+    def refuse_drift(drift: Sequence[Drift]) -> None:
+        # A recording of channels other than the topology's would judge another system.
+        raise DriftError(drift)
+
     async def main() -> dict[str, int]:
         return dict(
             await run_record(
@@ -333,7 +343,7 @@ def record(
                 on_ready=ready,
                 on_down=view.status,
                 channels=tapped,
-                on_drift=view.drifted,
+                on_drift=refuse_drift,
                 gaps=view.gaps,
                 drain=drain_s,
                 on_stopping=stopping,

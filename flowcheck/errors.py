@@ -6,9 +6,10 @@
     ├── UsageError            a file that cannot be read, an argument that makes no sense
     ├── TopologyError         the topology has problems (all of them in ``.problems``)
     ├── MissingDependency     a broker client is not installed; names the extra to install
-    └── BrokerError           translated from the broker clients at the broker boundary
-        ├── BrokerUnreachable   connection refused, DNS failure, timeout
-        └── BrokerAuthError     wrong credentials, permission denied
+    ├── BrokerError           translated from the broker clients at the broker boundary
+    │   ├── BrokerUnreachable   connection refused, DNS failure, timeout
+    │   └── BrokerAuthError     wrong credentials, permission denied
+    └── DriftError            channels on the broker differ from the topology (record --apply)
 
 Messages never contain secrets: URLs are redacted before they are formatted.
 """
@@ -77,6 +78,20 @@ class BrokerUnreachable(BrokerError):
 
 class BrokerAuthError(BrokerError):
     """The broker refused the credentials or the operation."""
+
+
+class DriftError(FlowcheckError):
+    """Channels that exist on the broker differ from the topology: recording against
+    them would judge a system other than the one described. ``drift`` holds each
+    difference (:class:`flowcheck.brokers.base.Drift`)."""
+
+    def __init__(self, drift: Sequence[object]) -> None:
+        self.drift = tuple(drift)
+        super().__init__(
+            "the broker differs from the topology, nothing recorded: "
+            + "; ".join(str(d) for d in self.drift)
+            + " (apply never changes what exists: make the topology say what the broker has)"
+        )
 
 
 def leaf(error: BaseException) -> BaseException:

@@ -729,7 +729,7 @@ async def _declare_by_hand(url: str, queue: str, arguments: Arguments) -> None:
         await connection.close()
 
 
-def test_record_apply_warns_of_drift_and_records_on(
+def test_record_apply_refuses_drift_and_fails_to_run(
     tmp_path: Path, topology_file: Path, unique: str, rabbitmq_url: str
 ) -> None:
     hand: Arguments = {"x-max-length": 7}
@@ -742,13 +742,13 @@ def test_record_apply_warns_of_drift_and_records_on(
         anyio.run(_declare_by_hand, rabbitmq_url, f"{unique}.billing", hand)
     finally:
         anyio.run(_cleanup, topology_file.read_text())
-    assert result.exit_code == 0, result.output
-    assert (
-        "flowcheck: warning: drift: billing: x-max-length is 7 on the broker, "
-        "the topology does not set it"
-    ) in result.output
-    assert "recording 3 channels" in result.output
-    assert [o.channel for o in Reader(str(out)) if o.kind is Kind.DRIFT] == ["billing"]
+    # A failure to run, as an unreachable broker: never a recording that could pass.
+    assert result.exit_code == 3, result.output
+    (line,) = [x for x in result.output.splitlines() if "drift" in x or "differs" in x]
+    assert line.startswith("flowcheck: the broker differs from the topology, nothing recorded: ")
+    assert "billing: x-max-length is 7 on the broker, the topology does not set it" in line
+    assert "recording" not in result.output
+    assert not out.exists()
 
 
 def test_run_warns_of_drift_before_it_stops_on_an_error(

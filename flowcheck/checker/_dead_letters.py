@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from flowcheck.checker._chain import Chain
 from flowcheck.checker.verdict import Cause, Finding, FindingKind
-from flowcheck.topology.model import DeadLetterRule
+from flowcheck.topology.model import DeadLetterRule, Queue
 
 if TYPE_CHECKING:
     from flowcheck.checker._flow import FlowState
@@ -59,6 +59,9 @@ def poison(state: FlowState, chain: Chain, rule: DeadLetterRule, ended: bool) ->
     else:
         passed = chain.consumed[at] or any(chain.arrivals[j] for j in range(at + 1, n))
     healthy = passed and not retried
+    if not healthy and (why := unseen(state, rule, at)) is not None:
+        state.unjudge("dead_letters", f"dead letters in {rule.channel!r}", why)
+        return False
     what = "was processed as if healthy" if healthy else "was never dead-lettered"
     state.add(
         state.finding(
@@ -70,6 +73,26 @@ def poison(state: FlowState, chain: Chain, rule: DeadLetterRule, ended: bool) ->
         )
     )
     return False
+
+
+# A dead letter the broker sends through the default exchange leaves no firehose
+# record; a delivery from the dead-letter queue (with x-death) is the only evidence.
+UNSEEN_DEFAULT_EXCHANGE = (
+    "RabbitMQ shows no dead letter through the default exchange unless something "
+    "consumes the dead-letter queue with the firehose on"
+)
+
+
+def unseen(state: FlowState, rule: DeadLetterRule, at: int | None) -> str | None:
+    """Why no evidence of ``rule``'s dead letters can be expected, when the broker gives
+    none: RabbitMQ moves them straight into a queue through the default exchange."""
+    sources = range(state.n) if at is None else [at]
+    for i in sources:
+        q = state.channels[i]
+        route = q.dead_letter if isinstance(q, Queue) else None
+        if route is not None and route.queue == rule.channel and route.published_by is None:
+            return UNSEEN_DEFAULT_EXCHANGE
+    return None
 
 
 def healthy(state: FlowState, chain: Chain) -> None:

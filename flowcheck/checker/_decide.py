@@ -17,6 +17,7 @@ from flowcheck.checker import (
     _gives_up,
     _latency,
     _ordering,
+    _paths,
     _retries,
 )
 from flowcheck.checker._chain import Chain
@@ -40,6 +41,7 @@ CHAIN_CHECKS: tuple[tuple[Callable[[FlowState], bool], ChainCheck], ...] = (
 
 
 def decide(state: FlowState, chain: Chain, *, ended: bool) -> None:
+    _paths.note(state, chain)
     if (
         chain.sample is None
         and not chain.dead

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
-from flowcheck.checker import _attempts, _decide, _ordering, _thresholds
+from flowcheck.checker import _attempts, _decide, _ordering, _paths, _thresholds
 from flowcheck.checker._chain import Chain, Places, identity, place, which
 from flowcheck.checker._hist import Hist, Span, span
 from flowcheck.checker._match import matches
@@ -130,6 +130,9 @@ class FlowState:
         self.totals: Counter[str] = Counter()
         # (check, expectation, why) -> chains it could not be judged on
         self.unjudged: Counter[tuple[str, str, str]] = Counter()
+        # Steps some chain was seen reaching; chains only delivered from a step, per step.
+        self.reached_steps: set[int] = set()
+        self.unrouted: Counter[int] = Counter()
         self.deciding: list[tuple[str, str, str]] | None = None  # the chain being decided's
         # Did the chain being decided end where it should: complete, or under its dead-letter
         # rule (the latter judged by the dead-letter check)?
@@ -248,6 +251,7 @@ class FlowState:
         self.chains.clear()
         if self.by_seq is not None:
             self.by_seq.finish()
+        _paths.findings(self)
         return cut
 
     # ------------------------------------------------------------ recording findings

@@ -27,6 +27,7 @@ class FindingKind(StrEnum):
     LATENCY = "latency"  # a percentile over its budget
     THRESHOLD = "threshold"  # success or error rate outside its bound
     CONFIG = "config"  # the topology itself loses messages silently
+    UNROUTED = "unrouted"  # deliveries from a step that no message was seen reaching
 
 
 # Findings that make the chain they are about a failed one (judged by the success threshold).
@@ -46,7 +47,7 @@ CHAIN_KINDS = {
 # The checks of every flow (JUnit test cases), and the finding kinds each one judges.
 CHECKS = {
     "chains": {FindingKind.LOST, FindingKind.GIVE_UP, FindingKind.THRESHOLD},
-    "delivery": {FindingKind.DUPLICATED, FindingKind.UNEXPECTED},
+    "delivery": {FindingKind.DUPLICATED, FindingKind.UNEXPECTED, FindingKind.UNROUTED},
     "ordering": {FindingKind.REORDERED, FindingKind.SEQUENCE_GAP},
     "deadlines": {FindingKind.LATE},
     "retries": {FindingKind.RETRIES, FindingKind.BACKOFF},

@@ -706,8 +706,12 @@ class FlowSession:
         elif whole:
             lines.append(f"flow check failed: {len(whole)} expectation(s) could not be judged")
         for f in empty:
+            # What the taps could not watch of its steps says why (the firehose off).
+            steps = {s.channel for s in self.topology.flows[f].steps}
+            unwatched = sorted({g.reason for g in verdict.gaps if g.channel in steps and g.reason})
             lines.append(
                 f"flow {f!r}: no chain was seen (nothing published or routed to its steps)"
+                + "".join(f"; {why}" for why in unwatched)
             )
         if open_chains:
             lines.append(

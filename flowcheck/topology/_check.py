@@ -293,17 +293,7 @@ class Validator:
         if q.overflow == "reject-publish-dlx" and q.dead_letter is None:
             self.error((*path, "overflow"), "reject-publish-dlx needs a dead_letter route")
         if q.dead_letter is not None:
-            dl = self.channel(
-                (*path, "dead_letter", "exchange"), q.dead_letter.exchange, ["exchange"], q.broker
-            )
-            if isinstance(dl, Exchange) and not self.bound_queues(
-                q.dead_letter.exchange, q.dead_letter.key
-            ):
-                self.warn(
-                    (*path, "dead_letter"),
-                    f"no queue bound to {q.dead_letter.exchange!r} receives these dead letters; "
-                    "they will be dropped",
-                )
+            self.check_dead_letter_route((*path, "dead_letter"), q)
         elif q.type == "quorum" and q.delivery_limit is not None:
             self.warn(
                 (*path, "delivery_limit"),
@@ -318,6 +308,40 @@ class Validator:
                     (*path, "retry", i),
                     f"retry queue {r!r} has a ttl but no dead_letter: expired messages never come back",
                 )
+
+    def check_dead_letter_route(self, path: Path, q: Queue) -> None:
+        """A queue's dead-letter route: an exchange of its broker that some queue receives
+        them from, or a queue of its broker (through the default exchange); and the
+        service that publishes them, when it is the service's own doing."""
+        route = q.dead_letter
+        assert route is not None
+        if route.queue is not None:
+            self.channel((*path, "queue"), route.queue, ["queue"], q.broker)
+        elif route.exchange in ("default", "amq.default") and route.exchange not in self.channels:
+            self.error(
+                (*path, "exchange"),
+                f"unknown exchange {route.exchange!r}; for dead letters sent straight to a "
+                "queue through the default exchange, write 'queue: <the dead-letter queue>'",
+            )
+        elif route.exchange is not None:
+            dl = self.channel((*path, "exchange"), route.exchange, ["exchange"], q.broker)
+            if isinstance(dl, Exchange) and not self.bound_queues(route.exchange, route.key):
+                self.warn(
+                    path,
+                    f"no queue bound to {route.exchange!r} receives these dead letters; "
+                    "they will be dropped",
+                )
+        if route.published_by is None:
+            return
+        by = (*path, "published_by")
+        if not self.ref(by, "services", route.published_by):
+            return
+        svc = self.services.get(route.published_by)
+        if svc is not None and route.target not in svc.publishes:
+            self.warn(
+                by,
+                f"service {route.published_by!r} does not list {route.target!r} in 'publishes'",
+            )
 
     def bound_queues(self, exchange: str, key: str | None) -> list[str]:
         """Queues that a message sent to ``exchange`` with ``key`` may reach."""
@@ -610,12 +634,22 @@ class Validator:
         routed = [
             (s, c) for s, c in sources if c is not None and self.dead_letters_to(c, rule.channel)
         ]
+        parked = False
+        if not routed and rule.channel not in {s.channel for s in flow.steps}:
+            # A parking queue: the step's consuming service publishes what it gives up on.
+            routed = [
+                (s, c)
+                for s, c in sources
+                if c is not None and self.parked_by_consumer(s.channel, rule.channel)
+            ]
+            parked = bool(routed)
         if not routed:
             names = ", ".join(repr(s.name or s.channel) for s, _ in sources)
             self.error(
                 (*path, "channel"),
                 f"no dead-letter route leads from {names} to {rule.channel!r}; "
-                "declare it with 'dead_letter' on the step's channel",
+                "declare it with 'dead_letter' on the step's channel, or list it in "
+                "'publishes' of the service that consumes the step",
             )
             return
         step, src = routed[0]
@@ -631,7 +665,13 @@ class Validator:
             )
         if isinstance(src, Queue) and rule.reason is not None:
             rpath = (*path, "reason")
-            if rule.reason not in RABBIT_REASONS:
+            if parked or (src.dead_letter is not None and src.dead_letter.published_by):
+                self.error(
+                    rpath,
+                    "the service that consumes the step publishes these dead letters "
+                    "itself: the broker gives them no reason",
+                )
+            elif rule.reason not in RABBIT_REASONS:
                 hint = suggest(rule.reason, RABBIT_REASONS)
                 self.error(
                     rpath,
@@ -651,11 +691,20 @@ class Validator:
                     f"queue {step.channel!r} has no ttl; only per-message expiry can cause this",
                 )
 
+    def parked_by_consumer(self, channel: str, target: str) -> bool:
+        """Does a service that consumes ``channel`` publish ``target``?"""
+        return any(
+            target in svc.publishes and any(c.channel == channel for c in svc.consumes)
+            for svc in self.services.values()
+        )
+
     def dead_letters_to(self, src: Channel, target: str) -> bool:
         if isinstance(src, Queue):
             route = src.dead_letter
             if route is None:
                 return False
+            if route.exchange is None:  # straight to a queue, through the default exchange
+                return target == route.target
             return target == route.exchange or target in self.bound_queues(
                 route.exchange, route.key
             )

@@ -231,12 +231,41 @@ class Binding(Model):
 
 
 class DeadLetterRoute(Model):
-    """Where RabbitMQ republishes a queue's dead letters (x-dead-letter-exchange)."""
+    """Where a queue's dead letters go: through a dead-letter exchange
+    (x-dead-letter-exchange), or straight to a queue through the default exchange
+    (x-dead-letter-exchange ""); or, with ``published_by``, where the consuming
+    service publishes a message it gives up on (the broker is told nothing)."""
 
     _expand = _shorthand("exchange")
     _shorthands = ({"type": "string", "description": "the dead-letter exchange"},)
-    exchange: str
+    exchange: str | None = Field(None, description="the dead-letter exchange")
+    queue: str | None = Field(
+        None, description="the dead-letter queue, reached through the default exchange"
+    )
     key: str | None = Field(None, description="routing key for dead letters; default: the original")
+    published_by: str | None = Field(
+        None, description="the service that publishes the dead letters itself (no x-arguments)"
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> DeadLetterRoute:
+        if self.exchange == "":
+            raise ValueError(
+                "the default exchange has no channel: write 'queue: <the dead-letter queue>' "
+                "for dead letters sent straight to a queue"
+            )
+        if (self.exchange is None) == (self.queue is None):
+            raise ValueError("give exactly one of 'exchange' or 'queue'")
+        if self.queue is not None and self.key is not None:
+            raise ValueError(
+                "'key' goes with 'exchange': a 'queue' route's key is the queue's name"
+            )
+        return self
+
+    @property
+    def target(self) -> str:
+        """The exchange or queue dead letters are sent to."""
+        return self.exchange if self.exchange is not None else self.queue or ""
 
 
 class _Channel(Model):
@@ -338,7 +367,10 @@ class Queue(_Channel):
 
     @property
     def drops_over_limit(self) -> bool:
-        return self.delivery_limit is not None and self.dead_letter is None
+        # A dead letter the service publishes itself does not stop the broker dropping.
+        return self.delivery_limit is not None and (
+            self.dead_letter is None or self.dead_letter.published_by is not None
+        )
 
     def unseen_attempts(self, key: str) -> str:
         return (

@@ -67,13 +67,23 @@ def bound_queues(channels: Mapping[str, Any], exchange: str, routing_key: str | 
     ]
 
 
-def dead_letter_path(topology: Topology, queue: str) -> list[str]:
-    """The dead-letter exchange of ``queue`` and the queues its dead letters reach."""
+def dead_letter_route(topology: Topology, queue: str) -> tuple[str | None, list[str]]:
+    """The dead-letter exchange of ``queue`` (None: straight to a queue, through the
+    default exchange, or none at all) and the queues its dead letters reach."""
     q = topology.channels.get(queue)
     if not isinstance(q, Queue) or q.dead_letter is None:
-        return []
-    dlx = q.dead_letter.exchange
-    return [dlx, *bound_queues(topology.channels, dlx, q.dead_letter.key)]
+        return None, []
+    route = q.dead_letter
+    if route.exchange is None:
+        return None, [route.target]
+    return route.exchange, bound_queues(topology.channels, route.exchange, route.key)
+
+
+def dead_letter_path(topology: Topology, queue: str) -> list[str]:
+    """The dead-letter exchange of ``queue``, if it has one, and the queues its dead
+    letters reach."""
+    dlx, reached = dead_letter_route(topology, queue)
+    return reached if dlx is None else [dlx, *reached]
 
 
 def carriers(topology: Topology, channel: str) -> list[str]:
@@ -127,15 +137,15 @@ def flow_routes(topology: Topology, flow: Flow) -> FlowRoutes:
             routes.retry_declared.add(r)
         if ch is not None and ch.dead_letter_channel:
             routes.dead.add(ch.dead_letter_channel)
-        path = dead_letter_path(topology, step.channel)
-        if path:
-            dlx, reached = path[0], path[1:]
-            if reached and all(q in declared for q in reached):
-                routes.retry_of.setdefault(dlx, i)
-            else:
-                routes.dead.add(dlx)
-                routes.dead.update(q for q in reached if q not in declared)
-                routes.leads_to.setdefault(dlx, set()).update(reached)
+        dlx, reached = dead_letter_route(topology, step.channel)
+        if dlx is None:  # straight to a queue: no exchange on the way
+            routes.dead.update(q for q in reached if q not in declared)
+        elif reached and all(q in declared for q in reached):
+            routes.retry_of.setdefault(dlx, i)
+        else:
+            routes.dead.add(dlx)
+            routes.dead.update(q for q in reached if q not in declared)
+            routes.leads_to.setdefault(dlx, set()).update(reached)
     routes.dead -= set(routes.retry_of)
     routes.watched = set(routes.steps) | routes.dead | set(routes.retry_of)
     routes.route = {

@@ -836,3 +836,96 @@ def test_a_tap_sees_publishes_to_exchanges_without_an_alternate() -> None:
         "strays": True,
         "plain": True,
     }
+
+
+DEFAULT_DLX_YAML = """
+brokers:
+  rabbit: {{kind: rabbitmq, url: "${{FC_URL}}"}}
+channels:
+  work: {{broker: rabbit, kind: queue, name: "{p}.work", durable: false, dead_letter: {{queue: dead}}}}
+  dead: {{broker: rabbit, kind: queue, name: "{p}.work.XQ", durable: false}}
+flows:
+  orders:
+    correlate: $.order_id
+    steps: [work]
+    dead_letters: [{{when: {{payload: {{$.poison: true}}}}, channel: dead, reason: rejected}}]
+"""
+
+
+async def test_a_dead_letter_through_the_default_exchange_shows_when_it_is_consumed(
+    firehose: str, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Declared as Dramatiq declares its queues, and seen as the broker shows it: no
+    record of the dead letter itself, only its delivery from the dead-letter queue."""
+    topology = load(DEFAULT_DLX_YAML.format(p=unique), FC_URL=firehose)
+    async with cleaned(topology, "rabbit") as ad:
+        assert await ad.apply() == []
+        memory = Memory()
+        caplog.set_level("WARNING", logger="flowcheck.brokers.rabbitmq")
+        async with Tracer(topology, [memory]) as tracer:
+            assert caplog.records == []  # the firehose is on: nothing to say
+            sent = await tracer.publish("work", order(1, poison=True))
+            connection = await aio_pika.connect(firehose)
+            try:
+                channel = await connection.channel()
+                # A framework declaring the queue with its own arguments: the same ones.
+                framework: Arguments = {
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": f"{unique}.work.XQ",
+                }
+                work = await channel.declare_queue(
+                    f"{unique}.work", durable=False, arguments=framework
+                )
+                parked: list[AbstractIncomingMessage] = []
+                arrived = anyio.Event()
+
+                async def refuse(message: AbstractIncomingMessage) -> None:
+                    await message.reject(requeue=False)
+
+                async def park(message: AbstractIncomingMessage) -> None:
+                    parked.append(message)
+                    arrived.set()
+
+                await work.consume(refuse)
+                dead = await channel.get_queue(f"{unique}.work.XQ", ensure=False)
+                await dead.consume(park, no_ack=True)
+                with anyio.fail_after(WITHIN):
+                    await arrived.wait()
+                deaths: Any = parked[0].headers["x-death"]
+                assert deaths[0]["reason"] == "rejected"
+                await memory.wait_for(lambda items: bool(of(items, Kind.DEAD_LETTERED)), WITHIN)
+            finally:
+                await connection.close()
+    [routed] = of(memory.items, Kind.ROUTED, "work")  # the firehose's publish. record
+    assert routed.fc_id == sent.fc_id
+    [dead_letter] = of(memory.items, Kind.DEAD_LETTERED)
+    assert (dead_letter.channel, dead_letter.reason, dead_letter.origin, dead_letter.fc_id) == (
+        "dead",
+        "rejected",
+        "work",
+        sent.fc_id,
+    )
+    assert dead_letter.keys == {FLOW: "o-1"}
+
+
+async def test_the_tap_says_when_the_firehose_is_off(
+    rabbitmq_url: str, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In a virtual host of its own, whose firehose is off, as it is by default."""
+    async with rabbitmq_vhost(rabbitmq_url, unique) as url:
+        topology = load(DEFAULT_DLX_YAML.format(p=unique), FC_URL=url)
+        async with cleaned(topology, "rabbit") as ad:
+            await ad.apply()
+            memory = Memory()
+            with caplog.at_level("WARNING", logger="flowcheck.brokers.rabbitmq"):
+                async with Tracer(topology, [memory]):
+                    pass
+    [said] = [r.getMessage() for r in caplog.records]
+    assert said == (
+        f"rabbit: RabbitMQ's firehose is off for virtual host {unique!r}, and only it shows "
+        f"publishes straight to 'dead', 'work': turn it on (rabbitmqctl trace_on -p {unique}) "
+        "before recording"
+    )
+    gaps = of(memory.items, Kind.GAP)
+    assert sorted(g.channel for g in gaps) == ["dead", "work"]
+    assert all(g.until_ns is None and "firehose is off" in (g.reason or "") for g in gaps)

@@ -472,3 +472,95 @@ def test_importing_the_brokers_patches_nothing() -> None:
         "assert not [n for n, g in loggers if isinstance(g, logging.Logger) and g.filters]\n"
     )
     subprocess.run([sys.executable, "-c", probe], check=True)
+
+
+DEFAULT_DLX = load(
+    """
+brokers:
+  rb: {kind: rabbitmq, url: "amqp://guest:guest@127.0.0.1:1/"}
+channels:
+  store: {broker: rb, kind: queue, name: p.store, dead_letter: {queue: store.XQ}}
+  store.XQ: {broker: rb, kind: queue, name: p.store.XQ}
+  orders: {broker: rb, kind: queue, name: p.orders, dead_letter: {queue: parking, published_by: worker}}
+  parking: {broker: rb, kind: queue, name: p.parking}
+services:
+  worker: {consumes: [orders], publishes: [parking]}
+"""
+)
+
+
+def test_a_dead_letter_route_to_a_queue_goes_through_the_default_exchange() -> None:
+    names = {k: DEFAULT_DLX.channel_name(k) for k in DEFAULT_DLX.channels}
+    store = DEFAULT_DLX.channels["store"]
+    assert isinstance(store, Queue)
+    assert rabbit_plan.queue_arguments(store, names) == {
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": "p.store.XQ",
+    }
+    # The service publishes its dead letters itself: the broker is told nothing.
+    orders = DEFAULT_DLX.channels["orders"]
+    assert isinstance(orders, Queue)
+    assert rabbit_plan.queue_arguments(orders, names) == {}
+    assert rabbit_plan.dead_letter_targets(DEFAULT_DLX) == {"store.XQ", "parking"}
+    # Neither has bindings: only the firehose shows what reaches them.
+    assert rabbit_plan.straight_queues(DEFAULT_DLX, names, ["store.XQ", "parking"]) == {
+        "p.store.XQ": "store.XQ",
+        "p.parking": "parking",
+    }
+
+
+def test_the_firehose_reads_a_delivery_from_a_dead_letter_queue_as_the_dead_letter() -> None:
+    by_physical = {DEFAULT_DLX.channel_name(k): k for k in DEFAULT_DLX.channels}
+    direct = {"p.store.XQ": "store.XQ", "p.parking": "parking"}
+    death = {"count": 1, "reason": b"rejected", "queue": b"p.store", "exchange": b""}
+    props = {"headers": {"x-death": [death]}, "message_id": None}
+    meta = {"properties": props, "routing_keys": [b"p.store"], "redelivered": 0}
+    read = rabbit_parse.read_firehose(meta, "deliver.p.store.XQ", by_physical, direct, {"store.XQ"})
+    assert read is not None
+    key, dead = read
+    assert (key, dead.kind, dead.reason, dead.origin) == (
+        "store.XQ",
+        Kind.DEAD_LETTERED,
+        "rejected",
+        "store",
+    )
+    # Without x-death, or on a queue nothing dead-letters into: a plain delivery.
+    plain = {**meta, "properties": {"headers": {}}}
+    read = rabbit_parse.read_firehose(
+        plain, "deliver.p.store.XQ", by_physical, direct, {"store.XQ"}
+    )
+    assert read is not None
+    assert read[1].kind is Kind.DELIVERED
+    read = rabbit_parse.read_firehose(meta, "deliver.p.store.XQ", by_physical, direct)
+    assert read is not None
+    assert read[1].kind is Kind.DELIVERED
+    # The service's own dead letter is a publish straight to the parking queue.
+    read = rabbit_parse.read_firehose(
+        {"routing_keys": ["p.parking"], "routed_queues": ["p.parking"]},
+        "publish.",
+        by_physical,
+        direct,
+    )
+    assert read is not None
+    assert (read[0], read[1].kind) == ("parking", Kind.ROUTED)
+
+
+def test_the_firehose_is_needed_for_straight_queues_and_judged_attempts() -> None:
+    top = load(
+        """
+brokers:
+  rb: {kind: rabbitmq, url: "amqp://guest:guest@127.0.0.1:1/"}
+channels:
+  events: {broker: rb, kind: exchange, type: topic}
+  inbox: {broker: rb, kind: queue, bindings: [{exchange: events, key: "#"}]}
+  store: {broker: rb, kind: queue}
+flows:
+  f:
+    correlate: $.id
+    steps: [events, {channel: inbox, retry: {max_attempts: 3}}]
+"""
+    )
+    names = {k: top.channel_name(k) for k in top.channels}
+    assert rabbit_plan.firehose_needs(top, names, list(top.channels)) == (["store"], ["inbox"])
+    # Only what is tapped: a bound queue without attempts to count needs nothing.
+    assert rabbit_plan.firehose_needs(top, names, ["events"]) == ([], [])

@@ -6,6 +6,7 @@ import pytest
 from history import MS, START, History
 
 from flowcheck.checker import Cause, FindingKind, Verdict, check
+from flowcheck.errors import TopologyError
 from flowcheck.observations import Kind, Observation
 from flowcheck.topology import Topology, loads
 
@@ -305,3 +306,104 @@ def test_schema_violation_names_the_path() -> None:
     schema = [f for f in v.flows[0].findings if f.kind == FindingKind.SCHEMA]
     assert len(schema) == 1
     assert "'amount' is a required property" in schema[0].message
+
+
+DEFAULT_EXCHANGE = """
+brokers: {r: {kind: rabbitmq}}
+channels:
+  charge: {broker: r, kind: queue, dead_letter: {queue: charge.dead}}
+  charge.dead: {broker: r, kind: queue}
+  ship: {broker: r, kind: queue}
+  orders: {broker: r, kind: queue, dead_letter: {queue: parking, published_by: worker}}
+  parking: {broker: r, kind: queue}
+services:
+  worker: {consumes: [orders], publishes: [parking, ship]}
+flows:
+  f:
+    correlate: $.id
+    deadline: 1s
+    steps: [{channel: charge, retry: {max_attempts: 3}}, ship]
+    dead_letters: [{when: {payload: {$.poison: true}}, channel: charge.dead, step: charge}]
+  g:
+    correlate: $.id
+    deadline: 1s
+    steps: [orders, ship]
+    dead_letters: [{when: {payload: {$.poison: true}}, channel: parking}]
+"""
+
+
+def test_a_dead_letter_through_the_default_exchange_is_unjudged_without_evidence() -> None:
+    top = loads(DEFAULT_EXCHANGE)
+    body = {"id": "p1", "poison": True}
+    h = History()
+    h.at(0).routed("charge", "p1", body)
+    for n in (1, 2, 3):
+        h.add(
+            Kind.DELIVERED if n == 1 else Kind.REDELIVERED, "charge", "p1", body, delivery_count=n
+        )
+    v = run(top, h)
+    assert kinds(v) == []  # never lost, never "not dead-lettered"
+    (u,) = v.flows[0].unjudged
+    assert "charge.dead" in u.expectation
+    assert "unless something consumes the dead-letter queue with the firehose on" in u.why
+    assert not v.passed
+    # Its delivery from the dead-letter queue (x-death, through the firehose) is the evidence.
+    h.at(500).add(Kind.DEAD_LETTERED, "charge.dead", "p1", body, reason="rejected", origin="charge")
+    v = run(top, h)
+    assert (kinds(v), v.flows[0].unjudged, v.flows[0].dead_lettered) == ([], [], 1)
+
+
+def test_a_dead_letter_the_service_publishes_is_its_arrival_in_the_parking_queue() -> None:
+    top = loads(DEFAULT_EXCHANGE)
+    h = History("g")
+    body = {"id": "p1", "poison": True}
+    h.at(0).routed("orders", "p1", body)
+    h.routed("parking", "p1", body)
+    h.at(10).routed("orders", "k1")
+    h.routed("ship", "k1")
+    h.at(20).routed("orders", "p2", {"id": "p2", "poison": True})
+    h.routed("ship", "p2", {"id": "p2", "poison": True})  # moved on instead
+    v = check(top, h.sorted(), start_ns=START - 1000 * MS, end_ns=START + 60_000 * MS)
+    g = next(f for f in v.flows if f.flow == "g")
+    assert [(f.kind.value, f.key) for f in g.findings] == [("dead_letter", "p2")]
+    assert g.dead_lettered == 1
+
+
+def test_deliveries_from_a_step_no_message_was_seen_reaching_are_unrouted() -> None:
+    top = loads(DEFAULT_EXCHANGE)
+    h = History()
+    for i in range(3):  # delivered from charge, but never seen reaching it
+        h.at(i * 10).add(Kind.DELIVERED, "charge", f"k{i}", delivery_count=1)
+    v = run(top, h)
+    f = next(f for f in v.flows if f.flow == "f")
+    assert [(x.kind.value, x.step) for x in f.findings] == [("unrouted", "charge")]
+    assert "3 chain(s) delivered from 'charge'" in f.findings[0].message
+    assert not f.passed
+    # A recording that starts mid-flight: a delivery of an earlier message is no finding
+    # once the step is seen reached at all.
+    h.at(100).routed("charge", "k9")
+    h.add(Kind.DELIVERED, "charge", "k9", delivery_count=1)
+    h.at(120).routed("ship", "k9")
+    f = next(f for f in run(top, h).flows if f.flow == "f")
+    assert f.findings == []
+
+
+def test_a_parking_queue_the_consuming_service_publishes_is_a_dead_letter_channel() -> None:
+    top = loads(
+        DEFAULT_EXCHANGE.replace(
+            "dead_letter: {queue: parking, published_by: worker}", "name: orders"
+        )
+    )
+    h = History("g")
+    body = {"id": "p1", "poison": True}
+    h.at(0).routed("orders", "p1", body)
+    h.routed("parking", "p1", body)
+    g = next(f for f in run(top, h).flows if f.flow == "g")
+    assert (g.findings, g.dead_lettered) == ([], 1)
+    # A service that does not publish it parks nothing there.
+    with pytest.raises(TopologyError, match="no dead-letter route leads from 'orders', 'ship'"):
+        loads(
+            DEFAULT_EXCHANGE.replace("publishes: [parking, ship]", "publishes: [ship]").replace(
+                "dead_letter: {queue: parking, published_by: worker}", "name: orders"
+            )
+        )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -21,7 +22,7 @@ import anyio
 from flowcheck._deps import require
 from flowcheck.brokers.base import Adapter, Drift, Sink, new_id
 from flowcheck.errors import BrokerAuthError, BrokerError, BrokerUnreachable
-from flowcheck.observations import ID_HEADER, Kind, Observation
+from flowcheck.observations import ID_HEADER, Kind, Observation, now
 from flowcheck.propagation import producer_span
 from flowcheck.redact import redact_url
 from flowcheck.topology.model import Exchange, Queue, RabbitMQ
@@ -41,6 +42,8 @@ TRACE_EXCHANGE = "amq.rabbitmq.trace"
 PROBES = 16  # declares per channel to find each setting that differs, at most
 RECONNECT_WITHIN = 30.0  # seconds a publish waits for a lost broker to come back
 CONFIRM_WITHIN = 30.0  # seconds a publish waits for the broker's confirm
+# Seconds the tap waits for the firehose to show its probe: it shows it at once when on.
+FIREHOSE_WITHIN = 1.0
 # Marks a message sent again because its connection was lost before the broker
 # confirmed it: the value counts the sends after the first. The copies share their
 # x-flowcheck-id and message_id, so the checker takes them for one message.
@@ -50,6 +53,7 @@ RESENT_HEADER = "x-flowcheck-resent"
 # connection knows), or silent (no confirm in time).
 _LOST = (ConnectionError, RuntimeError, TimeoutError)
 _reason = _parse.reason
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ADAPTER",
@@ -77,6 +81,7 @@ class RabbitMQAdapter(Adapter):
         # Queues that some queue dead-letters into: messages with x-death there are dead letters.
         self._dead_letter_queues = _plan.dead_letter_targets(self.topology)
         self._past_limit = functools.partial(_plan.past_limit, self.topology)
+        self._firehose_checked = False  # said once per tap, not on every reconnect
 
     # ------------------------------------------------------------ connection
 
@@ -437,6 +442,62 @@ class RabbitMQAdapter(Adapter):
         for rk in _plan.firehose_keys(self.topology, self._names, channels):
             await firehose.bind(TRACE_EXCHANGE, routing_key=rk)
         await amqp.basic_consume(firehose.name, self._on_firehose(sink, direct), no_ack=True)
+        if not self._firehose_checked:
+            self._firehose_checked = True
+            await self._check_firehose(ch, amqp, channels, sink)
+
+    async def _check_firehose(
+        self, ch: Any, amqp: Any, channels: Sequence[str], sink: Sink
+    ) -> None:
+        """Say, once, when the topology needs the firehose and it is off for the virtual
+        host; the queues only it shows publishes to get a gap for the whole recording."""
+        straight, counted = _plan.firehose_needs(self.topology, self._names, channels)
+        if not (straight or counted) or await self._firehose_on(ch, amqp):
+            return
+        vhost = self._vhost_name()
+        what = []
+        if straight:
+            what.append(f"publishes straight to {', '.join(map(repr, straight))}")
+        if counted:
+            what.append(f"deliveries from {', '.join(map(repr, counted))}")
+        log.warning(
+            "%s: RabbitMQ's firehose is off for virtual host %r, and only it shows %s: "
+            "turn it on (rabbitmqctl trace_on -p %s) before recording",
+            self.name,
+            vhost,
+            " and ".join(what),
+            vhost,
+        )
+        start, _ = now()
+        why = (
+            f"RabbitMQ's firehose is off for virtual host {vhost!r}: publishes straight to "
+            f"this queue, through the default exchange, are not seen (rabbitmqctl trace_on)"
+        )
+        for key in straight:
+            sink(self.gap(key, start, None, why))
+
+    async def _firehose_on(self, ch: Any, amqp: Any) -> bool:
+        """Is the firehose on for this virtual host? A publish to a queue that does not
+        exist shows there if it is, and changes nothing else."""
+        probe = await ch.declare_queue(exclusive=True, auto_delete=True)
+        target = f"flowcheck.firehose-probe.{new_id()}"
+        seen = anyio.Event()
+
+        async def on_message(msg: DeliveredMessage) -> None:
+            keys: Any = (msg.header.properties.headers or {}).get("routing_keys") or []
+            if target in (_parse.as_str(k) for k in keys):
+                seen.set()
+
+        await probe.bind(TRACE_EXCHANGE, routing_key="publish.")
+        tag = (await amqp.basic_consume(probe.name, on_message, no_ack=True)).consumer_tag
+        await ch.default_exchange.publish(
+            aio_pika.Message(b""), routing_key=target, mandatory=False
+        )
+        with anyio.move_on_after(FIREHOSE_WITHIN):
+            await seen.wait()
+        await amqp.basic_cancel(tag)
+        await probe.delete(if_unused=False, if_empty=False)
+        return seen.is_set()
 
     def _on_twin(self, key: str, sink: Sink, derived: set[str]) -> Any:
         exchange = isinstance(self.topology.channels[key], Exchange)
@@ -477,11 +538,14 @@ class RabbitMQAdapter(Adapter):
 
     def _on_firehose(self, sink: Sink, direct: Mapping[str, str]) -> Any:
         """Deliveries and unroutable publishes; and publishes straight to the ``direct``
-        queues (queue name -> channel), which no twin sees."""
+        queues (queue name -> channel), which no twin sees, and dead letters read there."""
+        dead = frozenset(direct.values()) & self._dead_letter_queues
 
         async def on_message(msg: DeliveredMessage) -> None:
             meta: Mapping[str, Any] = msg.header.properties.headers or {}
-            read = _parse.read_firehose(meta, msg.routing_key or "", self._by_physical, direct)
+            read = _parse.read_firehose(
+                meta, msg.routing_key or "", self._by_physical, direct, dead
+            )
             if read is not None:
                 sink(self._observe(read[0], msg.body, read[1]))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, NamedTuple
 
 from pamqp import decode as amqp_decode
@@ -127,11 +127,17 @@ def read_firehose(
     routing_key: str,
     by_physical: Mapping[str, str],
     direct: Mapping[str, str],
+    dead_letters: Collection[str] = (),
 ) -> tuple[str, Reading] | None:
     """(channel, reading) of a firehose message with headers ``meta`` and ``routing_key``
     ``publish.<exchange>`` or ``deliver.<queue>``: deliveries and unroutable publishes,
     and publishes straight to the ``direct`` queues (queue name -> channel), which no
-    twin sees. None: not about a tapped channel, or a routed publish (the twins see it)."""
+    twin sees. None: not about a tapped channel, or a routed publish (the twins see it).
+
+    ``dead_letters``: channels among the direct queues that some queue dead-letters into
+    through the default exchange. The broker's re-publish there is not traced: a
+    delivery from one with x-death is the only evidence of the dead letter, and is read
+    as the dead letter."""
     event, _, name = routing_key.partition(".")
     routing = meta.get("routing_keys") or []
     first = as_str(routing[0]) if routing else None
@@ -143,6 +149,27 @@ def read_firehose(
     headers = dict(props.get("headers") or {}) if isinstance(props, Mapping) else {}
     number: int | None = None
     reason = None
+    deaths = headers.get("x-death")
+    if (
+        event == "deliver"
+        and key in dead_letters
+        and isinstance(deaths, list)
+        and deaths
+        and isinstance(deaths[0], Mapping)
+    ):
+        latest = deaths[0]
+        q = as_str(latest.get("queue"))
+        count = headers.get("x-delivery-count")
+        mid = props.get("message_id") if isinstance(props, Mapping) else None
+        return key, Reading(
+            Kind.DEAD_LETTERED,
+            headers,
+            {"message_id": mid},
+            first,
+            as_int(count) if count is not None else None,
+            as_str(latest.get("reason")),
+            by_physical.get(q or "", q),
+        )
     if event == "deliver":
         redelivered = bool(meta.get("redelivered"))
         count = headers.get("x-delivery-count")

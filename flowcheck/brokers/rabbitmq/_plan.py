@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flowcheck.topology.model import Exchange, Queue, Topology
-from flowcheck.topology.routing import dead_letter_path
+from flowcheck.topology.routing import dead_letter_route
 
 Binding = tuple[str, str, dict[str, Any] | None]  # (exchange, routing key, arguments)
 
@@ -28,12 +28,15 @@ def queue_arguments(q: Queue, physical: Mapping[str, str]) -> dict[str, Any]:
         args["x-max-length"] = q.max_length
     if q.overflow is not None:
         args["x-overflow"] = q.overflow
-    if q.dead_letter is not None:
-        args["x-dead-letter-exchange"] = physical.get(
-            q.dead_letter.exchange, q.dead_letter.exchange
-        )
-        if q.dead_letter.key is not None:
-            args["x-dead-letter-routing-key"] = q.dead_letter.key
+    route = q.dead_letter
+    if route is not None and route.published_by is None:  # a service's own: no x-arguments
+        if route.queue is not None:  # through the default exchange, keyed by the queue's name
+            args["x-dead-letter-exchange"] = ""
+            args["x-dead-letter-routing-key"] = physical.get(route.queue, route.queue)
+        else:
+            args["x-dead-letter-exchange"] = physical.get(route.target, route.target)
+            if route.key is not None:
+                args["x-dead-letter-routing-key"] = route.key
     args.update(q.arguments)
     return args
 
@@ -61,7 +64,7 @@ def queue_bindings(q: Queue, names: Mapping[str, str]) -> list[Binding]:
 def dead_letter_targets(topology: Topology) -> set[str]:
     """Queues that some queue's dead letters reach: messages with x-death there are
     dead letters."""
-    return {q for key in topology.channels for q in dead_letter_path(topology, key)[1:]}
+    return {q for key in topology.channels for q in dead_letter_route(topology, key)[1]}
 
 
 def past_limit(topology: Topology, origin: str | None) -> int | None:
@@ -158,3 +161,24 @@ def straight_queues(
         for k in channels
         if isinstance(q := topology.channels[k], Queue) and not q.bindings
     }
+
+
+def firehose_needs(
+    topology: Topology, names: Mapping[str, str], channels: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """What among ``channels`` only the firehose shows: (the queues fed through the default
+    exchange, whose publishes no twin sees; the queues whose deliveries a flow judges,
+    its steps with a retry policy or dead-letter rules that count attempts)."""
+    straight = sorted(straight_queues(topology, names, channels).values())
+    tapped = set(channels)
+    counted: set[str] = set()
+    for flow in topology.flows.values():
+        counting = any(r.attempts is not None for r in flow.dead_letters)
+        for step in flow.steps:
+            if step.channel not in tapped or not isinstance(
+                topology.channels.get(step.channel), Queue
+            ):
+                continue
+            if step.retry is not None or flow.retry is not None or counting:
+                counted.add(step.channel)
+    return straight, sorted(counted)
