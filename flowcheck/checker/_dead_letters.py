@@ -60,7 +60,7 @@ def poison(state: FlowState, chain: Chain, rule: DeadLetterRule, ended: bool) ->
         passed = chain.consumed[at] or any(chain.arrivals[j] for j in range(at + 1, n))
     healthy = passed and not retried
     if not healthy and (why := unseen(state, rule, at)) is not None:
-        state.unjudge("dead_letters", f"dead letters in {rule.channel!r}", why)
+        state.unjudge("dead letters", f"dead letters in {rule.channel!r}", why)
         return False
     what = "was processed as if healthy" if healthy else "was never dead-lettered"
     state.add(

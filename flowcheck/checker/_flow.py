@@ -18,7 +18,14 @@ from flowcheck.checker import _attempts, _decide, _ordering, _paths, _thresholds
 from flowcheck.checker._chain import Chain, Places, identity, place, which
 from flowcheck.checker._hist import Hist, Span, span
 from flowcheck.checker._match import matches
-from flowcheck.checker.verdict import CHAIN_KINDS, Finding, FindingKind, FlowVerdict, Seen
+from flowcheck.checker.verdict import (
+    CHAIN_KINDS,
+    CheckName,
+    Finding,
+    FindingKind,
+    FlowVerdict,
+    Seen,
+)
 from flowcheck.checker.window import DEFAULT_WINDOW, GRACE_NS
 from flowcheck.observations import Kind, Observation, payload_json
 from flowcheck.topology.model import DeadLetterRule, Flow, GiveUpRule, SeqOrdering, Topology
@@ -262,7 +269,7 @@ class FlowState:
             self.chain_failures += 1
         self.findings.append(finding)
 
-    def unjudge(self, check: str, expectation: str, why: str, chains: int = 1) -> None:
+    def unjudge(self, check: CheckName, expectation: str, why: str, chains: int = 1) -> None:
         """``expectation`` (of ``check``) could not be judged on ``chains`` chains, for ``why``.
         While a chain is decided, held until it is known whether the chain failed."""
         if self.deciding is not None:

@@ -6,6 +6,7 @@ Reporters read a :class:`Verdict` and nothing else.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,7 +46,10 @@ CHAIN_KINDS = {
 
 
 # The checks of every flow (JUnit test cases), and the finding kinds each one judges.
-CHECKS = {
+CheckName = Literal[
+    "chains", "delivery", "ordering", "deadlines", "retries", "dead letters", "latency", "schema"
+]
+CHECKS: dict[CheckName, set[FindingKind]] = {
     "chains": {FindingKind.LOST, FindingKind.GIVE_UP, FindingKind.THRESHOLD},
     "delivery": {FindingKind.DUPLICATED, FindingKind.UNEXPECTED, FindingKind.UNROUTED},
     "ordering": {FindingKind.REORDERED, FindingKind.SEQUENCE_GAP},
