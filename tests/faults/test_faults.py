@@ -1,0 +1,152 @@
+"""The fault suite: each fault (kit.FAULTS) during `record`, during `run` and under the
+pytest plugin, on the real brokers.
+
+Every cell injects its fault while chains are in flight, then asserts the gap (a
+record naming the broker and the channels its tap did not watch), that no chain the
+system delivered is called lost (a chain the gap hid is unknown), the documented exit
+code, and that nothing printed a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from flowcheck.brokers import adapter
+from flowcheck.topology import loads
+from flowcheck.trace import Reader
+
+from .kit import (
+    BEFORE,
+    CHAINS,
+    FLOW,
+    WITHIN,
+    Cell,
+    Fault,
+    complete,
+    gap_closed,
+    gaps,
+    inject,
+    judge,
+    no_traceback,
+    until,
+)
+
+FLOWCHECK = [sys.executable, "-m", "flowcheck"]
+
+
+def start(args: list[str | Path], log: Path, **options: Any) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen([str(a) for a in args], stdout=out, stderr=subprocess.STDOUT, **options)
+
+
+async def finish(proc: subprocess.Popen[bytes], within: float = WITHIN) -> int:
+    """Its exit code (negative: the signal that ended it); killed past ``within``."""
+    try:
+        with anyio.fail_after(within):
+            return await anyio.to_thread.run_sync(proc.wait)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def check(topology: Path, trace: Path, out: Path, *flags: str) -> tuple[int, str, dict[str, Any]]:
+    """`flowcheck check`: exit code, output, verdict."""
+    done = subprocess.run(
+        [*FLOWCHECK, "check", str(topology), str(trace), "--report-dir", str(out), *flags],
+        capture_output=True,
+        text=True,
+        timeout=WITHIN,
+    )
+    verdict = json.loads((out / "verdict.json").read_text())
+    return done.returncode, done.stdout + done.stderr, verdict
+
+
+def assert_gap(fault: Fault, cell: Cell, trace: Path, verdict: dict[str, Any]) -> None:
+    """A broker fault left a gap record naming the broker, on every channel it taps; the
+    verdict lists them. A signal leaves none: the trace just ends."""
+    found = gaps(trace)
+    if fault.kills:
+        assert found == []
+        return
+    assert {g.channel for g in found} == {"a", "b"}, found
+    assert {g.broker for g in found} == {"x"}
+    assert all(g.reason for g in found)
+    assert len(verdict["gaps"]) == len(found)
+
+
+def expected_exit(fault: Fault, unknown: int, ended: bool) -> int:
+    """docs/running.md: chains a gap hid make exit 3; chains left unknown by a trace with
+    no end record are unjudged, exit 1; anything else here passed."""
+    if not unknown:
+        return 0
+    if not fault.kills:
+        return 3
+    return 0 if ended else 1
+
+
+def write(cell: Cell, tmp_path: Path) -> Path:
+    topology = tmp_path / "topology.yaml"
+    topology.write_text(cell.topology())
+    return topology
+
+
+# --------------------------------------------------------------------------- record
+
+
+async def test_record(fault: Fault, cell: Cell, tmp_path: Path) -> None:
+    topology = write(cell, tmp_path)
+    trace, ready, log = tmp_path / "trace.jsonl", tmp_path / "ready.json", tmp_path / "record.log"
+    args = [*FLOWCHECK, "record", topology, "--out", trace, "--apply", "--ready-file", ready]
+    proc = start(args, log)
+    try:
+        await until("the recorder's ready file", ready.exists)
+        async with adapter("x", loads(cell.topology())) as ad:
+
+            async def chain(n: int | str) -> None:
+                for channel, routing in cell.steps():
+                    body = json.dumps({"id": f"c{n}"}).encode()
+                    await ad.publish(channel, body, routing_key=routing)
+
+            for n in range(BEFORE):
+                await chain(n)
+            await until(f"{BEFORE} chains recorded", lambda: complete(trace, BEFORE))
+            await inject(fault, cell, proc.pid)
+            for n in range(BEFORE, CHAINS):  # while the fault lasts
+                await chain(n)
+            if not fault.kills:
+                await until("the tap watching again", lambda: gap_closed(trace))
+                await chain("-after")  # seen whole once the tap is back
+                await until("the chain after the gap", lambda: complete(trace, BEFORE + 1))
+                proc.send_signal(signal.SIGTERM)
+        rc = await finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    said = log.read_text()
+    no_traceback(said)
+    assert rc == (-signal.SIGKILL if fault.signal == signal.SIGKILL else 0), said
+    ended = Reader(str(trace)).header is not None and _ended(trace)
+    assert ended == (fault.signal != signal.SIGKILL)
+
+    code, out, verdict = check(topology, trace, tmp_path / "reports")
+    no_traceback(out)
+    assert_gap(fault, cell, trace, verdict)
+    succeeded, _, unknown = judge(verdict)
+    assert succeeded >= BEFORE
+    assert code == expected_exit(fault, unknown, ended), out
+    if not ended:
+        assert "has no end record" in out
+
+
+def _ended(trace: Path) -> bool:
+    last = trace.read_text().rstrip("\n").rsplit("\n", 1)[-1]
+    return "ended" in json.loads(last)
