@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,10 @@ WITHIN = 45.0  # seconds for any one thing a cell waits on
 POLL = 0.05  # seconds between looks at a file another process writes (no event to wait on)
 
 _CHANNEL_KINDS = {
-    "rabbitmq": ('{kind: exchange, type: topic, name: "%s.a"}', '{kind: queue, name: "%s.b", '
-                 'bindings: [{exchange: a, key: "c.*"}]}'),
+    "rabbitmq": (
+        '{kind: exchange, type: topic, name: "%s.a"}',
+        '{kind: queue, name: "%s.b", bindings: [{exchange: a, key: "c.*"}]}',
+    ),
     "redis": ('{kind: stream, name: "%s.a"}', '{kind: stream, name: "%s.b"}'),
     "kafka": ('{kind: topic, name: "%s.a"}', '{kind: topic, name: "%s.b"}'),
 }
@@ -58,23 +60,39 @@ class Cell:
 
     def topology(self) -> str:
         where = {"kafka": "bootstrap"}.get(self.broker, "url")
-        a, b = (t.replace("{kind", "{broker: x, kind") % self.prefix for t in _CHANNEL_KINDS[self.broker])
+        a, b = (
+            t.replace("{kind", "{broker: x, kind") % self.prefix
+            for t in _CHANNEL_KINDS[self.broker]
+        )
         return (
             f"name: {self.prefix}\n"
             f'brokers:\n  x: {{kind: {self.broker}, {where}: "{self.address}"}}\n'
             f"channels:\n  a: {a}\n  b: {b}\n"
-            f"flows:\n  {FLOW}:\n    correlate: $.id\n    steps: [a, b]\n    deadline: 3s\n"
+            f"flows:\n  {FLOW}:\n    correlate: $.id\n    steps: [a, b]\n    deadline: 8s\n"
         )
 
-    def scenario(self, count: int = CHAINS, rate: float = 8) -> str:
+    @property
+    def rate(self) -> float:
+        """Messages a second ``run`` publishes: slow enough that the fault lands while it
+        publishes (closing a RabbitMQ connection takes rabbitmqctl seconds)."""
+        return 3 if self.routed else 8
+
+    @property
+    def count(self) -> int:
+        """Chains ``run`` publishes: publishing a step lasts a few seconds, less than the
+        flow's deadline (``run`` publishes every ``a``, then every ``b``), and longer for
+        RabbitMQ, whose fault lands late."""
+        return round((5 if self.routed else 2.5) * self.rate)
+
+    def scenario(self) -> str:
         sends = [("a", "c.x")] + ([] if self.routed else [("b", "")])
         lines = ["send:"]
         for channel, routing in sends:
             lines += [
                 f"  - flow: {FLOW}",
                 f"    channel: {channel}",
-                f"    count: {count}",
-                f"    rate: {rate}",
+                f"    count: {self.count}",
+                f"    rate: {self.rate}",
                 '    key: "c{n}"',
                 '    payload: {id: "{key}"}',
             ]
@@ -96,6 +114,13 @@ class Fault:
     broker: str  # the broker of the cell's flow
     signal: int | None = None  # the fault is this signal to the flowcheck process
     keep_topics: bool = True  # Kafka: the restarted broker gets its topics back
+
+    @property
+    def lead(self) -> int:
+        """Messages on ``a`` seen before the fault is set off: closing a RabbitMQ
+        connection lands seconds after it is asked for (rabbitmqctl), so it is asked
+        for early."""
+        return 1 if self.broker == "rabbitmq" and not self.kills else BEFORE
 
     @property
     def kills(self) -> bool:
@@ -134,20 +159,27 @@ def _ports(pid: int) -> set[int]:
     return ports
 
 
-async def close_rabbitmq(pid: int) -> int:
-    """Close, from the broker's side, the flowcheck connections of process ``pid``."""
+async def rabbitmq_connections(pid: int) -> list[str]:
+    """The flowcheck connections of process ``pid``, as RabbitMQ's connection pids.
+
+    Listing and closing each start an Erlang VM (seconds on a busy host): a cell lists
+    while flowcheck starts, then closes them all at once when the fault is due."""
     ports = _ports(pid)
     listing = await rabbitmqctl(
         "list_connections", "pid", "peer_port", "client_properties", "--no-table-headers"
     )
-    doomed = [
+    return [
         conn
         for conn, port, props in (line.split("\t", 2) for line in listing.splitlines())
         if int(port) in ports and '{"connection_name","flowcheck-' in props
     ]
-    for conn in doomed:
-        await rabbitmqctl("close_connection", conn, "flowcheck fault suite: connection lost")
-    return len(doomed)
+
+
+async def close_rabbitmq(connections: list[str]) -> None:
+    """Close the connections from the broker's side, all at once."""
+    async with anyio.create_task_group() as tg:
+        for conn in connections:
+            tg.start_soon(rabbitmqctl, "close_connection", conn, "flowcheck fault suite")
 
 
 async def kill_redis(pid: int, url: str) -> int:
@@ -172,6 +204,8 @@ async def restart_kafka(cell: Cell, keep_topics: bool) -> None:
 
     old = cell.kafka
     assert old is not None
+    assert old._proc is not None
+    old._proc.kill()  # killed, not stopped: a graceful stop serves on while it shuts down
     await anyio.to_thread.run_sync(old.stop)
     again = await anyio.to_thread.run_sync(LocalKafka(port=old.port).start)
     cell.restarted.append(again)
@@ -185,16 +219,34 @@ async def restart_kafka(cell: Cell, keep_topics: bool) -> None:
             await admin.close()
 
 
-async def inject(fault: Fault, cell: Cell, pid: int) -> None:
-    """Inject ``fault`` into flowcheck process ``pid``; at least one thing is hit."""
+async def aim(fault: Fault, cell: Cell, pid: int) -> Callable[[], Awaitable[None]]:
+    """Aim ``fault`` at flowcheck process ``pid``, whose taps are watching: a function
+    that injects it, hitting at least one thing."""
     if fault.signal is not None:
-        os.kill(pid, fault.signal)
-    elif fault.broker == "rabbitmq":
-        assert await close_rabbitmq(pid) >= 1
-    elif fault.broker == "redis":
-        assert await kill_redis(pid, cell.address) >= 1
-    else:
-        await restart_kafka(cell, fault.keep_topics)
+        return lambda: _signal(pid, fault.signal)
+    if fault.broker == "rabbitmq":
+        connections = await rabbitmq_connections(pid)
+        assert connections
+        return lambda: close_rabbitmq(connections)
+    if fault.broker == "redis":
+
+        async def kill() -> None:
+            assert await kill_redis(pid, cell.address) >= 1
+
+        return kill
+    return lambda: restart_kafka(cell, fault.keep_topics)
+
+
+async def _signal(pid: int, signum: int | None) -> None:
+    assert signum is not None
+    os.kill(pid, signum)
+
+
+async def strike(fire: Callable[[], Awaitable[None]]) -> tuple[int, int]:
+    """Inject; when (monotonic ns, the clock of every process here) it began and ended."""
+    began = time.monotonic_ns()
+    await fire()
+    return began, time.monotonic_ns()
 
 
 # --------------------------------------------------------------------------- waiting
@@ -227,9 +279,21 @@ def observed(trace: Path) -> list[dict[str, Any]]:
     return out
 
 
+def seen(trace: Path, channel: str, count: int) -> bool:
+    """Has a tap seen ``count`` messages on ``channel``?"""
+    kinds = ("routed", "delivered")
+    return (
+        sum(1 for o in observed(trace) if o.get("channel") == channel and o.get("kind") in kinds)
+        >= count
+    )
+
+
 def complete(trace: Path, chains: int) -> bool:
     """Has the trace seen ``chains`` chains at their last step ``b``?"""
-    return sum(1 for o in observed(trace) if o.get("channel") == "b" and o.get("kind") != "gap") >= chains
+    return (
+        sum(1 for o in observed(trace) if o.get("channel") == "b" and o.get("kind") != "gap")
+        >= chains
+    )
 
 
 def gap_closed(trace: Path) -> bool:
