@@ -25,6 +25,7 @@ from flowcheck.trace import Reader
 from .kit import (
     BEFORE,
     CHAINS,
+    FLOW,
     WITHIN,
     Cell,
     Fault,
@@ -200,3 +201,86 @@ async def test_run(fault: Fault, cell: Cell, tmp_path: Path) -> None:
     mine = json.loads((reports / "verdict.json").read_text())
     assert judge(mine) == (succeeded, 0, unknown)
     assert succeeded + unknown == cell.count  # every chain published is seen, whole or hidden
+
+
+# --------------------------------------------------------------------------- pytest plugin
+
+INNER = """
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flowcheck.testing import FlowSession
+
+HERE = Path(__file__).parent
+STEPS = {steps!r}
+
+
+async def test_through_a_fault(flowcheck: FlowSession) -> None:
+    async def chain(n: object) -> None:
+        for channel, routing in STEPS:
+            await flowcheck.publish(channel, {{"id": f"c{{n}}"}}, routing_key=routing)
+
+    for n in range({before}):
+        await chain(n)
+    await flowcheck.chain("{flow}", "c{last}").completes()
+    flowcheck.flush_trace()  # what a kill may take is the last second not yet written
+    (HERE / "ready").write_text("")
+    for _ in range(int({within} / 0.05)):  # the fault comes from outside
+        if (HERE / "struck").exists():
+            break
+        await asyncio.sleep(0.05)
+    for n in range({before}, {chains}):
+        await chain(n)
+    await chain("-after")
+    await flowcheck.chain("{flow}", "c-after").completes()
+    flowcheck.flush_trace()
+    shutil.copy(flowcheck.trace, HERE / "trace.jsonl")
+    await flowcheck.check()
+"""
+
+
+async def test_plugin(fault: Fault, cell: Cell, tmp_path: Path) -> None:
+    write(cell, tmp_path)
+    (tmp_path / "pytest.ini").write_text(
+        "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
+        "flowcheck_topology = topology.yaml\n"
+    )
+    (tmp_path / "test_inner.py").write_text(
+        INNER.format(
+            steps=cell.steps(),
+            before=BEFORE,
+            last=BEFORE - 1,
+            chains=CHAINS,
+            flow=FLOW,
+            within=WITHIN,
+        )
+    )
+    traces, log = tmp_path / "traces", tmp_path / "pytest.log"
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error"]
+    proc = start([*args, f"--flowcheck-trace-dir={traces}"], log, cwd=tmp_path)
+    try:
+        await until("the inner test's chains", (tmp_path / "ready").exists)
+        window = await strike(await aim(fault, cell, proc.pid))
+        (tmp_path / "struck").write_text("")
+        rc = await finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    said = log.read_text()
+    no_traceback(said)
+    if fault.kills:  # the test dies with its process; the trace it was writing is kept
+        assert rc == -fault.signal, said
+        (trace,) = traces.iterdir()
+    else:  # the test passes: its chains complete, its check holds
+        assert rc == 0, said
+        assert "1 passed" in said
+        trace = tmp_path / "trace.jsonl"  # its copy: a passing test's trace is deleted
+    code, out, verdict = check(tmp_path / "topology.yaml", trace, tmp_path / "reports")
+    no_traceback(out)
+    assert_gap(fault, trace, verdict, window)
+    succeeded, _, unknown = judge(verdict)
+    assert succeeded >= BEFORE
+    assert code == expected_exit(fault, unknown, _ended(trace)), out
