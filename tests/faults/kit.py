@@ -82,7 +82,7 @@ class Cell:
         """Chains ``run`` publishes: publishing a step lasts a few seconds, less than the
         flow's deadline (``run`` publishes every ``a``, then every ``b``), and longer for
         RabbitMQ, whose fault lands late."""
-        return round((5 if self.routed else 2.5) * self.rate)
+        return round((8 if self.routed else 2.5) * self.rate)
 
     def scenario(self) -> str:
         sends = [("a", "c.x")] + ([] if self.routed else [("b", "")])
