@@ -20,7 +20,6 @@ import anyio
 
 from flowcheck.brokers import adapter
 from flowcheck.topology import loads
-from flowcheck.trace import Reader
 
 from .kit import (
     BEFORE,
@@ -92,14 +91,16 @@ def assert_gap(fault: Fault, trace: Path, verdict: dict[str, Any], window: tuple
     assert len(verdict["gaps"]) == len(found)
 
 
-def expected_exit(fault: Fault, unknown: int, ended: bool) -> int:
+def expected_exit(fault: Fault, verdict: dict[str, Any], ended: bool) -> int:
     """docs/running.md: chains a gap hid make exit 3; chains left unknown by a trace with
-    no end record are unjudged, exit 1; anything else here passed."""
+    no end record, or a flow that decided no chain, are unjudged: exit 1; anything else
+    here passed."""
+    succeeded, _, unknown = judge(verdict)
     if not unknown:
         return 0
     if not fault.kills:
         return 3
-    return 0 if ended else 1
+    return 0 if ended and succeeded else 1
 
 
 def write(cell: Cell, tmp_path: Path) -> Path:
@@ -129,6 +130,9 @@ async def test_record(fault: Fault, cell: Cell, tmp_path: Path) -> None:
             for n in range(BEFORE):
                 await chain(n)
             await until(f"{BEFORE} chains recorded", lambda: complete(trace, BEFORE))
+            if fault.kills:  # a chain in flight when the recorder dies
+                await ad.publish("a", b'{"id": "c-open"}')
+                await until("the open chain recorded", lambda: seen(trace, "a", BEFORE + 1))
             window = await strike(fire)
             for n in range(BEFORE, CHAINS):  # while the fault lasts
                 await chain(n)
@@ -144,7 +148,7 @@ async def test_record(fault: Fault, cell: Cell, tmp_path: Path) -> None:
     said = log.read_text()
     no_traceback(said)
     assert rc == (-signal.SIGKILL if fault.signal == signal.SIGKILL else 0), said
-    ended = Reader(str(trace)).header is not None and _ended(trace)
+    ended = _ended(trace)
     assert ended == (fault.signal != signal.SIGKILL)
 
     code, out, verdict = check(topology, trace, tmp_path / "reports")
@@ -152,9 +156,12 @@ async def test_record(fault: Fault, cell: Cell, tmp_path: Path) -> None:
     assert_gap(fault, trace, verdict, window)
     succeeded, _, unknown = judge(verdict)
     assert succeeded >= BEFORE
-    assert code == expected_exit(fault, unknown, ended), out
+    assert code == expected_exit(fault, verdict, ended), out
+    if fault.kills:
+        assert unknown >= 1  # c-open: not lost, whatever the end
     if not ended:
         assert "has no end record" in out
+        assert check(topology, trace, tmp_path / "allowed", "--allow-unjudged")[0] == 0
 
 
 def _ended(trace: Path) -> bool:
@@ -194,10 +201,10 @@ async def test_run(fault: Fault, cell: Cell, tmp_path: Path) -> None:
         assert rc == (143 if fault.signal == signal.SIGTERM else -signal.SIGKILL), said
         assert not (reports / "verdict.json").exists()
         assert ended == (fault.signal == signal.SIGTERM)
-        assert code == expected_exit(fault, unknown, ended), out
+        assert code == expected_exit(fault, verdict, ended), out
         return
     # The run's verdict is the offline check's, exit code included (docs/running.md).
-    assert rc == code == expected_exit(fault, unknown, ended), said + out
+    assert rc == code == expected_exit(fault, verdict, ended), said + out
     mine = json.loads((reports / "verdict.json").read_text())
     assert judge(mine) == (succeeded, 0, unknown)
     assert succeeded + unknown == cell.count  # every chain published is seen, whole or hidden
@@ -226,6 +233,7 @@ async def test_through_a_fault(flowcheck: FlowSession) -> None:
     for n in range({before}):
         await chain(n)
     await flowcheck.chain("{flow}", "c{last}").completes()
+    {open_one}
     flowcheck.flush_trace()  # what a kill may take is the last second not yet written
     (HERE / "ready").write_text("")
     for _ in range(int({within} / 0.05)):  # the fault comes from outside
@@ -256,6 +264,9 @@ async def test_plugin(fault: Fault, cell: Cell, tmp_path: Path) -> None:
             chains=CHAINS,
             flow=FLOW,
             within=WITHIN,
+            open_one='await flowcheck.publish("a", {"id": "c-open"})  # in flight at the kill'
+            if fault.kills
+            else "",
         )
     )
     traces, log = tmp_path / "traces", tmp_path / "pytest.log"
@@ -283,4 +294,5 @@ async def test_plugin(fault: Fault, cell: Cell, tmp_path: Path) -> None:
     assert_gap(fault, trace, verdict, window)
     succeeded, _, unknown = judge(verdict)
     assert succeeded >= BEFORE
-    assert code == expected_exit(fault, unknown, _ended(trace)), out
+    assert unknown >= fault.kills
+    assert code == expected_exit(fault, verdict, _ended(trace)), out
