@@ -297,6 +297,16 @@ def complete(trace: Path, chains: int) -> bool:
     )
 
 
+def reached(trace: Path, key: str) -> bool:
+    """Has the chain ``key`` been seen at its last step ``b``?"""
+    return any(
+        o.get("channel") == "b"
+        and o.get("kind") != "gap"
+        and f'"{key}"' in (o.get("payload") or "")
+        for o in observed(trace)
+    )
+
+
 def gap_closed(trace: Path) -> bool:
     return any(o.get("kind") == "gap" and o.get("until_ns") for o in observed(trace))
 

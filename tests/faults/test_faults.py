@@ -34,6 +34,7 @@ from .kit import (
     gaps,
     judge,
     no_traceback,
+    reached,
     seen,
     strike,
     until,
@@ -139,7 +140,7 @@ async def test_record(fault: Fault, cell: Cell, tmp_path: Path) -> None:
             if not fault.kills:
                 await until("the tap watching again", lambda: gap_closed(trace))
                 await chain("-after")  # seen whole once the tap is back
-                await until("the chain after the gap", lambda: complete(trace, BEFORE + 1))
+                await until("the chain after the gap", lambda: reached(trace, "c-after"))
                 proc.send_signal(signal.SIGTERM)
         rc = await finish(proc)
     finally:
