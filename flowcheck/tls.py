@@ -74,12 +74,14 @@ def context(tls: TLS | None) -> ssl.SSLContext:
 def _load_chain(ctx: ssl.SSLContext, tls: TLS, cert: str, key: str | None) -> None:
     secret = tls.key_password.get_secret_value() if tls.key_password is not None else ""
     # A callable, never None: without one OpenSSL would ask for a password on the terminal.
+    encrypted = False
     for where, name in ((cert, "cert_file"), (key, "key_file")):
         if where is None:
             continue
         try:
-            with open(where, "rb"):
-                pass
+            with open(where, "rb") as file:
+                # "BEGIN ENCRYPTED PRIVATE KEY" (PKCS#8) or "Proc-Type: 4,ENCRYPTED" (legacy)
+                encrypted |= b"ENCRYPTED" in file.read(1 << 20)
         except FileNotFoundError:
             raise TLSFileError(name, f"no such file: {getattr(tls, name)}") from None  # type: ignore[arg-type]
         except OSError:
@@ -94,7 +96,7 @@ def _load_chain(ctx: ssl.SSLContext, tls: TLS, cert: str, key: str | None) -> No
             raise TLSFileError(
                 keyname, f"{shown} is not the private key of cert_file {tls.cert_file}"
             ) from None
-        if "BAD_DECRYPT" in reason or "DECRYPT" in reason or "PASSWORD" in reason:
+        if encrypted or "BAD_DECRYPT" in reason:
             what = "the key_password is wrong" if tls.key_password else "set key_password"
             raise TLSFileError(keyname, f"{shown} is an encrypted key and {what}") from None
         if "CERT" in reason and "PEM" in reason and key is not None:
@@ -129,16 +131,31 @@ _NOT_TLS = (
     "RECORD_LAYER_FAILURE",
 )
 _NO_CLIENT_CERT = ("CERTIFICATE_REQUIRED", "PEER_DID_NOT_RETURN_A_CERTIFICATE")
+# How clients say the server closed the connection: sockets, Redis, aiormq, aiokafka.
+_CLOSED_AT_ONCE = (
+    "CONNECTION_RESET",
+    "UNEXPECTED_EOF",
+    "CLOSED_BY_SERVER",
+    "UNEXPECTEDLY_CLOSED",
+    "KAFKACONNECTIONERROR:_CONNECTION_AT_",
+)
 _CLIENT_CERT_REFUSED = ("ALERT_UNKNOWN_CA", "ALERT_BAD_CERTIFICATE", "ALERT_DECRYPT_ERROR")
 
 
 def explain(
-    exc: BaseException | None, tls: TLS | None, host: str | None = None, logged: str = ""
+    exc: BaseException | None,
+    tls: TLS | None,
+    host: str | None = None,
+    logged: str = "",
+    *,
+    opening: bool = False,
 ) -> str | None:
     """One line saying why a TLS connection failed, or None if ``exc`` is not a TLS failure.
 
     ``logged`` is what the client logged about the failure, for clients that log the
-    cause and raise a vaguer error.
+    cause and raise a vaguer error. ``opening``: the connection failed while being
+    opened, where a server that wants a client certificate may just close it (TLS 1.3
+    checks the certificate after the client's side of the handshake is done).
     """
     tls = tls or TLS()
     errors = _chain(exc) if exc is not None else []
@@ -156,14 +173,19 @@ def explain(
         tls.cert_file is None and "ALERT_HANDSHAKE_FAILURE" in text
     ):
         if tls.cert_file is None:
-            return "TLS: the server wants a client certificate; set tls.cert_file and tls.key_file"
+            return "TLS: the server wants a client certificate, set tls.cert_file and tls.key_file"
         return f"TLS: the server did not accept the client certificate {tls.cert_file}"
     if any(r in text for r in _CLIENT_CERT_REFUSED):
         if tls.cert_file is None:
-            return "TLS: the server wants a client certificate; set tls.cert_file and tls.key_file"
+            return "TLS: the server wants a client certificate, set tls.cert_file and tls.key_file"
         return (
             f"TLS: the server did not accept the client certificate {tls.cert_file} "
             "(not signed by a CA it trusts)"
+        )
+    if opening and tls.cert_file is None and any(r in text for r in _CLOSED_AT_ONCE):
+        return (
+            "TLS: the server closed the connection after the handshake; if it wants a "
+            "client certificate, set tls.cert_file and tls.key_file"
         )
     if any(r in text for r in _NOT_TLS):
         return "TLS: the server does not speak TLS on this port (a plain port?)"

@@ -182,7 +182,7 @@ class KafkaAdapter(Adapter):
             if self.cfg.security.protocol.endswith("SSL"):
                 logged = " ".join(r.getMessage() for r in held.records)
                 host = self.cfg.bootstrap[0].rpartition(":")[0]
-                why = tls.explain(cause, self.cfg.tls_settings(), host, logged)
+                why = tls.explain(cause, self.cfg.tls_settings(), host, logged, opening=True)
             if why is not None:
                 error = BrokerUnreachable(self.name, f"{self._where()}: {why}")
             elif isinstance(error, BrokerUnreachable) and held.records:

@@ -101,7 +101,11 @@ class RabbitMQAdapter(Adapter):
             try:
                 return await aio_pika.connect(self.url, **kwargs)
             except Exception as exc:
-                why = tls.explain(exc, self.tls, urlsplit(self.url).hostname) if secure else None
+                why = (
+                    tls.explain(exc, self.tls, urlsplit(self.url).hostname, opening=True)
+                    if secure
+                    else None
+                )
                 if why is None:
                     raise
                 raise BrokerUnreachable(

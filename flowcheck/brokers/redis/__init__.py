@@ -109,7 +109,7 @@ class RedisAdapter(Adapter):
             await client.ping()
         except BaseException as exc:
             await client.aclose()
-            raise self._translate(exc) from None
+            raise self._translate(exc, opening=True) from None
         return client
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -118,10 +118,10 @@ class RedisAdapter(Adapter):
         except tls.TLSFileError as exc:
             raise BrokerError(self.name, f"tls.{exc.key}: {exc}") from None
 
-    def _translate(self, exc: BaseException) -> BaseException:
+    def _translate(self, exc: BaseException, *, opening: bool = False) -> BaseException:
         where = f"Redis at {redact_url(self.url)}"
         if urlsplit(self.url).scheme == "rediss" and (
-            why := tls.explain(exc, self.tls, urlsplit(self.url).hostname)
+            why := tls.explain(exc, self.tls, urlsplit(self.url).hostname, opening=opening)
         ):
             return BrokerUnreachable(self.name, f"{where}: {why}")
         if isinstance(exc, redis_errors.TimeoutError) and urlsplit(self.url).scheme == "rediss":
