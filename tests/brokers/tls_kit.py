@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import select
 import shutil
 import socket
@@ -77,21 +78,33 @@ def free_port() -> int:
         return port
 
 
-def _wait_for_line(proc: subprocess.Popen[str], marker: str, what: str) -> None:
-    """Read ``proc``'s output until a line holds ``marker``; then drain it in a thread."""
+def _wait_for_line(proc: subprocess.Popen[bytes], marker: str, what: str) -> threading.Thread:
+    """Read ``proc``'s output until it holds ``marker``; then drain it in a thread.
+    Read from the descriptor itself: a buffered reader would hide lines from select."""
     assert proc.stdout is not None
+    fd = proc.stdout.fileno()
     deadline = time.monotonic() + START_WITHIN
-    seen: list[str] = []
-    while marker not in (seen[-1] if seen else ""):
+    seen = b""
+    while marker.encode() not in seen:
         left = deadline - time.monotonic()
-        ready, _, _ = select.select([proc.stdout], [], [], max(left, 0))
-        line = proc.stdout.readline() if ready else ""
-        if not line:
+        ready, _, _ = select.select([fd], [], [], max(left, 0))
+        chunk = os.read(fd, 65536) if ready else b""
+        if not chunk:
             proc.kill()
-            raise RuntimeError(f"{what} did not start: {''.join(seen[-5:])}")
-        seen.append(line)
-    out = proc.stdout
-    threading.Thread(target=lambda: [None for _ in out], daemon=True).start()
+            proc.wait(10)
+            tail = seen.decode(errors="replace")[-500:]
+            proc.stdout.close()
+            raise RuntimeError(f"{what} did not start: {tail}")
+        seen += chunk
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):
+            while os.read(fd, 65536):
+                pass
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    return thread
 
 
 @contextlib.contextmanager
@@ -123,16 +136,18 @@ def redis_tls(certs: Certs, *, clients: str) -> Iterator[int]:
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
     )
+    drain = _wait_for_line(
+        proc, "Ready to accept connections", "redis-server with TLS"
+    )  # stops the process if it fails
     try:
-        _wait_for_line(proc, "Ready to accept connections", "redis-server with TLS")
         yield port
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        drain.join(10)  # ends at the end of the output
+        assert proc.stdout is not None
+        proc.stdout.close()
 
 
 @contextlib.contextmanager
@@ -155,16 +170,18 @@ def tansu(port: int, advertised: int) -> Iterator[None]:
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
     )
+    drain = _wait_for_line(
+        proc, "ready in", "the bundled Kafka broker"
+    )  # stops the process if it fails
     try:
-        _wait_for_line(proc, "ready in", "the bundled Kafka broker")
         yield
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        drain.join(10)  # ends at the end of the output
+        assert proc.stdout is not None
+        proc.stdout.close()
 
 
 @contextlib.contextmanager
