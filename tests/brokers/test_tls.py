@@ -347,19 +347,27 @@ async def test_redis_tls_failures_are_one_line(
     await ad.close()
 
 
-def test_redis_record_failure_is_one_line_and_exit_3(
-    certs: Certs, redis_port: int, tmp_path: Path
-) -> None:
-    path = topology_in(certs.dir, redis_yaml(redis_port, "t", "{ca_file: other-ca.pem}"))
+def record_fails(certs: Certs, text: str, tmp_path: Path) -> str:
+    """What ``flowcheck record`` prints when it cannot connect: one line, exit 3."""
+    path = topology_in(certs.dir, text)
     result = subprocess.run(
         [*FLOWCHECK, "record", str(path), "--out", str(tmp_path / "t.jsonl")],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert "Traceback" not in result.stderr
-    assert "TLS: the server's certificate is not trusted by ca_file other-ca.pem" in (result.stderr)
     assert result.returncode == 3, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_redis_record_failure_is_one_line_and_exit_3(
+    certs: Certs, redis_port: int, tmp_path: Path
+) -> None:
+    line = record_fails(certs, redis_yaml(redis_port, "t", "{ca_file: other-ca.pem}"), tmp_path)
+    assert line.endswith("TLS: the server's certificate is not trusted by ca_file other-ca.pem")
 
 
 # ---------------------------------------------------------------- RabbitMQ, through a relay
@@ -432,6 +440,13 @@ async def test_rabbitmq_tls_failures_are_one_line(
     )
 
 
+def test_rabbitmq_record_failure_is_one_line_and_exit_3(
+    certs: Certs, amqps_port: int, tmp_path: Path
+) -> None:
+    line = record_fails(certs, rabbit_yaml(amqps_port, "t", "{ca_file: other-ca.pem}"), tmp_path)
+    assert line.endswith("TLS: the server's certificate is not trusted by ca_file other-ca.pem")
+
+
 # ---------------------------------------------------------------- Kafka, through a relay
 
 
@@ -486,3 +501,10 @@ async def test_kafka_tls_failures_are_one_line(certs: Certs, kafka_tls_port: int
     assert (await connect_error(no_cert, "kafka")).endswith(
         "client certificate, set tls.cert_file and tls.key_file"
     )
+
+
+def test_kafka_record_failure_is_one_line_and_exit_3(
+    certs: Certs, kafka_tls_port: int, tmp_path: Path
+) -> None:
+    line = record_fails(certs, kafka_yaml(kafka_tls_port, "t", "{ca_file: ca.pem}"), tmp_path)
+    assert line.endswith("client certificate, set tls.cert_file and tls.key_file")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -60,6 +61,16 @@ __all__ = [
     "RabbitMQAdapter",
     "queue_arguments",
 ]
+
+
+class _Raised(logging.Filter):
+    # aiormq logs why it could not open a connection, then raises it; flowcheck
+    # translates the error into one line of its own, so the log line is a duplicate.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("error when creating transport")
+
+
+logging.getLogger("aiormq.connection").addFilter(_Raised())
 
 
 class RabbitMQAdapter(Adapter):
