@@ -183,8 +183,11 @@ class Checker:
                 self.error((*path, "url"), "has no host name")
         if isinstance(broker, Kafka):
             self.check_kafka_security(path, broker)
-        elif broker.tls is not None:
-            scheme = urlsplit(broker.url.get_secret_value()).scheme
+        elif broker.tls is not None and (*path, "url") not in self.doc.unset:
+            try:
+                scheme = urlsplit(broker.url.get_secret_value()).scheme
+            except ValueError:
+                return  # reported above
             secure = "amqps" if isinstance(broker, RabbitMQ) else "rediss"
             if scheme != secure:
                 self.error(

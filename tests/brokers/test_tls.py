@@ -341,6 +341,11 @@ async def test_redis_tls_failures_are_one_line(
     assert "TLS: the server did not accept the client certificate stranger.pem" in (
         await connect_error(stranger, "redis")
     )
+    system = load_in(certs, redis_yaml(redis_port, "t", "null"))  # the system's CAs
+    assert (
+        "TLS: the server's certificate is not trusted by the system's CA certificates; "
+        "set tls.ca_file to the CA that signed it"
+    ) in await connect_error(system, "redis")
     unverified = load_in(certs, redis_yaml(redis_port, "t", "{verify: false}"))
     ad = make_adapter("redis", unverified)
     await ad.connect()  # verify: false takes any certificate

@@ -70,7 +70,12 @@ class _Raised(logging.Filter):
         return not str(record.msg).startswith("error when creating transport")
 
 
-logging.getLogger("aiormq.connection").addFilter(_Raised())
+def _quiet_transport_errors() -> None:
+    """Put a _Raised on aiormq's connection logger (once; when a connection first opens,
+    not on import: a system under test in the same process keeps its logging as it is)."""
+    logger = logging.getLogger("aiormq.connection")
+    if not any(isinstance(f, _Raised) for f in logger.filters):
+        logger.addFilter(_Raised())
 
 
 class RabbitMQAdapter(Adapter):
@@ -102,6 +107,7 @@ class RabbitMQAdapter(Adapter):
             kwargs["virtualhost"] = self.vhost
         if purpose == "tap":
             kwargs["connection_class"] = paced_connection(self.read_interval)
+        _quiet_transport_errors()
         secure = urlsplit(self.url).scheme == "amqps"
         if secure and self.tls is not None:
             try:
