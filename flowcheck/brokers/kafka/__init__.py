@@ -183,6 +183,8 @@ class KafkaAdapter(Adapter):
                 logged = " ".join(r.getMessage() for r in held.records)
                 host = self.cfg.bootstrap[0].rpartition(":")[0]
                 why = tls.explain(cause, self.cfg.tls_settings(), host, logged, opening=True)
+                if why is None and isinstance(cause, TimeoutError):
+                    why = "no answer in time (TLS: is it a TLS listener?)"
             if why is not None:
                 error = BrokerUnreachable(self.name, f"{self._where()}: {why}")
             elif isinstance(error, BrokerUnreachable) and held.records:
