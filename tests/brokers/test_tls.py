@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import pytest_asyncio
@@ -319,7 +320,7 @@ def test_redis_record_over_mutual_tls(
 
 
 async def test_redis_tls_failures_are_one_line(
-    certs: Certs, redis_port: int, redis_mtls_port: int
+    certs: Certs, redis_port: int, redis_mtls_port: int, redis_url: str
 ) -> None:
     untrusted = load_in(certs, redis_yaml(redis_port, "t", "{ca_file: other-ca.pem}"))
     assert (await connect_error(untrusted, "redis")).endswith(
@@ -346,6 +347,11 @@ async def test_redis_tls_failures_are_one_line(
         "TLS: the server's certificate is not trusted by the system's CA certificates; "
         "set tls.ca_file to the CA that signed it"
     ) in await connect_error(system, "redis")
+    shared = urlsplit(redis_url)._replace(scheme="rediss").geturl()  # a plain port
+    plain = load_in(
+        certs, redis_yaml(0, "t", "{ca_file: ca.pem}").replace("rediss://127.0.0.1:0/0", shared)
+    )
+    assert "no TLS answer: is it a TLS port?" in await connect_error(plain, "redis")
     unverified = load_in(certs, redis_yaml(redis_port, "t", "{verify: false}"))
     ad = make_adapter("redis", unverified)
     await ad.connect()  # verify: false takes any certificate
