@@ -19,11 +19,13 @@ from jsonschema import SchemaError
 from jsonschema.protocols import Validator as SchemaValidator
 from jsonschema.validators import Draft202012Validator, validator_for
 
+from flowcheck import tls as _tls
 from flowcheck.topology._errors import closest, suggest
 from flowcheck.topology._types import format_duration
 from flowcheck.topology._yaml import Document, Path, dotted
 from flowcheck.topology.model import (
     CHANNEL_KINDS,
+    TLS,
     Broker,
     Channel,
     Condition,
@@ -182,33 +184,73 @@ class Validator:
             elif parts.scheme != "unix" and not parts.hostname:
                 self.error((*path, "url"), "has no host name")
         if isinstance(broker, Kafka):
-            sec = broker.security
-            spath = (*path, "security")
-            if sec.protocol.startswith("SASL"):
-                if sec.sasl_mechanism is None:
-                    self.error(spath, f"protocol {sec.protocol} needs sasl_mechanism")
-                elif sec.sasl_mechanism != "OAUTHBEARER" and (
-                    sec.username is None or sec.password is None
-                ):
-                    self.error(
-                        spath, f"sasl_mechanism {sec.sasl_mechanism} needs username and password"
-                    )
-            elif sec.sasl_mechanism is not None:
+            self.check_kafka_security(path, broker)
+        elif broker.tls is not None and (*path, "url") not in self.doc.unset:
+            try:
+                scheme = urlsplit(broker.url.get_secret_value()).scheme
+            except ValueError:
+                return  # reported above
+            secure = "amqps" if isinstance(broker, RabbitMQ) else "rediss"
+            if scheme != secure:
+                self.error(
+                    (*path, "tls"),
+                    f"is set but the URL is {scheme or '(none)'}://; "
+                    f"TLS is spoken with a {secure}:// URL",
+                )
+            else:
+                self.check_tls((*path, "tls"), broker.tls)
+
+    def check_kafka_security(self, path: Path, broker: Kafka) -> None:
+        sec = broker.security
+        spath = (*path, "security")
+        if sec.protocol.startswith("SASL"):
+            if sec.sasl_mechanism is None:
+                self.error(spath, f"protocol {sec.protocol} needs sasl_mechanism")
+            elif sec.sasl_mechanism == "OAUTHBEARER":
                 self.error(
                     (*spath, "sasl_mechanism"),
-                    f"is set but protocol is {sec.protocol}; use SASL_SSL or SASL_PLAINTEXT",
+                    "OAUTHBEARER needs a token provider, which flowcheck has no way to be "
+                    "given; use PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
                 )
-            base = os.path.dirname(os.path.abspath(self.doc.file))
-            for key in ("ca_file", "cert_file", "key_file"):
-                value = getattr(sec, key)
-                if value is None:
-                    continue
-                if not sec.protocol.endswith("SSL"):
-                    self.error(
-                        (*spath, key), f"is set but protocol {sec.protocol} does not use TLS"
-                    )
-                elif not os.path.isfile(os.path.join(base, value)):
-                    self.error((*spath, key), f"no such file: {value}")
+            elif sec.username is None or sec.password is None:
+                self.error(
+                    spath, f"sasl_mechanism {sec.sasl_mechanism} needs username and password"
+                )
+        elif sec.sasl_mechanism is not None:
+            self.error(
+                (*spath, "sasl_mechanism"),
+                f"is set but protocol is {sec.protocol}; use SASL_SSL or SASL_PLAINTEXT",
+            )
+        uses_tls = sec.protocol.endswith("SSL")
+        old = [key for key in ("ca_file", "cert_file", "key_file") if getattr(sec, key)]
+        for key in old:
+            if not uses_tls:
+                self.error((*spath, key), f"is set but protocol {sec.protocol} does not use TLS")
+            elif broker.tls is not None:
+                self.error((*spath, key), f"is set twice: here and as tls.{key}; keep tls.{key}")
+        if broker.tls is not None and not uses_tls:
+            self.error(
+                (*path, "tls"),
+                f"is set but protocol {sec.protocol} does not use TLS; use SSL or SASL_SSL",
+            )
+        elif uses_tls and (tls := broker.tls_settings()) is not None:
+            self.check_tls((*path, "tls") if broker.tls is not None else spath, tls)
+
+    def check_tls(self, path: Path, tls: TLS) -> None:
+        """The files exist and hold what they should: a certificate, a matching key."""
+        if tls.key_file is not None and tls.cert_file is None:
+            self.error((*path, "key_file"), "is set without cert_file; set both")
+            return
+        if tls.key_password is not None and tls.cert_file is None:
+            self.error((*path, "key_password"), "is set without cert_file and key_file")
+            return
+        try:
+            _tls.context(tls)
+        except _tls.TLSFileError as exc:
+            self.error((*path, exc.key), str(exc))
+            return
+        if not tls.verify and tls.ca_file is not None:
+            self.warn((*path, "ca_file"), "is not used: verify is false")
 
     def check_channel(self, path: Path, name: str, ch: Channel) -> None:
         if self.ref((*path, "broker"), "brokers", ch.broker):

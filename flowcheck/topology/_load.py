@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,6 +75,8 @@ def validate(doc: _yaml.Document) -> Topology | None:
             f"version: {data['version']!r} is not supported; write version: 1",
         )
 
+    # Paths in the topology (TLS files) are relative to its directory.
+    context = {"base": os.path.dirname(os.path.abspath(doc.file))}
     valid: dict[str, dict[str, Any]] = {}
     names: dict[str, set[str]] = {}
     for section, adapter in _ADAPTERS.items():
@@ -99,10 +102,12 @@ def validate(doc: _yaml.Document) -> Topology | None:
                     key=True,
                 )
             try:
-                valid[section][name] = adapter.validate_python(entry)
+                valid[section][name] = adapter.validate_python(entry, context=context)
             except ValidationError as exc:
                 report(doc, SECTIONS[section], (section, name), exc.errors())
-                partial = _salvage(doc, adapter, SECTIONS[section], (section, name), entry, exc)
+                partial = _salvage(
+                    doc, adapter, SECTIONS[section], (section, name), entry, exc, context
+                )
                 if partial is not None:
                     valid[section][name] = partial
     Validator(
@@ -111,7 +116,7 @@ def validate(doc: _yaml.Document) -> Topology | None:
     if any(p.severity == "error" for p in doc.problems):
         return None
     try:
-        topology = Topology.model_validate(data)
+        topology = Topology.model_validate(data, context=context)
     except ValidationError as exc:  # the keys no section covers, like 'name'
         report(doc, Topology, (), exc.errors())
         return None
@@ -154,6 +159,7 @@ def _salvage(
     prefix: Path,
     entry: Any,
     exc: ValidationError,
+    context: dict[str, str],
 ) -> Any:
     """The entry without its broken keys, if that validates: so the rest of it still
     gets its cross-reference checks. A misspelt key is first read as meant (its
@@ -170,7 +176,7 @@ def _salvage(
             break
         doc.respelt.update({(*prefix, *loc): bad for loc, bad in respelt.items()})
         try:
-            return adapter.validate_python(data)
+            return adapter.validate_python(data, context=context)
         except ValidationError as again:
             exc = again
         report(doc, root, prefix, [e for e in exc.errors() if _within(tuple(e["loc"]), respelt)])
@@ -179,7 +185,7 @@ def _salvage(
             if not _drop(data, err["loc"]):
                 return None
         try:
-            return adapter.validate_python(data)
+            return adapter.validate_python(data, context=context)
         except ValidationError as again:
             exc = again
     return None

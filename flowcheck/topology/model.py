@@ -7,6 +7,7 @@ and the **flows**: the event chains the system is expected to carry.
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import timedelta
 from typing import Annotated, Any, ClassVar, Literal
@@ -25,6 +26,7 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     StringConstraints,
     Tag,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_serializer,
@@ -100,12 +102,45 @@ def _span(low: str, high: str) -> AfterValidator:
 # ---------------------------------------------------------------- brokers
 
 
+class TLS(Model):
+    """How a broker connection speaks TLS. File paths are read relative to the topology
+    file's directory (given as validation context ``base``), else to the working directory."""
+
+    ca_file: str | None = Field(
+        None, description="CA certificates (PEM) that the server's certificate must chain to"
+    )
+    cert_file: str | None = Field(None, description="client certificate (PEM), for mutual TLS")
+    key_file: str | None = Field(
+        None, description="client private key (PEM); default: the key inside cert_file"
+    )
+    key_password: SecretStr | None = Field(None, description="password of an encrypted key_file")
+    verify: bool = Field(
+        True, description="check the server's certificate and host name (false: do not)"
+    )
+    server_name: str | None = Field(
+        None, description="host name the server's certificate must carry, if not the URL's"
+    )
+    _base: str = PrivateAttr(default="")
+
+    @model_validator(mode="after")
+    def _resolve(self, info: ValidationInfo) -> TLS:
+        context = info.context if isinstance(info.context, dict) else {}
+        self._base = str(context.get("base") or os.getcwd())
+        return self
+
+    def path(self, key: Literal["ca_file", "cert_file", "key_file"]) -> str | None:
+        """The file ``key`` names, made absolute."""
+        value: str | None = getattr(self, key)
+        return None if value is None else os.path.join(self._base, os.path.expanduser(value))
+
+
 class RabbitMQ(Model):
     """A RabbitMQ broker reached over AMQP 0-9-1."""
 
     kind: Literal["rabbitmq"]
     url: SecretStr = SecretStr(defaults.RABBITMQ_URL)
     vhost: str | None = Field(None, description="overrides the vhost in the URL")
+    tls: TLS | None = Field(None, description="CA, client certificate; with an amqps:// URL")
     tap_read_interval: Annotated[Duration, _span("1ms", "1s")] = Field(
         timedelta(milliseconds=10),
         description="least time between two of a tap's reads while messages keep coming",
@@ -114,10 +149,19 @@ class RabbitMQ(Model):
 
 
 class KafkaSecurity(Model):
+    _base: str = PrivateAttr(default="")
+
+    @model_validator(mode="after")
+    def _resolve(self, info: ValidationInfo) -> KafkaSecurity:
+        context = info.context if isinstance(info.context, dict) else {}
+        self._base = str(context.get("base") or os.getcwd())
+        return self
+
     protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
     username: str | None = None
     password: SecretStr | None = None
+    # The older place of tls.ca_file, tls.cert_file and tls.key_file; still read.
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
@@ -153,6 +197,9 @@ class Kafka(Model):
         ),
     ] = Field(default_factory=lambda: [defaults.KAFKA_BOOTSTRAP], min_length=1)
     security: KafkaSecurity = KafkaSecurity()
+    tls: TLS | None = Field(
+        None, description="CA, client certificate; with protocol SSL or SASL_SSL"
+    )
     client_id: str = "flowcheck"
     tap_fetch_wait: Annotated[Duration, _span("1ms", "10s")] = Field(
         timedelta(milliseconds=100),
@@ -167,6 +214,17 @@ class Kafka(Model):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    def tls_settings(self) -> TLS | None:
+        """The TLS settings, wherever written: ``tls``, or the older ``security`` keys."""
+        if self.tls is not None or not self.security.protocol.endswith("SSL"):
+            return self.tls
+        sec = self.security
+        if sec.ca_file is None and sec.cert_file is None and sec.key_file is None:
+            return None
+        tls = TLS(ca_file=sec.ca_file, cert_file=sec.cert_file, key_file=sec.key_file)
+        tls._base = sec._base
+        return tls
+
 
 class Redis(Model):
     """A Redis server, for Streams."""
@@ -176,6 +234,7 @@ class Redis(Model):
     db: Annotated[Whole, Field(ge=0)] | None = Field(
         None, description="overrides the db in the URL"
     )
+    tls: TLS | None = Field(None, description="CA, client certificate; with a rediss:// URL")
     tap_read_interval: Annotated[Duration, _span("1ms", "1s")] = Field(
         timedelta(milliseconds=10),
         description="least time between two of a tap's reads while entries keep coming",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
+from flowcheck import tls
 from flowcheck._deps import require
 from flowcheck.brokers.base import Adapter, Drift, Sink, new_id
 from flowcheck.errors import BrokerAuthError, BrokerError, BrokerUnreachable
@@ -125,14 +125,10 @@ class KafkaAdapter(Adapter):
             args["sasl_plain_username"] = sec.username
             args["sasl_plain_password"] = sec.password.get_secret_value() if sec.password else None
         if sec.protocol.endswith("SSL"):
-            from aiokafka.helpers import create_ssl_context
-
-            base = os.getcwd()
-            args["ssl_context"] = create_ssl_context(
-                cafile=_path(base, sec.ca_file),
-                certfile=_path(base, sec.cert_file),
-                keyfile=_path(base, sec.key_file),
-            )
+            try:
+                args["ssl_context"] = tls.context(self.cfg.tls_settings())
+            except tls.TLSFileError as exc:
+                raise BrokerError(self.name, f"tls.{exc.key}: {exc}") from None
         return args
 
     def _where(self) -> str:
@@ -182,7 +178,16 @@ class KafkaAdapter(Adapter):
             ):
                 cause = await self._login_failure() or exc
             error = self._translate(cause)
-            if isinstance(error, BrokerUnreachable) and held.records:
+            why = None
+            if self.cfg.security.protocol.endswith("SSL"):
+                logged = " ".join(r.getMessage() for r in held.records)
+                host = self.cfg.bootstrap[0].rpartition(":")[0]
+                why = tls.explain(cause, self.cfg.tls_settings(), host, logged, opening=True)
+                if why is None and isinstance(cause, TimeoutError):
+                    why = "no answer in time (TLS: is it a TLS listener?)"
+            if why is not None:
+                error = BrokerUnreachable(self.name, f"{self._where()}: {why}")
+            elif isinstance(error, BrokerUnreachable) and held.records:
                 reasons = "; ".join(dict.fromkeys(r.getMessage() for r in held.records))
                 error = BrokerUnreachable(self.name, f"cannot reach {self._where()}: {reasons}")
             raise error from None
@@ -758,10 +763,6 @@ class KafkaAdapter(Adapter):
 def _stamp() -> dict[str, Any]:
     mono, wall = now()
     return {"mono_ns": mono, "wall": wall}
-
-
-def _path(base: str, value: str | None) -> str | None:
-    return None if value is None else os.path.join(base, value)
 
 
 ADAPTER = KafkaAdapter

@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 import anyio
 
+from flowcheck import tls
 from flowcheck._deps import require
 from flowcheck.brokers.base import Adapter, Drift, Sink, new_id
 from flowcheck.errors import BrokerAuthError, BrokerError, BrokerUnreachable
@@ -65,6 +66,21 @@ __all__ = [
 ]
 
 
+class _Raised(logging.Filter):
+    # aiormq logs why it could not open a connection, then raises it; flowcheck
+    # translates the error into one line of its own, so the log line is a duplicate.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("error when creating transport")
+
+
+def _quiet_transport_errors() -> None:
+    """Put a _Raised on aiormq's connection logger (once; when a connection first opens,
+    not on import: a system under test in the same process keeps its logging as it is)."""
+    logger = logging.getLogger("aiormq.connection")
+    if not any(isinstance(f, _Raised) for f in logger.filters):
+        logger.addFilter(_Raised())
+
+
 class RabbitMQAdapter(Adapter):
     kind = "rabbitmq"
 
@@ -73,6 +89,7 @@ class RabbitMQAdapter(Adapter):
         cfg = self.settings(RabbitMQ)
         self.url = cfg.url.get_secret_value()
         self.vhost = cfg.vhost
+        self.tls = cfg.tls
         self.read_interval = cfg.tap_read_interval.total_seconds()
         self.connection: Any = None
         self._publish_channel: Any = None
@@ -94,8 +111,27 @@ class RabbitMQAdapter(Adapter):
             kwargs["virtualhost"] = self.vhost
         if purpose == "tap":
             kwargs["connection_class"] = paced_connection(self.read_interval)
+        _quiet_transport_errors()
+        secure = urlsplit(self.url).scheme == "amqps"
+        if secure and self.tls is not None:
+            try:
+                kwargs["ssl_context"] = tls.context(self.tls)
+            except tls.TLSFileError as exc:
+                raise BrokerError(self.name, f"tls.{exc.key}: {exc}") from None
         try:
-            return await aio_pika.connect(self.url, **kwargs)
+            try:
+                return await aio_pika.connect(self.url, **kwargs)
+            except Exception as exc:
+                why = (
+                    tls.explain(exc, self.tls, urlsplit(self.url).hostname, opening=True)
+                    if secure
+                    else None
+                )
+                if why is None:
+                    raise
+                raise BrokerUnreachable(
+                    self.name, f"RabbitMQ at {redact_url(self.url)}: {why}"
+                ) from None
         except amqp_errors.ProbableAuthenticationError as exc:
             raise BrokerAuthError(
                 self.name, f"RabbitMQ at {redact_url(self.url)} refused the login ({exc})"

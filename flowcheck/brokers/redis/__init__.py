@@ -8,12 +8,15 @@ deliveries, redeliveries (delivery count above 1) and acknowledgements.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 
+from flowcheck import tls
 from flowcheck._deps import require
 from flowcheck.brokers.base import Adapter, Drift, Sink, new_id
 from flowcheck.errors import BrokerAuthError, BrokerError, BrokerUnreachable
@@ -64,6 +67,7 @@ class RedisAdapter(Adapter):
         super().__init__(*args, **kwargs)
         cfg = self.settings(Redis)
         self.url = cfg.url.get_secret_value()
+        self.tls = cfg.tls
         self.db = cfg.db
         self.read_interval = cfg.tap_read_interval.total_seconds()
         self.client: Any = None
@@ -89,11 +93,15 @@ class RedisAdapter(Adapter):
         # and redis-py parses stream entries ~6% faster in it) and bytes (decoded
         # replies fail on a body that is not UTF-8, which the tap must still see).
         try:
-            return redis_asyncio.from_url(
+            client = redis_asyncio.from_url(
                 own_options(self.url), protocol=2, decode_responses=False, **kwargs
             )
         except ValueError as exc:  # an option of the URL redis-py cannot read
             raise BrokerError(self.name, f"Redis URL {redact_url(self.url)}: {exc}") from None
+        if self.tls is not None and urlsplit(self.url).scheme == "rediss":
+            # Set on the pool: the URL's choice of connection class wins over an argument.
+            client.connection_pool.connection_class = _tls_connection(self._tls_context())
+        return client
 
     async def _open(self, purpose: str) -> Any:
         client = self._client(purpose)
@@ -101,11 +109,25 @@ class RedisAdapter(Adapter):
             await client.ping()
         except BaseException as exc:
             await client.aclose()
-            raise self._translate(exc) from None
+            raise self._translate(exc, opening=True) from None
         return client
 
-    def _translate(self, exc: BaseException) -> BaseException:
+    def _tls_context(self) -> ssl.SSLContext:
+        try:
+            return tls.context(self.tls)
+        except tls.TLSFileError as exc:
+            raise BrokerError(self.name, f"tls.{exc.key}: {exc}") from None
+
+    def _translate(self, exc: BaseException, *, opening: bool = False) -> BaseException:
         where = f"Redis at {redact_url(self.url)}"
+        if urlsplit(self.url).scheme == "rediss" and (
+            why := tls.explain(exc, self.tls, urlsplit(self.url).hostname, opening=opening)
+        ):
+            return BrokerUnreachable(self.name, f"{where}: {why}")
+        if isinstance(exc, redis_errors.TimeoutError) and urlsplit(self.url).scheme == "rediss":
+            return BrokerUnreachable(
+                self.name, f"cannot reach {where} ({exc}; no TLS answer: is it a TLS port?)"
+            )
         if isinstance(exc, (redis_errors.AuthenticationError, redis_errors.AuthorizationError)):
             return BrokerAuthError(self.name, f"{where} refused the login ({exc})")
         if isinstance(exc, redis_errors.ResponseError) and any(
@@ -495,3 +517,17 @@ class _TapState:
 
 
 ADAPTER = RedisAdapter
+
+
+def _tls_connection(context: ssl.SSLContext) -> type[Any]:
+    """redis-py's TLS connection class, using ``context`` instead of building its own
+    from ssl_* options (which cannot say which name the certificate must carry)."""
+
+    base: Any = redis_asyncio.SSLConnection
+
+    class TLSConnection(base):  # type: ignore[misc]
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.ssl_context.context = context
+
+    return TLSConnection
