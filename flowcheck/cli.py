@@ -34,7 +34,12 @@ from flowcheck.topology import Topology, check_file
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INFRA = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-EXIT_CODES: dict[Result, int] = {"passed": EXIT_OK, "failed": EXIT_FAILED, "gap": EXIT_INFRA}
+EXIT_CODES: dict[Result, int] = {
+    "passed": EXIT_OK,
+    "failed": EXIT_FAILED,
+    "gap": EXIT_INFRA,
+    "drift": EXIT_INFRA,
+}
 READY_LINE = "flowcheck: ready: every tap is watching"  # stable: scripts wait for it
 
 
@@ -511,7 +516,8 @@ def _report(
     verdict: Verdict, report_dir: str | None, trace: str | None = None, *, gaps_block: bool = True
 ) -> None:
     """Print the verdict and write the report files; then exit with the gate's result:
-    0 passed, 1 failed, 3 a tap gap hid chains (see :func:`flowcheck.gate.decide`)."""
+    0 passed, 1 failed, 3 a tap gap hid chains or the brokers differ from the topology
+    (see :func:`flowcheck.gate.decide`)."""
     from rich.console import Console
 
     from flowcheck.gate import decide

@@ -15,8 +15,9 @@ from flowcheck.checker.verdict import Verdict
 from flowcheck.reporting import plural
 
 # passed; failed (a check failed, or an expectation went unjudged); gap (nothing
-# failed, but chains a tap gap hid are unknown: the gate cannot pass what it did not see)
-Result = Literal["passed", "failed", "gap"]
+# failed, but chains a tap gap hid are unknown: the gate cannot pass what it did not see);
+# drift (the brokers' channels differ from the topology's: another system was judged)
+Result = Literal["passed", "failed", "gap", "drift"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,13 @@ def decide(verdict: Verdict, *, gaps_block: bool = True) -> Decision:
     nothing else failed (off for a run its scenario's timeout cut short: there,
     unknown chains are the timeout's).
     """
+    if verdict.drift:
+        return Decision(
+            "drift",
+            f"flowcheck: the broker differs from the topology ({'; '.join(verdict.drift)}): "
+            "what was recorded is not the system the topology declares, so the gate cannot "
+            "pass it (make the topology say what the broker has)",
+        )
     why = only_unjudged(verdict)
     unseen = sum(f.unknown for f in verdict.flows)
     hidden = unseen and verdict.gaps and not verdict.allow_unjudged

@@ -775,6 +775,31 @@ def test_run_warns_of_drift_before_it_stops_on_an_error(
     assert sorted(drift) == ["billing", "ship"]
 
 
+def test_run_with_drift_judges_but_fails_to_run_and_check_agrees(
+    tmp_path: Path, topology_file: Path, unique: str, rabbitmq_url: str
+) -> None:
+    # billing exists with a length limit the topology does not declare: the run judges
+    # its chains, but a verdict on other channels than declared is never a pass (exit 3),
+    # and the trace, checked offline, gives the same.
+    anyio.run(_declare_by_hand, rabbitmq_url, f"{unique}.billing", {"x-max-length": 7})
+    reports = tmp_path / "reports"
+    try:
+        result = CliRunner().invoke(cli, ["run", str(topology_file), "--report-dir", str(reports)])
+    finally:
+        anyio.run(_cleanup, topology_file.read_text())
+    assert result.exit_code == 3, result.output
+    assert "the broker differs from the topology (billing: x-max-length is 7" in result.output
+    assert "Traceback" not in result.output
+    verdict = json.loads((reports / "verdict.json").read_text())
+    assert verdict["drift"] == [
+        "billing: x-max-length is 7 on the broker, the topology does not set it"
+    ]
+    (trace,) = reports.glob("trace-*.jsonl")
+    done, offline = _check(topology_file, trace, tmp_path / "offline")
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert offline["drift"] == verdict["drift"]
+
+
 async def _set_string(url: str, key: str) -> None:
     client = Redis.from_url(url)
     try:

@@ -26,7 +26,7 @@ from flowcheck.topology.routing import Route
 
 __all__ = ["MAX_FINDINGS", "MAX_TIMELINE", "Checker", "check"]
 
-_PUBLISHED, _ROUTED, _GAP = Kind.PUBLISHED, Kind.ROUTED, Kind.GAP
+_PUBLISHED, _ROUTED, _GAP, _DRIFT = Kind.PUBLISHED, Kind.ROUTED, Kind.GAP, Kind.DRIFT
 
 
 class Checker:
@@ -57,6 +57,7 @@ class Checker:
         self.states: list[FlowState] = []
         self.by_channel: dict[str, list[tuple[FlowState, Route]]] = {}
         self.gaps: list[Observation] = []
+        self.drift: list[str] = []  # what apply found differing, from the trace's drift records
         self.count = 0
         self.now = 0
         self.schema = SchemaCheck(topology)
@@ -91,6 +92,9 @@ class Checker:
             if at > self.next_expiry:
                 self.next_expiry = min([state.expire(at) for state in self.states], default=at)
         kind = obs.kind
+        if kind is _DRIFT:
+            self.drift.append(obs.reason or obs.channel)
+            return
         if kind is _GAP:
             self.gaps.append(obs)
             for state in self.states:
@@ -251,7 +255,9 @@ class Checker:
             recording = recording.model_copy(update={"after_stop": after})
         return Verdict(
             passed=all(f.passed for f in flows) and not self.other and (allow or not unjudged),
-            observations=self.count - len(self.gaps),  # a gap record is no observation
+            # a gap or drift record is no observation
+            observations=self.count - len(self.gaps) - len(self.drift),
+            drift=self.drift,
             topology=self.topology.name,
             gaps=[seen(g, self.start_ns or 0) for g in self.gaps],
             flows=flows,

@@ -229,3 +229,8 @@ class Verdict(BaseModel):
         False, description="the user allowed a pass with unjudged expectations"
     )
     recording: Recording | None = None
+    drift: list[str] = Field(
+        default_factory=list,
+        description="settings on the brokers that differ from the topology, as apply found "
+        "them: what was recorded is not the system the topology declares",
+    )

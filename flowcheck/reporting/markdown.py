@@ -67,6 +67,12 @@ def dumps(verdict: Verdict, *, max_findings: int = MAX_FINDINGS) -> str:
     if any(flow.latency for flow in verdict.flows):
         lines += ["### Latency", ""]
         lines += _latency_table(verdict.flows)
+    if verdict.drift:
+        lines += ["### The brokers differ from the topology", ""]
+        lines.append("What was recorded is not the system the topology declares.")
+        lines.append("")
+        lines += [f"- {escape(d)}" for d in verdict.drift]
+        lines.append("")
     if verdict.gaps:
         lines += ["### Tap gaps", ""]
         lines.append("Chains a gap covers are counted as unknown, not lost.")

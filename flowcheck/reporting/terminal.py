@@ -79,6 +79,13 @@ def render(
             Text(f"Unjudged expectations ({len(unjudged)}): {unjudged_status(verdict)}", style)
         )
         console.print(Padding(_unjudged(unjudged), (0, 0, 0, 2), expand=False))
+    if verdict.drift:
+        console.print()
+        console.print(
+            Text("The brokers differ from the topology: another system was recorded", "bold red")
+        )
+        for d in verdict.drift:
+            console.print(Text(f"  {d}"))
     if verdict.gaps:
         console.print()
         console.print(Text("Tap gaps: the chains they cover are unknown, not lost", "bold"))
