@@ -432,7 +432,7 @@ flows:
     with pytest.raises(TopologyError) as info:
         flowcheck.loads(text, file="inline.yaml")
     assert [p.message for p in info.value.problems] == [
-        "flows.f: unknown key 'x-note'; valid keys here: correlate, dead_letters, deadline, "
+        "flows.f: unknown key 'x-note'; valid keys here: branches, correlate, dead_letters, deadline, "
         "delivery, description, error_rate, latency, ordering, retry, steps, success_rate"
     ]
 

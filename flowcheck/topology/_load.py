@@ -15,6 +15,7 @@ from flowcheck.topology._check import Checker
 from flowcheck.topology._errors import closest, listing, meant, report, shown, suggest
 from flowcheck.topology._yaml import Path
 from flowcheck.topology.model import Broker, Channel, Flow, Name, Service, Topology
+from flowcheck.topology.transform import branched
 
 SECTIONS: dict[str, Any] = {
     "brokers": Broker,
@@ -103,7 +104,8 @@ def validate(doc: _yaml.Document) -> Topology | None:
     if any(p.severity == "error" for p in doc.problems):
         return None
     try:
-        return Topology.model_validate(data)
+        # A flow's branches become flows of their own (flow/branch), judged each.
+        return branched(Topology.model_validate(data))
     except ValidationError as exc:  # the keys no section covers, like 'name'
         report(doc, Topology, (), exc.errors())
         return None

@@ -8,10 +8,39 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from flowcheck.topology.model import Exchange, Kafka, RabbitMQ, Redis, Stream, Topology
+from flowcheck.topology.model import Exchange, Flow, Kafka, RabbitMQ, Redis, Stream, Topology
 from flowcheck.topology.routing import carriers
 
-__all__ = ["flow_channels", "isolated", "with_brokers"]
+__all__ = ["branched", "flow_channels", "isolated", "with_brokers"]
+
+# What a branch may hold differently from its flow.
+_OVERRIDES = ("deadline", "delivery", "latency", "retry", "dead_letters")
+
+
+def branched(topology: Topology) -> Topology:
+    """``topology`` with each flow that declares branches made into one flow per branch,
+    named ``flow/branch``: the flow's common steps, then the branch's, under the flow's
+    expectations as the branch overrides them. Each is judged as a flow of its own; its
+    ``branch_of`` names the flow it came from. A topology without branches is returned
+    as it is."""
+    if not any(flow.branches for flow in topology.flows.values()):
+        return topology
+    flows: dict[str, Flow] = {}
+    for name, flow in topology.flows.items():
+        if not flow.branches:
+            flows[name] = flow
+            continue
+        for label, branch in flow.branches.items():
+            update: dict[str, Any] = {"steps": [*flow.steps, *branch.steps], "branches": {}}
+            for key in _OVERRIDES:
+                if key in branch.model_fields_set:
+                    update[key] = getattr(branch, key)
+            if branch.description is not None:
+                update["description"] = branch.description
+            made = flow.model_copy(update=update)
+            made._branch_of = name
+            flows[f"{name}/{label}"] = made
+    return topology.model_copy(update={"flows": flows})
 
 
 def isolated(topology: Topology, prefix: str) -> Topology:
