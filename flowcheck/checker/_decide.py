@@ -10,7 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from flowcheck.checker import _dead_letters, _deadlines, _delivery, _latency, _ordering, _retries
+from flowcheck.checker import (
+    _dead_letters,
+    _deadlines,
+    _delivery,
+    _groups,
+    _latency,
+    _ordering,
+    _retries,
+)
 from flowcheck.checker._chain import Chain
 from flowcheck.checker._hist import Span
 from flowcheck.topology.model import DeadLetterRule
@@ -25,6 +33,7 @@ ChainCheck = Callable[["FlowState", Chain, DeadLetterRule | None, list[Span | No
 CHAIN_CHECKS: tuple[tuple[Callable[[FlowState], bool], ChainCheck], ...] = (
     (_deadlines.applies, _deadlines.check),
     (_delivery.applies, _delivery.check),
+    (_groups.applies, _groups.check),
     (_retries.applies, _retries.check),
     (_latency.applies, _latency.check),
     (_ordering.applies, _ordering.check),

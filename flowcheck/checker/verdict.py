@@ -25,6 +25,7 @@ class FindingKind(StrEnum):
     LATENCY = "latency"  # a percentile over its budget
     THRESHOLD = "threshold"  # success or error rate outside its bound
     CONFIG = "config"  # the topology itself loses messages silently
+    UNACKNOWLEDGED = "unacknowledged"  # delivered to a consumer group, still pending
 
 
 # Findings that make the chain they are about a failed one (judged by the success threshold).
@@ -37,13 +38,14 @@ CHAIN_KINDS = {
     FindingKind.RETRIES,
     FindingKind.BACKOFF,
     FindingKind.DEAD_LETTER,
+    FindingKind.UNACKNOWLEDGED,
 }
 
 
 # The checks of every flow (JUnit test cases), and the finding kinds each one judges.
 CHECKS = {
     "chains": {FindingKind.LOST, FindingKind.THRESHOLD},
-    "delivery": {FindingKind.DUPLICATED, FindingKind.UNEXPECTED},
+    "delivery": {FindingKind.DUPLICATED, FindingKind.UNEXPECTED, FindingKind.UNACKNOWLEDGED},
     "ordering": {FindingKind.REORDERED},
     "deadlines": {FindingKind.LATE},
     "retries": {FindingKind.RETRIES, FindingKind.BACKOFF},
@@ -59,6 +61,8 @@ class Cause(StrEnum):
     STUCK_PENDING = "stuck_pending"
     DEAD_LETTERED = "dead_lettered"
     TIMED_OUT = "timed_out"
+    NOT_DELIVERED = "not_delivered"  # never delivered to the step's consumer group
+    TRIMMED = "trimmed"  # trimmed from its stream before the step's consumer group read it
 
 
 class Seen(BaseModel):
@@ -180,6 +184,9 @@ class FlowVerdict(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     flow: str
+    branch_of: str | None = Field(
+        None, description="for a branch (flow named flow/branch): the flow it branches from"
+    )
     passed: bool
     chains: int
     succeeded: int

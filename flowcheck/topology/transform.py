@@ -8,7 +8,16 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from flowcheck.topology.model import Exchange, Flow, Kafka, RabbitMQ, Redis, Stream, Topology
+from flowcheck.topology.model import (
+    Exchange,
+    Flow,
+    Kafka,
+    RabbitMQ,
+    Redis,
+    Step,
+    Stream,
+    Topology,
+)
 from flowcheck.topology.routing import carriers
 
 __all__ = ["branched", "flow_channels", "isolated", "with_brokers"]
@@ -73,7 +82,20 @@ def isolated(topology: Topology, prefix: str) -> Topology:
         )
         for key, svc in topology.services.items()
     }
-    return topology.model_copy(update={"channels": channels, "services": services})
+    flows = {key: _grouped(flow, prefix) for key, flow in topology.flows.items()}
+    return topology.model_copy(update={"channels": channels, "services": services, "flows": flows})
+
+
+def _grouped(flow: Flow, prefix: str) -> Flow:
+    """``flow`` with ``prefix`` in front of the consumer group its steps name."""
+
+    def steps(of: list[Step]) -> list[Step]:
+        return [s.model_copy(update={"group": prefix + s.group}) if s.group else s for s in of]
+
+    if not any(s.group for s in flow.steps) and not flow.branches:
+        return flow
+    branches = {k: b.model_copy(update={"steps": steps(b.steps)}) for k, b in flow.branches.items()}
+    return flow.model_copy(update={"steps": steps(flow.steps), "branches": branches})
 
 
 def with_brokers(
