@@ -3,14 +3,17 @@ histories (each fault found on its branch, with its key; clean ones pass)."""
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import pytest
 from history import MS, START, History
+from rich.console import Console
 
 from flowcheck.checker import Cause, Verdict, check
 from flowcheck.errors import TopologyError
 from flowcheck.observations import Kind, Observation
+from flowcheck.reporting.terminal import render
 from flowcheck.topology import Topology, loads
 from flowcheck.topology.transform import isolated
 
@@ -220,3 +223,16 @@ def test_a_group_not_done_when_the_recording_ends_is_unjudged(topology: Topology
     assert not audit.passed
     assert audit.unjudged
     assert "acknowledges" in audit.unjudged[0].expectation
+
+
+def test_the_terminal_report_counts_flows_and_names_the_failing_branch(
+    topology: Topology,
+) -> None:
+    h = Story()
+    fanout(h, "o1", 0, audit=False)
+    entry(h, "s1", 10, "1-0")
+    out = io.StringIO()
+    render(run(topology, h), Console(file=out, width=200))
+    text = out.getvalue()
+    assert "1 of 2 flows failed (4 branches, 1 failed)" in text
+    assert "order/audit (a branch of order)" in text
