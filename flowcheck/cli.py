@@ -621,7 +621,9 @@ def run(
 
     topology = _load_or_exit(topology_file)
     if scenario_file is None:
-        scenario = scenarios.Scenario(send=[scenarios.Send(flow=name) for name in topology.flows])
+        # One message per declared flow: a flow that branches is sent once, for all of them.
+        declared = dict.fromkeys(f.branch_of or name for name, f in topology.flows.items())
+        scenario = scenarios.Scenario(send=[scenarios.Send(flow=name) for name in declared])
     else:
         try:
             scenario = scenarios.load(scenario_file, topology)

@@ -20,7 +20,7 @@ from flowcheck.topology.model import (
 )
 from flowcheck.topology.routing import carriers
 
-__all__ = ["branched", "flow_channels", "isolated", "with_brokers"]
+__all__ = ["branched", "branches_of", "flow_channels", "isolated", "with_brokers"]
 
 # What a branch may hold differently from its flow.
 _OVERRIDES = ("deadline", "delivery", "latency", "retry", "dead_letters")
@@ -117,6 +117,14 @@ def with_brokers(
             b = b.model_copy(update={"url": SecretStr(redis_url)})
         brokers[name] = b
     return topology.model_copy(update={"brokers": brokers})
+
+
+def branches_of(topology: Topology, flow: str) -> list[str]:
+    """The flows ``flow`` is judged as: itself, or, for a flow that branches, its branches
+    (flow/branch); empty if the topology has no such flow."""
+    if flow in topology.flows:
+        return [flow]
+    return [name for name, f in topology.flows.items() if f.branch_of == flow]
 
 
 def flow_channels(topology: Topology, flows: Iterable[str]) -> set[str]:
