@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from flowcheck.checker import Verdict, check
 from flowcheck.observations import Kind, Observation
+from flowcheck.testing import FlowSession
 from flowcheck.topology import Topology
 from flowcheck.tracer import Memory, Tracer
 
@@ -247,3 +248,28 @@ async def test_a_message_one_consumer_drops_is_lost_on_its_branch_only(
     assert lost.next_step == "audited"
     assert verdict.flows[0].passed
     assert not verdict.passed
+
+
+@pytest.mark.parametrize("faulty", [None, "s-2"])
+async def test_a_session_checks_a_branched_flow_by_its_name(
+    redis_url: str, redis: Redis, unique: str, faulty: str | None
+) -> None:
+    topology = load(STREAM_YAML.format(p=unique), FC_URL=redis_url)
+    stream = f"{unique}.ships"
+    keys = ["s-1", "s-2", "s-3"]
+    async with FlowSession(topology, flows=["ship"], deadline=5) as fc:
+        for k in keys:
+            await fc.publish("ships", {"id": k})
+        await drain(redis, stream, "billing", len(keys), set())
+        await drain(redis, stream, "audit", len(keys), {faulty} if faulty else set())
+        if faulty is None:
+            verdict = await fc.check("ship")
+            assert [(f.flow, f.chains, f.passed) for f in verdict.flows] == [
+                ("ship/billing", 3, True),
+                ("ship/audit", 3, True),
+            ]
+        else:
+            with pytest.raises(AssertionError, match="unacknowledged") as info:
+                await fc.check("ship", within=1)
+            assert "ship/audit" in str(info.value)
+            assert faulty in str(info.value)
