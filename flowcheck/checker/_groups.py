@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from flowcheck.checker._chain import Chain
 from flowcheck.checker._hist import Span
 from flowcheck.checker.verdict import Cause, FindingKind
-from flowcheck.topology.model import DeadLetterRule
+from flowcheck.topology.model import DeadLetterRule, Topic
 
 if TYPE_CHECKING:
     from flowcheck.checker._flow import FlowState
@@ -33,7 +33,28 @@ def check(
         delivered = chain.deliveries[i]
         acked = chain.consumed[i]
         trimmed = chain.trimmed.get(i)
-        if trimmed is not None and not delivered and not acked:
+        if isinstance(state.channels[i], Topic):
+            # Kafka shows a group's progress only by its committed offsets.
+            if acked:
+                continue
+            if ended:
+                state.unjudge(
+                    "delivery",
+                    f"group {group!r} commits {label!r}",
+                    "the recording ended before the group committed past the record",
+                )
+                continue
+            first = next(iter(chain.arrivals[i].values()))
+            state.add(
+                state.finding(
+                    FindingKind.UNACKNOWLEDGED,
+                    chain,
+                    f"group {group!r} never committed an offset past it at {label!r}",
+                    step=i,
+                    seen=[first],
+                )
+            )
+        elif trimmed is not None and not delivered and not acked:
             state.add(
                 state.finding(
                     FindingKind.LOST,

@@ -479,12 +479,13 @@ class Checker:
         if step.match is not None:
             self.check_match((*path, "match"), step.match)
         if step.group is not None and ch is not None:
-            if not isinstance(ch, Stream):
+            if not isinstance(ch, Stream | Topic):
                 self.error(
                     (*path, "group"),
-                    f"{step.channel!r} is {_a(ch.kind)}; only a Redis stream's steps name a group",
+                    f"{step.channel!r} is {_a(ch.kind)}; only the steps of a Redis stream or "
+                    "a Kafka topic name a consumer group",
                 )
-            elif step.group not in ch.groups:
+            elif isinstance(ch, Stream) and step.group not in ch.groups:
                 hint = suggest(step.group, ch.groups)
                 self.error(
                     (*path, "group"),

@@ -671,8 +671,9 @@ class Step(Model):
     retry: RetryPolicy | None = None
     group: str | None = Field(
         None,
-        description="the stream's consumer group this step is about: each entry delivered "
-        "to it, acknowledged once, none left pending or trimmed before it read them",
+        description="the consumer group (of a Redis stream or a Kafka topic) this step holds "
+        "to account: each message delivered to it, acknowledged once, none left pending or "
+        "trimmed before it read them",
     )
 
 

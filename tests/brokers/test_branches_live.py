@@ -273,3 +273,70 @@ async def test_a_session_checks_a_branched_flow_by_its_name(
                 await fc.check("ship", within=1)
             assert "ship/audit" in str(info.value)
             assert faulty in str(info.value)
+
+
+TOPIC_YAML = """
+brokers:
+  kafka: {{kind: kafka, bootstrap: "{bootstrap}"}}
+channels:
+  ships: {{broker: kafka, kind: topic, name: "{p}.ships"}}
+flows:
+  ship:
+    correlate: $.id
+    deadline: 1s
+    branches:
+      billing: {{steps: [{{channel: ships, group: "{p}.billing"}}]}}
+      audit: {{steps: [{{channel: ships, group: "{p}.audit"}}]}}
+"""
+
+
+async def commit(bootstrap: str, topic: str, group: str, offset: int) -> None:
+    """Commit ``offset`` for ``group`` on partition 0, as a consumer that assigned it
+    itself (no group join: quick)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        await consumer.commit({tp: offset})
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.parametrize("behind", [0, 1])
+async def test_a_kafka_group_that_never_commits_past_a_record_is_caught(
+    kafka_bootstrap: str, unique: str, behind: int
+) -> None:
+    topology = load(TOPIC_YAML.format(p=unique, bootstrap=kafka_bootstrap))
+    keys = ["k-1", "k-2", "k-3"]
+    async with cleaned(topology, "kafka") as ad:
+        await ad.apply()
+        memory = Memory()
+        async with Tracer(topology, [memory]) as tracer:
+            for k in keys:
+                await tracer.publish("ships", json.dumps({"id": k}).encode())
+            await commit(kafka_bootstrap, f"{unique}.ships", f"{unique}.billing", len(keys))
+            # The audit group stops short of the last record(s).
+            await commit(kafka_bootstrap, f"{unique}.ships", f"{unique}.audit", len(keys) - behind)
+            done = {"billing": set(keys), "audit": set(keys[: len(keys) - behind])}
+
+            def committed(items: list[Observation]) -> bool:
+                return all(
+                    {
+                        o.keys["ship/audit"]
+                        for o in items
+                        if o.kind is Kind.CONSUMED and o.group == f"{unique}.{g}"
+                    }
+                    == want
+                    for g, want in done.items()
+                )
+
+            await memory.wait_for(committed, 30)
+    verdict = judged(topology, memory.items)
+    expected = [("ship/audit", "unacknowledged", k, None) for k in keys[len(keys) - behind :]]
+    assert findings(verdict) == expected
+    assert verdict.passed == (not expected)

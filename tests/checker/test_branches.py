@@ -121,7 +121,7 @@ def test_isolation_prefixes_the_groups_steps_name(topology: Topology) -> None:
         ),
         (
             "f: {correlate: $.id, steps: [{channel: billing, group: audit}]}",
-            "f.steps[0].group: 'billing' is a queue; only a Redis stream's steps name a group",
+            "f.steps[0].group: 'billing' is a queue; only the steps of a Redis stream or a Kafka topic name a consumer group",
         ),
         ("f: {correlate: $.id}", "f: give steps, branches, or both"),
         (
