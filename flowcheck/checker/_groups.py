@@ -27,9 +27,16 @@ def check(
     if rule is not None or chain.dead:
         return  # a dead-lettered entry is judged by the dead-letter checks
     for i, group in enumerate(state.groups):
-        if group is None or not chain.arrivals[i] or state.gap_during(chain):
+        if group is None or not chain.arrivals[i]:
             continue
         label = state.labels[i]
+        if state.gap_during(chain):
+            state.unjudge(
+                "delivery",
+                f"group {group!r} at {label!r}",
+                "a tap gap covered the chain: the group's evidence may have gone unseen",
+            )
+            continue
         delivered = chain.deliveries[i]
         acked = chain.consumed[i]
         trimmed = chain.trimmed.get(i)

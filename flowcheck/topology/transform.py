@@ -131,8 +131,8 @@ def flow_channels(topology: Topology, flows: Iterable[str]) -> set[str]:
     """Every channel the taps must watch to follow ``flows``: steps, retries, dead letters."""
     wanted = set(flows)
     out: set[str] = set()
-    for name, flow in topology.flows.items():
-        if name in wanted:
+    for name, flow in branched(topology).flows.items():
+        if name in wanted or flow.branch_of in wanted:
             out.update(c for step in flow.steps for c in carriers(topology, step.channel))
             out.update(r.channel for r in flow.dead_letters)
     return out

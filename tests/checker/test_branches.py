@@ -236,3 +236,23 @@ def test_the_terminal_report_counts_flows_and_names_the_failing_branch(
     text = out.getvalue()
     assert "1 of 2 flows failed (4 branches, 1 failed)" in text
     assert "order/audit (a branch of order)" in text
+
+
+def test_a_tap_gap_leaves_a_group_unjudged_not_lost(topology: Topology) -> None:
+    h = Story()
+    entry(h, "s1", 0, "1-0", {"billing": [], "audit": [Kind.DELIVERED]})
+    h.items.append(
+        Observation(
+            kind=Kind.GAP,
+            broker="s",
+            channel="ships",
+            mono_ns=START + 50 * MS,
+            wall=0.0,
+            until_ns=START + 60 * MS,
+        )
+    )
+    v = run(topology, h)
+    assert findings(v) == []
+    audit = v.flows[3]
+    assert not audit.passed
+    assert "tap gap" in audit.unjudged[0].why
