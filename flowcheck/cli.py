@@ -128,9 +128,11 @@ def _counts(t: Topology) -> str:
         ("broker", len(t.brokers)),
         ("channel", len(t.channels)),
         ("service", len(t.services)),
-        ("flow", len(t.flows)),
+        ("flow", len({f.branch_of or name for name, f in t.flows.items()})),
     ]
-    return ", ".join(_plural(n, word) for word, n in counts)
+    out = ", ".join(_plural(n, word) for word, n in counts)
+    branches = sum(1 for f in t.flows.values() if f.branch_of)
+    return out + (f" with {branches} branches" if branches else "")
 
 
 def _plural(n: int, word: str) -> str:
