@@ -52,8 +52,14 @@ _KIND_STYLE = {
     FindingKind.LOST: "red",
     FindingKind.DEAD_LETTER: "red",
     FindingKind.UNEXPECTED: "magenta",
+    FindingKind.UNACKNOWLEDGED: "red",
 }
-SEEN_STYLE = {"dead_lettered": "red", "unroutable": "red", "redelivered": "yellow"}
+SEEN_STYLE = {
+    "dead_lettered": "red",
+    "unroutable": "red",
+    "redelivered": "yellow",
+    "trimmed": "red",
+}
 
 
 def render(
