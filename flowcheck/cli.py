@@ -133,9 +133,11 @@ def _counts(t: Topology) -> str:
         ("broker", len(t.brokers)),
         ("channel", len(t.channels)),
         ("service", len(t.services)),
-        ("flow", len(t.flows)),
+        ("flow", len({f.branch_of or name for name, f in t.flows.items()})),
     ]
-    return ", ".join(_plural(n, word) for word, n in counts)
+    out = ", ".join(_plural(n, word) for word, n in counts)
+    branches = sum(1 for f in t.flows.values() if f.branch_of)
+    return out + (f" with {branches} branches" if branches else "")
 
 
 def _plural(n: int, word: str) -> str:
@@ -683,7 +685,9 @@ def run(
 
     topology = _load_or_exit(topology_file)
     if scenario_file is None:
-        scenario = scenarios.Scenario(send=[scenarios.Send(flow=name) for name in topology.flows])
+        # One message per declared flow: a flow that branches is sent once, for all of them.
+        declared = dict.fromkeys(f.branch_of or name for name, f in topology.flows.items())
+        scenario = scenarios.Scenario(send=[scenarios.Send(flow=name) for name in declared])
     else:
         try:
             scenario = scenarios.load(scenario_file, topology)

@@ -12,6 +12,7 @@ from flowcheck.observations import TEXT_CAP, as_text, fit_text, payload_json, tr
 from flowcheck.topology import path_segments, path_value
 from flowcheck.topology.model import Correlate, Topology
 from flowcheck.topology.routing import flow_routes
+from flowcheck.topology.transform import branched
 
 
 def lookup(obj: Any, path: str) -> Any:
@@ -137,6 +138,7 @@ class Correlator:
     def __init__(self, topology: Topology) -> None:
         self.rules: dict[str, list[tuple[str, Correlate]]] = {}
         self._getters: dict[str, list[tuple[str, Getter]]] = {}
+        topology = branched(topology)  # a topology made in Python, not loaded
         for fname, flow in topology.flows.items():
             routes = flow_routes(topology, flow)
             for step, carried in zip(flow.steps, routes.carriers, strict=True):

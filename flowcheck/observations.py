@@ -42,6 +42,7 @@ class Kind(StrEnum):
     DEAD_LETTERED = "dead_lettered"  # it arrived on a dead-letter channel
     CONSUMED = "consumed"  # evidence that a consumer finished it (ack, commit, XACK)
     PENDING = "pending"  # delivered but not acknowledged, as of this observation
+    TRIMMED = "trimmed"  # deleted from its stream before the consumer group ``group`` read it
     GAP = "gap"  # the tap was not watching this channel from ``at`` until ``until_ns``
     DRIFT = "drift"  # the broker's channel differs from the topology
 

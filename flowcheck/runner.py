@@ -22,6 +22,7 @@ from flowcheck.observations import Kind, Observation, now
 from flowcheck.recorder import apply_all, drift_observations
 from flowcheck.scenario import Scenario, messages
 from flowcheck.topology.model import Topology
+from flowcheck.topology.transform import branches_of
 from flowcheck.trace import Ended, Writer, new_header, run_trace
 from flowcheck.tracer import Tracer
 
@@ -86,8 +87,9 @@ async def _run(
     # Keys known before publishing (all rules but traceparent): a missing one was never published.
     expected: dict[str, set[str]] = {}
     for m in plan:
-        if not topology.flows[m.flow].correlate.traceparent:
-            expected.setdefault(m.flow, set()).add(m.key)
+        for name in branches_of(topology, m.flow):  # each branch awaits the key
+            if not topology.flows[name].correlate.traceparent:
+                expected.setdefault(name, set()).add(m.key)
     try:  # before declaring anything on the brokers
         os.makedirs(out_dir, exist_ok=True)
     except OSError as exc:
@@ -125,8 +127,9 @@ async def _run(
                         key=m.kafka_key,
                         routing_key=m.routing_key,
                     )
-                    key = obs.keys.get(m.flow, m.key)
-                    waiting.append((m.flow, key))
+                    for name in branches_of(topology, m.flow):
+                        key = obs.keys.get(name, m.key)
+                        waiting.append((name, key))
                     if obs.kind == Kind.UNROUTABLE:
                         say(f"unroutable: {m.flow} {key} ({obs.reason})")
                 longest = window(topology)

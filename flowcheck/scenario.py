@@ -41,6 +41,7 @@ from pydantic import Field
 from flowcheck.errors import TopologyError, UsageError
 from flowcheck.topology import Duration, document, format_duration, path_segments
 from flowcheck.topology.model import Model, Topology
+from flowcheck.topology.transform import branches_of
 
 NAMES = ("n", "i", "key", "run", "flow")  # the placeholders a template may use
 MAX_WIDTH = 64  # of a placeholder's format spec: "{n:>300000000}" would take gigabytes
@@ -94,7 +95,8 @@ def load(path: str, topology: Topology) -> Scenario:
             document.report(doc, Scenario, (), errors())
     if scenario is not None:
         for i, send in enumerate(scenario.send):
-            if send.flow not in topology.flows:
+            judged = branches_of(topology, send.flow)
+            if not judged:
                 doc.problem(
                     ("send", i, "flow"), f"send[{i}].flow: the topology has no flow {send.flow!r}"
                 )
@@ -103,7 +105,7 @@ def load(path: str, topology: Topology) -> Scenario:
                     ("send", i, "channel"),
                     f"send[{i}].channel: the topology has no channel {send.channel!r}",
                 )
-            elif topology.flows[send.flow].correlate.property is not None:
+            elif topology.flows[judged[0]].correlate.property is not None:
                 doc.problem(
                     ("send", i, "flow"),
                     f"send[{i}]: scenarios cannot set AMQP properties yet; correlate by header or payload",
@@ -195,7 +197,8 @@ def messages(scenario: Scenario, topology: Topology, run: str) -> Iterator[Messa
     """Every message of the scenario, in publishing order, with its correlation key placed."""
     counter = itertools.count()
     for send in scenario.send:
-        flow = topology.flows[send.flow]
+        # A flow that branches is sent through its common steps: any branch's will do.
+        flow = topology.flows[branches_of(topology, send.flow)[0]]
         channel = send.channel or flow.steps[0].channel
         rule = (flow.steps[0].correlate if send.channel is None else None) or flow.correlate
         for n in range(send.count):

@@ -9,9 +9,10 @@ translate its TLS errors at the broker boundary).
 from __future__ import annotations
 
 import ssl
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from flowcheck.topology.model import TLS
+if TYPE_CHECKING:  # the settings' type only: the validator uses this module too
+    from flowcheck.topology.model import TLS
 
 __all__ = ["TLSFileError", "context", "explain"]
 
@@ -45,8 +46,10 @@ def context(tls: TLS | None) -> ssl.SSLContext:
 
     Raises :class:`TLSFileError` if a file is missing or does not hold what it should.
     """
-    tls = tls or TLS()
     ctx = _Context(ssl.PROTOCOL_TLS_CLIENT)
+    if tls is None:
+        ctx.load_default_certs()
+        return ctx
     ctx.server_name = tls.server_name
     ca = tls.path("ca_file")
     if ca is None:
@@ -142,6 +145,14 @@ _CLOSED_AT_ONCE = (
 _CLIENT_CERT_REFUSED = ("ALERT_UNKNOWN_CA", "ALERT_BAD_CERTIFICATE", "ALERT_DECRYPT_ERROR")
 
 
+class _Given(NamedTuple):
+    """What a failure's explanation needs of the ``tls`` settings (none given: all None)."""
+
+    cert_file: str | None
+    ca_file: str | None
+    server_name: str | None
+
+
 def explain(
     exc: BaseException | None,
     tls: TLS | None,
@@ -157,32 +168,34 @@ def explain(
     opened, where a server that wants a client certificate may just close it (TLS 1.3
     checks the certificate after the client's side of the handshake is done).
     """
-    tls = tls or TLS()
+    settings = (
+        _Given(tls.cert_file, tls.ca_file, tls.server_name) if tls else _Given(None, None, None)
+    )
     errors = _chain(exc) if exc is not None else []
     for err in errors:
         if isinstance(err, ssl.SSLCertVerificationError):
-            return _untrusted(err.verify_code, err.verify_message, tls, host)
+            return _untrusted(err.verify_code, err.verify_message, settings, host)
     text = " ".join(
         f"{getattr(err, 'reason', None) or ''} {err}".upper().replace(" ", "_") for err in errors
     )
     text += " " + logged.upper().replace(" ", "_")
     if "CERTIFICATE_VERIFY_FAILED" in text:
         code = 62 if "HOSTNAME_MISMATCH" in text or "IP_ADDRESS_MISMATCH" in text else 0
-        return _untrusted(code, "", tls, host)
+        return _untrusted(code, "", settings, host)
     if any(r in text for r in _NO_CLIENT_CERT) or (
-        tls.cert_file is None and "ALERT_HANDSHAKE_FAILURE" in text
+        settings.cert_file is None and "ALERT_HANDSHAKE_FAILURE" in text
     ):
-        if tls.cert_file is None:
+        if settings.cert_file is None:
             return "TLS: the server wants a client certificate, set tls.cert_file and tls.key_file"
-        return f"TLS: the server did not accept the client certificate {tls.cert_file}"
+        return f"TLS: the server did not accept the client certificate {settings.cert_file}"
     if any(r in text for r in _CLIENT_CERT_REFUSED):
-        if tls.cert_file is None:
+        if settings.cert_file is None:
             return "TLS: the server wants a client certificate, set tls.cert_file and tls.key_file"
         return (
-            f"TLS: the server did not accept the client certificate {tls.cert_file} "
+            f"TLS: the server did not accept the client certificate {settings.cert_file} "
             "(not signed by a CA it trusts)"
         )
-    if opening and tls.cert_file is None and any(r in text for r in _CLOSED_AT_ONCE):
+    if opening and settings.cert_file is None and any(r in text for r in _CLOSED_AT_ONCE):
         return (
             "TLS: the server closed the connection after the handshake; if it wants a "
             "client certificate, set tls.cert_file and tls.key_file"
@@ -195,7 +208,7 @@ def explain(
     return None
 
 
-def _untrusted(code: int, message: str, tls: TLS, host: str | None) -> str:
+def _untrusted(code: int, message: str, tls: _Given, host: str | None) -> str:
     if code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
         name = tls.server_name or host or "the host connected to"
         return (

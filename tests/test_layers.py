@@ -14,7 +14,7 @@ from pathlib import Path
 import flowcheck
 
 ROOT = Path(flowcheck.__file__).parent
-BASE = {"errors", "defaults", "redact", "_deps", "flowcheck"}
+BASE = {"errors", "defaults", "redact", "tls", "_deps", "flowcheck"}
 NETWORK = {"aio_pika", "aiormq", "aiokafka", "redis", "kafka", "httpx", "socket"}
 
 # part of flowcheck -> the other parts it may import (docs/development.md, "The packages")

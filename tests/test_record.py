@@ -781,7 +781,8 @@ def test_run_with_drift_judges_but_fails_to_run_and_check_agrees(
     # billing exists with a length limit the topology does not declare: the run judges
     # its chains, but a verdict on other channels than declared is never a pass (exit 3),
     # and the trace, checked offline, gives the same.
-    anyio.run(_declare_by_hand, rabbitmq_url, f"{unique}.billing", {"x-max-length": 7})
+    hand: Arguments = {"x-max-length": 7}
+    anyio.run(_declare_by_hand, rabbitmq_url, f"{unique}.billing", hand)
     reports = tmp_path / "reports"
     try:
         result = CliRunner().invoke(cli, ["run", str(topology_file), "--report-dir", str(reports)])

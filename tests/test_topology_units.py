@@ -435,8 +435,9 @@ flows:
     with pytest.raises(TopologyError) as info:
         flowcheck.loads(text, file="inline.yaml")
     assert [p.message for p in info.value.problems] == [
-        "flows.f: unknown key 'x-note'; valid keys here: correlate, dead_letters, deadline, "
-        "delivery, description, error_rate, gives_up, latency, ordering, retry, steps, success_rate"
+        "flows.f: unknown key 'x-note'; valid keys here: branches, correlate, dead_letters, "
+        "deadline, delivery, description, error_rate, gives_up, latency, ordering, retry, steps, "
+        "success_rate"
     ]
 
 

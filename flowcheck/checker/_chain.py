@@ -95,6 +95,8 @@ class Chain:
     timeline: list[Observation] = field(default_factory=list)
     # per step: message -> its place in each broker order it was seen in (ordered flows)
     places: list[dict[tuple[Any, ...], Places]] = field(default_factory=list)
+    # per step naming a consumer group: the entry trimmed before that group read it
+    trimmed: dict[int, Observation] = field(default_factory=dict)
 
     def reached(self) -> int:
         """Index of the last step with an arrival, -1 if none."""

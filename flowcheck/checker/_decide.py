@@ -15,6 +15,7 @@ from flowcheck.checker import (
     _deadlines,
     _delivery,
     _gives_up,
+    _groups,
     _latency,
     _ordering,
     _paths,
@@ -34,6 +35,7 @@ ChainCheck = Callable[["FlowState", Chain, DeadLetterRule | None, list[Span | No
 CHAIN_CHECKS: tuple[tuple[Callable[[FlowState], bool], ChainCheck], ...] = (
     (_deadlines.applies, _deadlines.check),
     (_delivery.applies, _delivery.check),
+    (_groups.applies, _groups.check),
     (_retries.applies, _retries.check),
     (_latency.applies, _latency.check),
     (_ordering.applies, _ordering.check),

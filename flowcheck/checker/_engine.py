@@ -23,6 +23,7 @@ from flowcheck.checker.verdict import Cause, Finding, FindingKind, Recording, Un
 from flowcheck.observations import Kind, Observation
 from flowcheck.topology.model import Topology
 from flowcheck.topology.routing import Route
+from flowcheck.topology.transform import branched
 
 __all__ = ["MAX_FINDINGS", "MAX_TIMELINE", "Checker", "check"]
 
@@ -41,7 +42,8 @@ class Checker:
         allow_unjudged: bool | None = None,
         stop_ns: int | None = None,
     ) -> None:
-        self.topology = topology
+        # A topology made in Python (not loaded) may still declare branches.
+        topology = self.topology = branched(topology)
         # When the recording was asked to stop: chains first seen from then on are not
         # judged (the taps watched on only for the chains already in flight).
         self.stop_ns = stop_ns
@@ -179,6 +181,11 @@ class Checker:
             for i in state.await_deliveries
         ):
             return False  # its attempts are judged from deliveries the taps have yet to see
+        if state.grouped and any(
+            g is not None and chain.arrivals[i] and not chain.consumed[i] and i not in chain.trimmed
+            for i, g in enumerate(state.groups)
+        ):
+            return False  # a consumer group has yet to read or acknowledge it
         return all(len(a) >= n for a, n in zip(chain.arrivals, state.need, strict=True))
 
     def attempts(self, flow: str, key: str, dead: Observation | None = None) -> int | None:

@@ -37,7 +37,7 @@ MAX_TIMELINE = 40  # observations kept per chain for reports
 # Plain names for the kinds: enum attribute lookups cost a descriptor call each.
 _PUBLISHED, _ROUTED, _UNROUTABLE = Kind.PUBLISHED, Kind.ROUTED, Kind.UNROUTABLE
 _DELIVERED, _REDELIVERED, _CONSUMED = Kind.DELIVERED, Kind.REDELIVERED, Kind.CONSUMED
-_DEAD_LETTERED = Kind.DEAD_LETTERED
+_DEAD_LETTERED, _TRIMMED = Kind.DEAD_LETTERED, Kind.TRIMMED
 
 
 def ns(d: timedelta) -> int:
@@ -91,6 +91,10 @@ class FlowState:
         self.flow_deadline_ns = None if flow.deadline is None else ns(flow.deadline)
         self.match = [s.match for s in flow.steps]
         self.need = [s.count for s in flow.steps]
+        # The consumer group each step is about (None: any group's evidence counts).
+        self.groups = [s.group for s in flow.steps]
+        self.grouped = any(self.groups)
+        self.ending: int | None = None  # the recording's end, once finish() is called
         chans = [topology.channels.get(s.channel) for s in flow.steps]
         self.channels = chans
         self.returns_routed = [ch is not None and ch.returns_routed for ch in chans]
@@ -226,14 +230,25 @@ class FlowState:
                 chain.sample = obs
                 chain.sample_first = target == 0
         elif kind is _DELIVERED or kind is _REDELIVERED:
-            for i in steps:
+            for i in self.of_group(steps, obs):
                 chain.deliveries[i].append(obs)
         elif kind is _CONSUMED:
-            for i in steps:
+            for i in self.of_group(steps, obs):
                 chain.consumed[i] = True
+        elif kind is _TRIMMED:
+            for i in self.of_group(steps, obs):
+                if self.groups[i] is not None:
+                    chain.trimmed.setdefault(i, obs)
         elif kind is _UNROUTABLE:
             chain.unroutable = chain.unroutable or obs
         return opened
+
+    def of_group(self, steps: list[int], obs: Observation) -> list[int]:
+        """The steps among ``steps`` that a consumer group's evidence ``obs`` is about."""
+        if not self.grouped:
+            return steps
+        groups = self.groups
+        return [i for i in steps if groups[i] is None or groups[i] == obs.group]
 
     def expire(self, now_ns: int) -> int:
         """Decide the chains whose window has passed; returns when the next one is due."""
@@ -249,6 +264,7 @@ class FlowState:
     def finish(self, end_ns: int) -> int:
         """Decide every open chain at the recording's end; returns how many of them
         are unknown because it came before their window was over."""
+        self.ending = end_ns
         cut = 0
         for chain in list(self.chains.values()):
             ended = chain.first_ns + self.window_ns > end_ns

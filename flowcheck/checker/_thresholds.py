@@ -94,6 +94,7 @@ def verdict(state: FlowState, allow_unjudged: bool) -> FlowVerdict:
         checks.append(Check(name=name, passed=passed, message=msg, findings=n))
     return FlowVerdict(
         flow=state.name,
+        branch_of=state.flow.branch_of,
         passed=all(c.passed for c in checks),
         chains=counts["chains"],
         succeeded=counts["succeeded"],

@@ -29,6 +29,7 @@ class FindingKind(StrEnum):
     THRESHOLD = "threshold"  # success or error rate outside its bound
     CONFIG = "config"  # the topology itself loses messages silently
     UNROUTED = "unrouted"  # deliveries from a step that no message was seen reaching
+    UNACKNOWLEDGED = "unacknowledged"  # delivered to a consumer group, still pending
 
 
 # Findings that make the chain they are about a failed one (judged by the success threshold).
@@ -42,6 +43,7 @@ CHAIN_KINDS = {
     FindingKind.BACKOFF,
     FindingKind.DEAD_LETTER,
     FindingKind.GIVE_UP,
+    FindingKind.UNACKNOWLEDGED,
 }
 
 
@@ -51,7 +53,12 @@ CheckName = Literal[
 ]
 CHECKS: dict[CheckName, set[FindingKind]] = {
     "chains": {FindingKind.LOST, FindingKind.GIVE_UP, FindingKind.THRESHOLD},
-    "delivery": {FindingKind.DUPLICATED, FindingKind.UNEXPECTED, FindingKind.UNROUTED},
+    "delivery": {
+        FindingKind.DUPLICATED,
+        FindingKind.UNEXPECTED,
+        FindingKind.UNROUTED,
+        FindingKind.UNACKNOWLEDGED,
+    },
     "ordering": {FindingKind.REORDERED, FindingKind.SEQUENCE_GAP},
     "deadlines": {FindingKind.LATE},
     "retries": {FindingKind.RETRIES, FindingKind.BACKOFF},
@@ -67,6 +74,8 @@ class Cause(StrEnum):
     STUCK_PENDING = "stuck_pending"
     DEAD_LETTERED = "dead_lettered"
     TIMED_OUT = "timed_out"
+    NOT_DELIVERED = "not_delivered"  # never delivered to the step's consumer group
+    TRIMMED = "trimmed"  # trimmed from its stream before the step's consumer group read it
 
 
 class Seen(BaseModel):
@@ -196,6 +205,9 @@ class FlowVerdict(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     flow: str
+    branch_of: str | None = Field(
+        None, description="for a branch (flow named flow/branch): the flow it branches from"
+    )
     passed: bool
     chains: int
     succeeded: int

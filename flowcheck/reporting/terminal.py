@@ -52,8 +52,14 @@ _KIND_STYLE = {
     FindingKind.LOST: "red",
     FindingKind.DEAD_LETTER: "red",
     FindingKind.UNEXPECTED: "magenta",
+    FindingKind.UNACKNOWLEDGED: "red",
 }
-SEEN_STYLE = {"dead_lettered": "red", "unroutable": "red", "redelivered": "yellow"}
+SEEN_STYLE = {
+    "dead_lettered": "red",
+    "unroutable": "red",
+    "redelivered": "yellow",
+    "trimmed": "red",
+}
 
 
 def render(
@@ -112,11 +118,19 @@ def render(
 
 
 def _summary(verdict: Verdict) -> Text:
-    failed = sum(1 for f in verdict.flows if not f.passed)
+    # A branch is judged as a flow; a flow fails if any of its branches does.
+    names = {f.branch_of or f.flow for f in verdict.flows}
+    failed = len({f.branch_of or f.flow for f in verdict.flows if not f.passed})
+    branches = sum(1 for f in verdict.flows if f.branch_of)
     if failed:
-        what = f"{failed} of {plural(len(verdict.flows), 'flow')} failed"
+        what = f"{failed} of {plural(len(names), 'flow')} failed"
     else:
-        what = f"{plural(len(verdict.flows), 'flow')} passed"
+        what = f"{plural(len(names), 'flow')} passed"
+    if branches:
+        broke = sum(1 for f in verdict.flows if f.branch_of and not f.passed)
+        what += f" ({plural(branches, 'branch', 'branches')}" + (
+            f", {broke} failed)" if broke else ")"
+        )
     if verdict.findings:
         what += ", " + plural(len(verdict.findings), "other finding")
     unjudged = len(all_unjudged(verdict))
@@ -135,7 +149,10 @@ def _summary(verdict: Verdict) -> Text:
 
 
 def _failing_flow(console: Console, flow: FlowVerdict, max_chains: int) -> None:
-    console.print(Text.assemble(("FAIL", FAIL), " ", (flow.flow, "bold"), "  ", flow_counts(flow)))
+    branch = f" (a branch of {flow.branch_of})" if flow.branch_of else ""
+    console.print(
+        Text.assemble(("FAIL", FAIL), " ", (flow.flow, "bold"), branch, "  ", flow_counts(flow))
+    )
     failed = [c for c in flow.checks if not c.passed]
     if failed:
         console.print(Text("  Failed checks", "bold"))

@@ -35,7 +35,7 @@ from flowcheck.testing._waits import (
     spell,
 )
 from flowcheck.topology.model import Kafka, Topology
-from flowcheck.topology.transform import flow_channels, isolated
+from flowcheck.topology.transform import branched, branches_of, flow_channels, isolated
 from flowcheck.trace import Header, Writer
 from flowcheck.tracer import Tracer
 
@@ -81,7 +81,8 @@ class FlowSession:
         allow_unjudged: bool | None = None,
         name: str | None = None,
     ) -> None:
-        unknown = [f for f in flows or () if f not in topology.flows]
+        topology = branched(topology)  # a flow's branches are flows (flow/branch)
+        unknown = [f for f in flows or () if not branches_of(topology, f)]
         if unknown:
             raise FlowcheckError(
                 f"unknown flow(s) {', '.join(map(repr, unknown))}; the topology has "
@@ -90,7 +91,12 @@ class FlowSession:
         self.source = topology
         self.topology = isolated(topology, prefix)
         self.prefix = prefix
-        self.flows: list[str] = list(flows) if flows is not None else list(topology.flows)
+        # A flow that branches stands for its branches.
+        self.flows: list[str] = (
+            [b for f in flows for b in branches_of(topology, f)]
+            if flows is not None
+            else list(topology.flows)
+        )
         self.test_name = name
         self.deadline = seconds_of(deadline, "deadline")
         self.settle: float | None = None if settle is None else seconds_of(settle, "settle")
@@ -649,6 +655,8 @@ class FlowSession:
         comes. A flow named here must have seen at least one chain.
         """
         __tracebackhide__ = True
+        # A flow that branches is checked as its branches.
+        flows = tuple(b for f in flows for b in branches_of(self.topology, f) or [f])
         for f in flows:
             self._flow(f)
         names = list(flows) or self.flows

@@ -72,6 +72,10 @@ def _kind(value: Any) -> str:
     return repr(value)
 
 
+# What a branch may hold differently from its flow.
+_OVERRIDES = {"deadline", "delivery", "latency", "retry", "dead_letters"}
+
+
 class Validator:
     def __init__(
         self,
@@ -88,14 +92,23 @@ class Validator:
         self.services = services
         self.flows = flows
         self.names = names  # every name defined per section, valid or not
+        self.said: set[tuple[Path, str]] = set()
 
     # ------------------------------------------------------------ helpers
 
     def error(self, path: Path, message: str, *, key: bool = False) -> None:
-        self.doc.problem(path, f"{dotted(self.doc.written(path))}: {message}", key=key)
+        if self.once(path, message):
+            self.doc.problem(path, f"{dotted(self.doc.written(path))}: {message}", key=key)
 
     def warn(self, path: Path, message: str) -> None:
-        self.doc.problem(path, f"{dotted(self.doc.written(path))}: {message}", warn=True)
+        if self.once(path, message):
+            self.doc.problem(path, f"{dotted(self.doc.written(path))}: {message}", warn=True)
+
+    def once(self, path: Path, message: str) -> bool:
+        """First time this is said here? A flow's common steps are checked per branch."""
+        said = (path, message) not in self.said
+        self.said.add((path, message))
+        return said
 
     def ref(self, path: Path, section: str, name: str) -> bool:
         """Is ``name`` defined in ``section``? Report it if not."""
@@ -488,10 +501,27 @@ class Validator:
     # ------------------------------------------------------------ flows
 
     def check_flow(self, path: Path, flow: Flow) -> None:
+        common = [(*path, "steps", i) for i in range(len(flow.steps))]
+        if not flow.branches:
+            self.check_line(path, path, flow, common)
+            return
+        taken = set(self.flows)
+        for label, branch in flow.branches.items():
+            bpath = (*path, "branches", label)
+            if f"{path[-1]}/{label}" in taken:
+                self.error(bpath, f"flow '{path[-1]}/{label}' is declared too; rename one")
+            # Judged as the flow it becomes: the common steps, then the branch's.
+            update: dict[str, Any] = {"steps": [*flow.steps, *branch.steps], "branches": {}}
+            update.update({k: getattr(branch, k) for k in _OVERRIDES & branch.model_fields_set})
+            made = flow.model_copy(update=update)
+            steps = [*common, *((*bpath, "steps", j) for j in range(len(branch.steps)))]
+            self.check_line(path, bpath, made, steps)
+
+    def check_line(self, path: Path, bpath: Path, flow: Flow, step_paths: list[Path]) -> None:
+        """A flow as one line of steps (``bpath``: where its branch is, or ``path``)."""
         labels: dict[str, int] = {}
         steps: list[tuple[Step, Channel | None]] = []
-        for i, step in enumerate(flow.steps):
-            spath = (*path, "steps", i)
+        for i, (step, spath) in enumerate(zip(flow.steps, step_paths, strict=True)):
             ch = self.channel((*spath, "channel"), step.channel, CHANNEL_KINDS)
             steps.append((step, ch))
             label = step.name or step.channel
@@ -499,9 +529,11 @@ class Validator:
                 self.error(spath, f"two steps are both called {label!r}; give one a 'name'")
             labels[label] = i
             self.check_step(spath, flow, step, ch)
-        self.check_latency((*path, "latency"), flow.latency, flow.deadline, "deadline")
+        own = set() if bpath == path else self.branch_keys(bpath)
+        where = {k: bpath if k in own else path for k in _OVERRIDES}
+        self.check_latency((*where["latency"], "latency"), flow.latency, flow.deadline, "deadline")
         if flow.retry is not None:
-            self.check_retry((*path, "retry"), flow.retry.backoff)
+            self.check_retry((*where["retry"], "retry"), flow.retry.backoff)
         if flow.ordering == "per-partition-key" and not any(isinstance(c, Topic) for _, c in steps):
             self.error((*path, "ordering"), "per-partition-key needs a Kafka topic among the steps")
         if isinstance(flow.ordering, SeqOrdering):
@@ -514,7 +546,9 @@ class Validator:
             if flow.ordering.per == flow.ordering.seq:
                 self.error((*path, "ordering", "seq"), "'seq' and 'per' name the same field")
         for i, rule in enumerate(flow.dead_letters):
-            self.check_dead_letter((*path, "dead_letters", i), flow, rule, steps, labels)
+            self.check_dead_letter(
+                (*where["dead_letters"], "dead_letters", i), flow, rule, steps, labels
+            )
         for i, give in enumerate(flow.gives_up):
             gpath = (*path, "gives_up", i)
             self.check_match((*gpath, "when"), give.when)
@@ -547,9 +581,27 @@ class Validator:
                 f"{want} attempts expected, but the retry policy allows at most {policy.most}",
             )
 
+    def branch_keys(self, bpath: Path) -> set[str]:
+        flow = self.flows[str(bpath[1])]
+        return set(flow.branches[str(bpath[3])].model_fields_set)
+
     def check_step(self, path: Path, flow: Flow, step: Step, ch: Channel | None) -> None:
         if step.match is not None:
             self.check_match((*path, "match"), step.match)
+        if step.group is not None and ch is not None:
+            if not isinstance(ch, Stream | Topic):
+                self.error(
+                    (*path, "group"),
+                    f"{step.channel!r} is {_a(ch.kind)}; only the steps of a Redis stream or "
+                    "a Kafka topic name a consumer group",
+                )
+            elif isinstance(ch, Stream) and step.group not in ch.groups:
+                hint = suggest(step.group, ch.groups)
+                self.error(
+                    (*path, "group"),
+                    f"stream {step.channel!r} declares no group {step.group!r}{hint}; "
+                    "add it to its 'groups'",
+                )
         if ch is not None:
             rule = step.correlate or flow.correlate
             self.check_correlate(path, step.channel, rule, ch, step.correlate is not None)

@@ -24,6 +24,7 @@ from flowcheck.topology._errors import (
 )
 from flowcheck.topology._yaml import Path
 from flowcheck.topology.model import Broker, Channel, Flow, Name, Service, Topology
+from flowcheck.topology.transform import branched
 
 SECTIONS: dict[str, Any] = {
     "brokers": Broker,
@@ -116,7 +117,8 @@ def validate(doc: _yaml.Document) -> Topology | None:
     if any(p.severity == "error" for p in doc.problems):
         return None
     try:
-        topology = Topology.model_validate(data, context=context)
+        # A flow's branches become flows of their own (flow/branch), judged each.
+        topology = branched(Topology.model_validate(data, context=context))
     except ValidationError as exc:  # the keys no section covers, like 'name'
         report(doc, Topology, (), exc.errors())
         return None

@@ -830,6 +830,12 @@ class Step(Model):
     correlate: Correlate | None = Field(None, description="overrides the flow's rule here")
     retry: RetryPolicy | None = None
     delivery: Delivery | None = Field(None, description="overrides the flow's guarantee here")
+    group: str | None = Field(
+        None,
+        description="the consumer group (of a Redis stream or a Kafka topic) this step holds "
+        "to account: each message delivered to it, acknowledged once, none left pending or "
+        "trimmed before it read them",
+    )
 
 
 class DeadLetterRule(Model):
@@ -902,10 +908,30 @@ Ordering = Annotated[
 ]
 
 
+class Branch(Model):
+    """One way a flow goes on after its common steps (a fan-out): its own steps, and the
+    expectations it holds differently from the flow."""
+
+    description: str | None = None
+    steps: list[Step] = Field(min_length=1)
+    deadline: Duration | None = Field(None, description="end to end; default: the flow's")
+    delivery: Delivery | None = Field(None, description="default: the flow's")
+    latency: Latency | None = Field(None, description="end-to-end budget; default: the flow's")
+    retry: RetryPolicy | None = Field(None, description="default: the flow's")
+    dead_letters: list[DeadLetterRule] | None = Field(None, description="default: the flow's")
+
+
 class Flow(Model):
     description: str | None = None
     correlate: Correlate
-    steps: list[Step] = Field(min_length=1)
+    steps: list[Step] = Field(
+        default_factory=list, description="the common steps; may be empty when branches are given"
+    )
+    branches: dict[Name, Branch] = Field(
+        default_factory=dict,
+        description="fan-out: each branch goes on from the common steps and is judged as "
+        "its own flow, named flow/branch",
+    )
     deadline: Duration | None = Field(None, description="end to end, first step to last")
     ordering: Ordering = Field(
         "none", description="none, per-key, per-partition-key, or by a sequence field"
@@ -919,6 +945,19 @@ class Flow(Model):
     latency: Latency | None = Field(None, description="end-to-end budget")
     success_rate: Ratio | None = Field(None, description="at least this share of chains complete")
     error_rate: Ratio | None = Field(None, description="at most this share of chains fail")
+    # The flow a branch was made from (topology.transform.branched); None for a declared one.
+    _branch_of: str | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _some_steps(self) -> Flow:
+        if not self.steps and not self.branches:
+            raise ValueError("give steps, branches, or both")
+        return self
+
+    @property
+    def branch_of(self) -> str | None:
+        """The declared flow this one is a branch of (its name is flow/branch)."""
+        return self._branch_of
 
 
 class Gate(Model):

@@ -8,10 +8,48 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from flowcheck.topology.model import Exchange, Kafka, RabbitMQ, Redis, Stream, Topology
+from flowcheck.topology.model import (
+    Exchange,
+    Flow,
+    Kafka,
+    RabbitMQ,
+    Redis,
+    Step,
+    Stream,
+    Topology,
+)
 from flowcheck.topology.routing import carriers
 
-__all__ = ["flow_channels", "isolated", "with_brokers"]
+__all__ = ["branched", "branches_of", "flow_channels", "isolated", "with_brokers"]
+
+# What a branch may hold differently from its flow.
+_OVERRIDES = ("deadline", "delivery", "latency", "retry", "dead_letters")
+
+
+def branched(topology: Topology) -> Topology:
+    """``topology`` with each flow that declares branches made into one flow per branch,
+    named ``flow/branch``: the flow's common steps, then the branch's, under the flow's
+    expectations as the branch overrides them. Each is judged as a flow of its own; its
+    ``branch_of`` names the flow it came from. A topology without branches is returned
+    as it is."""
+    if not any(flow.branches for flow in topology.flows.values()):
+        return topology
+    flows: dict[str, Flow] = {}
+    for name, flow in topology.flows.items():
+        if not flow.branches:
+            flows[name] = flow
+            continue
+        for label, branch in flow.branches.items():
+            update: dict[str, Any] = {"steps": [*flow.steps, *branch.steps], "branches": {}}
+            for key in _OVERRIDES:
+                if key in branch.model_fields_set:
+                    update[key] = getattr(branch, key)
+            if branch.description is not None:
+                update["description"] = branch.description
+            made = flow.model_copy(update=update)
+            made._branch_of = name
+            flows[f"{name}/{label}"] = made
+    return topology.model_copy(update={"flows": flows})
 
 
 def isolated(topology: Topology, prefix: str) -> Topology:
@@ -44,7 +82,20 @@ def isolated(topology: Topology, prefix: str) -> Topology:
         )
         for key, svc in topology.services.items()
     }
-    return topology.model_copy(update={"channels": channels, "services": services})
+    flows = {key: _grouped(flow, prefix) for key, flow in topology.flows.items()}
+    return topology.model_copy(update={"channels": channels, "services": services, "flows": flows})
+
+
+def _grouped(flow: Flow, prefix: str) -> Flow:
+    """``flow`` with ``prefix`` in front of the consumer group its steps name."""
+
+    def steps(of: list[Step]) -> list[Step]:
+        return [s.model_copy(update={"group": prefix + s.group}) if s.group else s for s in of]
+
+    if not any(s.group for s in flow.steps) and not flow.branches:
+        return flow
+    branches = {k: b.model_copy(update={"steps": steps(b.steps)}) for k, b in flow.branches.items()}
+    return flow.model_copy(update={"steps": steps(flow.steps), "branches": branches})
 
 
 def with_brokers(
@@ -68,12 +119,20 @@ def with_brokers(
     return topology.model_copy(update={"brokers": brokers})
 
 
+def branches_of(topology: Topology, flow: str) -> list[str]:
+    """The flows ``flow`` is judged as: itself, or, for a flow that branches, its branches
+    (flow/branch); empty if the topology has no such flow."""
+    if flow in topology.flows:
+        return [flow]
+    return [name for name, f in topology.flows.items() if f.branch_of == flow]
+
+
 def flow_channels(topology: Topology, flows: Iterable[str]) -> set[str]:
     """Every channel the taps must watch to follow ``flows``: steps, retries, dead letters."""
     wanted = set(flows)
     out: set[str] = set()
-    for name, flow in topology.flows.items():
-        if name in wanted:
+    for name, flow in branched(topology).flows.items():
+        if name in wanted or flow.branch_of in wanted:
             out.update(c for step in flow.steps for c in carriers(topology, step.channel))
             out.update(r.channel for r in flow.dead_letters)
     return out

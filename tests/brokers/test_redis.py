@@ -421,10 +421,13 @@ async def test_the_tap_waits_between_reads_only_after_a_batch_that_was_not_full(
 
 
 class _QuietPipeline:
-    """Replies to the PEL poll: the group exists and nothing is pending."""
+    """Replies to the PEL poll: the stream is empty, the group exists, nothing is pending."""
 
     def __init__(self, polls: list[float]) -> None:
         self.polls = polls
+
+    def xrange(self, name: str, *_: Any, **__: Any) -> None:
+        pass
 
     def xinfo_groups(self, name: str) -> None:
         pass
@@ -436,7 +439,7 @@ class _QuietPipeline:
         self.polls.append(time.monotonic())
         if len(self.polls) > 5:
             raise _Done
-        return [[{"name": b"billing", "last-delivered-id": b"0-0", "pending": 0}], []]
+        return [[], [{"name": b"billing", "last-delivered-id": b"0-0", "pending": 0}], []]
 
 
 async def test_entries_coming_all_the_time_do_not_make_the_pel_poll_run_more_often(

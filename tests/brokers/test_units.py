@@ -564,3 +564,22 @@ flows:
     assert rabbit_plan.firehose_needs(top, names, list(top.channels)) == (["store"], ["inbox"])
     # Only what is tapped: a bound queue without attempts to count needs nothing.
     assert rabbit_plan.firehose_needs(top, names, ["events"]) == ([], [])
+
+
+@pytest.mark.parametrize(
+    ("seen", "last_delivered", "oldest", "gone"),
+    [
+        # Unread, past the group's last delivery, below the stream's first entry: trimmed.
+        ({"1-0": 0, "2-0": 0, "3-0": 0}, "0-0", "3-0", ["1-0", "2-0"]),
+        # The stream is empty: every unread entry went.
+        ({"1-0": 0}, "0-0", None, ["1-0"]),
+        # Delivered already (pending, or read up to): not the group's loss to trimming.
+        ({"1-0": 2, "2-0": 0}, "2-0", "5-0", []),
+        # Still in the stream: the group may yet read it.
+        ({"4-0": 0}, "0-0", "3-0", []),
+    ],
+)
+def test_redis_entries_trimmed_before_a_group_read_them(
+    seen: dict[str, int], last_delivered: str, oldest: str | None, gone: list[str]
+) -> None:
+    assert redis_parse.trimmed_unread(seen, last_delivered, oldest) == gone

@@ -10,12 +10,14 @@ from flowcheck.topology.model import Topic, Topology
 
 
 def consumer_groups(topology: Topology, channels: Sequence[str]) -> dict[str, list[str]]:
-    """Consumer groups the topology's services use, per tapped channel."""
+    """Consumer groups the topology's services use, or its flows' steps name, per tapped
+    channel."""
     out: dict[str, list[str]] = {}
-    for svc in topology.services.values():
-        for c in svc.consumes:
-            if c.channel in channels and c.group and c.group not in out.setdefault(c.channel, []):
-                out[c.channel].append(c.group)
+    named = [(c.channel, c.group) for svc in topology.services.values() for c in svc.consumes]
+    named += [(s.channel, s.group) for f in topology.flows.values() for s in f.steps]
+    for channel, group in named:
+        if channel in channels and group and group not in out.setdefault(channel, []):
+            out[channel].append(group)
     return out
 
 

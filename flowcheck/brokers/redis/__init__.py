@@ -36,6 +36,7 @@ from flowcheck.brokers.redis._parse import (  # noqa: E402
     not_streams,
     pending_evidence,
     read_entry,
+    trimmed_unread,
 )
 from flowcheck.brokers.redis._parse import text as _s  # noqa: E402
 from flowcheck.brokers.redis._plan import REPLY_OPTIONS, own_options, pause  # noqa: E402
@@ -391,16 +392,18 @@ class RedisAdapter(Adapter):
             pipe = client.pipeline(transaction=False)
             for key, group in groups:
                 name = state.channels[key]
+                # The stream's first entry before the group's info: an entry below it that
+                # the group had not read by the later info was trimmed before it could.
+                pipe.xrange(name, "-", "+", count=1)
                 pipe.xinfo_groups(name)
                 pipe.xpending_range(name, group, min="-", max="+", count=BATCH)
             replies = await pipe.execute(raise_on_error=False)
             for i, (key, group) in enumerate(groups):
-                infos, rows = replies[2 * i], replies[2 * i + 1]
-                if isinstance(infos, redis_errors.ResponseError) or isinstance(
-                    rows, redis_errors.ResponseError
-                ):
+                first, infos, rows = replies[3 * i : 3 * i + 3]
+                if any(isinstance(r, redis_errors.ResponseError) for r in (first, infos, rows)):
                     continue  # the stream, or the group, does not exist yet
-                await self._poll_group(client, state, sink, key, group, infos, rows)
+                oldest = _s(first[0][0]) if first else None
+                await self._poll_group(client, state, sink, key, group, infos, rows, oldest)
             polled = time.monotonic()
             if not any(state.unacked.get(g) for g in groups):
                 # Every entry read is acknowledged: until the tap reads another, no group
@@ -420,6 +423,7 @@ class RedisAdapter(Adapter):
         group: str,
         infos: list[dict[Any, Any]],
         rows: list[dict[str, Any]],
+        oldest: str | None,
     ) -> None:
         name = state.channels[key]
         info = next((i for i in infos if _s(i.get("name")) == group), None)
@@ -438,10 +442,15 @@ class RedisAdapter(Adapter):
             )
         seen = state.unacked.setdefault((key, group), {})
         last_delivered = _s(info.get("last-delivered-id")) or "0-0"
+        gone = trimmed_unread(seen, last_delivered, oldest)
+        for eid in gone:
+            del seen[eid]
+            why = f"trimmed from stream {name!r} before group {group!r} read it"
+            sink(self._evidence(state, Kind.TRIMMED, key, eid, group, reason=why))
         events, acked = pending_evidence(pending, seen, state.last.get(name, "0-0"), last_delivered)
         for kind, eid, count, reason in events:
             sink(self._evidence(state, kind, key, eid, group, delivery_count=count, reason=reason))
-        for eid in acked:
+        for eid in [*acked, *gone]:
             if not any(eid in other for other in state.unacked.values()):
                 state.identity.pop(eid, None)
 

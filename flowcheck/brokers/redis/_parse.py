@@ -96,6 +96,21 @@ def pending_evidence(
     return out, acked
 
 
+def trimmed_unread(seen: Mapping[str, int], last_delivered: str, oldest: str | None) -> list[str]:
+    """The entries the tap read that a group never had delivered and that are gone from
+    the stream (trimmed by MAXLEN or MINID, or XDEL): past the group's last-delivered-id,
+    below the stream's first entry ``oldest`` (None: the stream is empty). ``oldest``
+    must be read before ``last_delivered``: what was gone then and unread after is lost
+    to the group."""
+    delivered = id_key(last_delivered)
+    first = None if oldest is None else id_key(oldest)
+    return [
+        eid
+        for eid, count in seen.items()
+        if count == 0 and id_key(eid) > delivered and (first is None or id_key(eid) < first)
+    ]
+
+
 def deleted(added: int, added_at_start: int, read: int) -> int:
     """Entries of a stream deleted (trimmed by MAXLEN or MINID, or XDEL) before the tap
     read them: ``added`` ever (XINFO's entries-added), less those added before the tap
