@@ -66,7 +66,9 @@ class _Echo(logging.Handler):
         if at - self.last.get(key, -REPEAT_S) < REPEAT_S:
             return
         self.last[key] = at
-        click.echo(f"flowcheck: {record.name}: {redact_text(record.getMessage())}", err=True)
+        # flowcheck's own warnings speak for themselves; a client library's are named.
+        source = "warning" if record.name.split(".")[0] == "flowcheck" else record.name
+        click.echo(f"flowcheck: {source}: {redact_text(record.getMessage())}", err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
