@@ -21,7 +21,7 @@ import anyio
 
 from flowcheck import tls
 from flowcheck._deps import require
-from flowcheck.brokers.base import Adapter, Drift, Sink, new_id
+from flowcheck.brokers.base import Adapter, Drift, Sink, new_id, reach
 from flowcheck.errors import BrokerAuthError, BrokerError, BrokerUnreachable
 from flowcheck.observations import ID_HEADER, Kind, Observation, now
 from flowcheck.propagation import producer_span
@@ -87,10 +87,8 @@ class RabbitMQAdapter(Adapter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         cfg = self.settings(RabbitMQ)
-        self.url = cfg.url.get_secret_value()
+        self.url, self.tls, self.read_interval = reach(cfg)
         self.vhost = cfg.vhost
-        self.tls = cfg.tls
-        self.read_interval = cfg.tap_read_interval.total_seconds()
         self.connection: Any = None
         self._publish_channel: Any = None
         self._stale = False  # the client connection was given up, closed or not
