@@ -318,6 +318,7 @@ class RabbitMQAdapter(Adapter):
             rk, destination = self._names[channel], ""  # the default exchange
         else:
             rk, destination = routing_key or "", self._names[channel]
+        kind, reason = Kind.PUBLISHED, None
         with producer_span(
             "rabbitmq",
             destination or rk,
@@ -328,15 +329,7 @@ class RabbitMQAdapter(Adapter):
                 await self._send(destination, rk, body, hdrs)
             except amqp_errors.DeliveryError as exc:
                 reply = getattr(getattr(exc, "message", None), "reply_text", None) or "NO_ROUTE"
-                return self.observe(
-                    Kind.UNROUTABLE,
-                    channel,
-                    body=body,
-                    headers=hdrs,
-                    properties={"message_id": fc_id},
-                    routing_key=rk,
-                    reason=str(reply),
-                )
+                kind, reason = Kind.UNROUTABLE, str(reply)
             except amqp_errors.ChannelNotFoundEntity:
                 self._publish_channel = None
                 raise BrokerError(
@@ -348,12 +341,13 @@ class RabbitMQAdapter(Adapter):
                     self.name, f"publish to {channel!r} failed: {_reason(exc)}"
                 ) from None
         return self.observe(
-            Kind.PUBLISHED,
+            kind,
             channel,
             body=body,
             headers=hdrs,
             properties={"message_id": fc_id},
             routing_key=rk,
+            reason=reason,
         )
 
     async def _send(self, exchange: str, rk: str, body: bytes, hdrs: dict[str, Any]) -> None:
