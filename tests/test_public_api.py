@@ -90,6 +90,7 @@ PUBLIC = {
         "junit",
         "markdown",
         "ms",
+        "outcomes",
         "plural",
         "unjudged_text",
         "write_reports",

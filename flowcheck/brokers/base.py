@@ -31,7 +31,7 @@ from flowcheck.observations import (
     redaction,
     trace_id_of,
 )
-from flowcheck.topology.model import Broker, Topology
+from flowcheck.topology.model import TLS, Broker, RabbitMQ, Redis, Topology
 
 Sink = Callable[[Observation], None]
 C = TypeVar("C")
@@ -57,6 +57,12 @@ class Drift:
         have = "is not set" if self.have is None else f"is {self.have!r}"
         want = "does not set it" if self.want is None else f"says {self.want!r}"
         return f"{self.channel}: {self.setting} {have} on the broker, the topology {want}"
+
+
+def reach(cfg: RabbitMQ | Redis) -> tuple[str, TLS | None, float]:
+    """How a broker named by URL is reached: its URL (the secret revealed), its TLS
+    settings and its taps' read interval in seconds."""
+    return cfg.url.get_secret_value(), cfg.tls, cfg.tap_read_interval.total_seconds()
 
 
 class Adapter(abc.ABC):

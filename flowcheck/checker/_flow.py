@@ -44,24 +44,30 @@ def ns(d: timedelta) -> int:
     return int(d.total_seconds() * 1e9)
 
 
+# What a Seen copies from its observation as it is.
+_AS_OBSERVED = (
+    "channel",
+    "fc_id",
+    "message_id",
+    "trace_id",
+    "partition",
+    "offset",
+    "entry_id",
+    "delivery_count",
+    "reason",
+    "broker",
+    "routing_key",
+    "group",
+    "origin",
+)
+
+
 def seen(obs: Observation, start_ns: int) -> Seen:
     return Seen(
         kind=obs.kind.value,
-        channel=obs.channel,
         at_ms=round((obs.mono_ns - start_ns) / 1e6, 3),
-        fc_id=obs.fc_id,
-        message_id=obs.message_id,
-        trace_id=obs.trace_id,
-        partition=obs.partition,
-        offset=obs.offset,
-        entry_id=obs.entry_id,
-        delivery_count=obs.delivery_count,
-        reason=obs.reason,
-        broker=obs.broker,
-        routing_key=obs.routing_key,
-        group=obs.group,
-        origin=obs.origin,
         until_ms=None if obs.until_ns is None else round((obs.until_ns - start_ns) / 1e6, 3),
+        **{name: getattr(obs, name) for name in _AS_OBSERVED},
     )
 
 

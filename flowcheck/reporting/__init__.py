@@ -5,10 +5,9 @@
 - :mod:`flowcheck.reporting.junit`: JUnit XML for CI test views;
 - :mod:`flowcheck.reporting.markdown`: a summary for CI job pages.
 
-:func:`write_reports` writes the file formats at once. ``ms``, ``plural`` and
-``unjudged_text`` are the reporters' wording, shared with the gate and the
-assertions' messages. The terminal reporter is
-not imported here: a CI job that only writes files does not need rich's console.
+:func:`write_reports` writes the file formats at once. ``ms``, ``plural``,
+``outcomes`` and ``unjudged_text`` are the reporters' wording, shared with the gate
+and the assertions' messages. The terminal reporter is not imported here: a CI job that only writes files does not need rich's console.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from pathlib import Path
 from flowcheck.checker.verdict import Verdict
 from flowcheck.errors import UsageError
 from flowcheck.reporting import json, junit, markdown
-from flowcheck.reporting._common import ms, plural, unjudged_text
+from flowcheck.reporting._common import ms, outcomes, plural, unjudged_text
 
 # format -> (file name in a report directory, writer)
 FORMATS: Mapping[str, tuple[str, Callable[[Verdict], str]]] = {
@@ -82,6 +81,7 @@ __all__ = [
     "junit",
     "markdown",
     "ms",
+    "outcomes",
     "plural",
     "unjudged_text",
     "write_reports",

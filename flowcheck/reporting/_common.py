@@ -158,6 +158,16 @@ def plural(n: int, word: str, many: str | None = None) -> str:
     return f"{n} {word if n == 1 else (many or word + 's')}"
 
 
+def outcomes(flow: FlowVerdict) -> list[str]:
+    """The flow's chains that ended unknown, dead-lettered or given up, where there are any."""
+    counts = (
+        (flow.unknown, "unknown"),
+        (flow.dead_lettered, "dead-lettered"),
+        (flow.gave_up, "gave up"),
+    )
+    return [f"{n} {what}" for n, what in counts if n]
+
+
 def flow_counts(flow: FlowVerdict) -> str:
     return (
         f"{plural(flow.chains, 'chain')}: {flow.succeeded} succeeded, {flow.failed} failed, "

@@ -35,6 +35,7 @@ from flowcheck.reporting._common import (
     listed_total,
     ms,
     other_findings,
+    outcomes,
     over_budget,
     plural,
     recording_text,
@@ -209,12 +210,7 @@ def _passing(flows: list[FlowVerdict], *, allowed: bool) -> Table:
         parts = [plural(flow.chains, "chain"), f"{flow.succeeded} succeeded"]
         if not flow.chains:
             parts = ["no chain seen"]
-        if flow.unknown:
-            parts.append(f"{flow.unknown} unknown")
-        if flow.dead_lettered:
-            parts.append(f"{flow.dead_lettered} dead-lettered")
-        if flow.gave_up:
-            parts.append(f"{flow.gave_up} gave up")
+        parts += outcomes(flow)
         e2e = next((lat for lat in flow.latency if lat.hop == "end-to-end"), None)
         if e2e is not None and e2e.stats.count:
             parts.append(f"end-to-end p99 {ms(e2e.stats.p99_ms)}ms")

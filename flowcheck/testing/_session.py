@@ -22,7 +22,7 @@ from flowcheck.checker.verdict import Seen, Unjudged
 from flowcheck.errors import FlowcheckError, leaf
 from flowcheck.observations import Kind, Observation, now
 from flowcheck.recorder import apply_all, drift_observations
-from flowcheck.reporting import unjudged_text
+from flowcheck.reporting import outcomes, unjudged_text
 from flowcheck.reporting.timeline import indent, rows, text
 from flowcheck.testing._chain import Chain
 from flowcheck.testing._results import FlowAssertionError, HopLatency, Took
@@ -864,12 +864,7 @@ class FlowSession:
 
 def _counts(fv: FlowVerdict) -> str:
     parts = [f"{fv.chains} chain(s)", f"{fv.succeeded} succeeded", f"{fv.failed} failed"]
-    if fv.unknown:
-        parts.append(f"{fv.unknown} unknown")
-    if fv.dead_lettered:
-        parts.append(f"{fv.dead_lettered} dead-lettered")
-    if fv.gave_up:
-        parts.append(f"{fv.gave_up} gave up")
+    parts += outcomes(fv)
     if fv.unjudged:
         parts.append(f"{len(fv.unjudged)} unjudged")
     return ", ".join(parts)

@@ -347,32 +347,18 @@ class _Channel(Model):
         queue's go through its dead-letter exchange (see routing.dead_letter_path)."""
         return None
 
-    @property
-    def consumed(self) -> bool:
-        """Is a message consumed (attempted) here? An exchange only routes."""
-        return True
-
-    @property
-    def returns_routed(self) -> bool:
-        """Does a retried message come back routed anew, with its delivery count (RabbitMQ's
-        dead-letter round trip, x-death)?"""
-        return False
-
-    @property
-    def acks_visible(self) -> bool:
-        """Do taps see acknowledgements here (Kafka commits, Redis XACK)?"""
-        return False
-
-    @property
-    def partitioned(self) -> bool:
-        """Is order kept per partition of a record key (a Kafka topic)?"""
-        return False
-
-    @property
-    def failures_recorded(self) -> bool:
-        """Does a consumer write a record on a retry channel when an attempt fails (Kafka
-        retry topics), so that when attempts failed can be seen?"""
-        return False
+    # Is a message consumed (attempted) here? An exchange only routes.
+    consumed: ClassVar[bool] = True
+    # Does a retried message come back routed anew, with its delivery count (RabbitMQ's
+    # dead-letter round trip, x-death)?
+    returns_routed: ClassVar[bool] = False
+    # Do taps see acknowledgements here (Kafka commits, Redis XACK)?
+    acks_visible: ClassVar[bool] = False
+    # Is order kept per partition of a record key (a Kafka topic)?
+    partitioned: ClassVar[bool] = False
+    # Does a consumer write a record on a retry channel when an attempt fails (Kafka
+    # retry topics), so that when attempts failed can be seen?
+    failures_recorded: ClassVar[bool] = False
 
     @property
     def attempts_polled(self) -> bool:
@@ -396,9 +382,7 @@ class Exchange(_Channel):
     durable: bool = True
     alternate: str | None = Field(None, description="alternate exchange for unroutable messages")
 
-    @property
-    def consumed(self) -> bool:
-        return False
+    consumed: ClassVar[bool] = False
 
 
 class Queue(_Channel):
@@ -416,13 +400,11 @@ class Queue(_Channel):
     )
     arguments: dict[str, Scalar] = Field(default_factory=dict, description="further x-arguments")
 
+    returns_routed: ClassVar[bool] = True
+
     @property
     def retry_channels(self) -> list[str]:
         return self.retry
-
-    @property
-    def returns_routed(self) -> bool:
-        return True
 
     @property
     def drops_over_limit(self) -> bool:
@@ -446,6 +428,10 @@ class Topic(_Channel):
     retry: list[str] = Field(default_factory=list, description="retry topics, in order")
     dead_letter: str | None = None
 
+    acks_visible: ClassVar[bool] = True
+    partitioned: ClassVar[bool] = True
+    failures_recorded: ClassVar[bool] = True
+
     @property
     def retry_channels(self) -> list[str]:
         return self.retry
@@ -453,18 +439,6 @@ class Topic(_Channel):
     @property
     def dead_letter_channel(self) -> str | None:
         return self.dead_letter
-
-    @property
-    def acks_visible(self) -> bool:
-        return True
-
-    @property
-    def partitioned(self) -> bool:
-        return True
-
-    @property
-    def failures_recorded(self) -> bool:
-        return True
 
     def unseen_attempts(self, key: str) -> str:
         return (
@@ -483,13 +457,11 @@ class Stream(_Channel):
     dead_letter: str | None = None
     payload_field: str = "payload"
 
+    acks_visible: ClassVar[bool] = True
+
     @property
     def dead_letter_channel(self) -> str | None:
         return self.dead_letter
-
-    @property
-    def acks_visible(self) -> bool:
-        return True
 
     @property
     def attempts_polled(self) -> bool:

@@ -21,7 +21,7 @@ import anyio
 
 from flowcheck import tls
 from flowcheck._deps import require
-from flowcheck.brokers.base import Adapter, Drift, Sink, new_id
+from flowcheck.brokers.base import Adapter, Drift, Sink, new_id, reach
 from flowcheck.errors import BrokerAuthError, BrokerError, BrokerUnreachable
 from flowcheck.observations import ID_HEADER, Kind, Observation, now
 from flowcheck.propagation import producer_span
@@ -87,10 +87,8 @@ class RabbitMQAdapter(Adapter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         cfg = self.settings(RabbitMQ)
-        self.url = cfg.url.get_secret_value()
+        self.url, self.tls, self.read_interval = reach(cfg)
         self.vhost = cfg.vhost
-        self.tls = cfg.tls
-        self.read_interval = cfg.tap_read_interval.total_seconds()
         self.connection: Any = None
         self._publish_channel: Any = None
         self._stale = False  # the client connection was given up, closed or not
@@ -320,6 +318,7 @@ class RabbitMQAdapter(Adapter):
             rk, destination = self._names[channel], ""  # the default exchange
         else:
             rk, destination = routing_key or "", self._names[channel]
+        kind, reason = Kind.PUBLISHED, None
         with producer_span(
             "rabbitmq",
             destination or rk,
@@ -330,15 +329,7 @@ class RabbitMQAdapter(Adapter):
                 await self._send(destination, rk, body, hdrs)
             except amqp_errors.DeliveryError as exc:
                 reply = getattr(getattr(exc, "message", None), "reply_text", None) or "NO_ROUTE"
-                return self.observe(
-                    Kind.UNROUTABLE,
-                    channel,
-                    body=body,
-                    headers=hdrs,
-                    properties={"message_id": fc_id},
-                    routing_key=rk,
-                    reason=str(reply),
-                )
+                kind, reason = Kind.UNROUTABLE, str(reply)
             except amqp_errors.ChannelNotFoundEntity:
                 self._publish_channel = None
                 raise BrokerError(
@@ -350,12 +341,13 @@ class RabbitMQAdapter(Adapter):
                     self.name, f"publish to {channel!r} failed: {_reason(exc)}"
                 ) from None
         return self.observe(
-            Kind.PUBLISHED,
+            kind,
             channel,
             body=body,
             headers=hdrs,
             properties={"message_id": fc_id},
             routing_key=rk,
+            reason=reason,
         )
 
     async def _send(self, exchange: str, rk: str, body: bytes, hdrs: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ import anyio
 
 from flowcheck import tls
 from flowcheck._deps import require
-from flowcheck.brokers.base import Adapter, Drift, Sink, new_id
+from flowcheck.brokers.base import Adapter, Drift, Sink, new_id, reach
 from flowcheck.errors import BrokerAuthError, BrokerError, BrokerUnreachable
 from flowcheck.observations import ID_HEADER, Kind, Observation, now
 from flowcheck.propagation import producer_span
@@ -67,10 +67,8 @@ class RedisAdapter(Adapter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         cfg = self.settings(Redis)
-        self.url = cfg.url.get_secret_value()
-        self.tls = cfg.tls
+        self.url, self.tls, self.read_interval = reach(cfg)
         self.db = cfg.db
-        self.read_interval = cfg.tap_read_interval.total_seconds()
         self.client: Any = None
         self._origin = self.dead_letter_origins()
 
