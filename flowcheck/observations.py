@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 # Header flowcheck adds to every message it publishes.
 ID_HEADER = "x-flowcheck-id"
+# Marks a copy flowcheck sent again because the broker's answer to the send before it
+# was lost (that copy may have been written too); the value counts the sends after the first.
+RESENT_HEADER = "x-flowcheck-resent"
 PAYLOAD_CAP = 16 * 1024  # bytes of payload kept in an observation
 TEXT_CAP = 1024  # characters kept of a correlation key, header name or value, id or reason
 HEADERS_KEPT = 100  # headers kept of one message; a header tells how many more were left out

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import anyio
 
 from flowcheck.checker import Checker, Recording, Verdict, window
-from flowcheck.errors import UsageError, leaf
+from flowcheck.errors import FlowcheckError, UsageError, leaf
 from flowcheck.observations import Kind, Observation, now
 from flowcheck.recorder import apply_all, drift_observations
 from flowcheck.scenario import Scenario, messages
@@ -159,6 +159,15 @@ async def _run(
             how = cancelled()
             if how is not None:
                 writer.end(how, *now())
+            raise
+        except BaseExceptionGroup as group:
+            if isinstance(leaf(group), FlowcheckError):
+                writer.end("run", *now())  # as below: the taps watched until now
+            raise
+        except FlowcheckError:
+            # A broker lost for good: the taps have stopped and recorded their gaps,
+            # and the trace ends here, checkable as any other.
+            writer.end("run", *now())
             raise
         writer.end("run", end, end_wall)
     # Judged against the end the trace records, as `flowcheck check` judges it: chains

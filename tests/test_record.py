@@ -1183,3 +1183,40 @@ def test_record_drain_options_are_checked_before_connecting(
     assert result.exit_code == 2, result.output
     assert "give --drain or --no-drain, not both" in result.output
     assert not Path(out).exists()
+
+
+async def test_run_stopped_by_a_broker_error_ends_its_trace(
+    tmp_path: Path, topology_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flowcheck import runner
+    from flowcheck.errors import BrokerUnreachable
+    from flowcheck.scenario import load as load_scenario
+    from flowcheck.tracer import Tracer
+
+    sent = 0
+    publish = Tracer.publish
+
+    async def failing(self: Tracer, *args: Any, **kwargs: Any) -> Observation:
+        nonlocal sent
+        sent += 1
+        if sent > 1:  # a broker lost for good after the first message
+            raise BrokerUnreachable("r", "lost the connection to RabbitMQ")
+        return await publish(self, *args, **kwargs)
+
+    monkeypatch.setattr(Tracer, "publish", failing)
+    text = topology_file.read_text()  # noqa: ASYNC240 - a small local file
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text("send: [{flow: order, count: 2, routing_key: order.placed}]\n")
+    reports = tmp_path / "reports"
+    top = loads(text)
+    try:
+        with pytest.raises(BrokerUnreachable):
+            await runner.run(top, load_scenario(str(scenario), top), str(reports))
+    finally:
+        await _cleanup(text)
+    (trace,) = reports.glob("trace-*.jsonl")
+    reader = Reader(str(trace))
+    assert [o.kind for o in reader if o.channel == "orders"].count(Kind.PUBLISHED) == 1
+    assert reader.problems == []
+    assert reader.end is not None  # checkable as any recording: not taken for a crash
+    assert reader.end.ended == "run"

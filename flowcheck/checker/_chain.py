@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowcheck.observations import Observation
+from flowcheck.observations import RESENT_HEADER, Observation
 
 # Where a message stood in one broker order: (which order, place in it). Places are
 # comparable only within one order: a Kafka partition (offset), a Redis stream (entry
@@ -32,11 +32,12 @@ def identity(obs: Observation) -> tuple[Any, ...]:
 
 
 def which(
-    arrived: Mapping[tuple[Any, ...], Observation], ident: tuple[Any, ...], obs: Observation
+    arrived: dict[tuple[Any, ...], Observation], ident: tuple[Any, ...], obs: Observation
 ) -> tuple[Any, ...] | None:
     """The identity under which this message already arrived, None if it has not. Copies of
     one message with and without a broker position (flowcheck's publish and a tap without
-    one) are the same message."""
+    one) are the same message, and so are copies flowcheck sent again (see _resent, which
+    may put a copy in the place of the arrival it is one with)."""
     if ident in arrived:
         return ident
     fc = obs.fc_id
@@ -44,7 +45,30 @@ def which(
         return None
     if ident[0] == "fc":
         return next((k for k, o in arrived.items() if o.fc_id == fc), None)
-    return ("fc", fc) if ("fc", fc) in arrived else None
+    if ("fc", fc) in arrived:
+        return ("fc", fc)
+    return _resent(arrived, obs, fc)
+
+
+def _resent(
+    arrived: dict[tuple[Any, ...], Observation], obs: Observation, fc: str
+) -> tuple[Any, ...] | None:
+    """The identity of the message ``obs`` is a copy of, where flowcheck sent it again
+    (RESENT_HEADER) after losing the broker's answer: the copies, one without the
+    marker and any with it, at one channel are one message, whatever their positions.
+
+    A copy without the marker takes the place of a marked one that arrived first, so
+    that a later copy without it (a consumer republishing the message) is one more."""
+    for k, o in arrived.items():
+        if o.fc_id != fc or o.channel != obs.channel:
+            continue
+        if RESENT_HEADER in obs.headers:
+            return k
+        if RESENT_HEADER in o.headers:
+            # Keep the first arrival's time: it is when the message was first seen.
+            arrived[k] = obs.replace(mono_ns=o.mono_ns, wall=o.wall)
+            return k
+    return None
 
 
 def place(obs: Observation, seq: int) -> tuple[Order, tuple[int, ...]]:

@@ -15,6 +15,7 @@ import aiokafka.codec
 import anyio
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import OffsetOutOfRangeError
 from aiokafka.record.util import calc_crc32c
@@ -22,8 +23,9 @@ from anyio.abc import SocketAttribute, SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 from harness import KafkaScope
 
+import flowcheck.brokers.kafka as kafka_module
 from flowcheck.brokers import adapter as make_adapter
-from flowcheck.brokers.kafka import KafkaAdapter
+from flowcheck.brokers.kafka import RESENT_HEADER, KafkaAdapter
 from flowcheck.brokers.kafka._parse import judge as _judge
 from flowcheck.devkafka import LocalKafka
 from flowcheck.errors import BrokerError, BrokerUnreachable
@@ -736,3 +738,47 @@ def test_the_tap_never_moves_its_position_by_itself() -> None:
         KafkaAdapter("kafka", load(topology_yaml("k:9092", "t")))._tap_args()["auto_offset_reset"]
         == "none"
     )
+
+
+class Failing:
+    """A producer whose sends fail with ``errors``, one each, then succeed: what a broker
+    that restarts while flowcheck publishes gives (its answers are not chosen at will)."""
+
+    def __init__(self, *errors: BaseException) -> None:
+        self.errors = list(errors)
+        self.sent: list[dict[str, bytes]] = []
+
+    async def send_and_wait(self, topic: str, **kw: Any) -> Any:
+        self.sent.append(dict(kw["headers"]))
+        if self.errors:
+            raise self.errors.pop(0)
+        return SimpleNamespace(partition=0, offset=len(self.sent) - 1, timestamp=-1)
+
+
+async def test_publish_sends_again_after_a_retriable_error_and_marks_the_copies() -> None:
+    ad = KafkaAdapter("kafka", load(topology_yaml("127.0.0.1:9092", "t")))
+    ad.producer = Failing(kafka_errors.UnknownError(), kafka_errors.KafkaConnectionError())
+    obs = await ad.publish("payments", order("o1"))
+    assert [h.get(RESENT_HEADER) for h in ad.producer.sent] == [None, b"1", b"2"]
+    assert len({h["x-flowcheck-id"] for h in ad.producer.sent}) == 1
+    assert obs.kind is Kind.PUBLISHED
+    assert obs.offset == 2
+    assert obs.headers[RESENT_HEADER] == 2
+
+
+async def test_publish_gives_up_after_reconnect_within(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kafka_module, "RECONNECT_WITHIN", 0.3)
+    ad = KafkaAdapter("kafka", load(topology_yaml("127.0.0.1:9092", "t")))
+    ad.producer = Failing(*[kafka_errors.NodeNotReadyError()] * 100)
+    with anyio.fail_after(5), pytest.raises(BrokerUnreachable) as info:
+        await ad.publish("payments", order("o1"))
+    assert str(info.value).startswith("kafka: Kafka at 127.0.0.1:9092 did not take a record for ")
+    assert 1 < len(ad.producer.sent) < 100
+
+
+async def test_publish_does_not_send_again_after_an_error_that_stays() -> None:
+    ad = KafkaAdapter("kafka", load(topology_yaml("127.0.0.1:9092", "t")))
+    ad.producer = Failing(kafka_errors.MessageSizeTooLargeError())
+    with pytest.raises(BrokerError, match="MessageSizeTooLargeError"):
+        await ad.publish("payments", order("o1"))
+    assert len(ad.producer.sent) == 1

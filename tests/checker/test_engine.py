@@ -7,7 +7,7 @@ from history import MS, START, History
 
 from flowcheck.checker import Cause, FindingKind, Verdict, check
 from flowcheck.errors import TopologyError
-from flowcheck.observations import Kind, Observation
+from flowcheck.observations import RESENT_HEADER, Kind, Observation
 from flowcheck.topology import Topology, loads
 
 TOPOLOGY = """
@@ -136,6 +136,64 @@ def test_same_message_seen_twice_is_not_a_duplicate(topology: Topology) -> None:
     h.add(Kind.PUBLISHED, "pay", "k1", partition=0, offset=7)
     h.routed("pay", "k1", partition=0, offset=7)
     assert kinds(run(topology, h)) == []
+
+
+def resent_history(order: list[str]) -> History:
+    """Message k1 up to pay, where flowcheck wrote it twice: its first send (offset 3)
+    lost the broker's answer, its second (offset 5) is marked as sent again. ``order``
+    says in which order the tap and the publish show the copies."""
+    h = History()
+    h.at(0).routed("orders", "k1")
+    h.routed("billing", "k1")
+    copies = {
+        "first": (Kind.ROUTED, 3, {}),
+        "again": (Kind.ROUTED, 5, {RESENT_HEADER: "1"}),
+        "published": (Kind.PUBLISHED, 5, {RESENT_HEADER: 1}),
+    }
+    h.at(20)
+    for name in order:
+        kind, offset, headers = copies[name]
+        h.add(kind, "pay", "k1", fc_id="p1", partition=0, offset=offset, headers=headers)
+    return h
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        ["first", "again", "published"],
+        ["published", "first", "again"],
+        ["again", "published", "first"],
+    ],
+)
+def test_copy_sent_again_by_flowcheck_is_not_a_duplicate(
+    topology: Topology, order: list[str]
+) -> None:
+    assert kinds(run(topology, resent_history(order))) == []
+
+
+@pytest.mark.parametrize(
+    "order", [["first", "again", "published"], ["published", "first", "again"]]
+)
+def test_republished_copy_is_a_duplicate_even_after_a_resend(
+    topology: Topology, order: list[str]
+) -> None:
+    # A consumer that republishes the message copies its x-flowcheck-id, not the marker.
+    h = resent_history(order)
+    h.add(Kind.ROUTED, "pay", "k1", fc_id="p1", partition=0, offset=9)
+    assert kinds(run(topology, h)) == [("duplicated", "k1")]
+
+
+def test_republished_copy_without_resend_is_a_duplicate(topology: Topology) -> None:
+    h = resent_history(["first"])
+    h.add(Kind.ROUTED, "pay", "k1", fc_id="p1", partition=0, offset=9)
+    assert kinds(run(topology, h)) == [("duplicated", "k1")]
+
+
+def test_marked_copy_of_another_message_is_another_message(topology: Topology) -> None:
+    # The marker joins copies of one x-flowcheck-id only.
+    h = resent_history(["first"])
+    h.add(Kind.ROUTED, "pay", "k1", fc_id="p2", partition=0, offset=5, headers={RESENT_HEADER: "1"})
+    assert kinds(run(topology, h)) == [("duplicated", "k1")]
 
 
 def test_late_step_and_chain(topology: Topology) -> None:

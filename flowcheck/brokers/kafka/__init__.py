@@ -21,7 +21,7 @@ from flowcheck import tls
 from flowcheck._deps import require
 from flowcheck.brokers.base import Adapter, Drift, Sink, new_id
 from flowcheck.errors import BrokerAuthError, BrokerError, BrokerUnreachable
-from flowcheck.observations import ID_HEADER, Kind, Observation, now
+from flowcheck.observations import ID_HEADER, RESENT_HEADER, Kind, Observation, now
 from flowcheck.propagation import producer_span
 from flowcheck.topology.model import Kafka, Topic
 
@@ -52,8 +52,17 @@ BATCH = 1000
 OFFSETS_POLL = 0.5  # seconds between committed-offset polls
 HEALTH_POLL = 1.0  # seconds between broker health checks (gap detection)
 CHECK_WAIT = 5.0  # seconds a check may wait for the broker's answers
+RECONNECT_WITHIN = 30.0  # seconds a publish waits for a lost broker to answer again
+RESEND_PAUSE = (0.1, 2.0)  # seconds between sends of one record: first, at most
 
-__all__ = ["ADAPTER", "BINARY_INT_HEADERS", "KafkaAdapter", "decode_header"]
+__all__ = [
+    "ADAPTER",
+    "BINARY_INT_HEADERS",
+    "RECONNECT_WITHIN",
+    "RESENT_HEADER",
+    "KafkaAdapter",
+    "decode_header",
+]
 
 
 # Errors that mean the broker would not take flowcheck's login.
@@ -64,6 +73,16 @@ _LOGIN_ERRORS = (
     kafka_errors.UnsupportedSaslMechanismError,  # the listener does not offer this mechanism
     kafka_errors.IllegalSaslStateError,  # e.g. SASL sent to a PLAINTEXT listener
 )
+
+
+def _passing(exc: BaseException) -> bool:
+    """Does this send error pass once the broker answers again? Kafka's retriable
+    errors (the producer retries them itself only while it has a connection), and a
+    broker just restarted answers UnknownError for a moment. Not KafkaTimeoutError: the
+    producer gave up after its own request timeout, longer than RECONNECT_WITHIN."""
+    if isinstance(exc, kafka_errors.KafkaError):
+        return exc.retriable or isinstance(exc, kafka_errors.UnknownError)
+    return isinstance(exc, (TimeoutError, OSError))
 
 
 class _Held:
@@ -334,15 +353,7 @@ class KafkaAdapter(Adapter):
             hdrs,
             **{"messaging.message.id": fc_id, "messaging.kafka.message.key": key},
         ):
-            try:
-                meta = await self.producer.send_and_wait(
-                    topic,
-                    value=body,
-                    key=key.encode() if key is not None else None,
-                    headers=[(k, str(v).encode()) for k, v in hdrs.items()],
-                )
-            except kafka_errors.KafkaError as exc:
-                raise self._translate(exc) from None
+            meta = await self._send(topic, body, key, hdrs)
         return self.observe(
             Kind.PUBLISHED,
             channel,
@@ -353,6 +364,42 @@ class KafkaAdapter(Adapter):
             offset=meta.offset,
             broker_ms=meta.timestamp if meta.timestamp >= 0 else None,
         )
+
+    async def _send(self, topic: str, body: bytes, key: str | None, hdrs: dict[str, Any]) -> Any:
+        """Write one record and wait for the broker's acknowledgement; its metadata.
+
+        An error that passes once the broker answers again (a lost connection, a broker
+        just restarted) sends the record again, as it was (the same x-flowcheck-id), with
+        RESENT_HEADER added to ``hdrs``: the send before may have been written. A broker
+        that does not take it within RECONNECT_WITHIN is a BrokerUnreachable.
+        """
+        deadline: float | None = None  # for the broker to answer again, from the first failure
+        pause, resent = RESEND_PAUSE[0], 0
+        while True:
+            try:
+                return await self.producer.send_and_wait(
+                    topic,
+                    value=body,
+                    key=key.encode() if key is not None else None,
+                    headers=[(k, str(v).encode()) for k, v in hdrs.items()],
+                )
+            except (kafka_errors.KafkaError, TimeoutError, OSError) as exc:
+                if not _passing(exc):
+                    raise self._translate(exc) from None
+                if deadline is None:
+                    deadline = anyio.current_time() + RECONNECT_WITHIN
+                left = deadline - anyio.current_time()
+                if left <= 0:
+                    raise BrokerUnreachable(
+                        self.name,
+                        f"{self._where()} did not take a record for {RECONNECT_WITHIN:g}s "
+                        f"while publishing: {named(exc)}",
+                    ) from None
+                log.debug("%s: sending again to %s after %s", self.name, topic, named(exc))
+            await anyio.sleep(min(pause, left))  # back off while the broker recovers
+            pause = min(pause * 2, RESEND_PAUSE[1])
+            resent += 1
+            hdrs[RESENT_HEADER] = resent
 
     # ------------------------------------------------------------ tap
 
