@@ -20,7 +20,6 @@ caller's prefix, so runs do not meet.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections import Counter
 from collections.abc import Iterable
@@ -36,6 +35,10 @@ DONE = "orders-done"
 GROUP = "order-worker"
 MAX_ATTEMPTS = 3
 FETCH_WAIT_MS = 20  # some brokers answer a fetch only at its deadline: keep hops short
+# The lowest session timeout Kafka accepts by default (group.min.session.timeout.ms):
+# some brokers hold a new group's first join for half of it.
+SESSION_TIMEOUT_MS, HEARTBEAT_MS = 6000, 500
+POLL_MS = 100  # how soon the worker notices it is asked to stop
 
 
 class Fault(StrEnum):
@@ -99,7 +102,10 @@ class Worker:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=FETCH_WAIT_MS,
+            session_timeout_ms=SESSION_TIMEOUT_MS,
+            heartbeat_interval_ms=HEARTBEAT_MS,
         )
+        self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -109,9 +115,8 @@ class Worker:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._stop.set()  # the batch in hand is finished and committed first
+            await self._task
             self._task = None
         await self.consumer.stop()
         await self.producer.stop()
@@ -126,8 +131,8 @@ class Worker:
     # ------------------------------------------------------------ the worker
 
     async def _run(self) -> None:
-        while True:
-            batches = await self.consumer.getmany(timeout_ms=1000)
+        while not self._stop.is_set():
+            batches = await self.consumer.getmany(timeout_ms=POLL_MS)
             for tp, records in batches.items():
                 for rec in records:
                     await self._handle(rec)
