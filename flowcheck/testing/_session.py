@@ -681,6 +681,11 @@ class FlowSession:
         limit = self._limit(within)
         quiet = {f: self.settle_for(f, settle) for f in names}
         give_up = now()[0] + int(limit * 1e9)
+        if not any(self._keys.get(f) for f in names):
+            # Nothing seen yet: what the system published itself may still be on its way
+            # to a tap (a Kafka tap reads at its fetch wait). Wait a tap's lateness for it.
+            first = min(limit, max(quiet.values(), default=0.0))
+            await self._wait(lambda: any(self._keys.get(f) for f in names), first)
         while await self._until_decided(settled, max(0.0, (give_up - now()[0]) / 1e9)):
             # Every chain has reached its end: watch for the settle time past the last one
             # seen, for a late copy that breaks what its flow declares.

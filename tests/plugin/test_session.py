@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import aiokafka
 import pytest
 from redis.asyncio import Redis
 
@@ -75,3 +76,36 @@ async def test_check_returns_once_a_lost_chain_is_decided(redis_url: str, unique
     assert "gave up" not in str(failed.value)
     # The window is 2.2 s; a busy machine may take longer, never the 40 s of ``within``.
     assert took < within / 2, f"check() took {took:.1f}s"
+
+
+OWN_PUBLISH = """\
+version: 1
+name: own-publish
+brokers:
+  kafka: {{kind: kafka, bootstrap: '{bootstrap}', tap_fetch_wait: 600ms}}
+channels:
+  orders: {{broker: kafka, kind: topic}}
+flows:
+  placed:
+    correlate: $.order_id
+    steps: [orders]
+"""
+
+
+async def test_check_waits_a_taps_lateness_for_what_the_system_published_itself(
+    kafka_bootstrap: str, unique: str
+) -> None:
+    """The system under test publishes with its own client, not through the session: a
+    check() right after must wait for the tap (here up to its 600 ms fetch wait), not
+    fail at once with "no chain was seen"."""
+    topology = flowcheck.loads(OWN_PUBLISH.format(bootstrap=kafka_bootstrap))
+    async with FlowSession(topology, prefix=f"{unique}.") as fc:
+        producer = aiokafka.AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        try:
+            await producer.send_and_wait(f"{unique}.orders", b'{"order_id": "o-1"}')
+        finally:
+            await producer.stop()
+        verdict = await fc.check(within=10)
+    (flow,) = verdict.flows
+    assert (flow.flow, flow.chains, flow.succeeded) == ("placed", 1, 1)
