@@ -49,6 +49,7 @@ ALLOW_UNJUDGED = click.option(
     help="Pass even when a declared expectation could not be judged.",
 )
 
+PROGRESS_S = 5.0  # run's wait, when not on a terminal: a progress line at most this often
 REPEAT_S = 60.0  # a client library's warning is shown again after this long at the soonest
 
 
@@ -753,7 +754,7 @@ def run(
     from flowcheck import scenario as scenarios
     from flowcheck.errors import TopologyError
     from flowcheck.gate import allow_unjudged as allowing
-    from flowcheck.runner import new_run_id
+    from flowcheck.runner import Waiting, new_run_id
     from flowcheck.runner import run as run_scenario
     from flowcheck.signals import Caught, cancel_on_signal
     from flowcheck.trace import run_trace
@@ -782,6 +783,21 @@ def run(
     run_id = new_run_id()
     trace = run_trace(report_dir, run_id)
     caught = Caught()
+    status = console.status("") if console.is_terminal else None
+    said_at = time.monotonic()
+
+    def waiting(now: Waiting) -> None:
+        nonlocal said_at
+        line = (
+            f"{now.decided} of {_plural(now.chains, 'chain')} decided, "
+            f"{now.open} open, {now.left_s:.0f}s left"
+        )
+        if status is not None:  # a live line on a terminal
+            status.update(line)
+            status.start()
+        elif time.monotonic() - said_at >= PROGRESS_S:  # a log: a line now and then
+            said_at = time.monotonic()
+            console.print(f"flowcheck: waiting: {line}", soft_wrap=True)
 
     async def main() -> Outcome:
         return await run_scenario(
@@ -796,6 +812,7 @@ def run(
             allow_unjudged=allowing(allow_unjudged),
             # The end record of a trace cut short by a signal, as record writes it.
             cancelled=lambda: caught.ended,
+            waiting=waiting,
         )
 
     try:
@@ -803,6 +820,9 @@ def run(
         outcome = anyio.run(cancel_on_signal, caught, main)
     except FlowcheckError as exc:
         _fail(exc)
+    finally:
+        if status is not None:
+            status.stop()
     if outcome is None:
         # Undecided chains are not lost ones: no verdict, but the trace can be checked.
         left = (

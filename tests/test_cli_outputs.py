@@ -216,3 +216,29 @@ async def test_run_json_dash_junit_and_summary(
     assert (root.get("failures"), root.find("testsuite/testcase") is not None) == ("0", True)
     assert f"{xml}, {summary}" in err
     assert summary.read_text(encoding="utf-8").startswith("## ✅ PASS")
+
+
+async def test_run_says_how_its_wait_goes_every_few_seconds(
+    tmp_path: Path, unique: str, redis_url: str, redis: Redis
+) -> None:
+    # Nothing ships the orders: the run waits out their deadline before it decides them.
+    topology = _run_topology(tmp_path, unique, redis_url, "orders, shipped", "6s")
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text('send: [{flow: order, count: 2, payload: {order_id: "{key}"}}]\n')
+    cmd = [*FLOWCHECK, "run", str(topology), "--scenario", str(scenario)]
+    cmd += ["--report-dir", str(tmp_path / "reports")]
+    with anyio.fail_after(60):
+        done = await anyio.run_process(cmd, check=False, env=_env())
+    err = done.stderr.decode()
+    assert done.returncode == 1, err  # lost
+    lines = err.splitlines()
+    waited = [i for i, line in enumerate(lines) if line.startswith("flowcheck: waiting: ")]
+    start = next(i for i, line in enumerate(lines) if "published; waiting up to" in line)
+    # The wait is about 8s (the deadline, plus 2s): one line, maybe two, never one per tick.
+    assert 1 <= len(waited) <= 2, err
+    assert all(i > start for i in waited), err
+    first = lines[waited[0]]
+    assert first.startswith("flowcheck: waiting: 0 of 2 chains decided, 2 open, "), first
+    assert first.endswith("s left"), first
+    left = int(first.removesuffix("s left").rsplit(", ", 1)[1])
+    assert 0 < left < 20, first
