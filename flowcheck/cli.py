@@ -49,6 +49,7 @@ ALLOW_UNJUDGED = click.option(
     help="Pass even when a declared expectation could not be judged.",
 )
 
+PROGRESS_S = 5.0  # run's wait, when not on a terminal: a progress line at most this often
 REPEAT_S = 60.0  # a client library's warning is shown again after this long at the soonest
 
 
@@ -516,26 +517,66 @@ def _print_timelines(
 # ---------------------------------------------------------------- checking
 
 
+def _not_stdout(path: str | None) -> str | None:
+    if path == "-":  # stdout carries the JSON verdict or the terminal report, not both
+        raise click.BadParameter("needs a file path; only --json can write to stdout (-)")
+    return path
+
+
 def _report(
-    verdict: Verdict, report_dir: str | None, trace: str | None = None, *, gaps_block: bool = True
+    verdict: Verdict,
+    report_dir: str | None,
+    trace: str | None = None,
+    *,
+    gaps_block: bool = True,
+    json_path: str | None = None,
+    junit_path: str | None = None,
 ) -> None:
     """Print the verdict and write the report files; then exit with the gate's result:
     0 passed, 1 failed, 3 a tap gap hid chains or the brokers differ from the topology
-    (see :func:`flowcheck.gate.decide`)."""
+    (see :func:`flowcheck.gate.decide`).
+
+    ``json_path`` ``-`` writes the JSON verdict to stdout, and everything else to
+    stderr: stdout is then the verdict alone, for a pipe. When ``$GITHUB_STEP_SUMMARY``
+    names a file, the Markdown summary is appended to it."""
+    import os
+
     from rich.console import Console
 
     from flowcheck.gate import decide
-    from flowcheck.reporting import terminal, write_reports
+    from flowcheck.reporting import json as json_report
+    from flowcheck.reporting import markdown, terminal, write_reports
 
-    console = Console(highlight=False)
+    piped = json_path == "-"
+    console = Console(highlight=False, stderr=piped)
     if not console.is_terminal:
-        console = Console(highlight=False, width=120)  # logs and CI: room for the tables
+        # logs and CI: room for the tables
+        console = Console(highlight=False, width=120, stderr=piped)
     terminal.render(verdict, console)
+    written: list[str] = []
     if report_dir is not None:
-        paths = write_reports(verdict, report_dir)
-        click.echo("reports: " + ", ".join(str(p) for p in paths.values()))
+        written += map(str, write_reports(verdict, report_dir).values())
+    chosen = {"json": json_path, "junit": junit_path}
+    files = {fmt: path for fmt, path in chosen.items() if path not in (None, "-")}
+    if files:
+        written += map(str, write_reports(verdict, files).values())
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        try:
+            with open(summary, "a", encoding="utf-8") as out:  # other steps' summaries stay
+                out.write(markdown.dumps(verdict))
+        except OSError as exc:
+            raise UsageError(
+                f"cannot append the summary to $GITHUB_STEP_SUMMARY ({summary}): "
+                f"{exc.strerror or exc}"
+            ) from None
+        written.append(summary)
+    if written:
+        click.echo("reports: " + ", ".join(written), err=piped)
     if trace is not None:
-        click.echo(f"trace: {trace} (flowcheck inspect {trace})")
+        click.echo(f"trace: {trace} (flowcheck inspect {trace})", err=piped)
+    if piped:
+        click.echo(json_report.dumps(verdict), nl=False)
     decision = decide(verdict, gaps_block=gaps_block)
     if decision.why:
         click.echo(decision.why, err=True)
@@ -568,9 +609,27 @@ def _few_collections() -> Iterator[None]:
     default=None,
     help="Write one file per report format here (verdict.json, junit.xml, ...).",
 )
+@click.option(
+    "--json",
+    "json_path",
+    metavar="PATH|-",
+    help="Write the verdict as JSON to PATH; - prints it alone on stdout (the report goes to stderr).",
+)
+@click.option(
+    "--junit",
+    "junit_path",
+    metavar="PATH",
+    callback=lambda _ctx, _param, value: _not_stdout(value),
+    help="Write the verdict as JUnit XML to PATH.",
+)
 @ALLOW_UNJUDGED
 def check(
-    topology_file: str, trace_file: str, report_dir: str | None, allow_unjudged: bool
+    topology_file: str,
+    trace_file: str,
+    report_dir: str | None,
+    json_path: str | None,
+    junit_path: str | None,
+    allow_unjudged: bool,
 ) -> None:
     """Check a recorded TRACE against TOPOLOGY's flows, offline.
 
@@ -639,7 +698,7 @@ def check(
             else "the trace holds no chain of any flow"
         )
         click.echo(f"flowcheck: warning: no chain was decided: {why}", err=True)
-    _report(verdict, report_dir)
+    _report(verdict, report_dir, json_path=json_path, junit_path=junit_path)
 
 
 @cli.command()
@@ -656,12 +715,27 @@ def check(
     help="Where the trace and reports go.",
 )
 @click.option("--no-apply", is_flag=True, help="Do not declare the topology's channels first.")
+@click.option(
+    "--json",
+    "json_path",
+    metavar="PATH|-",
+    help="Write the verdict as JSON to PATH; - prints it alone on stdout (the report goes to stderr).",
+)
+@click.option(
+    "--junit",
+    "junit_path",
+    metavar="PATH",
+    callback=lambda _ctx, _param, value: _not_stdout(value),
+    help="Write the verdict as JUnit XML to PATH.",
+)
 @ALLOW_UNJUDGED
 def run(
     topology_file: str,
     scenario_file: str | None,
     report_dir: str,
     no_apply: bool,
+    json_path: str | None,
+    junit_path: str | None,
     allow_unjudged: bool,
 ) -> None:
     """Apply TOPOLOGY, tap it, publish a scenario, wait for every chain, check, report.
@@ -680,7 +754,7 @@ def run(
     from flowcheck import scenario as scenarios
     from flowcheck.errors import TopologyError
     from flowcheck.gate import allow_unjudged as allowing
-    from flowcheck.runner import new_run_id
+    from flowcheck.runner import Waiting, new_run_id
     from flowcheck.runner import run as run_scenario
     from flowcheck.signals import Caught, cancel_on_signal
     from flowcheck.trace import run_trace
@@ -709,6 +783,21 @@ def run(
     run_id = new_run_id()
     trace = run_trace(report_dir, run_id)
     caught = Caught()
+    status = console.status("") if console.is_terminal else None
+    said_at = time.monotonic()
+
+    def waiting(now: Waiting) -> None:
+        nonlocal said_at
+        line = (
+            f"{now.decided} of {_plural(now.chains, 'chain')} decided, "
+            f"{now.open} open, {now.left_s:.0f}s left"
+        )
+        if status is not None:  # a live line on a terminal
+            status.update(line)
+            status.start()
+        elif time.monotonic() - said_at >= PROGRESS_S:  # a log: a line now and then
+            said_at = time.monotonic()
+            console.print(f"flowcheck: waiting: {line}", soft_wrap=True)
 
     async def main() -> Outcome:
         return await run_scenario(
@@ -723,6 +812,7 @@ def run(
             allow_unjudged=allowing(allow_unjudged),
             # The end record of a trace cut short by a signal, as record writes it.
             cancelled=lambda: caught.ended,
+            waiting=waiting,
         )
 
     try:
@@ -730,6 +820,9 @@ def run(
         outcome = anyio.run(cancel_on_signal, caught, main)
     except FlowcheckError as exc:
         _fail(exc)
+    finally:
+        if status is not None:
+            status.stop()
     if outcome is None:
         # Undecided chains are not lost ones: no verdict, but the trace can be checked.
         left = (
@@ -741,4 +834,11 @@ def run(
             f"flowcheck: interrupted by {caught.name}: no verdict, no reports; {left}", err=True
         )
         sys.exit(caught.exit_code)
-    _report(outcome.verdict, report_dir, outcome.trace, gaps_block=not outcome.cut_short)
+    _report(
+        outcome.verdict,
+        report_dir,
+        outcome.trace,
+        gaps_block=not outcome.cut_short,
+        json_path=json_path,
+        junit_path=junit_path,
+    )

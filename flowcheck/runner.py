@@ -29,6 +29,16 @@ from flowcheck.tracer import Tracer
 TICK = 0.25  # seconds: how often time is advanced while nothing is observed
 
 
+@dataclass(frozen=True)
+class Waiting:
+    """Where the wait after publishing stands: for a progress display."""
+
+    decided: int  # of the chains the run published
+    chains: int  # the run published
+    open: int  # chains of any flow seen and not yet at their end
+    left_s: float  # till the wait gives up
+
+
 @dataclass
 class Outcome:
     verdict: Verdict
@@ -49,12 +59,14 @@ async def run(
     run_id: str | None = None,
     allow_unjudged: bool | None = None,
     cancelled: Callable[[], Ended | None] | None = None,
+    waiting: Callable[[Waiting], None] | None = None,
 ) -> Outcome:
     """The trace goes to ``run_trace(out_dir, run_id)`` (``run_id`` default: random).
 
     When the run is cancelled, ``cancelled`` says how the recording ended (say
     ``interrupted`` for Ctrl-C), for the trace's end record; None (the default)
-    writes none, as for a crash.
+    writes none, as for a crash. ``waiting`` is told where the wait stands as it
+    begins and then at most every :data:`TICK` seconds.
     """
     try:
         return await _run(
@@ -67,6 +79,7 @@ async def run(
             run_id or new_run_id(),
             allow_unjudged,
             cancelled or (lambda: None),
+            waiting or (lambda _: None),
         )
     except BaseExceptionGroup as group:
         raise leaf(group) from None
@@ -82,6 +95,7 @@ async def _run(
     run_id: str,
     allow_unjudged: bool | None,
     cancelled: Callable[[], Ended | None],
+    show: Callable[[Waiting], None],
 ) -> Outcome:
     plan = list(messages(scenario, topology, run_id))
     # Keys known before publishing (all rules but traceparent): a missing one was never published.
@@ -110,6 +124,7 @@ async def _run(
         changed.set()
 
     waiting: list[tuple[str, str]] = []
+    shown = 0.0
     with Writer(trace, header) as writer:
         for obs in drift_observations(topology, found, mono, wall):  # as record writes it
             writer.write(obs)
@@ -139,11 +154,23 @@ async def _run(
                 say(
                     f"published; waiting up to {limit.total_seconds():g}s for {len(waiting)} chains"
                 )
+                published = len(waiting)
+                give_up = anyio.current_time() + limit.total_seconds()
                 with anyio.move_on_after(limit.total_seconds()):
                     while True:
                         waiting = [(f, k) for f, k in waiting if not checker.settled(f, k)]
                         if not waiting and _all_settled(checker):
                             break
+                        if (at := anyio.current_time()) - shown >= TICK:
+                            shown = at
+                            show(
+                                Waiting(
+                                    published - len(waiting),
+                                    published,
+                                    _still_open(checker),
+                                    max(0.0, give_up - at),
+                                )
+                            )
                         changed = anyio.Event()
                         with anyio.move_on_after(TICK):
                             await changed.wait()
@@ -187,6 +214,14 @@ def _all_settled(checker: Checker) -> bool:
     the run, and a chain still moving then would be unknown."""
     return all(
         checker.settled(name, key) for name, state in checker.flows.items() for key in state.chains
+    )
+
+
+def _still_open(checker: Checker) -> int:
+    return sum(
+        not checker.settled(name, key)
+        for name, state in checker.flows.items()
+        for key in state.chains
     )
 
 

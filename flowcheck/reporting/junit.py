@@ -17,7 +17,11 @@ Layout::
         <testcase name="outside flows">       recording's end (recording_ended,
         <testcase name="unjudged: ...">       recording_end_ms)
 
-The verdict holds no durations, so every ``time`` is 0.
+Times, in seconds, are the durations the verdict knows: a flow's suite and each of its
+check cases take the flow's slowest chain (its end-to-end ``max_ms``: what the checks
+judged took that long), a latency case its hop's slowest sample, ``<testsuites>`` the
+recording (``recording.end_ms``). What has no duration (an unjudged expectation, the
+``flowcheck`` suite's cases, a flow with no completed chain) is 0.
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ def to_element(verdict: Verdict, *, max_findings: int = MAX_FINDINGS) -> ET.Elem
     for total in ("tests", "failures", "skipped"):
         root.set(total, str(sum(int(s.get(total, "0")) for s in suites)))
     root.set("errors", "0")
-    root.set("time", "0")
+    rec = verdict.recording
+    root.set("time", _seconds(None if rec is None else rec.end_ms))
     return root
 
 
@@ -81,7 +86,21 @@ def dumps(verdict: Verdict, *, max_findings: int = MAX_FINDINGS) -> str:
 # ---------------------------------------------------------------- suites
 
 
-def _suite(name: str, cases: list[ET.Element], out: str, props: dict[str, int | str]) -> ET.Element:
+def _seconds(duration_ms: float | None) -> str:
+    return "0" if not duration_ms or duration_ms < 0 else f"{duration_ms / 1000:.3f}"
+
+
+def _slowest(lat: Latency | None) -> float | None:
+    return None if lat is None else lat.stats.max_ms
+
+
+def _suite(
+    name: str,
+    cases: list[ET.Element],
+    out: str,
+    props: dict[str, int | str],
+    time: str = "0",
+) -> ET.Element:
     suite = ET.Element(
         "testsuite",
         name=clean(name),
@@ -89,7 +108,7 @@ def _suite(name: str, cases: list[ET.Element], out: str, props: dict[str, int | 
         failures=str(sum(1 for c in cases if c.find("failure") is not None)),
         errors="0",
         skipped=str(sum(1 for c in cases if c.find("skipped") is not None)),
-        time="0",
+        time=time,
     )
     if props:  # before the test cases: the JUnit schema fixes the order
         properties = ET.SubElement(suite, "properties")
@@ -103,7 +122,9 @@ def _suite(name: str, cases: list[ET.Element], out: str, props: dict[str, int | 
 
 def _flow_suite(flow: FlowVerdict, max_findings: int, allowed: bool) -> ET.Element:
     classname = f"flowcheck.{flow.flow}"
-    cases = [_check_case(flow, c, classname, max_findings) for c in flow.checks]
+    # The checks judged the flow's chains: the slowest one is how long what they judged took.
+    took = _seconds(_slowest(next((lat for lat in flow.latency if lat.hop == "end-to-end"), None)))
+    cases = [_check_case(flow, c, classname, max_findings, took) for c in flow.checks]
     cases += [_latency_case(lat, classname) for lat in flow.latency if lat.budget_ms]
     cases += [_unjudged_case(u, classname, flow.flow, allowed) for u in flow.unjudged]
     props: dict[str, int | str] = {
@@ -113,7 +134,7 @@ def _flow_suite(flow: FlowVerdict, max_findings: int, allowed: bool) -> ET.Eleme
         "unknown": flow.unknown,
         "dead_lettered": flow.dead_lettered,
     }
-    return _suite(flow.flow, cases, f"{flow.flow}: {flow_counts(flow)}\n", props)
+    return _suite(flow.flow, cases, f"{flow.flow}: {flow_counts(flow)}\n", props, took)
 
 
 def _outside_suite(verdict: Verdict, max_findings: int) -> ET.Element:
@@ -156,8 +177,8 @@ def _outside_suite(verdict: Verdict, max_findings: int) -> ET.Element:
 # ---------------------------------------------------------------- cases
 
 
-def _case(name: str, classname: str) -> ET.Element:
-    return ET.Element("testcase", name=clean(name), classname=clean(classname), time="0")
+def _case(name: str, classname: str, time: str = "0") -> ET.Element:
+    return ET.Element("testcase", name=clean(name), classname=clean(classname), time=time)
 
 
 def _fail(case: ET.Element, message: str, kind: str, text: str) -> None:
@@ -165,8 +186,10 @@ def _fail(case: ET.Element, message: str, kind: str, text: str) -> None:
     failure.text = clean(text)
 
 
-def _check_case(flow: FlowVerdict, check: Check, classname: str, limit: int) -> ET.Element:
-    case = _case(check.name, classname)
+def _check_case(
+    flow: FlowVerdict, check: Check, classname: str, limit: int, time: str
+) -> ET.Element:
+    case = _case(check.name, classname, time)
     if check.passed:
         return case
     found = findings_of(flow, check)
@@ -181,7 +204,7 @@ def _check_case(flow: FlowVerdict, check: Check, classname: str, limit: int) -> 
 
 
 def _latency_case(lat: Latency, classname: str) -> ET.Element:
-    case = _case(f"latency {lat.hop}", classname)
+    case = _case(f"latency {lat.hop}", classname, _seconds(_slowest(lat)))
     if not lat.passed:
         problem = latency_problem(lat)
         _fail(case, problem, "flowcheck.latency", problem + "\n")

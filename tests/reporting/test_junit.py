@@ -176,3 +176,27 @@ def test_characters_xml_cannot_hold_are_escaped() -> None:
     verdict = scenarios.lost(["bad\x00key\x1b[31m"])
     f = failure(case(suite(parse(verdict), "checkout"), "chains"))
     assert "lost bad\\x00key\\x1b[31m:" in f.get("message", "")
+
+
+def test_times_are_the_durations_the_verdict_knows() -> None:
+    verdict = scenarios.recorded(end_ms=61234.5)
+    root = parse(verdict)
+    assert root.get("time") == "61.234"  # the recording
+    for flow in verdict.flows:
+        s = suite(root, flow.flow)
+        (e2e,) = [lat for lat in flow.latency if lat.hop == "end-to-end"]
+        assert e2e.stats.max_ms  # a chain completed: its duration is known
+        slowest = f"{e2e.stats.max_ms / 1000:.3f}"
+        assert s.get("time") == slowest != "0.000"
+        for check in flow.checks:
+            assert case(s, check.name).get("time") == slowest
+        for lat in flow.latency:
+            if lat.budget_ms:
+                assert lat.stats.max_ms is not None
+                assert case(s, f"latency {lat.hop}").get("time") == f"{lat.stats.max_ms / 1000:.3f}"
+    # No end known, nothing unjudged has a duration.
+    root = parse(scenarios.unjudged(allowed=False))
+    assert root.get("time") == "0"
+    unjudged = [c for c in root.iter("testcase") if c.get("name", "").startswith("unjudged: ")]
+    assert unjudged
+    assert {c.get("time") for c in unjudged} == {"0"}
