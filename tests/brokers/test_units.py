@@ -24,6 +24,7 @@ from flowcheck.brokers.kafka import _parse as kafka_parse
 from flowcheck.brokers.kafka import _plan as kafka_plan
 from flowcheck.brokers.rabbitmq import _parse as rabbit_parse
 from flowcheck.brokers.rabbitmq import _plan as rabbit_plan
+from flowcheck.brokers.redis import RedisAdapter
 from flowcheck.brokers.redis import _parse as redis_parse
 from flowcheck.brokers.redis import _plan as redis_plan
 from flowcheck.errors import BrokerUnreachable
@@ -712,3 +713,27 @@ def test_random_bytes_never_break_the_faststream_reader() -> None:
         body = redis_parse.read_entry([b"__data__", noise], "__data__", None)[0]
         assert body == (noise if read is None else read[0])
     assert unwrapped > 0  # the spoilt envelopes whose change left them whole
+
+
+def test_a_faststream_entry_correlates_by_body_header_and_traceparent() -> None:
+    top = load(
+        """
+brokers:
+  redis: {kind: redis, url: "redis://127.0.0.1:1/0"}
+channels:
+  ships: {broker: redis, kind: stream, payload_field: __data__}
+flows:
+  by-body: {correlate: $.order_id, steps: [ships]}
+  by-header: {correlate: {header: correlation_id}, steps: [ships]}
+  by-trace: {correlate: traceparent, steps: [ships]}
+"""
+    )
+    trace = "0af7651916cd43dd8448eb211c80319c"
+    data = faststream_binary(
+        {"order_id": "o-1"},
+        {"traceparent": f"00-{trace}-b7ad6b7169203331-01", "x-kind": "shipment"},
+    )
+    obs = RedisAdapter("redis", top)._entry("ships", "1-0", [b"__data__", data], "__data__")
+    assert (obs.kind, obs.payload, obs.trace_id) == (Kind.ROUTED, '{"order_id": "o-1"}', trace)
+    assert obs.keys == {"by-body": "o-1", "by-header": "c-1", "by-trace": trace}
+    assert obs.headers["x-kind"] == "shipment"  # what a step's match.headers reads
