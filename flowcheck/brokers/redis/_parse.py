@@ -17,7 +17,6 @@ from flowcheck.observations import Kind, parse_json
 FASTSTREAM_FIELD = "__data__"
 FASTSTREAM_MAGIC = b"\x89BIN\r\n\x1a\n"
 _V1 = struct.Struct(">HII")  # version, offsets of the header block and of the body
-_LEN = struct.Struct(">H")
 
 # Fields a dead-letter entry may carry to say why and after how many deliveries.
 REASON_FIELDS = ("reason", "error", "exception")
@@ -40,7 +39,7 @@ def read_entry(
     """(body, headers, kind, delivery count, origin, reason) of a stream entry whose
     ``fields`` are as Redis gives them: name, value, ... (a repeated name: the last value
     counts). ``dead_letter_of``: the stream whose dead letters this stream holds.
-    A FastStream envelope in the payload field is unwrapped: its body is the body, its
+    A FastStream envelope in a payload field ``__data__`` is unwrapped: its body is the body, its
     headers join the headers (see :func:`faststream_envelope`)."""
     body: Any = None  # an entry without the payload field has no payload
     headers: dict[str, str] = {}
@@ -52,16 +51,14 @@ def read_entry(
             body = v
         else:
             headers[name] = v.decode("utf-8", errors="replace") if type(v) is bytes else text(v)
-    if body is not None and type(body) is not bytes:
-        body = str(body).encode()
-    if body is not None and (
-        body.startswith(FASTSTREAM_MAGIC)
-        or (payload_field == FASTSTREAM_FIELD and body.startswith(b"{"))
-    ):
-        unwrapped = faststream_envelope(body)
-        if unwrapped is not None:
-            body, inner = unwrapped
-            headers.update(inner)  # the message's own headers win over the entry's fields
+    if body is not None:
+        if type(body) is not bytes:
+            body = str(body).encode()
+        if payload_field == FASTSTREAM_FIELD:  # FastStream writes its envelope there
+            unwrapped = faststream_envelope(body)
+            if unwrapped is not None:
+                body, inner = unwrapped
+                headers.update(inner)  # the message's own headers win over the entry's fields
     if dead_letter_of is None:
         return body, headers, Kind.ROUTED, None, None, None
     reason = next((headers[f] for f in REASON_FIELDS if f in headers), None)
@@ -81,11 +78,11 @@ def read_entry(
 def faststream_envelope(data: bytes) -> tuple[bytes, dict[str, str]] | None:
     """(body, headers) of a FastStream Redis envelope; None if ``data`` is not one whole.
 
-    Binary (FastStream 0.5 and later; its default since 0.6): the 8 magic bytes, then
+    Binary (FastStream's default): the 8 magic bytes, then
     big-endian a 16-bit version (1), the 32-bit offsets of the header block and of the
     body, the 16-bit number of headers, each header a 16-bit length and UTF-8 key, then
-    the same for its value; the body runs from its offset to the end. JSON (the default
-    before 0.6): an object of exactly ``data`` (the body, as text) and ``headers``, or
+    the same for its value; the body runs from its offset to the end. JSON (its older
+    default): an object of exactly ``data`` (the body, as text) and ``headers``, or
     ``data`` alone. Anything else, or a header block that overruns, is not an envelope.
     """
     if data.startswith(FASTSTREAM_MAGIC):
@@ -104,26 +101,25 @@ def _binary(data: bytes) -> tuple[bytes, dict[str, str]] | None:
     # The header block comes after the fixed part and ends where the body starts.
     if version != 1 or not at + _V1.size <= headers_at <= body_at - 2 or body_at > size:
         return None
-    (count,) = _LEN.unpack_from(data, headers_at)
+    count = data[headers_at] << 8 | data[headers_at + 1]
     at = headers_at + 2
-    headers: dict[str, str] = {}
+    strings: list[str] = []  # key, value, key, value, ...
     try:
-        for _ in range(count):
-            pair: list[str] = []
-            for _ in range(2):
-                if at + 2 > body_at:
-                    return None
-                (n,) = _LEN.unpack_from(data, at)
-                at += 2 + n
-                if at > body_at:
-                    return None
-                pair.append(data[at - n : at].decode())
-            headers[pair[0]] = pair[1]
+        for _ in range(2 * count):
+            end = at + 2
+            if end > body_at:
+                return None
+            end += data[at] << 8 | data[at + 1]  # a 16-bit length, big-endian
+            if end > body_at:
+                return None
+            strings.append(data[at + 2 : end].decode())
+            at = end
     except UnicodeDecodeError:  # FastStream itself reads such an entry as raw bytes
         return None
     if at != body_at:
         return None
-    return data[body_at:], headers
+    pairs = iter(strings)
+    return data[body_at:], dict(zip(pairs, pairs, strict=True))
 
 
 def _json(data: bytes) -> tuple[bytes, dict[str, str]] | None:
