@@ -608,15 +608,15 @@ def test_faststream_binary_envelope_unwraps_as_faststream_reads_it() -> None:
         "c-1",
     )
     # In a stream entry: the body is the payload, the envelope's headers its headers
-    # (over the entry's other fields); a dead letter's reason may come from them.
+    # (over the entry's other fields).
     fields = [b"__data__", data, b"correlation_id", b"field", b"where", b"entry"]
     read = redis_parse.read_entry(fields, "__data__", None)
     assert read[:3] == (body, {**headers, "where": "entry"}, Kind.ROUTED)
     # Only in FastStream's own field: elsewhere the bytes are another writer's payload.
     assert redis_parse.read_entry([b"payload", data], "payload", None)[:2] == (data, {})
     # No headers, a body that is not JSON.
-    bare = bytearray(data[:8] + b"\x00\x01\x00\x00\x00\x12\x00\x00\x00\x14\x00\x00")
-    assert redis_parse.faststream_envelope(bytes(bare) + b"\x00\xff") == (b"\x00\xff", {})
+    bare = data[:8] + b"\x00\x01\x00\x00\x00\x12\x00\x00\x00\x14\x00\x00"
+    assert redis_parse.faststream_envelope(bare + b"\x00\xff") == (b"\x00\xff", {})
 
 
 @pytest.mark.parametrize(
@@ -679,15 +679,19 @@ def test_a_truncated_faststream_envelope_stays_the_payload() -> None:
     )
     # Offsets that overrun the entry, or a header block that does not end at the body.
     for at, value in (
-        (10, b"\xff\xff\xff\xff"),
-        (14, b"\xff\xff\xff\xff"),
-        (14, b"\x00\x00\x00\x13"),
+        (10, 0xFFFFFFFF),
+        (14, 0xFFFFFFFF),
+        (14, 19),  # the body before the header count
+        (14, body_at - 1),
+        (14, body_at + 1),
     ):
-        bad = data[:at] + value + data[at + 4 :]
+        bad = data[:at] + value.to_bytes(4, "big") + data[at + 4 :]
         assert redis_parse.faststream_envelope(bad) is None, (at, value)
     # FastStream writes a header's length in characters, not bytes: an envelope its own
     # reader gives back whole, as raw bytes; so does flowcheck.
     odd = faststream_binary({"order_id": "o-1"}, {"who": "é"})
+    parser = pytest.importorskip("faststream.redis.parser")
+    assert parser.BinaryMessageFormatV1.parse(odd) == (odd, {})
     assert redis_parse.faststream_envelope(odd) is None
 
 
