@@ -7,6 +7,7 @@ is tested end to end against the real brokers in the other modules.
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from flowcheck.brokers.kafka import _parse as kafka_parse
 from flowcheck.brokers.kafka import _plan as kafka_plan
 from flowcheck.brokers.rabbitmq import _parse as rabbit_parse
 from flowcheck.brokers.rabbitmq import _plan as rabbit_plan
+from flowcheck.brokers.redis import RedisAdapter
 from flowcheck.brokers.redis import _parse as redis_parse
 from flowcheck.brokers.redis import _plan as redis_plan
 from flowcheck.errors import BrokerUnreachable
@@ -583,3 +585,159 @@ def test_redis_entries_trimmed_before_a_group_read_them(
     seen: dict[str, int], last_delivered: str, oldest: str | None, gone: list[str]
 ) -> None:
     assert redis_parse.trimmed_unread(seen, last_delivered, oldest) == gone
+
+
+def faststream_binary(body: Any, headers: dict[str, str] | None = None) -> bytes:
+    """The ``__data__`` FastStream's RedisBroker writes for ``body`` (its default format)."""
+    parser = pytest.importorskip("faststream.redis.parser")
+    encode = parser.BinaryMessageFormatV1.encode(
+        message=body, reply_to=None, headers=headers, correlation_id="c-1"
+    )
+    return bytes(anyio.run(lambda: encode))
+
+
+def test_faststream_binary_envelope_unwraps_as_faststream_reads_it() -> None:
+    parser = pytest.importorskip("faststream.redis.parser")
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    data = faststream_binary({"order_id": "o-1"}, {"traceparent": trace, "x-empty": ""})
+    body, headers = parser.BinaryMessageFormatV1.parse(data)
+    assert redis_parse.faststream_envelope(data) == (body, headers)
+    assert (body, headers["traceparent"], headers["correlation_id"]) == (
+        b'{"order_id": "o-1"}',
+        trace,
+        "c-1",
+    )
+    # In a stream entry: the body is the payload, the envelope's headers its headers
+    # (over the entry's other fields).
+    fields = [b"__data__", data, b"correlation_id", b"field", b"where", b"entry"]
+    read = redis_parse.read_entry(fields, "__data__", None)
+    assert read[:3] == (body, {**headers, "where": "entry"}, Kind.ROUTED)
+    # Only in FastStream's own field: elsewhere the bytes are another writer's payload.
+    assert redis_parse.read_entry([b"payload", data], "payload", None)[:2] == (data, {})
+    # No headers, a body that is not JSON.
+    bare = data[:8] + b"\x00\x01\x00\x00\x00\x12\x00\x00\x00\x14\x00\x00"
+    assert redis_parse.faststream_envelope(bare + b"\x00\xff") == (b"\x00\xff", {})
+
+
+@pytest.mark.parametrize(
+    ("data", "body", "headers"),
+    [
+        # FastStream before 0.6 (JSONMessageFormat): the body as text, and its headers.
+        (
+            b'{"data": "{\\"order_id\\": \\"o-1\\"}", "headers": {"correlation_id": "c-1"}}',
+            b'{"order_id": "o-1"}',
+            {"correlation_id": "c-1"},
+        ),
+        # Its reader takes the headers as missing, and other JSON values as they are.
+        (b'{"data": "plain text"}', b"plain text", {}),
+        (
+            b'{"data": "", "headers": {"n": 1, "ok": true, "no": null}}',
+            b"",
+            {"n": "1", "ok": "true", "no": "null"},
+        ),
+    ],
+)
+def test_faststream_json_envelopes_unwrap(
+    data: bytes, body: bytes, headers: dict[str, str]
+) -> None:
+    assert redis_parse.faststream_envelope(data) == (body, headers)
+    assert redis_parse.read_entry([b"__data__", data], "__data__", None)[:2] == (body, headers)
+    # Only in FastStream's own field: elsewhere such JSON is the application's payload.
+    assert redis_parse.read_entry([b"payload", data], "payload", None)[:2] == (data, {})
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b'{"order_id": "o-1"}',  # a plain JSON body: FastStream with no envelope
+        b'{"data": "x", "headers": {}, "more": 1}',
+        b'{"data": 7, "headers": {}}',
+        b'{"data": "x", "headers": []}',
+        b'["data", "headers"]',
+        b"{not json",
+        b"\x89BIN\r\n\x1a\n\x00\x02" + bytes(10),  # a version FastStream never wrote
+        b"\x89PNG\r\n\x1a\n" + bytes(20),
+    ],
+)
+def test_what_is_no_faststream_envelope_stays_the_payload(data: bytes) -> None:
+    assert redis_parse.faststream_envelope(data) is None
+    assert redis_parse.read_entry([b"__data__", data], "__data__", None)[:2] == (data, {})
+
+
+def test_a_truncated_faststream_envelope_stays_the_payload() -> None:
+    data = faststream_binary({"order_id": "o-1"}, {"traceparent": "t"})
+    body_at = len(data) - len(b'{"order_id": "o-1"}')
+    for end in range(body_at):
+        cut = data[:end]
+        assert redis_parse.faststream_envelope(cut) is None, end
+        assert redis_parse.read_entry([b"__data__", cut], "__data__", None)[:2] == (cut, {})
+    # The format has no body length: a body cut short is the body there is.
+    assert redis_parse.faststream_envelope(data[: body_at + 3]) == (
+        b'{"o',
+        {"correlation_id": "c-1", "content-type": "application/json", "traceparent": "t"},
+    )
+    # Offsets that overrun the entry, or a header block that does not end at the body.
+    for at, value in (
+        (10, 0xFFFFFFFF),
+        (14, 0xFFFFFFFF),
+        (14, 19),  # the body before the header count
+        (14, body_at - 1),
+        (14, body_at + 1),
+    ):
+        bad = data[:at] + value.to_bytes(4, "big") + data[at + 4 :]
+        assert redis_parse.faststream_envelope(bad) is None, (at, value)
+    # FastStream writes a header's length in characters, not bytes: an envelope its own
+    # reader gives back whole, as raw bytes; so does flowcheck.
+    odd = faststream_binary({"order_id": "o-1"}, {"who": "é"})
+    parser = pytest.importorskip("faststream.redis.parser")
+    assert parser.BinaryMessageFormatV1.parse(odd) == (odd, {})
+    assert redis_parse.faststream_envelope(odd) is None
+
+
+def test_random_bytes_never_break_the_faststream_reader() -> None:
+    parser = pytest.importorskip("faststream.redis.parser")
+    rng = random.Random(7)
+    real = faststream_binary({"order_id": "o-1"}, {"traceparent": "t"})
+    unwrapped = 0
+    for n in range(3000):
+        size = rng.randrange(0, 64)
+        noise = rng.randbytes(size)
+        if n % 3 == 1:  # past the magic bytes: only the envelope's own checks remain
+            noise = redis_parse.FASTSTREAM_MAGIC + b"\x00\x01" + noise
+        elif n % 3 == 2:  # a real envelope with a few bytes changed
+            spoilt = bytearray(real)
+            for _ in range(rng.randrange(1, 4)):
+                spoilt[rng.randrange(8, len(real))] = rng.randrange(256)
+            noise = bytes(spoilt)
+        read = redis_parse.faststream_envelope(noise)
+        if read is not None:  # then exactly as FastStream itself reads it
+            unwrapped += 1
+            assert read == parser.BinaryMessageFormatV1.parse(noise), noise
+        body = redis_parse.read_entry([b"__data__", noise], "__data__", None)[0]
+        assert body == (noise if read is None else read[0])
+    assert unwrapped > 0  # the spoilt envelopes whose change left them whole
+
+
+def test_a_faststream_entry_correlates_by_body_header_and_traceparent() -> None:
+    top = load(
+        """
+brokers:
+  redis: {kind: redis, url: "redis://127.0.0.1:1/0"}
+channels:
+  ships: {broker: redis, kind: stream, payload_field: __data__}
+flows:
+  by-body: {correlate: $.order_id, steps: [ships]}
+  by-header: {correlate: {header: correlation_id}, steps: [ships]}
+  by-trace: {correlate: traceparent, steps: [ships]}
+"""
+    )
+    trace = "0af7651916cd43dd8448eb211c80319c"
+    data = faststream_binary(
+        {"order_id": "o-1"},
+        {"traceparent": f"00-{trace}-b7ad6b7169203331-01", "x-kind": "shipment"},
+    )
+    obs = RedisAdapter("redis", top)._entry("ships", "1-0", [b"__data__", data], "__data__")
+    assert (obs.kind, obs.payload, obs.trace_id) == (Kind.ROUTED, '{"order_id": "o-1"}', trace)
+    assert obs.keys == {"by-body": "o-1", "by-header": "c-1", "by-trace": trace}
+    assert obs.headers["x-kind"] == "shipment"  # what a step's match.headers reads

@@ -5,10 +5,18 @@ Replies are as the adapter's connections read them: RESP2, bytes not decoded.
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
-from flowcheck.observations import Kind
+from flowcheck.observations import Kind, parse_json
+
+# FastStream's Redis envelopes (faststream.redis.parser): the field it writes, and the
+# magic bytes and version that open its binary format.
+FASTSTREAM_FIELD = "__data__"
+FASTSTREAM_MAGIC = b"\x89BIN\r\n\x1a\n"
+_V1 = struct.Struct(">HII")  # version, offsets of the header block and of the body
 
 # Fields a dead-letter entry may carry to say why and after how many deliveries.
 REASON_FIELDS = ("reason", "error", "exception")
@@ -30,7 +38,9 @@ def read_entry(
 ) -> tuple[bytes | None, dict[str, str], Kind, int | None, str | None, str | None]:
     """(body, headers, kind, delivery count, origin, reason) of a stream entry whose
     ``fields`` are as Redis gives them: name, value, ... (a repeated name: the last value
-    counts). ``dead_letter_of``: the stream whose dead letters this stream holds."""
+    counts). ``dead_letter_of``: the stream whose dead letters this stream holds.
+    A FastStream envelope in a payload field ``__data__`` is unwrapped: its body is the body, its
+    headers join the headers (see :func:`faststream_envelope`)."""
     body: Any = None  # an entry without the payload field has no payload
     headers: dict[str, str] = {}
     pairs = iter(fields)
@@ -41,8 +51,14 @@ def read_entry(
             body = v
         else:
             headers[name] = v.decode("utf-8", errors="replace") if type(v) is bytes else text(v)
-    if body is not None and type(body) is not bytes:
-        body = str(body).encode()
+    if body is not None:
+        if type(body) is not bytes:
+            body = str(body).encode()
+        if payload_field == FASTSTREAM_FIELD:  # FastStream writes its envelope there
+            unwrapped = faststream_envelope(body)
+            if unwrapped is not None:
+                body, inner = unwrapped
+                headers.update(inner)  # the message's own headers win over the entry's fields
     if dead_letter_of is None:
         return body, headers, Kind.ROUTED, None, None, None
     reason = next((headers[f] for f in REASON_FIELDS if f in headers), None)
@@ -57,6 +73,67 @@ def read_entry(
     ):
         count = int(count_text)
     return body, headers, Kind.DEAD_LETTERED, count, dead_letter_of, reason
+
+
+def faststream_envelope(data: bytes) -> tuple[bytes, dict[str, str]] | None:
+    """(body, headers) of a FastStream Redis envelope; None if ``data`` is not one whole.
+
+    Binary (FastStream's default): the 8 magic bytes, then
+    big-endian a 16-bit version (1), the 32-bit offsets of the header block and of the
+    body, the 16-bit number of headers, each header a 16-bit length and UTF-8 key, then
+    the same for its value; the body runs from its offset to the end. JSON (its older
+    default): an object of exactly ``data`` (the body, as text) and ``headers``, or
+    ``data`` alone. Anything else, or a header block that overruns, is not an envelope.
+    """
+    if data.startswith(FASTSTREAM_MAGIC):
+        return _binary(data)
+    if data.startswith(b"{"):
+        return _json(data)
+    return None
+
+
+def _binary(data: bytes) -> tuple[bytes, dict[str, str]] | None:
+    size = len(data)
+    at = len(FASTSTREAM_MAGIC)
+    if size < at + _V1.size:
+        return None
+    version, headers_at, body_at = _V1.unpack_from(data, at)
+    # The header block comes after the fixed part and ends where the body starts.
+    if version != 1 or not at + _V1.size <= headers_at <= body_at - 2 or body_at > size:
+        return None
+    count = data[headers_at] << 8 | data[headers_at + 1]
+    at = headers_at + 2
+    strings: list[str] = []  # key, value, key, value, ...
+    try:
+        for _ in range(2 * count):
+            end = at + 2
+            if end > body_at:
+                return None
+            end += data[at] << 8 | data[at + 1]  # a 16-bit length, big-endian
+            if end > body_at:
+                return None
+            strings.append(data[at + 2 : end].decode())
+            at = end
+    except UnicodeDecodeError:  # FastStream itself reads such an entry as raw bytes
+        return None
+    if at != body_at:
+        return None
+    pairs = iter(strings)
+    return data[body_at:], dict(zip(pairs, pairs, strict=True))
+
+
+def _json(data: bytes) -> tuple[bytes, dict[str, str]] | None:
+    try:
+        doc = parse_json(data)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), str):
+        return None
+    raw = doc.get("headers", {})
+    if doc.keys() - {"data", "headers"} or not isinstance(raw, dict):
+        return None
+    headers = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in raw.items()}
+    return doc["data"].encode(), headers
 
 
 Evidence = tuple[Kind, str, int, str | None]  # kind, entry id, delivery count, reason
