@@ -13,8 +13,8 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, NoReturn, ParamSpec, TypeVar
 
 import click
 
@@ -43,11 +43,33 @@ EXIT_CODES: dict[Result, int] = {
 READY_LINE = "flowcheck: ready: every tap is watching"  # stable: scripts wait for it
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 ALLOW_UNJUDGED = click.option(
     "--allow-unjudged",
     is_flag=True,
     help="Pass even when a declared expectation could not be judged.",
 )
+
+
+def _outputs(command: Callable[P, R]) -> Callable[P, R]:
+    """``--json`` and ``--junit``, as ``check`` and ``run`` take them."""
+    command = click.option(
+        "--junit",
+        "junit_path",
+        metavar="PATH",
+        callback=lambda _ctx, _param, value: _not_stdout(value),
+        help="Write the verdict as JUnit XML to PATH.",
+    )(command)
+    return click.option(
+        "--json",
+        "json_path",
+        metavar="PATH|-",
+        help="Write the verdict as JSON to PATH; - prints it alone on stdout "
+        "(the report goes to stderr).",
+    )(command)
+
 
 PROGRESS_S = 5.0  # run's wait, when not on a terminal: a progress line at most this often
 REPEAT_S = 60.0  # a client library's warning is shown again after this long at the soonest
@@ -609,19 +631,7 @@ def _few_collections() -> Iterator[None]:
     default=None,
     help="Write one file per report format here (verdict.json, junit.xml, ...).",
 )
-@click.option(
-    "--json",
-    "json_path",
-    metavar="PATH|-",
-    help="Write the verdict as JSON to PATH; - prints it alone on stdout (the report goes to stderr).",
-)
-@click.option(
-    "--junit",
-    "junit_path",
-    metavar="PATH",
-    callback=lambda _ctx, _param, value: _not_stdout(value),
-    help="Write the verdict as JUnit XML to PATH.",
-)
+@_outputs
 @ALLOW_UNJUDGED
 def check(
     topology_file: str,
@@ -715,19 +725,7 @@ def check(
     help="Where the trace and reports go.",
 )
 @click.option("--no-apply", is_flag=True, help="Do not declare the topology's channels first.")
-@click.option(
-    "--json",
-    "json_path",
-    metavar="PATH|-",
-    help="Write the verdict as JSON to PATH; - prints it alone on stdout (the report goes to stderr).",
-)
-@click.option(
-    "--junit",
-    "junit_path",
-    metavar="PATH",
-    callback=lambda _ctx, _param, value: _not_stdout(value),
-    help="Write the verdict as JUnit XML to PATH.",
-)
+@_outputs
 @ALLOW_UNJUDGED
 def run(
     topology_file: str,
