@@ -560,25 +560,9 @@ def _few_collections() -> Iterator[None]:
         gc.unfreeze()
 
 
-@cli.command()
-@click.argument("topology_file", metavar="TOPOLOGY")
-@click.argument("trace_file", metavar="TRACE")
-@click.option(
-    "--report-dir",
-    default=None,
-    help="Write one file per report format here (verdict.json, junit.xml, ...).",
-)
-@ALLOW_UNJUDGED
-def check(
-    topology_file: str, trace_file: str, report_dir: str | None, allow_unjudged: bool
-) -> None:
-    """Check a recorded TRACE against TOPOLOGY's flows, offline.
-
-    Every chain is judged against the end of the recording (its end record).
-    Exits 0 when every flow passes, 1 when a check fails or an expectation
-    went unjudged, 2 for a bad topology or trace file, 3 when a tap gap hid
-    chains that would otherwise have passed.
-    """
+def _check_trace(topology_file: str, trace_file: str, allow_unjudged: bool) -> Verdict:
+    """Judge a kept trace against a topology file, as ``check`` and ``report`` do; warnings
+    go to stderr, a bad file exits 2."""
     from flowcheck.checker import Checker, Recording
     from flowcheck.gate import allow_unjudged as allowing
     from flowcheck.trace import Reader, TraceError, topology_hash
@@ -639,7 +623,56 @@ def check(
             else "the trace holds no chain of any flow"
         )
         click.echo(f"flowcheck: warning: no chain was decided: {why}", err=True)
+    return verdict
+
+
+@cli.command()
+@click.argument("topology_file", metavar="TOPOLOGY")
+@click.argument("trace_file", metavar="TRACE")
+@click.option(
+    "--report-dir",
+    default=None,
+    help="Write one file per report format here (verdict.json, junit.xml, ...).",
+)
+@ALLOW_UNJUDGED
+def check(
+    topology_file: str, trace_file: str, report_dir: str | None, allow_unjudged: bool
+) -> None:
+    """Check a recorded TRACE against TOPOLOGY's flows, offline.
+
+    Every chain is judged against the end of the recording (its end record).
+    Exits 0 when every flow passes, 1 when a check fails or an expectation
+    went unjudged, 2 for a bad topology or trace file, 3 when a tap gap hid
+    chains that would otherwise have passed.
+    """
+    verdict = _check_trace(topology_file, trace_file, allow_unjudged)
     _report(verdict, report_dir)
+
+
+@cli.command()
+@click.argument("topology_file", metavar="TOPOLOGY")
+@click.argument("trace_file", metavar="TRACE")
+@click.option(
+    "--out",
+    default="report.html",
+    show_default=True,
+    help="Where the HTML report goes.",
+)
+@ALLOW_UNJUDGED
+def report(topology_file: str, trace_file: str, out: str, allow_unjudged: bool) -> None:
+    """Write the HTML report of a recorded TRACE, checked against TOPOLOGY as ``check`` does.
+
+    One self-contained page (it opens offline). Exits 0 once written, whatever the
+    verdict; 2 for a bad topology or trace file or a report that cannot be written.
+    """
+    from flowcheck.reporting import write_reports
+
+    verdict = _check_trace(topology_file, trace_file, allow_unjudged)
+    try:
+        path = write_reports(verdict, {"html": out})["html"]
+    except FlowcheckError as exc:
+        _fail(exc)
+    click.echo(f"report: {path} ({'PASS' if verdict.passed else 'FAIL'})")
 
 
 @cli.command()
