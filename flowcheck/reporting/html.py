@@ -109,6 +109,14 @@ def dumps(verdict: Verdict, *, max_swimlanes: int = MAX_SWIMLANES) -> str:
     plots: list[Model] = []
     body: list[str] = [_headline(verdict)]
     body += _flow_table(verdict.flows)
+    paths = _flow_paths(verdict.flows)
+    if paths is not None:
+        body.append("<h2>Flows through the channels</h2>")
+        body.append(
+            "<p class='note'>Each flow's steps in order; on each hop, the messages that made "
+            "it and their p99; after the last step, the chains dead-lettered or given up.</p>"
+        )
+        body.append(_slot(plots, paths))
     unjudged = all_unjudged(verdict)
     if unjudged:
         body.append("<h2>Unjudged expectations</h2>")
@@ -286,6 +294,95 @@ def _latency_table(latency: list[Latency]) -> list[str]:
 
 
 # ---------------------------------------------------------------- plots
+
+
+def _flow_paths(flows: list[FlowVerdict]) -> Model | None:
+    """The flows as rows of channels joined by their hops, the hops' counts and p99 on them."""
+    from bokeh.models import ColumnDataSource, FactorRange, HoverTool, Range1d
+    from bokeh.models.annotations import LabelSet
+    from bokeh.plotting import figure
+
+    rows = [f for f in flows if any(" -> " in lat.hop for lat in f.latency)]
+    if not rows:
+        return None
+    nodes: dict[str, list[Any]] = {"x": [], "flow": [], "channel": []}
+    edges: dict[str, list[Any]] = {"x0": [], "x1": [], "flow": [], "label": [], "color": []}
+    ends: dict[str, list[Any]] = {"x": [], "flow": [], "label": []}
+    width = 0
+    for flow in rows:
+        hops = [lat for lat in flow.latency if " -> " in lat.hop]
+        steps = [hops[0].hop.split(" -> ")[0]] + [lat.hop.split(" -> ", 1)[1] for lat in hops]
+        width = max(width, len(steps))
+        for i, step in enumerate(steps):
+            nodes["x"].append(i)
+            nodes["flow"].append(flow.flow)
+            nodes["channel"].append(step)
+        for i, lat in enumerate(hops):
+            edges["x0"].append(i + 0.08)
+            edges["x1"].append(i + 0.92)
+            edges["flow"].append(flow.flow)
+            p99 = f", p99 {ms(lat.stats.p99_ms)} ms" if lat.stats.p99_ms is not None else ""
+            edges["label"].append(f"{lat.stats.count}{p99}")
+            edges["color"].append("#2ca02c" if lat.passed else "#d62728")
+        tail = [f"{flow.dead_lettered} dead-lettered"] if flow.dead_lettered else []
+        tail += [f"{flow.gave_up} gave up"] if flow.gave_up else []
+        tail += [f"{flow.failed} failed"] if flow.failed else []
+        if tail:
+            ends["x"].append(len(steps) - 1)
+            ends["flow"].append(flow.flow)
+            ends["label"].append(", ".join(tail))
+    names = [f.flow for f in rows][::-1]
+    fig = figure(
+        y_range=FactorRange(factors=names),
+        x_range=Range1d(start=-0.5, end=width + 0.5),
+        height=60 + 60 * len(names),
+        width=800,
+        tools="pan,wheel_zoom,reset,save",
+        toolbar_location="right",
+    )
+    fig.xaxis.visible = False
+    fig.xgrid.visible = False
+    edge_source = ColumnDataSource(edges)
+    fig.segment("x0", "flow", "x1", "flow", source=edge_source, line_width=3, color="color")
+    fig.add_layout(
+        LabelSet(
+            x="x0",
+            y="flow",
+            text="label",
+            source=edge_source,
+            y_offset=6,
+            x_offset=8,
+            text_font_size="10px",
+        )
+    )
+    source = ColumnDataSource(nodes)
+    dots = fig.scatter("x", "flow", source=source, size=14, color="#1f77b4")
+    fig.add_layout(
+        LabelSet(
+            x="x",
+            y="flow",
+            text="channel",
+            source=source,
+            y_offset=-22,
+            text_align="center",
+            text_font_size="11px",
+        )
+    )
+    if ends["x"]:
+        fig.add_layout(
+            LabelSet(
+                x="x",
+                y="flow",
+                text="label",
+                source=ColumnDataSource(ends),
+                x_offset=12,
+                y_offset=-4,
+                text_color="#7f7f7f",
+                text_font_size="10px",
+            )
+        )
+    fig.add_tools(HoverTool(renderers=[dots], tooltips=[("", "@flow: @channel")]))
+    return fig
 
 
 def _latency_plot(latency: list[Latency]) -> Model:

@@ -76,6 +76,10 @@ def test_failing_report_says_what_failed() -> None:
     assert "expected next: pay" in page
     assert "consumer rebalance" in page  # the tap gap
     assert "p99 50" in page  # the budget beside the percentiles
+    # the flows as paths of channels: messages and p99 per hop, what ended badly
+    assert "<h2>Flows through the channels</h2>" in page
+    assert '"5, p99 79.9 ms"' in page
+    assert '"2 dead-lettered, 4 failed"' in page
     # nothing to fetch: every script inline, no stylesheet or image from elsewhere
     assert not re.search(r"<script[^>]*\bsrc=|<link\b|<img\b", page)
 
@@ -167,8 +171,8 @@ def test_renders_in_a_browser_without_errors(tmp_path: Path) -> None:
     page = tmp_path / "report.html"
     page.write_text(html.dumps(scenarios.failing()), encoding="utf-8")
     dom = browse(page, tmp_path, "--dump-dom")
-    # the latency of both flows and one swimlane per broken chain (4)
-    assert rendered(dom) == (6, 6, "")
+    # the flows' paths, the latency of both flows and one swimlane per broken chain (4)
+    assert rendered(dom) == (7, 7, "")
     assert '<h1 id="headline">' in dom
     shot = tmp_path / "report.png"
     browse(page, tmp_path, f"--screenshot={shot}", "--window-size=1000,2400")
@@ -191,6 +195,6 @@ def test_big_report_renders_in_a_browser(tmp_path: Path) -> None:
     started = time.perf_counter()
     dom = browse(page, tmp_path, "--dump-dom")
     took = time.perf_counter() - started
-    # checkout's latency and its first swimlanes, audit's latency
-    assert rendered(dom) == (html.MAX_SWIMLANES + 2, html.MAX_SWIMLANES + 2, "")
+    # the flows' paths, checkout's latency and its first swimlanes, audit's latency
+    assert rendered(dom) == (html.MAX_SWIMLANES + 3, html.MAX_SWIMLANES + 3, "")
     assert took < 20  # a browser's start included: a generous bound on shared CI cores
