@@ -103,6 +103,7 @@ section.flow { border-top: 2px solid #ddd; margin-top: 1.5em; }
 def dumps(verdict: Verdict, *, max_swimlanes: int = MAX_SWIMLANES) -> str:
     """The report as one HTML document, scripts inline."""
     require("bokeh")
+    from bokeh.document import Document
     from bokeh.embed import components
     from bokeh.resources import Resources
 
@@ -137,6 +138,13 @@ def dumps(verdict: Verdict, *, max_swimlanes: int = MAX_SWIMLANES) -> str:
         body.append("</ul>")
     for flow in verdict.flows:
         body += _flow_section(flow, verdict.gaps, plots, max_swimlanes)
+    if plots:
+        # All roots in one document at once: components() adds them one by one, and each
+        # addition walks every model already there (seconds for a few dozen plots).
+        doc = Document()
+        with doc.models.freeze():
+            for plot in plots:
+                doc.add_root(plot)
     script, divs = components(plots) if plots else ("", ())
     html = "\n".join(body)
     for i, div in enumerate(divs):
