@@ -132,6 +132,14 @@ def dumps(verdict: Verdict, *, max_swimlanes: int = MAX_SWIMLANES) -> str:
         body += [f"<li>{_e(finding_text(f))}</li>" for f in verdict.findings]
         body.append("</ul>")
     body += _gaps(verdict.gaps)
+    over_time = _over_time(verdict)
+    if over_time is not None:
+        body.append("<h2>Over the recording</h2>")
+        body.append(
+            "<p class='note'>When each listed broken chain started, per flow and kind of "
+            "finding; tap gaps shaded.</p>"
+        )
+        body.append(_slot(plots, over_time))
     if verdict.drift:
         body.append("<h2>The brokers differ from the topology</h2><ul>")
         body += [f"<li>{_e(d)}</li>" for d in verdict.drift]
@@ -302,6 +310,46 @@ def _latency_table(latency: list[Latency]) -> list[str]:
 
 
 # ---------------------------------------------------------------- plots
+
+
+def _over_time(verdict: Verdict) -> Model | None:
+    """The broken chains the verdict lists, placed at their start on the recording's time."""
+    from bokeh.models import ColumnDataSource, FactorRange, HoverTool
+    from bokeh.models.annotations import BoxAnnotation
+    from bokeh.plotting import figure
+
+    data: dict[str, list[Any]] = {"t": [], "flow": [], "what": [], "key": [], "color": []}
+    for flow in verdict.flows:
+        for chain in broken_chains(flow):
+            if not chain.timeline:
+                continue
+            kind = chain.findings[0].kind.value
+            data["t"].append(chain.timeline[0].at_ms)
+            data["flow"].append(flow.flow)
+            data["what"].append(kind)
+            data["key"].append(chain.key)
+            data["color"].append("#7f7f7f" if kind == "dead_letter" else "#d62728")
+    if not data["t"] and not verdict.gaps:
+        return None
+    names = [f.flow for f in verdict.flows][::-1] or ["recording"]
+    fig = figure(
+        y_range=FactorRange(factors=names),
+        height=80 + 40 * len(names),
+        width=800,
+        tools="pan,xwheel_zoom,reset,save",
+        toolbar_location="right",
+    )
+    dots = fig.scatter("t", "flow", source=ColumnDataSource(data), size=8, color="color", alpha=0.7)
+    fig.add_tools(HoverTool(renderers=[dots], tooltips=[("", "@key: @what at @t ms")]))
+    end = verdict.recording.end_ms if verdict.recording else None
+    last = max([*data["t"], *(g.until_ms or g.at_ms for g in verdict.gaps)])
+    for g in verdict.gaps:
+        right = g.until_ms if g.until_ms is not None else (end or last)  # open to the end
+        fig.add_layout(
+            BoxAnnotation(left=g.at_ms, right=right, fill_color="#999999", fill_alpha=0.3)
+        )
+    fig.xaxis.axis_label = "ms since the recording started"
+    return fig
 
 
 def _flow_paths(flows: list[FlowVerdict]) -> Model | None:

@@ -80,6 +80,7 @@ def test_failing_report_says_what_failed() -> None:
     assert "<h2>Flows through the channels</h2>" in page
     assert '"5, p99 79.9 ms"' in page
     assert '"2 dead-lettered, 4 failed"' in page
+    assert "<h2>Over the recording</h2>" in page
     # nothing to fetch: every script inline, no stylesheet or image from elsewhere
     assert not re.search(r"<script[^>]*\bsrc=|<link\b|<img\b", page)
 
@@ -91,8 +92,9 @@ def test_gaps_are_shaded_where_they_hid_a_chain() -> None:
     at = lost.timeline[-1].at_ms
     near = Seen(kind="gap", channel="pay", at_ms=at, until_ms=at + 5, reason="tap down")
     shaded = html.dumps(verdict.model_copy(update={"gaps": [near]}))
-    boxes = shaded.count('"name":"BoxAnnotation"') - far.count('"name":"BoxAnnotation"')
-    assert boxes == 1
+    # on the recording's time (both) and on the timeline of the chain it hid (the near one)
+    assert far.count('"name":"BoxAnnotation"') == 1
+    assert shaded.count('"name":"BoxAnnotation"') == 2
 
 
 def test_passing_and_unjudged_reports() -> None:
@@ -171,8 +173,9 @@ def test_renders_in_a_browser_without_errors(tmp_path: Path) -> None:
     page = tmp_path / "report.html"
     page.write_text(html.dumps(scenarios.failing()), encoding="utf-8")
     dom = browse(page, tmp_path, "--dump-dom")
-    # the flows' paths, the latency of both flows and one swimlane per broken chain (4)
-    assert rendered(dom) == (7, 7, "")
+    # the flows' paths, the chains over the recording, the latency of both flows and one
+    # swimlane per broken chain (4)
+    assert rendered(dom) == (8, 8, "")
     assert '<h1 id="headline">' in dom
     shot = tmp_path / "report.png"
     browse(page, tmp_path, f"--screenshot={shot}", "--window-size=1000,2400")
@@ -195,6 +198,7 @@ def test_big_report_renders_in_a_browser(tmp_path: Path) -> None:
     started = time.perf_counter()
     dom = browse(page, tmp_path, "--dump-dom")
     took = time.perf_counter() - started
-    # the flows' paths, checkout's latency and its first swimlanes, audit's latency
-    assert rendered(dom) == (html.MAX_SWIMLANES + 3, html.MAX_SWIMLANES + 3, "")
+    # the flows' paths, the chains over the recording, checkout's latency and its first
+    # swimlanes, audit's latency
+    assert rendered(dom) == (html.MAX_SWIMLANES + 4, html.MAX_SWIMLANES + 4, "")
     assert took < 20  # a browser's start included: a generous bound on shared CI cores
