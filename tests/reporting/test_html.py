@@ -9,12 +9,15 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pytest
 import scenarios
 
 from flowcheck.checker import Seen, Verdict
+from flowcheck.errors import MissingDependency
 from flowcheck.reporting import html, write_reports
 
 CHROMIUM = "chromium"
@@ -202,3 +205,14 @@ def test_big_report_renders_in_a_browser(tmp_path: Path) -> None:
     # swimlanes, audit's latency
     assert rendered(dom) == (html.MAX_SWIMLANES + 4, html.MAX_SWIMLANES + 4, "")
     assert took < 20  # a browser's start included: a generous bound on shared CI cores
+
+
+def test_without_bokeh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flowcheck.reporting
+
+    monkeypatch.setitem(sys.modules, "bokeh", None)  # what an import finds uninstalled
+    with pytest.raises(MissingDependency, match=r"flowcheck\[html\]"):
+        html.dumps(scenarios.passing())
+    monkeypatch.setattr(flowcheck.reporting, "_has_bokeh", lambda: False)
+    paths = write_reports(scenarios.passing(), tmp_path)
+    assert sorted(paths) == ["json", "junit", "markdown"]
