@@ -40,7 +40,7 @@ from flowcheck.reporting._common import (
 if TYPE_CHECKING:
     from bokeh.model import Model
 
-MAX_SWIMLANES = 20  # drawn per flow; the rest are listed as text, the page stays light
+MAX_SWIMLANES = 12  # drawn per flow; the rest are listed as text, the page stays light
 KIND_COLORS = {
     "published": "#1f77b4",
     "routed": "#1f77b4",
@@ -81,7 +81,8 @@ _READY_SCRIPT = """<script>
   }
   function poll() {
     var n = drawn();
-    if (n >= EXPECTED || tries++ > 200) { document.body.setAttribute("data-rendered", n + " of EXPECTED"); return; }
+    if (n >= EXPECTED || tries++ > 200) { document.body.setAttribute("data-rendered", n + " of EXPECTED");
+      document.body.setAttribute("data-rendered-ms", String(Math.round(performance.now()))); return; }
     setTimeout(poll, 25);
   }
   poll();
