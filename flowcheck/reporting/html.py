@@ -1,13 +1,15 @@
 """The verdict as one self-contained HTML page: tables in plain HTML, plots drawn by bokeh.
 
-The page carries bokeh's core JavaScript inline (1.3 MB; no widgets, tables or MathJax): it opens
-offline, from a CI artifact viewer or a mail attachment, with no CDN. Bokeh is
-imported only here, through the ``html`` extra.
+The page carries bokeh's core JavaScript inline (1.3 MB; no widgets, tables or
+MathJax): it opens offline, from a CI artifact viewer or a mail attachment, with
+no CDN. Bokeh is imported only here, through the ``html`` extra.
 
-What it shows: the headline and how the recording ended; per flow its counts,
-checks and unjudged expectations; each broken chain as a swimlane (one lane per
-channel, time across, where it stopped and what was expected next) with tap gaps
-shaded; the latency percentiles of every hop against their budgets; the gaps.
+What it shows: the headline and how the recording ended; the flows as paths of
+channels (messages and p99 per hop); the broken chains over the recording's time;
+per flow its counts, checks and unjudged expectations; each broken chain as a
+swimlane (one lane per channel, time across, where it stopped and what was
+expected next) with tap gaps shaded; the latency percentiles of every hop against
+their budgets; the gaps.
 The verdict lists a bounded number of findings, and past :data:`MAX_SWIMLANES`
 chains per flow the rest are listed as text, and the page says so.
 """
