@@ -560,6 +560,29 @@ def _few_collections() -> Iterator[None]:
         gc.unfreeze()
 
 
+@cli.command()
+@click.argument("topology_file", metavar="TOPOLOGY")
+@click.argument("trace_file", metavar="TRACE")
+@click.option(
+    "--report-dir",
+    default=None,
+    help="Write one file per report format here (verdict.json, junit.xml, ...).",
+)
+@ALLOW_UNJUDGED
+def check(
+    topology_file: str, trace_file: str, report_dir: str | None, allow_unjudged: bool
+) -> None:
+    """Check a recorded TRACE against TOPOLOGY's flows, offline.
+
+    Every chain is judged against the end of the recording (its end record).
+    Exits 0 when every flow passes, 1 when a check fails or an expectation
+    went unjudged, 2 for a bad topology or trace file, 3 when a tap gap hid
+    chains that would otherwise have passed.
+    """
+    verdict = _check_trace(topology_file, trace_file, allow_unjudged)
+    _report(verdict, report_dir)
+
+
 def _check_trace(topology_file: str, trace_file: str, allow_unjudged: bool) -> Verdict:
     """Judge a kept trace against a topology file, as ``check`` and ``report`` do; warnings
     go to stderr, a bad file exits 2."""
@@ -624,29 +647,6 @@ def _check_trace(topology_file: str, trace_file: str, allow_unjudged: bool) -> V
         )
         click.echo(f"flowcheck: warning: no chain was decided: {why}", err=True)
     return verdict
-
-
-@cli.command()
-@click.argument("topology_file", metavar="TOPOLOGY")
-@click.argument("trace_file", metavar="TRACE")
-@click.option(
-    "--report-dir",
-    default=None,
-    help="Write one file per report format here (verdict.json, junit.xml, ...).",
-)
-@ALLOW_UNJUDGED
-def check(
-    topology_file: str, trace_file: str, report_dir: str | None, allow_unjudged: bool
-) -> None:
-    """Check a recorded TRACE against TOPOLOGY's flows, offline.
-
-    Every chain is judged against the end of the recording (its end record).
-    Exits 0 when every flow passes, 1 when a check fails or an expectation
-    went unjudged, 2 for a bad topology or trace file, 3 when a tap gap hid
-    chains that would otherwise have passed.
-    """
-    verdict = _check_trace(topology_file, trace_file, allow_unjudged)
-    _report(verdict, report_dir)
 
 
 @cli.command()
