@@ -1,4 +1,5 @@
-"""Optional broker clients, imported only when a broker of that kind is used."""
+"""Optional libraries: broker clients, imported only when a broker of that kind is used,
+and bokeh for the HTML report."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ EXTRAS = {
     "aiokafka": "kafka",
     "redis": "redis",
     "opentelemetry": "otel",
+    "bokeh": "html",
 }
 
 

@@ -648,6 +648,13 @@ def check(
     went unjudged, 2 for a bad topology or trace file, 3 when a tap gap hid
     chains that would otherwise have passed.
     """
+    verdict = _check_trace(topology_file, trace_file, allow_unjudged)
+    _report(verdict, report_dir, json_path=json_path, junit_path=junit_path)
+
+
+def _check_trace(topology_file: str, trace_file: str, allow_unjudged: bool) -> Verdict:
+    """Judge a kept trace against a topology file, as ``check`` and ``report`` do; warnings
+    go to stderr, a bad file exits 2."""
     from flowcheck.checker import Checker, Recording
     from flowcheck.gate import allow_unjudged as allowing
     from flowcheck.trace import Reader, TraceError, topology_hash
@@ -708,7 +715,33 @@ def check(
             else "the trace holds no chain of any flow"
         )
         click.echo(f"flowcheck: warning: no chain was decided: {why}", err=True)
-    _report(verdict, report_dir, json_path=json_path, junit_path=junit_path)
+    return verdict
+
+
+@cli.command()
+@click.argument("topology_file", metavar="TOPOLOGY")
+@click.argument("trace_file", metavar="TRACE")
+@click.option(
+    "--out",
+    default="report.html",
+    show_default=True,
+    help="Where the HTML report goes.",
+)
+@ALLOW_UNJUDGED
+def report(topology_file: str, trace_file: str, out: str, allow_unjudged: bool) -> None:
+    """Write the HTML report of a recorded TRACE, checked against TOPOLOGY as ``check`` does.
+
+    One self-contained page (it opens offline). Exits 0 once written, whatever the
+    verdict; 2 for a bad topology or trace file or a report that cannot be written.
+    """
+    from flowcheck.reporting import write_reports
+
+    verdict = _check_trace(topology_file, trace_file, allow_unjudged)
+    try:
+        path = write_reports(verdict, {"html": out})["html"]
+    except FlowcheckError as exc:
+        _fail(exc)
+    click.echo(f"report: {path} ({'PASS' if verdict.passed else 'FAIL'})")
 
 
 @cli.command()

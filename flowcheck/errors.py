@@ -53,7 +53,7 @@ class TopologyError(FlowcheckError):
 
 
 class MissingDependency(FlowcheckError):
-    """A broker client library is not installed."""
+    """An optional library (a broker client, bokeh) is not installed."""
 
     def __init__(self, module: str, extra: str) -> None:
         self.module = module

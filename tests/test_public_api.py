@@ -86,6 +86,7 @@ PUBLIC = {
     ],
     "flowcheck.reporting": [
         "FORMATS",
+        "html",
         "json",
         "junit",
         "markdown",

@@ -3,7 +3,8 @@
 - :mod:`flowcheck.reporting.terminal`: ``render(verdict, console)`` with rich;
 - :mod:`flowcheck.reporting.json`: the verdict as JSON, and its schema (docs/verdict.md);
 - :mod:`flowcheck.reporting.junit`: JUnit XML for CI test views;
-- :mod:`flowcheck.reporting.markdown`: a summary for CI job pages.
+- :mod:`flowcheck.reporting.markdown`: a summary for CI job pages;
+- :mod:`flowcheck.reporting.html`: one self-contained page with plots (the ``html`` extra).
 
 :func:`write_reports` writes the file formats at once. ``ms``, ``plural``,
 ``outcomes`` and ``unjudged_text`` are the reporters' wording, shared with the gate
@@ -12,13 +13,14 @@ and the assertions' messages. The terminal reporter is not imported here: a CI j
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from flowcheck.checker.verdict import Verdict
 from flowcheck.errors import UsageError
-from flowcheck.reporting import json, junit, markdown
+from flowcheck.reporting import html, json, junit, markdown
 from flowcheck.reporting._common import ms, outcomes, plural, unjudged_text
 
 # format -> (file name in a report directory, writer)
@@ -26,6 +28,7 @@ FORMATS: Mapping[str, tuple[str, Callable[[Verdict], str]]] = {
     "json": ("verdict.json", json.dumps),
     "junit": ("junit.xml", junit.dumps),
     "markdown": ("summary.md", markdown.dumps),
+    "html": ("report.html", html.dumps),
 }
 
 StrPath = str | os.PathLike[str]
@@ -39,9 +42,10 @@ def write_reports(
     """Write ``verdict`` in each of ``formats``; returns the path written per format.
 
     ``target`` is either a directory (created if missing), which receives
-    verdict.json, junit.xml and summary.md, or a mapping from format to file
-    path. ``formats`` defaults to all of :data:`FORMATS` for a directory, and to
-    the mapping's keys for a mapping. Files are replaced, not appended to.
+    verdict.json, junit.xml, summary.md and report.html, or a mapping from format
+    to file path. ``formats`` defaults to all of :data:`FORMATS` for a directory
+    (without html when bokeh, the ``html`` extra, is not installed), and to the
+    mapping's keys for a mapping. Files are replaced, not appended to.
 
     Raises :class:`~flowcheck.errors.UsageError` for an unknown format, a format
     with no path in the mapping, or a file that cannot be written.
@@ -53,7 +57,9 @@ def write_reports(
             raise UsageError(f"no path given for report format(s) {', '.join(missing)}")
         paths = {f: Path(target[f]) for f in wanted if f in FORMATS}
     else:
-        wanted = list(FORMATS if formats is None else formats)
+        if formats is None:
+            formats = [f for f in FORMATS if f != "html" or _has_bokeh()]
+        wanted = list(formats)
         paths = {f: Path(target) / FORMATS[f][0] for f in wanted if f in FORMATS}
     unknown = [f for f in wanted if f not in FORMATS]
     if unknown:
@@ -75,8 +81,13 @@ def write_reports(
     return written
 
 
+def _has_bokeh() -> bool:
+    return importlib.util.find_spec("bokeh") is not None
+
+
 __all__ = [
     "FORMATS",
+    "html",
     "json",
     "junit",
     "markdown",

@@ -23,6 +23,7 @@ def test_writes_every_format_into_a_directory(tmp_path: Path) -> None:
         "json": tmp_path / "reports" / "verdict.json",
         "junit": tmp_path / "reports" / "junit.xml",
         "markdown": tmp_path / "reports" / "summary.md",
+        "html": tmp_path / "reports" / "report.html",
     }
     assert Verdict.model_validate_json(paths["json"].read_bytes()) == verdict
     assert ET.parse(paths["junit"]).getroot().get("failures") == "6"
@@ -42,15 +43,15 @@ def test_chosen_formats_and_paths(tmp_path: Path) -> None:
 
 def test_bad_requests_are_usage_errors(tmp_path: Path) -> None:
     verdict = scenarios.passing()
-    with pytest.raises(UsageError, match=r"unknown report format.*'html'"):
-        write_reports(verdict, tmp_path, ["json", "html"])
+    with pytest.raises(UsageError, match=r"unknown report format.*'pdf'"):
+        write_reports(verdict, tmp_path, ["json", "pdf"])
     with pytest.raises(UsageError, match=r"no path given for report format.*junit"):
         write_reports(verdict, {"json": tmp_path / "v.json"}, ["json", "junit"])
     blocker = tmp_path / "file"
     blocker.write_text("", encoding="utf-8")
     with pytest.raises(UsageError, match="cannot write the json report"):
         write_reports(verdict, blocker / "reports", ["json"])
-    assert set(FORMATS) == {"json", "junit", "markdown"}
+    assert set(FORMATS) == {"json", "junit", "markdown", "html"}
 
 
 def test_reporters_import_no_broker_client() -> None:
