@@ -542,6 +542,15 @@ def _report(
     sys.exit(EXIT_CODES[decision.result])
 
 
+def _export(verdict: Verdict, topology: Topology, started: float) -> None:
+    """Send the broken chains over OTLP when an OTLP endpoint is set (docs/otel.md)."""
+    from flowcheck import otel
+
+    if otel.enabled():
+        sent = otel.export(verdict, topology, started)
+        click.echo(f"otel: {_plural(sent, 'broken chain')} sent as traces", err=True)
+
+
 @contextlib.contextmanager
 def _few_collections() -> Iterator[None]:
     """Run the collector rarely while a long trace is checked.
@@ -639,6 +648,7 @@ def check(
             else "the trace holds no chain of any flow"
         )
         click.echo(f"flowcheck: warning: no chain was decided: {why}", err=True)
+    _export(verdict, topology, reader.header.started)
     _report(verdict, report_dir)
 
 
@@ -683,7 +693,7 @@ def run(
     from flowcheck.runner import new_run_id
     from flowcheck.runner import run as run_scenario
     from flowcheck.signals import Caught, cancel_on_signal
-    from flowcheck.trace import run_trace
+    from flowcheck.trace import Reader, run_trace
 
     topology = _load_or_exit(topology_file)
     if scenario_file is None:
@@ -741,4 +751,5 @@ def run(
             f"flowcheck: interrupted by {caught.name}: no verdict, no reports; {left}", err=True
         )
         sys.exit(caught.exit_code)
+    _export(outcome.verdict, topology, Reader(outcome.trace).header.started)
     _report(outcome.verdict, report_dir, outcome.trace, gaps_block=not outcome.cut_short)

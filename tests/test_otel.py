@@ -1,0 +1,214 @@
+"""Broken chains exported over OTLP/HTTP to a receiver the test runs, decoded from protobuf."""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from flowcheck.cli import cli
+from flowcheck.observations import Kind, Observation
+from flowcheck.otel import chain_trace_id
+from flowcheck.trace import Header, Writer
+
+CARRIED = "4bf92f3577b34da6a3ce929d0e0e4736"
+OTHER = "0af7651916cd43dd8448eb211c80319c"
+STARTED = 1_700_000_000.0
+
+
+class Receiver:
+    """An OTLP/HTTP trace endpoint: every request's spans, decoded."""
+
+    def __init__(self) -> None:
+        self.requests: queue.Queue[ExportTraceServiceRequest] = queue.Queue()
+        received = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                ok = self.path == "/v1/traces"
+                if ok:
+                    received.put(ExportTraceServiceRequest.FromString(body))
+                reply = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200 if ok else 404)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def spans(self) -> list[tuple[str, Span]]:
+        """(service name, span) of everything received so far."""
+        out = []
+        while not self.requests.empty():
+            for rs in self.requests.get_nowait().resource_spans:
+                service = next(
+                    a.value.string_value for a in rs.resource.attributes if a.key == "service.name"
+                )
+                out += [(service, s) for ss in rs.scope_spans for s in ss.spans]
+        return out
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    thread = threading.Thread(target=r.server.serve_forever, daemon=True)
+    thread.start()
+    yield r
+    r.server.shutdown()
+    r.server.server_close()
+    thread.join()
+
+
+def _attrs(span: Span) -> dict[str, Any]:
+    return {a.key: getattr(a.value, a.value.WhichOneof("value")) for a in span.attributes}
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    """A topology and a trace: k0 passes, k1 (carrying a traceparent) and k2 are lost at b,
+    k1's message at a carries another trace too (a fan-in)."""
+    topology = tmp_path / "t.yaml"
+    topology.write_text(
+        """
+name: shop
+brokers: {r: {kind: rabbitmq}}
+channels:
+  a: {broker: r, kind: queue}
+  b: {broker: r, kind: queue}
+flows: {f: {correlate: $.id, steps: [a, b], deadline: 1s}}
+"""
+    )
+    trace = tmp_path / "t.jsonl"
+
+    def obs(channel: str, at: float, key: str, **more: Any) -> Observation:
+        return Observation(
+            kind=Kind.ROUTED,
+            broker="r",
+            channel=channel,
+            mono_ns=int(at * 1e9),
+            wall=STARTED + at,
+            keys={"f": key},
+            **more,
+        )
+
+    with Writer(str(trace), Header(topology="shop", started=STARTED, started_mono_ns=0)) as w:
+        w.write(obs("a", 0.1, "k0", message_id="m0"))
+        w.write(obs("b", 0.2, "k0", message_id="m0"))
+        w.write(obs("a", 0.3, "k1", message_id="m1", trace_id=CARRIED))
+        w.write(
+            Observation(
+                kind=Kind.DELIVERED,
+                broker="r",
+                channel="a",
+                mono_ns=int(0.4e9),
+                wall=STARTED + 0.4,
+                keys={"f": "k1"},
+                message_id="m1",
+                trace_id=OTHER,
+            )
+        )
+        w.write(obs("a", 0.5, "k2", message_id="m2"))
+        w.end("stopped", int(5e9), STARTED + 5)
+    return topology, trace
+
+
+def test_check_sends_each_broken_chain_as_a_trace(
+    receiver: Receiver, files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    topology, trace = files
+    reports = tmp_path / "reports"
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_SERVICE_NAME": "shop-check"}
+    result = CliRunner().invoke(
+        cli, ["check", str(topology), str(trace), "--report-dir", str(reports)], env=env
+    )
+    assert result.exit_code == 1, result.output
+    assert "otel: 2 broken chains sent as traces" in result.output
+
+    spans = receiver.spans()
+    assert {service for service, _ in spans} == {"shop-check"}
+    by_trace: dict[str, list[Span]] = {}
+    for _, s in spans:
+        by_trace.setdefault(s.trace_id.hex(), []).append(s)
+    derived = chain_trace_id("f", "k2")
+    # The passing chain k0 is not sent; k1 keeps the trace its message carried.
+    assert set(by_trace) == {CARRIED, derived}
+
+    k1 = by_trace[CARRIED]
+    (root,) = [s for s in k1 if not s.parent_span_id]
+    assert root.name == "flow f"
+    assert _attrs(root) == {"flowcheck.flow": "f", "flowcheck.key": "k1"}
+    assert root.status.code == Status.STATUS_CODE_ERROR
+    (event,) = root.events
+    assert event.name == "flowcheck.lost"
+    message = {a.key: a.value.string_value for a in event.attributes}["message"]
+    verdict = json.loads((reports / "verdict.json").read_text())
+    lost = [f for f in verdict["flows"][0]["findings"] if f["key"] == "k1"]
+    assert message == lost[0]["message"]
+    assert root.start_time_unix_nano == int(STARTED * 1e9 + 0.3e9)
+
+    steps = sorted((s for s in k1 if s.parent_span_id), key=lambda s: s.start_time_unix_nano)
+    assert all(s.parent_span_id == root.span_id for s in steps)
+    assert [s.name for s in steps] == ["receive a", "receive a"]
+    assert [s.kind for s in steps] == [Span.SPAN_KIND_CONSUMER] * 2
+    assert _attrs(steps[0]) == {
+        "messaging.system": "rabbitmq",
+        "messaging.destination.name": "a",
+        "messaging.operation.type": "receive",
+        "messaging.message.id": "m1",
+        "flowcheck.observation": "routed",
+    }
+    assert _attrs(steps[1])["flowcheck.observation"] == "delivered"
+    # A step lasts until the chain moved on.
+    assert steps[0].end_time_unix_nano - steps[0].start_time_unix_nano == pytest.approx(
+        1e8, abs=1e3
+    )
+    # The delivery's message carried another trace: a link to it (fan-in).
+    assert not steps[0].links
+    (link,) = steps[1].links
+    assert link.trace_id.hex() == OTHER
+
+    (k2_root,) = [s for s in by_trace[derived] if not s.parent_span_id]
+    assert k2_root.status.code == Status.STATUS_CODE_ERROR
+    # The verdict carries the carried trace id of the broken chain, for a jump to Jaeger.
+    assert CARRIED in json.dumps(lost)
+
+
+def test_nothing_is_sent_or_imported_without_an_endpoint(files: tuple[Path, Path]) -> None:
+    topology, trace = files
+    code = f"""
+import os, sys
+for name in list(os.environ):
+    if name.startswith("OTEL_"):
+        del os.environ[name]
+from click.testing import CliRunner
+from flowcheck.cli import cli
+result = CliRunner().invoke(cli, ["check", {str(topology)!r}, {str(trace)!r}])
+assert result.exit_code == 1, result.output
+assert "otel:" not in result.output, result.output
+print(sorted(m for m in sys.modules if m.startswith("opentelemetry.sdk")))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
