@@ -4,8 +4,9 @@ Only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOIN
 set: otherwise :func:`export` returns at once and the SDK is never imported. The
 exporter reads the standard ``OTEL_EXPORTER_OTLP_*`` variables (headers, timeout, ...).
 
-Each broken chain is one trace: the trace id its message carried (``traceparent``),
-else one derived from its flow and key. A root span covers the chain, with error
+Each broken chain is one trace, with the trace id its findings carry
+(:func:`flowcheck.checker.verdict.chain_trace_id`): the one its message carried
+(``traceparent``), else one derived from its flow and key. A root span covers the chain, with error
 status and each finding as an event; each observation of its timeline is a child
 span with the messaging semantic conventions. A step whose message carried another
 trace id (a fan-in or fan-out) links to that trace.
@@ -16,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from flowcheck.checker.verdict import chain_trace_id
+
 if TYPE_CHECKING:
-    from flowcheck.checker.verdict import Finding, Seen, Verdict
+    from flowcheck.checker.verdict import Finding, Verdict
     from flowcheck.topology.model import Topology
 
 ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -41,16 +43,6 @@ OPERATIONS = {
 
 def enabled() -> bool:
     return any(os.environ.get(name) for name in ENDPOINTS)
-
-
-def chain_trace_id(flow: str, key: str | None, timeline: Iterable[Seen] = ()) -> str:
-    """The trace id of a chain, 32 hex digits: the one its first message carried, else
-    one derived from its flow and key (the same on every check of the same trace)."""
-    for seen in timeline:
-        if seen.trace_id and _valid(seen.trace_id):
-            return seen.trace_id.lower()
-    digest = hashlib.sha256(f"{flow}\0{key or ''}".encode()).hexdigest()[:32]
-    return digest if int(digest, 16) else "1".zfill(32)
 
 
 def broken_chains(verdict: Verdict) -> dict[tuple[str, str | None], list[Finding]]:
@@ -116,7 +108,9 @@ def _chain(
     timeline = sorted(
         {s: None for f in findings for s in f.timeline}, key=lambda s: s.at_ms
     )  # the findings of one chain share its timeline: each observation once
-    trace_id = chain_trace_id(flow, key, timeline)
+    trace_id = findings[0].trace_id or chain_trace_id(
+        flow, key or "", (s.trace_id for s in timeline)
+    )
     ids.next_trace_id = int(trace_id, 16)
     first, last = timeline[0].at_ms, timeline[-1].at_ms
     root = tracer.start_span(
