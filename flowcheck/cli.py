@@ -547,8 +547,15 @@ def _export(verdict: Verdict, topology: Topology, started: float) -> None:
     from flowcheck import otel
 
     if otel.enabled():
-        sent = otel.export(verdict, topology, started)
-        click.echo(f"otel: {_plural(sent, 'broken chain')} sent as traces", err=True)
+        chains, ok = otel.export(verdict, topology, started)
+        if ok:
+            click.echo(f"otel: {_plural(chains, 'broken chain')} sent as traces", err=True)
+        else:
+            click.echo(
+                f"flowcheck: warning: otel: the OTLP endpoint did not take the traces of "
+                f"{_plural(chains, 'broken chain')} (see above)",
+                err=True,
+            )
 
 
 @contextlib.contextmanager

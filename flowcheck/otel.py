@@ -55,23 +55,24 @@ def broken_chains(verdict: Verdict) -> dict[tuple[str, str | None], list[Finding
     return chains
 
 
-def export(verdict: Verdict, topology: Topology, started: float) -> int:
+def export(verdict: Verdict, topology: Topology, started: float) -> tuple[int, bool]:
     """Send each broken chain of ``verdict`` as a trace; ``started`` is the recording's
-    start (Unix seconds), what the timelines' times count from. The number sent."""
+    start (Unix seconds), what the timelines' times count from. (Chains, whether the
+    receiver took them all.)"""
     if not enabled():
-        return 0
+        return 0, True
     chains = list(broken_chains(verdict).items())[:CAP]
     if not chains:
-        return 0
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        return 0, True
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     ids = _ids()
+    exporter = _exporter()
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "flowcheck")})
     provider = TracerProvider(resource=resource, id_generator=ids)
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     tracer = provider.get_tracer("flowcheck")
     systems: dict[str, str] = {name: b.kind for name, b in topology.brokers.items()}
     try:
@@ -79,7 +80,7 @@ def export(verdict: Verdict, topology: Topology, started: float) -> int:
             _chain(tracer, ids, systems, flow, key, findings, started)
     finally:
         provider.shutdown()  # flushes: every span is sent before the verdict's exit
-    return len(chains)
+    return len(chains), not exporter.failed
 
 
 def _valid(trace_id: str) -> bool:
@@ -194,3 +195,24 @@ def _ids() -> Any:
             return self.next_trace_id or self.random.generate_trace_id()
 
     return Ids()
+
+
+def _exporter() -> Any:
+    """The OTLP/HTTP exporter (configured by the OTEL_EXPORTER_OTLP_* variables), noting
+    whether an export failed (the exporter logs why)."""
+    from collections.abc import Sequence
+
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    class Exporter(OTLPSpanExporter):
+        failed = False
+
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            result = super().export(spans)
+            if result is not SpanExportResult.SUCCESS:
+                self.failed = True
+            return result
+
+    return Exporter()

@@ -215,3 +215,16 @@ print(sorted(m for m in sys.modules if m.startswith("opentelemetry.sdk")))
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_a_refused_export_is_a_warning_not_a_verdict(
+    receiver: Receiver, files: tuple[Path, Path]
+) -> None:
+    topology, trace = files
+    # The traces endpoint alone turns the export on; this one answers 404.
+    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.url + "/elsewhere"}
+    result = CliRunner().invoke(cli, ["check", str(topology), str(trace)], env=env)
+    assert result.exit_code == 1, result.output
+    assert "otel: the OTLP endpoint did not take the traces of 2 broken chains" in result.output
+    assert "sent as traces" not in result.output
+    assert receiver.spans() == []
