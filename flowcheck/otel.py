@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from flowcheck.checker.verdict import chain_trace_id
@@ -45,13 +46,12 @@ def enabled() -> bool:
     return any(os.environ.get(name) for name in ENDPOINTS)
 
 
-def broken_chains(verdict: Verdict) -> dict[tuple[str, str | None], list[Finding]]:
+def broken_chains(findings: Iterable[Finding]) -> dict[tuple[str, str | None], list[Finding]]:
     """The findings of each broken chain, by (flow, key): those with a timeline."""
     chains: dict[tuple[str, str | None], list[Finding]] = defaultdict(list)
-    for flow in verdict.flows:
-        for finding in flow.findings:
-            if finding.timeline:
-                chains[(flow.flow, finding.key)].append(finding)
+    for finding in findings:
+        if finding.timeline and finding.flow is not None:
+            chains[(finding.flow, finding.key)].append(finding)
     return chains
 
 
@@ -59,9 +59,16 @@ def export(verdict: Verdict, topology: Topology, started: float) -> tuple[int, b
     """Send each broken chain of ``verdict`` as a trace; ``started`` is the recording's
     start (Unix seconds), what the timelines' times count from. (Chains, whether the
     receiver took them all.)"""
+    return export_findings((f for fv in verdict.flows for f in fv.findings), topology, started)
+
+
+def export_findings(
+    findings: Iterable[Finding], topology: Topology, started: float
+) -> tuple[int, bool]:
+    """:func:`export` for findings of any origin (a test's failed assertions)."""
     if not enabled():
         return 0, True
-    chains = list(broken_chains(verdict).items())[:CAP]
+    chains = list(broken_chains(findings).items())[:CAP]
     if not chains:
         return 0, True
     from opentelemetry.sdk.resources import Resource
@@ -106,6 +113,8 @@ def _chain(
     from opentelemetry import trace
     from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+    # A test may assert on one chain twice: each finding once.
+    findings = list({(f.kind, f.step, f.message): f for f in findings}.values())
     timeline = sorted(
         {s: None for f in findings for s in f.timeline}, key=lambda s: s.at_ms
     )  # the findings of one chain share its timeline: each observation once

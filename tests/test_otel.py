@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import queue
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from otlp import Receiver, attrs
 
 from flowcheck.checker.verdict import chain_trace_id
 from flowcheck.cli import cli
@@ -30,57 +24,10 @@ OTHER = "0af7651916cd43dd8448eb211c80319c"
 STARTED = 1_700_000_000.0
 
 
-class Receiver:
-    """An OTLP/HTTP trace endpoint: every request's spans, decoded."""
-
-    def __init__(self) -> None:
-        self.requests: queue.Queue[ExportTraceServiceRequest] = queue.Queue()
-        received = self.requests
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                ok = self.path == "/v1/traces"
-                if ok:
-                    received.put(ExportTraceServiceRequest.FromString(body))
-                reply = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200 if ok else 404)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def spans(self) -> list[tuple[str, Span]]:
-        """(service name, span) of everything received so far."""
-        out = []
-        while not self.requests.empty():
-            for rs in self.requests.get_nowait().resource_spans:
-                service = next(
-                    a.value.string_value for a in rs.resource.attributes if a.key == "service.name"
-                )
-                out += [(service, s) for ss in rs.scope_spans for s in ss.spans]
-        return out
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    thread = threading.Thread(target=r.server.serve_forever, daemon=True)
-    thread.start()
-    yield r
-    r.server.shutdown()
-    r.server.server_close()
-    thread.join()
-
-
-def _attrs(span: Span) -> dict[str, Any]:
-    return {a.key: getattr(a.value, a.value.WhichOneof("value")) for a in span.attributes}
+    with Receiver() as r:
+        yield r
 
 
 @pytest.fixture
@@ -156,7 +103,7 @@ def test_check_sends_each_broken_chain_as_a_trace(
     k1 = by_trace[CARRIED]
     (root,) = [s for s in k1 if not s.parent_span_id]
     assert root.name == "flow f"
-    assert _attrs(root) == {"flowcheck.flow": "f", "flowcheck.key": "k1"}
+    assert attrs(root) == {"flowcheck.flow": "f", "flowcheck.key": "k1"}
     assert root.status.code == Status.STATUS_CODE_ERROR
     (event,) = root.events
     assert event.name == "flowcheck.lost"
@@ -170,14 +117,14 @@ def test_check_sends_each_broken_chain_as_a_trace(
     assert all(s.parent_span_id == root.span_id for s in steps)
     assert [s.name for s in steps] == ["receive a", "receive a"]
     assert [s.kind for s in steps] == [Span.SPAN_KIND_CONSUMER] * 2
-    assert _attrs(steps[0]) == {
+    assert attrs(steps[0]) == {
         "messaging.system": "rabbitmq",
         "messaging.destination.name": "a",
         "messaging.operation.type": "receive",
         "messaging.message.id": "m1",
         "flowcheck.observation": "routed",
     }
-    assert _attrs(steps[1])["flowcheck.observation"] == "delivered"
+    assert attrs(steps[1])["flowcheck.observation"] == "delivered"
     # A step lasts until the chain moved on.
     assert steps[0].end_time_unix_nano - steps[0].start_time_unix_nano == pytest.approx(
         1e8, abs=1e3
