@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -175,3 +176,57 @@ def test_a_refused_export_is_a_warning_not_a_verdict(
     assert "otel: the OTLP endpoint did not take the traces of 2 broken chains" in result.output
     assert "sent as traces" not in result.output
     assert receiver.spans() == []
+
+
+def test_run_sends_the_broken_chain_with_the_trace_its_publish_carried(
+    receiver: Receiver, tmp_path: Path, unique: str, rabbitmq_url: str, redis_url: str
+) -> None:
+    text = f"""
+name: {unique}
+brokers:
+  r: {{kind: rabbitmq, url: "{rabbitmq_url}"}}
+  rd: {{kind: redis, url: "{redis_url}"}}
+channels:
+  orders: {{broker: r, kind: exchange, type: topic, name: {unique}.orders}}
+  billing:
+    broker: r
+    kind: queue
+    name: {unique}.billing
+    bindings: [{{exchange: orders, key: "#"}}]
+  paid: {{broker: rd, kind: stream, name: {unique}.paid}}
+flows:
+  order: {{correlate: $.order_id, steps: [orders, billing, paid], deadline: 1s}}
+"""
+    topology = tmp_path / "t.yaml"
+    topology.write_text(text)
+    reports = tmp_path / "reports"
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url}
+    try:
+        result = CliRunner().invoke(
+            cli, ["run", str(topology), "--report-dir", str(reports)], env=env
+        )
+    finally:
+        asyncio.run(_delete(text))
+    assert result.exit_code == 1, result.output
+    assert "otel: 1 broken chain sent as traces" in result.output
+    verdict = json.loads((reports / "verdict.json").read_text())
+    (lost,) = verdict["flows"][0]["findings"]
+    carried = lost["trace_id"]
+    # What flowcheck published carried a traceparent: the chain's trace is that one.
+    assert carried in {s["trace_id"] for s in lost["timeline"]}
+    spans = [s for _, s in receiver.spans()]
+    assert {s.trace_id.hex() for s in spans} == {carried}
+    (root,) = [s for s in spans if not s.parent_span_id]
+    assert root.status.code == Status.STATUS_CODE_ERROR
+    names = {s.name for s in spans if s.parent_span_id}
+    assert {"send orders", "receive billing"} <= names, names
+
+
+async def _delete(text: str) -> None:
+    from flowcheck.brokers import adapter
+    from flowcheck.topology import loads
+
+    top = loads(text)
+    for name in ("r", "rd"):
+        async with adapter(name, top) as ad:
+            await ad.delete([k for k, ch in top.channels.items() if ch.broker == name])
