@@ -30,7 +30,9 @@ def test_a_failed_chain_is_sent_as_a_trace(
     project.make(pytester, "flowcheck_isolate = true\n", test_lost=LOST)
     with Receiver() as receiver:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
-        result = pytester.runpytest(*broker_flags)
+        # In a process of its own: the exporter's HTTP client does not survive the
+        # module juggling of in-process runs after other inner runs.
+        result = pytester.runpytest_subprocess(*broker_flags)
         spans = [s for _, s in receiver.spans()]
     result.assert_outcomes(failed=1)
     (root,) = [s for s in spans if not s.parent_span_id]
