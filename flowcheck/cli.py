@@ -605,6 +605,22 @@ def _report(
     sys.exit(EXIT_CODES[decision.result])
 
 
+def _export(verdict: Verdict, topology: Topology, started: float) -> None:
+    """Send the broken chains over OTLP when an OTLP endpoint is set (docs/otel.md)."""
+    from flowcheck import otel
+
+    if otel.enabled():
+        chains, ok = otel.export(verdict, topology, started)
+        if ok:
+            click.echo(f"otel: {_plural(chains, 'broken chain')} sent as traces", err=True)
+        else:
+            click.echo(
+                f"flowcheck: warning: otel: the OTLP endpoint did not take the traces of "
+                f"{_plural(chains, 'broken chain')} (see above)",
+                err=True,
+            )
+
+
 @contextlib.contextmanager
 def _few_collections() -> Iterator[None]:
     """Run the collector rarely while a long trace is checked.
@@ -654,7 +670,7 @@ def check(
 
 def _check_trace(topology_file: str, trace_file: str, allow_unjudged: bool) -> Verdict:
     """Judge a kept trace against a topology file, as ``check`` and ``report`` do; warnings
-    go to stderr, a bad file exits 2."""
+    go to stderr, a bad file exits 2. Broken chains go to an OTLP endpoint when one is set."""
     from flowcheck.checker import Checker, Recording
     from flowcheck.gate import allow_unjudged as allowing
     from flowcheck.trace import Reader, TraceError, topology_hash
@@ -715,6 +731,7 @@ def _check_trace(topology_file: str, trace_file: str, allow_unjudged: bool) -> V
             else "the trace holds no chain of any flow"
         )
         click.echo(f"flowcheck: warning: no chain was decided: {why}", err=True)
+    _export(verdict, topology, reader.header.started)
     return verdict
 
 
@@ -788,7 +805,7 @@ def run(
     from flowcheck.runner import Waiting, new_run_id
     from flowcheck.runner import run as run_scenario
     from flowcheck.signals import Caught, cancel_on_signal
-    from flowcheck.trace import run_trace
+    from flowcheck.trace import Reader, run_trace
 
     topology = _load_or_exit(topology_file)
     if scenario_file is None:
@@ -865,6 +882,7 @@ def run(
             f"flowcheck: interrupted by {caught.name}: no verdict, no reports; {left}", err=True
         )
         sys.exit(caught.exit_code)
+    _export(outcome.verdict, topology, Reader(outcome.trace).header.started)
     _report(
         outcome.verdict,
         report_dir,

@@ -360,6 +360,7 @@ def _session_body() -> Callable[[pytest.FixtureRequest], AsyncIterator[FlowSessi
                 await fc.stop(keep_trace=failed)
             finally:
                 item.stash[SUMMARY] = _summary(fc, failed)
+                _export(fc)
 
     return body
 
@@ -517,6 +518,16 @@ def explain(exc: FlowcheckError, fc: FlowSession | None, settings: Settings) -> 
 
 
 # ---------------------------------------------------------------- reporting
+
+
+def _export(fc: FlowSession) -> None:
+    """The chains of the test's failed assertions as traces, when an OTLP endpoint is
+    set (docs/otel.md)."""
+    from flowcheck import otel
+
+    if otel.enabled() and fc.failures:
+        findings = [f for err in fc.failures for f in err.findings]
+        otel.export_findings(findings, fc.topology, fc.started_wall)
 
 
 def _summary(fc: FlowSession, failed: bool) -> dict[str, Any]:

@@ -30,6 +30,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "scenario": BASE | {"topology"},
     "reporting": BASE | {"topology", "observations", "checker"},
     "gate": BASE | {"checker", "reporting"},
+    "otel": BASE | {"topology", "observations", "checker"},
     "brokers": BASE | {"topology", "observations", "correlate", "propagation"},
     "tracer": BASE | {"topology", "observations", "correlate", "brokers"},
     "signals": BASE | {"trace"},

@@ -25,6 +25,7 @@ from flowcheck.checker.verdict import (
     FindingKind,
     FlowVerdict,
     Seen,
+    chain_trace_id,
 )
 from flowcheck.checker.window import DEFAULT_WINDOW, GRACE_NS
 from flowcheck.observations import Kind, Observation, payload_json
@@ -320,6 +321,7 @@ class FlowState:
             message=message,
             seen=[self.seen(o) for o in seen],
             timeline=self.timeline(chain),
+            trace_id=chain_trace_id(self.name, chain.key, (o.trace_id for o in chain.timeline)),
             **extra,
         )
 

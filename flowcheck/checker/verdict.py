@@ -5,6 +5,8 @@ Reporters read a :class:`Verdict` and nothing else.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import Literal
 
@@ -113,6 +115,25 @@ class Finding(BaseModel):
     next_step: str | None = Field(None, description="for lost chains: the step that never came")
     seen: list[Seen] = Field(default_factory=list, description="the observations it is about")
     timeline: list[Seen] = Field(default_factory=list, description="the chain, for broken ones")
+    trace_id: str | None = Field(
+        None,
+        description="for chain findings: the chain's trace id, the one its message carried "
+        "(traceparent) or else one derived from flow and key; the trace exported over OTLP",
+    )
+
+
+def chain_trace_id(flow: str, key: str, carried: Iterable[str | None] = ()) -> str:
+    """A chain's trace id, 32 hex digits: the first valid one of ``carried`` (the trace
+    ids its observations carried, in order), else one derived from flow and key, the
+    same on every check of the same trace."""
+    for trace_id in carried:
+        if trace_id and len(trace_id) == 32:
+            try:
+                if int(trace_id, 16):
+                    return trace_id.lower()
+            except ValueError:
+                continue
+    return hashlib.sha256(f"{flow}\0{key}".encode()).hexdigest()[:32]
 
 
 class Percentiles(BaseModel):

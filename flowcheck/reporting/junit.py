@@ -238,6 +238,8 @@ def _listing(found: list[Finding], total: int, limit: int) -> str:
         lines.append(finding_line(f))
         if f.timeline:
             lines.append("  seen: " + timeline_line(f.timeline))
+        if f.trace_id:
+            lines.append(f"  trace: {f.trace_id}")
     if total > min(len(found), limit):
         lines.append(f"... {total - min(len(found), limit)} more not listed ({total} in all)")
     return "".join(line + "\n" for line in lines)

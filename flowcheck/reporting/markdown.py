@@ -143,6 +143,8 @@ def _finding(f: Finding) -> str:
         tail.append(f"cause `{f.cause.value}`")
     if f.next_step is not None:
         tail.append(f"expected next: {escape(f.next_step)}")
+    if f.trace_id is not None:
+        tail.append(f"trace `{f.trace_id}`")
     extra = f" ({'; '.join(tail)})" if tail else ""
     return f"`{f.kind.value}`{where}: {escape(f.message)}{extra}"
 

@@ -239,6 +239,9 @@ def _chain(chain: BrokenChain) -> RenderableType:
             Text.assemble((f.kind.value, _KIND_STYLE.get(f.kind, "yellow")), ": ", f.message),
         )
     out.add_row(head)
+    trace_id = chain.findings[0].trace_id
+    if trace_id:
+        out.add_row(Padding(Text(f"trace {trace_id}", "dim"), (0, 0, 0, 2)))
     out.add_row(Padding(_timeline(chain), (0, 0, 0, 2), expand=False))
     return out
 

@@ -126,6 +126,7 @@ class FlowSession:
         self._unseen: set[str] = set()
         self._tapped: set[str] = set()
         self._start_ns = 0
+        self._start_wall = 0.0
         self._checker: Checker | None = None
         self._writer: Writer | None = None
         self._tracer: Tracer | None = None
@@ -163,6 +164,7 @@ class FlowSession:
             raise RuntimeError("this session has already been started")
         self._changed, self._ready, self._stop = anyio.Event(), anyio.Event(), anyio.Event()
         self._start_ns, wall = now()
+        self._start_wall = wall
         # Expectations (empty) for every flow make the checker remember decided chains.
         checker = Checker(
             self.topology, start_ns=self._start_ns, expected={f: set() for f in self.topology.flows}
@@ -309,6 +311,11 @@ class FlowSession:
     def started_ns(self) -> int:
         """The monotonic clock when the session started: ``at ms`` in timelines counts from it."""
         return self._start_ns
+
+    @property
+    def started_wall(self) -> float:
+        """The wall clock (Unix seconds) when the session started, read with ``started_ns``."""
+        return self._start_wall
 
     def _alive(self) -> None:
         __tracebackhide__ = True

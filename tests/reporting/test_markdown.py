@@ -83,13 +83,15 @@ def test_how_the_recording_ended() -> None:
 
 
 def test_failed_checks_with_their_first_findings() -> None:
-    md = markdown.dumps(scenarios.failing())
+    verdict = scenarios.failing()
+    lost = next(f for f in verdict.flows[0].findings if f.key == "k-lost")
+    md = markdown.dumps(verdict)
     section = md.split("### Failed checks", 1)[1].split("### Latency", 1)[0]
     assert "#### checkout" in section
     assert "- **chains**: 5 of 9 decided chains succeeded" in section
     assert (
         "  - `lost` key k-lost: timed out after 'billing': no 'pay' within 1s "
-        "(cause `timed_out`; expected next: pay)"
+        f"(cause `timed_out`; expected next: pay; trace `{lost.trace_id}`)"
     ) in section
     assert "- **retries**: 1 finding(s)" in section
     assert "**ordering**" not in section

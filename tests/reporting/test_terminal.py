@@ -54,14 +54,18 @@ def test_failing_flow_lists_only_its_failed_checks() -> None:
 
 
 def test_broken_chain_is_drawn_with_where_it_stopped() -> None:
-    chain = block(text(scenarios.failing()), "key k-lost", "key k-unroutable")
+    verdict = scenarios.failing()
+    lost = next(f for f in verdict.flows[0].findings if f.key == "k-lost")
+    chain = block(text(verdict), "key k-lost", "key k-unroutable")
     lines = chain.splitlines()
     assert "lost: timed out after 'billing': no 'pay' within 1s" in lines[0]
-    assert lines[1].split() == ["at", "ms", "+ms", "kind", "channel", "where", "detail"]
-    assert lines[2].split() == ["1100.0", "routed", "orders"]
+    # Its trace id: where to look in Jaeger when the chains are exported over OTLP.
+    assert lines[1].split() == ["trace", str(lost.trace_id)]
+    assert lines[2].split() == ["at", "ms", "+ms", "kind", "channel", "where", "detail"]
+    assert lines[3].split() == ["1100.0", "routed", "orders"]
     # '>' marks the observation the finding points at: the last one seen.
-    assert lines[3].split() == [">", "1100.1", "0.10", "routed", "billing"]
-    assert lines[4].split() == ["x", "expected", "pay", "never", "came,", "cause", "timed_out"]
+    assert lines[4].split() == [">", "1100.1", "0.10", "routed", "billing"]
+    assert lines[5].split() == ["x", "expected", "pay", "never", "came,", "cause", "timed_out"]
 
 
 def test_chain_never_seen_still_says_what_was_expected() -> None:

@@ -1,0 +1,48 @@
+"""The pytest plugin sends the chains of a test's failed assertions over OTLP."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry.proto.trace.v1.trace_pb2 import Status
+from otlp import Receiver, attrs
+
+from flowcheck.checker.verdict import chain_trace_id
+
+from . import project
+
+LOST = """
+    import pytest
+
+    from flowcheck.testing import Flowcheck
+
+    pytestmark = pytest.mark.asyncio
+
+
+    async def test_lost(flowcheck: Flowcheck) -> None:
+        await flowcheck.publish("orders", {"order_id": "o-1"}, routing_key="order.misplaced")
+        await flowcheck.check("order-billed", within="300ms")
+"""
+
+
+def test_a_failed_chain_is_sent_as_a_trace(
+    pytester: pytest.Pytester, broker_flags: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project.make(pytester, "flowcheck_isolate = true\n", test_lost=LOST)
+    with Receiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+        # In a process of its own: the exporter's HTTP client does not survive the
+        # module juggling of in-process runs after other inner runs.
+        result = pytester.runpytest_subprocess(*broker_flags)
+        spans = [s for _, s in receiver.spans()]
+    result.assert_outcomes(failed=1)
+    (root,) = [s for s in spans if not s.parent_span_id]
+    assert root.name == "flow order-billed"
+    assert attrs(root)["flowcheck.key"] == "o-1"
+    assert root.status.code == Status.STATUS_CODE_ERROR
+    assert [e.name for e in root.events] == ["flowcheck.lost"]
+    steps = [s for s in spans if s.parent_span_id == root.span_id]
+    assert steps, "no span for the chain's steps"
+    assert {attrs(s)["messaging.system"] for s in steps} == {"rabbitmq"}
+    # The trace is the one flowcheck's publish put in the message's traceparent,
+    # not one derived from flow and key.
+    assert root.trace_id.hex() != chain_trace_id("order-billed", "o-1")
