@@ -266,4 +266,11 @@ def _why(exc: msgspec.DecodeError) -> str:
     what, _, where = text.partition(" - at `$")
     what = what[:1].lower() + what[1:]
     where = where.rstrip("`").lstrip(".")
-    return f"{where}: {what}" if where else what
+    return _printable(f"{where}: {what}" if where else what)
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """``text`` (it may quote the file's own keys) as one short line: control characters
+    escaped, cut at ``limit`` characters."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

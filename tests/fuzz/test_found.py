@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from flowcheck.errors import TopologyError
 from flowcheck.topology import loads
+from flowcheck.trace import Reader
 
 
 @pytest.mark.parametrize(
@@ -30,3 +33,16 @@ def test_a_name_with_a_line_break_stays_on_its_problem_s_line() -> None:
     lines = str(info.value).splitlines()
     assert all(line.startswith("<string>:") for line in lines), lines
     assert any("a\\nb" in line for line in lines), lines
+
+
+def test_a_damaged_line_quoting_a_key_with_a_line_break_is_one_line(tmp_path: Path) -> None:
+    """Found by the trace fuzzer: msgspec's message names the unknown key, which came
+    from the file, line break and all."""
+    trace = tmp_path / "t.jsonl"
+    header = b'{"format": "flowcheck-trace", "version": 1, "started": 0.0, "started_mono_ns": 0}'
+    good = b'{"kind": "published", "broker": "b", "channel": "a", "mono_ns": 0, "wall": 0.0}'
+    trace.write_bytes(b"\n".join([header, good, b'{"\\n":']) + b"\n")
+    reader = Reader(str(trace))
+    list(reader)
+    assert reader.problems
+    assert "\n" not in reader.describe()
