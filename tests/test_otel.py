@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -80,17 +81,28 @@ flows: {f: {correlate: $.id, steps: [a, b], deadline: 1s}}
     return topology, trace
 
 
+def _flowcheck(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """flowcheck in a process of its own, as users run it: the OTLP exporter's HTTP client
+    starts from a clean state, whatever earlier tests did to this process."""
+    return subprocess.run(
+        [sys.executable, "-m", "flowcheck", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
 def test_check_sends_each_broken_chain_as_a_trace(
     receiver: Receiver, files: tuple[Path, Path], tmp_path: Path
 ) -> None:
     topology, trace = files
     reports = tmp_path / "reports"
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_SERVICE_NAME": "shop-check"}
-    result = CliRunner().invoke(
-        cli, ["check", str(topology), str(trace), "--report-dir", str(reports)], env=env
-    )
-    assert result.exit_code == 1, result.output
-    assert "otel: 2 broken chains sent as traces" in result.output
+    result = _flowcheck(["check", str(topology), str(trace), "--report-dir", str(reports)], env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "otel: 2 broken chains sent as traces" in result.stdout + result.stderr
 
     spans = receiver.spans()
     assert {service for service, _ in spans} == {"shop-check"}
@@ -202,13 +214,11 @@ flows:
     reports = tmp_path / "reports"
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url}
     try:
-        result = CliRunner().invoke(
-            cli, ["run", str(topology), "--report-dir", str(reports)], env=env
-        )
+        result = _flowcheck(["run", str(topology), "--report-dir", str(reports)], env)
     finally:
         asyncio.run(_delete(text))
-    assert result.exit_code == 1, result.output
-    assert "otel: 1 broken chain sent as traces" in result.output
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "otel: 1 broken chain sent as traces" in result.stdout + result.stderr
     verdict = json.loads((reports / "verdict.json").read_text())
     (lost,) = verdict["flows"][0]["findings"]
     carried = lost["trace_id"]
