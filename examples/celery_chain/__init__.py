@@ -23,8 +23,7 @@ Every queue name starts with the caller's prefix; :meth:`Chain.close` deletes th
 from __future__ import annotations
 
 import threading
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from enum import StrEnum
 from typing import Any
@@ -33,6 +32,8 @@ from celery import Celery, chain  # type: ignore[import-untyped]
 from celery.contrib.testing.worker import start_worker  # type: ignore[import-untyped]
 from celery.exceptions import Ignore, Reject  # type: ignore[import-untyped]
 from kombu.entity import Exchange, Queue
+
+from examples.outcomes import Outcomes
 
 RESERVE = "celery.reserve"
 CHARGE = "celery.charge"
@@ -54,34 +55,6 @@ class Flaky(Exception):
 
 class Poison(Exception):
     """A failure that never goes away."""
-
-
-class Outcomes:
-    """What became of each order (shipped, dead, given up, lost), for waits with a deadline."""
-
-    def __init__(self) -> None:
-        self.ends: list[tuple[str, str]] = []
-        self.changed = threading.Condition()
-
-    def end(self, order_id: str, how: str) -> None:
-        with self.changed:
-            self.ends.append((order_id, how))
-            self.changed.notify_all()
-
-    def of(self, order_id: str) -> list[str]:
-        with self.changed:
-            return [how for o, how in self.ends if o == order_id]
-
-    def wait(self, orders: Iterable[str], timeout: float, *, ends: int = 1) -> bool:
-        """Wait until each of ``orders`` has come to ``ends`` ends (2 for a duplicate)."""
-        wanted = list(orders)
-
-        def done() -> bool:
-            seen = Counter(o for o, _ in self.ends)
-            return all(seen[o] >= ends for o in wanted)
-
-        with self.changed:
-            return self.changed.wait_for(done, timeout)
 
 
 def _queue(name: str, arguments: dict[str, str] | None = None) -> Queue:

@@ -18,8 +18,6 @@ meet; :meth:`Pipeline.close` deletes them.
 from __future__ import annotations
 
 import threading
-from collections import Counter
-from collections.abc import Iterable
 from enum import StrEnum
 from typing import Any
 
@@ -27,6 +25,8 @@ import dramatiq
 import pika  # type: ignore[import-untyped]
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.middleware import CurrentMessage, Middleware
+
+from examples import outcomes
 
 VALIDATE = "dramatiq.validate"
 STORE = "dramatiq.store"
@@ -49,36 +49,13 @@ class Poison(Exception):
     """A failure that never goes away."""
 
 
-class Outcomes(Middleware):
-    """What became of each order (stored, dead, given up, lost), for waits with a deadline."""
-
-    def __init__(self) -> None:
-        self.ends: list[tuple[str, str]] = []
-        self.changed = threading.Condition()
-
-    def end(self, order_id: str, how: str) -> None:
-        with self.changed:
-            self.ends.append((order_id, how))
-            self.changed.notify_all()
+class Outcomes(outcomes.Outcomes, Middleware):
+    """What became of each order (stored, dead, given up, lost); as a Dramatiq middleware it
+    also hears of the messages the worker rejects."""
 
     def after_nack(self, broker: Any, message: Any) -> None:
         if message.queue_name.endswith(STORE):  # nacked: RabbitMQ dead-letters it to .XQ
             self.end(message.kwargs["order_id"], "dead")
-
-    def of(self, order_id: str) -> list[str]:
-        with self.changed:
-            return [how for o, how in self.ends if o == order_id]
-
-    def wait(self, orders: Iterable[str], timeout: float, *, ends: int = 1) -> bool:
-        """Wait until each of ``orders`` has come to ``ends`` ends (2 for a duplicate)."""
-        wanted = list(orders)
-
-        def done() -> bool:
-            seen = Counter(o for o, _ in self.ends)
-            return all(seen[o] >= ends for o in wanted)
-
-        with self.changed:
-            return self.changed.wait_for(done, timeout)
 
 
 class Pipeline:
