@@ -388,6 +388,9 @@ class RedisAdapter(Adapter):
             # Every group's info and first page of pending entries in one round trip:
             # a command costs the tap (and Redis) several times what its reply does.
             pipe = client.pipeline(transaction=False)
+            # What the tap had read before the poll asks: only those entries existed when
+            # the stream's first entry was read (the reader goes on meanwhile).
+            read_before = dict(state.last)
             for key, group in groups:
                 name = state.channels[key]
                 # The stream's first entry before the group's info: an entry below it that
@@ -401,7 +404,8 @@ class RedisAdapter(Adapter):
                 if any(isinstance(r, redis_errors.ResponseError) for r in (first, infos, rows)):
                     continue  # the stream, or the group, does not exist yet
                 oldest = _s(first[0][0]) if first else None
-                await self._poll_group(client, state, sink, key, group, infos, rows, oldest)
+                known = read_before.get(state.channels[key], "0-0")
+                await self._poll_group(client, state, sink, key, group, infos, rows, oldest, known)
             polled = time.monotonic()
             if not any(state.unacked.get(g) for g in groups):
                 # Every entry read is acknowledged: until the tap reads another, no group
@@ -422,6 +426,7 @@ class RedisAdapter(Adapter):
         infos: list[dict[Any, Any]],
         rows: list[dict[str, Any]],
         oldest: str | None,
+        read_before: str,
     ) -> None:
         name = state.channels[key]
         info = next((i for i in infos if _s(i.get("name")) == group), None)
@@ -440,7 +445,7 @@ class RedisAdapter(Adapter):
             )
         seen = state.unacked.setdefault((key, group), {})
         last_delivered = _s(info.get("last-delivered-id")) or "0-0"
-        gone = trimmed_unread(seen, last_delivered, oldest)
+        gone = trimmed_unread(seen, last_delivered, oldest, read_before)
         for eid in gone:
             del seen[eid]
             why = f"trimmed from stream {name!r} before group {group!r} read it"

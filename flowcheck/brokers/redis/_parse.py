@@ -173,18 +173,25 @@ def pending_evidence(
     return out, acked
 
 
-def trimmed_unread(seen: Mapping[str, int], last_delivered: str, oldest: str | None) -> list[str]:
+def trimmed_unread(
+    seen: Mapping[str, int], last_delivered: str, oldest: str | None, read_before: str
+) -> list[str]:
     """The entries the tap read that a group never had delivered and that are gone from
     the stream (trimmed by MAXLEN or MINID, or XDEL): past the group's last-delivered-id,
     below the stream's first entry ``oldest`` (None: the stream is empty). ``oldest``
     must be read before ``last_delivered``: what was gone then and unread after is lost
-    to the group."""
+    to the group. Only entries up to ``read_before``, the last one the tap had read when
+    ``oldest`` was asked for, existed then: one read since may have been added after
+    (to a stream that was empty then) and is no evidence of trimming."""
     delivered = id_key(last_delivered)
     first = None if oldest is None else id_key(oldest)
+    known = id_key(read_before)
     return [
         eid
         for eid, count in seen.items()
-        if count == 0 and id_key(eid) > delivered and (first is None or id_key(eid) < first)
+        if count == 0
+        and delivered < id_key(eid) <= known
+        and (first is None or id_key(eid) < first)
     ]
 
 
