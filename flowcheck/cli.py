@@ -837,8 +837,9 @@ def run(
     def waiting(now: Waiting) -> None:
         nonlocal said_at
         line = (
-            f"{now.decided} of {_plural(now.chains, 'chain')} decided, "
-            f"{now.open} open, {now.left_s:.0f}s left"
+            f"{now.decided} of {now.chains} published "
+            f"{'chain' if now.chains == 1 else 'chains'} decided, "
+            f"{now.open} of any flow still open, {now.left_s:.0f}s left"
         )
         if status is not None:  # a live line on a terminal
             status.update(line)

@@ -238,7 +238,9 @@ async def test_run_says_how_its_wait_goes_every_few_seconds(
     assert 1 <= len(waited) <= 2, err
     assert all(i > start for i in waited), err
     first = lines[waited[0]]
-    assert first.startswith("flowcheck: waiting: 0 of 2 chains decided, 2 open, "), first
+    assert first.startswith(
+        "flowcheck: waiting: 0 of 2 published chains decided, 2 of any flow still open, "
+    ), first
     assert first.endswith("s left"), first
     left = int(first.removesuffix("s left").rsplit(", ", 1)[1])
     assert 0 < left < 20, first
