@@ -23,7 +23,7 @@ from flowcheck import tls
 from flowcheck._deps import require
 from flowcheck.brokers.base import Adapter, Drift, Sink, new_id, reach
 from flowcheck.errors import BrokerAuthError, BrokerError, BrokerUnreachable
-from flowcheck.observations import ID_HEADER, Kind, Observation, now
+from flowcheck.observations import ID_HEADER, RESENT_HEADER, Kind, Observation, now
 from flowcheck.propagation import producer_span
 from flowcheck.redact import redact_url
 from flowcheck.topology.model import Exchange, Queue, RabbitMQ
@@ -45,10 +45,6 @@ RECONNECT_WITHIN = 30.0  # seconds a publish waits for a lost broker to come bac
 CONFIRM_WITHIN = 30.0  # seconds a publish waits for the broker's confirm
 # Seconds the tap waits for the firehose to show its probe: it shows it at once when on.
 FIREHOSE_WITHIN = 1.0
-# Marks a message sent again because its connection was lost before the broker
-# confirmed it: the value counts the sends after the first. The copies share their
-# x-flowcheck-id and message_id, so the checker takes them for one message.
-RESENT_HEADER = "x-flowcheck-resent"
 # What a publish raises when its connection is gone: closed by the broker or the network
 # (aiormq says "<Connection ...> closed" with a plain RuntimeError, before aio-pika's
 # connection knows), or silent (no confirm in time).
