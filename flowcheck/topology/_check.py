@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from jsonschema import SchemaError
 from jsonschema.protocols import Validator as SchemaValidator
@@ -212,6 +212,12 @@ class Validator:
                 )
             else:
                 self.check_tls((*path, "tls"), broker.tls)
+                if own := url_tls_options(broker.url.get_secret_value(), secure):
+                    self.error(
+                        (*path, "tls"),
+                        f"is set and so is the URL's {', '.join(own)}: tls would replace "
+                        "them without a word; say it once, in tls",
+                    )
 
     def check_kafka_security(self, path: Path, broker: Kafka) -> None:
         sec = broker.security
@@ -826,3 +832,19 @@ def _limit_text(name: str, ch: Channel) -> str:
 
 def _a(kind: str) -> str:
     return ("an " if kind[:1] in "aeiou" else "a ") + kind
+
+
+# TLS settings a URL's query can carry: aiormq's for amqps://, redis-py's (ssl_*) for rediss://.
+_AMQPS_TLS = frozenset({"cafile", "capath", "cadata", "certfile", "keyfile", "no_verify_ssl"})
+
+
+def url_tls_options(url: str, scheme: str) -> list[str]:
+    """The TLS options in ``url``'s query, which a ``tls`` mapping would override."""
+    try:
+        pairs = parse_qsl(urlsplit(url).query, keep_blank_values=True)
+    except ValueError:
+        return []
+    names = dict.fromkeys(k for k, _ in pairs)
+    if scheme == "amqps":
+        return [k for k in names if k in _AMQPS_TLS]
+    return [k for k in names if k.startswith("ssl_")]

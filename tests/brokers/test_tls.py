@@ -182,6 +182,31 @@ channels:
     ), found
 
 
+def test_validate_refuses_tls_options_in_the_url_beside_tls(certs: Certs) -> None:
+    # tls replaces the URL's own TLS options: both set would drop one without a word.
+    found = problems(
+        certs,
+        """
+brokers:
+  rabbit: {kind: rabbitmq, url: "amqps://127.0.0.1:5671/?cafile=x.pem&heartbeat=5",
+           tls: {ca_file: ca.pem}}
+  redis: {kind: redis, url: "rediss://127.0.0.1:6380/0?ssl_cert_reqs=none&ssl_ca_certs=x.pem",
+          tls: {ca_file: ca.pem}}
+channels:
+  q: {kind: queue, broker: rabbit}
+  s: {kind: stream, broker: redis}
+""",
+    )
+    assert any("brokers.rabbit.tls: is set and so is the URL's cafile:" in p for p in found), found
+    assert any(
+        "brokers.redis.tls: is set and so is the URL's ssl_cert_reqs, ssl_ca_certs:" in p
+        for p in found
+    ), found
+    assert not any("heartbeat" in p for p in found), found
+    # Either one alone is fine.
+    load_in(certs, redis_yaml(1, "t", "{ca_file: ca.pem}"))
+
+
 def test_validate_refuses_oauthbearer(certs: Certs) -> None:
     found = problems(
         certs,
