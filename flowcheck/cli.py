@@ -54,7 +54,14 @@ ALLOW_UNJUDGED = click.option(
 
 
 def _outputs(command: Callable[P, R]) -> Callable[P, R]:
-    """``--json`` and ``--junit``, as ``check`` and ``run`` take them."""
+    """``--json``, ``--junit`` and ``--html``, as ``check`` and ``run`` take them."""
+    command = click.option(
+        "--html",
+        "html_path",
+        metavar="PATH",
+        callback=lambda _ctx, _param, value: _html_path(value),
+        help="Write the HTML report to PATH (the html extra).",
+    )(command)
     command = click.option(
         "--junit",
         "junit_path",
@@ -545,6 +552,18 @@ def _not_stdout(path: str | None) -> str | None:
     return path
 
 
+def _html_path(path: str | None) -> str | None:
+    """``--html``'s path; without bokeh, one line before any work is done (a run)."""
+    from flowcheck._deps import require
+
+    if _not_stdout(path) is not None:
+        try:
+            require("bokeh")
+        except MissingDependency as exc:
+            _fail(exc)
+    return path
+
+
 def _report(
     verdict: Verdict,
     report_dir: str | None,
@@ -553,6 +572,7 @@ def _report(
     gaps_block: bool = True,
     json_path: str | None = None,
     junit_path: str | None = None,
+    html_path: str | None = None,
 ) -> None:
     """Print the verdict and write the report files; then exit with the gate's result:
     0 passed, 1 failed, 3 a tap gap hid chains or the brokers differ from the topology
@@ -578,7 +598,7 @@ def _report(
     written: list[str] = []
     if report_dir is not None:
         written += map(str, write_reports(verdict, report_dir).values())
-    chosen = {"json": json_path, "junit": junit_path}
+    chosen = {"json": json_path, "junit": junit_path, "html": html_path}
     files = {fmt: path for fmt, path in chosen.items() if path not in (None, "-")}
     if files:
         written += map(str, write_reports(verdict, files).values())
@@ -655,6 +675,7 @@ def check(
     report_dir: str | None,
     json_path: str | None,
     junit_path: str | None,
+    html_path: str | None,
     allow_unjudged: bool,
 ) -> None:
     """Check a recorded TRACE against TOPOLOGY's flows, offline.
@@ -665,7 +686,7 @@ def check(
     chains that would otherwise have passed.
     """
     verdict = _check_trace(topology_file, trace_file, allow_unjudged)
-    _report(verdict, report_dir, json_path=json_path, junit_path=junit_path)
+    _report(verdict, report_dir, json_path=json_path, junit_path=junit_path, html_path=html_path)
 
 
 def _check_trace(topology_file: str, trace_file: str, allow_unjudged: bool) -> Verdict:
@@ -784,6 +805,7 @@ def run(
     no_apply: bool,
     json_path: str | None,
     junit_path: str | None,
+    html_path: str | None,
     allow_unjudged: bool,
 ) -> None:
     """Apply TOPOLOGY, tap it, publish a scenario, wait for every chain, check, report.
@@ -891,4 +913,5 @@ def run(
         gaps_block=not outcome.cut_short,
         json_path=json_path,
         junit_path=junit_path,
+        html_path=html_path,
     )

@@ -4,7 +4,9 @@ Starts a Kafka-compatible broker unless FLOWCHECK_KAFKA_BOOTSTRAP names one,
 starts every service of the shop (examples/shop) under a fresh prefix, runs
 `flowcheck run topologies/shop.yaml --scenario topologies/scenarios/shop.yaml`
 against them, and removes what the shop declared. Exits with flowcheck's code.
-Pass `--fault NAME` to break the shop on purpose and watch the gate fail.
+Pass `--fault NAME` to break the shop on purpose and watch the gate fail, and
+`--screenshot PATH` to save what headless Chromium shows of its HTML report
+(`--fault drop --screenshot docs/img/report.png` makes the docs' picture).
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -62,10 +67,46 @@ async def demo(
         return await proc.wait()
 
 
+def screenshot(page: Path, out: Path, *, width: int = 1280, height: int = 2400) -> Path:
+    """Save what headless Chromium shows of ``page`` in a window of ``width`` x ``height``,
+    once its plots are drawn; the PNG is re-packed as a palette image to stay small."""
+    from PIL import Image  # comes with bokeh, the html extra
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        raise SystemExit("demo: --screenshot needs Chromium (apt-get install chromium)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(
+            [
+                chromium,
+                "--headless=new",
+                "--disable-gpu",
+                "--no-sandbox",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=10000",  # the plots' scripts run before the shot
+                f"--screenshot={out}",
+                f"--window-size={width},{height}",
+                page.resolve().as_uri(),
+            ],
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
+    with Image.open(out) as shot:
+        small = shot.convert("RGB").quantize(colors=256)
+    small.save(out, optimize=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fault", action="append", default=[], choices=[f.value for f in Fault])
     parser.add_argument("--reports", default="reports/demo", help="where the trace and reports go")
+    parser.add_argument(
+        "--screenshot", metavar="PATH", help="save a picture of the HTML report here (PNG)"
+    )
     args = parser.parse_args()
     bootstrap = defaults.kafka_bootstrap()
     local = None
@@ -87,6 +128,9 @@ def main() -> int:
             local.stop()
     verdict = "passed" if code == 0 else "failed" if code == 1 else f"could not run (exit {code})"
     print(f"demo: the gate {verdict}; reports in {args.reports}/", flush=True)
+    if args.screenshot and code in (0, 1):
+        shot = screenshot(Path(args.reports) / "report.html", Path(args.screenshot))
+        print(f"demo: screenshot of the report: {shot}", flush=True)
     return code
 
 

@@ -1,4 +1,5 @@
-"""CI outputs of `check` and `run`: --json PATH|-, --junit PATH, $GITHUB_STEP_SUMMARY."""
+"""CI outputs of `check` and `run`: --json PATH|-, --junit PATH, --html PATH,
+$GITHUB_STEP_SUMMARY."""
 
 from __future__ import annotations
 
@@ -128,6 +129,52 @@ def test_junit_refuses_stdout(files: tuple[Path, Path, Path]) -> None:
     assert "only --json can write to stdout" in result.output
 
 
+def test_html_file(tmp_path: Path, files: tuple[Path, Path, Path]) -> None:
+    topology, failing, _ = files
+    page = tmp_path / "out" / "r.html"
+    result = CliRunner(env=_env()).invoke(
+        cli, ["check", str(topology), str(failing), "--html", str(page)]
+    )
+    assert result.exit_code == 1, result.output
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>")
+    assert "<span class='fail'>FAIL</span> flowcheck: t" in text
+    assert "<h4>key k1</h4>" in text  # the chain lost at a
+    assert f"reports: {page}\n" in result.output
+
+
+def test_html_refuses_stdout(files: tuple[Path, Path, Path]) -> None:
+    topology, _, passing = files
+    result = CliRunner(env=_env()).invoke(
+        cli, ["check", str(topology), str(passing), "--html", "-"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "only --json can write to stdout" in result.output
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_html_without_bokeh_is_one_line(
+    tmp_path: Path,
+    files: tuple[Path, Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+) -> None:
+    topology, _, passing = files
+    monkeypatch.setitem(sys.modules, "bokeh", None)  # what an import finds uninstalled
+    page, reports = tmp_path / "r.html", tmp_path / "reports"
+    args = [str(topology)] + ([str(passing)] if command == "check" else [])
+    args += ["--html", str(page), "--report-dir", str(reports)]
+    result = CliRunner(env=_env()).invoke(cli, [command, *args])
+    assert result.exit_code == 2, result.output
+    assert result.output == (
+        "flowcheck: the Python package 'bokeh' is needed here but is not installed; "
+        "install it with: pip install 'flowcheck[html]'\n"
+    )
+    # Said before any work: nothing judged, published or written.
+    assert not page.exists()
+    assert not reports.exists()
+
+
 def test_unwritable_json_path_is_one_line(tmp_path: Path, files: tuple[Path, Path, Path]) -> None:
     topology, _, passing = files
     blocker = tmp_path / "file"
@@ -202,7 +249,9 @@ async def test_run_json_dash_junit_and_summary(
     scenario.write_text('send: [{flow: order, count: 2, payload: {order_id: "{key}"}}]\n')
     summary, xml = tmp_path / "summary.md", tmp_path / "junit.xml"
     cmd = [*FLOWCHECK, "run", str(topology), "--scenario", str(scenario)]
+    page = tmp_path / "report.html"
     cmd += ["--report-dir", str(tmp_path / "reports"), "--json", "-", "--junit", str(xml)]
+    cmd += ["--html", str(page)]
     with anyio.fail_after(60):
         done = await anyio.run_process(cmd, check=False, env=_env(GITHUB_STEP_SUMMARY=str(summary)))
     out, err = done.stdout.decode(), done.stderr.decode()
@@ -214,7 +263,8 @@ async def test_run_json_dash_junit_and_summary(
     assert "PASS" in err
     root = ET.parse(xml).getroot()
     assert (root.get("failures"), root.find("testsuite/testcase") is not None) == ("0", True)
-    assert f"{xml}, {summary}" in err
+    assert f"{xml}, {page}, {summary}" in err
+    assert "<span class='pass'>PASS</span>" in page.read_text(encoding="utf-8")
     assert summary.read_text(encoding="utf-8").startswith("## ✅ PASS")
 
 

@@ -16,6 +16,7 @@ chains per flow the rest are listed as text, and the page says so.
 
 from __future__ import annotations
 
+from collections import Counter
 from html import escape
 from typing import TYPE_CHECKING, Any
 
@@ -111,14 +112,15 @@ def dumps(verdict: Verdict, *, max_swimlanes: int = MAX_SWIMLANES) -> str:
     from bokeh.resources import Resources
 
     plots: list[Model] = []
-    body: list[str] = [_headline(verdict)]
+    body: list[str] = [_headline(verdict), *_what_failed(verdict)]
     body += _flow_table(verdict.flows)
     paths = _flow_paths(verdict.flows)
     if paths is not None:
         body.append("<h2>Flows through the channels</h2>")
         body.append(
             "<p class='note'>Each flow's steps in order; on each hop, the messages that made "
-            "it and their p99; after the last step, the chains dead-lettered or given up.</p>"
+            "it and their p99; a red cross where lost chains stopped; after the last step, "
+            "the chains dead-lettered or given up.</p>"
         )
         body.append(_slot(plots, paths))
     unjudged = all_unjudged(verdict)
@@ -199,6 +201,26 @@ def _headline(verdict: Verdict) -> str:
         text = recording_text(verdict.recording)
         out.append(f"<p class='note'>{_e(text[0].upper() + text[1:])}.</p>")
     return "\n".join(out)
+
+
+def _what_failed(verdict: Verdict, most: int = 3) -> list[str]:
+    """Each failed flow at the top, in a line: its failed checks, and its first broken
+    chains with where each stopped; the flow's section below has the rest."""
+    out = []
+    for flow in verdict.flows:
+        if flow.passed:
+            continue
+        why = [f"{c.name}: {c.message}" for c in flow.checks if not c.passed]
+        why += [f"{u.expectation}: unjudged ({u.why})" for u in flow.unjudged]
+        chains = broken_chains(flow)
+        keys = [f"<li>key {_e(c.key)}: {_e(c.findings[0].message)}</li>" for c in chains[:most]]
+        if len(chains) > most:
+            keys.append(f"<li>and {plural(len(chains) - most, 'more broken chain')}</li>")
+        out.append(
+            f"<li><a href='#flow-{_e(flow.flow)}'>{_e(flow.flow)}</a> failed: "
+            f"{_e('; '.join(why))}" + (f"<ul>{''.join(keys)}</ul>" if keys else "") + "</li>"
+        )
+    return ["<h2>What failed</h2>", "<ul id='what-failed'>", *out, "</ul>"] if out else []
 
 
 def _flow_table(flows: list[FlowVerdict]) -> list[str]:
@@ -317,7 +339,7 @@ def _latency_table(latency: list[Latency]) -> list[str]:
 
 def _over_time(verdict: Verdict) -> Model | None:
     """The broken chains the verdict lists, placed at their start on the recording's time."""
-    from bokeh.models import ColumnDataSource, FactorRange, HoverTool
+    from bokeh.models import ColumnDataSource, FactorRange, HoverTool, Range1d
     from bokeh.models.annotations import BoxAnnotation
     from bokeh.plotting import figure
 
@@ -351,6 +373,8 @@ def _over_time(verdict: Verdict) -> Model | None:
         fig.add_layout(
             BoxAnnotation(left=g.at_ms, right=right, fill_color="#999999", fill_alpha=0.3)
         )
+    if end:  # the whole recording across: when in it things broke, not a zoom on them
+        fig.x_range = Range1d(start=0, end=max(end, last) * 1.02)
     fig.xaxis.axis_label = "ms since the recording started"
     return fig
 
@@ -367,6 +391,7 @@ def _flow_paths(flows: list[FlowVerdict]) -> Model | None:
     nodes: dict[str, list[Any]] = {"x": [], "flow": [], "channel": []}
     edges: dict[str, list[Any]] = {"x0": [], "x1": [], "flow": [], "label": [], "color": []}
     ends: dict[str, list[Any]] = {"x": [], "flow": [], "label": []}
+    lost: dict[str, list[Any]] = {"x": [], "flow": [], "label": []}
     width = 0
     for flow in rows:
         hops = [lat for lat in flow.latency if " -> " in lat.hop]
@@ -383,6 +408,12 @@ def _flow_paths(flows: list[FlowVerdict]) -> Model | None:
             p99 = f", p99 {ms(lat.stats.p99_ms)} ms" if lat.stats.p99_ms is not None else ""
             edges["label"].append(f"{lat.stats.count}{p99}")
             edges["color"].append("#2ca02c" if lat.passed else "#d62728")
+        # The lost chains the verdict lists, on the hop into the step that never came.
+        stops = Counter(f.next_step for f in flow.findings if f.next_step in steps[1:])
+        for step, n in stops.items():
+            lost["x"].append(steps.index(step) - 0.5)
+            lost["flow"].append(flow.flow)
+            lost["label"].append(f"{n} lost before {step}")
         tail = [f"{flow.dead_lettered} dead-lettered"] if flow.dead_lettered else []
         tail += [f"{flow.gave_up} gave up"] if flow.gave_up else []
         tail += [f"{flow.failed} failed"] if flow.failed else []
@@ -438,6 +469,21 @@ def _flow_paths(flows: list[FlowVerdict]) -> Model | None:
                 y_offset=-4,
                 text_color="#7f7f7f",
                 text_font_size="10px",
+            )
+        )
+    if lost["x"]:
+        marks = ColumnDataSource(lost)
+        fig.scatter("x", "flow", source=marks, marker="x", size=14, line_width=3, color="#d62728")
+        fig.add_layout(
+            LabelSet(
+                x="x",
+                y="flow",
+                text="label",
+                source=marks,
+                y_offset=-38,  # under the channels' names
+                text_align="center",
+                text_color="#d62728",
+                text_font_size="11px",
             )
         )
     fig.add_tools(HoverTool(renderers=[dots], tooltips=[("", "@flow: @channel")]))
@@ -508,7 +554,7 @@ def _latency_plot(latency: list[Latency]) -> Model:
 def _swimlane(chain: BrokenChain, gaps: list[Seen]) -> Model:
     """One lane per channel, time across; a red cross where the expected next step should be."""
     from bokeh.models import ColumnDataSource, FactorRange, HoverTool, Range1d
-    from bokeh.models.annotations import BoxAnnotation, Label
+    from bokeh.models.annotations import BoxAnnotation
     from bokeh.plotting import figure
 
     timeline = chain.timeline
@@ -543,15 +589,16 @@ def _swimlane(chain: BrokenChain, gaps: list[Seen]) -> Model:
     if expected:
         at = last + 0.15 * span
         fig.scatter([at], [expected], marker="x", size=16, line_width=3, color="#d62728")
-        fig.add_layout(
-            Label(
-                x=at,
-                y=0,
-                text=f"expected next: {expected}",
-                text_color="#d62728",
-                y_units="screen",
-                text_font_size="11px",
-            )
+        # Left of the cross, on its lane: inside the plot, however long the name.
+        fig.text(
+            [at],
+            [expected],
+            text=[f"expected next: {expected}, never came"],
+            text_align="right",
+            text_baseline="middle",
+            x_offset=-14,
+            text_color="#d62728",
+            text_font_size="11px",
         )
     for g in gaps:
         end = g.until_ms if g.until_ms is not None else last + span

@@ -1,65 +1,23 @@
 """The HTML report: what it says, that it stays small, and that a real browser renders it.
 
-The browser test needs Chromium (Debian's ``chromium``; .ci/run installs it) and fails,
-not skips, without it.
+The browser tests need Chromium (tests/reporting/headless.py) and fail, not skip,
+without it.
 """
 
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import scenarios
+from headless import browse, rendered
 
 from flowcheck.checker import Seen, Verdict
 from flowcheck.errors import MissingDependency
 from flowcheck.reporting import html, write_reports
-
-CHROMIUM = "chromium"
-
-
-def chromium() -> str:
-    path = shutil.which(CHROMIUM)
-    assert path is not None, (
-        "the HTML report's browser test needs Chromium: apt-get install chromium (.ci/run does)"
-    )
-    return path
-
-
-def browse(page: Path, tmp: Path, *extra: str) -> str:
-    """Open ``page`` in headless Chromium and return its DOM once its scripts ran."""
-    out = subprocess.run(
-        [
-            chromium(),
-            "--headless=new",
-            "--disable-gpu",
-            "--no-sandbox",
-            "--hide-scrollbars",
-            f"--user-data-dir={tmp / 'profile'}",
-            "--virtual-time-budget=10000",
-            *extra,
-            page.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    return out.stdout
-
-
-def rendered(dom: str) -> tuple[int, int, str]:
-    """(plots bokeh drew, plots on the page, script errors the page recorded) from a DOM dump."""
-    count = re.search(r'data-rendered="(\d+) of (\d+)"', dom)
-    assert count is not None, "the page never finished rendering its plots"
-    errors = re.search(r'<pre id="fc-errors">(.*?)</pre>', dom, re.S)
-    assert errors is not None
-    return int(count.group(1)), int(count.group(2)), errors.group(1)
 
 
 def test_failing_report_says_what_failed() -> None:
@@ -83,6 +41,16 @@ def test_failing_report_says_what_failed() -> None:
     assert "<h2>Flows through the channels</h2>" in page
     assert '"5, p99 79.9 ms"' in page
     assert '"2 dead-lettered, 4 failed"' in page
+    # where the lost chains stopped: on their flow's path, and on their swimlane
+    assert '"1 lost before pay"' in page
+    assert "expected next: pay, never came" in page
+    # what failed, at the top: the failed checks, the first broken chains and the count left
+    top = re.search(r"<ul id='what-failed'>(.*?)</ul>\n", page, re.S)
+    assert top is not None
+    assert top.group(1).startswith("\n<li><a href='#flow-checkout'>checkout</a> failed: chains: ")
+    assert "<li>key k-lost: timed out after &#x27;billing&#x27;: no &#x27;pay&#x27;" in top.group(1)
+    assert "<li>and 1 more broken chain</li>" in top.group(1)
+    assert "audit" not in top.group(1)  # it passed
     assert "<h2>Over the recording</h2>" in page
     # nothing to fetch: every script inline, no stylesheet or image from elsewhere
     assert not re.search(r"<script[^>]*\bsrc=|<link\b|<img\b", page)
