@@ -461,9 +461,10 @@ def picture(topology: Topology, verdict: Verdict) -> Model | None:
             )
         )
     fig.add_tools(HoverTool(renderers=[dots], tooltips=[("", "@name: @what")]))
-    box = fig.legend[0]  # under the plot, off the nodes
-    fig.center.remove(box)
-    fig.add_layout(box, "below")
-    box.label_text_font_size = "9px"
-    box.orientation = "horizontal"
+    if fig.legend:  # none for a lone channel: no edge
+        box = fig.legend[0]  # under the plot, off the nodes
+        fig.center.remove(box)
+        fig.add_layout(box, "below")
+        box.label_text_font_size = "9px"
+        box.orientation = "horizontal"
     return fig

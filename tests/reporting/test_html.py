@@ -165,6 +165,7 @@ def test_report_command_renders_a_kept_trace(tmp_path: Path) -> None:
     page = out.read_text(encoding="utf-8")
     assert "<h4>key k-lost</h4>" in page
     assert "expected next: pay" in page
+    assert "<h2 id='topology'>The topology</h2>" in page  # the topology it was checked against
     missing = CliRunner().invoke(cli, ["report", str(topology), str(tmp_path / "none.jsonl")])
     assert missing.exit_code == 2
 
@@ -274,6 +275,18 @@ def test_every_example_topology_is_drawn(name: str) -> None:
     }
     assert len(set(places.values())) == len(places), "two nodes in one place"
     assert "<h2 id='topology'>" in html.dumps(verdict, topology=top)
+
+
+def test_a_lone_channel_is_drawn() -> None:
+    from flowcheck.checker import check
+    from flowcheck.topology import loads
+
+    top = loads(
+        "name: one\nbrokers: {r: {kind: redis}}\nchannels: {s: {broker: r, kind: stream}}\n"
+        "flows: {f: {correlate: $.id, steps: [s]}}\n"
+    )
+    page = html.dumps(check(top, []), topology=top)
+    assert "<h2 id='topology'>The topology</h2>" in page
 
 
 def test_passing_chains_are_sampled_and_say_so() -> None:
