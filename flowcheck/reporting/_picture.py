@@ -287,7 +287,7 @@ def picture(topology: Topology, verdict: Verdict) -> Model | None:
     xs = [x for x, _ in places.values()]
     ys = [y for _, y in places.values()]
     width = max(800, 110 * int(max(xs) - min(xs) + 2))
-    height = 150 + 95 * int(max(ys) * -1 + 1)
+    height = 190 + 100 * int(max(ys) * -1 + 1)  # the legend below takes some
     left, right, bottom, top = min(xs) - 0.8, max(xs) + 0.8, min(ys) - 0.7, 0.9
     fig = figure(
         x_range=Range1d(start=left, end=right),
