@@ -573,8 +573,10 @@ def _report(
     json_path: str | None = None,
     junit_path: str | None = None,
     html_path: str | None = None,
+    topology: Topology | None = None,
 ) -> None:
-    """Print the verdict and write the report files; then exit with the gate's result:
+    """Print the verdict and write the report files (``topology``, the one judged, is
+    drawn in report.html); then exit with the gate's result:
     0 passed, 1 failed, 3 a tap gap hid chains or the brokers differ from the topology
     (see :func:`flowcheck.gate.decide`).
 
@@ -597,11 +599,11 @@ def _report(
     terminal.render(verdict, console)
     written: list[str] = []
     if report_dir is not None:
-        written += map(str, write_reports(verdict, report_dir).values())
+        written += map(str, write_reports(verdict, report_dir, topology=topology).values())
     chosen = {"json": json_path, "junit": junit_path, "html": html_path}
     files = {fmt: path for fmt, path in chosen.items() if path not in (None, "-")}
     if files:
-        written += map(str, write_reports(verdict, files).values())
+        written += map(str, write_reports(verdict, files, topology=topology).values())
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
         try:
@@ -685,11 +687,20 @@ def check(
     went unjudged, 2 for a bad topology or trace file, 3 when a tap gap hid
     chains that would otherwise have passed.
     """
-    verdict = _check_trace(topology_file, trace_file, allow_unjudged)
-    _report(verdict, report_dir, json_path=json_path, junit_path=junit_path, html_path=html_path)
+    verdict, topology = _check_trace(topology_file, trace_file, allow_unjudged)
+    _report(
+        verdict,
+        report_dir,
+        json_path=json_path,
+        junit_path=junit_path,
+        html_path=html_path,
+        topology=topology,
+    )
 
 
-def _check_trace(topology_file: str, trace_file: str, allow_unjudged: bool) -> Verdict:
+def _check_trace(
+    topology_file: str, trace_file: str, allow_unjudged: bool
+) -> tuple[Verdict, Topology]:
     """Judge a kept trace against a topology file, as ``check`` and ``report`` do; warnings
     go to stderr, a bad file exits 2. Broken chains go to an OTLP endpoint when one is set."""
     from flowcheck.checker import Checker, Recording
@@ -753,7 +764,7 @@ def _check_trace(topology_file: str, trace_file: str, allow_unjudged: bool) -> V
         )
         click.echo(f"flowcheck: warning: no chain was decided: {why}", err=True)
     _export(verdict, topology, reader.header.started)
-    return verdict
+    return verdict, topology
 
 
 @cli.command()
@@ -774,9 +785,9 @@ def report(topology_file: str, trace_file: str, out: str, allow_unjudged: bool) 
     """
     from flowcheck.reporting import write_reports
 
-    verdict = _check_trace(topology_file, trace_file, allow_unjudged)
+    verdict, topology = _check_trace(topology_file, trace_file, allow_unjudged)
     try:
-        path = write_reports(verdict, {"html": out})["html"]
+        path = write_reports(verdict, {"html": out}, topology=topology)["html"]
     except FlowcheckError as exc:
         _fail(exc)
     click.echo(f"report: {path} ({'PASS' if verdict.passed else 'FAIL'})")
@@ -914,4 +925,5 @@ def run(
         json_path=json_path,
         junit_path=junit_path,
         html_path=html_path,
+        topology=topology,
     )

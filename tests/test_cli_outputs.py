@@ -118,6 +118,8 @@ def test_json_dash_is_the_verdict_alone_on_stdout(
     # The terminal report and the paths went to stderr.
     assert ("FAIL" if which == "failing" else "PASS") in done.stderr
     assert f"reports: {reports / 'verdict.json'}" in done.stderr
+    # report.html draws the topology the trace was checked against
+    assert "<h2 id='topology'>" in (reports / "report.html").read_text(encoding="utf-8")
 
 
 def test_junit_refuses_stdout(files: tuple[Path, Path, Path]) -> None:

@@ -76,6 +76,7 @@ PUBLIC = {
         "FindingKind",
         "FlowVerdict",
         "Latency",
+        "Passed",
         "Percentiles",
         "Recording",
         "Seen",

@@ -92,5 +92,7 @@ def decide(state: FlowState, chain: Chain, *, ended: bool) -> None:
         counts["failed"] += 1
     else:
         counts["succeeded"] += 1
+        whole = spans[-1]
+        state.passing.offer(chain.key, None if whole is None else whole[0])
     if chain.dead:
         counts["dead_lettered"] += 1

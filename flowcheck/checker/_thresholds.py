@@ -102,6 +102,7 @@ def verdict(state: FlowState, allow_unjudged: bool) -> FlowVerdict:
         unknown=counts["unknown"],
         dead_lettered=counts["dead_lettered"],
         gave_up=counts["gave_up"],
+        passing=state.passing.sample(),
         checks=checks,
         latency=lat,
         # Findings about the whole flow first: never behind the chains' many.

@@ -222,6 +222,21 @@ class Recording(BaseModel):
     )
 
 
+# Passing chains kept per flow, a sample for reports: the rest are counted, not listed.
+PASSING_SAMPLE = 20
+
+
+class Passed(BaseModel):
+    """One chain that succeeded, of a flow's bounded sample (``FlowVerdict.passing``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    took_ms: float | None = Field(
+        None, description="end to end, first step to last; None when not measured"
+    )
+
+
 class FlowVerdict(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -242,6 +257,11 @@ class FlowVerdict(BaseModel):
     findings_total: dict[str, int] = Field(default_factory=dict, description="per kind")
     unjudged: list[Unjudged] = Field(
         default_factory=list, description="declared expectations that could not be judged"
+    )
+    passing: list[Passed] = Field(
+        default_factory=list,
+        description=f"a sample of the chains that succeeded, at most {PASSING_SAMPLE}, drawn "
+        "evenly from all of them (a reservoir seeded by the flow's name), in decision order",
     )
 
 

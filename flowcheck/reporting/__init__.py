@@ -22,6 +22,7 @@ from flowcheck.checker.verdict import Verdict
 from flowcheck.errors import UsageError
 from flowcheck.reporting import html, json, junit, markdown
 from flowcheck.reporting._common import ms, outcomes, plural, unjudged_text
+from flowcheck.topology import Topology
 
 # format -> (file name in a report directory, writer)
 FORMATS: Mapping[str, tuple[str, Callable[[Verdict], str]]] = {
@@ -38,6 +39,8 @@ def write_reports(
     verdict: Verdict,
     target: StrPath | Mapping[str, StrPath],
     formats: Iterable[str] | None = None,
+    *,
+    topology: Topology | None = None,
 ) -> dict[str, Path]:
     """Write ``verdict`` in each of ``formats``; returns the path written per format.
 
@@ -46,6 +49,8 @@ def write_reports(
     to file path. ``formats`` defaults to all of :data:`FORMATS` for a directory
     (without html when bokeh, the ``html`` extra, is not installed), and to the
     mapping's keys for a mapping. Files are replaced, not appended to.
+
+    ``topology``, the one the verdict judged, is drawn in the HTML report.
 
     Raises :class:`~flowcheck.errors.UsageError` for an unknown format, a format
     with no path in the mapping, or a file that cannot be written.
@@ -69,7 +74,11 @@ def write_reports(
         )
     written: dict[str, Path] = {}
     for fmt, path in paths.items():
-        text = FORMATS[fmt][1](verdict)  # render before touching the file: no half reports
+        # Render before touching the file: no half reports.
+        if fmt == "html" and topology is not None:
+            text = html.dumps(verdict, topology=topology)
+        else:
+            text = FORMATS[fmt][1](verdict)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")

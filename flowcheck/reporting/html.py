@@ -9,7 +9,9 @@ channels (messages and p99 per hop); the broken chains over the recording's time
 per flow its counts, checks and unjudged expectations; each broken chain as a
 swimlane (one lane per channel, time across, where it stopped and what was
 expected next) with tap gaps shaded; the latency percentiles of every hop against
-their budgets; the gaps.
+their budgets; the gaps; with the topology, the topology as a picture (services,
+channels, retry and dead-letter routes, messages and p99 per hop on the edges); per
+flow a sample of its passing chains.
 The verdict lists a bounded number of findings, and past :data:`MAX_SWIMLANES`
 chains per flow the rest are listed as text, and the page says so.
 """
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from flowcheck._deps import require
 from flowcheck.checker.verdict import FlowVerdict, Latency, Seen, Verdict
+from flowcheck.reporting import _picture
 from flowcheck.reporting._common import (
     PERCENTILES,
     BrokenChain,
@@ -42,6 +45,8 @@ from flowcheck.reporting._common import (
 
 if TYPE_CHECKING:
     from bokeh.model import Model
+
+    from flowcheck.topology import Topology
 
 MAX_SWIMLANES = 12  # drawn per flow; the rest are listed as text, the page stays light
 KIND_COLORS = {
@@ -104,8 +109,11 @@ section.flow { border-top: 2px solid #ddd; margin-top: 1.5em; }
 </style>"""
 
 
-def dumps(verdict: Verdict, *, max_swimlanes: int = MAX_SWIMLANES) -> str:
-    """The report as one HTML document, scripts inline."""
+def dumps(
+    verdict: Verdict, *, max_swimlanes: int = MAX_SWIMLANES, topology: Topology | None = None
+) -> str:
+    """The report as one HTML document, scripts inline; with the ``topology`` the verdict
+    judged, it draws it too (services, channels, their routes, the verdict's figures)."""
     require("bokeh")
     from bokeh.document import Document
     from bokeh.embed import components
@@ -114,6 +122,8 @@ def dumps(verdict: Verdict, *, max_swimlanes: int = MAX_SWIMLANES) -> str:
     plots: list[Model] = []
     body: list[str] = [_headline(verdict), *_what_failed(verdict)]
     body += _flow_table(verdict.flows)
+    if topology is not None:
+        body += _topology(topology, verdict, plots)
     paths = _flow_paths(verdict.flows)
     if paths is not None:
         body.append("<h2>Flows through the channels</h2>")
@@ -310,6 +320,7 @@ def _flow_section(
                 for c in rest
             ]
             out.append("</ul>")
+    out += _passing(flow)
     others = other_findings(flow)
     if others:
         out.append("<h3>Other findings</h3><ul>")
@@ -332,6 +343,41 @@ def _latency_table(latency: list[Latency]) -> list[str]:
             f"<td>{_e(budget_text(lat))}</td><td class='{res}'>{res}</td></tr>"
         )
     return [*out, "</table>"]
+
+
+# ---------------------------------------------------------------- topology and samples
+
+
+def _topology(topology: Topology, verdict: Verdict, plots: list[Model]) -> list[str]:
+    fig = _picture.picture(topology, verdict)
+    if fig is None:
+        return []
+    return [
+        "<h2 id='topology'>The topology</h2>",
+        "<p class='note'>Who publishes and consumes what: services (circles), channels "
+        "(squares) in the order the flows pass them, the channels of retries and dead "
+        f"letters under theirs. {_e(_picture.UNKNOWN_NOTE)}</p>",
+        _slot(plots, fig),
+    ]
+
+
+def _passing(flow: FlowVerdict) -> list[str]:
+    """The verdict's sample of passing chains: which ones, and how long each took."""
+    if not flow.succeeded:
+        return []
+    shown = len(flow.passing)
+    how = "all" if shown == flow.succeeded else "sampled"
+    out = [
+        "<h3>Passing chains</h3>",
+        f"<p class='note passing'>{shown} of {flow.succeeded} passing chains shown ({how}).</p>",
+    ]
+    if flow.passing:
+        out.append("<table class='passing'><tr><th>key</th><th>end to end (ms)</th></tr>")
+        out += [
+            f"<tr><td>{_e(p.key)}</td><td class='n'>{ms(p.took_ms)}</td></tr>" for p in flow.passing
+        ]
+        out.append("</table>")
+    return out
 
 
 # ---------------------------------------------------------------- plots

@@ -242,6 +242,56 @@ def doc_example() -> Verdict:
     return run(loads(DOC_TOPOLOGY), h.items)
 
 
+SHOP = Path(__file__).resolve().parents[2] / "topologies" / "shop.yaml"
+
+
+@cache
+def shop() -> tuple[Topology, Verdict]:
+    """topologies/shop.yaml and a verdict of it: five orders shipped, one lost after
+    billing, one poison order dead-lettered from billing as the flow expects."""
+    from flowcheck.topology import load
+
+    top = load(str(SHOP))
+    h = History("order-to-shipment")
+    for i in range(5):
+        key = f"o{i}"
+        body = {"order_id": key, "amount": 1, "address": "here"}
+        h.at(i * 10).routed("shop.orders", key, body, routing_key="order.placed")
+        h.routed("billing.orders", key, body)
+        h.at(i * 10 + 30).routed("payments", key, body, partition=0, offset=i)
+        h.at(i * 10 + 60).routed("shipments", key, body)
+    lost = {"order_id": "o-lost", "amount": 1, "address": "here"}
+    h.at(100).routed("shop.orders", "o-lost", lost, routing_key="order.placed")
+    h.routed("billing.orders", "o-lost", lost)
+    bad = {"order_id": "o-poison", "amount": 1, "address": "here", "poison": True}
+    h.at(200).routed("shop.orders", "o-poison", bad, routing_key="order.placed")
+    h.routed("billing.orders", "o-poison", bad)
+    h.add(
+        Kind.DEAD_LETTERED,
+        "billing.orders.dlq",
+        "o-poison",
+        bad,
+        reason="delivery_limit",
+        origin="billing.orders",
+    )
+    return top, run(top, h.items)
+
+
+@cache
+def many(chains: int = 10_000, broken: int = 100) -> Verdict:
+    """``chains`` chains of checkout, the first ``broken`` of them lost after billing (the
+    rest complete), as the checker judges them: the scale the HTML report is held to."""
+    h = History("checkout")
+    for i in range(chains):
+        key = f"order-{i:05d}"
+        if i < broken:
+            h.at(i).routed("orders", key)
+            h.routed("billing", key)
+        else:
+            healthy(h, key, i, i)
+    return run(topology(), h.items, end_ms=chains + 60_000)
+
+
 if __name__ == "__main__":
     from flowcheck.reporting.json import dumps
 
