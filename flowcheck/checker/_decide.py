@@ -122,20 +122,22 @@ def tally(state: FlowState, chain: Chain, fate: str) -> None:
         n = _retries.attempts(state, chain, i)
         if n is None or n < 2:
             continue
-        # Place the retries at the observations that showed them, the latest ones.
+        # Place the retries at the observations that showed them, the latest ones; those
+        # only a count told of (a dead letter's), at that dead letter.
         shown = [o.mono_ns for o in chain.retry_arrivals[i]]
         shown += [
             o.mono_ns
             for o in chain.deliveries[i]
             if o.kind is _REDELIVERED or (o.delivery_count or 0) > 1
         ]
-        shown += [o.mono_ns for o in chain.dead if state.origin_step(o) == i]
         shown.sort()
         at = shown[1 - n :]
         for t in at:
             series.add("retries", t)
         if len(at) < n - 1:
-            series.add("retries", at[-1] if at else first, n - 1 - len(at))
+            dead = [o.mono_ns for o in chain.dead if state.origin_step(o) == i]
+            told = dead[0] if dead else at[-1] if at else first
+            series.add("retries", told, n - 1 - len(at))
 
 
 def _last(chain: Chain) -> int:
