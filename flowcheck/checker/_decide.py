@@ -117,19 +117,19 @@ def tally(state: FlowState, chain: Chain, fate: str) -> None:
     if chain.dead:
         series.add("dead_letters", chain.dead[0].mono_ns)
     for i in range(state.n):
-        if not (chain.retry_arrivals[i] or chain.deliveries[i] or chain.dead):
-            continue
-        n = _retries.attempts(state, chain, i)
-        if n is None or n < 2:
-            continue
-        # Place the retries at the observations that showed them, the latest ones; those
-        # only a count told of (a dead letter's), at that dead letter.
+        # The retries of step i, placed at the observations that showed them (the latest
+        # ones); those only a count told of (a dead letter's), at that dead letter.
         shown = [o.mono_ns for o in chain.retry_arrivals[i]]
         shown += [
             o.mono_ns
             for o in chain.deliveries[i]
             if o.kind is _REDELIVERED or (o.delivery_count or 0) > 1
         ]
+        if not (shown or chain.dead):
+            continue  # nothing shows a second attempt: the common case, kept cheap
+        n = _retries.attempts(state, chain, i)
+        if n is None or n < 2:
+            continue
         shown.sort()
         at = shown[1 - n :]
         for t in at:

@@ -376,7 +376,7 @@ def _rates(verdict: Verdict) -> Model | None:
         lines: list[Any] = [
             fig.step("t", name, source=source, mode="after", color=color, legend_label=label)
             for name, label, color in RATE_LINES
-            if any(data[name])
+            if name == "completed" or any(data[name])  # the throughput, even if none
         ]
         tips = [(label, f"@{name}{{0.[00]}}/s") for name, label, _ in RATE_LINES]
         fig.add_tools(
@@ -387,9 +387,8 @@ def _rates(verdict: Verdict) -> Model | None:
             fig.add_layout(
                 BoxAnnotation(left=g.at_ms, right=right, fill_color="#999999", fill_alpha=0.3)
             )
-        if lines:
-            fig.legend.location = "top_left"
-            fig.legend.label_text_font_size = "9px"
+        fig.legend.location = "top_left"
+        fig.legend.label_text_font_size = "9px"
         fig.yaxis.axis_label = "per second"
         figs.append(fig)
     figs[-1].xaxis.axis_label = "ms since the recording started"
