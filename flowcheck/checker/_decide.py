@@ -23,10 +23,13 @@ from flowcheck.checker import (
 )
 from flowcheck.checker._chain import Chain
 from flowcheck.checker._hist import Span
+from flowcheck.observations import Kind
 from flowcheck.topology.model import DeadLetterRule
 
 if TYPE_CHECKING:
     from flowcheck.checker._flow import FlowState
+
+_REDELIVERED = Kind.REDELIVERED
 
 # A check of a decided chain: (state, chain, its dead-letter rule, its spans per hop).
 ChainCheck = Callable[["FlowState", Chain, DeadLetterRule | None, list[Span | None]], None]
@@ -80,6 +83,7 @@ def decide(state: FlowState, chain: Chain, *, ended: bool) -> None:
         for run in state.checks:
             run(state, chain, rule, spans)
     failed = state.chain_failures > before
+    gave_up = state.counts["gave_up"]
     state.giving = None
     if not failed:  # a failed chain fails the flow's threshold whatever went unjudged
         state.unjudged.update(state.deciding)
@@ -96,3 +100,51 @@ def decide(state: FlowState, chain: Chain, *, ended: bool) -> None:
         state.passing.offer(chain.key, None if whole is None else whole[0])
     if chain.dead:
         counts["dead_lettered"] += 1
+    tally(state, chain, "unknown" if undecided and not failed else "failed" if failed else "")
+    if counts["gave_up"] > gave_up:
+        state.series.add("gave_up", _last(chain))
+
+
+def tally(state: FlowState, chain: Chain, fate: str) -> None:
+    """Count a decided chain in the flow's series over time; ``fate`` is failed, unknown
+    or empty (it succeeded)."""
+    series, first = state.series, chain.first_ns
+    series.add("started", first)
+    if fate:
+        series.add(fate, first)
+    else:
+        ends = [o.mono_ns for a in chain.arrivals for o in a.values()]
+        ends += [o.mono_ns for o in chain.dead]  # a poison message ends in its dead letter
+        series.add("completed", max(ends, default=first))
+    if chain.dead:
+        series.add("dead_letters", chain.dead[0].mono_ns)
+    for i in range(state.n):
+        # The retries of step i, placed at the observations that showed them (the latest
+        # ones); those only a count told of (a dead letter's), at that dead letter.
+        shown = [o.mono_ns for o in chain.retry_arrivals[i]]
+        shown += [
+            o.mono_ns
+            for o in chain.deliveries[i]
+            if o.kind is _REDELIVERED or (o.delivery_count or 0) > 1
+        ]
+        if not (shown or chain.dead):
+            continue  # nothing shows a second attempt: the common case, kept cheap
+        n = _retries.attempts(state, chain, i)
+        if n is None or n < 2:
+            continue
+        shown.sort()
+        at = shown[1 - n :]
+        for t in at:
+            series.add("retries", t)
+        if len(at) < n - 1:
+            dead = [o.mono_ns for o in chain.dead if state.origin_step(o) == i]
+            told = dead[0] if dead else at[-1] if at else first
+            series.add("retries", told, n - 1 - len(at))
+
+
+def _last(chain: Chain) -> int:
+    """When the chain was last seen arriving, attempted or delivered."""
+    times = [o.mono_ns for a in chain.arrivals for o in a.values()]
+    times += [o.mono_ns for r in chain.retry_arrivals for o in r]
+    times += [o.mono_ns for d in chain.deliveries for o in d]
+    return max(times, default=chain.first_ns)

@@ -19,6 +19,7 @@ from flowcheck.checker._chain import Chain, Places, identity, place, which
 from flowcheck.checker._hist import Hist, Span, span
 from flowcheck.checker._match import matches
 from flowcheck.checker._sample import Reservoir
+from flowcheck.checker._series import Series
 from flowcheck.checker.verdict import (
     CHAIN_KINDS,
     CheckName,
@@ -159,6 +160,7 @@ class FlowState:
         self.hops = [Hist() for _ in flow.steps]  # hops[i]: step i-1 -> step i (0 unused)
         self.e2e = Hist()
         self.passing = Reservoir(name)  # a sample of the succeeded chains, for reports
+        self.series = Series(start_ns)  # decided chains over the recording's time
         # ordering: group -> [(step-0 ns, key, [places per step]), ...] of decided chains
         self.order_groups: dict[str, list[tuple[int, str, list[Places]]]] = {}
         self.order_log: deque[tuple[int, str]] = deque()  # (start, group) in decision order
@@ -274,6 +276,7 @@ class FlowState:
         """Decide every open chain at the recording's end; returns how many of them
         are unknown because it came before their window was over."""
         self.ending = end_ns
+        self.series.reach(end_ns)  # the buckets span the whole recording
         cut = 0
         for chain in list(self.chains.values()):
             ended = chain.first_ns + self.window_ns > end_ns

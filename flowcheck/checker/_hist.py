@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterable
 
 from hdrh.histogram import HdrHistogram
 
-from flowcheck.checker.verdict import Percentiles
+from flowcheck.checker.verdict import Histogram, Percentiles
 from flowcheck.observations import Kind, Observation
 
 _PUBLISHED = Kind.PUBLISHED
@@ -34,6 +36,7 @@ class Hist:
 
     FLUSH_AT = 4096  # distinct values held before handing them to the histogram
     TOP_US = 3_600_000_000  # the histogram's range: an hour
+    BINS = 40  # at most, in the verdict's histogram
 
     def __init__(self) -> None:
         self.hist = HdrHistogram(1, self.TOP_US, 3)
@@ -92,6 +95,32 @@ class Hist:
             p95_ms=ms(95),
             p99_ms=ms(99),
             max_ms=round(float(self.hist.get_max_value()) / 1000, 3),
+        )
+
+    def bins(self) -> Histogram:
+        """The samples in at most :attr:`BINS` log-spaced bins, from the lowest value
+        equivalent to the smallest to past the largest (the histogram's own buckets)."""
+        self.flush()
+        hist = self.hist
+        if hist.get_total_count() == 0:
+            return Histogram()
+        lo = max(hist.get_lowest_equivalent_value(hist.get_min_value()), 1)
+        hi = hist.get_highest_equivalent_value(hist.get_max_value()) + 1
+        # Bins no finer than 1% apart: the few values of a small sample keep some width.
+        n = max(1, min(self.BINS, math.ceil(math.log(hi / lo) / math.log(1.01))))
+        edges = [lo * (hi / lo) ** (k / n) for k in range(n + 1)]
+        counts = [0] * n
+        for item in hist.get_recorded_iterator():
+            # Below the first edge only a zero (a sub-microsecond hop): the first bin.
+            i = bisect_right(edges, item.value_iterated_to) - 1
+            counts[min(max(i, 0), n - 1)] += item.count_at_value_iterated_to
+        edges[0] = min(edges[0], float(hist.get_min_value()))
+        # Empty bins at the top or bottom say nothing: cut them.
+        first = next(i for i, c in enumerate(counts) if c)
+        last = max(i for i, c in enumerate(counts) if c)
+        return Histogram(
+            edges_ms=[float(f"{e / 1000:.6g}") for e in edges[first : last + 2]],
+            counts=counts[first : last + 1],
         )
 
 

@@ -94,6 +94,7 @@ def judge(
         clock=clock,
         error_ms=round(hist.error_ms, 3),
         stats=stats,
+        histogram=hist.bins(),
         budget_ms=budgets,
         passed=passed,
         tap_late_ms=late_ms,

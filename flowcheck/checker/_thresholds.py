@@ -115,4 +115,5 @@ def verdict(state: FlowState, allow_unjudged: bool) -> FlowVerdict:
         ),
         findings_total=dict(totals),
         unjudged=unjudged,
+        over_time=state.series.model(),
     )

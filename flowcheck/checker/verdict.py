@@ -155,6 +155,20 @@ class Percentiles(BaseModel):
     max_ms: float | None = None
 
 
+class Histogram(BaseModel):
+    """The samples of a hop in at most 40 bins, spaced evenly on a log scale between the
+    smallest and the largest (the histogram's own resolution: a microsecond, three
+    significant digits). Bin ``i`` holds the samples from ``edges_ms[i]`` up to
+    ``edges_ms[i + 1]``; the counts add up to ``stats.count``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    edges_ms: list[float] = Field(
+        default_factory=list, description="the bins' edges, one more than the bins; ascending"
+    )
+    counts: list[int] = Field(default_factory=list, description="samples per bin")
+
+
 class Latency(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -166,6 +180,10 @@ class Latency(BaseModel):
     )
     error_ms: float = Field(0.0, description="how far off a sample may be, at most")
     stats: Percentiles
+    histogram: Histogram = Field(
+        default_factory=Histogram,
+        description="the samples of the percentiles in log-spaced bins, to draw",
+    )
     budget_ms: dict[str, float] = Field(default_factory=dict)
     passed: bool = True
     tap_late_ms: float = Field(
@@ -237,6 +255,33 @@ class Passed(BaseModel):
     )
 
 
+class OverTime(BaseModel):
+    """A flow's chains, retries and dead letters over the recording, in equal time buckets.
+
+    Bucket ``i`` covers ``[i * bucket_ms, (i + 1) * bucket_ms)`` ms since the recording
+    started (the monotonic clock of ``at_ms``); the buckets reach the recording's end.
+    There are at most 120: they start 1 ms wide and double in width (pairs merged) as
+    the recording outgrows them, so every count is exact. A chain is counted once it
+    is decided: started, failed and unknown at its first observation, completed (it
+    succeeded) at its last arrival, dead-lettered at its first dead letter, gave up at
+    its last attempt. Retries (attempts after the first, as the retries check counts
+    them) are placed at the redeliveries or retry-channel arrivals that showed them.
+    Expected keys never seen at all (a run's) are in no bucket."""
+
+    model_config = ConfigDict(frozen=True)
+
+    bucket_ms: float = Field(description="the width of every bucket, ms")
+    started: list[int] = Field(description="chains first seen, per bucket")
+    completed: list[int] = Field(
+        description="chains that succeeded, at their last arrival (or dead letter)"
+    )
+    failed: list[int] = Field(description="chains that failed, at their start")
+    unknown: list[int] = Field(description="chains left unknown, at their start")
+    retries: list[int] = Field(description="attempts after a message's first")
+    dead_letters: list[int] = Field(description="chains dead-lettered, at their dead letter")
+    gave_up: list[int] = Field(description="chains a step gave up on, at their last attempt")
+
+
 class FlowVerdict(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -262,6 +307,9 @@ class FlowVerdict(BaseModel):
         default_factory=list,
         description=f"a sample of the chains that succeeded, at most {PASSING_SAMPLE}, drawn "
         "evenly from all of them (a reservoir seeded by the flow's name), in decision order",
+    )
+    over_time: OverTime | None = Field(
+        None, description="its chains over the recording's time; None from a verdict without"
     )
 
 

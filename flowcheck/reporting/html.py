@@ -147,14 +147,23 @@ def dumps(
         body += [f"<li>{_e(finding_text(f))}</li>" for f in verdict.findings]
         body.append("</ul>")
     body += _gaps(verdict.gaps)
-    over_time = _over_time(verdict)
-    if over_time is not None:
+    rates = _rates(verdict)
+    broken = _over_time(verdict)
+    if rates is not None or broken is not None:
         body.append("<h2>Over the recording</h2>")
+    if rates is not None:
+        body.append(
+            "<p class='note'>Per flow, per second: chains completed (the throughput), "
+            "failed, retries and dead letters, each counted when it happened; tap gaps "
+            "shaded.</p>"
+        )
+        body.append(_slot(plots, rates))
+    if broken is not None:
         body.append(
             "<p class='note'>When each listed broken chain started, per flow and kind of "
             "finding; tap gaps shaded.</p>"
         )
-        body.append(_slot(plots, over_time))
+        body.append(_slot(plots, broken))
     if verdict.drift:
         body.append("<h2>The brokers differ from the topology</h2><ul>")
         body += [f"<li>{_e(d)}</li>" for d in verdict.drift]
@@ -296,6 +305,13 @@ def _flow_section(
         out.append("<h3>Latency</h3>")
         out += _latency_table(flow.latency)
         out.append(_slot(plots, _latency_plot(flow.latency)))
+        spread = _latency_histograms(flow.latency)
+        if spread is not None:
+            out.append(
+                "<p class='note'>How the samples of each hop and of the whole chain spread "
+                "(log scale); budgets as dashed red lines.</p>"
+            )
+            out.append(_slot(plots, spread))
     chains = broken_chains(flow)
     if chains:
         out.append(f"<h3>Broken chains ({len(chains)} listed, {flow.failed} failed)</h3>")
@@ -381,6 +397,128 @@ def _passing(flow: FlowVerdict) -> list[str]:
 
 
 # ---------------------------------------------------------------- plots
+
+RATE_LINES = (  # (OverTime field, legend, color), drawn per second
+    ("completed", "completed", "#2ca02c"),
+    ("failed", "failed", "#d62728"),
+    ("retries", "retries", "#ff7f0e"),
+    ("dead_letters", "dead letters", "#7f7f7f"),
+)
+
+
+def _rates(verdict: Verdict) -> Model | None:
+    """Per flow, its chains completed and failed, retries and dead letters per second over
+    the recording (the verdict's bounded series), tap gaps shaded; one x axis for all."""
+    from bokeh.layouts import column
+    from bokeh.models import ColumnDataSource, DataRange1d, HoverTool, Range1d
+    from bokeh.models.annotations import BoxAnnotation
+    from bokeh.plotting import figure
+
+    flows = [f for f in verdict.flows if f.over_time is not None and f.over_time.started]
+    if not flows:
+        return None
+    end = max(len(f.over_time.started) * f.over_time.bucket_ms for f in flows if f.over_time)
+    if verdict.recording is not None and verdict.recording.end_ms is not None:
+        end = max(end, verdict.recording.end_ms)
+    x_range = Range1d(start=0, end=end)
+    figs = []
+    for flow in flows:
+        series = flow.over_time
+        assert series is not None
+        width = series.bucket_ms
+        per_s = 1000 / width
+        n = len(series.started)
+        data: dict[str, list[float]] = {"t": [i * width for i in range(n)]}
+        for name, _, _ in RATE_LINES:
+            data[name] = [c * per_s for c in getattr(series, name)]
+        fig = figure(
+            x_range=x_range,
+            y_range=DataRange1d(start=0),
+            height=200,
+            width=800,
+            title=f"{flow.flow}: per second, in buckets of {ms(width)} ms",
+            tools="xpan,xwheel_zoom,reset,save",
+            toolbar_location="right",
+        )
+        source = ColumnDataSource(data)
+        lines: list[Any] = [
+            fig.step("t", name, source=source, mode="after", color=color, legend_label=label)
+            for name, label, color in RATE_LINES
+            if name == "completed" or any(data[name])  # the throughput, even if none
+        ]
+        tips = [(label, f"@{name}{{0.[00]}}/s") for name, label, _ in RATE_LINES]
+        fig.add_tools(
+            HoverTool(renderers=lines[:1], tooltips=[("from", "@t ms"), *tips], mode="vline")
+        )
+        for g in verdict.gaps:
+            right = g.until_ms if g.until_ms is not None else end  # open to the end
+            fig.add_layout(
+                BoxAnnotation(left=g.at_ms, right=right, fill_color="#999999", fill_alpha=0.3)
+            )
+        fig.legend.location = "top_left"
+        fig.legend.label_text_font_size = "9px"
+        fig.yaxis.axis_label = "per second"
+        figs.append(fig)
+    figs[-1].xaxis.axis_label = "ms since the recording started"
+    return column(*figs)
+
+
+def _latency_histograms(latency: list[Latency]) -> Model | None:
+    """Each hop's (and the whole chain's) samples in the verdict's log-spaced bins, two
+    plots a row, its budgets as vertical lines."""
+    from bokeh.layouts import gridplot
+    from bokeh.models import DataRange1d, Range1d
+    from bokeh.models.annotations import Label, Span
+    from bokeh.plotting import figure
+
+    figs = []
+    for lat in latency:
+        edges, counts = lat.histogram.edges_ms, lat.histogram.counts
+        if not counts:
+            continue
+        left, right = edges[:-1], edges[1:]
+        if left[0] <= 0:  # a sub-microsecond sample: no place for 0 on a log axis
+            left = [right[0] / 2, *left[1:]]
+        low = min(left[0], *lat.budget_ms.values()) if lat.budget_ms else left[0]
+        high = max(right[-1], *lat.budget_ms.values()) if lat.budget_ms else right[-1]
+        fig = figure(
+            x_axis_type="log",
+            x_range=Range1d(start=low / 1.5, end=high * 1.5),
+            y_range=DataRange1d(start=0),
+            height=220,
+            width=395,
+            title=f"{lat.hop} ({lat.stats.count} samples)",
+            tools="xpan,xwheel_zoom,reset,save",
+            toolbar_location=None,
+        )
+        fig.quad(left=left, right=right, bottom=0, top=counts, color="#6baed6", alpha=0.8)
+        for p, limit in lat.budget_ms.items():
+            fig.add_layout(
+                Span(
+                    location=limit,
+                    dimension="height",
+                    line_color="#d62728",
+                    line_dash="dashed",
+                    line_width=2,
+                )
+            )
+            fig.add_layout(
+                Label(
+                    x=limit,
+                    y=0,
+                    y_units="screen",
+                    x_offset=3,
+                    y_offset=4,
+                    text=f"budget {p}",
+                    text_color="#d62728",
+                    text_font_size="10px",
+                )
+            )
+        fig.xaxis.axis_label = "ms"
+        figs.append(fig)
+    if not figs:
+        return None
+    return gridplot(figs, ncols=2)  # type: ignore[arg-type]
 
 
 def _over_time(verdict: Verdict) -> Model | None:

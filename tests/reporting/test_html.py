@@ -14,7 +14,7 @@ import pytest
 import scenarios
 from headless import browse, rendered
 
-from flowcheck.checker import Seen, Verdict
+from flowcheck.checker import Histogram, Seen, Verdict
 from flowcheck.checker.verdict import PASSING_SAMPLE
 from flowcheck.errors import MissingDependency
 from flowcheck.reporting import html, write_reports
@@ -52,6 +52,16 @@ def test_failing_report_says_what_failed() -> None:
     assert "<li>and 1 more broken chain</li>" in top.group(1)
     assert "audit" not in top.group(1)  # it passed
     assert "<h2>Over the recording</h2>" in page
+    # per flow, per second over the recording: completed, failed, retries, dead letters
+    lines = re.findall(r'"label":\{"type":"value","value":"([a-z ]+)"\}', page)
+    assert sorted(lines) == ["completed", "completed", "dead letters", "failed", "retries"]
+    assert "checkout: per second, in buckets of 512.0 ms" in page
+    # per flow, each hop's samples and the whole chain's as a histogram; budgets as lines
+    for title in ("orders -&gt; billing (8", "billing -&gt; pay (5", "end-to-end (5"):
+        assert f'"text":"{title} samples)"' in page
+    assert page.count('"name":"Quad"') == 3 * (3 + 2)  # a glyph and two copies (selection)
+    assert page.count('"name":"Span"') == 2  # checkout's pay and audit's log: p99 budgets
+    assert page.count('"text":"budget p99"') == 2
     # nothing to fetch: every script inline, no stylesheet or image from elsewhere
     assert not re.search(r"<script[^>]*\bsrc=|<link\b|<img\b", page)
 
@@ -63,9 +73,27 @@ def test_gaps_are_shaded_where_they_hid_a_chain() -> None:
     at = lost.timeline[-1].at_ms
     near = Seen(kind="gap", channel="pay", at_ms=at, until_ms=at + 5, reason="tap down")
     shaded = html.dumps(verdict.model_copy(update={"gaps": [near]}))
-    # on the recording's time (both) and on the timeline of the chain it hid (the near one)
-    assert far.count('"name":"BoxAnnotation"') == 1
-    assert shaded.count('"name":"BoxAnnotation"') == 2
+    # on the recording's time (both: the broken chains and each flow's rates) and on the
+    # timeline of the chain it hid (the near one)
+    assert far.count('"name":"BoxAnnotation"') == 1 + 2
+    assert shaded.count('"name":"BoxAnnotation"') == 2 + 2
+
+
+def test_a_verdict_without_series_or_bins_still_renders() -> None:
+    verdict = scenarios.failing()
+    flows = [
+        f.model_copy(
+            update={
+                "over_time": None,
+                "latency": [lat.model_copy(update={"histogram": Histogram()}) for lat in f.latency],
+            }
+        )
+        for f in verdict.flows
+    ]
+    page = html.dumps(verdict.model_copy(update={"flows": flows}))
+    assert "<h2>Over the recording</h2>" in page  # the broken chains are still there
+    assert '"name":"Step"' not in page
+    assert '"name":"Quad"' not in page
 
 
 def test_passing_and_unjudged_reports() -> None:
@@ -142,9 +170,9 @@ def test_renders_in_a_browser_without_errors(tmp_path: Path) -> None:
     page = tmp_path / "report.html"
     page.write_text(html.dumps(scenarios.failing()), encoding="utf-8")
     dom = browse(page, tmp_path, "--dump-dom")
-    # the flows' paths, the chains over the recording, the latency of both flows and one
-    # swimlane per broken chain (4)
-    assert rendered(dom) == (8, 8, "")
+    # the flows' paths, the rates and the broken chains over the recording, the latency
+    # percentiles and histograms of both flows, and one swimlane per broken chain (4)
+    assert rendered(dom) == (11, 11, "")
     assert '<h1 id="headline">' in dom
     shot = tmp_path / "report.png"
     browse(page, tmp_path, f"--screenshot={shot}", "--window-size=1000,2400")
@@ -165,9 +193,10 @@ def test_big_report_renders_in_a_browser(tmp_path: Path) -> None:
     page = tmp_path / "big.html"
     page.write_text(html.dumps(big()), encoding="utf-8")
     dom = browse(page, tmp_path, "--dump-dom")  # how fast: benchmarks/html_report.py
-    # the flows' paths, the chains over the recording, checkout's latency and its first
-    # swimlanes, audit's latency
-    assert rendered(dom) == (html.MAX_SWIMLANES + 4, html.MAX_SWIMLANES + 4, "")
+    # the flows' paths, the rates and the chains over the recording, checkout's latency
+    # and its histogram (the lost chains' first hop), its first swimlanes, audit's latency
+    plots = html.MAX_SWIMLANES + 6
+    assert rendered(dom) == (plots, plots, "")
 
 
 def test_without_bokeh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
