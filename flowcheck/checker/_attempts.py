@@ -93,7 +93,7 @@ def again(state: FlowState, chain: Chain, i: int, obs: Observation) -> bool:
             return False  # a new id: a message of its own
         n = 1 + len(earlier) + sum(1 for o in retried if value(m, o) == v)
     else:
-        if len(chain.arrivals[i]) < state.need[i]:
+        if len(chain.arrivals[i]) < state.expected(chain)[i]:
             return False
         passages = sum(1 for o in retried if o.channel in state.retry_declared)
         back = len(retried) - passages  # attempts already let in at the step itself
@@ -117,4 +117,5 @@ def duplicates(state: FlowState, chain: Chain, i: int) -> list[list[Observation]
             continue
         counted[o.delivery_count] += 1
         seen.setdefault(o.delivery_count, []).append(o)
-    return [seen[n] for n, c in sorted(counted.items()) if c > state.need[i]]
+    need = state.expected(chain)[i]
+    return [seen[n] for n, c in sorted(counted.items()) if c > need]

@@ -71,6 +71,34 @@ def _resent(
     return None
 
 
+def messages(arrived: Mapping[tuple[Any, ...], Observation]) -> int:
+    """How many distinct messages a chain's first step received, its arrivals being one
+    per broker identity (flowcheck's resent copies already one with their message).
+
+    Flowcheck's own publishes are one message per x-flowcheck-id. Any other arrival is
+    the same message as an earlier one (a publisher sending it again, at a new offset or
+    entry id) when their bodies are the same and their message ids do not differ (equal,
+    or either has none); else a message of its own.
+    """
+    if len(arrived) <= 1:
+        return len(arrived)
+    firsts: list[Observation] = []
+    for o in arrived.values():
+        if not any(_same(o, f) for f in firsts):
+            firsts.append(o)
+    return len(firsts)
+
+
+def _same(a: Observation, b: Observation) -> bool:
+    if a.fc_id is not None and b.fc_id is not None:
+        return a.fc_id == b.fc_id
+    if a.message_id is not None and b.message_id is not None and a.message_id != b.message_id:
+        return False
+    # The payload as kept (masked, cut at PAYLOAD_CAP), its size and, when cut, the hash
+    # of the whole body.
+    return a.payload == b.payload and a.size == b.size and a.sha256 == b.sha256
+
+
 def place(obs: Observation, seq: int) -> tuple[Order, tuple[int, ...]]:
     """Where ``obs`` stands in its broker's order; ``seq`` is its place in the feed."""
     if obs.offset is not None:

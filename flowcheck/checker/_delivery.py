@@ -46,13 +46,12 @@ def incomplete(state: FlowState, chain: Chain, ended: bool) -> bool:
         # Published to the step's channel but routed nowhere: the next step never came.
         at = state.channel_steps.get(chain.unroutable.channel, [0])[0]
         nxt = min(at + 1, len(steps) - 1)
-    while nxt < len(steps) and len(chain.arrivals[nxt]) >= steps[nxt].count:
+    need = state.expected(chain)
+    while nxt < len(steps) and len(chain.arrivals[nxt]) >= need[nxt]:
         nxt += 1  # a fan-out step may have some but not all of its messages
     if nxt >= len(steps):
         nxt = next(
-            i
-            for i, (a, s) in enumerate(zip(chain.arrivals, steps, strict=True))
-            if len(a) < s.count
+            i for i, (a, n) in enumerate(zip(chain.arrivals, need, strict=True)) if len(a) < n
         )
     last = chain.timeline[-1]
     if chain.unroutable is not None:
@@ -104,18 +103,22 @@ def check(
     state: FlowState, chain: Chain, rule: DeadLetterRule | None, spans: list[Span | None]
 ) -> None:
     """More messages at a step than it expects: duplicates, for at-most/exactly-once (the
-    step's own guarantee, else the flow's). An attempt counted twice is one too."""
-    for i, (arrived, step) in enumerate(zip(chain.arrivals, state.flow.steps, strict=True)):
+    step's own guarantee, else the flow's). A step expects its count once per distinct
+    message the first step received (FlowState.rounds). An attempt counted twice is one too."""
+    need = state.expected(chain)
+    rounds = state.rounds(chain)
+    per = "" if rounds == 1 else f", for {rounds} messages at {state.labels[0]!r}"
+    for i, arrived in enumerate(chain.arrivals):
         delivery = state.delivery[i]
         if delivery == "at-least-once":
             continue
-        if len(arrived) > state.need[i]:
+        if len(arrived) > need[i]:
             extra = list(arrived.values())
             state.add(
                 state.finding(
                     FindingKind.DUPLICATED,
                     chain,
-                    f"{len(arrived)} messages at {state.labels[i]!r}, expected {step.count} ({delivery})",
+                    f"{len(arrived)} messages at {state.labels[i]!r}, expected {need[i]} ({delivery}{per})",
                     step=i,
                     seen=extra[:5],
                 )
@@ -127,7 +130,7 @@ def check(
                         FindingKind.DUPLICATED,
                         chain,
                         f"attempt {same[0].delivery_count} came {len(same)} times at "
-                        f"{state.labels[i]!r} (its retry counter says so), expected {step.count} ({delivery})",
+                        f"{state.labels[i]!r} (its retry counter says so), expected {need[i]} ({delivery}{per})",
                         step=i,
                         seen=same[:5],
                     )

@@ -186,7 +186,7 @@ class Checker:
             for i, g in enumerate(state.groups)
         ):
             return False  # a consumer group has yet to read or acknowledge it
-        return all(len(a) >= n for a, n in zip(chain.arrivals, state.need, strict=True))
+        return state.complete(chain)
 
     def attempts(self, flow: str, key: str, dead: Observation | None = None) -> int | None:
         """Deliveries of the message of the open chain ``key`` of ``flow``, the first

@@ -15,7 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 from flowcheck.checker import _attempts, _decide, _ordering, _paths, _thresholds
-from flowcheck.checker._chain import Chain, Places, identity, place, which
+from flowcheck.checker._chain import Chain, Places, identity, messages, place, which
 from flowcheck.checker._hist import Hist, Span, span
 from flowcheck.checker._match import matches
 from flowcheck.checker._sample import Reservoir
@@ -223,7 +223,8 @@ class FlowState:
                         target = i
                         break
                 else:
-                    room = [i for i in fitting if len(chain.arrivals[i]) < self.need[i]]
+                    need = self.expected(chain)
+                    room = [i for i in fitting if len(chain.arrivals[i]) < need[i]]
                     target = room[0] if room else fitting[-1]
             if self.ordered:  # every copy tells the message's place in its own order
                 order, at = place(obs, seq)
@@ -375,8 +376,24 @@ class FlowState:
         )
         return next((r for r in self.gives_up if matches(r.when, sample, parsed)), None)
 
+    def rounds(self, chain: Chain) -> int:
+        """How many times over the chain goes through the flow: once per distinct message
+        its first step received (``step.count`` of them a round), at least once. Two
+        revisions of one order under one key are two rounds, not a duplicate."""
+        first = chain.arrivals[0]
+        need = self.need[0]
+        if len(first) <= need:  # the common case: nothing to tell apart
+            return 1
+        return max(1, -(-messages(first) // need))
+
+    def expected(self, chain: Chain) -> list[int]:
+        """Messages expected at each step: its ``count`` for each round (see rounds)."""
+        r = self.rounds(chain)
+        return self.need if r == 1 else [n * r for n in self.need]
+
     def complete(self, chain: Chain) -> bool:
-        return all(len(a) >= need for a, need in zip(chain.arrivals, self.need, strict=True))
+        need = self.expected(chain)
+        return all(len(a) >= n for a, n in zip(chain.arrivals, need, strict=True))
 
     def step_index(self, label: str | None) -> int | None:
         if label is None:
@@ -399,7 +416,7 @@ class FlowState:
             out.append(
                 span(a.values(), b.values(), (late[i - 1], late[i]), False) if a and b else None
             )
-        whole = arrivals[0] and all(len(a) >= n for a, n in zip(arrivals, self.need, strict=True))
+        whole = arrivals[0] and self.complete(chain)
         out.append(
             span(arrivals[0].values(), arrivals[-1].values(), (late[0], late[-1]), True)
             if whole

@@ -795,10 +795,15 @@ class _Renderer:
         return times
 
     def _dup(self, p: ChainPlan, i: int, t: int, ev: Any, **fields: Any) -> None:
-        """A second, distinct message of the chain at step ``i``."""
+        """A second copy of the chain's message at step ``i``: at the first step, the same
+        message published again (its body, without flowcheck's id: a second id would be
+        a second message flowcheck sent); past it, one message more than came in."""
         spec = self.shape.steps[i]
         headers: dict[str, Any] = {}
-        if spec.broker == "rabbit":
+        if i == 0:
+            if not p.dup_same_fc:
+                headers[ID_HEADER] = None  # a publisher sending the same body again
+        elif spec.broker == "rabbit":
             headers[ID_HEADER] = fc_of(p.key, 1)  # a second publish
         elif not p.dup_same_fc:
             headers[ID_HEADER] = None  # a producer that does not copy headers
