@@ -11,9 +11,10 @@ at once by
 - ``flowcheck run`` with a scenario of the same orders, which publishes them
   itself (as ``scripts/demo.py`` does): the shop's billing, payments and
   shipping services work them. Where the shop's checkout places the orders (the
-  mis-route fault lives there, and one clean run is placed that way, as in
-  production), ``run`` cannot drive the shop: those cases are checked through
-  the other two paths.
+  mis-route and bad-schema faults live there, and one clean run is placed that
+  way, as in production), ``run`` cannot drive the shop: those cases are checked
+  through the other two paths; so is the phantom fault, whose payment comes
+  after ``run`` has stopped watching.
 
 All paths must agree: the same passed/failed, the same findings (flow, kind,
 key, step), the same chain counts, none left unknown. The orders come from the shop's own planner (``plan_orders``), with ids
