@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+from collections.abc import Coroutine
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aio_pika
@@ -71,7 +72,7 @@ class Billing:
         self._producer: Any = None
         self._held: _Held | None = None
         self._timer: asyncio.Task[None] | None = None  # releases a held payment late
-        self._late: set[asyncio.Task[None]] = set()  # latency fault: payments waiting
+        self._late: set[asyncio.Task[None]] = set()  # latency and phantom faults: payments waiting
         self._fired: set[Fault] = set()  # the one-shot faults already injected
 
     async def run(self) -> None:
@@ -114,11 +115,22 @@ class Billing:
         if Fault.LATENCY in self.settings.faults:
             # The injected fault: this payment waits, the next orders are taken meanwhile
             # (up to the prefetch), so each payment is late by about the same.
-            task = asyncio.create_task(self._bill_later(message, payment, trace))
-            self._late.add(task)
-            task.add_done_callback(self._late.discard)
+            self._later(self._bill_later(message, payment, trace))
             return
         await self._bill(message, payment, trace)
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in the background; stopping cancels it."""
+        task = asyncio.create_task(work)
+        self._late.add(task)
+        task.add_done_callback(self._late.discard)
+
+    async def _phantom(self, like: Payment) -> None:
+        # phantom fault: a payment of the same customer, for an order never placed.
+        await asyncio.sleep(self.settings.phantom_delay_ms / 1000)
+        ghost = replace(like, order_id=f"{like.order_id}-replay")
+        await self._publish(ghost, {})
+        self.stats.fault(Fault.PHANTOM, ghost.order_id)
 
     async def _bill_later(
         self, message: AbstractIncomingMessage, payment: Payment, trace: dict[str, str]
@@ -150,6 +162,8 @@ class Billing:
             self._timer = asyncio.create_task(self._release_later(self._held))
             return
         await self._publish(payment, trace)
+        if approved and self._once(Fault.PHANTOM):
+            self._later(self._phantom(payment))
         if approved and self._once(Fault.DUPLICATE):
             await self._publish(payment, trace)
             self.stats.fault(Fault.DUPLICATE, payment.order_id)

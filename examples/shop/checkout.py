@@ -41,6 +41,7 @@ class Checkout:
         self.stats = stats or Stats()
         self._connection: AbstractRobustConnection | None = None
         self._exchange: AbstractExchange | None = None
+        self._bad_schema_fired = False  # the bad-schema fault breaks one order only
 
     async def open(self) -> None:
         self._connection = await aio_pika.connect_robust(self.settings.brokers.rabbitmq_url)
@@ -82,8 +83,13 @@ class Checkout:
         if Fault.MIS_ROUTE in faults:
             routing_key = MISROUTED_KEY
             self.stats.fault(Fault.MIS_ROUTE, order.order_id)
+        payload = order.payload()
+        if Fault.BAD_SCHEMA in faults and not self._bad_schema_fired:
+            self._bad_schema_fired = True
+            payload["amount"] = str(payload["amount"])  # "12.5": not a number any more
+            self.stats.fault(Fault.BAD_SCHEMA, order.order_id)
         message = aio_pika.Message(
-            encode(order.payload()),
+            encode(payload),
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=uuid.uuid4().hex,

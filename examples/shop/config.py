@@ -136,6 +136,15 @@ class Fault(StrEnum):
     SKIP_DEAD_LETTER = "skip-dead-letter"
     # checkout places orders with routing key order.placd: no queue is bound to it
     MIS_ROUTE = "mis-route"
+    # payments-worker retries a declined payment at once instead of after its backoff
+    # (payment_backoff_ms); caught where the topology declares that backoff
+    EARLY_RETRY = "early-retry"
+    # checkout sends the first order's amount as a string ("12.5", a decimal written
+    # with str()): billing still parses it, but it breaks billing.orders' schema
+    BAD_SCHEMA = "bad-schema"
+    # billing publishes, phantom_delay_ms after its first approved payment, a payment
+    # for an order id that was never placed (a stale job replayed)
+    PHANTOM = "phantom"
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +178,7 @@ class Settings:
     billing_prefetch: int = 10
     checkout_prefetch: int = 10  # order requests taken at a time (placed one by one)
     payment_attempts: int = 2  # the original delivery plus one through payments-retry
-    payment_backoff_ms: int = 1000  # before the retry; shop.yaml says 1s
+    payment_backoff_ms: int = 1000  # before the retry (the soundness suite declares 1s)
     shipping_delivery_limit: int = 3  # deliveries in all, the first included
     # A stuck shipment waits 500 ms, then 1 s, ... at most 2 s before its next
     # delivery (shop.yaml: backoff initial 500ms, multiplier 2, max 2s).
@@ -177,6 +186,10 @@ class Settings:
     claim_backoff_multiplier: float = 2.0
     claim_backoff_max_ms: int = 2000
     reorder_hold_ms: int = 2000  # reorder fault: the longest a payment is held back
+    # phantom fault: the wait before the phantom payment. A chain first seen within its
+    # flow's deadline (plus grace) of a recording's start may have begun before it, so
+    # flowcheck flags a chain that skipped the first step only after that.
+    phantom_delay_ms: int = 15_000
 
     @property
     def names(self) -> Names:

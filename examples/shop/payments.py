@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
-from .config import Settings
+from .config import Fault, Settings
 from .infra import connect_redis
 from .messages import (
     ORDER_ID_HEADER,
@@ -169,7 +169,13 @@ class PaymentsWorker:
         return [(k, v) for k, v in record.headers if not k.startswith(_OWN_HEADERS)]
 
     async def _retry(self, record: Any, attempt: int) -> None:
-        due_ms = int(time.time() * 1000) + self.settings.payment_backoff_ms
+        backoff_ms = self.settings.payment_backoff_ms
+        if Fault.EARLY_RETRY in self.settings.faults:
+            backoff_ms = 0  # the injected fault: due at once
+            self.stats.fault(
+                Fault.EARLY_RETRY, text(dict(record.headers).get(ORDER_ID_HEADER, b""))
+            )
+        due_ms = int(time.time() * 1000) + backoff_ms
         headers = self._carried(record)
         headers += [
             (ATTEMPTS, attempt.to_bytes(4, "big")),

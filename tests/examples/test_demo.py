@@ -185,3 +185,12 @@ async def test_mis_route_is_lost_as_unroutable(gate: Gate) -> None:
         found = [f for f in run.flow(flow).findings if f.kind is FindingKind.LOST]
         assert {f.key for f in found} == misrouted, flow
         assert {(f.cause, f.step) for f in found} == {(Cause.UNROUTABLE, "billing.orders")}
+
+
+async def test_bad_schema_is_a_schema_finding_on_billing_orders(gate: Gate) -> None:
+    run = await gate(Fault.BAD_SCHEMA)
+    assert run.code == 1
+    [broken] = run.faulty(Fault.BAD_SCHEMA)  # the first order checkout placed
+    assert run.failed() == {MAIN}
+    found = [(f.kind, f.key, f.step) for f in run.flow(MAIN).findings]
+    assert found == [(FindingKind.SCHEMA, broken, "billing.orders")]

@@ -374,6 +374,50 @@ async def test_skip_dead_letter_swallows_poison_and_stuck_messages(
         assert pending["pending"] == 0
 
 
+async def test_early_retry_makes_a_declined_payments_retry_due_at_once(
+    settings: Settings,
+) -> None:
+    async with running(settings, Fault.EARLY_RETRY) as shop:
+        orders = await shop.place_orders(2, declined=1)
+        [declined] = [o.order_id for o in orders if o.kind is Kind.DECLINED]
+        await shop.wait_for(
+            lambda s: s.total(Event.PAYMENTS_DEAD_LETTERED) == 1 and s.total(Event.SHIPPED) == 1,
+            DEADLINE,
+        )
+        assert shop.stats.faults == [(Fault.EARLY_RETRY, declined)]
+        [retry] = await read_topic(
+            settings.brokers.kafka_bootstrap, settings.names.payments_retry, PAYMENTS_PARTITIONS
+        )
+        # Due no later than it was written: no backoff at all (else written + 200 ms).
+        due = big_endian(dict(retry.headers), "retry_topic-backoff-timestamp")
+        assert (order_of(retry), due <= retry.timestamp) == (declined, True)
+
+
+async def test_bad_schema_sends_one_amount_as_a_string(settings: Settings, amqp: AmqpScope) -> None:
+    async with running(settings, Fault.BAD_SCHEMA, services=BILLING_ONLY) as shop:
+        queue = await amqp.declare_queue(f"{settings.prefix}witness", exclusive=True)
+        await queue.bind(await amqp.channel.get_exchange(settings.names.orders_exchange), "#")
+        orders = await shop.place_orders(3)
+        await shop.wait_for(lambda s: s.total(Event.BILLED) == 3, DEADLINE)  # billed all the same
+        assert shop.stats.faults == [(Fault.BAD_SCHEMA, orders[0].order_id)]
+        amounts = [json.loads(m.body)["amount"] for m in await take(amqp, queue.name, 3)]
+        assert amounts == [str(orders[0].amount), orders[1].amount, orders[2].amount]
+
+
+async def test_phantom_publishes_a_payment_for_an_order_never_placed(settings: Settings) -> None:
+    phantom = replace(settings, phantom_delay_ms=100)
+    async with running(phantom, Fault.PHANTOM, services=BILLING_ONLY) as shop:
+        orders = await shop.place_orders(2)
+        await shop.wait_for(lambda s: s.total(Event.BILLED) == 3, DEADLINE)
+        [(fault, ghost)] = shop.stats.faults
+        assert (fault, ghost) == (Fault.PHANTOM, f"{orders[0].order_id}-replay")
+        payments = await read_topic(
+            settings.brokers.kafka_bootstrap, settings.names.payments, PAYMENTS_PARTITIONS
+        )
+        keys = sorted(order_of(r) for r in payments)
+        assert keys == sorted([o.order_id for o in orders] + [ghost])
+
+
 # --- Set-up, names and the command line.
 
 

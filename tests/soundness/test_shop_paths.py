@@ -11,9 +11,10 @@ at once by
 - ``flowcheck run`` with a scenario of the same orders, which publishes them
   itself (as ``scripts/demo.py`` does): the shop's billing, payments and
   shipping services work them. Where the shop's checkout places the orders (the
-  mis-route fault lives there, and one clean run is placed that way, as in
-  production), ``run`` cannot drive the shop: those cases are checked through
-  the other two paths.
+  mis-route and bad-schema faults live there, and one clean run is placed that
+  way, as in production), ``run`` cannot drive the shop: those cases are checked
+  through the other two paths; so is the phantom fault, whose payment comes
+  after ``run`` has stopped watching.
 
 All paths must agree: the same passed/failed, the same findings (flow, kind,
 key, step), the same chain counts, none left unknown. The orders come from the shop's own planner (``plan_orders``), with ids
@@ -29,8 +30,12 @@ and the clean cases assert that a strict ``flowcheck check`` (no
 ``--allow-unjudged``) is green only when nothing went unjudged.
 
 The topology is topologies/shop.yaml with shorter flow deadlines, so that a lost
-chain is decided within seconds; the shop's own timings are its defaults, which
-shop.yaml describes.
+chain is decided within seconds, and with the backoff the shop's payments-worker
+keeps before a declined payment's retry (1s) declared on declined-payment. shop.yaml
+leaves it out: a Kafka retry topic shows when an attempt failed, not when it began,
+so a backoff kept is never judged (it stays unjudged, which the clean runs here
+allow), but a retry that failed sooner after the attempt before it than the backoff
+is caught (the early-retry fault). The shop's own timings are its defaults.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ from examples.shop import (
 )
 from examples.shop.topology import topology_yaml
 from flowcheck.checker import Verdict
+from flowcheck.checker import window as window_of
 from flowcheck.cli import READY_LINE
 from flowcheck.testing import FlowAssertionError, Flowcheck, with_brokers
 from flowcheck.topology import loads
@@ -81,6 +87,7 @@ DEADLINES = {
     "declined-payment": "8s",
     "stuck-shipment": "8s",
 }
+PAYMENT_BACKOFF = "1s"  # Settings.payment_backoff_ms, declared on declined-payment
 STEP = 60.0  # seconds; bounds each wait, only reached when something hangs
 LATENCY_MS = 600  # the latency fault: over payments' 500 ms budget, under the deadlines
 # The pytest API's check() waits this long at most for open chains, then judges them as
@@ -108,7 +115,7 @@ def plan(seed: int, faults: Faults, *, amended: int = 0) -> list[Order]:
     poison = 1 if Fault.SKIP_DEAD_LETTER in faults else rng.randint(0, 1)
     bad_address = 1 if faults.enabled & {Fault.SKIP_DEAD_LETTER, Fault.RETRY_TOO_OFTEN} else 0
     bad_address = bad_address or rng.randint(0, 1)
-    declined = rng.randint(0, 1)
+    declined = 1 if Fault.EARLY_RETRY in faults else rng.randint(0, 1)
     amended = max(amended, 1 if Fault.REORDER in faults else 0)
     orders = plan_orders(
         n,
@@ -215,6 +222,8 @@ def unjudged_only_attempts(seen: Seen) -> None:
             continue  # a flow the fault left without a chain judged nothing, and says so
         if expectation.startswith("latency budget") and seen.chains()[flow][1] == 0:
             continue  # no chain of the flow got through: no latency sample to judge
+        if (flow, expectation) == ("declined-payment", "retry backoff at 'payments'"):
+            continue  # a retry topic shows when attempts failed, not when they began
         assert flow == "poison-order", (seen.path, flow, expectation)
         assert "billing.orders" in expectation or "attempts" in expectation, expectation
 
@@ -240,6 +249,7 @@ def env(
     doc: dict[str, Any] = yaml.safe_load(topology_yaml(prefix, brokers))
     for flow, deadline in DEADLINES.items():
         doc["flows"][flow]["deadline"] = deadline
+    doc["flows"]["declined-payment"]["steps"][0]["retry"]["backoff"] = PAYMENT_BACKOFF
     path = tmp_path / "shop.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     environ = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -371,11 +381,19 @@ async def run_case(
     # scenario makes up a new id for each order.
     total = len({o.order_id for o in orders}) or sum(int(s.get("count", 1)) for s in sends)
 
-    def placed(seen: list[str]) -> bool:
-        return len(seen) >= total
-
-    settings = Settings(brokers=env.brokers, prefix=env.prefix, faults=shop_faults)
     topology = loads(env.topology_path.read_text(), str(env.topology_path))
+    # The phantom payment comes once a chain first seen then can no longer have begun
+    # before the taps started (a flow's deadline and grace after it); the pytest API
+    # waits for its key too before it checks.
+    phantom = Fault.PHANTOM in faults
+    phantom_ms = int(window_of(topology).total_seconds() * 1000) + 1000
+
+    def placed(seen: list[str]) -> bool:
+        return len(seen) >= total + phantom
+
+    settings = Settings(
+        brokers=env.brokers, prefix=env.prefix, faults=shop_faults, phantom_delay_ms=phantom_ms
+    )
     seen: list[Seen] = []
     async with recording(env) as (trace, _):
         fc = Flowcheck(topology, apply=False, deadline=STEP, allow_unjudged=True)
@@ -425,7 +443,18 @@ PER_KEY: dict[Fault, list[tuple[str, str, str]]] = {  # (flow, kind, step) per o
         ("order-to-shipment", "lost", "billing.orders"),
         ("poison-order", "lost", "billing.orders"),
     ],
+    # Attempt 2 failed (dead letter) at once after attempt 1 did (retry record).
+    Fault.EARLY_RETRY: [("declined-payment", "backoff", "payments")],
+    # The first flow on the channel reports it; the step is the channel.
+    Fault.BAD_SCHEMA: [("order-to-shipment", "schema", "billing.orders")],
+    # Seen at payments, then shipments: flagged at the furthest step it reached.
+    Fault.PHANTOM: [("order-to-shipment", "unexpected", "shipments")],
 }
+# Faults that live in checkout, or that come after run has stopped watching: run
+# cannot drive them, the recording and the pytest API watch.
+BY_CHECKOUT = {Fault.MIS_ROUTE, Fault.BAD_SCHEMA, Fault.PHANTOM}
+# Findings that fail their chain, so order-to-shipment's success rate too.
+CHAIN_KINDS = {"lost", "duplicated", "reordered", "dead_letter", "unexpected", "retries"}
 
 
 def expected(fault: Fault, case: Case) -> set[Found]:
@@ -450,7 +479,7 @@ def expected(fault: Fault, case: Case) -> set[Found]:
     if fault is Fault.LATENCY:  # every order waits LATENCY_MS: the hop, and p50 end to end
         want.add(("order-to-shipment", "latency", "", "billing.orders -> payments"))
         want.add(("order-to-shipment", "latency", "", "end-to-end"))
-    if any(flow == "order-to-shipment" and key for flow, _, key, _ in want):
+    if any(flow == "order-to-shipment" and kind in CHAIN_KINDS for flow, kind, _, _ in want):
         want.add(("order-to-shipment", "threshold", "", ""))
     return want
 
@@ -519,7 +548,7 @@ FAULT_SEED = 7
 
 @pytest.mark.parametrize("fault", list(Fault))
 async def test_fault_is_caught_on_every_path(env: Env, fault: Fault) -> None:
-    by_checkout = fault is Fault.MIS_ROUTE  # the fault lives in checkout: run cannot drive it
+    by_checkout = fault in BY_CHECKOUT
     case = await run_case(env, FAULT_SEED, fault, by_checkout=by_checkout)
     want = expected(fault, case)
     # The recording and the pytest API first; then run must say what they said.
