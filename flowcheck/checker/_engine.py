@@ -32,7 +32,10 @@ _PUBLISHED, _ROUTED, _GAP, _DRIFT = Kind.PUBLISHED, Kind.ROUTED, Kind.GAP, Kind.
 
 
 class Checker:
-    """Feed observations in recording order, then :meth:`finish` for the verdict."""
+    """Feed observations in recording order, then :meth:`finish` for the verdict.
+
+    ``on_decided``, when given, is told of each chain as it is decided
+    (:class:`Decided`), during :meth:`feed`, :meth:`advance` or :meth:`finish`."""
 
     def __init__(
         self,
