@@ -644,6 +644,8 @@ def _export_trace(topology: Topology, trace_file: str, verdict: Verdict | None =
 
 def _sent(sent: Sent) -> None:
     chains = f"{sent.broken} broken, {sent.passing} passing"
+    if sent.unknown:
+        chains += f", {sent.unknown} unknown"
     if sent.ok:
         click.echo(f"otel: chains sent as traces: {chains}", err=True)
     else:

@@ -60,7 +60,8 @@ def timeout_set() -> bool:
 
 class Sent(NamedTuple):
     broken: int  # broken chains sent
-    passing: int  # passing (or unknown) chains the sampler kept
+    passing: int  # passing chains the sampler kept
+    unknown: int  # chains that could not be judged, the sampler kept
     ok: bool  # the receiver took every request (after a refusal, nothing more is sent)
 
 
@@ -82,7 +83,7 @@ def export_findings(
     """:func:`export` for findings of any origin (a test's failed assertions)."""
     out = start(topology, started, timeout=timeout)
     if out is None:
-        return Sent(0, 0, True)
+        return Sent(0, 0, 0, True)
     out.findings(findings)
     return out.close()
 
@@ -129,7 +130,7 @@ class Export:
                 self.siblings.setdefault(flow.branch_of, []).append(name)
         self.branch_of = {n: f.branch_of for n, f in topology.flows.items() if f.branch_of}
         self.sent: set[tuple[str, str | None]] = set()  # broken chains sent (at most CAP)
-        self.passing = 0
+        self.kept = {"passed": 0, "unknown": 0}  # chains the sampler kept, by outcome
         self.over = 0  # broken chains past CAP, not sent
 
     def decided(self, d: Decided) -> None:
@@ -143,7 +144,7 @@ class Export:
         sampled = self.sampler.should_sample(None, int(trace_id, 16), f"flow {d.flow}")
         if sampled.decision is not self.keep:
             return
-        self.passing += 1
+        self.kept[d.outcome] += 1
         self._chain(d.flow, d.key, d.timeline(), [], trace_id, unknown=d.outcome == "unknown")
 
     def findings(self, findings: Iterable[Finding]) -> None:
@@ -157,7 +158,8 @@ class Export:
     def close(self) -> Sent:
         """Send what is left; how it went."""
         self.provider.shutdown()
-        return Sent(len(self.sent), self.passing, not self.batches.failed)
+        kept = self.kept
+        return Sent(len(self.sent), kept["passed"], kept["unknown"], not self.batches.failed)
 
     def _broken(
         self, flow: str, key: str | None, timeline: list[Seen], findings: list[Finding]
