@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from flowcheck.checker import Verdict
     from flowcheck.gate import Result
     from flowcheck.observations import Observation
+    from flowcheck.otel import Sent
     from flowcheck.runner import Outcome
     from flowcheck.timeline import Census, Timeline
 from flowcheck.errors import FlowcheckError, MissingDependency, Problem, UsageError
@@ -398,6 +399,7 @@ def record(
         click.echo("stopped before the taps were watching; nothing recorded, no trace written")
         return
     click.echo(view.finish(counts))
+    _export_trace(topology, out)
 
 
 @cli.command()
@@ -627,20 +629,53 @@ def _report(
     sys.exit(EXIT_CODES[decision.result])
 
 
-def _export(verdict: Verdict, topology: Topology, started: float) -> None:
-    """Send the broken chains over OTLP when an OTLP endpoint is set (docs/otel.md)."""
+def _export_trace(topology: Topology, trace_file: str, verdict: Verdict | None = None) -> None:
+    """Send the chains of a trace file over OTLP when an OTLP endpoint is set (docs/otel.md):
+    ``verdict``'s broken chains (a run's, judged live), then every chain the file holds,
+    judged again as ``check`` does, broken ones always and the rest as sampled."""
     from flowcheck import otel
 
-    if otel.enabled():
-        chains, ok = otel.export(verdict, topology, started)
-        if ok:
-            click.echo(f"otel: {_plural(chains, 'broken chain')} sent as traces", err=True)
-        else:
-            click.echo(
-                f"flowcheck: warning: otel: the OTLP endpoint did not take the traces of "
-                f"{_plural(chains, 'broken chain')} (see above)",
-                err=True,
-            )
+    if not otel.enabled():
+        return
+    from flowcheck.checker import Checker
+    from flowcheck.trace import Reader, TraceError
+
+    try:
+        reader = Reader(trace_file)
+        out = otel.start(topology, reader.header.started)
+        assert out is not None
+        if verdict is not None:
+            out.findings(f for fv in verdict.flows for f in fv.findings)
+        end = reader.peek_end()
+        checker = Checker(
+            topology,
+            start_ns=reader.header.started_mono_ns,
+            stop_ns=None if end is None else end.stop_mono_ns,
+            on_decided=out.decided,
+        )
+        with _few_collections():
+            for obs in reader:
+                checker.feed(obs)
+        again = checker.finish(reader.end.mono_ns if reader.end else None)
+        out.findings(f for fv in again.flows for f in fv.findings)
+    except TraceError as exc:
+        click.echo(f"flowcheck: warning: otel: nothing sent: {exc}", err=True)
+        return
+    _sent(out.close())
+
+
+def _sent(sent: Sent) -> None:
+    chains = f"{sent.broken} broken, {sent.passing} passing"
+    if sent.unknown:
+        chains += f", {sent.unknown} unknown"
+    if sent.ok:
+        click.echo(f"otel: chains sent as traces: {chains}", err=True)
+    else:
+        click.echo(
+            f"flowcheck: warning: otel: the OTLP endpoint did not take every trace "
+            f"({chains} chains; see above)",
+            err=True,
+        )
 
 
 @contextlib.contextmanager
@@ -703,6 +738,7 @@ def _check_trace(
 ) -> tuple[Verdict, Topology]:
     """Judge a kept trace against a topology file, as ``check`` and ``report`` do; warnings
     go to stderr, a bad file exits 2. Broken chains go to an OTLP endpoint when one is set."""
+    from flowcheck import otel
     from flowcheck.checker import Checker, Recording
     from flowcheck.gate import allow_unjudged as allowing
     from flowcheck.trace import Reader, TraceError, topology_hash
@@ -726,8 +762,14 @@ def _check_trace(
         # Chains first seen after the stop was asked are not judged: known before reading.
         peeked = reader.peek_end()
         stop = None if peeked is None else peeked.stop_mono_ns
+        # Chains go to an OTLP endpoint as they are decided, when one is set.
+        out = otel.start(topology, reader.header.started)
         checker = Checker(
-            topology, start_ns=start, allow_unjudged=allowing(allow_unjudged), stop_ns=stop
+            topology,
+            start_ns=start,
+            allow_unjudged=allowing(allow_unjudged),
+            stop_ns=stop,
+            on_decided=None if out is None else out.decided,
         )
         with _few_collections():
             for obs in reader:
@@ -763,7 +805,9 @@ def _check_trace(
             else "the trace holds no chain of any flow"
         )
         click.echo(f"flowcheck: warning: no chain was decided: {why}", err=True)
-    _export(verdict, topology, reader.header.started)
+    if out is not None:
+        out.findings(f for fv in verdict.flows for f in fv.findings)  # failed after deciding
+        _sent(out.close())
     return verdict, topology
 
 
@@ -838,7 +882,7 @@ def run(
     from flowcheck.runner import Waiting, new_run_id
     from flowcheck.runner import run as run_scenario
     from flowcheck.signals import Caught, cancel_on_signal
-    from flowcheck.trace import Reader, run_trace
+    from flowcheck.trace import run_trace
 
     topology = _load_or_exit(topology_file)
     if scenario_file is None:
@@ -916,7 +960,7 @@ def run(
             f"flowcheck: interrupted by {caught.name}: no verdict, no reports; {left}", err=True
         )
         sys.exit(caught.exit_code)
-    _export(outcome.verdict, topology, Reader(outcome.trace).header.started)
+    _export_trace(topology, outcome.trace, outcome.verdict)
     _report(
         outcome.verdict,
         report_dir,

@@ -1,33 +1,40 @@
-"""Broken chains as OpenTelemetry traces, sent over OTLP after judging.
+"""Chains as OpenTelemetry traces, sent over OTLP/HTTP.
 
 Only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is
-set: otherwise :func:`export` returns at once and the SDK is never imported. The
-exporter reads the standard ``OTEL_EXPORTER_OTLP_*`` variables (headers, timeout, ...).
+set: otherwise :func:`start` returns None and the SDK is never imported. The
+exporter reads the standard ``OTEL_EXPORTER_OTLP_*`` variables (headers, timeout, ...),
+the sampler ``OTEL_TRACES_SAMPLER`` and ``OTEL_TRACES_SAMPLER_ARG``.
 
-Each broken chain is one trace, with the trace id its findings carry
+Each chain is one trace, with the trace id its findings carry
 (:func:`flowcheck.checker.verdict.chain_trace_id`): the one its message carried
-(``traceparent``), else one derived from its flow and key. A root span covers the chain, with error
-status and each finding as an event; each observation of its timeline is a child
-span with the messaging semantic conventions. A step whose message carried another
-trace id (a fan-in or fan-out) links to that trace.
+(``traceparent``), else one derived from its flow and key. A root span covers the
+chain, with error status and each finding as an event when it broke, OK when it
+passed; each observation of its timeline is a child span with the messaging semantic
+conventions. A step whose message carried another trace id (a fan-in) links to that
+trace; a branch of a flow (fan-out) links to its sibling branches' chains.
+
+Chains go as the checker decides them (:meth:`Export.decided`, a ``Checker``'s
+``on_decided``), so nothing is kept per chain: broken ones always (at most CAP),
+passing and unknown ones as the sampler says.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections import defaultdict
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from flowcheck.checker.verdict import chain_trace_id
 
 if TYPE_CHECKING:
-    from flowcheck.checker.verdict import Finding, Verdict
+    from flowcheck.checker import Decided, Finding, Seen, Verdict
     from flowcheck.topology.model import Topology
 
 ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-CAP = 1000  # broken chains exported per verdict at most: a storm of failures is sampled
+TIMEOUTS = ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
+CAP = 1000  # broken chains exported per run at most: a storm of failures is cut
+BATCH = 512  # spans per OTLP request
 # Observation kind -> messaging.operation.type
 OPERATIONS = {
     "published": "send",
@@ -46,48 +53,231 @@ def enabled() -> bool:
     return any(os.environ.get(name) for name in ENDPOINTS)
 
 
-def broken_chains(findings: Iterable[Finding]) -> dict[tuple[str, str | None], list[Finding]]:
-    """The findings of each broken chain, by (flow, key): those with a timeline."""
-    chains: dict[tuple[str, str | None], list[Finding]] = defaultdict(list)
-    for finding in findings:
-        if finding.timeline and finding.flow is not None:
-            chains[(finding.flow, finding.key)].append(finding)
-    return chains
+def timeout_set() -> bool:
+    """Did the user set the OTLP timeout (else the exporter's 10s)?"""
+    return any(os.environ.get(name) for name in TIMEOUTS)
 
 
-def export(verdict: Verdict, topology: Topology, started: float) -> tuple[int, bool]:
-    """Send each broken chain of ``verdict`` as a trace; ``started`` is the recording's
-    start (Unix seconds), what the timelines' times count from. (Chains, whether the
-    receiver took them all.)"""
+class Sent(NamedTuple):
+    broken: int  # broken chains sent
+    passing: int  # passing chains the sampler kept
+    unknown: int  # chains that could not be judged, the sampler kept
+    ok: bool  # the receiver took every request (after a refusal, nothing more is sent)
+
+
+def start(topology: Topology, started: float, *, timeout: float | None = None) -> Export | None:
+    """An export for one run, None without an endpoint (nothing imported then).
+    ``started``: the recording's start (Unix seconds), what timelines count from;
+    ``timeout``: seconds an OTLP request may take, instead of the variables'."""
+    return Export(topology, started, timeout) if enabled() else None
+
+
+def export(verdict: Verdict, topology: Topology, started: float) -> Sent:
+    """Send each broken chain of ``verdict`` (those it keeps a timeline of) as a trace."""
     return export_findings((f for fv in verdict.flows for f in fv.findings), topology, started)
 
 
 def export_findings(
-    findings: Iterable[Finding], topology: Topology, started: float
-) -> tuple[int, bool]:
+    findings: Iterable[Finding], topology: Topology, started: float, timeout: float | None = None
+) -> Sent:
     """:func:`export` for findings of any origin (a test's failed assertions)."""
-    if not enabled():
-        return 0, True
-    chains = list(broken_chains(findings).items())[:CAP]
-    if not chains:
-        return 0, True
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    out = start(topology, started, timeout=timeout)
+    if out is None:
+        return Sent(0, 0, 0, True)
+    out.findings(findings)
+    return out.close()
 
-    ids = _ids()
-    exporter = _exporter()
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "flowcheck")})
-    provider = TracerProvider(resource=resource, id_generator=ids)
-    provider.add_span_processor(BatchSpanProcessor(exporter))
-    tracer = provider.get_tracer("flowcheck")
-    systems: dict[str, str] = {name: b.kind for name, b in topology.brokers.items()}
-    try:
-        for (flow, key), findings in chains:
-            _chain(tracer, ids, systems, flow, key, findings, started)
-    finally:
-        provider.shutdown()  # flushes: every span is sent before the verdict's exit
-    return len(chains), not exporter.failed
+
+def broken_chains(findings: Iterable[Finding]) -> dict[tuple[str, str | None], list[Finding]]:
+    """The findings of each broken chain, by (flow, key): those with a timeline."""
+    chains: dict[tuple[str, str | None], list[Finding]] = {}
+    for finding in findings:
+        if finding.timeline and finding.flow is not None:
+            chains.setdefault((finding.flow, finding.key), []).append(finding)
+    return chains
+
+
+class Export:
+    """One run's traces: chains as the checker decides them (:meth:`decided`), and the
+    broken chains of findings made elsewhere (:meth:`findings`); :meth:`close` sends
+    what is left."""
+
+    def __init__(self, topology: Topology, started: float, timeout: float | None) -> None:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision
+
+        self.started = started
+        self.ids = _ids()
+        self.batches = _batches(_exporter(timeout))
+        service = os.environ.get("OTEL_SERVICE_NAME", "flowcheck")
+        # The sampler the variables name; it judges passing chains only, once per chain.
+        self.sampler = TracerProvider(shutdown_on_exit=False).sampler
+        self.keep = Decision.RECORD_AND_SAMPLE
+        self.provider = TracerProvider(
+            resource=Resource.create({"service.name": service}),
+            id_generator=self.ids,
+            sampler=ALWAYS_ON,
+            shutdown_on_exit=False,
+        )
+        self.provider.add_span_processor(self.batches)
+        self.tracer = self.provider.get_tracer("flowcheck")
+        self.systems = {name: b.kind for name, b in topology.brokers.items()}
+        # flow -> its sibling branches (fan-out), for links
+        self.siblings: dict[str, list[str]] = {}
+        for name, flow in topology.flows.items():
+            if flow.branch_of is not None:
+                self.siblings.setdefault(flow.branch_of, []).append(name)
+        self.branch_of = {n: f.branch_of for n, f in topology.flows.items() if f.branch_of}
+        self.sent: set[tuple[str, str | None]] = set()  # broken chains sent (at most CAP)
+        self.kept = {"passed": 0, "unknown": 0}  # chains the sampler kept, by outcome
+        self.over = 0  # broken chains past CAP, not sent
+
+    def decided(self, d: Decided) -> None:
+        """A ``Checker``'s ``on_decided``: send the chain, if broken or sampled."""
+        if d.outcome == "failed":
+            self._broken(d.flow, d.key, d.timeline(), list(d.findings))
+            return
+        if (d.flow, d.key) in self.sent:
+            return  # broken in the verdict already sent (a run's, judged live)
+        trace_id = d.trace_id
+        sampled = self.sampler.should_sample(None, int(trace_id, 16), f"flow {d.flow}")
+        if sampled.decision is not self.keep:
+            return
+        self.kept[d.outcome] += 1
+        self._chain(d.flow, d.key, d.timeline(), [], trace_id, unknown=d.outcome == "unknown")
+
+    def findings(self, findings: Iterable[Finding]) -> None:
+        """Send the broken chains of ``findings`` not sent yet (those with a timeline):
+        a verdict's chains failed after their decision, a test's failed assertions."""
+        for (flow, key), found in broken_chains(findings).items():
+            if (flow, key) not in self.sent:
+                timeline = sorted({s: None for f in found for s in f.timeline}, key=_at)
+                self._broken(flow, key, timeline, found)
+
+    def close(self) -> Sent:
+        """Send what is left; how it went."""
+        self.provider.shutdown()
+        kept = self.kept
+        return Sent(len(self.sent), kept["passed"], kept["unknown"], not self.batches.failed)
+
+    def _broken(
+        self, flow: str, key: str | None, timeline: list[Seen], findings: list[Finding]
+    ) -> None:
+        if (flow, key) in self.sent:
+            return
+        if len(self.sent) >= CAP:
+            self.over += 1
+            return
+        self.sent.add((flow, key))
+        # A test may assert on one chain twice: each finding once.
+        findings = list({(f.kind, f.step, f.message): f for f in findings}.values())
+        trace_id = findings[0].trace_id or chain_trace_id(
+            flow, key or "", (s.trace_id for s in timeline)
+        )
+        self._chain(flow, key, timeline, findings, trace_id)
+
+    def _chain(
+        self,
+        flow: str,
+        key: str | None,
+        timeline: list[Seen],
+        findings: list[Finding],
+        trace_id: str,
+        *,
+        unknown: bool = False,
+    ) -> None:
+        from opentelemetry import trace
+        from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+        if not timeline:
+            return
+        first, last = timeline[0].at_ms, timeline[-1].at_ms
+        links = [
+            Link(
+                _remote(chain_trace_id(other, key or "", (s.trace_id for s in timeline)), other),
+                {"flowcheck.link": "branch", "flowcheck.flow": other},
+            )
+            for other in self.siblings.get(self.branch_of.get(flow, ""), ())
+            if other != flow
+        ]
+        self.ids.next_trace_id = int(trace_id, 16)
+        self.ids.next_span_id = _root_span_id(trace_id, flow)
+        root = self.tracer.start_span(
+            f"flow {flow}",
+            start_time=self._ns(first),
+            attributes={
+                "flowcheck.flow": flow,
+                "flowcheck.key": key or "",
+                **({"flowcheck.outcome": "unknown"} if unknown else {}),
+            },
+            links=links,
+        )
+        self.ids.next_trace_id = self.ids.next_span_id = 0
+        for f in findings:
+            root.add_event(
+                f"flowcheck.{f.kind.value}",
+                attributes={
+                    "flowcheck.finding": f.kind.value,
+                    "message": f.message,
+                    **({"flowcheck.step": f.step} if f.step else {}),
+                    **({"flowcheck.cause": f.cause.value} if f.cause else {}),
+                },
+                timestamp=self._ns(last),
+            )
+        if findings:
+            root.set_status(Status(StatusCode.ERROR, findings[0].message))
+        elif not unknown:  # unknown: not judged, neither OK nor an error
+            root.set_status(Status(StatusCode.OK))
+        context = trace.set_span_in_context(root)
+        for i, seen in enumerate(timeline):
+            operation = OPERATIONS.get(seen.kind, "receive")
+            attributes: dict[str, Any] = {
+                "messaging.system": self.systems.get(seen.broker or "", seen.broker or ""),
+                "messaging.destination.name": seen.channel,
+                "messaging.operation.type": operation,
+                "flowcheck.observation": seen.kind,
+            }
+            optional = {
+                "messaging.message.id": seen.message_id,
+                "messaging.rabbitmq.destination.routing_key": seen.routing_key,
+                "messaging.consumer.group.name": seen.group,
+                "messaging.destination.partition.id": None
+                if seen.partition is None
+                else str(seen.partition),
+                "messaging.kafka.offset": seen.offset,
+                "flowcheck.id": seen.fc_id,
+                "flowcheck.delivery_count": seen.delivery_count,
+                "flowcheck.reason": seen.reason,
+            }
+            attributes.update({k: v for k, v in optional.items() if v is not None})
+            carried = seen.trace_id
+            step_links = []
+            if carried and _valid(carried) and carried.lower() != trace_id:
+                # Fan-in: the message carried another trace (another chain's, or its
+                # producer's): a link to it.
+                step_links.append(Link(_remote(carried.lower()), {"flowcheck.link": "message"}))
+            # A step lasts until the chain's next observation: what it took to move on.
+            end = timeline[i + 1].at_ms if i + 1 < len(timeline) else seen.at_ms
+            span = self.tracer.start_span(
+                f"{operation} {seen.channel}",
+                context=context,
+                kind=SpanKind.PRODUCER if operation == "send" else SpanKind.CONSUMER,
+                attributes=attributes,
+                links=step_links,
+                start_time=self._ns(seen.at_ms),
+            )
+            if seen.kind in ("dead_lettered", "unroutable", "trimmed"):
+                span.set_status(Status(StatusCode.ERROR, seen.reason or seen.kind))
+            span.end(end_time=self._ns(end))
+        root.end(end_time=self._ns(last))
+
+    def _ns(self, at_ms: float) -> int:
+        return int(self.started * 1e9 + at_ms * 1e6)
+
+
+def _at(seen: Seen) -> float:
+    return seen.at_ms
 
 
 def _valid(trace_id: str) -> bool:
@@ -97,108 +287,37 @@ def _valid(trace_id: str) -> bool:
         return False
 
 
-def _ns(started: float, at_ms: float) -> int:
-    return int(started * 1e9 + at_ms * 1e6)
+def _root_span_id(trace_id: str, flow: str | None = None) -> int:
+    """The root span id of a chain's trace: from its trace id (and flow, as branches
+    of one message may share a trace), so that links can name it without state."""
+    seed = trace_id if flow is None else f"{trace_id}\0{flow}"
+    return int(hashlib.sha256(seed.encode()).hexdigest()[:16], 16) or 1
 
 
-def _chain(
-    tracer: Any,
-    ids: Any,
-    systems: dict[str, str],
-    flow: str,
-    key: str | None,
-    findings: list[Finding],
-    started: float,
-) -> None:
-    from opentelemetry import trace
-    from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+def _remote(trace_id: str, flow: str | None = None) -> Any:
+    from opentelemetry.trace import SpanContext, TraceFlags
 
-    # A test may assert on one chain twice: each finding once.
-    findings = list({(f.kind, f.step, f.message): f for f in findings}.values())
-    timeline = sorted(
-        {s: None for f in findings for s in f.timeline}, key=lambda s: s.at_ms
-    )  # the findings of one chain share its timeline: each observation once
-    trace_id = findings[0].trace_id or chain_trace_id(
-        flow, key or "", (s.trace_id for s in timeline)
+    return SpanContext(
+        trace_id=int(trace_id, 16),
+        span_id=_root_span_id(trace_id, flow),
+        is_remote=True,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
     )
-    ids.next_trace_id = int(trace_id, 16)
-    first, last = timeline[0].at_ms, timeline[-1].at_ms
-    root = tracer.start_span(
-        f"flow {flow}",
-        start_time=_ns(started, first),
-        attributes={"flowcheck.flow": flow, "flowcheck.key": key or ""},
-    )
-    for f in findings:
-        root.add_event(
-            f"flowcheck.{f.kind.value}",
-            attributes={
-                "flowcheck.finding": f.kind.value,
-                "message": f.message,
-                **({"flowcheck.step": f.step} if f.step else {}),
-                **({"flowcheck.cause": f.cause.value} if f.cause else {}),
-            },
-            timestamp=_ns(started, last),
-        )
-    root.set_status(Status(StatusCode.ERROR, findings[0].message))
-    context = trace.set_span_in_context(root)
-    for i, seen in enumerate(timeline):
-        operation = OPERATIONS.get(seen.kind, "receive")
-        attributes: dict[str, Any] = {
-            "messaging.system": systems.get(seen.broker or "", seen.broker or ""),
-            "messaging.destination.name": seen.channel,
-            "messaging.operation.type": operation,
-            "flowcheck.observation": seen.kind,
-        }
-        optional = {
-            "messaging.message.id": seen.message_id,
-            "messaging.rabbitmq.destination.routing_key": seen.routing_key,
-            "messaging.consumer.group.name": seen.group,
-            "messaging.destination.partition.id": None
-            if seen.partition is None
-            else str(seen.partition),
-            "messaging.kafka.offset": seen.offset,
-            "flowcheck.id": seen.fc_id,
-            "flowcheck.delivery_count": seen.delivery_count,
-            "flowcheck.reason": seen.reason,
-        }
-        attributes.update({k: v for k, v in optional.items() if v is not None})
-        links = []
-        if seen.trace_id and _valid(seen.trace_id) and seen.trace_id.lower() != trace_id:
-            other = SpanContext(
-                trace_id=int(seen.trace_id, 16),
-                span_id=int(hashlib.sha256(seen.trace_id.encode()).hexdigest()[:16], 16) or 1,
-                is_remote=True,
-                trace_flags=TraceFlags(TraceFlags.SAMPLED),
-            )
-            links.append(Link(other, {"flowcheck.link": "message trace"}))
-        # A step lasts until the chain's next observation: what it took to move on.
-        end = timeline[i + 1].at_ms if i + 1 < len(timeline) else seen.at_ms
-        span = tracer.start_span(
-            f"{operation} {seen.channel}",
-            context=context,
-            kind=SpanKind.PRODUCER if operation == "send" else SpanKind.CONSUMER,
-            attributes=attributes,
-            links=links,
-            start_time=_ns(started, seen.at_ms),
-        )
-        if seen.kind in ("dead_lettered", "unroutable", "trimmed"):
-            span.set_status(Status(StatusCode.ERROR, seen.reason or seen.kind))
-        span.end(end_time=_ns(started, end))
-    root.end(end_time=_ns(started, last))
 
 
 def _ids() -> Any:
-    """An id generator: span ids at random, the trace id of the next root span set by
-    the caller (``next_trace_id``)."""
+    """An id generator: ids at random, but the trace and span id of the next root span
+    set by the caller (``next_trace_id``, ``next_span_id``)."""
     from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 
     class Ids(IdGenerator):
         def __init__(self) -> None:
             self.random = RandomIdGenerator()
             self.next_trace_id = 0
+            self.next_span_id = 0
 
         def generate_span_id(self) -> int:
-            return self.random.generate_span_id()
+            return self.next_span_id or self.random.generate_span_id()
 
         def generate_trace_id(self) -> int:
             return self.next_trace_id or self.random.generate_trace_id()
@@ -206,22 +325,44 @@ def _ids() -> Any:
     return Ids()
 
 
-def _exporter() -> Any:
-    """The OTLP/HTTP exporter (configured by the OTEL_EXPORTER_OTLP_* variables), noting
-    whether an export failed (the exporter logs why)."""
-    from collections.abc import Sequence
-
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.trace import ReadableSpan
+def _batches(exporter: Any) -> Any:
+    """A span processor that sends BATCH spans a request, in the caller's thread: memory
+    stays bounded and no span is dropped for a full queue (the SDK's batch processor
+    drops). After a request fails, the rest is dropped: a receiver that is down costs
+    one timeout, not one per batch."""
+    from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
     from opentelemetry.sdk.trace.export import SpanExportResult
 
-    class Exporter(OTLPSpanExporter):
-        failed = False
+    class Batches(SpanProcessor):
+        def __init__(self) -> None:
+            self.spans: list[ReadableSpan] = []
+            self.failed = False
 
-        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-            result = super().export(spans)
-            if result is not SpanExportResult.SUCCESS:
-                self.failed = True
-            return result
+        def on_end(self, span: ReadableSpan) -> None:
+            if self.failed:
+                return
+            self.spans.append(span)
+            if len(self.spans) >= BATCH:
+                self.flush()
 
-    return Exporter()
+        def flush(self) -> None:
+            spans, self.spans = self.spans, []
+            if spans and not self.failed:
+                self.failed = exporter.export(spans) is not SpanExportResult.SUCCESS
+
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            self.flush()
+            return not self.failed
+
+        def shutdown(self) -> None:
+            self.flush()
+            exporter.shutdown()
+
+    return Batches()
+
+
+def _exporter(timeout: float | None) -> Any:
+    """The OTLP/HTTP exporter, configured by the OTEL_EXPORTER_OTLP_* variables."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter(timeout=timeout)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -58,6 +59,7 @@ class Option:
 
 # The same as flowcheck.testing.DEFAULT_DEADLINE (a test keeps them equal).
 DEFAULT_DEADLINE = timedelta(seconds=10)
+OTEL_TIMEOUT_S = 2.0  # what a test's OTLP export may hold up its teardown (docs/otel.md)
 OPTIONS = {
     o.name: o
     for o in (
@@ -527,7 +529,19 @@ def _export(fc: FlowSession) -> None:
 
     if otel.enabled() and fc.failures:
         findings = [f for err in fc.failures for f in err.findings]
-        otel.export_findings(findings, fc.topology, fc.started_wall)
+        # Teardown waits at most OTEL_TIMEOUT_S on a receiver that is down, unless the
+        # user set the OTLP timeout.
+        timeout = None if otel.timeout_set() else OTEL_TIMEOUT_S
+        sent = otel.export_findings(findings, fc.topology, fc.started_wall, timeout)
+        if not sent.ok:
+            warnings.warn(
+                f"flowcheck: otel: the OTLP endpoint did not take the traces of "
+                f"{sent.broken} broken chain(s) within "
+                f"{'OTEL_EXPORTER_OTLP_TIMEOUT' if timeout is None else f'{timeout:g}s'}; "
+                "the test went on without them",
+                pytest.PytestWarning,
+                stacklevel=1,
+            )
 
 
 def _summary(fc: FlowSession, failed: bool) -> dict[str, Any]:

@@ -72,6 +72,7 @@ PUBLIC = {
         "Cause",
         "Check",
         "Checker",
+        "Decided",
         "Finding",
         "FindingKind",
         "FlowVerdict",

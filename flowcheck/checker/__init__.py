@@ -1,6 +1,6 @@
 """The checker: turns observations into a verdict. Pure: it never touches a broker."""
 
-from flowcheck.checker._engine import Checker, check
+from flowcheck.checker._engine import Checker, Decided, check
 from flowcheck.checker.verdict import (
     CHAIN_KINDS,
     CHECKS,
@@ -27,6 +27,7 @@ __all__ = [
     "Cause",
     "Check",
     "Checker",
+    "Decided",
     "Finding",
     "FindingKind",
     "FlowVerdict",

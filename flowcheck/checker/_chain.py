@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from flowcheck.checker.verdict import Finding, Seen, chain_trace_id
 from flowcheck.observations import RESENT_HEADER, Observation
 
 # Where a message stood in one broker order: (which order, place in it). Places are
@@ -153,3 +154,56 @@ class Chain:
     def reached(self) -> int:
         """Index of the last step with an arrival, -1 if none."""
         return max((i for i, a in enumerate(self.arrivals) if a), default=-1)
+
+
+# What a Seen copies from its observation as it is.
+_AS_OBSERVED = (
+    "channel",
+    "fc_id",
+    "message_id",
+    "trace_id",
+    "partition",
+    "offset",
+    "entry_id",
+    "delivery_count",
+    "reason",
+    "broker",
+    "routing_key",
+    "group",
+    "origin",
+)
+
+
+def seen(obs: Observation, start_ns: int) -> Seen:
+    return Seen(
+        kind=obs.kind.value,
+        at_ms=round((obs.mono_ns - start_ns) / 1e6, 3),
+        until_ms=None if obs.until_ns is None else round((obs.until_ns - start_ns) / 1e6, 3),
+        **{name: getattr(obs, name) for name in _AS_OBSERVED},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """A chain as it was decided, for a :class:`~flowcheck.checker.Checker`'s
+    ``on_decided``: its outcome, the findings its decision made, and its first
+    MAX_TIMELINE observations (the chain's own list, not a copy: read it during the
+    call). Made only when a callback is set; the verdict keeps none of them."""
+
+    flow: str
+    key: str
+    outcome: Literal["passed", "failed", "unknown"]
+    findings: Sequence[Finding]
+    observations: Sequence[Observation]
+    start_ns: int
+
+    @property
+    def trace_id(self) -> str:
+        """The chain's trace id, as its findings carry it."""
+        return chain_trace_id(self.flow, self.key, (o.trace_id for o in self.observations))
+
+    def timeline(self) -> list[Seen]:
+        return [seen(o, self.start_ns) for o in self.observations]
+
+
+OnDecided = Callable[[Decided], None]

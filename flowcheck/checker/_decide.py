@@ -8,7 +8,7 @@ A new check kind is one module and one entry in the table.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from flowcheck.checker import (
     _dead_letters,
@@ -21,7 +21,7 @@ from flowcheck.checker import (
     _paths,
     _retries,
 )
-from flowcheck.checker._chain import Chain
+from flowcheck.checker._chain import Chain, Decided
 from flowcheck.checker._hist import Span
 from flowcheck.observations import Kind
 from flowcheck.topology.model import DeadLetterRule
@@ -57,6 +57,7 @@ def decide(state: FlowState, chain: Chain, *, ended: bool) -> None:
         # of this chain was seen arriving anywhere, so there is nothing to judge.
         return
     before = state.chain_failures
+    found = len(state.findings)
     state.deciding = []
     rule = state.rule_for(chain)
     # Per hop (index: its later step; None where an end is missing): how long it took,
@@ -90,14 +91,27 @@ def decide(state: FlowState, chain: Chain, *, ended: bool) -> None:
     state.deciding = None
     counts = state.counts
     counts["chains"] += 1
+    outcome: Literal["passed", "failed", "unknown"]
     if undecided and not failed:
-        counts["unknown"] += 1
+        outcome = "unknown"
     elif failed:
-        counts["failed"] += 1
+        outcome = "failed"
     else:
-        counts["succeeded"] += 1
+        outcome = "passed"
         whole = spans[-1]
         state.passing.offer(chain.key, None if whole is None else whole[0])
+    counts["succeeded" if outcome == "passed" else outcome] += 1
+    if state.on_decided is not None:
+        state.on_decided(
+            Decided(
+                state.name,
+                chain.key,
+                outcome,
+                state.findings[found:],
+                chain.timeline,
+                state.start_ns,
+            )
+        )
     if chain.dead:
         counts["dead_lettered"] += 1
     tally(state, chain, "unknown" if undecided and not failed else "failed" if failed else "")

@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from flowcheck.checker import _dead_letters, _retries
-from flowcheck.checker._flow import MAX_FINDINGS, MAX_TIMELINE, FlowState, seen
+from flowcheck.checker._chain import Decided, OnDecided, seen
+from flowcheck.checker._flow import MAX_FINDINGS, MAX_TIMELINE, FlowState
 from flowcheck.checker._schema import SchemaCheck
 from flowcheck.checker.verdict import Cause, Finding, FindingKind, Recording, Unjudged, Verdict
 from flowcheck.observations import Kind, Observation
@@ -25,13 +26,16 @@ from flowcheck.topology.model import Topology
 from flowcheck.topology.routing import Route
 from flowcheck.topology.transform import branched
 
-__all__ = ["MAX_FINDINGS", "MAX_TIMELINE", "Checker", "check"]
+__all__ = ["MAX_FINDINGS", "MAX_TIMELINE", "Checker", "Decided", "check"]
 
 _PUBLISHED, _ROUTED, _GAP, _DRIFT = Kind.PUBLISHED, Kind.ROUTED, Kind.GAP, Kind.DRIFT
 
 
 class Checker:
-    """Feed observations in recording order, then :meth:`finish` for the verdict."""
+    """Feed observations in recording order, then :meth:`finish` for the verdict.
+
+    ``on_decided``, when given, is told of each chain as it is decided
+    (:class:`Decided`), during :meth:`feed`, :meth:`advance` or :meth:`finish`."""
 
     def __init__(
         self,
@@ -41,7 +45,11 @@ class Checker:
         expected: Mapping[str, Iterable[str]] | None = None,
         allow_unjudged: bool | None = None,
         stop_ns: int | None = None,
+        on_decided: OnDecided | None = None,
     ) -> None:
+        # Told of each chain as it is decided (an exporter of traces), while it is at
+        # hand: the verdict keeps the timelines of a few broken chains only.
+        self.on_decided = on_decided
         # A topology made in Python (not loaded) may still declare branches.
         topology = self.topology = branched(topology)
         # When the recording was asked to stop: chains first seen from then on are not
@@ -74,6 +82,7 @@ class Checker:
             state = FlowState(name, flow, self.topology, start_ns)
             # A run (it passes ``expected``) asks settled() of every chain it started.
             state.track_decided = self.tracking
+            state.on_decided = self.on_decided
             self.flows[name] = state
             self.states.append(state)
             for ch in state.watched:
@@ -285,6 +294,7 @@ def check(
     allow_unjudged: bool | None = None,
     recording: Recording | None = None,
     stop_ns: int | None = None,
+    on_decided: OnDecided | None = None,
 ) -> Verdict:
     """Check a whole history at once."""
     checker = Checker(
@@ -293,6 +303,7 @@ def check(
         expected=expected,
         allow_unjudged=allow_unjudged,
         stop_ns=stop_ns,
+        on_decided=on_decided,
     )
     for obs in observations:
         checker.feed(obs)

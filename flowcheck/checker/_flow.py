@@ -15,7 +15,16 @@ from datetime import timedelta
 from typing import Any
 
 from flowcheck.checker import _attempts, _decide, _ordering, _paths, _thresholds
-from flowcheck.checker._chain import Chain, Places, identity, messages, place, which
+from flowcheck.checker._chain import (
+    Chain,
+    OnDecided,
+    Places,
+    identity,
+    messages,
+    place,
+    seen,
+    which,
+)
 from flowcheck.checker._hist import Hist, Span, span
 from flowcheck.checker._match import matches
 from flowcheck.checker._sample import Reservoir
@@ -45,33 +54,6 @@ _DEAD_LETTERED, _TRIMMED = Kind.DEAD_LETTERED, Kind.TRIMMED
 
 def ns(d: timedelta) -> int:
     return int(d.total_seconds() * 1e9)
-
-
-# What a Seen copies from its observation as it is.
-_AS_OBSERVED = (
-    "channel",
-    "fc_id",
-    "message_id",
-    "trace_id",
-    "partition",
-    "offset",
-    "entry_id",
-    "delivery_count",
-    "reason",
-    "broker",
-    "routing_key",
-    "group",
-    "origin",
-)
-
-
-def seen(obs: Observation, start_ns: int) -> Seen:
-    return Seen(
-        kind=obs.kind.value,
-        at_ms=round((obs.mono_ns - start_ns) / 1e6, 3),
-        until_ms=None if obs.until_ns is None else round((obs.until_ns - start_ns) / 1e6, 3),
-        **{name: getattr(obs, name) for name in _AS_OBSERVED},
-    )
 
 
 class FlowState:
@@ -140,6 +122,7 @@ class FlowState:
         self.checks = [run for applies, run in _decide.CHAIN_CHECKS if applies(self)]
         self.chain_failures = 0  # findings that fail a chain, so far
         self.track_decided = False  # remember decided keys (runs only)
+        self.on_decided: OnDecided | None = None  # told of every decided chain
         self.decided: set[str] = set()
         self.chains: dict[str, Chain] = {}
         self.expiry: list[tuple[int, int, str]] = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 from otlp import Receiver, attrs
@@ -46,3 +48,24 @@ def test_a_failed_chain_is_sent_as_a_trace(
     # The trace is the one flowcheck's publish put in the message's traceparent,
     # not one derived from flow and key.
     assert root.trace_id.hex() != chain_trace_id("order-billed", "o-1")
+
+
+def test_an_endpoint_that_is_down_holds_teardown_up_briefly_and_says_so(
+    pytester: pytest.Pytester, broker_flags: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project.make(pytester, "flowcheck_isolate = true\n", test_lost=LOST)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    for name in ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    result = pytester.runpytest_subprocess(*broker_flags)
+    result.assert_outcomes(failed=1, warnings=1)
+    # The exporter's own 10s of retries are cut to the plugin's bound, in one warning line.
+    result.stdout.fnmatch_lines(
+        [
+            "*PytestWarning: flowcheck: otel: the OTLP endpoint did not take the traces "
+            "of 1 broken chain(s) within 2s; the test went on without them"
+        ]
+    )
