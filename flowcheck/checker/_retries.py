@@ -236,6 +236,8 @@ def backoff(state: FlowState, chain: Chain, i: int, policy: RetryPolicy, attempt
     consecutive deliveries seen at different times is judged: two seen in one read
     (the same time) say nothing of the wait between them."""
     assert policy.backoff is not None
+    if attempts < 2:
+        return  # no retry, no wait to judge (most chains: skip gathering their times)
     b = policy.backoff
     label = state.labels[i]
     times = delivery_times(chain, i)
