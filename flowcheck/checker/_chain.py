@@ -98,6 +98,10 @@ def rank(order: Order) -> tuple[int, str]:
 def compare(a: Places, b: Places) -> int | None:
     """-1 if ``a`` came first, 1 if ``b`` did, in an order both have a place in; None when
     no order holds both, or they tie: a tie decides nothing."""
+    if len(a) == 1:  # the common case: a message seen in one order
+        for order, x in a.items():
+            y = b.get(order)
+            return None if y is None or x == y else -1 if x < y else 1
     common = a.keys() & b.keys()
     for order in sorted(common, key=rank) if len(common) > 1 else common:
         x, y = a[order], b[order]

@@ -81,7 +81,8 @@ def decide(state: FlowState, chain: Chain, *, ended: bool) -> None:
             run(state, chain, rule, spans)
     failed = state.chain_failures > before
     state.giving = None
-    if not failed:  # a failed chain fails the flow's threshold whatever went unjudged
+    # A failed chain fails the flow's threshold whatever went unjudged.
+    if not failed and state.deciding:
         state.unjudged.update(state.deciding)
     state.deciding = None
     counts = state.counts
