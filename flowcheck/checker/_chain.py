@@ -111,8 +111,8 @@ def compare(a: Places, b: Places) -> int | None:
 
 
 def merged(places: Mapping[tuple[Any, ...], Places]) -> Places:
-    """The first place of any of a step's messages, per order (not to be changed: with
-    one message, its own places)."""
+    """The first place of any of a step's messages, per order. With one message, its own
+    places, not a copy: read it, never change it."""
     if len(places) == 1:  # the common case: nothing to merge
         for only in places.values():
             return only
