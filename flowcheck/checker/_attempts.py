@@ -108,7 +108,7 @@ def duplicates(state: FlowState, chain: Chain, i: int) -> list[list[Observation]
     """Attempts by counter at step ``i`` that came more often than its messages: the same
     counter value twice is the same attempt twice."""
     m = state.retry_marks[i]
-    if m is None or m.by != "counter":
+    if m is None or m.by != "counter" or not chain.retry_arrivals[i]:
         return []
     counted: Counter[int] = Counter()
     seen: dict[int, list[Observation]] = {}

@@ -113,10 +113,26 @@ def place(obs: Observation, seq: int) -> tuple[Order, tuple[int, ...]]:
     return ("fed", obs.channel, obs.kind.value), (seq,)
 
 
+_ranks: dict[Order, tuple[int, str]] = {}  # a topology has few orders: keys made once
+
+
+def rank(order: Order) -> tuple[int, str]:
+    """Where an order sorts among those two places share: the brokers' own first."""
+    r = _ranks.get(order)
+    if r is None:
+        r = _ranks[order] = (RANK[order[0]], repr(order))
+    return r
+
+
 def compare(a: Places, b: Places) -> int | None:
     """-1 if ``a`` came first, 1 if ``b`` did, in an order both have a place in; None when
     no order holds both, or they tie: a tie decides nothing."""
-    for order in sorted(a.keys() & b.keys(), key=lambda o: (RANK[o[0]], repr(o))):
+    if len(a) == 1:  # the common case: a message seen in one order
+        for order, x in a.items():
+            y = b.get(order)
+            return None if y is None or x == y else -1 if x < y else 1
+    common = a.keys() & b.keys()
+    for order in sorted(common, key=rank) if len(common) > 1 else common:
         x, y = a[order], b[order]
         if x != y:
             return -1 if x < y else 1
@@ -124,7 +140,11 @@ def compare(a: Places, b: Places) -> int | None:
 
 
 def merged(places: Mapping[tuple[Any, ...], Places]) -> Places:
-    """The first place of any of a step's messages, per order."""
+    """The first place of any of a step's messages, per order. With one message, its own
+    places, not a copy: read it, never change it."""
+    if len(places) == 1:  # the common case: nothing to merge
+        for only in places.values():
+            return only
     out: Places = {}
     for per in places.values():
         for order, at in per.items():

@@ -86,7 +86,8 @@ def decide(state: FlowState, chain: Chain, *, ended: bool) -> None:
     failed = state.chain_failures > before
     gave_up = state.counts["gave_up"]
     state.giving = None
-    if not failed:  # a failed chain fails the flow's threshold whatever went unjudged
+    # A failed chain fails the flow's threshold whatever went unjudged.
+    if not failed and state.deciding:
         state.unjudged.update(state.deciding)
     state.deciding = None
     counts = state.counts

@@ -130,6 +130,16 @@ def span(
     """(ns, clock, error bound in ms) from the first message at one step to the first (or,
     with ``last``, the last) at a later one. ``late``: how late each end's tap may read."""
     ups, downs = list(up), list(down)
+    if len(ups) == 1 and len(downs) == 1:  # the common case, as below without the lists
+        u, d = ups[0], downs[0]
+        u_ms, d_ms = u.broker_ms, d.broker_ms
+        if u_ms is not None and d_ms is not None:
+            return (d_ms - u_ms) * 1_000_000, BROKER, 1.0
+        if u.kind is _PUBLISHED:
+            return d.mono_ns - u.mono_ns, MONO, late[1]
+        if u_ms is not None and d.wall > 0:
+            return round(d.wall * 1e9) - u_ms * 1_000_000, MIXED, 1.0 + late[1]
+        return d.mono_ns - u.mono_ns, MONO, max(late)
     ub = [o.broker_ms for o in ups if o.broker_ms is not None]
     db = [o.broker_ms for o in downs if o.broker_ms is not None]
     whole_up = len(ub) == len(ups)

@@ -15,7 +15,7 @@ import bisect
 import itertools
 from typing import TYPE_CHECKING, Any
 
-from flowcheck.checker._chain import RANK, Chain, Order, compare, merged, place
+from flowcheck.checker._chain import Chain, Order, compare, merged, place, rank
 from flowcheck.checker._hist import Span
 from flowcheck.checker._match import MISSING
 from flowcheck.checker.verdict import Finding, FindingKind
@@ -113,7 +113,7 @@ def in_order(chain: Chain, i: int) -> list[Observation] | None:
     common = set.intersection(*(set(p) for p in per)) if per else set()
     if not common:
         return None
-    order = min(common, key=lambda o: (RANK[o[0]], repr(o)))
+    order = min(common, key=rank)
     ranked = sorted(zip(per, chain.arrivals[i].values(), strict=True), key=lambda p: p[0][order])
     return [o for _, o in ranked]
 

@@ -72,7 +72,8 @@ def attempts(state: FlowState, chain: Chain, i: int) -> int | None:
         return None  # a tap was blind for part of it: attempts may have gone unseen
     counts = [o.delivery_count for o in chain.deliveries[i] if o.delivery_count]
     retried = chain.retry_arrivals[i]
-    counts += [o.delivery_count for o in retried if o.delivery_count]
+    if retried:  # most chains: never retried
+        counts += [o.delivery_count for o in retried if o.delivery_count]
     visible = state.retry_visible[i]
     for o in chain.dead:
         if o.kind is _DEAD_LETTERED and state.origin_step(o) == i:
@@ -80,7 +81,9 @@ def attempts(state: FlowState, chain: Chain, i: int) -> int | None:
                 counts.append(o.delivery_count)
             elif visible:
                 counts.append(1)  # every retry would have shown on a retry channel
-    on_retry_channels = sum(1 for o in retried if o.channel in state.retry_declared)
+    on_retry_channels = (
+        sum(1 for o in retried if o.channel in state.retry_declared) if retried else 0
+    )
     if on_retry_channels:
         counts.append(1 + on_retry_channels)
     if (chain.deliveries[i] or (visible and chain.arrivals[i])) and not counts:
@@ -236,6 +239,8 @@ def backoff(state: FlowState, chain: Chain, i: int, policy: RetryPolicy, attempt
     consecutive deliveries seen at different times is judged: two seen in one read
     (the same time) say nothing of the wait between them."""
     assert policy.backoff is not None
+    if attempts < 2:
+        return  # no retry, no wait to judge (most chains: skip gathering their times)
     b = policy.backoff
     label = state.labels[i]
     times = delivery_times(chain, i)
