@@ -29,13 +29,15 @@ def incomplete(state: FlowState, chain: Chain, ended: bool) -> bool:
     if not chain.arrivals[0] and not dropped:
         if chain.first_ns - state.start_ns <= state.window_ns:
             return True  # it may have started before the recording did
-        first = next(iter(chain.arrivals[reached].values())) if reached >= 0 else chain.timeline[0]
+        # Named where it appeared: the first step it was seen at, not the last it reached.
+        at = next((i for i, a in enumerate(chain.arrivals) if a), -1)
+        first = next(iter(chain.arrivals[at].values())) if at >= 0 else chain.timeline[0]
         state.add(
             state.finding(
                 FindingKind.UNEXPECTED,
                 chain,
-                f"seen at {labels[max(reached, 0)]!r} but never at the first step {labels[0]!r}",
-                step=max(reached, 0),
+                f"seen at {labels[max(at, 0)]!r} but never at the first step {labels[0]!r}",
+                step=max(at, 0),
                 seen=[first],
             )
         )

@@ -576,3 +576,25 @@ def test_dead_letter_attempts_without_a_retry_policy_no_tap_saw_are_unjudged() -
     v = run(top, h)
     assert unjudged(v)["dead letter to 'dlq' after 3 attempts at 'billing'"][1] == 1
     assert not v.passed
+
+
+def test_a_chain_seen_first_mid_way_is_named_where_it_appeared() -> None:
+    """A message that appears at the second step and goes on to the third: unexpected at
+    the step it appeared at (where a user looks for its publisher), not the last it got to."""
+    top = loads(
+        """
+brokers: {k: {kind: kafka}}
+channels:
+  a: {broker: k, kind: topic}
+  b: {broker: k, kind: topic}
+  c: {broker: k, kind: topic}
+flows:
+  f: {correlate: $.id, steps: [a, b, c], deadline: 1s}
+"""
+    )
+    h = History()
+    h.at(5_000).routed("b", "ghost", partition=0, offset=0)
+    h.at(5_010).routed("c", "ghost", partition=0, offset=0)
+    [finding] = run(top, h).flows[0].findings
+    assert (finding.kind, finding.key, finding.step) == (FindingKind.UNEXPECTED, "ghost", "b")
+    assert finding.message == "seen at 'b' but never at the first step 'a'"

@@ -448,7 +448,7 @@ PER_KEY: dict[Fault, list[tuple[str, str, str]]] = {  # (flow, kind, step) per o
     # The first flow on the channel reports it; the step is the channel.
     Fault.BAD_SCHEMA: [("order-to-shipment", "schema", "billing.orders")],
     # Seen at payments, then shipments: flagged at the furthest step it reached.
-    Fault.PHANTOM: [("order-to-shipment", "unexpected", "shipments")],
+    Fault.PHANTOM: [("order-to-shipment", "unexpected", "payments")],  # where it appeared
 }
 # Faults that live in checkout, or that come after run has stopped watching: run
 # cannot drive them, the recording and the pytest API watch.
