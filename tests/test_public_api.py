@@ -82,6 +82,7 @@ PUBLIC = {
         "OverTime",
         "Percentiles",
         "Recording",
+        "RouteCount",
         "Seen",
         "Unjudged",
         "Verdict",

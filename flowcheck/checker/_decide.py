@@ -21,13 +21,13 @@ from flowcheck.checker import (
     _paths,
     _retries,
 )
-from flowcheck.checker._chain import Chain, Decided
+from flowcheck.checker._chain import Chain, Decided, identity
 from flowcheck.checker._hist import Span
-from flowcheck.observations import Kind
+from flowcheck.observations import Kind, Observation
 from flowcheck.topology.model import DeadLetterRule
 
 if TYPE_CHECKING:
-    from flowcheck.checker._flow import FlowState
+    from flowcheck.checker._flow import FlowState, RouteKey
 
 _REDELIVERED = Kind.REDELIVERED
 
@@ -56,6 +56,7 @@ def decide(state: FlowState, chain: Chain, *, ended: bool) -> None:
         # Deliveries or acks alone (a late ack of a chain decided before): no message
         # of this chain was seen arriving anywhere, so there is nothing to judge.
         return
+    routes(state, chain)
     before = state.chain_failures
     found = len(state.findings)
     state.deciding = []
@@ -118,6 +119,50 @@ def decide(state: FlowState, chain: Chain, *, ended: bool) -> None:
     tally(state, chain, "unknown" if undecided and not failed else "failed" if failed else "")
     if counts["gave_up"] > gave_up:
         state.series.add("gave_up", _last(chain))
+
+
+def routes(state: FlowState, chain: Chain) -> None:
+    """Count the chain's messages per route: at each step, on each retry channel, in each
+    dead-letter channel (per step they died at). From what the chain kept, once."""
+    counts = state.route_counts
+    for i, key in enumerate(state.step_routes):
+        row = counts[key]
+        row[0] += len(chain.arrivals[i])
+        retried, delivered = chain.retry_arrivals[i], chain.deliveries[i]
+        if not (retried or delivered):
+            continue  # the common case: nothing tried again here
+        again = _redeliveries(delivered) if delivered else 0
+        for o in retried:
+            if o.channel == key[1]:
+                again += 1  # back at the step itself: a round trip, or published again
+            else:
+                counts.setdefault(("retry", o.channel, i), [0, 0])[0] += 1
+        row[1] += again
+    if chain.dead:
+        dead: dict[RouteKey, set[tuple[object, ...]]] = {}
+        for o in chain.dead:
+            at: RouteKey = ("dead_letter", o.channel, state.origin_step(o))
+            dead.setdefault(at, set()).add(identity(o))
+        for at, ids in dead.items():
+            counts.setdefault(at, [0, 0])[0] += len(ids)
+
+
+def _redeliveries(delivered: list[Observation]) -> int:
+    """Redeliveries among a step's delivery evidence. Where the message has a broker
+    position (a Redis entry, a Kafka offset) its count tells how many, even when one
+    poll showed several (a pending list); elsewhere each redelivery seen is one."""
+    n = 0
+    most: dict[tuple[object, ...], int] = {}
+    for o in delivered:
+        if o.kind is not _REDELIVERED:
+            continue
+        ident = identity(o)
+        if o.delivery_count is None or ident[0] in ("fc", "obs"):
+            n += 1
+        else:
+            k = (ident, o.group)
+            most[k] = max(most.get(k, 1), o.delivery_count)
+    return n + sum(c - 1 for c in most.values())
 
 
 def tally(state: FlowState, chain: Chain, fate: str) -> None:

@@ -35,6 +35,7 @@ from flowcheck.checker.verdict import (
     Finding,
     FindingKind,
     FlowVerdict,
+    RouteRole,
     Seen,
     chain_trace_id,
 )
@@ -42,6 +43,10 @@ from flowcheck.checker.window import DEFAULT_WINDOW, GRACE_NS
 from flowcheck.observations import Kind, Observation, payload_json
 from flowcheck.topology.model import DeadLetterRule, Flow, GiveUpRule, SeqOrdering, Topology
 from flowcheck.topology.routing import Route, flow_routes
+
+# A route a flow's messages take: (role, channel, step index; None: a dead letter that
+# did not say where it died).
+RouteKey = tuple[RouteRole, str, int | None]
 
 MAX_FINDINGS = 100  # per flow, kept with their timelines; the rest without (memory)
 MAX_TIMELINE = 40  # observations kept per chain for reports
@@ -148,6 +153,25 @@ class FlowState:
         self.order_groups: dict[str, list[tuple[int, str, list[Places]]]] = {}
         self.order_log: deque[tuple[int, str]] = deque()  # (start, group) in decision order
         self.gaps: list[Observation] = []
+        # Messages of decided chains per route (role, channel, step or None): [messages,
+        # redelivered]. Every route of the map is listed, even at 0; dead letters that
+        # name another origin add theirs (bounded: channels x steps).
+        self.route_counts: dict[RouteKey, list[int]] = {}
+        self.step_routes: list[RouteKey] = [
+            ("step", s.channel, i) for i, s in enumerate(flow.steps)
+        ]
+        for key in self.step_routes:
+            self.route_counts[key] = [0, 0]
+        for r, i in routes.retry_of.items():
+            self.route_counts[("retry", r, i)] = [0, 0]
+        dead = routes.dead
+        for i, carried in enumerate(routes.carriers):
+            for c in carried:
+                if c in dead:
+                    self.route_counts.setdefault(("dead_letter", c, i), [0, 0])
+        told = {k[1] for k in self.route_counts if k[0] == "dead_letter"}
+        for d in sorted(dead - told):
+            self.route_counts[("dead_letter", d, None)] = [0, 0]
 
     # ------------------------------------------------------------ feeding
 

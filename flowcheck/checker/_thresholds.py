@@ -14,6 +14,7 @@ from flowcheck.checker.verdict import (
     Finding,
     FindingKind,
     FlowVerdict,
+    RouteCount,
     Unjudged,
 )
 
@@ -116,4 +117,14 @@ def verdict(state: FlowState, allow_unjudged: bool) -> FlowVerdict:
         findings_total=dict(totals),
         unjudged=unjudged,
         over_time=state.series.model(),
+        routes=[
+            RouteCount(
+                channel=channel,
+                role=role,
+                step=None if i is None else state.labels[i],
+                messages=n,
+                redelivered=again,
+            )
+            for (role, channel, i), (n, again) in state.route_counts.items()
+        ],
     )

@@ -282,6 +282,35 @@ class OverTime(BaseModel):
     gave_up: list[int] = Field(description="chains a step gave up on, at their last attempt")
 
 
+RouteRole = Literal["step", "retry", "dead_letter"]
+
+
+class RouteCount(BaseModel):
+    """The messages of a flow's chains that arrived at one channel in one role: as one of
+    its steps, as a retry of a step (a retry channel), or as a dead letter. Counted once a
+    chain is decided, for every chain of ``FlowVerdict.chains`` (succeeded, failed or
+    unknown), from what the chain kept: exact for those, nothing per message kept."""
+
+    model_config = ConfigDict(frozen=True)
+
+    channel: str = Field(description="the channel, by its name in the topology")
+    role: RouteRole = Field(description="step | retry | dead_letter")
+    step: str | None = Field(
+        None,
+        description="the step: the one it is (step), whose retries it carries (retry), "
+        "the dead letters died at (dead_letter; None when they did not say)",
+    )
+    messages: int = Field(
+        description="step: distinct messages (copies are one); retry: arrivals on the "
+        "retry channel, one per passage; dead_letter: distinct dead letters"
+    )
+    redelivered: int = Field(
+        0,
+        description="step: later attempts seen at the step itself (redeliveries, messages "
+        "back after a retry round trip or published again); 0 for the other roles",
+    )
+
+
 class FlowVerdict(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -310,6 +339,11 @@ class FlowVerdict(BaseModel):
     )
     over_time: OverTime | None = Field(
         None, description="its chains over the recording's time; None from a verdict without"
+    )
+    routes: list[RouteCount] | None = Field(
+        None,
+        description="messages of its chains per channel it touches: steps, retry channels, "
+        "dead-letter channels; None from a verdict without",
     )
 
 

@@ -6,8 +6,8 @@ path of flow hops, service hand-offs and bindings leading to them); a service si
 in the column after the channels it consumes (before the first it publishes, for one
 that only publishes); a channel that carries another's retries or dead letters sits
 under it. The verdict holds per-hop figures (the chains timed across each hop, their
-p99) and per-flow totals; an edge it holds no count for says so ("?") rather than
-guessing one.
+p99) and per flow the messages at each channel it touches (``FlowVerdict.routes``);
+an edge it holds no count for says so ("?") rather than guessing one.
 """
 
 from __future__ import annotations
@@ -45,12 +45,15 @@ NODE_COLORS = {
 }
 OVER = "#d62728"  # an edge with a hop over its latency budget
 
-UNKNOWN_NOTE = (
-    "Messages per edge are known for the flows' hops: the chains timed across each "
-    "hop and their p99, from the verdict's latency. The verdict keeps no count of "
-    "retries, nor of dead letters per route: those edges say '?', except a flow's "
-    "dead letters where one route is the only one its steps have. Hover an edge for "
-    "what it carries."
+NOTE = (
+    "Messages per edge: on a flow's hops, the chains timed across each hop and their p99 "
+    "(the verdict's latency); on retry and dead-letter edges, the messages each flow's "
+    "chains took there; hover a consume edge for the messages at that step and their "
+    "redeliveries. Hover an edge for what it carries."
+)
+UNKNOWN = (
+    " An edge says '?' where the verdict holds no count for it: no flow passes there, "
+    "or the verdict was made before route counts."
 )
 
 
@@ -60,6 +63,7 @@ class Edge:
     labels: list[str] = field(default_factory=list)  # drawn on the edge
     about: list[str] = field(default_factory=list)  # shown on hover
     over: bool = False
+    counted: bool = False  # some flow's route counts cover it (perhaps at 0)
 
 
 def side_channels(topology: Topology) -> dict[str, str]:
@@ -192,9 +196,7 @@ def edges(topology: Topology, verdict: Verdict) -> dict[tuple[Node, Node], Edge]
                     e.about.append(f"binding {b.key or '(no key)'}")
         for r in ch.retry_channels:
             if r in channels and r != name:
-                e = edge(("channel", name), ("channel", r), "retry")
-                e.labels = ["retries ?"]
-                e.about.append(f"retries of {name}: how many is not in the verdict")
+                edge(("channel", name), ("channel", r), "retry").about.append(f"retries of {name}")
         dead = [ch.dead_letter_channel] if ch.dead_letter_channel else []
         dead += dead_letter_path(topology, name)[:1]
         for d in dead:
@@ -207,11 +209,90 @@ def edges(topology: Topology, verdict: Verdict) -> dict[tuple[Node, Node], Edge]
         if fv is None:
             continue
         _hops(topology, fname, flow.steps, fv, out, edge)
-        _dead_letters(topology, fname, [s.channel for s in flow.steps], fv, out)
+        if fv.routes is None:  # a verdict from before route counts
+            _dead_letters(topology, fname, [s.channel for s in flow.steps], fv, out)
+        else:
+            _routes(topology, fname, {s.name or s.channel: s.channel for s in flow.steps}, fv, out)
     for e in out.values():
-        if e.kind == "dead letter" and not e.labels:
-            e.labels = ["dead letters ?"]
+        if e.kind in ("retry", "dead letter") and not e.labels:
+            what = "retries" if e.kind == "retry" else "dead letters"
+            e.labels = [f"{what} 0" if e.counted else f"{what} ?"]
+            if not e.counted:
+                e.about.append("no count of it in the verdict")
     return out
+
+
+def note(topology: Topology, verdict: Verdict) -> str:
+    """What the picture's edges say, for the page; '?' explained only where drawn."""
+    unknown = any(
+        label.endswith(" ?") for e in edges(topology, verdict).values() for label in e.labels
+    )
+    return NOTE + (UNKNOWN if unknown else "")
+
+
+def _routes(
+    topology: Topology,
+    fname: str,
+    channel_of: dict[str, str],
+    fv: FlowVerdict,
+    out: dict[tuple[Node, Node], Edge],
+) -> None:
+    """A flow's route counts on the edges that carry them: retries on a step's retry
+    edges, dead letters on its dead-letter edge (the most seen at any channel of its
+    dead-letter path: each dead letter passes all of them), the messages and
+    redeliveries at a step on the edges of its consumers."""
+    routes = fv.routes or []
+
+    def at(role: str, channels: list[str], step_channel: str) -> int | None:
+        """The most messages seen at one of ``channels`` in ``role`` from steps on
+        ``step_channel``; None when the flow counts none of them."""
+        per: dict[str, int] = {}
+        for r in routes:
+            if (
+                r.role == role
+                and r.channel in channels
+                and channel_of.get(r.step or "") == step_channel
+            ):
+                per[r.channel] = per.get(r.channel, 0) + r.messages
+        return max(per.values()) if per else None
+
+    def put(e: Edge, n: int, what: str, suffix: str = "") -> None:
+        e.counted = True
+        if n:  # a flow that saw none here is hovered only
+            e.labels.append(f"{fname}: {n}{suffix}")
+        e.about.append(f"{fname}: {n} {what}")
+
+    steps = set(channel_of.values())
+    for (a, b), e in out.items():
+        x, y = a[1], b[1]
+        if e.kind == "retry":
+            n = at("retry", [y], x)
+            if n is not None:
+                put(e, n, f"retries on {y}")
+        elif e.kind == "dead letter":
+            ch = topology.channels[x]
+            path = [ch.dead_letter_channel] if ch.dead_letter_channel else []
+            path += dead_letter_path(topology, x)
+            n = at("dead_letter", path, x)
+            if n is not None:
+                put(e, n, f"dead letters of {x}")
+            retried = at("retry", [y], x)  # a dead-letter exchange that leads to retries
+            if retried is not None:
+                put(e, retried, f"retries through {y}", " retries")
+            unsaid = sum(
+                r.messages
+                for r in routes
+                if r.role == "dead_letter" and r.step is None and r.channel in path
+            )
+            if unsaid and x in steps:
+                e.about.append(f"{fname}: {unsaid} dead letters that did not say where they died")
+        elif e.kind == "consume":
+            for r in routes:
+                if r.role == "step" and r.channel == x and r.step is not None:
+                    if r.redelivered:
+                        e.labels.append(f"{fname}: {r.redelivered} redelivered")
+                    again = f", {r.redelivered} redelivered" if r.redelivered else ""
+                    e.about.append(f"{fname} at {r.step}: {r.messages} messages{again}")
 
 
 def _hops(

@@ -372,7 +372,7 @@ def _topology(topology: Topology, verdict: Verdict, plots: list[Model]) -> list[
         "<h2 id='topology'>The topology</h2>",
         "<p class='note'>Who publishes and consumes what: services (circles), channels "
         "(squares) in the order the flows pass them, the channels of retries and dead "
-        f"letters under theirs. {_e(_picture.UNKNOWN_NOTE)}</p>",
+        f"letters under theirs. {_e(_picture.note(topology, verdict))}</p>",
         _slot(plots, fig),
     ]
 

@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 import scenarios
 from headless import browse, rendered
+from history import History
 
 from flowcheck.checker import Histogram, Seen, Verdict
 from flowcheck.checker.verdict import PASSING_SAMPLE
 from flowcheck.errors import MissingDependency
+from flowcheck.observations import Kind
 from flowcheck.reporting import html, write_reports
+from flowcheck.topology import Topology, load
 
 
 def test_failing_report_says_what_failed() -> None:
@@ -236,24 +239,98 @@ def test_the_shop_topology_as_a_picture() -> None:
     routed = links[(("channel", "shop.orders"), ("channel", "billing.orders"))]
     assert routed.kind == "route"
     assert routed.labels == ["order-to-shipment: 7, p99 0.10 ms"]
-    # what the verdict does not hold is said, not made up
+    # the verdict's route counts, on the routes the messages took
+    retry = links[(("channel", "payments"), ("channel", "payments-retry"))]
+    assert retry.labels == ["retries 0"]  # counted, and none came
+    dead = links[(("channel", "billing.orders"), ("channel", "shop.dlx"))]
+    assert dead.labels == ["order-to-shipment: 1"]  # the poison order, seen at the queue
+    assert "'?'" not in page  # nothing unknown: no note about it
+    assert "on retry and dead-letter edges, the messages each flow" in page
+
+
+def shop_retried() -> tuple[Topology, Verdict]:
+    """topologies/shop.yaml: two declined payments retried through payments-retry, one
+    of them dead-lettered from there; a poison order dead-lettered from billing after
+    three redeliveries (the firehose on)."""
+    top = load(str(scenarios.SHOP))
+    pay = History("declined-payment")
+    for n, key in enumerate(("o-d", "o-r")):
+        body = {"order_id": key, "status": "declined"}
+        pay.at(n * 100).routed("payments", key, body, partition=0, offset=n)
+        pay.at(n * 100 + 10).routed("payments-retry", key, body, partition=0, offset=n)
+    dead = {"order_id": "o-d", "status": "declined"}
+    pay.at(30).add(
+        Kind.DEAD_LETTERED,
+        "payments-dlt",
+        "o-d",
+        dead,
+        partition=0,
+        offset=0,
+        origin="payments-retry",
+        delivery_count=2,
+    )
+    poison = History("poison-order")
+    bad = {"order_id": "o-p", "amount": 1, "poison": True}
+    poison.at(0).routed("shop.orders", "o-p", bad, routing_key="order.placed")
+    poison.routed("billing.orders", "o-p", bad)
+    for n in range(1, 5):
+        kind = Kind.DELIVERED if n == 1 else Kind.REDELIVERED
+        poison.add(kind, "billing.orders", "o-p", bad, delivery_count=n)
+    poison.add(
+        Kind.DEAD_LETTERED,
+        "billing.orders.dlq",
+        "o-p",
+        bad,
+        reason="delivery_limit",
+        origin="billing.orders",
+        delivery_count=3,
+    )
+    return top, scenarios.run(top, pay.items + poison.items)
+
+
+def test_the_shop_picture_counts_retries_and_dead_letters() -> None:
+    from flowcheck.reporting import _picture
+
+    top, verdict = shop_retried()
+    links = _picture.edges(top, verdict)
+    retry = links[(("channel", "payments"), ("channel", "payments-retry"))]
+    assert retry.labels == ["declined-payment: 2"]
+    assert "declined-payment: 2 retries on payments-retry" in retry.about
+    dlt = links[(("channel", "payments"), ("channel", "payments-dlt"))]
+    assert dlt.labels == ["declined-payment: 1"]  # died on the retry topic: of payments
+    dlx = links[(("channel", "billing.orders"), ("channel", "shop.dlx"))]
+    assert dlx.labels == ["poison-order: 1"]
+    billing = links[(("channel", "billing.orders"), ("service", "billing"))]
+    assert billing.labels == ["poison-order: 3 redelivered"]
+    assert "poison-order at billing.orders: 1 messages, 3 redelivered" in billing.about
+    quiet = links[(("channel", "shipments"), ("channel", "shipments-dead"))]
+    assert quiet.labels == ["dead letters 0"]
+    page = html.dumps(verdict, topology=top)
+    assert "declined-payment: 2" in page
+    assert "dead letters ?" not in page
+    assert "retries ?" not in page
+
+
+def test_a_verdict_without_route_counts_says_what_it_does_not_know() -> None:
+    from flowcheck.reporting import _picture
+
+    top, verdict = scenarios.shop()
+    older = verdict.model_copy(
+        update={"flows": [f.model_copy(update={"routes": None}) for f in verdict.flows]}
+    )
+    links = _picture.edges(top, older)
     retry = links[(("channel", "payments"), ("channel", "payments-retry"))]
     assert retry.labels == ["retries ?"]
     dead = links[(("channel", "billing.orders"), ("channel", "shop.dlx"))]
     assert dead.labels == ["dead letters ?"]
     assert "order-to-shipment: 1 dead-lettered over 3 routes" in " ".join(dead.about)
-    assert "The verdict keeps no count of retries" in page
-
-
-def test_one_dead_letter_route_gets_the_flow_count() -> None:
-    from flowcheck.reporting import _picture
-
-    top, verdict = scenarios.shop()
+    assert "An edge says '?' where the verdict holds no count" in _picture.note(top, older)
+    # one dead-letter route: the flow's count is on it
     flows = [
         f.model_copy(update={"dead_lettered": 3}) if f.flow == "poison-order" else f
-        for f in verdict.flows
+        for f in older.flows
     ]
-    links = _picture.edges(top, verdict.model_copy(update={"flows": flows}))
+    links = _picture.edges(top, older.model_copy(update={"flows": flows}))
     dead = links[(("channel", "billing.orders"), ("channel", "shop.dlx"))]
     assert dead.labels == ["poison-order: 3"]  # its steps have no other route
 
