@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from flowcheck.checker.verdict import chain_trace_id
 
 if TYPE_CHECKING:
-    from flowcheck.checker import Decided, Finding, Seen, Verdict
+    from flowcheck.checker import Decided, Finding, Seen
     from flowcheck.observations import Observation
     from flowcheck.topology.model import Topology
 
@@ -79,22 +79,6 @@ def start(topology: Topology, started: float, *, timeout: float | None = None) -
     ``started``: the recording's start (Unix seconds), what timelines count from;
     ``timeout``: seconds an OTLP request may take, instead of the variables'."""
     return Export(topology, started, timeout) if enabled() else None
-
-
-def export(verdict: Verdict, topology: Topology, started: float) -> Sent:
-    """Send each broken chain of ``verdict`` (those it keeps a timeline of) as a trace."""
-    return export_findings((f for fv in verdict.flows for f in fv.findings), topology, started)
-
-
-def export_findings(
-    findings: Iterable[Finding], topology: Topology, started: float, timeout: float | None = None
-) -> Sent:
-    """:func:`export` for findings of any origin (a test's failed assertions)."""
-    out = start(topology, started, timeout=timeout)
-    if out is None:
-        return Sent(0, 0, 0, True)
-    out.findings(findings)
-    return out.close()
 
 
 def export_observations(
