@@ -632,36 +632,33 @@ def _report(
 def _export_trace(topology: Topology, trace_file: str, verdict: Verdict | None = None) -> None:
     """Send the chains of a trace file over OTLP when an OTLP endpoint is set (docs/otel.md):
     ``verdict``'s broken chains (a run's, judged live), then every chain the file holds,
-    judged again as ``check`` does, broken ones always and the rest as sampled."""
+    judged again as ``check`` does (:func:`flowcheck.otel.export_observations`)."""
     from flowcheck import otel
 
     if not otel.enabled():
         return
-    from flowcheck.checker import Checker
     from flowcheck.trace import Reader, TraceError
 
     try:
         reader = Reader(trace_file)
-        out = otel.start(topology, reader.header.started)
-        assert out is not None
-        if verdict is not None:
-            out.findings(f for fv in verdict.flows for f in fv.findings)
-        end = reader.peek_end()
-        checker = Checker(
-            topology,
-            start_ns=reader.header.started_mono_ns,
-            stop_ns=None if end is None else end.stop_mono_ns,
-            on_decided=out.decided,
-        )
+        peeked = reader.peek_end()
         with _few_collections():
-            for obs in reader:
-                checker.feed(obs)
-        again = checker.finish(reader.end.mono_ns if reader.end else None)
-        out.findings(f for fv in again.flows for f in fv.findings)
+            sent = otel.export_observations(
+                topology,
+                reader,
+                started=reader.header.started,
+                start_ns=reader.header.started_mono_ns,
+                stop_ns=None if peeked is None else peeked.stop_mono_ns,
+                end_ns=lambda: reader.end.mono_ns if reader.end else None,
+                findings=()
+                if verdict is None
+                else (f for fv in verdict.flows for f in fv.findings),
+            )
     except TraceError as exc:
         click.echo(f"flowcheck: warning: otel: nothing sent: {exc}", err=True)
         return
-    _sent(out.close())
+    assert sent is not None
+    _sent(sent)
 
 
 def _sent(sent: Sent) -> None:

@@ -14,27 +14,36 @@ conventions. A step whose message carried another trace id (a fan-in) links to t
 trace; a branch of a flow (fan-out) links to its sibling branches' chains.
 
 Chains go as the checker decides them (:meth:`Export.decided`, a ``Checker``'s
-``on_decided``), so nothing is kept per chain: broken ones always (at most CAP),
-passing and unknown ones as the sampler says.
+``on_decided``), so almost nothing is kept per chain: broken ones always (at most CAP),
+passing and unknown ones as the sampler says. Each chain (flow and key: one trace id) is
+sent once, with its final status: a key decided again later (a late copy opens a new
+chain, which sequence ordering may find reordered) would otherwise give its trace an OK
+root and an error root. So the passing chains of flows that declare ``ordering`` are held
+(at most HOLD, the oldest sent first past that) until :meth:`Export.close`, and dropped
+if their key breaks meanwhile; a chain sent as broken is never sent again.
+:func:`export_observations` judges a whole recording again for its export (record, run,
+the pytest plugin).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from flowcheck.checker.verdict import chain_trace_id
 
 if TYPE_CHECKING:
-    from flowcheck.checker import Decided, Finding, Seen, Verdict
+    from flowcheck.checker import Decided, Finding, Seen
+    from flowcheck.observations import Observation
     from flowcheck.topology.model import Topology
 
 ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 TIMEOUTS = ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
 CAP = 1000  # broken chains exported per run at most: a storm of failures is cut
 BATCH = 512  # spans per OTLP request
+HOLD = 1000  # passing chains of ordered flows held until the end, at most (memory)
 # Observation kind -> messaging.operation.type
 OPERATIONS = {
     "published": "send",
@@ -72,19 +81,36 @@ def start(topology: Topology, started: float, *, timeout: float | None = None) -
     return Export(topology, started, timeout) if enabled() else None
 
 
-def export(verdict: Verdict, topology: Topology, started: float) -> Sent:
-    """Send each broken chain of ``verdict`` (those it keeps a timeline of) as a trace."""
-    return export_findings((f for fv in verdict.flows for f in fv.findings), topology, started)
+def export_observations(
+    topology: Topology,
+    observations: Iterable[Observation],
+    *,
+    started: float,
+    start_ns: int,
+    stop_ns: int | None = None,
+    end_ns: int | Callable[[], int | None] | None = None,
+    findings: Iterable[Finding] = (),
+    timeout: float | None = None,
+) -> Sent | None:
+    """Judge ``observations`` (a recording, in order) again, as ``flowcheck check`` does,
+    and send every chain: broken ones always, the others as sampled. ``findings``'
+    broken chains (a run's verdict, a test's failed assertions) go first and win over
+    the new judgement. ``started``: the recording's start (Unix seconds), with
+    ``start_ns`` its monotonic time; ``stop_ns``: when the stop was asked; ``end_ns``:
+    when the taps stopped (or a callable asked once every observation is read), default
+    the last observation. None without an endpoint (nothing imported then)."""
+    from flowcheck.checker import Checker
 
-
-def export_findings(
-    findings: Iterable[Finding], topology: Topology, started: float, timeout: float | None = None
-) -> Sent:
-    """:func:`export` for findings of any origin (a test's failed assertions)."""
     out = start(topology, started, timeout=timeout)
     if out is None:
-        return Sent(0, 0, 0, True)
+        return None
     out.findings(findings)
+    checker = Checker(topology, start_ns=start_ns, stop_ns=stop_ns, on_decided=out.decided)
+    for obs in observations:
+        checker.feed(obs)
+    end = end_ns() if callable(end_ns) else end_ns
+    again = checker.finish(end)
+    out.findings(f for fv in again.flows for f in fv.findings)  # failed after deciding
     return out.close()
 
 
@@ -130,6 +156,10 @@ class Export:
                 self.siblings.setdefault(flow.branch_of, []).append(name)
         self.branch_of = {n: f.branch_of for n, f in topology.flows.items() if f.branch_of}
         self.sent: set[tuple[str, str | None]] = set()  # broken chains sent (at most CAP)
+        # Flows whose keys may break after a passing decision (ordering): their passing
+        # chains wait in ``held`` until close, the oldest sent past HOLD.
+        self.ordered = {n for n, f in topology.flows.items() if f.ordering != "none"}
+        self.held: dict[tuple[str, str | None], tuple[list[Seen], str, bool]] = {}
         self.kept = {"passed": 0, "unknown": 0}  # chains the sampler kept, by outcome
         self.over = 0  # broken chains past CAP, not sent
 
@@ -138,14 +168,21 @@ class Export:
         if d.outcome == "failed":
             self._broken(d.flow, d.key, d.timeline(), list(d.findings))
             return
-        if (d.flow, d.key) in self.sent:
-            return  # broken in the verdict already sent (a run's, judged live)
+        chain = (d.flow, d.key)
+        if chain in self.sent or chain in self.held:
+            return  # broken already (a run's verdict, judged live), or decided before
         trace_id = d.trace_id
         sampled = self.sampler.should_sample(None, int(trace_id, 16), f"flow {d.flow}")
         if sampled.decision is not self.keep:
             return
         self.kept[d.outcome] += 1
-        self._chain(d.flow, d.key, d.timeline(), [], trace_id, unknown=d.outcome == "unknown")
+        unknown = d.outcome == "unknown"
+        if d.flow not in self.ordered:
+            self._chain(d.flow, d.key, d.timeline(), [], trace_id, unknown=unknown)
+            return
+        self.held[chain] = (d.timeline(), trace_id, unknown)
+        if len(self.held) > HOLD:
+            self._release(next(iter(self.held)))
 
     def findings(self, findings: Iterable[Finding]) -> None:
         """Send the broken chains of ``findings`` not sent yet (those with a timeline):
@@ -156,7 +193,9 @@ class Export:
                 self._broken(flow, key, timeline, found)
 
     def close(self) -> Sent:
-        """Send what is left; how it went."""
+        """Send what is left (the held passing chains first); how it went."""
+        while self.held:
+            self._release(next(iter(self.held)))
         self.provider.shutdown()
         kept = self.kept
         return Sent(len(self.sent), kept["passed"], kept["unknown"], not self.batches.failed)
@@ -166,6 +205,9 @@ class Export:
     ) -> None:
         if (flow, key) in self.sent:
             return
+        held = self.held.pop((flow, key), None)
+        if held is not None:  # it passed first: only its final, broken status goes
+            self.kept["unknown" if held[2] else "passed"] -= 1
         if len(self.sent) >= CAP:
             self.over += 1
             return
@@ -176,6 +218,10 @@ class Export:
             flow, key or "", (s.trace_id for s in timeline)
         )
         self._chain(flow, key, timeline, findings, trace_id)
+
+    def _release(self, chain: tuple[str, str | None]) -> None:
+        timeline, trace_id, unknown = self.held.pop(chain)
+        self._chain(chain[0], chain[1], timeline, [], trace_id, unknown=unknown)
 
     def _chain(
         self,

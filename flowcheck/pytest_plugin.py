@@ -523,25 +523,34 @@ def explain(exc: FlowcheckError, fc: FlowSession | None, settings: Settings) -> 
 
 
 def _export(fc: FlowSession) -> None:
-    """The chains of the test's failed assertions as traces, when an OTLP endpoint is
-    set (docs/otel.md)."""
+    """Every chain the test saw as a trace, when an OTLP endpoint is set (docs/otel.md):
+    its failed assertions' chains and the broken ones always, the passing ones as
+    sampled; judged again as ``flowcheck check`` judges a recording."""
     from flowcheck import otel
 
-    if otel.enabled() and fc.failures:
-        findings = [f for err in fc.failures for f in err.findings]
-        # Teardown waits at most OTEL_TIMEOUT_S on a receiver that is down, unless the
-        # user set the OTLP timeout.
-        timeout = None if otel.timeout_set() else OTEL_TIMEOUT_S
-        sent = otel.export_findings(findings, fc.topology, fc.started_wall, timeout)
-        if not sent.ok:
-            warnings.warn(
-                f"flowcheck: otel: the OTLP endpoint did not take the traces of "
-                f"{sent.broken} broken chain(s) within "
-                f"{'OTEL_EXPORTER_OTLP_TIMEOUT' if timeout is None else f'{timeout:g}s'}; "
-                "the test went on without them",
-                pytest.PytestWarning,
-                stacklevel=1,
-            )
+    if not otel.enabled() or not (fc.observations or fc.failures):
+        return
+    # Teardown waits at most OTEL_TIMEOUT_S on a receiver that is down, unless the user
+    # set the OTLP timeout.
+    timeout = None if otel.timeout_set() else OTEL_TIMEOUT_S
+    sent = otel.export_observations(
+        fc.topology,
+        fc.observations,
+        started=fc.started_wall,
+        start_ns=fc.started_ns,
+        end_ns=fc.ended_ns,
+        findings=[f for err in fc.failures for f in err.findings],
+        timeout=timeout,
+    )
+    if sent is not None and not sent.ok:
+        warnings.warn(
+            f"flowcheck: otel: the OTLP endpoint did not take the traces of "
+            f"{sent.broken} broken and {sent.passing + sent.unknown} other chain(s) within "
+            f"{'OTEL_EXPORTER_OTLP_TIMEOUT' if timeout is None else f'{timeout:g}s'}; "
+            "the test went on without them",
+            pytest.PytestWarning,
+            stacklevel=1,
+        )
 
 
 def _summary(fc: FlowSession, failed: bool) -> dict[str, Any]:

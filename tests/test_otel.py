@@ -413,3 +413,67 @@ async def _delete(text: str, brokers: tuple[str, ...] = ("r", "rd")) -> None:
     for name in brokers:
         async with adapter(name, top) as ad:
             await ad.delete([k for k, ch in top.channels.items() if ch.broker == name])
+
+
+def test_a_chain_found_reordered_after_passing_is_sent_once_as_broken(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    topology = tmp_path / "t.yaml"
+    topology.write_text(
+        """
+name: ledger
+brokers: {k: {kind: kafka}, s: {kind: redis}}
+channels:
+  orders: {broker: k, kind: topic}
+  ledger: {broker: s, kind: stream}
+flows:
+  f:
+    correlate: $.id
+    steps: [orders, ledger]
+    deadline: 1s
+    ordering: {per: $.account, seq: $.seq}
+"""
+    )
+    trace = tmp_path / "t.jsonl"
+
+    def obs(channel: str, at: float, seq: int, **more: Any) -> Observation:
+        broker = "k" if channel == "orders" else "s"
+        body = json.dumps({"id": f"a-{seq}", "account": "a", "seq": seq})
+        return Observation(
+            kind=Kind.ROUTED,
+            broker=broker,
+            channel=channel,
+            mono_ns=int(at * 1e9),
+            wall=STARTED + at,
+            keys={"f": f"a-{seq}"},
+            payload=body,
+            **more,
+        )
+
+    with Writer(str(trace), Header(topology="ledger", started=STARTED, started_mono_ns=0)) as w:
+        # a-1 completes and passes at its deadline; a late copy of it reaches the ledger
+        # after a-2 (seq 2): its key is decided again, reordered.
+        w.write(obs("orders", 0.1, 1, partition=0, offset=0))
+        w.write(obs("ledger", 0.2, 1, entry_id="2000-0", broker_ms=2000))
+        w.write(obs("orders", 3.0, 2, partition=0, offset=1))
+        w.write(obs("ledger", 3.1, 2, entry_id="5000-0", broker_ms=5000))
+        w.write(obs("ledger", 3.2, 1, entry_id="5001-0", broker_ms=5001))
+        w.end("stopped", int(10e9), STARTED + 10)
+    reports = tmp_path / "reports"
+    result = _flowcheck(
+        ["check", str(topology), str(trace), "--report-dir", str(reports)],
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url},
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "otel: chains sent as traces: 1 broken, 1 passing" in result.stderr
+    verdict = json.loads((reports / "verdict.json").read_text())
+    kinds = {(f["kind"], f["key"]) for fv in verdict["flows"] for f in fv["findings"]}
+    assert ("reordered", "a-1") in kinds
+    by_trace = _by_trace(receiver.spans())
+    a1, a2 = chain_trace_id("f", "a-1"), chain_trace_id("f", "a-2")
+    assert set(by_trace) == {a1, a2}
+    # One root for a-1, with its final status: broken, not an OK root beside an error one.
+    (root,) = [s for s in by_trace[a1] if not s.parent_span_id]
+    assert root.status.code == Status.STATUS_CODE_ERROR
+    assert "flowcheck.reordered" in [e.name for e in root.events]
+    assert _root(by_trace[a2]).status.code == Status.STATUS_CODE_OK

@@ -317,6 +317,11 @@ class FlowSession:
         """The wall clock (Unix seconds) when the session started, read with ``started_ns``."""
         return self._start_wall
 
+    @property
+    def ended_ns(self) -> int | None:
+        """The monotonic clock when the taps stopped watching; None while they watch."""
+        return None if self._ended is None else self._ended[0]
+
     def _alive(self) -> None:
         __tracebackhide__ = True
         if self._task is None and not self._items and self._checker is None:

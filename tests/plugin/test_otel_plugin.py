@@ -1,4 +1,5 @@
-"""The pytest plugin sends the chains of a test's failed assertions over OTLP."""
+"""The pytest plugin sends every chain a test saw over OTLP: its failed assertions' and
+the broken ones always, the passing ones as sampled."""
 
 from __future__ import annotations
 
@@ -50,6 +51,38 @@ def test_a_failed_chain_is_sent_as_a_trace(
     assert root.trace_id.hex() != chain_trace_id("order-billed", "o-1")
 
 
+PASSED = """
+    import pytest
+
+    from flowcheck.testing import Flowcheck
+
+    pytestmark = pytest.mark.asyncio
+
+
+    async def test_billed(flowcheck: Flowcheck) -> None:
+        await flowcheck.publish("orders", {"order_id": "o-2"}, routing_key="order.placed")
+        await flowcheck.chain("order-billed", "o-2").completes(within="5s")
+"""
+
+
+def test_a_passing_chain_is_sent_with_ok_status(
+    pytester: pytest.Pytester, broker_flags: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project.make(pytester, "flowcheck_isolate = true\n", test_billed=PASSED)
+    with Receiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+        result = pytester.runpytest_subprocess(*broker_flags)
+        spans = [s for _, s in receiver.spans()]
+    result.assert_outcomes(passed=1)
+    roots = [s for s in spans if not s.parent_span_id]
+    (root,) = [r for r in roots if attrs(r)["flowcheck.flow"] == "order-billed"]
+    assert attrs(root)["flowcheck.key"] == "o-2"
+    assert root.status.code == Status.STATUS_CODE_OK
+    assert not root.events
+    steps = [s for s in spans if s.parent_span_id == root.span_id]
+    assert {attrs(s)["messaging.destination.name"] for s in steps} >= {"orders", "billing"}
+
+
 def test_an_endpoint_that_is_down_holds_teardown_up_briefly_and_says_so(
     pytester: pytest.Pytester, broker_flags: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -66,6 +99,6 @@ def test_an_endpoint_that_is_down_holds_teardown_up_briefly_and_says_so(
     result.stdout.fnmatch_lines(
         [
             "*PytestWarning: flowcheck: otel: the OTLP endpoint did not take the traces "
-            "of 1 broken chain(s) within 2s; the test went on without them"
+            "of 1 broken and 0 other chain(s) within 2s; the test went on without them"
         ]
     )
