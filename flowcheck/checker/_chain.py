@@ -76,10 +76,11 @@ def messages(arrived: Mapping[tuple[Any, ...], Observation]) -> int:
     """How many distinct messages a chain's first step received, its arrivals being one
     per broker identity (flowcheck's resent copies already one with their message).
 
-    Flowcheck's own publishes are one message per x-flowcheck-id. Any other arrival is
-    the same message as an earlier one (a publisher sending it again, at a new offset or
-    entry id) when their bodies are the same and their message ids do not differ (equal,
-    or either has none); else a message of its own.
+    Two arrivals are the same message (a publisher sending it again, at a new offset or
+    entry id, or flowcheck asked to publish it twice) when their bodies are the same and
+    their message ids do not differ (equal, or either has none); else each is a message
+    of its own. Flowcheck's own id, and the message id it sets from it, say nothing of
+    what the message is: one body published twice is one message sent twice.
     """
     if len(arrived) <= 1:
         return len(arrived)
@@ -90,10 +91,16 @@ def messages(arrived: Mapping[tuple[Any, ...], Observation]) -> int:
     return len(firsts)
 
 
+def _own_id(o: Observation) -> str | None:
+    """The message id its publisher chose; not one flowcheck set from its own id."""
+    return None if o.message_id == o.fc_id else o.message_id
+
+
 def _same(a: Observation, b: Observation) -> bool:
-    if a.fc_id is not None and b.fc_id is not None:
-        return a.fc_id == b.fc_id
-    if a.message_id is not None and b.message_id is not None and a.message_id != b.message_id:
+    if a.fc_id is not None and a.fc_id == b.fc_id:
+        return True
+    x, y = _own_id(a), _own_id(b)
+    if x is not None and y is not None and x != y:
         return False
     # The payload as kept (masked, cut at PAYLOAD_CAP), its size and, when cut, the hash
     # of the whole body.

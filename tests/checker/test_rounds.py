@@ -65,13 +65,17 @@ def test_two_revisions_under_one_key_are_two_messages_at_every_step() -> None:
         assert (v.flows[0].chains, v.flows[0].succeeded) == (1, 1)
 
 
-def test_flowcheck_publishing_the_same_body_twice_sent_two_messages() -> None:
+def test_flowcheck_publishing_the_same_body_twice_sent_one_message_twice() -> None:
+    """An idempotency test: the same order published twice (flowcheck gives each publish
+    its own id, and on RabbitMQ a message id from it). Under exactly-once the system must
+    take it once: a second payment is a duplicate, as is the second copy itself."""
     h = History()
     for n in (1, 2):
-        fields = {"fc_id": f"fc-{n}", "headers": {ID_HEADER: f"fc-{n}"}}
+        fields = {"fc_id": f"fc-{n}", "headers": {ID_HEADER: f"fc-{n}"}, "message_id": f"fc-{n}"}
         h.at(n * 10).routed("orders", "o1", rev(1), **fields)
         h.at(100 + n).routed("payments", "o1", rev(1), partition=0, offset=n)
-    assert found(run(h)) == [("lost", "o1", "shipments")]  # expects two shipments
+    h.at(200).routed("shipments", "o1", rev(1), entry_id="1000200-0", broker_ms=1000200)
+    assert found(run(h)) == [("duplicated", "o1", "orders"), ("duplicated", "o1", "payments")]
 
 
 def test_one_revision_duplicated_downstream_is_a_duplicate_there() -> None:
