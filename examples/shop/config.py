@@ -181,7 +181,8 @@ class Settings:
     payment_backoff_ms: int = 1000  # before the retry (the soundness suite declares 1s)
     shipping_delivery_limit: int = 3  # deliveries in all, the first included
     # A stuck shipment waits 500 ms, then 1 s, ... at most 2 s before its next
-    # delivery (shop.yaml: backoff initial 500ms, multiplier 2, max 2s).
+    # delivery. shop.yaml declares no backoff on stuck-shipment: the tap polls the
+    # pending entries, and two deliveries between two polls would leave it unjudged.
     claim_idle_ms: int = 500
     claim_backoff_multiplier: float = 2.0
     claim_backoff_max_ms: int = 2000

@@ -1,5 +1,6 @@
 """Branched flows on the real brokers: a fanout exchange to two queues, a stream read by
-two consumer groups. Each fault is caught on its branch with its key; clean runs pass."""
+two consumer groups; and a stream relayed by a group to another. Each fault is caught
+on its branch with its key, step and cause; clean runs under several seeds pass."""
 
 from __future__ import annotations
 
@@ -70,8 +71,13 @@ def judged(topology: Topology, items: list[Observation]) -> Verdict:
     return check(topology, items, end_ns=max(o.mono_ns for o in items) + 10**12)
 
 
-def findings(v: Verdict) -> list[tuple[str, str, str | None, str | None]]:
-    return [(f.flow or "", f.kind.value, f.key, f.cause) for fv in v.flows for f in fv.findings]
+Found = tuple[str, str, str | None, str | None, str | None]  # flow, kind, key, step, cause
+
+
+def findings(v: Verdict) -> list[Found]:
+    return [
+        (f.flow or "", f.kind.value, f.key, f.step, f.cause) for fv in v.flows for f in fv.findings
+    ]
 
 
 def evidence(kind: Kind, group: str) -> Callable[[list[Observation]], set[str]]:
@@ -93,12 +99,21 @@ async def drain(redis: Redis, stream: str, group: str, n: int, skip: set[str]) -
 
 
 async def groups_run(
-    redis_url: str, redis: Redis, unique: str, seed: int, *, unacked: bool = False
+    redis_url: str,
+    redis: Redis,
+    unique: str,
+    seed: int,
+    *,
+    unacked: bool = False,
+    unread: bool = False,
 ) -> tuple[Verdict, set[str]]:
+    """``unacked``: the audit group never acknowledges one entry, drawn by ``seed``;
+    ``unread``: it never reads the last one. Returns the verdict and that entry's id."""
     topology = load(STREAM_YAML.format(p=unique), FC_URL=redis_url)
     rng = random.Random(seed)
     keys = [f"s-{seed}-{i}" for i in range(rng.randint(3, 8))]
     faulty = {rng.choice(keys)} if unacked else set()
+    skipped = set(keys[-1:]) if unread else set()  # a group reads a stream in order
     stream = f"{unique}.ships"
     async with cleaned(topology, "redis") as ad:
         await ad.apply()
@@ -107,16 +122,16 @@ async def groups_run(
             for k in keys:
                 await tracer.publish("ships", json.dumps({"id": k}).encode())
             await drain(redis, stream, "billing", len(keys), set())
-            await drain(redis, stream, "audit", len(keys), faulty)
+            await drain(redis, stream, "audit", len(keys) - len(skipped), faulty)
             await memory.wait_for(
                 lambda items: (
                     evidence(Kind.CONSUMED, "billing")(items) == set(keys)
-                    and evidence(Kind.CONSUMED, "audit")(items) == set(keys) - faulty
+                    and evidence(Kind.CONSUMED, "audit")(items) == set(keys) - faulty - skipped
                     and faulty <= evidence(Kind.DELIVERED, "audit")(items)
                 ),
                 WITHIN,
             )
-    return judged(topology, memory.items), faulty
+    return judged(topology, memory.items), faulty | skipped
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -137,7 +152,16 @@ async def test_an_entry_one_group_never_acknowledges_is_caught_on_that_group(
 ) -> None:
     verdict, faulty = await groups_run(redis_url, redis, unique, 7, unacked=True)
     [key] = faulty
-    assert findings(verdict) == [("ship/audit", "unacknowledged", key, None)]
+    assert findings(verdict) == [("ship/audit", "unacknowledged", key, "ships", None)]
+    assert not verdict.passed
+
+
+async def test_an_entry_one_group_never_reads_is_lost_to_that_group(
+    redis_url: str, redis: Redis, unique: str
+) -> None:
+    verdict, skipped = await groups_run(redis_url, redis, unique, 9, unread=True)
+    [key] = skipped
+    assert findings(verdict) == [("ship/audit", "lost", key, "ships", "not_delivered")]
     assert not verdict.passed
 
 
@@ -175,9 +199,90 @@ async def test_entries_trimmed_before_a_slow_group_read_them_are_lost_to_it(
                 WITHIN,
             )
     verdict = judged(topology, memory.items)
-    assert sorted(findings(verdict)) == [("ship/audit", "lost", k, "trimmed") for k in early]
+    assert sorted(findings(verdict)) == [
+        ("ship/audit", "lost", k, "ships", "trimmed") for k in early
+    ]
     lost = verdict.flows[1].findings[0]
     assert lost.message == "trimmed from 'ships' before group 'audit' read it"
+
+
+RELAY_YAML = """
+brokers:
+  redis: {{kind: redis, url: "${{FC_URL}}"}}
+channels:
+  ships: {{broker: redis, kind: stream, name: "{p}.ships", groups: [relay]}}
+  shipped: {{broker: redis, kind: stream, name: "{p}.shipped"}}
+flows:
+  ship:
+    correlate: $.id
+    deadline: 1s
+    steps: [ships, shipped]
+"""
+
+
+async def relay_run(
+    redis_url: str, redis: Redis, unique: str, seed: int, *, stuck: bool
+) -> tuple[Verdict, str | None]:
+    """A relay reads ``ships`` as its group, writes each entry to ``shipped`` and acks it;
+    with ``stuck``, one entry (drawn by ``seed``) it reads and then neither forwards nor
+    acks: it stays pending, and its chain stops there."""
+    topology = load(RELAY_YAML.format(p=unique), FC_URL=redis_url)
+    rng = random.Random(seed)
+    keys = [f"r-{seed}-{i}" for i in range(rng.randint(3, 8))]
+    held = rng.choice(keys) if stuck else None
+    stream = f"{unique}.ships"
+
+    def of(kind: Kind, channel: str) -> Callable[[list[Observation]], set[str]]:
+        def keys_(items: list[Observation]) -> set[str]:
+            return {o.keys["ship"] for o in items if o.kind is kind and o.channel == channel}
+
+        return keys_
+
+    async with cleaned(topology, "redis") as ad:
+        await ad.apply()
+        memory = Memory()
+        async with Tracer(topology, [memory]) as tracer:
+            for k in keys:
+                await tracer.publish("ships", json.dumps({"id": k}).encode())
+            got = 0
+            with anyio.fail_after(WITHIN):
+                while got < len(keys):
+                    for entry_id, fields in await read_group(
+                        redis, stream, "relay", "w", count=len(keys)
+                    ):
+                        got += 1
+                        if json.loads(fields["payload"])["id"] != held:
+                            await redis.xadd(f"{unique}.shipped", {"payload": fields["payload"]})
+                            assert await redis.xack(stream, "relay", entry_id) == 1
+            moved = set(keys) - {held}
+            await memory.wait_for(
+                lambda items: (
+                    of(Kind.ROUTED, "shipped")(items) == moved
+                    and of(Kind.CONSUMED, "ships")(items) == moved
+                    and (held is None or held in of(Kind.DELIVERED, "ships")(items))
+                ),
+                WITHIN,
+            )
+    return judged(topology, memory.items), held
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_a_relay_that_forwards_and_acks_every_entry_passes(
+    redis_url: str, redis: Redis, unique: str, seed: int
+) -> None:
+    verdict, _ = await relay_run(redis_url, redis, unique, seed, stuck=False)
+    assert findings(verdict) == []
+    assert verdict.passed
+
+
+async def test_an_entry_read_and_never_acked_is_lost_stuck_pending(
+    redis_url: str, redis: Redis, unique: str
+) -> None:
+    verdict, held = await relay_run(redis_url, redis, unique, 4, stuck=True)
+    assert findings(verdict) == [("ship", "lost", held, "shipped", "stuck_pending")]
+    [lost] = verdict.flows[0].findings
+    assert lost.next_step == "shipped"
+    assert not verdict.passed
 
 
 async def fanout_run(
@@ -243,7 +348,7 @@ async def test_a_message_one_consumer_drops_is_lost_on_its_branch_only(
     rabbitmq_url: str, unique: str
 ) -> None:
     verdict, dropped = await fanout_run(rabbitmq_url, unique, 5, drop=True)
-    assert findings(verdict) == [("order/audit", "lost", dropped, "timed_out")]
+    assert findings(verdict) == [("order/audit", "lost", dropped, "audited", "timed_out")]
     [lost] = verdict.flows[1].findings
     assert lost.next_step == "audited"
     assert verdict.flows[0].passed
@@ -337,6 +442,8 @@ async def test_a_kafka_group_that_never_commits_past_a_record_is_caught(
 
             await memory.wait_for(committed, 30)
     verdict = judged(topology, memory.items)
-    expected = [("ship/audit", "unacknowledged", k, None) for k in keys[len(keys) - behind :]]
+    expected = [
+        ("ship/audit", "unacknowledged", k, "ships", None) for k in keys[len(keys) - behind :]
+    ]
     assert findings(verdict) == expected
     assert verdict.passed == (not expected)

@@ -73,14 +73,24 @@ async def test_an_inversion_and_a_gap_are_found(redis_url: str, redis: Redis, un
     stream = f"{unique}.tx"
     sends = [("a", 1), ("b", 1), ("a", 2), ("a", 4), ("b", 2), ("a", 3), ("b", 4), ("a", 5)]
     verdict = await record(load(TOPOLOGY.format(p=unique), FC_URL=redis_url), redis, stream, sends)
-    got = sorted((f.kind.value, f.key, f.message) for f in verdict.flows[0].findings)
+    got = sorted(
+        (f.flow, f.kind.value, f.key or "", f.step, f.message) for f in verdict.flows[0].findings
+    )
     assert got == [
         (
+            "posting",
             "reordered",
             f"{stream}-a-3",
+            "tx",
             f"$.account 'a': seq 3 (chain '{stream}-a-3') came after seq 4 "
             f"(chain '{stream}-a-4') at 'tx'",
         ),
-        ("sequence_gap", None, "$.account 'b': seq 3 never reached 'tx' (seen 1 to 4)"),
+        (
+            "posting",
+            "sequence_gap",
+            "",  # about an entity, not a chain
+            "tx",
+            "$.account 'b': seq 3 never reached 'tx' (seen 1 to 4)",
+        ),
     ]
     assert not verdict.passed

@@ -9,7 +9,8 @@
 - ``flowcheck run``: :func:`flowcheck.runner.run` publishes the transactions
   itself while the ledger runs (a run of its own: see test_ledger_run.py).
 
-Findings are compared as (flow, kind, key) triples: a flow-level finding has no key.
+Findings are compared as (flow, kind, key, step, cause): a flow-level finding has no key,
+and only a ``lost`` chain (or a healthy message dead-lettered) has a cause.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from flowcheck.recorder import record
 from flowcheck.testing import FlowAssertionError, Flowcheck, with_brokers
 from flowcheck.topology import Topology, load
 
-Triple = tuple[str | None, str, str | None]
+Found = tuple[str | None, str, str | None, str | None, str | None]  # flow, kind, key, step, cause
 
 SETTLE = 60.0  # seconds; a run takes a few, this only bounds a failure
 READY = 30.0
@@ -50,12 +51,12 @@ class KnownBug(AssertionError):
     """
 
 
-def triples(findings: Iterable[Finding]) -> set[Triple]:
-    return {(f.flow, f.kind.value, f.key) for f in findings}
+def found(findings: Iterable[Finding]) -> set[Found]:
+    return {(f.flow, f.kind.value, f.key, f.step, f.cause) for f in findings}
 
 
-def verdict_triples(verdict: Verdict) -> set[Triple]:
-    return triples([*verdict.findings, *(f for fv in verdict.flows for f in fv.findings)])
+def verdict_found(verdict: Verdict) -> set[Found]:
+    return found([*verdict.findings, *(f for fv in verdict.flows for f in fv.findings)])
 
 
 def succeeded(verdict: Verdict) -> dict[str, int]:
@@ -70,8 +71,10 @@ def clean_counts(txs: Iterable[Tx]) -> dict[str, int]:
     return {"posting": len(kinds), "settlement": posted, "audit": healthy, "notify": healthy}
 
 
-def expect(flow: str, kind: str, keys: Iterable[str]) -> set[Triple]:
-    return {(flow, kind, k) for k in keys}
+def expect(
+    flow: str, kind: str, keys: Iterable[str], step: str | None, cause: str | None = None
+) -> set[Found]:
+    return {(flow, kind, k, step, cause) for k in keys}
 
 
 @dataclass
@@ -80,14 +83,14 @@ class Outcome:
 
     path: str
     passed: bool
-    findings: set[Triple]
+    findings: set[Found]
     unknown: int = 0
     detail: str = ""
     succeeded: dict[str, int] | None = None  # per flow; None when the path gave no verdict
 
 
 def agree(
-    expected: set[Triple],
+    expected: set[Found],
     outcomes: Sequence[Outcome],
     known: Iterable[str] = (),
     *,
@@ -144,7 +147,7 @@ def check_trace(topology_path: str, trace: str, report_dir: Path) -> Outcome:
     return Outcome(
         "record -> check",
         passed=code == 0,
-        findings=verdict_triples(verdict),
+        findings=verdict_found(verdict),
         unknown=sum(fv.unknown for fv in verdict.flows),
         detail=json.dumps(
             [f.model_dump(exclude={"timeline"}) for fv in verdict.flows for f in fv.findings],
@@ -208,11 +211,11 @@ async def api_outcome(fc: Flowcheck, within: float) -> Outcome:
     try:
         verdict = await fc.check(within=within)
     except FlowAssertionError as failed:
-        return Outcome("pytest API", False, triples(failed.findings), detail=str(failed)[:4000])
+        return Outcome("pytest API", False, found(failed.findings), detail=str(failed)[:4000])
     return Outcome(
         "pytest API",
         verdict.passed,
-        verdict_triples(verdict),
+        verdict_found(verdict),
         unknown=sum(fv.unknown for fv in verdict.flows),
         succeeded=succeeded(verdict),
     )

@@ -1,6 +1,7 @@
 """Soundness of the verdict on the ledger (examples/ledger): a clean run repeated under
 several seeds gives no finding, and each fault is found with its own kind, on its own
-flow, for exactly the transactions the ledger says it hit, and nothing else.
+flow and step (and, for a lost chain, its cause), for exactly the transactions the
+ledger says it hit, and nothing else.
 
 Every run is checked two ways at once: recorded, stopped after the flows' deadlines
 and checked offline with ``flowcheck check``, and through the pytest API. Which ids
@@ -19,7 +20,7 @@ import pytest
 from examples.ledger import Brokers, Event, Fault, Kind, Ledger, Settings, Tx, plan_txs
 
 from .kit import (
-    Triple,
+    Found,
     agree,
     choose,
     clean_counts,
@@ -41,37 +42,64 @@ def plan(seed: int) -> list[Tx]:
     return plan_txs(24, seed=seed, run_id=secrets.token_hex(3), accounts=6, rejected=2, held=2)
 
 
-def flow_of(tx: Tx) -> str:
-    """The flow that judges what happens to a transaction's retries and dead letter."""
-    return "posting" if tx.kind is Kind.REJECTED else "settlement"
+def flow_of(tx: Tx) -> tuple[str, str]:
+    """The flow that judges what happens to a transaction's retries and dead letter, and
+    the step it is retried at."""
+    return ("posting", "ledger.tx") if tx.kind is Kind.REJECTED else ("settlement", "ledger.posted")
 
 
-def on_retry_flows(kind: str) -> Callable[[list[Tx], set[str]], set[Triple]]:
-    def expected(txs: list[Tx], hit: set[str]) -> set[Triple]:
-        return {(flow_of(t), kind, t.tx_id) for t in txs if t.tx_id in hit}
+Expected = Callable[[list[Tx], set[str]], set[Found]]
+
+
+def on_retry_flows(kind: str) -> Expected:
+    """``kind`` on each hit transaction's retry flow, at its retried step (the step its
+    dead-letter rule names)."""
+
+    def expected(txs: list[Tx], hit: set[str]) -> set[Found]:
+        return {
+            (flow, kind, t.tx_id, at, None)
+            for t in txs
+            if t.tx_id in hit
+            for flow, at in [flow_of(t)]
+        }
 
     return expected
 
 
-def on(flow: str, kind: str, *flow_level: str) -> Callable[[list[Tx], set[str]], set[Triple]]:
-    def expected(txs: list[Tx], hit: set[str]) -> set[Triple]:
-        return expect(flow, kind, hit) | {(flow, k, None) for k in flow_level}
+def on(
+    flow: str,
+    kind: str,
+    step: str | None,
+    cause: str | None = None,
+    flow_level: tuple[tuple[str, str], ...] = (),
+) -> Expected:
+    """``kind`` at ``step`` (with ``cause``) for each hit transaction, and ``flow_level``
+    findings (kind, step) about the whole flow."""
+
+    def expected(txs: list[Tx], hit: set[str]) -> set[Found]:
+        return expect(flow, kind, hit, step, cause) | {
+            (flow, k, None, at, None) for k, at in flow_level
+        }
 
     return expected
 
+
+POSTED = "ledger.posted"
+# The delayed posts: over ledger.posted's 1s deadline, its hop's 600ms p99 budget and
+# the flow's 800ms end-to-end one.
+DELAYED = (("latency", "ledger.tx -> ledger.posted"), ("latency", "end-to-end"))
 
 # fault -> what the verdict must say, given the ids the ledger reports it hit
-Expected = Callable[[list[Tx], set[str]], set[Triple]]
 EXPECTED: dict[Fault, Expected] = {
-    Fault.DROP: on("posting", "lost"),
-    Fault.DUPLICATE: on("posting", "duplicated"),
-    Fault.REORDER: on("posting", "reordered"),
-    Fault.DELAY: on("posting", "late", "latency"),
-    Fault.DEAD_LETTER_HEALTHY: on("posting", "dead_letter"),
+    Fault.DROP: on("posting", "lost", POSTED, "timed_out"),
+    Fault.DUPLICATE: on("posting", "duplicated", POSTED),
+    Fault.REORDER: on("posting", "reordered", POSTED),
+    Fault.DELAY: on("posting", "late", POSTED, flow_level=DELAYED),
+    Fault.DEAD_LETTER_HEALTHY: on("posting", "dead_letter", None, "dead_lettered"),
     Fault.SKIP_DEAD_LETTER: on_retry_flows("dead_letter"),
     Fault.RETRY_TOO_OFTEN: on_retry_flows("retries"),
     Fault.RETRY_TOO_LITTLE: on_retry_flows("retries"),
-    Fault.MIS_ROUTE: on("settlement", "lost"),
+    Fault.MIS_ROUTE: on("settlement", "lost", "ledger.settled", "timed_out"),
 }
 
 
@@ -140,4 +168,9 @@ async def test_stop_for_good_near_the_end_is_a_loss(settings: Settings, tmp_path
     assert stats.hit(Fault.STOP) == {stop_at}
     lost = {t.tx_id for t in tail} - stats.ids(Event.SETTLED)
     assert stop_at in lost
-    agree(expect("settlement", "lost", lost), run.outcomes)
+    # The settler read the transaction it stopped at (and any others of its batch), and
+    # never acknowledged them: stuck pending; those it never read timed out.
+    causes = {key: cause for o in run.outcomes for _, _, key, _, cause in o.findings}
+    assert causes.get(stop_at) == "stuck_pending", causes
+    assert set(causes.values()) <= {"stuck_pending", "timed_out"}, causes
+    agree({("settlement", "lost", k, "ledger.settled", causes.get(k)) for k in lost}, run.outcomes)

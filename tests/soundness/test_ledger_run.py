@@ -25,8 +25,8 @@ from flowcheck import runner
 from flowcheck.scenario import Scenario, Send
 
 from .kit import (
+    Found,
     Outcome,
-    Triple,
     agree,
     check_trace,
     choose,
@@ -35,7 +35,7 @@ from .kit import (
     settings_with,
     succeeded,
     topology_file,
-    verdict_triples,
+    verdict_found,
 )
 
 ENDS = {Kind.OK: "audit", Kind.REJECTED: "posting", Kind.HELD: "settlement"}
@@ -79,7 +79,7 @@ async def gate(settings: Settings, tmp_path: Path, txs: list[Tx]) -> tuple[list[
     ran = Outcome(
         "flowcheck run",
         verdict.passed,
-        verdict_triples(verdict),
+        verdict_found(verdict),
         unknown=sum(fv.unknown for fv in verdict.flows),
         succeeded=succeeded(verdict),
     )
@@ -94,13 +94,20 @@ async def test_run_of_a_clean_ledger_passes(settings: Settings, tmp_path: Path) 
     agree(set(), outcomes, succeeded=clean_counts(txs))
 
 
+POSTED = "ledger.posted"
+HOP = "ledger.tx -> ledger.posted"
+
+
 @pytest.mark.parametrize(
     ("fault", "kinds"),
-    [(Fault.DUPLICATE, ("duplicated",)), (Fault.DELAY, ("late", "latency"))],
+    [
+        (Fault.DUPLICATE, (("duplicated", POSTED),)),
+        (Fault.DELAY, (("late", POSTED), ("latency", HOP), ("latency", "end-to-end"))),
+    ],
     ids=str,
 )
 async def test_run_finds_the_fault(
-    settings: Settings, tmp_path: Path, fault: Fault, kinds: tuple[str, ...]
+    settings: Settings, tmp_path: Path, fault: Fault, kinds: tuple[tuple[str, str], ...]
 ) -> None:
     rng = random.Random(f"run-{fault}")
     txs = plan(rng.randrange(1 << 30))
@@ -108,8 +115,8 @@ async def test_run_finds_the_fault(
     outcomes, ledger = await gate(settings_with(settings, fault, chosen), tmp_path, txs)
     hit = ledger.stats.hit(fault)
     assert hit == set(chosen)
-    first, *flow_level = kinds
-    expected: set[Triple] = expect("posting", first, hit) | {
-        ("posting", k, None) for k in flow_level
+    (first, step), *flow_level = kinds
+    expected: set[Found] = expect("posting", first, hit, step) | {
+        ("posting", k, None, at, None) for k, at in flow_level
     }
     agree(expected, outcomes)

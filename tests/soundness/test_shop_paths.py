@@ -17,7 +17,7 @@ at once by
   after ``run`` has stopped watching.
 
 All paths must agree: the same passed/failed, the same findings (flow, kind,
-key, step), the same chain counts, none left unknown. The orders come from the shop's own planner (``plan_orders``), with ids
+key, step, cause), the same chain counts, none left unknown. The orders come from the shop's own planner (``plan_orders``), with ids
 and amounts drawn from a seeded RNG; the expected findings come from what the
 shop says it broke (its stats), never from a hard-coded verdict.
 
@@ -153,7 +153,7 @@ def scenario(orders: list[Order]) -> str:
 # ---------------------------------------------------------------- verdicts compared
 
 
-Found = tuple[str, str, str, str]  # (flow, finding kind, key, step); "" where there is none
+Found = tuple[str, str, str, str, str]  # (flow, kind, key, step, cause); "" where there is none
 
 
 @dataclass
@@ -168,7 +168,7 @@ class Seen:
     def found(self) -> set[Found]:
         flows = [(fv.flow, f) for fv in self.verdict.flows for f in fv.findings]
         flows += [(f.flow or "", f) for f in self.verdict.findings]
-        return {(flow, f.kind.value, f.key or "", f.step or "") for flow, f in flows}
+        return {(flow, f.kind.value, f.key or "", f.step or "", f.cause or "") for flow, f in flows}
 
     def chains(self) -> dict[str, tuple[int, int, int, int]]:
         return {
@@ -428,27 +428,30 @@ def hit(fault: Fault, case: Case) -> set[str]:
     return ids
 
 
-PER_KEY: dict[Fault, list[tuple[str, str, str]]] = {  # (flow, kind, step) per order broken
-    Fault.DROP: [("order-to-shipment", "lost", "payments")],
+# (flow, kind, step, cause) per order broken
+PER_KEY: dict[Fault, list[tuple[str, str, str, str]]] = {
+    # Billing took the order off its queue and published nothing.
+    Fault.DROP: [("order-to-shipment", "lost", "payments", "timed_out")],
     # The second payment is worked too: two shipments.
     Fault.DUPLICATE: [
-        ("order-to-shipment", "duplicated", "payments"),
-        ("order-to-shipment", "duplicated", "shipments"),
+        ("order-to-shipment", "duplicated", "payments", ""),
+        ("order-to-shipment", "duplicated", "shipments", ""),
     ],
-    Fault.REORDER: [("order-to-shipment", "reordered", "payments")],
+    Fault.REORDER: [("order-to-shipment", "reordered", "payments", "")],
     Fault.LATENCY: [],  # a percentile of the hop, not one order
-    Fault.RETRY_TOO_OFTEN: [("stuck-shipment", "retries", "shipments")],
+    Fault.RETRY_TOO_OFTEN: [("stuck-shipment", "retries", "shipments", "")],
     Fault.SKIP_DEAD_LETTER: [],  # per kind of order: see expected()
+    # The broker returned the order: no queue is bound to the misspelt routing key.
     Fault.MIS_ROUTE: [
-        ("order-to-shipment", "lost", "billing.orders"),
-        ("poison-order", "lost", "billing.orders"),
+        ("order-to-shipment", "lost", "billing.orders", "unroutable"),
+        ("poison-order", "lost", "billing.orders", "unroutable"),
     ],
     # Attempt 2 failed (dead letter) at once after attempt 1 did (retry record).
-    Fault.EARLY_RETRY: [("declined-payment", "backoff", "payments")],
+    Fault.EARLY_RETRY: [("declined-payment", "backoff", "payments", "")],
     # The first flow on the channel reports it; the step is the channel.
-    Fault.BAD_SCHEMA: [("order-to-shipment", "schema", "billing.orders")],
+    Fault.BAD_SCHEMA: [("order-to-shipment", "schema", "billing.orders", "")],
     # Seen at payments, then shipments: flagged at the furthest step it reached.
-    Fault.PHANTOM: [("order-to-shipment", "unexpected", "payments")],  # where it appeared
+    Fault.PHANTOM: [("order-to-shipment", "unexpected", "payments", "")],  # where it appeared
 }
 # Faults that live in checkout, or that come after run has stopped watching: run
 # cannot drive them, the recording and the pytest API watch.
@@ -461,26 +464,28 @@ def expected(fault: Fault, case: Case) -> set[Found]:
     """Every finding the fault must cause, and no other: per key the shop broke, and
     order-to-shipment's success rate (99%) once one of its chains fails."""
     ids = hit(fault, case)
-    want = {(flow, kind, key, step) for key in ids for flow, kind, step in PER_KEY[fault]}
+    want = {
+        (flow, kind, key, step, cause) for key in ids for flow, kind, step, cause in PER_KEY[fault]
+    }
     if fault is Fault.SKIP_DEAD_LETTER:
         kinds = {o.order_id: o.kind for o in case.orders}
         for key in ids:
             if kinds[key] is Kind.POISON:  # acked on its last delivery: no billing.orders.dlq
                 want |= {
-                    ("order-to-shipment", "dead_letter", key, "billing.orders"),
-                    ("poison-order", "dead_letter", key, "billing.orders"),
+                    ("order-to-shipment", "dead_letter", key, "billing.orders", ""),
+                    ("poison-order", "dead_letter", key, "billing.orders", ""),
                 }
             else:  # a stuck shipment acked without a shipments-dead entry
                 assert kinds[key] is Kind.BAD_ADDRESS
                 want |= {
-                    ("order-to-shipment", "dead_letter", key, "shipments"),
-                    ("stuck-shipment", "dead_letter", key, ""),  # a rule of the flow
+                    ("order-to-shipment", "dead_letter", key, "shipments", ""),
+                    ("stuck-shipment", "dead_letter", key, "", ""),  # a rule of the flow
                 }
     if fault is Fault.LATENCY:  # every order waits LATENCY_MS: the hop, and p50 end to end
-        want.add(("order-to-shipment", "latency", "", "billing.orders -> payments"))
-        want.add(("order-to-shipment", "latency", "", "end-to-end"))
-    if any(flow == "order-to-shipment" and kind in CHAIN_KINDS for flow, kind, _, _ in want):
-        want.add(("order-to-shipment", "threshold", "", ""))
+        want.add(("order-to-shipment", "latency", "", "billing.orders -> payments", ""))
+        want.add(("order-to-shipment", "latency", "", "end-to-end", ""))
+    if any(flow == "order-to-shipment" and kind in CHAIN_KINDS for flow, kind, *_ in want):
+        want.add(("order-to-shipment", "threshold", "", "", ""))
     return want
 
 
