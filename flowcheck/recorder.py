@@ -124,8 +124,9 @@ async def record(
         header = new_header(topology.name, topology_path)
         mono, wall = header.started_mono_ns, header.started
         writer = Writer(out, header)
-        # Fed as the taps see it, to tell when every chain in flight at the stop has ended.
-        checker = Checker(topology, start_ns=mono) if drain > 0 else None
+        # Fed as the taps see it, to tell when every chain in flight at the stop has ended:
+        # it follows which chains are open, deciding none (that is check's work).
+        checker = Checker(topology, start_ns=mono, judge=False) if drain > 0 else None
         sinks = [writer.write, tally] + ([checker.feed] if checker is not None else [])
         try:
             with writer:
