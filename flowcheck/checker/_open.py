@@ -14,6 +14,7 @@ than feeding them did.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 
@@ -78,12 +79,18 @@ class OpenChains:
         """The stop is asked: build the open chains; chains first seen from now on are
         not followed."""
         checker = self.checker
-        for flow, opened in self.open.items():
-            state = checker.flows[flow]
-            route = state.route
-            for key, seen in opened.items():
-                for obs in seen:
-                    state.feed(obs, key, route[obs.channel])
+        collecting = gc.isenabled()
+        gc.disable()  # building the chains allocates only what they keep: no cycle to find
+        try:
+            for flow, opened in self.open.items():
+                state = checker.flows[flow]
+                route = state.route
+                for key, seen in opened.items():
+                    for obs in seen:
+                        state.feed(obs, key, route[obs.channel])
+        finally:
+            if collecting:
+                gc.enable()
         checker.now = max(checker.now, self.now)
         checker.next_expiry = min(
             [s.expiry[0][0] for s in checker.states if s.expiry], default=checker.now
