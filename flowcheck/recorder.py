@@ -13,7 +13,7 @@ import anyio
 
 from flowcheck.brokers import adapter
 from flowcheck.brokers.base import Drift
-from flowcheck.checker import Checker, window
+from flowcheck.checker import OpenChains, window
 from flowcheck.errors import UsageError, leaf
 from flowcheck.observations import Kind, Observation, now
 from flowcheck.signals import Caught, watch
@@ -124,8 +124,9 @@ async def record(
         header = new_header(topology.name, topology_path)
         mono, wall = header.started_mono_ns, header.started
         writer = Writer(out, header)
-        # Fed as the taps see it, to tell when every chain in flight at the stop has ended.
-        checker = Checker(topology, start_ns=mono) if drain > 0 else None
+        # Fed as the taps see it, to tell when every chain in flight at the stop has ended:
+        # it follows which chains are open, cheaply, and judges none (check's work).
+        checker = OpenChains(topology, start_ns=mono) if drain > 0 else None
         sinks = [writer.write, tally] + ([checker.feed] if checker is not None else [])
         try:
             with writer:
@@ -156,7 +157,7 @@ async def record(
                     asked = None
                     if checker is not None and not stop_now.is_set():
                         asked = now()[0]
-                        checker.stop_ns = asked  # chains first seen from now on are not judged
+                        checker.stop(asked)  # chains first seen from now on are not judged
                         if on_stopping is not None:
                             on_stopping(drain)
                         until = time.monotonic() + drain
@@ -164,7 +165,7 @@ async def record(
                             # A tap that is down may hide a chain's end: wait the window out.
                             if not any(ad.down for ad in tracer.adapters.values()):
                                 checker.advance(now()[0])
-                                if _settled(checker):
+                                if checker.settled():
                                     break
                             with anyio.move_on_after(min(TICK, until - time.monotonic())):
                                 await stop_now.wait()
@@ -189,13 +190,6 @@ async def record(
     except BaseExceptionGroup as group:
         raise leaf(group) from None
     return counts
-
-
-def _settled(checker: Checker) -> bool:
-    """Has every chain still open reached its end (its last step or its dead letter)?"""
-    return all(
-        checker.settled(name, key) for name, st in checker.flows.items() for key in st.chains
-    )
 
 
 async def _abandon(stop: anyio.Event, connected: anyio.Event, scope: anyio.CancelScope) -> None:

@@ -79,6 +79,7 @@ PUBLIC = {
         "Histogram",
         "Latency",
         "Passed",
+        "OpenChains",
         "OverTime",
         "Percentiles",
         "Recording",

@@ -1,6 +1,7 @@
 """The checker: turns observations into a verdict. Pure: it never touches a broker."""
 
 from flowcheck.checker._engine import Checker, Decided, check
+from flowcheck.checker._open import OpenChains
 from flowcheck.checker.verdict import (
     CHAIN_KINDS,
     CHECKS,
@@ -34,6 +35,7 @@ __all__ = [
     "FlowVerdict",
     "Histogram",
     "Latency",
+    "OpenChains",
     "OverTime",
     "Passed",
     "Percentiles",

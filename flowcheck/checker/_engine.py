@@ -35,7 +35,13 @@ class Checker:
     """Feed observations in recording order, then :meth:`finish` for the verdict.
 
     ``on_decided``, when given, is told of each chain as it is decided
-    (:class:`Decided`), during :meth:`feed`, :meth:`advance` or :meth:`finish`."""
+    (:class:`Decided`), during :meth:`feed`, :meth:`advance` or :meth:`finish`.
+
+    ``judge=False`` only follows which chains are open, for :meth:`settled` (a
+    recorder's drain): a chain is forgotten, not decided, once its window has passed,
+    and what only a verdict needs (schemas, ordering, timelines) is skipped, at a
+    fraction of the cost. Chains open and close exactly as when judging, and
+    :meth:`settled` answers the same; such a checker gives no verdict."""
 
     def __init__(
         self,
@@ -46,7 +52,9 @@ class Checker:
         allow_unjudged: bool | None = None,
         stop_ns: int | None = None,
         on_decided: OnDecided | None = None,
+        judge: bool = True,
     ) -> None:
+        self.judge = judge
         # Told of each chain as it is decided (an exporter of traces), while it is at
         # hand: the verdict keeps the timelines of a few broken chains only.
         self.on_decided = on_decided
@@ -83,6 +91,7 @@ class Checker:
             # A run (it passes ``expected``) asks settled() of every chain it started.
             state.track_decided = self.tracking
             state.on_decided = self.on_decided
+            state.judge = self.judge
             self.flows[name] = state
             self.states.append(state)
             for ch in state.watched:
@@ -113,7 +122,8 @@ class Checker:
             return
         channel = obs.channel
         if (
-            (kind is _ROUTED or kind is _PUBLISHED)
+            self.judge
+            and (kind is _ROUTED or kind is _PUBLISHED)
             and channel in self.schema.channels
             and self.schema.first_copy(obs)
         ):
@@ -215,6 +225,8 @@ class Checker:
     def finish(self, end_ns: int | None = None, *, recording: Recording | None = None) -> Verdict:
         """The verdict, judging every chain against the recording's end (``end_ns``; default
         the last observation). ``recording`` says how that end came, for the verdict."""
+        if not self.judge:
+            raise ValueError("a checker made with judge=False gives no verdict")
         if not self._ready:
             self._init(self.start_ns or 0)
         end = max(end_ns or 0, self.now)

@@ -128,6 +128,8 @@ class FlowState:
         self.chain_failures = 0  # findings that fail a chain, so far
         self.track_decided = False  # remember decided keys (runs only)
         self.on_decided: OnDecided | None = None  # told of every decided chain
+        # False: follow which chains are open only (a drain); see Checker's judge.
+        self.judge = True
         self.decided: set[str] = set()
         self.chains: dict[str, Chain] = {}
         self.expiry: list[tuple[int, int, str]] = []
@@ -194,8 +196,9 @@ class FlowState:
                 chain.places = [{} for _ in range(n)]
             self.chains[key] = chain
             heapq.heappush(self.expiry, (obs.mono_ns + self.window_ns, next(self.seq), key))
+        judge = self.judge
         timeline = chain.timeline
-        if len(timeline) < MAX_TIMELINE:
+        if judge and len(timeline) < MAX_TIMELINE:
             timeline.append(obs)
         kind = obs.kind
         retry, dead, steps = route
@@ -233,12 +236,13 @@ class FlowState:
                     need = self.expected(chain)
                     room = [i for i in fitting if len(chain.arrivals[i]) < need[i]]
                     target = room[0] if room else fitting[-1]
-            if self.ordered:  # every copy tells the message's place in its own order
-                order, at = place(obs, seq)
-                chain.places[target].setdefault(known or ident, {}).setdefault(order, at)
-            by_seq = self.by_seq
-            if by_seq is not None and (by_seq.steps[target] or by_seq.poisonable):
-                by_seq.feed(chain, target, obs, known is None, seq)
+            if judge:  # ordering decides nothing a drain asks (settled)
+                if self.ordered:  # every copy tells the message's place in its own order
+                    order, at = place(obs, seq)
+                    chain.places[target].setdefault(known or ident, {}).setdefault(order, at)
+                by_seq = self.by_seq
+                if by_seq is not None and (by_seq.steps[target] or by_seq.poisonable):
+                    by_seq.feed(chain, target, obs, known is None, seq)
             if known is not None:
                 return opened  # the same message seen again (published, then routed)
             if self.retried and _attempts.again(self, chain, target, obs):
@@ -270,12 +274,14 @@ class FlowState:
         return [i for i in steps if groups[i] is None or groups[i] == obs.group]
 
     def expire(self, now_ns: int) -> int:
-        """Decide the chains whose window has passed; returns when the next one is due."""
+        """Decide (or, not judging, forget) the chains whose window has passed; returns
+        when the next one is due."""
         while self.expiry and self.expiry[0][0] < now_ns:
             _, _, key = heapq.heappop(self.expiry)
             chain = self.chains.pop(key, None)
             if chain is not None:
-                _decide.decide(self, chain, ended=False)
+                if self.judge:
+                    _decide.decide(self, chain, ended=False)
                 if self.track_decided:
                     self.decided.add(key)
         return self.expiry[0][0] if self.expiry else now_ns
