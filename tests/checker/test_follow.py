@@ -7,11 +7,12 @@ missing (so some chains never settle) and a stop asked part way."""
 from __future__ import annotations
 
 import pytest
-from generate import MS, SHAPES, render, scenarios
+from generate import MS, SHAPES, History, render, scenarios
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowcheck.checker import Checker, OpenChains
+from flowcheck.observations import Observation
 
 FOLLOW = settings(
     max_examples=40,
@@ -20,6 +21,15 @@ FOLLOW = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+
+
+def drawn(shape: object, data: st.DataObject) -> tuple[History, list[Observation], int]:
+    """A generated history, some of its observations dropped, and where the stop comes."""
+    h = render(data.draw(scenarios(shape)))  # type: ignore[arg-type]
+    n = len(h.observations)
+    dropped = set(data.draw(st.lists(st.integers(0, n - 1), max_size=max(1, n // 5))))
+    kept = [o for i, o in enumerate(h.observations) if i not in dropped]
+    return h, kept, data.draw(st.integers(0, len(kept)))
 
 
 def open_chains(c: Checker) -> dict[str, dict[str, bool]]:
@@ -32,12 +42,7 @@ def open_chains(c: Checker) -> dict[str, dict[str, bool]]:
 def test_a_checker_that_does_not_judge_follows_the_same_open_chains(
     shape: object, data: st.DataObject
 ) -> None:
-    sc = data.draw(scenarios(shape))  # type: ignore[arg-type]
-    h = render(sc)
-    n = len(h.observations)
-    dropped = set(data.draw(st.lists(st.integers(0, n - 1), max_size=max(1, n // 5))))
-    kept = [o for i, o in enumerate(h.observations) if i not in dropped]
-    stop_at = data.draw(st.integers(0, len(kept)))
+    h, kept, stop_at = drawn(shape, data)
     judging = Checker(h.shape.topology, start_ns=h.start_ns)
     following = Checker(h.shape.topology, start_ns=h.start_ns, judge=False)
     for i, obs in enumerate(kept):
@@ -62,12 +67,7 @@ def test_open_chains_follows_the_chains_a_checker_keeps_open(
     shape: object, data: st.DataObject
 ) -> None:
     """What the recorder drains with: lists until the stop, a following checker after."""
-    sc = data.draw(scenarios(shape))  # type: ignore[arg-type]
-    h = render(sc)
-    n = len(h.observations)
-    dropped = set(data.draw(st.lists(st.integers(0, n - 1), max_size=max(1, n // 5))))
-    kept = [o for i, o in enumerate(h.observations) if i not in dropped]
-    stop_at = data.draw(st.integers(0, len(kept)))
+    h, kept, stop_at = drawn(shape, data)
     judging = Checker(h.shape.topology, start_ns=h.start_ns)
     following = OpenChains(h.shape.topology, start_ns=h.start_ns)
     for i, obs in enumerate(kept):
